@@ -1,0 +1,3 @@
+from llm_streamline.cli import main
+
+main()

@@ -1,0 +1,141 @@
+"""Layer redundancy: how much a block of n contiguous layers changes the hidden state.
+
+x^(0) is the embedding output and x^(l) the output of layer l-1 (the input of layer l). A block of n
+layers starting at l maps x^(l) to x^(l+n). Scores, per token, averaged over tokens and samples:
+  cosine   cos(x^(l), x^(l+n))                          (LLM-Streamline; higher = more redundant)
+  angular  arccos(cos(x^(l), x^(l+n))) / pi              (Gromov et al.; lower = more redundant)
+  bi       Block Influence 1 - cos(x^(l), x^(l+1)), per layer (ShortGPT; lower = more redundant)
+x^(L) is the un-normed output of the last layer, captured by a hook: `output_hidden_states` would give the
+final-norm output instead. The final norm and the LM head are never run. Calibration blocks have no
+padding, so every token counts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+
+from llm_streamline.models.layers import find_decoder_stack, run_layers
+
+
+@dataclass
+class SimilarityProfile:
+    """mean_cos[n][l] = mean cos(x^(l), x^(l+n)); mean_angular likewise (angular distance)."""
+    num_layers: int
+    mean_cos: dict[int, list[float]]
+    mean_angular: dict[int, list[float]]
+    tokens: int
+
+    def block_scores(self, n: int, metric: str) -> list[float]:
+        """Higher = more redundant, for every start l in [0, L-n]."""
+        if metric == "cosine":
+            return self.mean_cos[n]
+        if metric == "angular":
+            return [-a for a in self.mean_angular[n]]
+        raise ValueError(f"metric {metric!r} scores blocks; use cosine or angular")
+
+    def best_start(self, n: int, metric: str = "cosine") -> int:
+        scores = self.block_scores(n, metric)
+        return max(range(len(scores)), key=lambda i: scores[i])
+
+    def block_influence(self) -> list[float]:
+        return [1.0 - c for c in self.mean_cos[1]]
+
+    def as_dict(self) -> dict:
+        return {"num_layers": self.num_layers, "tokens": self.tokens,
+                "cosine": {str(n): v for n, v in self.mean_cos.items()},
+                "angular": {str(n): v for n, v in self.mean_angular.items()}}
+
+
+def _normalise(h: torch.Tensor) -> torch.Tensor:
+    h = h.float()
+    return h / h.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+@torch.no_grad()
+def similarity_profile(model: PreTrainedModel, blocks: torch.Tensor, ns: list[int], batch_size: int = 8,
+                       max_layer: int | None = None, progress: bool = True) -> SimilarityProfile:
+    """Score every block of every size in `ns` on calibration `blocks` [N, T].
+
+    Only layers 0..max_layer-1 run (default: all, needed to score blocks ending at the last layer).
+    Hidden states are reduced to per-token cosines batch by batch, so memory does not grow with N.
+    """
+    stack = find_decoder_stack(model)
+    L = stack.num_layers
+    max_layer = L if max_layer is None else max_layer
+    ns = sorted({n for n in ns if 1 <= n <= max_layer})
+    if not ns:
+        raise ValueError(f"no block size in {ns} fits a model with {L} layers")
+    device = next(model.parameters()).device
+    sum_cos = {n: torch.zeros(max_layer - n + 1, dtype=torch.float64) for n in ns}
+    sum_ang = {n: torch.zeros(max_layer - n + 1, dtype=torch.float64) for n in ns}
+    tokens = 0
+    it = range(0, blocks.shape[0], batch_size)
+    for i in tqdm(it, desc="similarity profile", disable=not progress, unit="batch"):
+        ids = blocks[i:i + batch_size].to(device)
+        cap = run_layers(model, ids, inputs_at=(0,), outputs_at=tuple(range(max_layer)), stack=stack)
+        states = [_normalise(cap.inputs[0])] + [_normalise(cap.outputs[j]) for j in range(max_layer)]
+        del cap
+        for n in ns:
+            for start in range(max_layer - n + 1):
+                cos = (states[start] * states[start + n]).sum(-1).clamp(-1.0, 1.0)
+                sum_cos[n][start] += cos.sum().double()
+                sum_ang[n][start] += (torch.arccos(cos) / torch.pi).sum().double()
+        tokens += ids.numel()
+    mean_cos = {n: (sum_cos[n] / tokens).tolist() for n in ns}
+    mean_ang = {n: (sum_ang[n] / tokens).tolist() for n in ns}
+    return SimilarityProfile(num_layers=L, mean_cos=mean_cos, mean_angular=mean_ang, tokens=tokens)
+
+
+def choose_block(profile: SimilarityProfile, n: int, metric: str) -> int:
+    """The start of the n-layer block to remove under `metric` (cosine/angular: contiguous argmax)."""
+    return profile.best_start(n, metric)
+
+
+def lowest_bi_layers(profile: SimilarityProfile, n: int) -> list[int]:
+    """ShortGPT: the n layers with the lowest Block Influence (not necessarily contiguous), sorted."""
+    bi = profile.block_influence()
+    return sorted(sorted(range(len(bi)), key=lambda i: bi[i])[:n])
+
+
+def plot_profile(profile: SimilarityProfile, path, chosen: tuple[int, int] | None = None, title: str = "") -> None:
+    """Heat map of mean cos(x^(l), x^(l+n)) over (n, l), and the chosen block marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    ns = sorted(profile.mean_cos)
+    L = profile.num_layers
+    grid = np.full((len(ns), L), np.nan)
+    for r, n in enumerate(ns):
+        vals = profile.mean_cos[n]
+        grid[r, :len(vals)] = vals
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4), gridspec_kw={"width_ratios": [3, 2]})
+    im = axes[0].imshow(grid, aspect="auto", origin="lower", cmap="viridis",
+                        extent=(-0.5, L - 0.5, -0.5, len(ns) - 0.5))
+    axes[0].set_yticks(range(len(ns)), [str(n) for n in ns])
+    axes[0].set_xlabel("block start l")
+    axes[0].set_ylabel("block size n")
+    axes[0].set_title("mean cos(x^(l), x^(l+n))")
+    fig.colorbar(im, ax=axes[0])
+    if chosen is not None:
+        start, n = chosen
+        if n in ns:
+            axes[0].plot([start], [ns.index(n)], "rx", markersize=12, mew=3, label=f"removed [{start},{start + n})")
+            axes[0].legend(loc="upper right")
+    axes[1].plot(range(len(profile.mean_cos[ns[0]])), profile.mean_cos[ns[0]], "o-", label=f"n={ns[0]}")
+    if chosen is not None and chosen[1] in profile.mean_cos and chosen[1] != ns[0]:
+        axes[1].plot(range(len(profile.mean_cos[chosen[1]])), profile.mean_cos[chosen[1]], "s-", label=f"n={chosen[1]}")
+    axes[1].set_xlabel("block start l")
+    axes[1].set_ylabel("mean cosine")
+    axes[1].legend()
+    axes[1].grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,150 @@
+"""Save and load pruned models.
+
+`none`, `layer`, `layers`: every slot holds the family's own decoder-layer class, so the pruned model is a
+standard checkpoint: stock `AutoModelForCausalLM.from_pretrained(dir)` loads it, no project code, no
+trust_remote_code (its config's num_hidden_layers and per-layer arrays already cut to match).
+
+`ffn`, `swiglu`: transformers has no class for a layer list with a foreign module in it. We save
+  - `streamline_config.json`: the pruned model's config (with the slot counted as a layer), the slot's
+    position and the replacement's recipe; deliberately NOT named config.json, so that stock
+    `from_pretrained` fails loudly instead of silently loading a random layer into the slot;
+  - `model.safetensors`: every weight, the slot's under its own keys;
+  - the tokenizer files.
+`llm_streamline.load_pruned(dir)` rebuilds it. `export_stock()` turns a swiglu replacement on a family
+whose layer is "x + attn(norm1 x); h + mlp(norm2 h)" (Llama-like) into an exactly equivalent standard
+decoder layer (attention output projection set to zero), so the result loads with stock transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from llm_streamline.config import ReplacementConfig
+from llm_streamline.models.layers import find_decoder_stack
+from llm_streamline.replace import build_replacement
+
+STREAMLINE_CONFIG = "streamline_config.json"
+
+
+def _atomic_dir(dest: Path):
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".tmp-{dest.name}"))
+
+
+def _commit_dir(tmp: Path, dest: Path) -> None:
+    if dest.exists():
+        shutil.rmtree(dest)
+    os.replace(tmp, dest)
+
+
+def save_pruned(model: PreTrainedModel, tokenizer, dest: Path, replacement: ReplacementConfig,
+                slot_start: int, record: dict) -> str:
+    """Write the pruned model to `dest` atomically; returns the format written ("stock" or "streamline")."""
+    dest = Path(dest)
+    tmp = _atomic_dir(dest)
+    try:
+        if replacement.type in ("none", "layer", "layers"):
+            model.save_pretrained(tmp, safe_serialization=True)
+            fmt = "stock"
+        else:
+            state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+            # tied weights appear twice in state_dict; keep one copy (the model re-ties on load)
+            seen, unique = {}, {}
+            for k, v in state.items():
+                key = (v.data_ptr(), v.shape, v.stride()) if v.numel() else (k,)
+                if key not in seen:
+                    seen[key] = k
+                    unique[k] = v
+            save_file(unique, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            cfg = model.config.to_dict()
+            payload = {"model_config": cfg, "slot_start": slot_start,
+                       "replacement": {k: getattr(replacement, k) for k in replacement.__dataclass_fields__},
+                       "returns_tuple": bool(getattr(find_decoder_stack(model).layers[slot_start], "returns_tuple", False)),
+                       "record": record}
+            (tmp / STREAMLINE_CONFIG).write_text(json.dumps(payload, indent=2, default=str))
+            fmt = "streamline"
+        tokenizer.save_pretrained(tmp)
+        (tmp / "llm_streamline.json").write_text(json.dumps({"format": fmt, **record}, indent=2, default=str))
+        _commit_dir(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return fmt
+
+
+def load_pruned(path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> PreTrainedModel:
+    """Load any model this project saved (stock checkpoints too)."""
+    path = Path(path)
+    if (path / "config.json").exists():
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True).to(device).eval()
+    meta_file = path / STREAMLINE_CONFIG
+    if not meta_file.exists():
+        raise FileNotFoundError(f"{path}: neither config.json nor {STREAMLINE_CONFIG}; not a saved model")
+    meta = json.loads(meta_file.read_text())
+    cfg_dict = dict(meta["model_config"])
+    model_type = cfg_dict.pop("model_type")
+    config = AutoConfig.for_model(model_type, **cfg_dict)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    stack = find_decoder_stack(model)
+    start = meta["slot_start"]
+    rep_cfg = ReplacementConfig(**meta["replacement"])
+    slot = build_replacement(rep_cfg, [stack.layers[start]], stack.config, meta.get("returns_tuple", False))
+    layers = list(stack.layers)
+    layers[start:start + len(slot)] = slot
+    stack.replace(layers)
+    try:
+        state = load_file(str(path / "model.safetensors"))
+    except Exception as e:  # truncated / corrupt file: say so in one line
+        raise ValueError(f"{path / 'model.safetensors'}: cannot read safetensors ({e})") from e
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    missing = [k for k in missing if k not in tied and not any(k.endswith(t) for t in tied)]
+    if missing or unexpected:
+        raise ValueError(f"{path}: weights do not match the saved config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    return model.to(device).eval()
+
+
+def load_tokenizer(path):
+    return AutoTokenizer.from_pretrained(path)
+
+
+def export_stock(model: PreTrainedModel, slot_start: int, reference_layer: torch.nn.Module) -> PreTrainedModel:
+    """Replace an MLP (swiglu) slot by an equivalent decoder layer of the family's class, in place.
+
+    Exact only for layers computed as h = x + attn(norm1(x)); y = h + mlp(norm2(h)) (Llama, Mistral,
+    Qwen2/3, Phi-3): with the attention's output projection zero, h = x and y = x + mlp(norm2(x)).
+    """
+    import copy
+
+    from llm_streamline.replace import MLPReplacement
+
+    stack = find_decoder_stack(model)
+    slot = stack.layers[slot_start]
+    if not isinstance(slot, MLPReplacement) or not isinstance(slot.post_norm, torch.nn.Identity):
+        raise ValueError("export_stock handles swiglu replacements of Llama-like layers only")
+    layer = copy.deepcopy(reference_layer)
+    attn = getattr(layer, "self_attn", None)
+    if attn is None or not hasattr(attn, "o_proj") or not hasattr(layer, "post_attention_layernorm"):
+        raise ValueError(f"{type(layer).__name__}: no exact stock export (not a Llama-like layer)")
+    torch.nn.init.zeros_(attn.o_proj.weight)
+    if attn.o_proj.bias is not None:
+        torch.nn.init.zeros_(attn.o_proj.bias)
+    layer.mlp.load_state_dict(slot.mlp.state_dict())
+    layer.post_attention_layernorm.load_state_dict(slot.norm.state_dict())
+    layers = list(stack.layers)
+    layers[slot_start] = layer
+    stack.replace(layers)
+    from llm_streamline.models.layers import renumber_layer_indices
+
+    renumber_layer_indices(stack)
+    return model

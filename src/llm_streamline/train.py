@@ -1,0 +1,302 @@
+"""Training the replacement.
+
+loss=mse  hidden-state regression f(x^(l*)) ~ x^(l*+n). Teacher pairs are produced once, batch by batch,
+          running only layers 0..l*+n-1 of the dense model, and written to disk shards; training streams the
+          shards back, so memory does not grow with the number of training tokens (the authors' code holds
+          every pair in RAM). The replacement is called with the keyword arguments the model's own forward
+          passes to layer l* (causal mask, rotary embeddings, position ids, layer type), captured per batch
+          by a pre-hook: the same arguments it receives at inference.
+loss=lm   next-token cross-entropy through the frozen pruned model; only the replacement is trainable.
+          The frozen prefix needs no autograd graph (nothing in it requires grad), so the backward pass
+          only runs from the slot onwards.
+Both: AdamW, linear warmup then cosine to `min_lr` (transformers' scheduler), gradient clipping, a
+validation loss at each epoch end (and a few times within), the best weights kept by copy, seeded.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, get_cosine_with_min_lr_schedule_with_warmup
+
+from llm_streamline.config import TrainConfig
+from llm_streamline.models.layers import find_decoder_stack, run_layers
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------- teacher pairs
+@dataclass
+class TeacherShards:
+    """Disk shards of (x_in, x_out) pairs; shard i holds the rows `index[i]` of the token blocks."""
+    directory: Path
+    files: list[str]
+    index: list[list[int]]
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def load(self, i: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        t = load_file(str(self.directory / self.files[i]))
+        return t["x_in"], t["x_out"], self.index[i]
+
+
+def write_teacher_shards(model: PreTrainedModel, blocks: torch.Tensor, start: int, n: int, directory: Path,
+                         batch_size: int, desc: str = "teacher pairs") -> TeacherShards:
+    """Run layers 0..start+n-1 only (no LM head) and write x^(start), x^(start+n) per batch to `directory`.
+
+    Written into a temporary directory renamed into place at the end: a killed run leaves nothing that a
+    rerun would trust.
+    """
+    directory = Path(directory)
+    if (directory / "index.pt").exists():
+        meta = torch.load(directory / "index.pt")
+        return TeacherShards(directory, meta["files"], meta["index"])
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".tmp-{directory.name}"))
+    stack = find_decoder_stack(model)
+    device = next(model.parameters()).device
+    files, index = [], []
+    for b, i in enumerate(tqdm(range(0, blocks.shape[0], batch_size), desc=desc, unit="batch")):
+        rows = list(range(i, min(i + batch_size, blocks.shape[0])))
+        cap = run_layers(model, blocks[rows].to(device), inputs_at=(start,), outputs_at=(start + n - 1,), stack=stack)
+        name = f"shard-{b:05d}.safetensors"
+        save_file({"x_in": cap.inputs[start].contiguous().cpu(),
+                   "x_out": cap.outputs[start + n - 1].contiguous().cpu()}, str(tmp / name))
+        files.append(name)
+        index.append(rows)
+    torch.save({"files": files, "index": index}, tmp / "index.pt")
+    if directory.exists():
+        import shutil
+        shutil.rmtree(directory)
+    os.replace(tmp, directory)
+    return TeacherShards(directory, files, index)
+
+
+# ------------------------------------------------------------------------------------------------ training
+@dataclass
+class TrainLog:
+    steps: int = 0
+    train_loss: list[tuple[int, float]] = field(default_factory=list)   # (step, loss)
+    val_loss: list[tuple[int, float]] = field(default_factory=list)     # (step, loss)
+    initial_val_loss: float | None = None
+    best_val_loss: float | None = None
+    best_step: int | None = None
+    tokens: int = 0
+    trainable_params: int = 0
+
+    def as_dict(self) -> dict:
+        return {"steps": self.steps, "tokens": self.tokens, "trainable_params": self.trainable_params,
+                "initial_val_loss": self.initial_val_loss, "best_val_loss": self.best_val_loss,
+                "best_step": self.best_step, "train_loss": self.train_loss, "val_loss": self.val_loss}
+
+
+def _slot_call(modules: list[nn.Module], x: torch.Tensor, kwargs: list[dict]) -> torch.Tensor:
+    """Call slot module j with the arguments the model passes to the layer at position start+j."""
+    for m, kw in zip(modules, kwargs):
+        out = m(x, **kw)
+        x = out[0] if isinstance(out, tuple) else out
+    return x
+
+
+def _mse(pred: torch.Tensor, target: torch.Tensor, first_token: str) -> torch.Tensor:
+    if first_token == "exclude":  # the attention-sink position carries huge activations that dominate MSE
+        pred, target = pred[:, 1:], target[:, 1:]
+    return torch.nn.functional.mse_loss(pred.float(), target.float())
+
+
+def _needs_layer_kwargs(modules: list[nn.Module]) -> bool:
+    from llm_streamline.replace import FFNReplacement, MLPReplacement
+    return not all(isinstance(m, (FFNReplacement, MLPReplacement)) for m in modules)
+
+
+def _optimizer(params, cfg: TrainConfig, total_steps: int):
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warmup = int(round(cfg.warmup_ratio * total_steps))
+    sched = get_cosine_with_min_lr_schedule_with_warmup(opt, warmup, max(total_steps, 1), min_lr=cfg.min_lr)
+    return opt, sched
+
+
+def _check_finite(loss: torch.Tensor, stage: str, step: int) -> None:
+    if not torch.isfinite(loss):
+        raise NonFiniteLossError(f"{stage}: loss is {loss.item()} at step {step} (lr too high or bad data?); stopped")
+
+
+def train_mse(model: PreTrainedModel, slot: list[nn.Module], start: int, blocks: torch.Tensor,
+              train_shards: TeacherShards, val_shards: TeacherShards, cfg: TrainConfig, seed: int,
+              evals_per_epoch: int = 4, on_step=None) -> TrainLog:
+    """Fit the slot modules to the teacher pairs. `model` is the DENSE model (used only to capture the
+    call arguments of layer `start` for each batch, which costs an embedding lookup, not a forward)."""
+    torch.manual_seed(seed)
+    params = [p for m in slot for p in m.parameters() if p.requires_grad]
+    steps_per_epoch = len(train_shards)
+    total = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
+    opt, sched = _optimizer(params, cfg, total)
+    log = TrainLog(trainable_params=sum(p.numel() for p in params))
+    need_kwargs = _needs_layer_kwargs(slot)
+    stack = find_decoder_stack(model)
+    device = next(model.parameters()).device
+
+    def layer_kwargs(rows) -> list[dict]:
+        if not need_kwargs:
+            return [{}] * len(slot)
+        where = tuple(range(start, start + len(slot)))
+        cap = run_layers(model, blocks[rows].to(device), kwargs_at=where, stack=stack)
+        return [cap.call_kwargs[i] for i in where]
+
+    @torch.no_grad()
+    def validate() -> float:
+        for m in slot:
+            m.eval()
+        tot, cnt = 0.0, 0
+        for i in range(len(val_shards)):
+            x, y, rows = val_shards.load(i)
+            pred = _slot_call(slot, x.to(device), layer_kwargs(rows))
+            tot += _mse(pred, y.to(device), cfg.first_token).item() * x.shape[0]
+            cnt += x.shape[0]
+        for m in slot:
+            m.train()
+        return tot / max(cnt, 1)
+
+    best_state = [copy.deepcopy(m.state_dict()) for m in slot]
+    log.initial_val_loss = log.best_val_loss = validate()
+    log.best_step = 0
+    eval_every = max(1, math.ceil(steps_per_epoch / evals_per_epoch))
+    gen = torch.Generator().manual_seed(seed)
+    bar = tqdm(total=total, desc=f"train {type(slot[0]).__name__} (mse)", unit="step")
+    for m in slot:
+        m.train()
+    step = 0
+    while step < total:
+        for i in torch.randperm(steps_per_epoch, generator=gen).tolist():
+            if step >= total:
+                break
+            x, y, rows = train_shards.load(i)
+            x, y = x.to(device), y.to(device)
+            loss = _mse(_slot_call(slot, x, layer_kwargs(rows)), y, cfg.first_token)
+            _check_finite(loss, "train (mse)", step)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            sched.step()
+            step += 1
+            log.tokens += x.shape[0] * x.shape[1]
+            log.train_loss.append((step, loss.item()))
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4g}")
+            if on_step:
+                on_step(step, {"train/loss": loss.item(), "train/lr": sched.get_last_lr()[0]})
+            if step % eval_every == 0 or step == total:
+                v = validate()
+                _check_finite(torch.tensor(v), "validation (mse)", step)
+                log.val_loss.append((step, v))
+                if on_step:
+                    on_step(step, {"val/loss": v})
+                if v < log.best_val_loss:
+                    log.best_val_loss, log.best_step = v, step
+                    best_state = [copy.deepcopy(m.state_dict()) for m in slot]
+    bar.close()
+    for m, s in zip(slot, best_state):
+        m.load_state_dict(s)
+        m.eval()
+    log.steps = step
+    return log
+
+
+def _lm_loss(model: PreTrainedModel, ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids, labels=ids, use_cache=False).loss
+
+
+def train_lm(pruned: PreTrainedModel, slot: list[nn.Module], train_blocks: torch.Tensor, val_blocks: torch.Tensor,
+             cfg: TrainConfig, seed: int, evals_per_epoch: int = 4, on_step=None, accelerator=None) -> TrainLog:
+    """Language-modelling loss through the frozen pruned model; only `slot` trains.
+
+    With an `accelerate.Accelerator`, batches are sharded over processes and gradients all-reduced, so every
+    rank ends with the same weights (the block was chosen before, from the same seeded data, on every rank).
+    """
+    torch.manual_seed(seed)
+    pruned.requires_grad_(False)
+    for m in slot:
+        m.requires_grad_(True)
+    params = [p for m in slot for p in m.parameters()]
+    bs = cfg.batch_size
+    world = accelerator.num_processes if accelerator else 1
+    rank = accelerator.process_index if accelerator else 0
+    steps_per_epoch = train_blocks.shape[0] // (bs * world)
+    if steps_per_epoch < 1:
+        raise ValueError(f"train.loss=lm needs at least {bs * world} training blocks, got {train_blocks.shape[0]}")
+    total = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
+    opt, sched = _optimizer(params, cfg, total)
+    log = TrainLog(trainable_params=sum(p.numel() for p in params))
+    device = next(pruned.parameters()).device
+
+    @torch.no_grad()
+    def validate() -> float:
+        pruned.eval()
+        tot = 0.0
+        for i in range(0, val_blocks.shape[0], bs):
+            ids = val_blocks[i:i + bs].to(device)
+            tot += _lm_loss(pruned, ids).item() * ids.shape[0]
+        return tot / val_blocks.shape[0]
+
+    best_state = [copy.deepcopy(m.state_dict()) for m in slot]
+    log.initial_val_loss = log.best_val_loss = validate()
+    log.best_step = 0
+    eval_every = max(1, math.ceil(steps_per_epoch / evals_per_epoch))
+    gen = torch.Generator().manual_seed(seed)
+    bar = tqdm(total=total, desc="train slot (lm)", unit="step", disable=rank != 0)
+    step = 0
+    while step < total:
+        order = torch.randperm(train_blocks.shape[0], generator=gen)  # same order on every rank (same seed)
+        for s in range(steps_per_epoch):
+            if step >= total:
+                break
+            batch = order[(s * world + rank) * bs:(s * world + rank + 1) * bs]
+            ids = train_blocks[batch].to(device)
+            for m in slot:
+                m.train()
+            loss = _lm_loss(pruned, ids)
+            _check_finite(loss, "train (lm)", step)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if accelerator is not None and world > 1:
+                for p in params:  # all-reduce the mean gradient: identical updates on every rank
+                    if p.grad is not None:
+                        torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.SUM)
+                        p.grad /= world
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            sched.step()
+            step += 1
+            log.tokens += ids.numel() * world
+            log.train_loss.append((step, loss.item()))
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4g}")
+            if on_step:
+                on_step(step, {"train/loss": loss.item(), "train/lr": sched.get_last_lr()[0]})
+            if step % eval_every == 0 or step == total:
+                v = validate()
+                log.val_loss.append((step, v))
+                if on_step:
+                    on_step(step, {"val/loss": v})
+                if v < log.best_val_loss:
+                    log.best_val_loss, log.best_step = v, step
+                    best_state = [copy.deepcopy(m.state_dict()) for m in slot]
+    bar.close()
+    for m, s in zip(slot, best_state):
+        m.load_state_dict(s)
+        m.eval()
+    log.steps = step
+    return log
