@@ -50,9 +50,10 @@ import os
 import socket
 import tempfile
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -77,7 +78,7 @@ OFFLINE_SOURCES = (("lambada", "bpb_0shot"), ("coqa", "bpb_0shot"), ("squad", "b
 # offline corpus
 # --------------------------------------------------------------------------------------------------------
 
-def _doc_text(task: str, row: dict[str, Any]) -> Optional[str]:
+def _doc_text(task: str, row: dict[str, Any]) -> str | None:
     doc = row["doc"]
     if task == "lambada":   # passage minus its last word + the last word (the target)
         answers = doc.get("answers_text") or [row["request"]["continuation"].strip()]
@@ -201,7 +202,7 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return h.hexdigest()
 
 
-def _separator(tokenizer: Any) -> Optional[int]:
+def _separator(tokenizer: Any) -> int | None:
     eos = tokenizer.eos_token_id
     if eos is None:
         log.warning("tokenizer has no EOS token: documents are concatenated without a separator")
@@ -351,9 +352,9 @@ def _offline_blocks(cfg: DataConfig, tokenizer: Any) -> TokenBlocks:
 @dataclass(frozen=True)
 class HubPreset:
     path: str
-    name: Optional[str]
+    name: str | None
     train_split: str                 # calibration + training
-    val_split: Optional[str]         # None: validation comes from the train split's stream too
+    val_split: str | None         # None: validation comes from the train split's stream too
     whole: bool                      # small dataset: read whole splits and permute blocks (no shuffle)
 
 
@@ -372,7 +373,7 @@ def _hub_offline_msg(name: str, why: str) -> str:
     why = " ".join(str(why).split())
     if len(why) > 160:
         why = why[:157] + "..."
-    return f"data={name} needs network access to the Hugging Face hub ({why}); use data=offline"
+    return f"data={name} needs network access to the Hugging Face hub; use data=offline ({why})"
 
 
 def _hub_offline_flag() -> bool:
@@ -401,14 +402,29 @@ def _hub_preflight(name: str) -> None:
         raise HubUnavailable(_hub_offline_msg(name, f"cannot resolve {host}: {e}")) from None
 
 
-def _open_stream(name: str, path: str, hub_name: Optional[str], split: str, text_field: str,
-                 shuffle_seed: Optional[int]) -> Iterator[str]:
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that mean "the hub cannot be reached" (datasets wraps its own in ConnectionError;
+    errors raised while a stream is being read come from the HTTP client underneath)."""
+    errs: list[type[BaseException]] = [ConnectionError, TimeoutError, socket.gaierror]
+    for mod, names in (("httpx", ("TransportError",)), ("requests.exceptions", ("ConnectionError", "Timeout")),
+                       ("aiohttp", ("ClientConnectionError",))):
+        try:
+            m = __import__(mod, fromlist=list(names))
+        except ImportError:
+            continue
+        errs += [getattr(m, n) for n in names if hasattr(m, n)]
+    return tuple(errs)
+
+
+def _open_stream(name: str, path: str, hub_name: str | None, split: str, text_field: str,
+                 shuffle_seed: int | None) -> Iterator[str]:
     """Texts of one split, streamed; shuffled with a seeded buffer when shuffle_seed is not None."""
     import datasets
 
+    net_errors = _network_errors()
     try:
         ds = datasets.load_dataset(path, hub_name, split=split, streaming=True)
-    except (ConnectionError, TimeoutError) as e:
+    except net_errors as e:
         raise HubUnavailable(_hub_offline_msg(name, f"{type(e).__name__}: {e}")) from e
     if shuffle_seed is not None:
         ds = ds.shuffle(seed=shuffle_seed, buffer_size=SHUFFLE_BUFFER)
@@ -418,7 +434,7 @@ def _open_stream(name: str, path: str, hub_name: Optional[str], split: str, text
             row = next(it)
         except StopIteration:
             return
-        except (ConnectionError, TimeoutError) as e:
+        except net_errors as e:
             raise HubUnavailable(_hub_offline_msg(name, f"while streaming {path}: {type(e).__name__}: {e}")) from e
         if text_field not in row:
             raise ValueError(f"data={name}: {path} ({hub_name}, {split}) has no column {text_field!r}; "
@@ -489,7 +505,7 @@ def _whole_split_stream(texts: Iterator[str], tokenizer: Any, desc: str) -> tupl
     return ids, n_docs
 
 
-def _hub_cache_path(cfg: DataConfig, preset: HubPreset, path: str, hub_name: Optional[str], split: str,
+def _hub_cache_path(cfg: DataConfig, preset: HubPreset, path: str, hub_name: str | None, split: str,
                     tokenizer: Any) -> Path:
     key = json.dumps({"v": BLOCKS_VERSION, "name": cfg.name, "path": path, "hub_name": hub_name,
                       "split": split, "val_split": preset.val_split, "whole": preset.whole,
@@ -501,19 +517,19 @@ def _hub_cache_path(cfg: DataConfig, preset: HubPreset, path: str, hub_name: Opt
     return _data_cache("blocks") / f"{cfg.name}-{digest}.safetensors"
 
 
-def _load_cached_blocks(path: Path) -> Optional[TokenBlocks]:
+def _load_cached_blocks(path: Path) -> TokenBlocks | None:
     if not path.exists():
         return None
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata()
-            t = {k: f.get_tensor(k) for k in f.keys()}
+            t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
         return TokenBlocks(calib=t["calib"], train=t["train"], val=t["val"], seq_len=int(meta["seq_len"]),
                            token_counts=json.loads(meta["token_counts"]), source=meta["source"],
                            calib_idx=t["calib_idx"], train_idx=t["train_idx"], val_idx=t["val_idx"])
-    except Exception as e:  # a corrupt cache is rebuilt, never trusted
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:  # corrupt: rebuild, never trust
         log.warning("blocks cache %s is unreadable (%s); rebuilding", path, e)
         return None
 
@@ -622,8 +638,8 @@ def load_blocks(cfg: DataConfig, tokenizer: Any) -> TokenBlocks:
     """Disjoint calibration / training / validation blocks of ``cfg.seq_len`` tokens for ``cfg.name``.
 
     Raises ValueError (one line) if the source has fewer blocks than requested, and HubUnavailable (a
-    RuntimeError, one line: "data=<name> needs network access to the Hugging Face hub ...; use
-    data=offline") for a hub preset without network.
+    RuntimeError, one line: "data=<name> needs network access to the Hugging Face hub; use
+    data=offline (<cause>)") for a hub preset without network.
     """
     _check_counts(cfg)
     if cfg.name == "offline":
