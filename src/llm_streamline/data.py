@@ -535,12 +535,20 @@ def _load_cached_blocks(path: Path) -> TokenBlocks | None:
 
 
 def _save_cached_blocks(path: Path, b: TokenBlocks) -> None:
-    from safetensors.torch import save
+    from safetensors.torch import save_file
 
     tensors = {"calib": b.calib, "train": b.train, "val": b.val,
                "calib_idx": b.calib_idx, "train_idx": b.train_idx, "val_idx": b.val_idx}
     meta = {"seq_len": str(b.seq_len), "token_counts": json.dumps(b.token_counts), "source": b.source}
-    _atomic_write_bytes(path, save({k: v.contiguous() for k, v in tensors.items()}, metadata=meta))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:  # written to a temporary file, then renamed: a crash never leaves a truncated cache
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=meta)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _hub_blocks(cfg: DataConfig, tokenizer: Any) -> TokenBlocks:
