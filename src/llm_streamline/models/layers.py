@@ -35,6 +35,7 @@ class DecoderStack:
 
     def replace(self, new_layers: list[nn.Module]) -> None:
         self.layers = nn.ModuleList(new_layers)
+        self.layers._llm_streamline_stack = True  # mixed classes from now on: found by this marker
         setattr(self.parent, self.attr, self.layers)
 
 
