@@ -245,6 +245,57 @@ def test_bad_scorer_raises(tiny, tok):
         harness.run_lm_eval(tiny, tok, ["piqa"], limit=1, batch_size=1, scorer="nope")
 
 
+# ------------------------------------------------------------------------- fast (shared-context) scorer
+
+def _assert_same_rows(a: list[dict], b: list[dict], tol: float = 1e-3) -> None:
+    index = {(r["task"], r["doc_id"]): r for r in b}
+    assert len(a) == len(b) == len(index)
+    for r in a:
+        s = index[(r["task"], r["doc_id"])]
+        assert r["loglikelihoods"] == pytest.approx(s["loglikelihoods"], abs=tol)
+        assert (r["prediction"], r["correct"], r["gold"], r["num_tokens"]) == (
+            s["prediction"], s["correct"], s["gold"], s["num_tokens"])
+
+
+def test_fast_scorer_equals_stock(ours, tiny, tok):
+    fast = harness.run_lm_eval(tiny, tok, KEY_TASKS, limit=KEY_LIMIT, batch_size=KEY_BATCH, scorer="fast")
+    _assert_same_rows(fast.samples, ours.samples)
+    for task in KEY_TASKS:
+        assert fast.metrics[task]["acc"] == ours.metrics[task]["acc"]
+        assert fast.metrics[task].get("acc_norm") == ours.metrics[task].get("acc_norm")
+
+
+def test_fast_scorer_multiple_input_and_four_options(tiny, tok):
+    # winogrande: options differ in the CONTEXT (nothing shared); hellaswag: 4 multi-token options
+    names = ["winogrande", "hellaswag"]
+    stock = harness.run_lm_eval(tiny, tok, names, limit=6, batch_size=8)
+    fast = harness.run_lm_eval(tiny, tok, names, limit=6, batch_size=8, scorer="fast")
+    _assert_same_rows(fast.samples, stock.samples)
+
+
+def test_fast_scorer_packing_limits_and_truncation_fallback(tiny, tok):
+    """Tiny packs (many forwards, groups larger than a pack) and a max_length that forces stock HFLM's
+    left truncation on BoolQ's long passages (those requests are routed to stock scoring)."""
+    import lm_eval
+
+    from llm_streamline.evaluate.fast_hflm import FastHFLM
+
+    def run(lm):
+        res = lm_eval.simple_evaluate(model=lm, tasks=tasks.build_tasks(["piqa", "boolq"]),
+                                      task_manager=tasks.task_manager(), limit=4, log_samples=True)
+        built = tasks.leaf_tasks(tasks.build_tasks(["piqa", "boolq"]))
+        return harness.sample_rows(res, built, lm.continuation_tokens)
+
+    kw = {"pretrained": tiny, "tokenizer": tok, "batch_size": 3, "max_length": 48}
+    stock = run(harness.RecordingHFLM(**kw))
+    fast_lm = FastHFLM(pack_tokens=40, **kw)
+    fast = run(fast_lm)
+    _assert_same_rows(fast, stock)
+    stats = fast_lm.fast_stats
+    assert stats["stock_requests"] > 0 and stats["shared_requests"] > 0 and stats["packs"] > 1
+    assert stats["oversize_groups"] > 0  # a group longer than pack_tokens still runs (alone)
+
+
 # ------------------------------------------------------------------------------------- perplexity
 
 def test_perplexity_matches_hf_loss_and_ignores_batch_size(tiny):
