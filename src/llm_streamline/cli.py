@@ -50,8 +50,8 @@ def _app(cfg: DictConfig) -> float | None:
     except (ConfigError, AssetError, HubUnavailable, NoDecoderLayersError, FileNotFoundError, ValueError) as e:
         log.error("%s: %s", type(e).__name__, e)
         _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
-    stab = (results.get("stability") or {}).get("mean")
-    return stab
+    # returned to Hydra (sweepers optimise it): the average stability of the pruned model
+    return (results.get("stability") or {}).get("average", {}).get("stability")
 
 
 def main() -> None:

@@ -318,7 +318,7 @@ def _log_summary(tracker: Tracker, results: dict) -> None:
                      row["dense"].get("acc_norm"), row["pruned"].get("acc_norm")])
     tracker.table("eval/per_task", ["task", "dense_acc", "pruned_acc", "dense_acc_norm", "pruned_acc_norm"], rows)
     summary = {"params/sparsity": results["params"]["sparsity"], "layers/start": results["layers"]["removed"][0],
-               "stability/mean": results["stability"].get("mean") if results["stability"] else None}
+               "stability/average": (results["stability"] or {}).get("average", {}).get("stability")}
     if results["perplexity"]["pruned"]:
         summary["ppl/dense"] = results["perplexity"]["dense"]["ppl"]
         summary["ppl/pruned"] = results["perplexity"]["pruned"]["ppl"]

@@ -1,0 +1,152 @@
+"""The Hydra app: every config group composes with Hydra's compose API; bad input fails early with one
+line; the whole pipeline runs on tiny models and writes a complete results.json; reruns reuse stages."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from llm_streamline import pipeline
+from llm_streamline.cli import CONF_DIR, to_run_config
+from llm_streamline.config import ConfigError, validate
+
+GROUPS = ["model", "data", "sparsity", "replacement", "method", "train", "eval", "experiment"]
+RESULT_KEYS = {"model", "method", "replacement", "layers", "params", "eval", "stability", "timings",
+               "peak_memory", "checkpoint", "perplexity", "similarity_profile", "train"}
+
+
+def compose_run(*overrides: str):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=list(overrides))
+    return to_run_config(cfg)
+
+
+def presets(group: str) -> list[str]:
+    return sorted(p.stem for p in (Path(CONF_DIR) / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in presets(g)])
+def test_every_preset_composes_and_validates(group, option):
+    overrides = [f"{group}={option}"]
+    if group == "model" and option == "hub":
+        overrides.append("model.name_or_path=some/model")
+    cfg = compose_run(*overrides)
+    validate(cfg)
+
+
+def test_default_is_the_embedded_smollm2():
+    cfg = compose_run()
+    assert (cfg.model.source, cfg.data.name, cfg.eval.name) == ("embedded", "offline", "cpu")
+
+
+BAD = [
+    (["model=nope"], "model"),
+    (["sparsity.layers=0"], "sparsity.layers"),
+    (["sparsity=target25", "sparsity.target=1.5"], "sparsity.target"),
+    (["sparsity=target25", "sparsity.target=0"], "sparsity.target"),
+    (["sparsity.layers=8", "sparsity.target=0.25"], "exactly one"),
+    (["sparsity.importance=magic"], "sparsity.importance"),
+    (["sparsity.basis=half"], "sparsity.basis"),
+    (["replacement.type=mamba"], "replacement.type"),
+    (["replacement.num_layers=0"], "replacement.num_layers"),
+    (["replacement.activation=tanh"], "replacement.activation"),
+    (["train.loss=kl"], "train.loss"),
+    (["train.first_token=maybe"], "train.first_token"),
+    (["train.lr=-1"], "train.lr"),
+    (["train.batch_size=0"], "batch_size"),
+    (["data.name=pile"], "data.name"),
+    (["data.seq_len=2"], "data.seq_len"),
+    (["data.train_samples=0"], "data.train_samples"),
+    (["model.dtype=int4"], "model.dtype"),
+    (["model=hub"], "name_or_path"),
+    (["model=tiny-llama", "model.family=rwkv"], "model.family"),
+    (["method.name=magic"], "method"),
+    (["eval.limit=0"], "eval.limit"),
+    (["mode=train"], "mode"),
+    (["wandb.mode=loud"], "wandb.mode"),
+    (["model.source=ftp"], "model.source"),
+]
+
+
+@pytest.mark.parametrize("overrides,needle", BAD)
+def test_bad_values_are_refused_with_one_line(overrides, needle):
+    try:
+        cfg = compose_run(*overrides)
+    except Exception as e:  # Hydra refuses unknown presets / keys / types itself
+        assert needle.split(".")[0] in str(e)
+        return
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def _cli(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, WANDB_MODE="disabled", HYDRA_FULL_ERROR="0")
+    return subprocess.run([sys.executable, "-m", "llm_streamline", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["experiment=smoke", "sparsity.layers=8"], "only 8 layers"),
+    (["experiment=smoke", "eval.tasks=[no_such_task]"], "no_such_task"),
+    (["experiment=smoke", "mode=eval", "checkpoint=/no/such/dir"], "/no/such/dir"),
+])
+def test_cli_bad_input_exits_2_with_one_line(args, needle, tmp_path):
+    res = _cli(*args, f"hydra.run.dir={tmp_path}", cwd=tmp_path)
+    assert res.returncode == 2, res.stderr[-2000:]
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("llm-streamline: error:") and needle in last
+    assert not (tmp_path / "results.json").exists()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "opt", "gemma3"])
+@pytest.mark.parametrize("rtype", ["none", "ffn", "layer"])
+def test_pipeline_on_tiny_models(family, rtype, tmp_path):
+    cfg = compose_run("experiment=smoke", f"model=tiny-{family}", f"replacement={rtype}")
+    res = pipeline.run(cfg, tmp_path)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert RESULT_KEYS <= set(saved)
+    assert saved["layers"]["n_removed"] == 2 and saved["layers"]["n_original"] == 8
+    assert saved["params"]["pruned"] < saved["params"]["dense"]
+    assert set(saved["eval"]) >= {"piqa", "arc_easy"}
+    assert 0.0 <= saved["stability"]["average"]["stability"] <= 1.0
+    assert (tmp_path / "samples_dense.jsonl").exists() and (tmp_path / "samples_pruned.jsonl").exists()
+    assert (tmp_path / "similarity_profile.png").stat().st_size > 10_000
+    assert Path(saved["checkpoint"]).exists()
+    assert res["timings"]["importance"] > 0
+
+
+def test_rerun_reuses_every_stage_and_gives_identical_results(tmp_path):
+    cfg = compose_run("experiment=smoke", "replacement=ffn")
+    first = pipeline.run(cfg, tmp_path / "a")
+    second = pipeline.run(cfg, tmp_path / "b")
+    assert second["cache"]["dense_eval_reused"]
+    assert "teacher_pairs" not in second["timings"] and "train" not in second["timings"]
+    for key in ("layers", "params", "eval", "stability", "perplexity", "train"):
+        assert first[key] == second[key], key
+
+
+def test_target_sparsity_picks_the_closest_n(tmp_path):
+    cfg = compose_run("experiment=smoke", "sparsity=target25", "sparsity.basis=layers", "replacement=none")
+    res = pipeline.run(cfg, tmp_path)
+    assert res["layers"]["n_removed"] == 2  # 2 of 8 layers = 25% of the decoder-layer parameters
+    assert res["params"]["sparsity_layers_basis"] == pytest.approx(0.25)
+
+
+def test_wandb_offline_run_files(tmp_path):
+    cfg = compose_run("experiment=smoke", "wandb.mode=offline")
+    env_before = os.environ.pop("WANDB_MODE", None)
+    try:
+        pipeline.run(cfg, tmp_path)
+    finally:
+        if env_before is not None:
+            os.environ["WANDB_MODE"] = env_before
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
