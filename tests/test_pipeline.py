@@ -150,3 +150,24 @@ def test_wandb_offline_run_files(tmp_path):
             os.environ["WANDB_MODE"] = env_before
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+
+
+@pytest.mark.slow
+def test_main_job_on_real_smollm2_with_small_limits(tmp_path):
+    """The default preset (embedded SmolLM2-135M, offline data) end to end, with small sizes."""
+    cfg = compose_run("data.seq_len=64", "data.calib_samples=8", "data.train_samples=16", "data.val_samples=4",
+                      "eval=smoke", "eval.speed=true", "eval.speed_tokens=32", "train.batch_size=4",
+                      "wandb.mode=disabled")
+    res = pipeline.run(cfg, tmp_path)
+    assert res["model"]["num_layers"] == 30 and res["layers"]["n_removed"] == 8
+    start = res["layers"]["removed"][0]
+    assert 1 <= start <= 22  # neither the first layer nor past the end
+    assert res["params"]["dense"] == 134_515_008
+    assert 0.2 < res["params"]["sparsity"] < 0.3
+    assert res["train"]["best_val_loss"] < res["train"]["initial_val_loss"]
+    assert res["perplexity"]["dense"]["ppl"] < 100  # a real model on English text
+    assert res["speed"]["flops_ratio"] > 1.2
+    from llm_streamline import load_pruned
+
+    again = load_pruned(res["checkpoint"])
+    assert sum(p.numel() for p in again.parameters()) == res["params"]["pruned"]

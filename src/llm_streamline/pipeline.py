@@ -114,6 +114,10 @@ def run(cfg: RunConfig, out_dir: Path) -> dict:
     torch.manual_seed(cfg.seed)
     model_id = model_identity(cfg)
     data_key = asdict(cfg.data)
+    # validation blocks are drawn first, calibration next, training last (see data.py): a stage keyed on
+    # the earlier splits stays valid when only the later sizes change
+    calib_key = {k: v for k, v in data_key.items() if k != "train_samples"}
+    val_key = {k: v for k, v in calib_key.items() if k != "calib_samples"}
     tracker = Tracker(cfg.wandb, out_dir, config=asdict(cfg), job_type="pipeline",
                       name=f"{cfg.model.name}-{cfg.replacement.type}-n{cfg.sparsity.layers or cfg.sparsity.target}")
     try:
@@ -130,7 +134,7 @@ def run(cfg: RunConfig, out_dir: Path) -> dict:
 
         # 2. layer pruning: the similarity profile and the chosen block ------------------------------------
         with timings.stage("importance"):
-            prof_key = store.stage_key("profile", model=model_id, data=data_key)
+            prof_key = store.stage_key("profile", model=model_id, data=calib_key)
             prof_json, _ = store.cached_json(prof_key, lambda: similarity_profile(
                 model, blocks.calib, ns=list(range(1, L + 1)), batch_size=cfg.train.batch_size).as_dict(), log.info)
             profile = SimilarityProfile(
@@ -148,18 +152,20 @@ def run(cfg: RunConfig, out_dir: Path) -> dict:
             tracker.image("similarity_profile", plot_path)
 
         # 3. dense reference (cached per model and suite) ------------------------------------------------
-        eval_key = {"tasks": list(cfg.eval.tasks), "limit": cfg.eval.limit, "offline": cfg.eval.offline}
+        eval_key = {"tasks": list(cfg.eval.tasks), "limit": cfg.eval.limit, "offline": cfg.eval.offline,
+                "scorer": cfg.eval.scorer}
         with timings.stage("eval_dense"):
             dense_key = store.stage_key("eval_dense", model=model_id, eval=eval_key)
             dense, dense_cached = store.cached_json(
                 dense_key, lambda: _eval_record(run_lm_eval(model, tok, list(cfg.eval.tasks), cfg.eval.limit,
-                                                            cfg.eval.batch_size, offline=cfg.eval.offline)), log.info)
+                                                            cfg.eval.batch_size, offline=cfg.eval.offline,
+                                                            scorer=cfg.eval.scorer)), log.info)
             if dense_cached:
                 log.info("dense evaluation reused (computed once per model and suite)")
         ppl_dense = None
         if cfg.eval.perplexity:
             with timings.stage("perplexity_dense"):
-                ppl_key = store.stage_key("ppl_dense", model=model_id, data=data_key)
+                ppl_key = store.stage_key("ppl_dense", model=model_id, data=val_key)
                 ppl_dense, _ = store.cached_json(ppl_key, lambda: perplexity(model, blocks.val, cfg.train.batch_size), log.info)
 
         # 4. layer replacement: build and train ---------------------------------------------------------
@@ -226,7 +232,8 @@ def run(cfg: RunConfig, out_dir: Path) -> dict:
         with timings.stage("eval_pruned"):
             pkey = store.stage_key("eval_pruned", train=train_key, eval=eval_key)
             pres, _ = store.cached_json(pkey, lambda: _eval_record(run_lm_eval(
-                pruned, tok, list(cfg.eval.tasks), cfg.eval.limit, cfg.eval.batch_size, offline=cfg.eval.offline)), log.info)
+                pruned, tok, list(cfg.eval.tasks), cfg.eval.limit, cfg.eval.batch_size, offline=cfg.eval.offline,
+                scorer=cfg.eval.scorer)), log.info)
         ppl_pruned = None
         if cfg.eval.perplexity:
             with timings.stage("perplexity_pruned"):
@@ -346,7 +353,8 @@ def evaluate_checkpoint(cfg: RunConfig, out_dir: Path) -> dict:
             model, tok = load_model(cfg.model, seed=cfg.seed)
         name = cfg.model.name
     with timings.stage("eval"):
-        res = run_lm_eval(model, tok, list(cfg.eval.tasks), cfg.eval.limit, cfg.eval.batch_size, offline=cfg.eval.offline)
+        res = run_lm_eval(model, tok, list(cfg.eval.tasks), cfg.eval.limit, cfg.eval.batch_size,
+                          offline=cfg.eval.offline, scorer=cfg.eval.scorer)
     save_samples_jsonl(res.samples, out_dir / "samples.jsonl")
     results = {"model": {"name": name}, "method": "eval", "eval": res.metrics,
                "params": {"total": count_params(model)}, "timings": dict(timings), "peak_memory": peak_memory()}
