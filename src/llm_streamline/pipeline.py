@@ -273,6 +273,7 @@ def run(cfg: RunConfig, out_dir: Path) -> dict:
             "data": {**asdict(cfg.data), "tokens": blocks.token_counts},
             "similarity_profile": profile.as_dict(),
             "train": train_log,
+            "train_config": asdict(cfg.train),
             "eval": _eval_table(dense["metrics"], pres["metrics"]),
             "perplexity": {"dense": ppl_dense, "pruned": ppl_pruned},
             "stability": stab,

@@ -1,0 +1,154 @@
+"""`llm-streamline-report <runs dir> --out <dir>`: runs' results.json -> paper-style tables and plots.
+
+Reads records only (never reruns a stage). Writes `table.md`, `table.csv`, `table.tex` (one row per run
+plus the dense reference: accuracy per task, average, stability, perplexity, parameters, wall time) and
+`accuracy_vs_sparsity.png` (average accuracy and stability against achieved sparsity, one line per
+method/replacement).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+METRIC_NOTE = ("acc_norm for hellaswag, arc_challenge, openbookqa (as LLM-Pruner reports them), "
+               "acc elsewhere")
+NORM_TASKS = {"hellaswag", "arc_challenge", "openbookqa"}
+
+
+def find_results(root: Path) -> list[dict]:
+    out = []
+    for p in sorted(Path(root).rglob("results.json")):
+        r = json.loads(p.read_text())
+        if "layers" in r and "eval" in r:
+            r["_path"] = str(p.parent)
+            out.append(r)
+    return out
+
+
+def task_score(metrics: dict, task: str) -> float | None:
+    key = "acc_norm" if task in NORM_TASKS and "acc_norm" in metrics else "acc"
+    v = metrics.get(key)
+    return None if v is None else float(v)
+
+
+def label(r: dict) -> str:
+    """method:replacement, plus the training options that differ from the defaults."""
+    rep = r["replacement"]["type"]
+    name = f"{r['method']}:{rep}"
+    if rep == "ffn" and not r["replacement"].get("residual", True):
+        name += "(no residual)"
+    tc = r.get("train_config") or {}
+    if rep != "none":
+        if tc.get("loss", "mse") != "mse":
+            name += f" loss={tc['loss']}"
+        if tc.get("first_token", "include") != "include":
+            name += f" first_token={tc['first_token']}"
+    return name
+
+
+def rows_of(results: list[dict]) -> tuple[list[str], list[list]]:
+    tasks = sorted({t for r in results for t in r["eval"]})
+    header = ["run", "layers removed", "params", "sparsity"] + tasks + ["avg", "stability", "agreement",
+                                                                         "ppl", "wall s"]
+    rows = []
+    if results:  # the dense reference, from the first run that has it
+        r0 = results[0]
+        dense = [task_score(r0["eval"][t]["dense"], t) for t in tasks]
+        ppl = (r0.get("perplexity") or {}).get("dense") or {}
+        rows.append(["dense", "-", r0["params"]["dense"], 0.0] + dense
+                    + [_avg(dense), 1.0, 1.0, ppl.get("ppl"), None])
+    for r in results:
+        scores = [task_score(r["eval"].get(t, {}).get("pruned", {}), t) for t in tasks]
+        stab = (r.get("stability") or {}).get("average", {})
+        ppl = (r.get("perplexity") or {}).get("pruned") or {}
+        lay = r["layers"]
+        rows.append([label(r), f"[{lay['removed'][0]},{lay['removed'][1]})", r["params"]["pruned"],
+                     r["params"]["sparsity"]] + scores
+                    + [_avg(scores), stab.get("stability"), stab.get("agreement"), ppl.get("ppl"),
+                       round(sum(r.get("timings", {}).values()), 1)])
+    return header, rows
+
+
+def _avg(xs):
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4f}" if abs(v) < 10 else f"{v:.1f}"
+    if isinstance(v, int) and v > 10_000:
+        return f"{v / 1e6:.1f}M"
+    return str(v)
+
+
+def write_tables(header, rows, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    md += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+    md.append("")
+    md.append(f"Accuracy: {METRIC_NOTE}. Stability: paper formula (weights by the dense model's per-option "
+              f"perplexity spread); agreement: unweighted.")
+    (out / "table.md").write_text("\n".join(md) + "\n")
+    with open(out / "table.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    tex = ["\\begin{tabular}{" + "l" * 2 + "r" * (len(header) - 2) + "}", "\\toprule",
+           " & ".join(h.replace("_", "\\_") for h in header) + " \\\\", "\\midrule"]
+    tex += [" & ".join(_fmt(v).replace("_", "\\_") for v in row) + " \\\\" for row in rows]
+    tex += ["\\bottomrule", "\\end{tabular}"]
+    (out / "table.tex").write_text("\n".join(tex) + "\n")
+
+
+def plot(results: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    header, rows = rows_of(results)
+    i_avg, i_stab, i_sp = header.index("avg"), header.index("stability"), header.index("sparsity")
+    series: dict[str, list[tuple[float, float, float]]] = {}
+    for row in rows[1:]:
+        series.setdefault(row[0], []).append((row[i_sp], row[i_avg], row[i_stab]))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name, pts in sorted(series.items()):
+        pts.sort()
+        axes[0].plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=name)
+        axes[1].plot([p[0] for p in pts], [p[2] for p in pts], "o-", label=name)
+    if rows:
+        axes[0].axhline(rows[0][i_avg], color="k", ls="--", lw=1, label="dense")
+    axes[0].set_xlabel("sparsity (fraction of all parameters removed)")
+    axes[0].set_ylabel("average accuracy")
+    axes[1].set_xlabel("sparsity (fraction of all parameters removed)")
+    axes[1].set_ylabel("stability")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "accuracy_vs_sparsity.png", dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="llm-streamline-report", description=__doc__.splitlines()[0])
+    ap.add_argument("runs", type=Path, help="a directory searched recursively for results.json")
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args(argv)
+    results = find_results(args.runs)
+    if not results:
+        raise SystemExit(f"llm-streamline-report: error: no results.json under {args.runs}")
+    header, rows = rows_of(results)
+    write_tables(header, rows, args.out)
+    plot(results, args.out)
+    print((args.out / "table.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
