@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 from llm_streamline import pipeline
 from llm_streamline.cli import CONF_DIR, to_run_config

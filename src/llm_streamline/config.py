@@ -167,7 +167,8 @@ def validate(cfg: RunConfig) -> None:
     _check(r.activation in ("silu", "gelu", "relu", "gelu_new"), f"replacement.activation={r.activation!r}")
     _check(t.loss in LOSSES, f"train.loss={t.loss!r}: expected one of {LOSSES}")
     _check(t.first_token in ("include", "exclude"), f"train.first_token={t.first_token!r}: include | exclude")
-    _check(t.lr > 0 and t.min_lr >= 0 and t.min_lr <= t.lr, f"train.lr={t.lr}, train.min_lr={t.min_lr}: need 0 <= min_lr <= lr")
+    _check(t.lr > 0 and 0 <= t.min_lr <= t.lr,
+           f"train.lr={t.lr}, train.min_lr={t.min_lr}: need 0 <= min_lr <= lr")
     _check(t.epochs >= 1 and t.batch_size >= 1, "train.epochs and train.batch_size must be >= 1")
     _check(cfg.method.name in METHODS, f"method={cfg.method.name!r}: expected one of {METHODS}")
     _check(e.limit is None or e.limit >= 1, f"eval.limit={e.limit}: null or >= 1")

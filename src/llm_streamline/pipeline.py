@@ -148,7 +148,8 @@ def run(cfg: RunConfig, out_dir: Path) -> dict:
             log.info("removing layers [%d, %d) of %d; mean cos(x^%d, x^%d) = %.4f", start, start + n, L,
                      start, start + n, profile.mean_cos[n][start])
             plot_path = out_dir / "similarity_profile.png"
-            plot_profile(profile, plot_path, chosen=(start, n), title=f"{cfg.model.name}: calibration {profile.tokens} tokens")
+            plot_profile(profile, plot_path, chosen=(start, n),
+                         title=f"{cfg.model.name}: calibration {profile.tokens} tokens")
             tracker.image("similarity_profile", plot_path)
 
         # 3. dense reference (cached per model and suite) ------------------------------------------------
@@ -166,7 +167,8 @@ def run(cfg: RunConfig, out_dir: Path) -> dict:
         if cfg.eval.perplexity:
             with timings.stage("perplexity_dense"):
                 ppl_key = store.stage_key("ppl_dense", model=model_id, data=val_key)
-                ppl_dense, _ = store.cached_json(ppl_key, lambda: perplexity(model, blocks.val, cfg.train.batch_size), log.info)
+                ppl_dense, _ = store.cached_json(
+                    ppl_key, lambda: perplexity(model, blocks.val, cfg.train.batch_size), log.info)
 
         # 4. layer replacement: build and train ---------------------------------------------------------
         probe = run_layers(model, blocks.calib[:1], outputs_at=(start,), stack=stack)

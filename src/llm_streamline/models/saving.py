@@ -68,7 +68,8 @@ def save_pruned(model: PreTrainedModel, tokenizer, dest: Path, replacement: Repl
             cfg = model.config.to_dict()
             payload = {"model_config": cfg, "slot_start": slot_start,
                        "replacement": {k: getattr(replacement, k) for k in replacement.__dataclass_fields__},
-                       "returns_tuple": bool(getattr(find_decoder_stack(model).layers[slot_start], "returns_tuple", False)),
+                       "returns_tuple": bool(getattr(find_decoder_stack(model).layers[slot_start],
+                                                     "returns_tuple", False)),
                        "record": record}
             (tmp / STREAMLINE_CONFIG).write_text(json.dumps(payload, indent=2, default=str))
             fmt = "streamline"
@@ -108,7 +109,8 @@ def load_pruned(path, dtype: torch.dtype = torch.float32, device: str = "cpu") -
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     missing = [k for k in missing if k not in tied and not any(k.endswith(t) for t in tied)]
     if missing or unexpected:
-        raise ValueError(f"{path}: weights do not match the saved config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise ValueError(f"{path}: weights do not match the saved config "
+                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     return model.to(device).eval()
