@@ -170,3 +170,18 @@ def test_main_job_on_real_smollm2_with_small_limits(tmp_path):
 
     again = load_pruned(res["checkpoint"])
     assert sum(p.numel() for p in again.parameters()) == res["params"]["pruned"]
+
+
+def test_same_seed_gives_bit_identical_runs_without_any_cache(tmp_path, monkeypatch):
+    """Two runs that share no stage: same block, same trained weights, same metrics, bit for bit."""
+    from safetensors.torch import load_file
+
+    cfg = compose_run("experiment=smoke", "replacement=ffn")
+    outs = []
+    for name in ("a", "b"):
+        monkeypatch.setenv("LLM_STREAMLINE_STAGES", str(tmp_path / f"stages-{name}"))
+        outs.append(pipeline.run(cfg, tmp_path / name))
+    for key in ("layers", "params", "eval", "stability", "perplexity", "train"):
+        assert outs[0][key] == outs[1][key], key
+    wa, wb = (load_file(str(tmp_path / n / "model" / "model.safetensors")) for n in ("a", "b"))
+    assert all((wa[k] == wb[k]).all() for k in wa)

@@ -21,7 +21,7 @@ import platform
 import resource
 import time
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -118,7 +118,10 @@ def run(cfg: RunConfig, out_dir: Path) -> dict:
     # the earlier splits stays valid when only the later sizes change
     calib_key = {k: v for k, v in data_key.items() if k != "train_samples"}
     val_key = {k: v for k, v in calib_key.items() if k != "calib_samples"}
-    tracker = Tracker(cfg.wandb, out_dir, config=asdict(cfg), job_type="pipeline",
+    accelerator = _accelerator(cfg)
+    is_main = accelerator is None or accelerator.is_main_process
+    wandb_cfg = cfg.wandb if is_main else replace(cfg.wandb, mode="disabled")
+    tracker = Tracker(wandb_cfg, out_dir, config=asdict(cfg), job_type="pipeline",
                       name=f"{cfg.model.name}-{cfg.replacement.type}-n{cfg.sparsity.layers or cfg.sparsity.target}")
     try:
         # 1. model and data -------------------------------------------------------------------------------
@@ -155,16 +158,18 @@ def run(cfg: RunConfig, out_dir: Path) -> dict:
         # 3. dense reference (cached per model and suite) ------------------------------------------------
         eval_key = {"tasks": list(cfg.eval.tasks), "limit": cfg.eval.limit, "offline": cfg.eval.offline,
                 "scorer": cfg.eval.scorer}
-        with timings.stage("eval_dense"):
-            dense_key = store.stage_key("eval_dense", model=model_id, eval=eval_key)
-            dense, dense_cached = store.cached_json(
-                dense_key, lambda: _eval_record(run_lm_eval(model, tok, list(cfg.eval.tasks), cfg.eval.limit,
-                                                            cfg.eval.batch_size, offline=cfg.eval.offline,
-                                                            scorer=cfg.eval.scorer)), log.info)
+        dense, dense_cached = None, False
+        if is_main:  # other data-parallel ranks only help to train the replacement
+            with timings.stage("eval_dense"):
+                dense_key = store.stage_key("eval_dense", model=model_id, eval=eval_key)
+                dense, dense_cached = store.cached_json(
+                    dense_key, lambda: _eval_record(run_lm_eval(model, tok, list(cfg.eval.tasks), cfg.eval.limit,
+                                                                cfg.eval.batch_size, offline=cfg.eval.offline,
+                                                                scorer=cfg.eval.scorer)), log.info)
             if dense_cached:
                 log.info("dense evaluation reused (computed once per model and suite)")
         ppl_dense = None
-        if cfg.eval.perplexity:
+        if cfg.eval.perplexity and is_main:
             with timings.stage("perplexity_dense"):
                 ppl_key = store.stage_key("ppl_dense", model=model_id, data=val_key)
                 ppl_dense, _ = store.cached_json(
@@ -175,6 +180,8 @@ def run(cfg: RunConfig, out_dir: Path) -> dict:
         dense_model = model
         pruned = copy.deepcopy(model)
         pstack = find_decoder_stack(pruned)
+        # seeded here, not earlier: a cached or skipped stage before this point must not change the init
+        torch.manual_seed(cfg.seed)
         slot = build_replacement(cfg.replacement, list(pstack.layers[start:start + n]), pstack.config,
                                  probe.output_is_tuple)
         train_log = None
@@ -207,8 +214,18 @@ def run(cfg: RunConfig, out_dir: Path) -> dict:
                 else:
                     with timings.stage("train"):
                         block = remove_block(pruned, start, n, slot)
-                        tl = train_lm(pruned, slot, blocks.train, blocks.val, cfg.train, cfg.seed, on_step=on_step)
+                        tl = train_lm(pruned, slot, blocks.train, blocks.val, cfg.train, cfg.seed, on_step=on_step,
+                                      accelerator=accelerator)
                 train_log = tl.as_dict()
+                if accelerator is not None:
+                    # every rank leaves its weights: the data-parallel test checks they are identical
+                    save_file({f"{j}.{k}": v.detach().contiguous().cpu() for j, m in enumerate(slot)
+                               for k, v in m.state_dict().items()},
+                              str(out_dir / f"rank{accelerator.process_index}_slot.safetensors"))
+                    store.write_json_atomic(out_dir / f"rank{accelerator.process_index}.json",
+                                            {"start": start, "n": n, "train": train_log})
+                    if not is_main:
+                        return {"rank": accelerator.process_index, "layers": {"removed": [start, start + n]}}
                 tmp = store.stage_dir(train_key + ".partial")
                 tmp.mkdir(parents=True, exist_ok=True)
                 save_file({f"{j}.{k}": v.detach().contiguous().cpu() for j, m in enumerate(slot)
@@ -292,6 +309,19 @@ def run(cfg: RunConfig, out_dir: Path) -> dict:
         return results
     finally:
         tracker.finish()
+
+
+def _accelerator(cfg: RunConfig):
+    """An accelerate.Accelerator when launched with several processes (torchrun / accelerate launch)."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    if cfg.train.loss != "lm":
+        raise ValueError("several processes train only with train.loss=lm (MSE teacher pairs run in one process)")
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=cfg.model.device == "cpu")
 
 
 def _eval_table(dense: dict, pruned: dict) -> dict:
