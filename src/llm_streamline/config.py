@@ -91,6 +91,20 @@ class EvalConfig:
 @dataclass
 class MethodConfig:
     name: str = "streamline"               # streamline | shortgpt | gromov | laco | sleb | llm_pruner
+    heal: str = "none"                     # none | lora: LoRA recovery after a baseline's pruning (peft)
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    lora_lr: float = 1e-4
+    lora_epochs: int = 1
+    # LLM-Pruner (width pruning); `width_ratio` null = matched to the layer-pruning size of `sparsity`
+    importance: str = "element1"           # vector | element1 | element2 | mix (first-order Taylor)
+    width_ratio: Optional[float] = None
+    first_layer: int = 4                   # layers pruned: [first_layer, L - last_layers_kept)
+    last_layers_kept: int = 2
+    grad_samples: int = 10                 # calibration samples for the Taylor gradients
+    grad_seq_len: int = 64
+    # LaCo: how many following layers are merged into one at a time
+    laco_merge: int = 2
 
 
 @dataclass
@@ -129,7 +143,7 @@ DATA_NAMES = ("offline", "slimpajama", "wikitext2", "c4")
 IMPORTANCE = ("cosine", "angular", "bi")
 REPLACEMENTS = ("none", "ffn", "swiglu", "layer", "layers")
 LOSSES = ("mse", "lm")
-METHODS = ("streamline",)
+METHODS = ("streamline", "shortgpt", "gromov", "laco", "sleb", "llm_pruner")
 
 
 class ConfigError(ValueError):
@@ -171,6 +185,14 @@ def validate(cfg: RunConfig) -> None:
            f"train.lr={t.lr}, train.min_lr={t.min_lr}: need 0 <= min_lr <= lr")
     _check(t.epochs >= 1 and t.batch_size >= 1, "train.epochs and train.batch_size must be >= 1")
     _check(cfg.method.name in METHODS, f"method={cfg.method.name!r}: expected one of {METHODS}")
+    _check(cfg.method.heal in ("none", "lora"), f"method.heal={cfg.method.heal!r}: none | lora")
+    _check(cfg.method.importance in ("vector", "element1", "element2", "mix"),
+           f"method.importance={cfg.method.importance!r}: vector | element1 | element2 | mix")
+    _check(cfg.method.width_ratio is None or 0 < cfg.method.width_ratio < 1,
+           f"method.width_ratio={cfg.method.width_ratio}: null or in (0, 1)")
+    if cfg.method.name != "streamline":
+        _check(r.type == "none", f"method={cfg.method.name} is a baseline without a replacement network: "
+                                 f"use replacement=none (got {r.type})")
     _check(e.limit is None or e.limit >= 1, f"eval.limit={e.limit}: null or >= 1")
     _check(e.scorer in ("fast", "hflm"), f"eval.scorer={e.scorer!r}: fast | hflm")
     _check(cfg.mode in ("run", "eval"), f"mode={cfg.mode!r}: run | eval")

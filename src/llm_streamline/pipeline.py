@@ -39,7 +39,7 @@ from llm_streamline.importance import SimilarityProfile, choose_block, plot_prof
 from llm_streamline.models.layers import find_decoder_stack, run_layers
 from llm_streamline.models.loading import load_model
 from llm_streamline.models.saving import save_pruned
-from llm_streamline.prune import count_params, remove_block
+from llm_streamline.prune import PrunedBlock, count_params, remove_block
 from llm_streamline.replace import build_replacement, replacement_param_count
 from llm_streamline.tracking import Tracker
 from llm_streamline.train import train_lm, train_mse, write_teacher_shards
@@ -175,76 +175,86 @@ def run(cfg: RunConfig, out_dir: Path) -> dict:
                 ppl_dense, _ = store.cached_json(
                     ppl_key, lambda: perplexity(model, blocks.val, cfg.train.batch_size), log.info)
 
-        # 4. layer replacement: build and train ---------------------------------------------------------
-        probe = run_layers(model, blocks.calib[:1], outputs_at=(start,), stack=stack)
         dense_model = model
-        pruned = copy.deepcopy(model)
-        pstack = find_decoder_stack(pruned)
-        # seeded here, not earlier: a cached or skipped stage before this point must not change the init
-        torch.manual_seed(cfg.seed)
-        slot = build_replacement(cfg.replacement, list(pstack.layers[start:start + n]), pstack.config,
-                                 probe.output_is_tuple)
-        train_log = None
-        block = None  # set once the block is out of `pruned`
-        train_key = store.stage_key("train", model=model_id, data=data_key, start=start, n=n,
-                                    replacement=asdict(cfg.replacement), train=asdict(cfg.train), seed=cfg.seed)
-        if slot:
-            ckpt = store.stage_dir(train_key)
-            if (ckpt / "slot.safetensors").exists():
-                state = load_file(str(ckpt / "slot.safetensors"))
-                for j, m in enumerate(slot):
-                    m.load_state_dict({k.split(".", 1)[1]: v for k, v in state.items() if k.startswith(f"{j}.")})
-                train_log = store.read_json(ckpt / "train_log.json")
-                log.info("trained replacement reused from %s", ckpt)
-            else:
-                def on_step(step, metrics):
-                    tracker.log(metrics, step=step)
-                if cfg.train.loss == "mse":
-                    with timings.stage("teacher_pairs"):
-                        tkey = store.stage_key("teacher", model=model_id, data=data_key, start=start, n=n,
-                                               batch=cfg.train.batch_size)
-                        tdir = store.stage_dir(tkey)
-                        train_sh = write_teacher_shards(dense_model, blocks.train, start, n, tdir / "train",
-                                                        cfg.train.batch_size, "teacher pairs (train)")
-                        val_sh = write_teacher_shards(dense_model, blocks.val, start, n, tdir / "val",
-                                                      cfg.train.batch_size, "teacher pairs (val)")
-                    with timings.stage("train"):
-                        tl = train_mse(dense_model, slot, start, blocks.train, train_sh, val_sh, cfg.train, cfg.seed,
-                                       on_step=on_step)
+        if cfg.method.name != "streamline":
+            # a baseline from the same harness: same data, evaluation, records and saving
+            with timings.stage("compress"):
+                pruned, bres, train_key = _apply_baseline(cfg, model, blocks, profile, n, model_id, data_key)
+            slot, train_log, removed_idx = [], bres.train_log, bres.removed_layers
+            start = min(removed_idx) if removed_idx else 0
+            block = PrunedBlock(start, max(removed_idx) + 1 if removed_idx else 0, L, 0)
+        else:
+            # 4. layer replacement: build and train ---------------------------------------------------------
+            probe = run_layers(model, blocks.calib[:1], outputs_at=(start,), stack=stack)
+            pruned = copy.deepcopy(model)
+            pstack = find_decoder_stack(pruned)
+            # seeded here, not earlier: a cached or skipped stage before this point must not change the init
+            torch.manual_seed(cfg.seed)
+            slot = build_replacement(cfg.replacement, list(pstack.layers[start:start + n]), pstack.config,
+                                     probe.output_is_tuple)
+            train_log = None
+            block = None  # set once the block is out of `pruned`
+            train_key = store.stage_key("train", model=model_id, data=data_key, start=start, n=n,
+                                        replacement=asdict(cfg.replacement), train=asdict(cfg.train), seed=cfg.seed)
+            if slot:
+                ckpt = store.stage_dir(train_key)
+                if (ckpt / "slot.safetensors").exists():
+                    state = load_file(str(ckpt / "slot.safetensors"))
+                    for j, m in enumerate(slot):
+                        m.load_state_dict({k.split(".", 1)[1]: v for k, v in state.items() if k.startswith(f"{j}.")})
+                    train_log = store.read_json(ckpt / "train_log.json")
+                    log.info("trained replacement reused from %s", ckpt)
                 else:
-                    with timings.stage("train"):
-                        block = remove_block(pruned, start, n, slot)
-                        tl = train_lm(pruned, slot, blocks.train, blocks.val, cfg.train, cfg.seed, on_step=on_step,
-                                      accelerator=accelerator)
-                train_log = tl.as_dict()
-                if accelerator is not None:
-                    # every rank leaves its weights: the data-parallel test checks they are identical
+                    def on_step(step, metrics):
+                        tracker.log(metrics, step=step)
+                    if cfg.train.loss == "mse":
+                        with timings.stage("teacher_pairs"):
+                            tkey = store.stage_key("teacher", model=model_id, data=data_key, start=start, n=n,
+                                                   batch=cfg.train.batch_size)
+                            tdir = store.stage_dir(tkey)
+                            train_sh = write_teacher_shards(dense_model, blocks.train, start, n, tdir / "train",
+                                                            cfg.train.batch_size, "teacher pairs (train)")
+                            val_sh = write_teacher_shards(dense_model, blocks.val, start, n, tdir / "val",
+                                                          cfg.train.batch_size, "teacher pairs (val)")
+                        with timings.stage("train"):
+                            tl = train_mse(dense_model, slot, start, blocks.train, train_sh, val_sh, cfg.train,
+                                           cfg.seed, on_step=on_step)
+                    else:
+                        with timings.stage("train"):
+                            block = remove_block(pruned, start, n, slot)
+                            tl = train_lm(pruned, slot, blocks.train, blocks.val, cfg.train, cfg.seed, on_step=on_step,
+                                          accelerator=accelerator)
+                    train_log = tl.as_dict()
+                    if accelerator is not None:
+                        # every rank leaves its weights: the data-parallel test checks they are identical
+                        save_file({f"{j}.{k}": v.detach().contiguous().cpu() for j, m in enumerate(slot)
+                                   for k, v in m.state_dict().items()},
+                                  str(out_dir / f"rank{accelerator.process_index}_slot.safetensors"))
+                        store.write_json_atomic(out_dir / f"rank{accelerator.process_index}.json",
+                                                {"start": start, "n": n, "train": train_log})
+                        if not is_main:
+                            return {"rank": accelerator.process_index, "layers": {"removed": [start, start + n]}}
+                    tmp = store.stage_dir(train_key + ".partial")
+                    tmp.mkdir(parents=True, exist_ok=True)
                     save_file({f"{j}.{k}": v.detach().contiguous().cpu() for j, m in enumerate(slot)
-                               for k, v in m.state_dict().items()},
-                              str(out_dir / f"rank{accelerator.process_index}_slot.safetensors"))
-                    store.write_json_atomic(out_dir / f"rank{accelerator.process_index}.json",
-                                            {"start": start, "n": n, "train": train_log})
-                    if not is_main:
-                        return {"rank": accelerator.process_index, "layers": {"removed": [start, start + n]}}
-                tmp = store.stage_dir(train_key + ".partial")
-                tmp.mkdir(parents=True, exist_ok=True)
-                save_file({f"{j}.{k}": v.detach().contiguous().cpu() for j, m in enumerate(slot)
-                           for k, v in m.state_dict().items()}, str(tmp / "slot.safetensors"))
-                store.write_json_atomic(tmp / "train_log.json", train_log)
-                if ckpt.exists():
-                    import shutil
-                    shutil.rmtree(ckpt)
-                tmp.rename(ckpt)
-            log.info("replacement %s: val loss %.5g -> %.5g (best at step %s)", cfg.replacement.type,
-                     train_log["initial_val_loss"], train_log["best_val_loss"], train_log["best_step"])
+                               for k, v in m.state_dict().items()}, str(tmp / "slot.safetensors"))
+                    store.write_json_atomic(tmp / "train_log.json", train_log)
+                    if ckpt.exists():
+                        import shutil
+                        shutil.rmtree(ckpt)
+                    tmp.rename(ckpt)
+                log.info("replacement %s: val loss %.5g -> %.5g (best at step %s)", cfg.replacement.type,
+                         train_log["initial_val_loss"], train_log["best_val_loss"], train_log["best_step"])
 
-        # 5. prune --------------------------------------------------------------------------------------
-        if block is None:
-            block = remove_block(pruned, start, n, slot)
+            # 5. prune --------------------------------------------------------------------------------------
+            if block is None:
+                block = remove_block(pruned, start, n, slot)
+            removed_idx = list(range(start, start + n))
+        contiguous = removed_idx == list(range(start, start + len(removed_idx)))
         pruned.eval()
         pruned_params = count_params(pruned)
         slot_params = sum(count_params(m) for m in slot)
-        removed_params = sum(count_params(layer) for layer in stack.layers[start:start + n])
+        removed_params = sum(count_params(stack.layers[i]) for i in removed_idx)
         layers_total = sum(count_params(layer) for layer in stack.layers)
 
         # 6. evaluate the pruned model ----------------------------------------------------------------------
@@ -271,7 +281,12 @@ def run(cfg: RunConfig, out_dir: Path) -> dict:
         if cfg.save:
             with timings.stage("save"):
                 checkpoint = str(out_dir / "model")
-                fmt = save_pruned(pruned, tok, Path(checkpoint), cfg.replacement, start, record)
+                if cfg.method.name != "streamline" and not bres.stock_loadable:
+                    from llm_streamline.baselines import save_baseline
+
+                    fmt = save_baseline(cfg.method.name, pruned, tok, Path(checkpoint), {**record, **bres.record})
+                else:
+                    fmt = save_pruned(pruned, tok, Path(checkpoint), cfg.replacement, start, record)
                 log.info("saved the pruned model (%s format) to %s", fmt, checkpoint)
         save_samples_jsonl(dense["samples"], out_dir / "samples_dense.jsonl")
         save_samples_jsonl(pres["samples"], out_dir / "samples_pruned.jsonl")
@@ -282,9 +297,14 @@ def run(cfg: RunConfig, out_dir: Path) -> dict:
             "method": cfg.method.name,
             "replacement": {"type": cfg.replacement.type, **asdict(cfg.replacement),
                             "params": slot_params},
-            "layers": {"removed": [start, start + n], "n_removed": n, "n_original": L,
-                       "n_after": block.as_dict()["kept"], "replacement_slots": len(slot),
-                       "similarity": profile.mean_cos[n][start], "importance": cfg.sparsity.importance},
+            "layers": {"removed": [start, start + len(removed_idx)] if contiguous else [start, block.end],
+                       "removed_indices": removed_idx, "contiguous": contiguous,
+                       "n_removed": len(removed_idx), "n_original": L,
+                       "n_after": find_decoder_stack(pruned).num_layers, "replacement_slots": len(slot),
+                       "similarity": profile.mean_cos[len(removed_idx)][start]
+                       if contiguous and removed_idx else None,
+                       "importance": cfg.sparsity.importance},
+            "baseline": bres.record if cfg.method.name != "streamline" else None,
             "params": {"dense": dense_params, "pruned": pruned_params,
                        "sparsity": 1 - pruned_params / dense_params,
                        "sparsity_layers_basis": (removed_params - slot_params) / layers_total,
@@ -309,6 +329,19 @@ def run(cfg: RunConfig, out_dir: Path) -> dict:
         return results
     finally:
         tracker.finish()
+
+
+def _apply_baseline(cfg: RunConfig, model, blocks, profile, n: int, model_id: dict, data_key: dict):
+    """A baseline method on a copy of the dense model (see `baselines`)."""
+    from llm_streamline.baselines import apply_method
+
+    pruned = copy.deepcopy(model)
+    torch.manual_seed(cfg.seed)
+    bres = apply_method(cfg, pruned, blocks.calib, blocks.train, blocks.val, profile, n)
+    key = store.stage_key("baseline", model=model_id, data=data_key, method=asdict(cfg.method),
+                          sparsity=asdict(cfg.sparsity), n=n, seed=cfg.seed)
+    log.info("%s: removed layers %s %s", cfg.method.name, bres.removed_layers, bres.record)
+    return bres.model.eval(), bres, key
 
 
 def _accelerator(cfg: RunConfig):

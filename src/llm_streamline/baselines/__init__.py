@@ -1,0 +1,63 @@
+"""Baselines in the same harness: each takes the dense model, the calibration data, the similarity profile
+and the size to remove, and returns the compressed model; the pipeline then evaluates, records and saves it
+exactly like an LLM-Streamline model. Components, not orchestrators: no files, no W&B, no Hydra here.
+
+  shortgpt    remove the n layers with the lowest Block Influence (not necessarily contiguous)
+  gromov      remove the contiguous block with the smallest angular distance (then optional LoRA healing)
+  laco        layer collapse: merge following layers' parameter differences into one layer
+  sleb        greedy removal of one layer at a time by the smallest increase in calibration perplexity
+  llm_pruner  width pruning of coupled heads / MLP channels by first-order Taylor importance
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel
+
+from llm_streamline.config import RunConfig
+from llm_streamline.importance import SimilarityProfile
+
+
+@dataclass
+class BaselineResult:
+    model: PreTrainedModel               # the compressed model (the input may have been modified in place)
+    removed_layers: list[int]            # original indices of removed layers ([] for width pruning)
+    record: dict[str, Any] = field(default_factory=dict)   # method-specific facts for results.json
+    train_log: dict | None = None        # LoRA healing, if any
+    stock_loadable: bool = True          # False: save with the project's format (per-layer sizes)
+
+
+def apply_method(cfg: RunConfig, model: PreTrainedModel, calib: torch.Tensor, train: torch.Tensor,
+                 val: torch.Tensor, profile: SimilarityProfile, n: int) -> BaselineResult:
+    name = cfg.method.name
+    if name in ("shortgpt", "gromov", "sleb"):
+        from llm_streamline.baselines import layer_removal
+
+        result = layer_removal.apply(name, model, calib, profile, n, cfg)
+    elif name == "laco":
+        from llm_streamline.baselines import laco
+
+        result = laco.apply(model, calib, n, cfg)
+    elif name == "llm_pruner":
+        from llm_streamline.baselines import llm_pruner
+
+        result = llm_pruner.apply(model, calib, n, cfg)
+    else:
+        raise ValueError(f"method={name!r} is not a baseline")
+    if cfg.method.heal == "lora":
+        from llm_streamline.baselines import heal
+
+        result.train_log = heal.lora_heal(result.model, train, val, cfg)
+    return result
+
+
+def save_baseline(name: str, model: PreTrainedModel, tokenizer, dest, record: dict) -> str:
+    """Save a baseline's model that stock transformers cannot hold (e.g. per-layer widths)."""
+    if name == "llm_pruner":
+        from llm_streamline.baselines import llm_pruner
+
+        return llm_pruner.save(model, tokenizer, dest, record)
+    raise ValueError(f"method={name!r} saves as a stock checkpoint")
