@@ -50,7 +50,7 @@ def apply_method(cfg: RunConfig, model: PreTrainedModel, calib: torch.Tensor, tr
     if cfg.method.heal == "lora":
         from llm_streamline.baselines import heal
 
-        result.train_log = heal.lora_heal(result.model, train, val, cfg)
+        result.model, result.train_log = heal.lora_heal(result.model, train, val, cfg)
     return result
 
 
