@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from llm_streamline import __version__, store
+from llm_streamline import __version__, faults, store
 from llm_streamline.config import RunConfig, validate
 from llm_streamline.data import load_blocks
 from llm_streamline.evaluate.harness import run_lm_eval, save_samples_jsonl
@@ -260,6 +260,7 @@ def run(cfg: RunConfig, out_dir: Path) -> dict:
         # 6. evaluate the pruned model ----------------------------------------------------------------------
         with timings.stage("eval_pruned"):
             pkey = store.stage_key("eval_pruned", train=train_key, eval=eval_key)
+            faults.checkpoint("eval_pruned")
             pres, _ = store.cached_json(pkey, lambda: _eval_record(run_lm_eval(
                 pruned, tok, list(cfg.eval.tasks), cfg.eval.limit, cfg.eval.batch_size, offline=cfg.eval.offline,
                 scorer=cfg.eval.scorer)), log.info)

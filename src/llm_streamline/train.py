@@ -28,6 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, get_cosine_with_min_lr_schedule_with_warmup
 
+from llm_streamline import faults
 from llm_streamline.config import TrainConfig
 from llm_streamline.models.layers import find_decoder_stack, run_layers
 
@@ -194,6 +195,7 @@ def train_mse(model: PreTrainedModel, slot: list[nn.Module], start: int, blocks:
             step += 1
             log.tokens += x.shape[0] * x.shape[1]
             log.train_loss.append((step, loss.item()))
+            faults.checkpoint(f"train:step:{step}")
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4g}")
             if on_step:
