@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import platform
 import resource
+import statistics
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, replace
@@ -376,13 +378,21 @@ def _eval_table(dense: dict, pruned: dict) -> dict:
 
 def _speed(dense, pruned, cfg: RunConfig) -> dict:
     seq = cfg.eval.speed_tokens
-    d = measure_throughput(dense, batch_size=1, prompt_len=seq, decode_tokens=32, repeats=3)
-    p = measure_throughput(pruned, batch_size=1, prompt_len=seq, decode_tokens=32, repeats=3)
+    # interleaved dense / pruned rounds, medians per model: a load change on a shared machine hits both
+    rounds = [(measure_throughput(dense, batch_size=1, prompt_len=seq, decode_tokens=32, repeats=1),
+               measure_throughput(pruned, batch_size=1, prompt_len=seq, decode_tokens=32, repeats=1))
+              for _ in range(5)]
+
+    def median_of(which: int) -> dict:
+        keys = ("prefill_tokens_per_s", "decode_tokens_per_s")
+        return {k: statistics.median(r[which][k] for r in rounds) for k in keys}
+
+    d, p = median_of(0), median_of(1)
     fd, fp = flops_per_token(dense, seq), flops_per_token(pruned, seq)
     return {"dense": {**d, "flops_per_token": fd}, "pruned": {**p, "flops_per_token": fp},
             "prefill_speedup": p["prefill_tokens_per_s"] / d["prefill_tokens_per_s"],
             "decode_speedup": p["decode_tokens_per_s"] / d["decode_tokens_per_s"],
-            "flops_ratio": fd / fp}
+            "flops_ratio": fd / fp, "threads": torch.get_num_threads(), "load_average": os.getloadavg()[0]}
 
 
 def _log_summary(tracker: Tracker, results: dict) -> None:
