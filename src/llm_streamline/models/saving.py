@@ -84,6 +84,10 @@ def save_pruned(model: PreTrainedModel, tokenizer, dest: Path, replacement: Repl
 def load_pruned(path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> PreTrainedModel:
     """Load any model this project saved (stock checkpoints too)."""
     path = Path(path)
+    if (path / "llm_pruner_config.json").exists():  # LLM-Pruner baseline: per-layer widths
+        from llm_streamline.baselines.llm_pruner import load
+
+        return load(path, dtype=dtype, device=device)
     if (path / "config.json").exists():
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True).to(device).eval()
     meta_file = path / STREAMLINE_CONFIG

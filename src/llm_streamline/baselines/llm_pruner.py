@@ -1,0 +1,407 @@
+"""LLM-Pruner (Ma et al., NeurIPS 2023): width pruning of coupled structures by first-order Taylor importance.
+
+Why not torch-pruning: torch-pruning 1.6.1 (LLM-Pruner's engine) does not work with transformers 5.23. Its
+tracer fails on the model output ("'tuple' object has no attribute 'grad_fn'"), and with
+`output_transform=lambda o: o.logits` building the dependency graph of a 4-layer, 64-wide Llama did not
+finish in 10 minutes. The coupling LLM-Pruner needs inside one decoder layer is small and known, so we
+write it down directly, found from the modules each layer holds (no model names).
+
+What is pruned (coupled structures; the residual width `hidden_size` is never changed)
+  attention  one KV group = the k and v rows of one key/value head, the rows of the q heads that share it
+             (num_attention_heads / num_key_value_heads of them) and the matching input columns of the
+             output projection (and the q/k/v bias entries, if any). Whole KV groups are pruned: under GQA
+             this keeps every layer's q-heads-per-KV-head ratio (`num_key_value_groups`) unchanged, so the
+             family's attention code works as is with fewer heads. Without GQA a group is one head.
+             Layouts: separate q/k/v + o/out projections (Llama, Mistral, Qwen2/3, Gemma2/3, OPT);
+             GPT-NeoX's fused query_key_value (per head [q, k, v]) + dense.
+  MLP        one channel = a row of gate_proj and of up_proj and a column of down_proj (Llama-like);
+             OPT fc1 row + fc2 column; GPT-NeoX dense_h_to_4h row + dense_4h_to_h column; Phi-3's fused
+             gate_up_proj (row c and row I + c) + down_proj column c.
+  Phi-3's attention slices its fused qkv with `config.num_attention_heads` (one config shared by all
+  layers), so per-layer head counts cannot work there: such a layer raises an error, as does any layer
+  whose attention or MLP is not one of the layouts above.
+
+Importance (first-order Taylor, LLM-Pruner's §3.2). Gradients g of the LM loss (mean next-token cross
+entropy) on `grad_samples` calibration sequences of `grad_seq_len` tokens (the first ones of `calib`,
+truncated), one backward per sequence; g = mean of the per-sequence gradients (equal to the gradient of
+the batch loss, as LLM-Pruner computes it) and F = mean of the squared per-sequence gradients (the
+empirical Fisher, LLM-Pruner's `acc_grad`, standing in for the Hessian diagonal). For one structure S
+(all its weight and bias entries, over all coupled matrices):
+  element1  sum_{w in S} |w g|                       (LLM-Pruner's code default, `param_first`)
+  element2  sum_{w in S} |w g - 1/2 w^2 F|           (second-order term with the Fisher diagonal, `param_mix`)
+  vector    |sum_{w in S} w g|                        (first-order estimate of the loss change of removing S)
+  mix       element1 / sum_S' element1 + vector / sum_S' vector, the sums over the structures of the same
+            kind in the same layer (each normalised to sum 1, then added)
+Structures are ranked within a layer and kind; the lowest are removed (ties: the lower index is kept).
+
+How much: one ratio r for every pruned layer (layers first_layer .. L - last_layers_kept - 1; the first
+and last ones are kept, as in LLM-Pruner): each layer loses round(r * G) of its G KV groups and
+round(r * I) of its I channels (at least one of each is kept). r = method.width_ratio, or (null) the r
+whose removed parameter count is closest to that of `n` whole decoder layers (the LLM-Streamline n-of-L
+size). The record gives the achieved counts and per-layer sizes.
+
+After pruning every Linear has its new in/out features, the attention modules' head counts
+(`num_heads`, `num_key_value_heads`, ... when they hold them) and MLP `intermediate_size` are updated;
+`head_dim` and the config are unchanged (the config keeps the dense sizes; the per-layer sizes live in
+the modules and in the saved `llm_pruner_config.json`). The KV cache is created per layer from the
+tensors it is given, so generation with a cache works with per-layer head counts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from llm_streamline.models.layers import find_decoder_stack
+
+log = logging.getLogger(__name__)
+
+LLM_PRUNER_CONFIG = "llm_pruner_config.json"
+IMPORTANCE = ("element1", "element2", "vector", "mix")
+
+
+class UnsupportedLayerError(ValueError):
+    pass
+
+
+# ------------------------------------------------------------------------------------------- structures
+@dataclass
+class Member:
+    """One matrix of a coupled structure: unit u owns, along `axis`, indices off + u*size + [0, size)."""
+    linear: nn.Linear
+    axis: int              # 0: output rows (and bias entries); 1: input columns
+    size: int
+    offsets: tuple[int, ...] = (0,)
+
+    def indices(self, units: torch.Tensor) -> torch.Tensor:
+        """Weight indices (along `axis`) of `units`, in unit order: shape [len(units), len(offsets)*size]."""
+        base = torch.arange(self.size)
+        per_off = [off + units[:, None] * self.size + base[None, :] for off in self.offsets]
+        return torch.cat(per_off, dim=1)
+
+    def flat_indices(self, units: torch.Tensor) -> torch.Tensor:
+        """The same indices in the matrix's own order (offset-major: e.g. all kept gate rows, then up rows)."""
+        return torch.cat([off + units[:, None] * self.size + torch.arange(self.size)[None, :]
+                          for off in self.offsets]).reshape(-1)
+
+
+@dataclass
+class Structure:
+    kind: str                  # "attn" (KV groups) | "mlp" (channels)
+    layer: int
+    module: nn.Module          # the attention or MLP module whose size attributes follow the pruning
+    n_units: int
+    members: list[Member] = field(default_factory=list)
+    heads_per_unit: int = 1    # attn: q heads per KV group
+    kv_per_unit: int = 1
+
+    @property
+    def unit_params(self) -> int:
+        total = 0
+        for m in self.members:
+            lin = m.linear
+            other = lin.in_features if m.axis == 0 else lin.out_features
+            k = m.size * len(m.offsets)
+            total += k * other + (k if m.axis == 0 and lin.bias is not None else 0)
+        return total
+
+
+def _linear(module, name):
+    lin = getattr(module, name, None)
+    return lin if isinstance(lin, nn.Linear) else None
+
+
+def _attention_structure(layer: nn.Module, idx: int, cfg) -> Structure:
+    for _, mod in layer.named_modules():
+        q, k, v = _linear(mod, "q_proj"), _linear(mod, "k_proj"), _linear(mod, "v_proj")
+        o = _linear(mod, "o_proj") or _linear(mod, "out_proj")
+        if q and k and v and o:
+            hd = getattr(mod, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+            n_q, n_kv = q.out_features // hd, k.out_features // hd
+            if (q.out_features % hd or k.out_features % hd or v.out_features != k.out_features
+                    or o.in_features != q.out_features or n_q % n_kv):
+                raise UnsupportedLayerError(f"layer {idx} ({type(mod).__name__}): q/k/v/o sizes {q.out_features}, "
+                                            f"{k.out_features}, {v.out_features}, {o.in_features} do not split "
+                                            f"into heads of {hd}")
+            rep = n_q // n_kv
+            return Structure("attn", idx, mod, n_kv, [Member(q, 0, rep * hd), Member(k, 0, hd), Member(v, 0, hd),
+                                                      Member(o, 1, rep * hd)], heads_per_unit=rep, kv_per_unit=1)
+        qkv, dense = _linear(mod, "query_key_value"), _linear(mod, "dense")
+        if qkv and dense:  # GPT-NeoX: per head [q, k, v] rows, no GQA
+            hd = getattr(mod, "head_size", None) or cfg.hidden_size // cfg.num_attention_heads
+            if qkv.out_features != 3 * dense.in_features or dense.in_features % hd:
+                raise UnsupportedLayerError(f"layer {idx} ({type(mod).__name__}): fused qkv of unexpected size")
+            return Structure("attn", idx, mod, dense.in_features // hd, [Member(qkv, 0, 3 * hd), Member(dense, 1, hd)])
+        if _linear(mod, "qkv_proj") is not None:
+            raise UnsupportedLayerError(
+                f"layer {idx} ({type(mod).__name__}): its forward slices the fused qkv_proj with the shared "
+                "config.num_attention_heads, so per-layer head pruning cannot work; llm_pruner cannot prune it")
+    raise UnsupportedLayerError(f"layer {idx} ({type(layer).__name__}): no attention layout llm_pruner knows "
+                                "(q/k/v/o projections or GPT-NeoX query_key_value)")
+
+
+def _mlp_structure(layer: nn.Module, idx: int) -> Structure:
+    for _, mod in layer.named_modules():
+        gate, up, down = _linear(mod, "gate_proj"), _linear(mod, "up_proj"), _linear(mod, "down_proj")
+        if gate and up and down:
+            return Structure("mlp", idx, mod, down.in_features, [Member(gate, 0, 1), Member(up, 0, 1),
+                                                                 Member(down, 1, 1)])
+        gate_up = _linear(mod, "gate_up_proj")
+        if gate_up and down and gate_up.out_features == 2 * down.in_features:
+            i = down.in_features
+            return Structure("mlp", idx, mod, i, [Member(gate_up, 0, 1, (0, i)), Member(down, 1, 1)])
+        for a, b in (("fc1", "fc2"), ("dense_h_to_4h", "dense_4h_to_h")):
+            fa, fb = _linear(mod, a), _linear(mod, b)
+            if fa and fb and fa.out_features == fb.in_features:
+                return Structure("mlp", idx, mod, fb.in_features, [Member(fa, 0, 1), Member(fb, 1, 1)])
+    raise UnsupportedLayerError(f"layer {idx} ({type(layer).__name__}): no MLP layout llm_pruner knows "
+                                "(gate/up/down, gate_up/down, fc1/fc2, dense_h_to_4h/dense_4h_to_h)")
+
+
+def find_structures(model: PreTrainedModel, layers: list[int]) -> list[Structure]:
+    stack = find_decoder_stack(model)
+    out = []
+    for i in layers:
+        out.append(_attention_structure(stack.layers[i], i, stack.config))
+        out.append(_mlp_structure(stack.layers[i], i))
+    return out
+
+
+# ------------------------------------------------------------------------------------------- importance
+def taylor_gradients(model: PreTrainedModel, tokens: torch.Tensor, params: list[nn.Parameter]):
+    """(g, F) per parameter: mean per-sequence gradient of the LM loss, mean squared per-sequence gradient."""
+    was_training = model.training
+    model.eval()
+    saved = {p: p.requires_grad for p in model.parameters()}
+    wanted = {id(p) for p in params}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in wanted)
+    g = {id(p): torch.zeros_like(p, dtype=torch.float32) for p in params}
+    fisher = {id(p): torch.zeros_like(p, dtype=torch.float32) for p in params}
+    n = tokens.shape[0]
+    try:
+        for j in range(n):
+            ids = tokens[j:j + 1].to(next(model.parameters()).device)
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            grads = torch.autograd.grad(loss, params)
+            for p, gr in zip(params, grads):
+                gr = gr.float()
+                g[id(p)] += gr / n
+                fisher[id(p)] += gr * gr / n
+    finally:
+        for p, r in saved.items():
+            p.requires_grad_(r)
+        model.train(was_training)
+    return g, fisher
+
+
+def _unit_terms(struct: Structure, g: dict, fisher: dict) -> dict[str, torch.Tensor]:
+    """Per-unit sums of |wg|, wg and |wg - 1/2 w^2 F| over every weight/bias entry of the structure."""
+    units = torch.arange(struct.n_units)
+    abs1 = torch.zeros(struct.n_units, dtype=torch.float64)
+    signed = torch.zeros(struct.n_units, dtype=torch.float64)
+    abs2 = torch.zeros(struct.n_units, dtype=torch.float64)
+    for m in struct.members:
+        idx = m.indices(units)                        # [units, k]
+        tensors = [m.linear.weight]
+        if m.axis == 0 and m.linear.bias is not None:
+            tensors.append(m.linear.bias)
+        for t in tensors:
+            w = t.detach().float()
+            gg, ff = g[id(t)], fisher[id(t)]
+            if m.axis == 1:
+                w, gg, ff = w.t(), gg.t(), ff.t()
+            w, gg, ff = w[idx], gg[idx], ff[idx]      # [units, k, ...]
+            wg = w * gg
+            dims = tuple(range(1, wg.dim()))
+            abs1 += wg.abs().sum(dims).double()
+            signed += wg.sum(dims).double()
+            abs2 += (wg - 0.5 * w * w * ff).abs().sum(dims).double()
+    return {"element1": abs1, "vector": signed.abs(), "element2": abs2}
+
+
+def structure_scores(struct: Structure, g: dict, fisher: dict, importance: str) -> torch.Tensor:
+    if importance not in IMPORTANCE:
+        raise ValueError(f"method.importance={importance!r}: expected one of {IMPORTANCE}")
+    terms = _unit_terms(struct, g, fisher)
+    if importance != "mix":
+        return terms[importance]
+    e1, vec = terms["element1"], terms["vector"]
+    return e1 / e1.sum().clamp_min(1e-30) + vec / vec.sum().clamp_min(1e-30)
+
+
+# ------------------------------------------------------------------------------------------- surgery
+def _set_size_attrs(struct: Structure, kept: int) -> None:
+    mod = struct.module
+    if struct.kind == "attn":
+        for name, value in (("num_heads", kept * struct.heads_per_unit),
+                            ("num_attention_heads", kept * struct.heads_per_unit),
+                            ("num_key_value_heads", kept * struct.kv_per_unit),
+                            ("num_kv_heads", kept * struct.kv_per_unit)):
+            if isinstance(getattr(mod, name, None), int):
+                setattr(mod, name, value)
+    else:
+        for name in ("intermediate_size", "ffn_dim"):
+            if isinstance(getattr(mod, name, None), int):
+                setattr(mod, name, kept)
+
+
+def prune_structure(struct: Structure, keep: torch.Tensor) -> None:
+    """Keep units `keep` (sorted, original order) of `struct`, in place."""
+    keep = torch.as_tensor(sorted(int(u) for u in keep), dtype=torch.long)
+    for m in struct.members:
+        lin = m.linear
+        idx = m.flat_indices(keep).to(lin.weight.device)
+        w = lin.weight.detach().index_select(m.axis, idx).clone()
+        lin.weight = nn.Parameter(w, requires_grad=lin.weight.requires_grad)
+        if m.axis == 0:
+            lin.out_features = w.shape[0]
+            if lin.bias is not None:
+                lin.bias = nn.Parameter(lin.bias.detach().index_select(0, idx).clone(),
+                                        requires_grad=lin.bias.requires_grad)
+        else:
+            lin.in_features = w.shape[1]
+    struct.n_units = len(keep)
+    _set_size_attrs(struct, len(keep))
+
+
+def _n_removed(n_units: int, ratio: float) -> int:
+    return min(n_units - 1, int(math.floor(ratio * n_units + 0.5)))
+
+
+def choose_ratio(structs: list[Structure], target: int) -> float:
+    """The ratio whose removed parameter count is closest to `target` (ties: the smaller ratio)."""
+    best, best_err = 0.0, float("inf")
+    for k in range(0, 10001):
+        r = k / 10000
+        removed = sum(_n_removed(s.n_units, r) * s.unit_params for s in structs)
+        err = abs(removed - target)
+        if err < best_err:
+            best, best_err = r, err
+    return best
+
+
+# ------------------------------------------------------------------------------------------- entry points
+def apply(model: PreTrainedModel, calib: torch.Tensor, n: int, cfg):
+    from llm_streamline.baselines import BaselineResult
+    from llm_streamline.prune import count_params
+
+    mc = cfg.method
+    stack = find_decoder_stack(model)
+    L = stack.num_layers
+    layers = list(range(mc.first_layer, L - mc.last_layers_kept))
+    if not layers:
+        raise ValueError(f"method.first_layer={mc.first_layer}, method.last_layers_kept={mc.last_layers_kept}: "
+                         f"no layer of {L} left to prune")
+    structs = find_structures(model, layers)
+    dense_params = count_params(model)
+    target = n * count_params(stack.layers[0])
+    ratio = mc.width_ratio if mc.width_ratio is not None else choose_ratio(structs, target)
+
+    tokens = calib[:mc.grad_samples, :mc.grad_seq_len]
+    params = []
+    for s in structs:
+        for m in s.members:
+            params.append(m.linear.weight)
+            if m.axis == 0 and m.linear.bias is not None:
+                params.append(m.linear.bias)
+    g, fisher = taylor_gradients(model, tokens, params) if ratio > 0 else ({}, {})
+
+    per_layer: dict[int, dict] = {}
+    for s in structs:
+        n_rm = _n_removed(s.n_units, ratio)
+        before = s.n_units
+        if n_rm > 0:
+            scores = structure_scores(s, g, fisher, mc.importance)
+            order = sorted(range(s.n_units), key=lambda u: (-float(scores[u]), u))
+            prune_structure(s, torch.tensor(order[:s.n_units - n_rm]))
+        entry = per_layer.setdefault(s.layer, {})
+        if s.kind == "attn":
+            entry.update(kv_groups=s.n_units, kv_groups_dense=before, heads=s.n_units * s.heads_per_unit,
+                         heads_dense=before * s.heads_per_unit)
+        else:
+            entry.update(channels=s.n_units, channels_dense=before)
+    pruned_params = count_params(model)
+    record = {"importance": mc.importance, "ratio": ratio, "width_ratio": mc.width_ratio,
+              "layers_pruned": [layers[0], layers[-1] + 1], "grad_samples": int(tokens.shape[0]),
+              "grad_seq_len": int(tokens.shape[1]), "target_params_removed": target if mc.width_ratio is None else None,
+              "params_removed": dense_params - pruned_params, "params_dense": dense_params,
+              "params_pruned": pruned_params, "layer_sizes": {str(k): v for k, v in per_layer.items()}}
+    log.info("llm_pruner: ratio %.4f on layers [%d, %d): removed %d params (target %s)", ratio, layers[0],
+             layers[-1] + 1, dense_params - pruned_params, target if mc.width_ratio is None else "-")
+    # the config keeps the dense sizes: a stock checkpoint only if nothing was pruned
+    return BaselineResult(model, removed_layers=[], record=record, stock_loadable=pruned_params == dense_params)
+
+
+def _layer_sizes(model: PreTrainedModel) -> dict[str, dict]:
+    stack = find_decoder_stack(model)
+    sizes = {}
+    for s in find_structures(model, list(range(stack.num_layers))):
+        sizes.setdefault(str(s.layer), {})["kv_groups" if s.kind == "attn" else "channels"] = s.n_units
+    return sizes
+
+
+def save(model: PreTrainedModel, tokenizer, dest, record: dict) -> str:
+    """Safetensors weights + `llm_pruner_config.json` (base config, per-layer sizes); atomic. Returns the format."""
+    from safetensors.torch import save_file
+
+    from llm_streamline.models.saving import _atomic_dir, _commit_dir
+
+    dest = Path(dest)
+    tmp = _atomic_dir(dest)
+    try:
+        seen, unique = set(), {}
+        for k, v in model.state_dict().items():
+            key = (v.data_ptr(), tuple(v.shape), v.stride()) if v.numel() else (k,)
+            if key not in seen:   # tied weights appear twice; the model re-ties on load
+                seen.add(key)
+                unique[k] = v.detach().contiguous().cpu()
+        save_file(unique, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        payload = {"model_config": model.config.to_dict(), "layer_sizes": _layer_sizes(model), "record": record}
+        (tmp / LLM_PRUNER_CONFIG).write_text(json.dumps(payload, indent=2, default=str))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / "llm_streamline.json").write_text(json.dumps({"format": "llm_pruner", **record}, indent=2,
+                                                            default=str))
+        _commit_dir(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return "llm_pruner"
+
+
+def load(path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> PreTrainedModel:
+    """Rebuild a saved LLM-Pruner model: the dense model from its config, each layer cut to its sizes."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    meta = json.loads((path / LLM_PRUNER_CONFIG).read_text())
+    cfg_dict = dict(meta["model_config"])
+    config = AutoConfig.for_model(cfg_dict.pop("model_type"), **cfg_dict)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    sizes = {int(k): v for k, v in meta["layer_sizes"].items()}
+    for s in find_structures(model, sorted(sizes)):
+        kept = sizes[s.layer]["kv_groups" if s.kind == "attn" else "channels"]
+        if kept != s.n_units:
+            prune_structure(s, torch.arange(kept))
+    try:
+        state = load_file(str(path / "model.safetensors"))
+    except Exception as e:  # truncated / corrupt file: say so in one line
+        raise ValueError(f"{path / 'model.safetensors'}: cannot read safetensors ({e})") from e
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    missing = [k for k in missing if k not in tied and not any(k.endswith(t) for t in tied)]
+    if missing or unexpected:
+        raise ValueError(f"{path}: weights do not match the saved sizes "
+                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    return model.to(device).eval()

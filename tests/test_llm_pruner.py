@@ -1,0 +1,178 @@
+"""LLM-Pruner baseline (width pruning of coupled KV groups / MLP channels by Taylor importance) on tiny
+random models: size matches the target, ratio 0 is the identity, useless structures go first, the pruned
+model runs and generates with a KV cache, save/load round trip, hand-computed scores, and the pipeline."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+import llm_streamline
+from llm_streamline import pipeline
+from llm_streamline.baselines import llm_pruner
+from llm_streamline.cli import CONF_DIR, to_run_config
+from llm_streamline.config import MethodConfig, RunConfig
+from llm_streamline.models.layers import find_decoder_stack
+from llm_streamline.models.loading import tiny_model
+from llm_streamline.prune import count_params
+
+SPECIAL = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+FAMILIES = ["llama", "qwen2", "opt"]
+
+
+def make(family: str, **overrides):
+    return tiny_model(family, 512, overrides or None, seed=0, special_ids=SPECIAL).eval()  # OPT has dropout
+
+
+def tokens(n: int = 4, length: int = 24, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 512, (n, length), generator=g)
+
+
+def run_cfg(**method) -> RunConfig:
+    kw = dict(name="llm_pruner", first_layer=1, last_layers_kept=1, grad_samples=3, grad_seq_len=16)
+    return RunConfig(method=MethodConfig(**{**kw, **method}))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_parameter_count_matches_n_layers(family):
+    model = make(family)
+    dense = count_params(model)
+    layer = count_params(find_decoder_stack(model).layers[0])
+    structs = llm_pruner.find_structures(model, list(range(1, 7)))
+    step = 6 * max(s.unit_params for s in structs)    # one group / channel more or less in each pruned layer
+    res = llm_pruner.apply(model, tokens(), 2, run_cfg())
+    removed = dense - count_params(model)
+    assert res.record["params_removed"] == removed and res.removed_layers == [] and not res.stock_loadable
+    assert abs(removed - 2 * layer) <= step
+    sizes = res.record["layer_sizes"]
+    assert set(sizes) == {str(i) for i in range(1, 7)}
+    assert all(v["channels"] < v["channels_dense"] for v in sizes.values())
+    # first and last layers untouched
+    stack = find_decoder_stack(model)
+    assert count_params(stack.layers[0]) == layer and count_params(stack.layers[7]) == layer
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_ratio_zero_changes_nothing(family):
+    model, ref = make(family), make(family)
+    x = tokens(2, 12, seed=1)
+    res = llm_pruner.apply(model, tokens(), 2, run_cfg(width_ratio=0.0))
+    assert res.record["params_removed"] == 0 and res.stock_loadable
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, ref(x).logits)
+
+
+def _zero_unit(struct, unit: int) -> None:
+    with torch.no_grad():
+        for m in struct.members:
+            idx = m.flat_indices(torch.tensor([unit]))
+            m.linear.weight.index_fill_(m.axis, idx, 0.0)
+            if m.axis == 0 and m.linear.bias is not None:
+                m.linear.bias.index_fill_(0, idx, 0.0)
+
+
+# every family with element1; every importance variant on llama (the scoring is family-independent)
+@pytest.mark.parametrize("family,importance", [(f, "element1") for f in FAMILIES]
+                         + [("llama", i) for i in ("element2", "vector", "mix")])
+def test_useless_structure_is_pruned_first(family, importance):
+    model = make(family)
+    attn, mlp = llm_pruner.find_structures(model, [3])
+    _zero_unit(attn, attn.n_units - 1 if family != "opt" else 2)
+    _zero_unit(mlp, 5)
+    res = llm_pruner.apply(model, tokens(), 2, run_cfg(width_ratio=0.25, importance=importance))
+    sizes = res.record["layer_sizes"]["3"]
+    assert sizes["kv_groups"] == sizes["kv_groups_dense"] - 1 and sizes["channels"] == 96
+    attn, mlp = llm_pruner.find_structures(model, [3])
+    for s in (attn, mlp):
+        for m in s.members:
+            w = m.linear.weight
+            norms = w.abs().sum(1 - m.axis)            # per kept row (axis 0) or column (axis 1)
+            assert (norms > 0).all(), f"{s.kind}: a zeroed unit survived in {tuple(w.shape)}"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pruned_model_generates_with_cache_and_round_trips(family, tmp_path):
+    model = make(family)
+    llm_pruner.apply(model, tokens(), 2, run_cfg())
+    model.eval()
+    x = tokens(2, 10, seed=2)
+    with torch.no_grad():
+        logits = model(x).logits
+    assert logits.shape == (2, 10, 512) and torch.isfinite(logits).all()
+    prompt = tokens(1, 6, seed=3)
+    cached = model.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=True)
+    assert cached.shape == (1, 14)
+    plain = model.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=False)
+    assert torch.equal(cached, plain)
+    fmt = llm_pruner.save(model, None, tmp_path / "m", {"method": "llm_pruner"})
+    assert fmt == "llm_pruner" and not (tmp_path / "m" / "config.json").exists()
+    loaded = llm_streamline.load_pruned(tmp_path / "m")
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, logits)
+    assert count_params(loaded) == count_params(model)
+
+
+def test_taylor_scores_equal_hand_computed_values():
+    model = make("llama", hidden_size=16, intermediate_size=8, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2)
+    x = tokens(2, 8, seed=4)
+    attn, mlp = llm_pruner.find_structures(model, [1])
+    params = [m.linear.weight for s in (attn, mlp) for m in s.members]
+    g, fisher = llm_pruner.taylor_gradients(model, x, params)
+    # by hand: per-sequence gradients of the mean next-token loss
+    per = []
+    for j in range(2):
+        model.zero_grad()
+        model(input_ids=x[j:j + 1], labels=x[j:j + 1]).loss.backward()
+        per.append({n: p.grad.clone() for n, p in model.model.layers[1].named_parameters()})
+    model.zero_grad()
+    layer = model.model.layers[1]
+    # MLP channel 3: gate row 3, up row 3, down column 3
+    pieces = [(layer.mlp.gate_proj.weight[3], "mlp.gate_proj.weight", (3,)),
+              (layer.mlp.up_proj.weight[3], "mlp.up_proj.weight", (3,)),
+              (layer.mlp.down_proj.weight[:, 3], "mlp.down_proj.weight", (slice(None), 3))]
+    e1 = vec = e2 = 0.0
+    for w, name, ix in pieces:
+        gr = (per[0][name][ix] + per[1][name][ix]) / 2
+        f = (per[0][name][ix] ** 2 + per[1][name][ix] ** 2) / 2
+        wg = w.detach() * gr
+        e1 += wg.abs().sum().item()
+        vec += wg.sum().item()
+        e2 += (wg - 0.5 * w.detach() ** 2 * f).abs().sum().item()
+    scores = {k: llm_pruner.structure_scores(mlp, g, fisher, k) for k in ("element1", "vector", "element2", "mix")}
+    assert scores["element1"][3].item() == pytest.approx(e1, rel=1e-5)
+    assert scores["vector"][3].item() == pytest.approx(abs(vec), rel=1e-4, abs=1e-9)
+    assert scores["element2"][3].item() == pytest.approx(e2, rel=1e-5)
+    mix = scores["element1"][3] / scores["element1"].sum() + scores["vector"][3] / scores["vector"].sum()
+    assert scores["mix"][3].item() == pytest.approx(mix.item(), rel=1e-6)
+    # attention KV group 1 (head_dim 4, 2 q heads per group): q rows 8..15, k/v rows 4..7, o columns 8..15
+    a = layer.self_attn
+    hand = 0.0
+    for w, name, ix in [(a.q_proj.weight[8:16], "self_attn.q_proj.weight", (slice(8, 16),)),
+                        (a.k_proj.weight[4:8], "self_attn.k_proj.weight", (slice(4, 8),)),
+                        (a.v_proj.weight[4:8], "self_attn.v_proj.weight", (slice(4, 8),)),
+                        (a.o_proj.weight[:, 8:16], "self_attn.o_proj.weight", (slice(None), slice(8, 16)))]:
+        hand += (w.detach() * (per[0][name][ix] + per[1][name][ix]) / 2).abs().sum().item()
+    assert llm_pruner.structure_scores(attn, g, fisher, "element1")[1].item() == pytest.approx(hand, rel=1e-5)
+
+
+def test_unsupported_attention_fails_with_one_line():
+    with pytest.raises(llm_pruner.UnsupportedLayerError, match="Phi3Attention"):
+        llm_pruner.apply(make("phi3"), tokens(), 2, run_cfg())
+
+
+def test_pipeline_runs_llm_pruner(tmp_path):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = to_run_config(compose(config_name="config",
+                                    overrides=["experiment=smoke", "method=llm_pruner", "replacement=none",
+                                               "eval.limit=4", "eval.speed=false"]))
+    pipeline.run(cfg, tmp_path)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["params"]["pruned"] < saved["params"]["dense"]
+    assert saved["layers"]["removed_indices"] == [] and saved["baseline"]["params_removed"] > 0
+    loaded = llm_streamline.load_pruned(saved["checkpoint"])
+    assert count_params(loaded) == saved["params"]["pruned"]
