@@ -190,9 +190,7 @@ def validate(cfg: RunConfig) -> None:
            f"method.importance={cfg.method.importance!r}: vector | element1 | element2 | mix")
     _check(cfg.method.width_ratio is None or 0 < cfg.method.width_ratio < 1,
            f"method.width_ratio={cfg.method.width_ratio}: null or in (0, 1)")
-    if cfg.method.name != "streamline":
-        _check(r.type == "none", f"method={cfg.method.name} is a baseline without a replacement network: "
-                                 f"use replacement=none (got {r.type})")
+
     _check(e.limit is None or e.limit >= 1, f"eval.limit={e.limit}: null or >= 1")
     _check(e.scorer in ("fast", "hflm"), f"eval.scorer={e.scorer!r}: fast | hflm")
     _check(cfg.mode in ("run", "eval"), f"mode={cfg.mode!r}: run | eval")

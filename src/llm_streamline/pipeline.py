@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from llm_streamline import __version__, faults, store
-from llm_streamline.config import RunConfig, validate
+from llm_streamline.config import ReplacementConfig, RunConfig, validate
 from llm_streamline.data import load_blocks
 from llm_streamline.evaluate.harness import run_lm_eval, save_samples_jsonl
 from llm_streamline.evaluate.perplexity import perplexity
@@ -112,6 +112,8 @@ def run(cfg: RunConfig, out_dir: Path) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     validate(cfg)
     check_tasks(list(cfg.eval.tasks), cfg.eval.offline)
+    if cfg.method.name != "streamline":  # baselines put no network in place of what they remove
+        cfg = replace(cfg, replacement=ReplacementConfig(type="none"))
     timings = Timings()
     torch.manual_seed(cfg.seed)
     model_id = model_identity(cfg)
