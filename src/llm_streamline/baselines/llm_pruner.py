@@ -274,19 +274,19 @@ def prune_structure(struct: Structure, keep: torch.Tensor) -> None:
 
 
 def _n_removed(n_units: int, ratio: float) -> int:
+    """round(ratio * n_units) (halves up), keeping at least one unit."""
     return min(n_units - 1, int(math.floor(ratio * n_units + 0.5)))
 
 
-def choose_ratio(structs: list[Structure], target: int) -> float:
-    """The ratio whose removed parameter count is closest to `target` (ties: the smaller ratio)."""
-    best, best_err = 0.0, float("inf")
-    for k in range(0, 10001):
-        r = k / 10000
-        removed = sum(_n_removed(s.n_units, r) * s.unit_params for s in structs)
-        err = abs(removed - target)
-        if err < best_err:
-            best, best_err = r, err
-    return best
+def choose_ratio(structs: list[Structure], target: int, steps: int = 10000) -> float:
+    """The ratio on a 1/steps grid whose removed parameter count is closest to `target` (ties: the smaller)."""
+    grid = torch.arange(steps + 1, dtype=torch.float64) / steps
+    removed = torch.zeros_like(grid)
+    for s in structs:
+        k = torch.clamp(torch.floor(grid * s.n_units + 0.5), max=s.n_units - 1)
+        removed += k * s.unit_params
+    err = (removed - target).abs()
+    return float(grid[int(torch.nonzero(err == err.min())[0])])
 
 
 # ------------------------------------------------------------------------------------------- entry points
