@@ -176,8 +176,10 @@ def find_structures(model: PreTrainedModel, layers: list[int]) -> list[Structure
 
 
 # ------------------------------------------------------------------------------------------- importance
-def taylor_gradients(model: PreTrainedModel, tokens: torch.Tensor, params: list[nn.Parameter]):
-    """(g, F) per parameter: mean per-sequence gradient of the LM loss, mean squared per-sequence gradient."""
+def taylor_gradients(model: PreTrainedModel, tokens: torch.Tensor, params: list[nn.Parameter],
+                     with_fisher: bool = True):
+    """(g, F) per parameter: mean per-sequence gradient of the LM loss, mean squared per-sequence gradient
+    (F is empty unless `with_fisher`: only element2 needs it, and it is one more copy of the weights)."""
     was_training = model.training
     model.eval()
     saved = {p: p.requires_grad for p in model.parameters()}
@@ -185,7 +187,7 @@ def taylor_gradients(model: PreTrainedModel, tokens: torch.Tensor, params: list[
     for p in model.parameters():
         p.requires_grad_(id(p) in wanted)
     g = {id(p): torch.zeros_like(p, dtype=torch.float32) for p in params}
-    fisher = {id(p): torch.zeros_like(p, dtype=torch.float32) for p in params}
+    fisher = {id(p): torch.zeros_like(p, dtype=torch.float32) for p in params} if with_fisher else {}
     n = tokens.shape[0]
     try:
         for j in range(n):
@@ -195,7 +197,8 @@ def taylor_gradients(model: PreTrainedModel, tokens: torch.Tensor, params: list[
             for p, gr in zip(params, grads):
                 gr = gr.float()
                 g[id(p)] += gr / n
-                fisher[id(p)] += gr * gr / n
+                if with_fisher:
+                    fisher[id(p)] += gr * gr / n
     finally:
         for p, r in saved.items():
             p.requires_grad_(r)
@@ -204,33 +207,39 @@ def taylor_gradients(model: PreTrainedModel, tokens: torch.Tensor, params: list[
 
 
 def _unit_terms(struct: Structure, g: dict, fisher: dict) -> dict[str, torch.Tensor]:
-    """Per-unit sums of |wg|, wg and |wg - 1/2 w^2 F| over every weight/bias entry of the structure."""
+    """Per-unit sums of |wg|, wg and (with the Fisher) |wg - 1/2 w^2 F| over every weight/bias entry."""
     units = torch.arange(struct.n_units)
     abs1 = torch.zeros(struct.n_units, dtype=torch.float64)
     signed = torch.zeros(struct.n_units, dtype=torch.float64)
     abs2 = torch.zeros(struct.n_units, dtype=torch.float64)
     for m in struct.members:
-        idx = m.indices(units)                        # [units, k]
+        idx = m.indices(units).to(m.linear.weight.device)   # [units, k]
         tensors = [m.linear.weight]
         if m.axis == 0 and m.linear.bias is not None:
             tensors.append(m.linear.bias)
         for t in tensors:
-            w = t.detach().float()
-            gg, ff = g[id(t)], fisher[id(t)]
+            w, gg, ff = t.detach().float(), g[id(t)], fisher.get(id(t))
             if m.axis == 1:
-                w, gg, ff = w.t(), gg.t(), ff.t()
-            w, gg, ff = w[idx], gg[idx], ff[idx]      # [units, k, ...]
+                w, gg = w.t(), gg.t()
+                ff = ff.t() if ff is not None else None
+            w, gg = w[idx], gg[idx]                   # [units, k, ...]
             wg = w * gg
             dims = tuple(range(1, wg.dim()))
-            abs1 += wg.abs().sum(dims).double()
-            signed += wg.sum(dims).double()
-            abs2 += (wg - 0.5 * w * w * ff).abs().sum(dims).double()
-    return {"element1": abs1, "vector": signed.abs(), "element2": abs2}
+            abs1 += wg.abs().sum(dims).double().cpu()
+            signed += wg.sum(dims).double().cpu()
+            if ff is not None:
+                abs2 += (wg - 0.5 * w * w * ff[idx]).abs().sum(dims).double().cpu()
+    terms = {"element1": abs1, "vector": signed.abs()}
+    if fisher:
+        terms["element2"] = abs2
+    return terms
 
 
 def structure_scores(struct: Structure, g: dict, fisher: dict, importance: str) -> torch.Tensor:
     if importance not in IMPORTANCE:
         raise ValueError(f"method.importance={importance!r}: expected one of {IMPORTANCE}")
+    if importance == "element2" and not fisher:
+        raise ValueError("element2 needs the Fisher diagonal: taylor_gradients(..., with_fisher=True)")
     terms = _unit_terms(struct, g, fisher)
     if importance != "mix":
         return terms[importance]
@@ -313,7 +322,8 @@ def apply(model: PreTrainedModel, calib: torch.Tensor, n: int, cfg):
             params.append(m.linear.weight)
             if m.axis == 0 and m.linear.bias is not None:
                 params.append(m.linear.bias)
-    g, fisher = taylor_gradients(model, tokens, params) if ratio > 0 else ({}, {})
+    g, fisher = taylor_gradients(model, tokens, params, with_fisher=mc.importance == "element2") \
+        if ratio > 0 else ({}, {})
 
     per_layer: dict[int, dict] = {}
     for s in structs:
