@@ -134,6 +134,46 @@ def _check_finite(loss: torch.Tensor, stage: str, step: int) -> None:
         raise NonFiniteLossError(f"{stage}: loss is {loss.item()} at step {step} (lr too high or bad data?); stopped")
 
 
+class _Bookkeeping:
+    """What both losses do around a step: records, progress, periodic validation, best weights by copy."""
+
+    def __init__(self, slot: list[nn.Module], log: TrainLog, validate, total: int, eval_every: int, on_step,
+                 stage: str, desc: str, disable: bool = False):
+        self.slot, self.log, self.validate, self.total = slot, log, validate, total
+        self.eval_every, self.on_step, self.stage = eval_every, on_step, stage
+        self.best_state = [copy.deepcopy(m.state_dict()) for m in slot]
+        log.initial_val_loss = log.best_val_loss = validate()
+        log.best_step = 0
+        self.bar = tqdm(total=total, desc=desc, unit="step", disable=disable)
+
+    def after_step(self, step: int, loss: float, tokens: int, lr: float) -> None:
+        log = self.log
+        log.tokens += tokens
+        log.train_loss.append((step, loss))
+        faults.checkpoint(f"train:step:{step}")
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{loss:.4g}")
+        if self.on_step:
+            self.on_step(step, {"train/loss": loss, "train/lr": lr})
+        if step % self.eval_every == 0 or step == self.total:
+            v = self.validate()
+            _check_finite(torch.tensor(v), f"validation ({self.stage})", step)
+            log.val_loss.append((step, v))
+            if self.on_step:
+                self.on_step(step, {"val/loss": v})
+            if v < log.best_val_loss:
+                log.best_val_loss, log.best_step = v, step
+                self.best_state = [copy.deepcopy(m.state_dict()) for m in self.slot]
+
+    def finish(self, steps: int) -> TrainLog:
+        self.bar.close()
+        for m, state in zip(self.slot, self.best_state):
+            m.load_state_dict(state)
+            m.eval()
+        self.log.steps = steps
+        return self.log
+
+
 def train_mse(model: PreTrainedModel, slot: list[nn.Module], start: int, blocks: torch.Tensor,
               train_shards: TeacherShards, val_shards: TeacherShards, cfg: TrainConfig, seed: int,
               evals_per_epoch: int = 4, on_step=None) -> TrainLog:
@@ -170,12 +210,9 @@ def train_mse(model: PreTrainedModel, slot: list[nn.Module], start: int, blocks:
             m.train()
         return tot / max(cnt, 1)
 
-    best_state = [copy.deepcopy(m.state_dict()) for m in slot]
-    log.initial_val_loss = log.best_val_loss = validate()
-    log.best_step = 0
-    eval_every = max(1, math.ceil(steps_per_epoch / evals_per_epoch))
+    book = _Bookkeeping(slot, log, validate, total, max(1, math.ceil(steps_per_epoch / evals_per_epoch)),
+                        on_step, "mse", f"train {type(slot[0]).__name__} (mse)")
     gen = torch.Generator().manual_seed(seed)
-    bar = tqdm(total=total, desc=f"train {type(slot[0]).__name__} (mse)", unit="step")
     for m in slot:
         m.train()
     step = 0
@@ -193,28 +230,8 @@ def train_mse(model: PreTrainedModel, slot: list[nn.Module], start: int, blocks:
             opt.step()
             sched.step()
             step += 1
-            log.tokens += x.shape[0] * x.shape[1]
-            log.train_loss.append((step, loss.item()))
-            faults.checkpoint(f"train:step:{step}")
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4g}")
-            if on_step:
-                on_step(step, {"train/loss": loss.item(), "train/lr": sched.get_last_lr()[0]})
-            if step % eval_every == 0 or step == total:
-                v = validate()
-                _check_finite(torch.tensor(v), "validation (mse)", step)
-                log.val_loss.append((step, v))
-                if on_step:
-                    on_step(step, {"val/loss": v})
-                if v < log.best_val_loss:
-                    log.best_val_loss, log.best_step = v, step
-                    best_state = [copy.deepcopy(m.state_dict()) for m in slot]
-    bar.close()
-    for m, s in zip(slot, best_state):
-        m.load_state_dict(s)
-        m.eval()
-    log.steps = step
-    return log
+            book.after_step(step, loss.item(), x.shape[0] * x.shape[1], sched.get_last_lr()[0])
+    return book.finish(step)
 
 
 def _lm_loss(model: PreTrainedModel, ids: torch.Tensor) -> torch.Tensor:
@@ -253,12 +270,9 @@ def train_lm(pruned: PreTrainedModel, slot: list[nn.Module], train_blocks: torch
             tot += _lm_loss(pruned, ids).item() * ids.shape[0]
         return tot / val_blocks.shape[0]
 
-    best_state = [copy.deepcopy(m.state_dict()) for m in slot]
-    log.initial_val_loss = log.best_val_loss = validate()
-    log.best_step = 0
-    eval_every = max(1, math.ceil(steps_per_epoch / evals_per_epoch))
+    book = _Bookkeeping(slot, log, validate, total, max(1, math.ceil(steps_per_epoch / evals_per_epoch)),
+                        on_step, "lm", "train slot (lm)", disable=rank != 0)
     gen = torch.Generator().manual_seed(seed)
-    bar = tqdm(total=total, desc="train slot (lm)", unit="step", disable=rank != 0)
     step = 0
     while step < total:
         order = torch.randperm(train_blocks.shape[0], generator=gen)  # same order on every rank (same seed)
@@ -282,23 +296,5 @@ def train_lm(pruned: PreTrainedModel, slot: list[nn.Module], train_blocks: torch
             opt.step()
             sched.step()
             step += 1
-            log.tokens += ids.numel() * world
-            log.train_loss.append((step, loss.item()))
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4g}")
-            if on_step:
-                on_step(step, {"train/loss": loss.item(), "train/lr": sched.get_last_lr()[0]})
-            if step % eval_every == 0 or step == total:
-                v = validate()
-                log.val_loss.append((step, v))
-                if on_step:
-                    on_step(step, {"val/loss": v})
-                if v < log.best_val_loss:
-                    log.best_val_loss, log.best_step = v, step
-                    best_state = [copy.deepcopy(m.state_dict()) for m in slot]
-    bar.close()
-    for m, s in zip(slot, best_state):
-        m.load_state_dict(s)
-        m.eval()
-    log.steps = step
-    return log
+            book.after_step(step, loss.item(), ids.numel() * world, sched.get_last_lr()[0])
+    return book.finish(step)
