@@ -38,7 +38,7 @@ from llm_streamline.models.layers import find_decoder_stack, run_layers
 LACO_THRESHOLD = 0.65   # the paper's T
 LACO_INTERVAL = 2       # the paper's I: minimum distance between successive collapses
 LACO_LOWEST = 1         # lowest layer a collapse may start at
-LACO_BLOCKS = 8         # calibration blocks for the similarity check
+LACO_BLOCKS = 4         # calibration blocks for the similarity check (the paper: a few sentences)
 
 
 @torch.no_grad()

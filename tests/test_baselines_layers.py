@@ -1,0 +1,210 @@
+"""Layer-removal baselines (ShortGPT, Gromov, SLEB), LaCo and LoRA healing on tiny random models:
+exactly n layers go, the result equals the dense model with those layers skipped, the KV cache and a stock
+save/load round trip still work, each method finds a constructed redundant layer, and each runs end to end
+through the pipeline."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+from llm_streamline import pipeline
+from llm_streamline.baselines import heal, laco, layer_removal
+from llm_streamline.config import RunConfig
+from llm_streamline.importance import similarity_profile
+from llm_streamline.models.layers import find_decoder_stack, per_layer_config_keys
+from llm_streamline.models.loading import tiny_model
+
+V = 512
+SPECIAL = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+FAMILIES = ["llama", "qwen2", "opt"]
+
+
+def _model(family: str, seed: int = 0, **over):
+    return tiny_model(family, V, overrides=over or None, seed=seed, special_ids=SPECIAL).eval()
+
+
+def _blocks(n: int = 4, t: int = 32, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, V, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+def _make_identity(model, idx: int) -> None:
+    """Zero every Linear writing into the residual stream of layer idx: the layer then returns its input."""
+    hidden = find_decoder_stack(model).config.hidden_size
+    with torch.no_grad():
+        for m in find_decoder_stack(model).layers[idx].modules():
+            if isinstance(m, nn.Linear) and m.out_features == hidden:
+                m.weight.zero_()
+                if m.bias is not None:
+                    m.bias.zero_()
+
+
+def _check_consistent(model, n_layers: int) -> None:
+    stack = find_decoder_stack(model)
+    assert stack.num_layers == n_layers == model.config.num_hidden_layers
+    for key in per_layer_config_keys(stack.config):
+        assert len(getattr(stack.config, key)) == n_layers
+    for i, layer in enumerate(stack.layers):
+        for m in layer.modules():
+            if isinstance(getattr(m, "layer_idx", None), int):
+                assert m.layer_idx == i
+
+
+@torch.no_grad()
+def _check_cache_and_roundtrip(model, tmp_path) -> None:
+    prompt = _blocks(2, 6, seed=7)
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(prompt, use_cache=True, **kw), model.generate(prompt, use_cache=False, **kw))
+    model.save_pretrained(tmp_path / "m")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    assert type(loaded) is type(model)
+    ids = _blocks(2, 16, seed=8)
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", ["shortgpt", "gromov", "sleb"])
+def test_layer_removal_equals_dense_with_layers_skipped(family, method, tmp_path):
+    dense = _model(family)
+    calib = _blocks()
+    prof = similarity_profile(dense, calib, ns=list(range(1, 9)), progress=False)
+    res = layer_removal.apply(method, copy.deepcopy(dense), calib, prof, 2, RunConfig())
+    assert len(res.removed_layers) == 2 and res.record["removed"] == res.removed_layers
+    _check_consistent(res.model, 6)
+    ids = _blocks(2, 24, seed=3)
+    with torch.no_grad(), layer_removal.skipping(dense, res.removed_layers):
+        ref = dense(ids).logits
+    torch.testing.assert_close(res.model(ids).logits, ref, rtol=1e-5, atol=1e-5)
+    if method == "sleb":
+        assert [s["layer"] for s in res.record["steps"]] == res.record["removal_order"]
+    _check_cache_and_roundtrip(res.model, tmp_path)
+
+
+def test_remove_layers_non_contiguous_keeps_layer_types():
+    model = _model("qwen2", layer_types=["full_attention", "sliding_attention"] * 4, use_sliding_window=True,
+                   sliding_window=8)
+    types = list(model.config.layer_types)
+    assert layer_removal.remove_layers(model, [6, 1, 3]) == [1, 3, 6]
+    _check_consistent(model, 5)
+    assert model.config.layer_types == [t for i, t in enumerate(types) if i not in (1, 3, 6)]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sleb_scores_equal_full_forward_with_a_layer_skipped(family):
+    model = _model(family)
+    ids = _blocks(2, 16)
+    fast = layer_removal.sleb_candidate_losses(model, ids)
+    for i in range(find_decoder_stack(model).num_layers):
+        with torch.no_grad(), layer_removal.skipping(model, [i]):
+            s, t = layer_removal._lm_loss_sum(model, ids)
+        assert fast[i] == pytest.approx(s / t, rel=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_shortgpt_and_gromov_find_constructed_identity_layers(family):
+    model = _model(family)
+    _make_identity(model, 3)
+    prof = similarity_profile(model, _blocks(), ns=[1, 2], progress=False)
+    assert prof.block_influence()[3] == pytest.approx(0.0, abs=1e-6)
+    assert layer_removal.apply("shortgpt", copy.deepcopy(model), None, prof, 1, RunConfig()).removed_layers == [3]
+    _make_identity(model, 4)
+    prof = similarity_profile(model, _blocks(), ns=[1, 2], progress=False)
+    res = layer_removal.apply("gromov", copy.deepcopy(model), None, prof, 2, RunConfig())
+    assert res.removed_layers == [3, 4] and res.record["angular_distance"] < 1e-3
+
+
+@torch.no_grad()
+def _sample_from(model, n: int, t: int, seed: int) -> torch.Tensor:
+    """Blocks sampled from the model itself: in expectation no other model scores them better (Gibbs)."""
+    torch.manual_seed(seed)
+    start = _blocks(n, 1, seed=seed)
+    return model.generate(start, do_sample=True, max_new_tokens=t - 1, min_new_tokens=t - 1, top_k=0, top_p=1.0,
+                          pad_token_id=0)
+
+
+def test_sleb_picks_the_identity_layer():
+    model = _model("llama", initializer_range=0.1)
+    _make_identity(model, 5)
+    calib = _sample_from(model, 16, 32, seed=1)
+    order, steps = layer_removal.sleb(copy.deepcopy(model), calib, 1, blocks=16, progress=False)
+    assert order == [5]
+    assert steps[0]["ppl"] == min(steps[0]["candidates_ppl"].values())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("merge,n", [(2, 3), (3, 3)])
+def test_laco_removes_exactly_n_and_merges_by_rdsc(family, merge, n, tmp_path):
+    dense = _model(family)
+    cfg = RunConfig()
+    cfg.method.laco_merge = merge
+    res = laco.apply(copy.deepcopy(dense), _blocks(), n, cfg)
+    assert len(res.removed_layers) == n == sum(len(m["merged"]) for m in res.record["merges"])
+    _check_consistent(res.model, 8 - n)
+    # replay the recorded collapses on the dense parameters: theta_l <- theta_l + sum_k (theta_{l+k} - theta_l)
+    cur = {i: {k: p.detach().clone() for k, p in layer.named_parameters()}
+           for i, layer in enumerate(find_decoder_stack(dense).layers)}
+    for m in res.record["merges"]:
+        base = cur[m["into"]]
+        cur[m["into"]] = {k: v + sum(cur[g][k] - v for g in m["merged"]) for k, v in base.items()}
+        for g in m["merged"]:
+            del cur[g]
+    assert sorted(cur) == [i for i in range(8) if i not in res.removed_layers]
+    for pos, i in enumerate(sorted(cur)):
+        got = dict(find_decoder_stack(res.model).layers[pos].named_parameters())
+        for k, want in cur[i].items():
+            torch.testing.assert_close(got[k], want, rtol=1e-5, atol=1e-6)
+    _check_cache_and_roundtrip(res.model, tmp_path)
+
+
+def test_laco_merging_an_equal_layer_gives_it_back():
+    model = _model("llama")
+    layers = find_decoder_stack(model).layers
+    layers[7].load_state_dict(layers[6].state_dict())
+    want = {k: v.clone() for k, v in layers[6].state_dict().items()}
+    res = laco.apply(model, _blocks(), 1, RunConfig())
+    assert res.removed_layers == [7] and res.record["merges"][0]["into"] == 6
+    for k, v in find_decoder_stack(res.model).layers[6].state_dict().items():
+        assert torch.equal(v, want[k])
+
+
+def test_lora_heal_lowers_val_loss_and_merges_to_the_original_class(tmp_path):
+    model = _model("llama")
+    cls = type(model)
+    # a learnable stream: each block repeats a short random pattern
+    g = torch.Generator().manual_seed(0)
+    pat = torch.randint(3, V, (24, 4), generator=g)
+    blocks = pat.repeat(1, 8)
+    cfg = RunConfig()
+    cfg.method.lora_lr, cfg.method.lora_epochs, cfg.train.batch_size = 5e-3, 3, 4
+    healed, log = heal.lora_heal(model, blocks[:20], blocks[20:], cfg, progress=False)
+    assert type(healed) is cls and not any("lora" in n for n, _ in healed.named_parameters())
+    assert log["best_val_loss"] < log["initial_val_loss"] - 0.05
+    assert log["steps"] == 15 and log["tokens"] == 15 * 4 * 32 and log["trainable_params"] > 0
+    with torch.no_grad():
+        loss = healed(input_ids=blocks[20:], labels=blocks[20:]).loss.item()
+    assert loss == pytest.approx(log["best_val_loss"], rel=1e-4)
+    _check_cache_and_roundtrip(healed, tmp_path)
+
+
+@pytest.mark.parametrize("method", ["shortgpt", "gromov", "laco", "sleb"])
+def test_baseline_through_the_pipeline(method, tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from llm_streamline.cli import CONF_DIR, to_run_config
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = to_run_config(compose(config_name="config", overrides=[
+            "experiment=smoke", f"method={method}", "replacement=none", "eval.speed=false"]))
+    pipeline.run(cfg, tmp_path)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["method"] == method and saved["layers"]["n_removed"] == 2 and saved["layers"]["n_after"] == 6
+    assert saved["baseline"]["removed"] == saved["layers"]["removed_indices"]
+    assert (saved["train"] is not None) == (method == "gromov")
+    assert 0.0 <= saved["stability"]["average"]["stability"] <= 1.0
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    assert loaded.config.num_hidden_layers == 6
