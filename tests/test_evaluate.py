@@ -296,6 +296,42 @@ def test_fast_scorer_packing_limits_and_truncation_fallback(tiny, tok):
     assert stats["oversize_groups"] > 0  # a group longer than pack_tokens still runs (alone)
 
 
+# Other families: position handling differs (learned positions in OPT, partial rotary in GPT-NeoX,
+# QK-norm in Qwen3, sliding windows in Gemma3, whose long groups must go to stock scoring).
+FAMILIES = {
+    "opt": dict(model_type="opt", ffn_dim=128, word_embed_proj_dim=64),
+    "gpt_neox": dict(model_type="gpt_neox", intermediate_size=128, rotary_pct=0.25),
+    "qwen3": dict(model_type="qwen3", intermediate_size=128, num_key_value_heads=2, head_dim=16),
+    "gemma3_text": dict(model_type="gemma3_text", intermediate_size=128, num_key_value_heads=2, head_dim=16,
+                        sliding_window=24),
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_fast_scorer_other_families(family, tok):
+    import lm_eval
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from llm_streamline.evaluate.fast_hflm import FastHFLM
+
+    kw = dict(FAMILIES[family])
+    cfg = AutoConfig.for_model(kw.pop("model_type"), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                               vocab_size=len(tok), max_position_embeddings=512, **kw)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+
+    def run(lm):
+        res = lm_eval.simple_evaluate(model=lm, tasks=tasks.build_tasks(["piqa"]), task_manager=tasks.task_manager(),
+                                      limit=4, log_samples=True)
+        return harness.sample_rows(res, tasks.leaf_tasks(tasks.build_tasks(["piqa"])), lm.continuation_tokens)
+
+    fast_lm = FastHFLM(pretrained=model, tokenizer=tok, batch_size=8)
+    _assert_same_rows(run(fast_lm), run(harness.RecordingHFLM(pretrained=model, tokenizer=tok, batch_size=8)))
+    assert fast_lm.fast_stats["shared_requests"] > 0
+    if family == "gemma3_text":
+        assert fast_lm.fast_stats["stock_requests"] > 0  # groups longer than the window
+
+
 # ------------------------------------------------------------------------------------- perplexity
 
 def test_perplexity_matches_hf_loss_and_ignores_batch_size(tiny):
