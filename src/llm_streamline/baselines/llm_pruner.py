@@ -11,7 +11,9 @@ What is pruned (coupled structures; the residual width `hidden_size` is never ch
              (num_attention_heads / num_key_value_heads of them) and the matching input columns of the
              output projection (and the q/k/v bias entries, if any). Whole KV groups are pruned: under GQA
              this keeps every layer's q-heads-per-KV-head ratio (`num_key_value_groups`) unchanged, so the
-             family's attention code works as is with fewer heads. Without GQA a group is one head.
+             family's attention code works as is with fewer heads. Without GQA a group is one head; with a
+             single KV head (MQA) the attention is left whole. The granularity is coarse when there are few
+             KV groups (SmolLM2-135M: 3 groups of 3 q heads per layer).
              Layouts: separate q/k/v + o/out projections (Llama, Mistral, Qwen2/3, Gemma2/3, OPT);
              GPT-NeoX's fused query_key_value (per head [q, k, v]) + dense.
   MLP        one channel = a row of gate_proj and of up_proj and a column of down_proj (Llama-like);
