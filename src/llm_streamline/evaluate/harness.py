@@ -174,7 +174,7 @@ def run_lm_eval(
     seed: int = 1234,
     bootstrap_iters: int = 100000,
 ) -> EvalResult:
-    """Evaluate ``model`` zero-shot on lm-eval ``tasks``; see the module docstring for the rows.
+    """Evaluate ``model`` zero-shot (no few-shot examples) on lm-eval ``tasks``; rows: module docstring.
 
     ``limit`` is lm-eval's (the first ``limit`` items of each leaf task; None = all). Unknown task
     names raise ValueError before any model work.
