@@ -41,7 +41,17 @@ def test_identical_rows_give_one():
     out = stability(DENSE, DENSE)
     assert out["tasks"]["piqa"]["stability"] == pytest.approx(1.0)
     assert out["tasks"]["piqa"]["agreement"] == 1.0
-    assert out["average"] == pytest.approx({"stability": 1.0, "agreement": 1.0})
+    assert out["average"]["stability"] == pytest.approx(1.0)
+    assert out["average"]["agreement"] == 1.0
+
+
+def test_effective_items_tells_a_one_hot_weighting():
+    spread = [{"task": "t", "doc_id": i, "gold": 0, "loglikelihoods": [-1.0, -1.0 - 5.0 * i],
+               "num_tokens": [1, 1], "prediction": 0, "correct": True} for i in range(4)]
+    out = stability(spread, spread)["tasks"]["t"]
+    assert out["effective_items"] == pytest.approx(1.0, abs=1e-3)  # item 3's spread dwarfs the others
+    flat = [dict(r, loglikelihoods=[-1.0, -1.5]) for r in spread]
+    assert stability(flat, flat)["tasks"]["t"]["effective_items"] == pytest.approx(4.0)
 
 
 @pytest.mark.parametrize("i", [0, 1, 2])
