@@ -162,7 +162,7 @@ def test_main_job_on_real_smollm2_with_small_limits(tmp_path):
     start = res["layers"]["removed"][0]
     assert 1 <= start <= 22  # neither the first layer nor past the end
     assert res["params"]["dense"] == 134_515_008
-    assert 0.2 < res["params"]["sparsity"] < 0.3
+    assert 0.15 < res["params"]["sparsity"] < 0.3  # 8 of 30 layers, net of the FFN replacement
     assert res["train"]["best_val_loss"] < res["train"]["initial_val_loss"]
     assert res["perplexity"]["dense"]["ppl"] < 100  # a real model on English text
     assert res["speed"]["flops_ratio"] > 1.2

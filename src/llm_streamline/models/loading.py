@@ -78,7 +78,7 @@ def tiny_model(family: str, vocab_size: int, overrides: dict | None = None, seed
     kwargs = dict(kwargs, vocab_size=vocab_size, **(special_ids or {}), **(overrides or {}))
     config = AutoConfig.for_model(model_type, **kwargs)
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()  # no dropout in tests
 
 
 def load_model(cfg: ModelConfig, seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
