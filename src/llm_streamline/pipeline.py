@@ -344,7 +344,8 @@ def _apply_baseline(cfg: RunConfig, model, blocks, profile, n: int, model_id: di
     torch.manual_seed(cfg.seed)
     bres = apply_method(cfg, pruned, blocks.calib, blocks.train, blocks.val, profile, n)
     key = store.stage_key("baseline", model=model_id, data=data_key, method=asdict(cfg.method),
-                          sparsity=asdict(cfg.sparsity), n=n, seed=cfg.seed)
+                          sparsity=asdict(cfg.sparsity), n=n, seed=cfg.seed,
+                          train=asdict(cfg.train) if cfg.method.heal == "lora" else None)  # healing uses train.*
     log.info("%s: removed layers %s %s", cfg.method.name, bres.removed_layers, bres.record)
     return bres.model.eval(), bres, key
 
