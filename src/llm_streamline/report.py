@@ -35,8 +35,16 @@ def task_score(metrics: dict, task: str) -> float | None:
 
 
 def label(r: dict) -> str:
-    """method:replacement, plus the training options that differ from the defaults."""
+    """method:replacement, plus the options that differ from the defaults."""
     rep = r["replacement"]["type"]
+    if r["method"] != "streamline":  # baselines have no replacement; say how they were configured
+        name = r["method"]
+        base = r.get("baseline") or {}
+        if "merge" in base:
+            name += f" C={base['merge']}"
+        if r.get("train"):
+            name += " +LoRA"
+        return name
     name = f"{r['method']}:{rep}"
     if rep == "ffn" and not r["replacement"].get("residual", True):
         name += "(no residual)"
@@ -65,7 +73,13 @@ def rows_of(results: list[dict]) -> tuple[list[str], list[list]]:
         stab = (r.get("stability") or {}).get("average", {})
         ppl = (r.get("perplexity") or {}).get("pruned") or {}
         lay = r["layers"]
-        rows.append([label(r), f"[{lay['removed'][0]},{lay['removed'][1]})", r["params"]["pruned"],
+        if lay.get("removed_indices") == []:
+            where = "width"
+        elif lay.get("contiguous", True):
+            where = f"[{lay['removed'][0]},{lay['removed'][1]})"
+        else:
+            where = ",".join(str(i) for i in lay["removed_indices"]) or "width"
+        rows.append([label(r), where, r["params"]["pruned"],
                      r["params"]["sparsity"]] + scores
                     + [_avg(scores), stab.get("stability"), stab.get("agreement"), ppl.get("ppl"),
                        round(sum(r.get("timings", {}).values()), 1)])
