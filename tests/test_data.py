@@ -18,29 +18,12 @@ import numpy as np
 import pytest
 import torch
 
-from llm_streamline import assets, data
+from llm_streamline import data
 from llm_streamline.config import DataConfig
 
 SMALL = DataConfig(name="offline", seq_len=256, calib_samples=16, train_samples=64, val_samples=8, seed=0)
 
 
-@pytest.fixture(scope="session")
-def tokenizer_dir(tmp_path_factory):
-    """SmolLM2 tokenizer parsed once from the GGUF (slow), saved as tokenizer.json (fast to reload)."""
-    from transformers import AutoTokenizer
-
-    p = assets.smollm2_gguf()
-    tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
-    out = tmp_path_factory.mktemp("smollm2-tokenizer")
-    tok.save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="session")
-def tok(tokenizer_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(tokenizer_dir))
 
 
 @pytest.fixture(scope="session")

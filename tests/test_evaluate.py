@@ -36,23 +36,6 @@ SEVEN = {
 
 # ------------------------------------------------------------------------------------------ fixtures
 
-@pytest.fixture(scope="session")
-def tokenizer_dir(tmp_path_factory) -> Path:
-    """SmolLM2 tokenizer parsed once from the GGUF (slow), saved as tokenizer.json (fast to reload)."""
-    from transformers import AutoTokenizer
-
-    p = assets.smollm2_gguf()
-    tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
-    out = tmp_path_factory.mktemp("smollm2-tokenizer")
-    tok.save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="session")
-def tok(tokenizer_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(tokenizer_dir))
 
 
 def make_tiny(vocab_size: int, seed: int = 0, layers: int = 4):

@@ -391,7 +391,6 @@ def save(model: PreTrainedModel, tokenizer, dest, record: dict) -> str:
 
 def load(path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> PreTrainedModel:
     """Rebuild a saved LLM-Pruner model: the dense model from its config, each layer cut to its sizes."""
-    from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
@@ -404,16 +403,6 @@ def load(path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> PreTr
         kept = sizes[s.layer]["kv_groups" if s.kind == "attn" else "channels"]
         if kept != s.n_units:
             prune_structure(s, torch.arange(kept))
-    try:
-        state = load_file(str(path / "model.safetensors"))
-    except Exception as e:  # truncated / corrupt file: say so in one line
-        raise ValueError(f"{path / 'model.safetensors'}: cannot read safetensors ({e})") from e
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = set(getattr(model, "_tied_weights_keys", None) or [])
-    missing = [k for k in missing if k not in tied and not any(k.endswith(t) for t in tied)]
-    if missing or unexpected:
-        raise ValueError(f"{path}: weights do not match the saved sizes "
-                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    if getattr(config, "tie_word_embeddings", False):
-        model.tie_weights()
-    return model.to(device).eval()
+    from llm_streamline.models.saving import load_weights_checked
+
+    return load_weights_checked(model, path).to(device).eval()

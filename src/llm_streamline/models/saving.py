@@ -105,19 +105,25 @@ def load_pruned(path, dtype: torch.dtype = torch.float32, device: str = "cpu") -
     layers = list(stack.layers)
     layers[start:start + len(slot)] = slot
     stack.replace(layers)
+    return load_weights_checked(model, path).to(device).eval()
+
+
+def load_weights_checked(model: PreTrainedModel, path: Path) -> PreTrainedModel:
+    """Load `path/model.safetensors` into a model built to the saved shapes; every weight must match
+    (tied weights excepted). A truncated file or a shape mismatch fails with one line."""
     try:
-        state = load_file(str(path / "model.safetensors"))
+        state = load_file(str(Path(path) / "model.safetensors"))
     except Exception as e:  # truncated / corrupt file: say so in one line
-        raise ValueError(f"{path / 'model.safetensors'}: cannot read safetensors ({e})") from e
+        raise ValueError(f"{Path(path) / 'model.safetensors'}: cannot read safetensors ({e})") from e
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     missing = [k for k in missing if k not in tied and not any(k.endswith(t) for t in tied)]
     if missing or unexpected:
         raise ValueError(f"{path}: weights do not match the saved config "
                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    if getattr(config, "tie_word_embeddings", False):
+    if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
-    return model.to(device).eval()
+    return model
 
 
 def load_tokenizer(path):
