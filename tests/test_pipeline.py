@@ -185,3 +185,14 @@ def test_same_seed_gives_bit_identical_runs_without_any_cache(tmp_path, monkeypa
         assert outs[0][key] == outs[1][key], key
     wa, wb = (load_file(str(tmp_path / n / "model" / "model.safetensors")) for n in ("a", "b"))
     assert all((wa[k] == wb[k]).all() for k in wa)
+
+
+def test_above_chance_retention_uses_each_tasks_option_count():
+    from llm_streamline.pipeline import _eval_table, chance_levels
+
+    rows = [{"task": "a", "loglikelihoods": [0.0, 0.0]}, {"task": "a", "loglikelihoods": [0.0] * 4}]
+    chances = chance_levels(rows)
+    assert chances == {"a": pytest.approx(0.375)}
+    row = _eval_table({"a": {"acc": 0.6}}, {"a": {"acc": 0.5}}, chances)["a"]
+    assert row["acc_retention"] == pytest.approx(0.5 / 0.6)
+    assert row["acc_above_chance_retention"] == pytest.approx((0.5 - 0.375) / (0.6 - 0.375))

@@ -318,7 +318,7 @@ def run(cfg: RunConfig, out_dir: Path) -> dict:
             "similarity_profile": profile.as_dict(),
             "train": train_log,
             "train_config": asdict(cfg.train),
-            "eval": _eval_table(dense["metrics"], pres["metrics"]),
+            "eval": _eval_table(dense["metrics"], pres["metrics"], chance_levels(dense["samples"])),
             "perplexity": {"dense": ppl_dense, "pruned": ppl_pruned},
             "stability": stab,
             "speed": speed,
@@ -363,13 +363,24 @@ def _accelerator(cfg: RunConfig):
     return Accelerator(cpu=cfg.model.device == "cpu")
 
 
-def _eval_table(dense: dict, pruned: dict) -> dict:
-    """Per task: dense and pruned metrics, retention and above-chance retention for acc / acc_norm."""
+def chance_levels(samples: list[dict]) -> dict[str, float]:
+    """Expected accuracy of a uniform guess per task: the mean over items of 1 / number of options."""
+    per_task: dict[str, list[float]] = {}
+    for row in samples:
+        per_task.setdefault(row["task"], []).append(1.0 / len(row["loglikelihoods"]))
+    return {t: sum(v) / len(v) for t, v in per_task.items()}
+
+
+def _eval_table(dense: dict, pruned: dict, chances: dict[str, float] | None = None) -> dict:
+    """Per task: dense and pruned metrics, chance level, retention (pruned / dense) and above-chance
+    retention ((pruned - chance) / (dense - chance)) for acc and acc_norm."""
     out = {}
     for task, dm in dense.items():
         pm = pruned.get(task, {})
         row = {"dense": dm, "pruned": pm}
-        chance = dm.get("chance")
+        chance = (chances or {}).get(task)
+        if chance is not None:
+            row["chance"] = chance
         for metric in ("acc", "acc_norm"):
             if metric in dm and metric in pm and dm[metric]:
                 row[f"{metric}_retention"] = pm[metric] / dm[metric]
