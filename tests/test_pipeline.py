@@ -196,3 +196,14 @@ def test_above_chance_retention_uses_each_tasks_option_count():
     row = _eval_table({"a": {"acc": 0.6}}, {"a": {"acc": 0.5}}, chances)["a"]
     assert row["acc_retention"] == pytest.approx(0.5 / 0.6)
     assert row["acc_above_chance_retention"] == pytest.approx((0.5 - 0.375) / (0.6 - 0.375))
+
+
+def test_lora_healing_of_plain_pruning_in_the_same_harness(tmp_path):
+    cfg = compose_run("experiment=smoke", "replacement=none", "train=lora", "train.max_steps=3",
+                      "train.batch_size=4")
+    res = pipeline.run(cfg, tmp_path)
+    assert res["train"]["method"] == "lora" and res["train"]["trainable_params"] > 0
+    assert res["params"]["pruned"] < res["params"]["dense"]  # adapters merged back: no extra parameters
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(res["checkpoint"])  # stock checkpoint

@@ -63,7 +63,7 @@ class ReplacementConfig:
 
 @dataclass
 class TrainConfig:
-    loss: str = "mse"                      # mse | lm
+    loss: str = "mse"                      # mse | lm | lora (heal a plainly pruned model instead, peft)
     epochs: int = 1
     batch_size: int = 8
     lr: float = 2e-4
@@ -142,7 +142,7 @@ TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "opt"
 DATA_NAMES = ("offline", "slimpajama", "wikitext2", "c4")
 IMPORTANCE = ("cosine", "angular", "bi")
 REPLACEMENTS = ("none", "ffn", "swiglu", "layer", "layers")
-LOSSES = ("mse", "lm")
+LOSSES = ("mse", "lm", "lora")
 METHODS = ("streamline", "shortgpt", "gromov", "laco", "sleb", "llm_pruner")
 
 
@@ -184,6 +184,8 @@ def validate(cfg: RunConfig) -> None:
     _check(t.lr > 0 and 0 <= t.min_lr <= t.lr,
            f"train.lr={t.lr}, train.min_lr={t.min_lr}: need 0 <= min_lr <= lr")
     _check(t.epochs >= 1 and t.batch_size >= 1, "train.epochs and train.batch_size must be >= 1")
+    if t.loss == "lora":
+        _check(r.type == "none", f"train.loss=lora heals a plainly pruned model: use replacement=none (got {r.type})")
     _check(cfg.method.name in METHODS, f"method={cfg.method.name!r}: expected one of {METHODS}")
     _check(cfg.method.heal in ("none", "lora"), f"method.heal={cfg.method.heal!r}: none | lora")
     _check(cfg.method.importance in ("vector", "element1", "element2", "mix"),

@@ -251,6 +251,13 @@ def run(cfg: RunConfig, out_dir: Path) -> dict:
                          train_log["initial_val_loss"], train_log["best_val_loss"], train_log["best_step"])
 
             # 5. prune --------------------------------------------------------------------------------------
+            if cfg.train.loss == "lora":  # the paper's comparison: LoRA on the pruned model, same data budget
+                from llm_streamline.baselines.heal import lora_heal
+
+                block = remove_block(pruned, start, n, [])
+                budget = replace(cfg, method=replace(cfg.method, lora_epochs=cfg.train.epochs, lora_lr=cfg.train.lr))
+                with timings.stage("train"):
+                    pruned, train_log = lora_heal(pruned, blocks.train, blocks.val, budget)
             if block is None:
                 block = remove_block(pruned, start, n, slot)
             removed_idx = list(range(start, start + n))
