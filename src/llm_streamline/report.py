@@ -52,7 +52,7 @@ def label(r: dict) -> str:
     if rep != "none":
         if tc.get("loss", "mse") != "mse":
             name += f" loss={tc['loss']}"
-        if tc.get("first_token", "include") != "include":
+        if tc.get("loss", "mse") == "mse" and tc.get("first_token", "exclude") != "exclude":  # default: exclude
             name += f" first_token={tc['first_token']}"
     return name
 
