@@ -131,11 +131,13 @@ def plot(results: list[dict], out: Path) -> None:
     series: dict[str, list[tuple[float, float, float]]] = {}
     for row in rows[1:]:
         series.setdefault(row[0], []).append((row[i_sp], row[i_avg], row[i_stab]))
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for name, pts in sorted(series.items()):
+    fig, axes = plt.subplots(1, 2, figsize=(14, 4.5))
+    colors = plt.get_cmap("tab20").colors  # more series than the default 10-colour cycle
+    for k, (name, pts) in enumerate(sorted(series.items())):
         pts.sort()
-        axes[0].plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=name)
-        axes[1].plot([p[0] for p in pts], [p[2] for p in pts], "o-", label=name)
+        style = dict(color=colors[k % len(colors)], marker="os^Dv"[k % 5], label=name)
+        axes[0].plot([p[0] for p in pts], [p[1] for p in pts], "-", **style)
+        axes[1].plot([p[0] for p in pts], [p[2] for p in pts], "-", **style)
     if rows:
         axes[0].axhline(rows[0][i_avg], color="k", ls="--", lw=1, label="dense")
     axes[0].set_xlabel("sparsity (fraction of all parameters removed)")
@@ -144,7 +146,7 @@ def plot(results: list[dict], out: Path) -> None:
     axes[1].set_ylabel("stability")
     for ax in axes:
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    axes[1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.tight_layout()
     fig.savefig(out / "accuracy_vs_sparsity.png", dpi=110)
     plt.close(fig)
