@@ -26,6 +26,7 @@ Removed indices are the original indices of the layers merged away (l+1..l+c-1 o
 from __future__ import annotations
 
 import copy
+import functools
 
 import torch
 from torch import nn
@@ -108,29 +109,15 @@ def laco(model: PreTrainedModel, calib: torch.Tensor, n: int, merge: int, progre
         top = L - c
         if pos_hi is None or pos_hi > top or pos_hi < LACO_LOWEST:
             pos_hi = top
-        chosen, best, fallback, tried = None, (-2.0, None), False, []
-        for pos in range(pos_hi, LACO_LOWEST - 1, -1):
-            s = _similarity(model, ids, ref, pos, c)
-            tried.append((alive[pos], round(s, 6)))
-            if s > best[0]:
-                best = (s, pos)
-            if s > LACO_THRESHOLD:
-                chosen = pos
-                break
+        best, fallback, tried = [-2.0, None], False, []
+        scan = functools.partial(_scan, model, ids, ref, alive, c, best, tried)
+        chosen = scan(range(pos_hi, LACO_LOWEST - 1, -1))
+        if chosen is None and pos_hi != top:
+            # the paper's scan would continue from the top of the range on the next pass
+            chosen = scan(range(top, pos_hi, -1))
         if chosen is None:
-            # no candidate in this downward scan passed T: take the scan's best (see the docstring)
-            if pos_hi != top:
-                # the paper's scan would continue from the top of the range on the next pass
-                for pos in range(top, pos_hi, -1):
-                    s = _similarity(model, ids, ref, pos, c)
-                    tried.append((alive[pos], round(s, 6)))
-                    if s > best[0]:
-                        best = (s, pos)
-                    if s > LACO_THRESHOLD:
-                        chosen = pos
-                        break
-            if chosen is None:
-                chosen, fallback = best[1], True
+            # no candidate passed T: take the scan's best (see the docstring)
+            chosen, fallback = best[1], True
         s = next(v for i, v in tried if i == alive[chosen])
         gone = alive[chosen + 1:chosen + c]
         collapse(model, chosen, c)
@@ -144,6 +131,19 @@ def laco(model: PreTrainedModel, calib: torch.Tensor, n: int, merge: int, progre
     bar.close()
     model.train(was_training)
     return sorted(removed), merges
+
+
+def _scan(model, ids, ref, alive, c, best: list, tried: list, positions) -> int | None:
+    """First position (downwards) whose c-layer merge keeps the similarity above T; records every
+    candidate in `tried` and the best seen in `best` ([similarity, position])."""
+    for pos in positions:
+        s = _similarity(model, ids, ref, pos, c)
+        tried.append((alive[pos], round(s, 6)))
+        if s > best[0]:
+            best[:] = [s, pos]
+        if s > LACO_THRESHOLD:
+            return pos
+    return None
 
 
 def apply(model: PreTrainedModel, calib: torch.Tensor, n: int, cfg: RunConfig):

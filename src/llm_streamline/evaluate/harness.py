@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -218,21 +217,10 @@ def _json_default(v: Any) -> Any:
 
 def save_samples_jsonl(rows: Iterable[dict[str, Any]], path: str | os.PathLike[str]) -> Path:
     """Write rows as JSON lines atomically (temp file in the same directory, then os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, default=_json_default, allow_nan=True) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    from llm_streamline.store import write_text_atomic
+
+    text = "".join(json.dumps(row, default=_json_default, allow_nan=True) + "\n" for row in rows)
+    return write_text_atomic(Path(path), text)
 
 
 def load_samples_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
