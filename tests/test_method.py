@@ -218,3 +218,25 @@ def test_training_is_deterministic(tmp_path):
         train_mse(model, slot, 2, blocks[:8], tr, va, TrainConfig(batch_size=4, epochs=2), seed=0)
         results.append(torch.cat([p.detach().flatten() for p in slot[0].parameters()]))
     assert torch.equal(results[0], results[1])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_layer_call_arguments_depend_on_shape_not_tokens(family):
+    """train_mse captures a layer's call arguments once per batch shape and reuses them: that is right only if
+    they do not depend on the tokens (unpadded blocks). Two different batches of one shape must give equal
+    arguments at every layer, including the sliding-window layers of Gemma and Mistral."""
+    model = make(family)
+    stack = find_decoder_stack(model)
+    where = tuple(range(stack.num_layers))
+    a = run_layers(model, ids(seed=1), kwargs_at=where, stack=stack).call_kwargs
+    b = run_layers(model, ids(seed=2), kwargs_at=where, stack=stack).call_kwargs
+    for i in where:
+        assert a[i].keys() == b[i].keys()
+        for k, v in a[i].items():
+            flat_a = v if isinstance(v, (tuple, list)) else (v,)
+            flat_b = b[i][k] if isinstance(b[i][k], (tuple, list)) else (b[i][k],)
+            for x, y in zip(flat_a, flat_b):
+                if isinstance(x, torch.Tensor):
+                    assert torch.equal(x, y), (family, i, k)
+                else:
+                    assert x == y, (family, i, k)

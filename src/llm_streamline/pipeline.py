@@ -57,6 +57,10 @@ class Timings(dict):
         log.info("== %s", name)
         try:
             yield
+        except BaseException as e:
+            if not hasattr(e, "stage"):
+                e.stage = name  # the CLI's one-line error names the stage that failed
+            raise
         finally:
             self[name] = round(self.get(name, 0.0) + time.perf_counter() - t0, 3)
             log.info("== %s done in %.1f s", name, self[name])
@@ -102,16 +106,21 @@ def resolve_block_size(cfg: RunConfig, model, stack) -> int:
     return best
 
 
-def _eval_record(res) -> dict:
+def _evaluate(model, tok, cfg: RunConfig, stage: str, probe_ids: torch.Tensor) -> dict:
+    """lm-eval on the suite; a NaN/inf log-likelihood stops the run here, before it is cached."""
+    res = run_lm_eval(model, tok, list(cfg.eval.tasks), cfg.eval.limit, cfg.eval.batch_size,
+                      offline=cfg.eval.offline, scorer=cfg.eval.scorer)
+    faults.check_loglikelihoods(res.samples, stage, model, probe_ids)
     return {"metrics": res.metrics, "samples": res.samples}
 
 
 # ------------------------------------------------------------------------------------------------ the run
 def run(cfg: RunConfig, out_dir: Path) -> dict:
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     validate(cfg)
     check_tasks(list(cfg.eval.tasks), cfg.eval.offline)
+    store.check_writable(out_dir, "the output directory")
+    store.check_writable(store.stage_root(), "the stage cache")
     if cfg.method.name != "streamline":  # baselines put no network in place of what they remove
         cfg = replace(cfg, replacement=ReplacementConfig(type="none"))
     timings = Timings()
@@ -167,9 +176,7 @@ def run(cfg: RunConfig, out_dir: Path) -> dict:
             with timings.stage("eval_dense"):
                 dense_key = store.stage_key("eval_dense", model=model_id, eval=eval_key)
                 dense, dense_cached = store.cached_json(
-                    dense_key, lambda: _eval_record(run_lm_eval(model, tok, list(cfg.eval.tasks), cfg.eval.limit,
-                                                                cfg.eval.batch_size, offline=cfg.eval.offline,
-                                                                scorer=cfg.eval.scorer)), log.info)
+                    dense_key, lambda: _evaluate(model, tok, cfg, "eval_dense", blocks.val[:1]), log.info)
             if dense_cached:
                 log.info("dense evaluation reused (computed once per model and suite)")
         ppl_dense = None
@@ -177,7 +184,7 @@ def run(cfg: RunConfig, out_dir: Path) -> dict:
             with timings.stage("perplexity_dense"):
                 ppl_key = store.stage_key("ppl_dense", model=model_id, data=val_key)
                 ppl_dense, _ = store.cached_json(
-                    ppl_key, lambda: perplexity(model, blocks.val, cfg.train.batch_size), log.info)
+                    ppl_key, lambda: perplexity(model, blocks.val, cfg.train.batch_size, "perplexity_dense"), log.info)
 
         dense_model = model
         if cfg.method.name != "streamline":
@@ -238,15 +245,7 @@ def run(cfg: RunConfig, out_dir: Path) -> dict:
                                                 {"start": start, "n": n, "train": train_log})
                         if not is_main:
                             return {"rank": accelerator.process_index, "layers": {"removed": [start, start + n]}}
-                    tmp = store.stage_dir(train_key + ".partial")
-                    tmp.mkdir(parents=True, exist_ok=True)
-                    save_file({f"{j}.{k}": v.detach().contiguous().cpu() for j, m in enumerate(slot)
-                               for k, v in m.state_dict().items()}, str(tmp / "slot.safetensors"))
-                    store.write_json_atomic(tmp / "train_log.json", train_log)
-                    if ckpt.exists():
-                        import shutil
-                        shutil.rmtree(ckpt)
-                    tmp.rename(ckpt)
+                    _save_slot_stage(slot, train_log, ckpt)
                 log.info("replacement %s: val loss %.5g -> %.5g (best at step %s)", cfg.replacement.type,
                          train_log["initial_val_loss"], train_log["best_val_loss"], train_log["best_step"])
 
@@ -272,13 +271,12 @@ def run(cfg: RunConfig, out_dir: Path) -> dict:
         with timings.stage("eval_pruned"):
             pkey = store.stage_key("eval_pruned", train=train_key, eval=eval_key)
             faults.checkpoint("eval_pruned")
-            pres, _ = store.cached_json(pkey, lambda: _eval_record(run_lm_eval(
-                pruned, tok, list(cfg.eval.tasks), cfg.eval.limit, cfg.eval.batch_size, offline=cfg.eval.offline,
-                scorer=cfg.eval.scorer)), log.info)
+            pres, _ = store.cached_json(pkey, lambda: _evaluate(pruned, tok, cfg, "eval_pruned", blocks.val[:1]),
+                                        log.info)
         ppl_pruned = None
         if cfg.eval.perplexity:
             with timings.stage("perplexity_pruned"):
-                ppl_pruned = perplexity(pruned, blocks.val, cfg.train.batch_size)
+                ppl_pruned = perplexity(pruned, blocks.val, cfg.train.batch_size, "perplexity_pruned")
         with timings.stage("stability"):
             stab = stability(dense["samples"], pres["samples"])
         speed = None
@@ -341,6 +339,24 @@ def run(cfg: RunConfig, out_dir: Path) -> dict:
         return results
     finally:
         tracker.finish()
+
+
+def _save_slot_stage(slot: list, train_log: dict, ckpt: Path) -> None:
+    """The trained replacement into the stage cache: written to `<key>.partial`, renamed when complete."""
+    import shutil
+
+    tmp = ckpt.with_name(ckpt.name + ".partial")
+    try:
+        tmp.mkdir(parents=True, exist_ok=True)
+        save_file({f"{j}.{k}": v.detach().contiguous().cpu() for j, m in enumerate(slot)
+                   for k, v in m.state_dict().items()}, str(tmp / "slot.safetensors"))
+        store.write_json_atomic(tmp / "train_log.json", train_log)
+        if ckpt.exists():
+            shutil.rmtree(ckpt)
+        tmp.rename(ckpt)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _apply_baseline(cfg: RunConfig, model, blocks, profile, n: int, model_id: dict, data_key: dict):
@@ -439,6 +455,7 @@ def evaluate_checkpoint(cfg: RunConfig, out_dir: Path) -> dict:
     out_dir = Path(out_dir)
     validate(cfg)
     check_tasks(list(cfg.eval.tasks), cfg.eval.offline)
+    store.check_writable(out_dir, "the output directory")
     timings = Timings()
     if cfg.checkpoint:
         if not Path(cfg.checkpoint).exists():
@@ -453,6 +470,7 @@ def evaluate_checkpoint(cfg: RunConfig, out_dir: Path) -> dict:
     with timings.stage("eval"):
         res = run_lm_eval(model, tok, list(cfg.eval.tasks), cfg.eval.limit, cfg.eval.batch_size,
                           offline=cfg.eval.offline, scorer=cfg.eval.scorer)
+    faults.check_loglikelihoods(res.samples, "eval", model, None)
     save_samples_jsonl(res.samples, out_dir / "samples.jsonl")
     results = {"model": {"name": name}, "method": "eval", "eval": res.metrics,
                "params": {"total": count_params(model)}, "timings": dict(timings), "peak_memory": peak_memory()}

@@ -26,10 +26,35 @@ def stage_key(stage: str, **parts: Any) -> str:
     return f"{stage}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
 
 
+def stage_root() -> Path:
+    return Path(os.environ.get("LLM_STREAMLINE_STAGES") or cache_dir() / "stages")
+
+
 def stage_dir(key: str) -> Path:
-    root = Path(os.environ.get("LLM_STREAMLINE_STAGES") or cache_dir() / "stages")
+    root = stage_root()
     root.mkdir(parents=True, exist_ok=True)
     return root / key
+
+
+class NotWritableError(OSError):
+    """A directory the run must write to cannot be written: reported as bad input, before any heavy work."""
+
+
+def check_writable(directory: Path, what: str) -> None:
+    """Fail now, before any heavy work, if `directory` cannot be created or written (read-only mount, a
+    file in the way, no permission, a full disk): one probe file written, fsynced and removed."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".write-probe-")
+        try:
+            os.write(fd, b"0" * 4096)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as e:
+        raise NotWritableError(e.errno, f"{what} {directory} is not writable: {e.strerror}") from e
 
 
 def write_text_atomic(path: Path, text: str) -> Path:

@@ -16,8 +16,10 @@ validation loss at each epoch end (and a few times within), the best weights kep
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,8 +35,8 @@ from llm_streamline.config import TrainConfig
 from llm_streamline.models.layers import find_decoder_stack, run_layers
 
 
-class NonFiniteLossError(RuntimeError):
-    pass
+class NonFiniteLossError(faults.NumericalFault):
+    """A training or validation loss that is NaN/inf: the run stops at that step, naming the cause."""
 
 
 # ---------------------------------------------------------------------------------------------- teacher pairs
@@ -61,27 +63,31 @@ def write_teacher_shards(model: PreTrainedModel, blocks: torch.Tensor, start: in
     rerun would trust.
     """
     directory = Path(directory)
-    if (directory / "index.pt").exists():
-        meta = torch.load(directory / "index.pt")
+    if (directory / "index.json").exists():
+        meta = json.loads((directory / "index.json").read_text())
         return TeacherShards(directory, meta["files"], meta["index"])
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".tmp-{directory.name}"))
     stack = find_decoder_stack(model)
     device = next(model.parameters()).device
     files, index = [], []
-    for b, i in enumerate(tqdm(range(0, blocks.shape[0], batch_size), desc=desc, unit="batch")):
-        rows = list(range(i, min(i + batch_size, blocks.shape[0])))
-        cap = run_layers(model, blocks[rows].to(device), inputs_at=(start,), outputs_at=(start + n - 1,), stack=stack)
-        name = f"shard-{b:05d}.safetensors"
-        save_file({"x_in": cap.inputs[start].contiguous().cpu(),
-                   "x_out": cap.outputs[start + n - 1].contiguous().cpu()}, str(tmp / name))
-        files.append(name)
-        index.append(rows)
-    torch.save({"files": files, "index": index}, tmp / "index.pt")
-    if directory.exists():
-        import shutil
-        shutil.rmtree(directory)
-    os.replace(tmp, directory)
+    try:
+        for b, i in enumerate(tqdm(range(0, blocks.shape[0], batch_size), desc=desc, unit="batch")):
+            rows = list(range(i, min(i + batch_size, blocks.shape[0])))
+            cap = run_layers(model, blocks[rows].to(device), inputs_at=(start,), outputs_at=(start + n - 1,),
+                             stack=stack)
+            name = f"shard-{b:05d}.safetensors"
+            save_file({"x_in": cap.inputs[start].contiguous().cpu(),
+                       "x_out": cap.outputs[start + n - 1].contiguous().cpu()}, str(tmp / name))
+            files.append(name)
+            index.append(rows)
+        (tmp / "index.json").write_text(json.dumps({"files": files, "index": index}))  # written last: the marker
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+    except BaseException:  # a full disk or an interrupt: leave nothing behind (SIGKILL leaves .tmp-*, never trusted)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return TeacherShards(directory, files, index)
 
 
@@ -129,9 +135,18 @@ def _optimizer(params, cfg: TrainConfig, total_steps: int):
     return opt, sched
 
 
-def _check_finite(loss: torch.Tensor, stage: str, step: int) -> None:
-    if not torch.isfinite(loss):
-        raise NonFiniteLossError(f"{stage}: loss is {loss.item()} at step {step} (lr too high or bad data?); stopped")
+def _check_finite(loss: torch.Tensor, stage: str, step: int, slot: list[nn.Module],
+                  batch: tuple[torch.Tensor, ...] = ()) -> None:
+    if torch.isfinite(loss):
+        return
+    bad_weights = faults.nonfinite_parameters(slot)
+    if bad_weights:
+        cause = f"the replacement's weights became non-finite ({', '.join(bad_weights)}): lr too high?"
+    elif any(t.is_floating_point() and not torch.isfinite(t).all() for t in batch):
+        cause = "the teacher pairs hold NaN/inf (the dense model overflows on this batch: try dtype=float32)"
+    else:
+        cause = "the loss overflowed on finite inputs and weights (lr too high, or no gradient clipping?)"
+    raise NonFiniteLossError(stage, f"step {step}", f"loss is {loss.item()}", cause)
 
 
 class _Bookkeeping:
@@ -157,7 +172,7 @@ class _Bookkeeping:
             self.on_step(step, {"train/loss": loss, "train/lr": lr})
         if step % self.eval_every == 0 or step == self.total:
             v = self.validate()
-            _check_finite(torch.tensor(v), f"validation ({self.stage})", step)
+            _check_finite(torch.tensor(v), f"validation ({self.stage})", step, self.slot)
             log.val_loss.append((step, v))
             if self.on_step:
                 self.on_step(step, {"val/loss": v})
@@ -178,7 +193,7 @@ def train_mse(model: PreTrainedModel, slot: list[nn.Module], start: int, blocks:
               train_shards: TeacherShards, val_shards: TeacherShards, cfg: TrainConfig, seed: int,
               evals_per_epoch: int = 4, on_step=None) -> TrainLog:
     """Fit the slot modules to the teacher pairs. `model` is the DENSE model (used only to capture the
-    call arguments of layer `start` for each batch, which costs an embedding lookup, not a forward)."""
+    call arguments of layer `start`, once per batch shape)."""
     torch.manual_seed(seed)
     params = [p for m in slot for p in m.parameters() if p.requires_grad]
     steps_per_epoch = len(train_shards)
@@ -189,12 +204,20 @@ def train_mse(model: PreTrainedModel, slot: list[nn.Module], start: int, blocks:
     stack = find_decoder_stack(model)
     device = next(model.parameters()).device
 
+    kwargs_by_shape: dict[tuple[int, int], list[dict]] = {}
+
     def layer_kwargs(rows) -> list[dict]:
+        """The arguments the model passes to layers start.. (causal mask, rotary cos/sin, position ids) depend
+        on the batch's shape, not on its tokens: the blocks are unpadded sequences of one length (a test
+        checks this per family). Capturing them runs layers 0..start-1, so it is done once per shape."""
         if not need_kwargs:
             return [{}] * len(slot)
-        where = tuple(range(start, start + len(slot)))
-        cap = run_layers(model, blocks[rows].to(device), kwargs_at=where, stack=stack)
-        return [cap.call_kwargs[i] for i in where]
+        shape = (len(rows), blocks.shape[1])
+        if shape not in kwargs_by_shape:
+            where = tuple(range(start, start + len(slot)))
+            cap = run_layers(model, blocks[rows].to(device), kwargs_at=where, stack=stack)
+            kwargs_by_shape[shape] = [cap.call_kwargs[i] for i in where]
+        return kwargs_by_shape[shape]
 
     @torch.no_grad()
     def validate() -> float:
@@ -223,7 +246,7 @@ def train_mse(model: PreTrainedModel, slot: list[nn.Module], start: int, blocks:
             x, y, rows = train_shards.load(i)
             x, y = x.to(device), y.to(device)
             loss = _mse(_slot_call(slot, x, layer_kwargs(rows)), y, cfg.first_token)
-            _check_finite(loss, "train (mse)", step)
+            _check_finite(loss, "train (mse)", step, slot, (x, y))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -284,7 +307,7 @@ def train_lm(pruned: PreTrainedModel, slot: list[nn.Module], train_blocks: torch
             for m in slot:
                 m.train()
             loss = _lm_loss(pruned, ids)
-            _check_finite(loss, "train (lm)", step)
+            _check_finite(loss, "train (lm)", step, slot)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if accelerator is not None and world > 1:

@@ -36,6 +36,11 @@ def perplexity(model: Any, blocks: torch.Tensor, batch_size: int, desc: str = "p
             logits = model(input_ids=ids).logits[:, :-1].float()
             targets = ids[:, 1:]
             nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
+            if not torch.isfinite(nll):
+                from llm_streamline.faults import NumericalFault, diagnose
+
+                raise NumericalFault(desc, f"batch {start // batch_size} (blocks {start}..{start + ids.shape[0] - 1})",
+                                     f"negative log-likelihood {float(nll)}", diagnose(model, ids[:1]))
             total_nll += float(nll)
             total_tokens += targets.numel()
     finally:

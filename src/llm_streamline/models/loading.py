@@ -81,6 +81,19 @@ def tiny_model(family: str, vocab_size: int, overrides: dict | None = None, seed
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()  # no dropout in tests
 
 
+def require_safetensors(path: str | Path) -> None:
+    """A local checkpoint must hold its weights in safetensors: a pickle (`*.bin`, `*.pt`) can run code when
+    loaded, so it is refused before anything reads it. (Hub ids are loaded with `use_safetensors=True`,
+    which makes transformers refuse pickles the same way.)"""
+    path = Path(path)
+    if not path.is_dir() or any(path.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt"))
+    found = f" (found {', '.join(pickles[:3])})" if pickles else ""
+    raise FileNotFoundError(f"{path}: no *.safetensors weights{found}; llm-streamline loads safetensors only "
+                            "(convert with transformers: from_pretrained(...).save_pretrained(dir))")
+
+
 def load_model(cfg: ModelConfig, seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load the model and tokenizer a preset names; weights from safetensors only."""
     dtype = DTYPES[cfg.dtype]
@@ -91,6 +104,7 @@ def load_model(cfg: ModelConfig, seed: int = 0) -> tuple[PreTrainedModel, PreTra
         model = tiny_model(cfg.family, len(tok), dict(cfg.tiny), seed=seed, special_ids=special)
     else:
         path = str(embedded_smollm2_dir()) if cfg.source == "embedded" else cfg.name_or_path
+        require_safetensors(path)
         kwargs = dict(dtype=dtype, use_safetensors=True, trust_remote_code=cfg.trust_remote_code)
         if cfg.revision:
             kwargs["revision"] = cfg.revision

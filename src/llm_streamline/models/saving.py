@@ -89,6 +89,9 @@ def load_pruned(path, dtype: torch.dtype = torch.float32, device: str = "cpu") -
 
         return load(path, dtype=dtype, device=device)
     if (path / "config.json").exists():
+        from llm_streamline.models.loading import require_safetensors
+
+        require_safetensors(path)
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True).to(device).eval()
     meta_file = path / STREAMLINE_CONFIG
     if not meta_file.exists():
