@@ -1,0 +1,209 @@
+"""Peak RSS of training the replacement on N vs 4N blocks: teacher pairs streamed from disk vs all in RAM.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_memory.py [--n 32] [--factor 4] [--seq-len 256] [--batch-size 8]
+                                        [--start 16] [--layers 8] [--threads 1]
+                                        [--out benchmarks/results/bench_memory.json]
+
+Model: SmolLM2-135M-Instruct (fp32, CPU); block [start, start+layers) = [16, 24) by default; FFN replacement
+(residual, width 1536); training blocks of the offline data config's length (256 tokens); epochs=1.
+
+Two variants, each on N and factor*N training blocks (the same first blocks of one seeded split), each case
+in a FRESH subprocess (ru_maxrss is a per-process high-water mark, so cases must not share a process):
+
+* ``stream``: the project's path: ``write_teacher_shards`` (layers 0..start+layers-1 only, one
+  safetensors shard per batch on disk) then ``train_mse`` streaming the shards back, one batch at a time.
+* ``ram``: the authors' approach, written here: the same truncated forward (``run_layers``), but every
+  (x_in, x_out) pair is kept in memory (preallocated tensors, so this is a lower bound for that approach)
+  and the FFN is trained from those tensors with the same batch size, AdamW and MSE.
+
+Reported per case: the process's peak RSS (ru_maxrss), the RSS after the model and data are loaded, and
+the peak of each phase (collection, training) from VmHWM, reset between phases via /proc/self/clear_refs.
+The relative rise from N to factor*N is reported for both variants. Target (issue): streaming rise < 10 %.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def _vm(key: str) -> float:
+    """/proc/self/status value in MiB (VmRSS: current, VmHWM: peak since start or the last reset)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _reset_peak() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+        return True
+    except OSError:
+        return False
+
+
+def worker(args) -> dict:
+    torch.set_num_threads(args.threads)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llm_streamline.config import DataConfig, ReplacementConfig, TrainConfig
+    from llm_streamline.data import load_blocks
+    from llm_streamline.models.layers import find_decoder_stack, run_layers
+    from llm_streamline.models.loading import embedded_smollm2_dir
+    from llm_streamline.replace import build_replacement
+    from llm_streamline.train import _mse, train_mse, write_teacher_shards
+
+    path = embedded_smollm2_dir()
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(str(path))
+    # the same split for every case: the largest request, then the first `blocks` training blocks
+    data = load_blocks(DataConfig(seq_len=args.seq_len, calib_samples=1, train_samples=args.n * args.factor,
+                                  val_samples=args.val_blocks), tok)
+    train_blocks, val_blocks = data.train[:args.blocks].contiguous(), data.val
+    stack = find_decoder_stack(model)
+    start, n = args.start, args.layers
+    torch.manual_seed(0)
+    slot = build_replacement(ReplacementConfig(type="ffn"), list(stack.layers[start:start + n]), stack.config,
+                             returns_tuple=False)
+    tcfg = TrainConfig(epochs=1, batch_size=args.batch_size, first_token="exclude")
+    rec = {"mode": args.mode, "blocks": args.blocks, "tokens": int(train_blocks.numel())}
+    rec["rss_after_load_mib"] = _vm("VmRSS")
+    rec["peak_after_load_mib"] = _vm("VmHWM")
+    rec["peak_reset_supported"] = _reset_peak()
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
+        if args.mode == "stream":
+            tr = write_teacher_shards(model, train_blocks, start, n, Path(tmp) / "train", args.batch_size, "train")
+            va = write_teacher_shards(model, val_blocks, start, n, Path(tmp) / "val", args.batch_size, "val")
+            rec["collect_seconds"] = time.perf_counter() - t0
+            rec["peak_collect_mib"] = _vm("VmHWM")
+            rec["rss_after_collect_mib"] = _vm("VmRSS")
+            _reset_peak()
+            t1 = time.perf_counter()
+            log = train_mse(model, slot, start, train_blocks, tr, va, tcfg, seed=0)
+            rec["train_seconds"] = time.perf_counter() - t1
+            rec["steps"], rec["best_val_loss"] = log.steps, log.best_val_loss
+        else:
+            d = model.config.hidden_size
+
+            def collect(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                x_in = torch.empty(blocks.shape[0], blocks.shape[1], d)
+                x_out = torch.empty_like(x_in)
+                for i in range(0, blocks.shape[0], args.batch_size):
+                    cap = run_layers(model, blocks[i:i + args.batch_size], inputs_at=(start,),
+                                     outputs_at=(start + n - 1,), stack=stack)
+                    x_in[i:i + args.batch_size] = cap.inputs[start]
+                    x_out[i:i + args.batch_size] = cap.outputs[start + n - 1]
+                return x_in, x_out
+
+            tx, ty = collect(train_blocks)
+            vx, vy = collect(val_blocks)
+            rec["collect_seconds"] = time.perf_counter() - t0
+            rec["peak_collect_mib"] = _vm("VmHWM")
+            rec["rss_after_collect_mib"] = _vm("VmRSS")
+            _reset_peak()
+            t1 = time.perf_counter()
+            ffn = slot[0]
+            opt = torch.optim.AdamW(ffn.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+            gen = torch.Generator().manual_seed(0)
+            order = torch.randperm(tx.shape[0], generator=gen)
+            steps = 0
+            for i in range(0, tx.shape[0], args.batch_size):
+                rows = order[i:i + args.batch_size]
+                loss = _mse(ffn(tx[rows]), ty[rows], tcfg.first_token)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(ffn.parameters(), tcfg.grad_clip)
+                opt.step()
+                steps += 1
+            with torch.no_grad():
+                rec["best_val_loss"] = _mse(ffn(vx), vy, tcfg.first_token).item()
+            rec["train_seconds"] = time.perf_counter() - t1
+            rec["steps"] = steps
+            rec["pairs_in_ram_mib"] = (tx.numel() + ty.numel() + vx.numel() + vy.numel()) * 4 / 2**20
+    rec["peak_train_mib"] = _vm("VmHWM")
+    rec["ru_maxrss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return rec
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=32, help="training blocks of the small case")
+    ap.add_argument("--factor", type=int, default=4, help="the large case has factor * n blocks")
+    ap.add_argument("--seq-len", type=int, default=256, help="tokens per block (the offline data config's)")
+    ap.add_argument("--val-blocks", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--start", type=int, default=16)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (set OMP_NUM_THREADS to match)")
+    ap.add_argument("--target-rise", type=float, default=0.10)
+    ap.add_argument("--out", default="benchmarks/results/bench_memory.json")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--mode", choices=("stream", "ram"), help=argparse.SUPPRESS)
+    ap.add_argument("--blocks", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        print("RESULT " + json.dumps(worker(args)))
+        return {}
+
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "WANDB_MODE": "disabled", "TQDM_DISABLE": "1"}
+    common = ["--n", str(args.n), "--factor", str(args.factor), "--seq-len", str(args.seq_len),
+              "--val-blocks", str(args.val_blocks), "--batch-size", str(args.batch_size),
+              "--start", str(args.start), "--layers", str(args.layers), "--threads", str(args.threads)]
+    load_start = os.getloadavg()
+    cases: dict[str, dict[str, dict]] = {"stream": {}, "ram": {}}
+    for blocks in (args.n, args.n * args.factor):
+        for mode in ("stream", "ram"):
+            proc = subprocess.run([sys.executable, __file__, "--worker", "--mode", mode, "--blocks", str(blocks),
+                                   *common], env=env, capture_output=True, text=True, check=False)
+            line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+            if proc.returncode != 0 or line is None:
+                sys.stderr.write(proc.stderr[-4000:])
+                raise SystemExit(f"worker {mode} {blocks} failed with exit code {proc.returncode}")
+            cases[mode][str(blocks)] = json.loads(line[len("RESULT "):])
+            r = cases[mode][str(blocks)]
+            print(f"{mode:6s} {blocks:4d} blocks: ru_maxrss {r['ru_maxrss_mib']:.0f} MiB, "
+                  f"after load {r['rss_after_load_mib']:.0f}, collect peak {r['peak_collect_mib']:.0f}, "
+                  f"train peak {r['peak_train_mib']:.0f}", flush=True)
+
+    small, large = str(args.n), str(args.n * args.factor)
+
+    def rise(mode: str, key: str) -> dict:
+        a, b = cases[mode][small][key], cases[mode][large][key]
+        return {"small_mib": a, "large_mib": b, "rise_mib": b - a, "relative_rise": (b - a) / a}
+
+    out = {
+        "model": "SmolLM2-135M-Instruct (fp32, CPU)", "replacement": "ffn (residual, width 1536)",
+        "block": [args.start, args.start + args.layers], "seq_len": args.seq_len, "batch_size": args.batch_size,
+        "val_blocks": args.val_blocks, "epochs": 1, "train_blocks": {"small": args.n, "large": args.n * args.factor},
+        "torch_threads": args.threads, "omp_num_threads": str(args.threads),
+        "cpu_count": os.cpu_count(), "machine": platform.machine(),
+        "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
+        "cases": cases,
+        "peak_rss_rise": {mode: rise(mode, "ru_maxrss_mib") for mode in cases},
+        "train_phase_peak_rise": {mode: rise(mode, "peak_train_mib") for mode in cases},
+        "target_streaming_rise": args.target_rise,
+    }
+    out["target_met"] = out["peak_rss_rise"]["stream"]["relative_rise"] < args.target_rise
+    dest = Path(args.out)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(out, indent=2))
+    os.replace(tmp, dest)
+    print(json.dumps({"peak_rss_rise": out["peak_rss_rise"], "target_met": out["target_met"]}, indent=1))
+    return out
+
+
+if __name__ == "__main__":
+    main()
