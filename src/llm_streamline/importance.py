@@ -101,14 +101,17 @@ def lowest_bi_layers(profile: SimilarityProfile, n: int) -> list[int]:
     return sorted(sorted(range(len(bi)), key=lambda i: bi[i])[:n])
 
 
-def plot_profile(profile: SimilarityProfile, path, chosen: tuple[int, int] | None = None, title: str = "") -> None:
-    """Heat map of mean cos(x^(l), x^(l+n)) over (n, l), and the chosen block marked."""
+def plot_profile(profile: SimilarityProfile, path, chosen: tuple[int, int] | list[tuple[int, int]] | None = None,
+                 title: str = "") -> None:
+    """Heat map of mean cos(x^(l), x^(l+n)) over (n, l), the chosen block(s) marked, and the profile of
+    single layers (n=1) beside it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
+    blocks = [chosen] if isinstance(chosen, tuple) else list(chosen or [])
     ns = sorted(profile.mean_cos)
     L = profile.num_layers
     grid = np.full((len(ns), L), np.nan)
@@ -123,14 +126,16 @@ def plot_profile(profile: SimilarityProfile, path, chosen: tuple[int, int] | Non
     axes[0].set_ylabel("block size n")
     axes[0].set_title("mean cos(x^(l), x^(l+n))")
     fig.colorbar(im, ax=axes[0])
-    if chosen is not None:
-        start, n = chosen
+    for k, (start, n) in enumerate(sorted(set(blocks), key=lambda b: b[1])):
         if n in ns:
-            axes[0].plot([start], [ns.index(n)], "rx", markersize=12, mew=3, label=f"removed [{start},{start + n})")
-            axes[0].legend(loc="upper right")
+            axes[0].plot([start], [ns.index(n)], "rx", markersize=10, mew=2.5,
+                         label="chosen block (removed)" if k == 0 else None)
+    if blocks:
+        axes[0].legend(loc="upper right")
     axes[1].plot(range(len(profile.mean_cos[ns[0]])), profile.mean_cos[ns[0]], "o-", label=f"n={ns[0]}")
-    if chosen is not None and chosen[1] in profile.mean_cos and chosen[1] != ns[0]:
-        axes[1].plot(range(len(profile.mean_cos[chosen[1]])), profile.mean_cos[chosen[1]], "s-", label=f"n={chosen[1]}")
+    for n in sorted({b[1] for b in blocks}):  # one curve per block size
+        if n in profile.mean_cos and n != ns[0]:
+            axes[1].plot(range(len(profile.mean_cos[n])), profile.mean_cos[n], "s-", ms=3, label=f"n={n}")
     axes[1].set_xlabel("block start l")
     axes[1].set_ylabel("mean cosine")
     axes[1].legend()

@@ -15,6 +15,7 @@ killed run resumes after its last finished stage and a sweep computes shared sta
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
@@ -50,10 +51,42 @@ log = logging.getLogger("llm_streamline")
 
 
 # ------------------------------------------------------------------------------------------------ helpers
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark of this process (Linux: `5 > /proc/self/clear_refs`), so each stage's
+    own peak is measured, not the largest of every earlier stage or earlier job of a multirun."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_mib() -> float:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
 class Timings(dict):
+    """Wall time per stage (seconds) and, in `peak_rss_mib`, each stage's own peak resident memory."""
+
+    def __init__(self):
+        super().__init__()
+        self.peak_rss_mib: dict[str, float] = {}
+        self.peak_cuda_mib: dict[str, float] = {}
+
     @contextmanager
     def stage(self, name: str):
         t0 = time.perf_counter()
+        per_stage = _reset_peak_rss()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
         log.info("== %s", name)
         try:
             yield
@@ -63,6 +96,10 @@ class Timings(dict):
             raise
         finally:
             self[name] = round(self.get(name, 0.0) + time.perf_counter() - t0, 3)
+            if per_stage:
+                self.peak_rss_mib[name] = max(self.peak_rss_mib.get(name, 0.0), _peak_rss_mib())
+            if torch.cuda.is_available():
+                self.peak_cuda_mib[name] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
             log.info("== %s done in %.1f s", name, self[name])
 
 
@@ -208,44 +245,13 @@ def run(cfg: RunConfig, out_dir: Path) -> dict:
             train_key = store.stage_key("train", model=model_id, data=data_key, start=start, n=n,
                                         replacement=asdict(cfg.replacement), train=asdict(cfg.train), seed=cfg.seed)
             if slot:
-                ckpt = store.stage_dir(train_key)
-                if (ckpt / "slot.safetensors").exists():
-                    state = load_file(str(ckpt / "slot.safetensors"))
-                    for j, m in enumerate(slot):
-                        m.load_state_dict({k.split(".", 1)[1]: v for k, v in state.items() if k.startswith(f"{j}.")})
-                    train_log = store.read_json(ckpt / "train_log.json")
-                    log.info("trained replacement reused from %s", ckpt)
-                else:
-                    def on_step(step, metrics):
-                        tracker.log(metrics, step=step)
-                    if cfg.train.loss == "mse":
-                        with timings.stage("teacher_pairs"):
-                            tkey = store.stage_key("teacher", model=model_id, data=data_key, start=start, n=n,
-                                                   batch=cfg.train.batch_size)
-                            tdir = store.stage_dir(tkey)
-                            train_sh = write_teacher_shards(dense_model, blocks.train, start, n, tdir / "train",
-                                                            cfg.train.batch_size, "teacher pairs (train)")
-                            val_sh = write_teacher_shards(dense_model, blocks.val, start, n, tdir / "val",
-                                                          cfg.train.batch_size, "teacher pairs (val)")
-                        with timings.stage("train"):
-                            tl = train_mse(dense_model, slot, start, blocks.train, train_sh, val_sh, cfg.train,
-                                           cfg.seed, on_step=on_step)
-                    else:
-                        with timings.stage("train"):
-                            block = remove_block(pruned, start, n, slot)
-                            tl = train_lm(pruned, slot, blocks.train, blocks.val, cfg.train, cfg.seed, on_step=on_step,
-                                          accelerator=accelerator)
-                    train_log = tl.as_dict()
-                    if accelerator is not None:
-                        # every rank leaves its weights: the data-parallel test checks they are identical
-                        save_file({f"{j}.{k}": v.detach().contiguous().cpu() for j, m in enumerate(slot)
-                                   for k, v in m.state_dict().items()},
-                                  str(out_dir / f"rank{accelerator.process_index}_slot.safetensors"))
-                        store.write_json_atomic(out_dir / f"rank{accelerator.process_index}.json",
-                                                {"start": start, "n": n, "train": train_log})
-                        if not is_main:
-                            return {"rank": accelerator.process_index, "layers": {"removed": [start, start + n]}}
-                    _save_slot_stage(slot, train_log, ckpt)
+                # parallel jobs of a sweep train one block once (data-parallel ranks train it together: no lock)
+                with store.stage_lock(train_key) if accelerator is None else contextlib.nullcontext():
+                    train_log, block = _load_or_train_replacement(
+                        cfg, slot, train_key, dense_model, pruned, blocks, start, n, model_id, data_key, timings,
+                        tracker, accelerator, out_dir)
+                if train_log is None:  # a data-parallel rank other than the main one: its part is done
+                    return {"rank": accelerator.process_index, "layers": {"removed": [start, start + n]}}
                 log.info("replacement %s: val loss %.5g -> %.5g (best at step %s)", cfg.replacement.type,
                          train_log["initial_val_loss"], train_log["best_val_loss"], train_log["best_step"])
 
@@ -276,7 +282,9 @@ def run(cfg: RunConfig, out_dir: Path) -> dict:
         ppl_pruned = None
         if cfg.eval.perplexity:
             with timings.stage("perplexity_pruned"):
-                ppl_pruned = perplexity(pruned, blocks.val, cfg.train.batch_size, "perplexity_pruned")
+                ppl_pruned, _ = store.cached_json(
+                    store.stage_key("ppl_pruned", train=train_key, data=val_key),
+                    lambda: perplexity(pruned, blocks.val, cfg.train.batch_size, "perplexity_pruned"), log.info)
         with timings.stage("stability"):
             stab = stability(dense["samples"], pres["samples"])
         speed = None
@@ -328,7 +336,8 @@ def run(cfg: RunConfig, out_dir: Path) -> dict:
             "stability": stab,
             "speed": speed,
             "timings": dict(timings),
-            "peak_memory": peak_memory(),
+            "peak_memory": {**peak_memory(), "stage_rss_mib": timings.peak_rss_mib,
+                            **({"stage_cuda_mib": timings.peak_cuda_mib} if timings.peak_cuda_mib else {})},
             "checkpoint": checkpoint,
             "cache": {"dense_eval_reused": dense_cached},
             "host": {"python": platform.python_version(), "torch": torch.__version__},
@@ -339,6 +348,55 @@ def run(cfg: RunConfig, out_dir: Path) -> dict:
         return results
     finally:
         tracker.finish()
+
+
+def _load_or_train_replacement(cfg: RunConfig, slot: list, train_key: str, dense_model, pruned, blocks, start: int,
+                               n: int, model_id: dict, data_key: dict, timings: Timings, tracker: Tracker,
+                               accelerator, out_dir: Path) -> tuple[dict | None, PrunedBlock | None]:
+    """The trained replacement from the stage cache, or trained now (MSE on teacher pairs, or LM loss) and
+    stored there. Returns (train log, the block if training already removed it from `pruned`); the train log
+    is None on data-parallel ranks other than the main one."""
+    ckpt = store.stage_dir(train_key)
+    if (ckpt / "slot.safetensors").exists():
+        state = load_file(str(ckpt / "slot.safetensors"))
+        for j, m in enumerate(slot):
+            m.load_state_dict({k.split(".", 1)[1]: v for k, v in state.items() if k.startswith(f"{j}.")})
+        log.info("trained replacement reused from %s", ckpt)
+        return store.read_json(ckpt / "train_log.json"), None
+
+    def on_step(step, metrics):
+        tracker.log(metrics, step=step)
+
+    block = None
+    if cfg.train.loss == "mse":
+        with timings.stage("teacher_pairs"):
+            tkey = store.stage_key("teacher", model=model_id, data=data_key, start=start, n=n,
+                                   batch=cfg.train.batch_size)
+            tdir = store.stage_dir(tkey)
+            with store.stage_lock(tkey):  # shared by the replacement types of one block
+                train_sh = write_teacher_shards(dense_model, blocks.train, start, n, tdir / "train",
+                                                cfg.train.batch_size, "teacher pairs (train)")
+                val_sh = write_teacher_shards(dense_model, blocks.val, start, n, tdir / "val",
+                                              cfg.train.batch_size, "teacher pairs (val)")
+        with timings.stage("train"):
+            tl = train_mse(dense_model, slot, start, blocks.train, train_sh, val_sh, cfg.train, cfg.seed,
+                           on_step=on_step)
+    else:
+        with timings.stage("train"):
+            block = remove_block(pruned, start, n, slot)
+            tl = train_lm(pruned, slot, blocks.train, blocks.val, cfg.train, cfg.seed, on_step=on_step,
+                          accelerator=accelerator)
+    train_log = tl.as_dict()
+    if accelerator is not None:
+        # every rank leaves its weights: the data-parallel test checks they are identical
+        rank = accelerator.process_index
+        save_file({f"{j}.{k}": v.detach().contiguous().cpu() for j, m in enumerate(slot)
+                   for k, v in m.state_dict().items()}, str(out_dir / f"rank{rank}_slot.safetensors"))
+        store.write_json_atomic(out_dir / f"rank{rank}.json", {"start": start, "n": n, "train": train_log})
+        if not accelerator.is_main_process:
+            return None, block
+    _save_slot_stage(slot, train_log, ckpt)
+    return train_log, block
 
 
 def _save_slot_stage(slot: list, train_log: dict, ckpt: Path) -> None:

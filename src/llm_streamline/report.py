@@ -1,9 +1,11 @@
 """`llm-streamline-report <runs dir> --out <dir>`: runs' results.json -> paper-style tables and plots.
 
 Reads records only (never reruns a stage). Writes `table.md`, `table.csv`, `table.tex` (one row per run
-plus the dense reference: accuracy per task, average, stability, perplexity, parameters, wall time) and
-`accuracy_vs_sparsity.png` (average accuracy and stability against achieved sparsity, one line per
-method/replacement).
+plus the dense reference: accuracy per task, average, stability, perplexity, parameters, the cost of
+compressing: trainable parameters, seconds and peak memory of the search/training stages, total wall time),
+`accuracy_vs_sparsity.png` (average accuracy, stability and perplexity against achieved sparsity, one
+line per method/replacement) and `similarity_<model>.png` (the layer-similarity heat map of each model,
+with every block the runs removed marked).
 """
 
 from __future__ import annotations
@@ -60,14 +62,15 @@ def label(r: dict) -> str:
 def rows_of(results: list[dict]) -> tuple[list[str], list[list]]:
     tasks = sorted({t for r in results for t in r["eval"]})
     header = ["run", "layers removed", "params", "sparsity"] + tasks + ["avg", "stability", "agreement",
-                                                                         "ppl", "wall s"]
+                                                                         "ppl", "trainable", "compress s",
+                                                                         "compress MiB", "wall s"]
     rows = []
     if results:  # the dense reference, from the first run that has it
         r0 = results[0]
         dense = [task_score(r0["eval"][t]["dense"], t) for t in tasks]
         ppl = (r0.get("perplexity") or {}).get("dense") or {}
         rows.append(["dense", "-", r0["params"]["dense"], 0.0] + dense
-                    + [_avg(dense), 1.0, 1.0, ppl.get("ppl"), None])
+                    + [_avg(dense), 1.0, 1.0, ppl.get("ppl"), None, None, None, None])
     for r in results:
         scores = [task_score(r["eval"].get(t, {}).get("pruned", {}), t) for t in tasks]
         stab = (r.get("stability") or {}).get("average", {})
@@ -82,8 +85,22 @@ def rows_of(results: list[dict]) -> tuple[list[str], list[list]]:
         rows.append([label(r), where, r["params"]["pruned"],
                      r["params"]["sparsity"]] + scores
                     + [_avg(scores), stab.get("stability"), stab.get("agreement"), ppl.get("ppl"),
-                       round(sum(r.get("timings", {}).values()), 1)])
+                       *compress_cost(r), round(sum(r.get("timings", {}).values()), 1)])
     return header, rows
+
+
+COMPRESS_STAGES = ("compress", "teacher_pairs", "train")  # a baseline's search/healing; our pairs + training
+
+
+def compress_cost(r: dict) -> tuple[int | None, float | None, float | None]:
+    """(trainable parameters, seconds, peak RSS MiB) of the stages that compress the model. A stage reused
+    from the cache is absent from `timings`: its cost is that of the run that computed it."""
+    trainable = (r.get("train") or {}).get("trainable_params")
+    t = r.get("timings", {})
+    secs = sum(t[s] for s in COMPRESS_STAGES if s in t) if any(s in t for s in COMPRESS_STAGES) else None
+    mem = (r.get("peak_memory") or {}).get("stage_rss_mib") or {}
+    peaks = [mem[s] for s in COMPRESS_STAGES if s in mem]
+    return trainable, (round(secs, 1) if secs is not None else None), (max(peaks) if peaks else None)
 
 
 def _avg(xs):
@@ -128,28 +145,54 @@ def plot(results: list[dict], out: Path) -> None:
 
     header, rows = rows_of(results)
     i_avg, i_stab, i_sp = header.index("avg"), header.index("stability"), header.index("sparsity")
-    series: dict[str, list[tuple[float, float, float]]] = {}
+    series: dict[str, list[tuple]] = {}
     for row in rows[1:]:
-        series.setdefault(row[0], []).append((row[i_sp], row[i_avg], row[i_stab]))
-    fig, axes = plt.subplots(1, 2, figsize=(14, 4.5))
+        series.setdefault(row[0], []).append((row[i_sp], row[i_avg], row[i_stab], row[header.index("ppl")]))
+    i_ppl = header.index("ppl")
+    fig, axes = plt.subplots(1, 3, figsize=(18, 4.5))
     colors = plt.get_cmap("tab20").colors  # more series than the default 10-colour cycle
     for k, (name, pts) in enumerate(sorted(series.items())):
         pts.sort()
         style = dict(color=colors[k % len(colors)], marker="os^Dv"[k % 5], label=name)
-        axes[0].plot([p[0] for p in pts], [p[1] for p in pts], "-", **style)
-        axes[1].plot([p[0] for p in pts], [p[2] for p in pts], "-", **style)
+        for ax, j in zip(axes, (1, 2, 3)):
+            xy = [(p[0], p[j]) for p in pts if p[j] is not None]
+            ax.plot([x for x, _ in xy], [y for _, y in xy], "-", **style)
     if rows:
         axes[0].axhline(rows[0][i_avg], color="k", ls="--", lw=1, label="dense")
-    axes[0].set_xlabel("sparsity (fraction of all parameters removed)")
-    axes[0].set_ylabel("average accuracy")
-    axes[1].set_xlabel("sparsity (fraction of all parameters removed)")
-    axes[1].set_ylabel("stability")
-    for ax in axes:
+        if rows[0][i_ppl]:
+            axes[2].axhline(rows[0][i_ppl], color="k", ls="--", lw=1, label="dense")
+    for ax, name in zip(axes, ("average accuracy", "stability", "perplexity (log scale)")):
+        ax.set_xlabel("sparsity (fraction of all parameters removed)")
+        ax.set_ylabel(name)
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    axes[2].set_yscale("log")
+    axes[2].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.tight_layout()
     fig.savefig(out / "accuracy_vs_sparsity.png", dpi=110)
     plt.close(fig)
+
+
+def plot_similarity(results: list[dict], out: Path) -> list[Path]:
+    """One heat map per model (its calibration profile), with every contiguous block a run removed."""
+    from llm_streamline.importance import SimilarityProfile, plot_profile
+
+    by_model: dict[str, list[dict]] = {}
+    for r in results:
+        if r.get("similarity_profile"):
+            by_model.setdefault(r["model"]["name"], []).append(r)
+    paths = []
+    for name, runs in sorted(by_model.items()):
+        prof = runs[0]["similarity_profile"]
+        profile = SimilarityProfile(num_layers=prof["num_layers"], tokens=prof["tokens"],
+                                    mean_cos={int(k): v for k, v in prof["cosine"].items()},
+                                    mean_angular={int(k): v for k, v in prof["angular"].items()})
+        blocks = sorted({(r["layers"]["removed"][0], r["layers"]["n_removed"]) for r in runs
+                         if r["layers"].get("contiguous") and r["layers"].get("n_removed")})
+        path = out / f"similarity_{name}.png"
+        plot_profile(profile, path, chosen=blocks,
+                     title=f"{name}: layer similarity on {profile.tokens} calibration tokens; x = blocks removed")
+        paths.append(path)
+    return paths
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -163,6 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     header, rows = rows_of(results)
     write_tables(header, rows, args.out)
     plot(results, args.out)
+    plot_similarity(results, args.out)
     print((args.out / "table.md").read_text())
 
 

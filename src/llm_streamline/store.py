@@ -9,10 +9,13 @@ Root: <cache>/stages (see `assets.cache_dir`).
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -86,14 +89,105 @@ def read_json(path: Path) -> Any | None:
     return json.loads(path.read_text())
 
 
+@contextmanager
+def stage_lock(key: str):
+    """Hold an exclusive lock on one stage while it is computed. Jobs of a sweep that run in parallel (a
+    local or SLURM launcher) and need the same stage (the dense evaluation, a block's teacher pairs) then
+    compute it once: the others wait, find it finished, and reuse it. flock works across processes on one
+    machine and on shared filesystems that support it (NFSv4, Lustre, GPFS)."""
+    import fcntl
+
+    locks = stage_root() / ".locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    with open(locks / key, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def cached_json(key: str, compute, log=None) -> tuple[Any, bool]:
     """Return (value, was_cached). `compute()` must return JSON-serialisable data."""
     path = stage_dir(key).with_suffix(".json")
     hit = read_json(path)
-    if hit is not None:
-        if log:
-            log(f"stage {key}: reused from {path}")
-        return hit, True
-    value = compute()
-    write_json_atomic(path, value)
-    return value, False
+    if hit is None:
+        with stage_lock(key):
+            hit = read_json(path)  # another job may have finished it while we waited
+            if hit is None:
+                value = compute()
+                write_json_atomic(path, value)
+                return value, False
+    if log:
+        log(f"stage {key}: reused from {path}")
+    return hit, True
+
+
+# ------------------------------------------------------------------------------------- the cache command
+def _size(p: Path) -> int:
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
+
+
+def _is_leftover(p: Path) -> bool:
+    """What a killed run leaves: temporary files/dirs and unfinished `.partial` entries (never trusted)."""
+    return (p.name.startswith(".") and p.name != ".locks") or p.name.endswith(".partial")
+
+
+def _stage_entries() -> dict[str, list[Path]]:
+    """Stage entries by kind (`teacher`, `train`, `eval_dense`, ...), leftovers apart; nested leftovers
+    (inside an entry) are counted too."""
+    root = stage_root()
+    kinds: dict[str, list[Path]] = {}
+    if not root.exists():
+        return kinds
+    for p in sorted(root.iterdir()):
+        kind = "leftovers" if _is_leftover(p) else p.name.rsplit("-", 1)[0]
+        kinds.setdefault(kind, []).append(p)
+    nested = [q for p in root.iterdir() if p.is_dir() and not _is_leftover(p) for q in p.rglob(".tmp-*")]
+    kinds.setdefault("leftovers", []).extend(nested) if nested else None
+    return kinds
+
+
+def cache_main(argv: list[str] | None = None) -> None:
+    """`llm-streamline-cache [report | clean --what KIND]`: sizes of the downloaded assets and of the stage
+    cache by kind; clean one kind (e.g. `teacher`, the largest: hidden states on disk), `leftovers` (what
+    killed runs left), `stages`, an asset directory, or `all`."""
+    ap = argparse.ArgumentParser(prog="llm-streamline-cache", description=cache_main.__doc__.splitlines()[0])
+    ap.add_argument("action", choices=["report", "clean"], nargs="?", default="report")
+    ap.add_argument("--what", default=None, help="kind to clean: a stage kind (teacher, train, eval_dense, ...), "
+                                                 "leftovers, stages, an asset directory (wheels, models, ...) or all")
+    args = ap.parse_args(argv)
+    root, stages = cache_dir(), stage_root()
+    kinds = _stage_entries()
+    assets = sorted(p for p in root.iterdir() if p != stages) if root.exists() else []
+    if args.action == "report":
+        total = 0
+        for p in assets:
+            size = _size(p)
+            total += size
+            print(f"{size / 2**20:10.1f} MiB  {p}")
+        for kind, paths in sorted(kinds.items()):
+            size = sum(_size(p) for p in paths)
+            total += size
+            print(f"{size / 2**20:10.1f} MiB  {stages}/{kind}-* ({len(paths)} entries)")
+        print(f"{total / 2**20:10.1f} MiB  total")
+        return
+    if args.what is None:
+        raise SystemExit("llm-streamline-cache: error: clean needs --what (e.g. --what teacher, leftovers, all)")
+    if args.what == "all":
+        doomed = assets + [p for paths in kinds.values() for p in paths]
+    elif args.what == "stages":
+        doomed = [p for paths in kinds.values() for p in paths]
+    elif args.what in kinds:
+        doomed = kinds[args.what]
+    else:
+        doomed = [p for p in assets if p.name == args.what]
+        if not doomed:
+            known = sorted({*kinds, "stages", "all", *(p.name for p in assets)})
+            raise SystemExit(f"llm-streamline-cache: error: nothing named {args.what!r}; one of {', '.join(known)}")
+    freed = 0
+    for p in doomed:
+        if p.exists():
+            freed += _size(p)
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    print(f"removed {len(doomed)} entries, {freed / 2**20:.1f} MiB")

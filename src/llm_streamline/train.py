@@ -106,7 +106,8 @@ class TrainLog:
     def as_dict(self) -> dict:
         return {"steps": self.steps, "tokens": self.tokens, "trainable_params": self.trainable_params,
                 "initial_val_loss": self.initial_val_loss, "best_val_loss": self.best_val_loss,
-                "best_step": self.best_step, "train_loss": self.train_loss, "val_loss": self.val_loss}
+                "best_step": self.best_step,  # (step, loss) pairs as lists: equal to what JSON reads back
+                "train_loss": [list(p) for p in self.train_loss], "val_loss": [list(p) for p in self.val_loss]}
 
 
 def _slot_call(modules: list[nn.Module], x: torch.Tensor, kwargs: list[dict]) -> torch.Tensor:
