@@ -343,6 +343,8 @@ def test_flops_per_token_by_hand(tiny):
     attention = 4 * 2 * 64 * (seq + 1)  # QK^T and AV, causal average context (seq + 1) / 2
     assert speed.matmul_params(tiny) == linear
     assert speed.flops_per_token(tiny, seq) == pytest.approx(2 * linear + attention)
+    # a prefill that keeps the last position's logits only: no LM head in the per-token count
+    assert speed.flops_per_token(tiny, seq, lm_head=False) == pytest.approx(2 * (linear - 64 * vocab) + attention)
 
 
 def test_flops_drop_with_fewer_layers(tok):

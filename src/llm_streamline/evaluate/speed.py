@@ -49,12 +49,19 @@ def attention_widths(model: nn.Module) -> list[int]:
     return [heads * head_dim] * cfg.num_hidden_layers
 
 
-def flops_per_token(model: nn.Module, seq_len: int) -> float:
-    """Forward FLOPs per token averaged over a causal sequence of ``seq_len`` (formula above)."""
+def flops_per_token(model: nn.Module, seq_len: int, lm_head: bool = True) -> float:
+    """Forward FLOPs per token averaged over a causal sequence of ``seq_len`` (formula above).
+
+    ``lm_head=False``: without the LM head, as in a prefill that computes logits for the last position
+    only (``measure_throughput``, ``generate``): its head cost is 1/seq_len of a token's, left out."""
     if seq_len < 1:
         raise ValueError("seq_len must be >= 1")
     attention = sum(2.0 * d * (seq_len + 1) for d in attention_widths(model))
-    return 2.0 * matmul_params(model) + attention
+    params = matmul_params(model)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not lm_head and isinstance(head, nn.Linear):
+        params -= head.weight.numel()
+    return 2.0 * params + attention
 
 
 def _vocab_size(model: nn.Module) -> int:
