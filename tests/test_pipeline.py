@@ -134,6 +134,16 @@ def test_rerun_reuses_every_stage_and_gives_identical_results(tmp_path):
         assert first[key] == second[key], key
 
 
+@pytest.mark.parametrize("launcher,gpus,target", [("slurm_gpu", 1, "SlurmLauncher"), ("slurm_70b", 4, "SlurmLauncher"),
+                                                  ("local", 0, "LocalLauncher")])
+def test_launcher_presets_compose(launcher, gpus, target):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"hydra/launcher={launcher}", "model=llama3.1-70b"],
+                      return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith(target)
+    assert cfg.hydra.launcher.gpus_per_node == gpus and cfg.hydra.launcher.timeout_min >= 120
+
+
 def test_parallel_sweep_jobs_compute_shared_stages_once(tmp_path):
     """A multirun under the submitit launcher (the SLURM code path, run locally: each job its own process,
     jobs in parallel) computes the dense evaluation and the similarity profile once; the other job waits
