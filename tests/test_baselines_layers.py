@@ -191,6 +191,24 @@ def test_lora_heal_lowers_val_loss_and_merges_to_the_original_class(tmp_path):
     _check_cache_and_roundtrip(healed, tmp_path)
 
 
+def test_lora_adapters_kept_and_reapplied_give_the_same_model():
+    """The pipeline keeps the trained adapters (stage cache) and a rerun applies them without training."""
+    g = torch.Generator().manual_seed(0)
+    blocks = torch.randint(3, V, (24, 4), generator=g).repeat(1, 8)
+    cfg = RunConfig()
+    cfg.method.lora_lr, cfg.method.lora_epochs, cfg.train.batch_size = 5e-3, 1, 4
+    kept = {}
+    trained, log = heal.lora_heal(_model("llama"), blocks[:20], blocks[20:], cfg, progress=False,
+                                  on_trained=lambda adapters, lg: kept.update(adapters=adapters, log=lg))
+    assert kept["log"] is log and all("lora_" in k for k in kept["adapters"])
+    again, log2 = heal.lora_heal(_model("llama"), blocks[:20], blocks[20:], cfg, progress=False,
+                                 cached=(kept["adapters"], kept["log"]))
+    assert log2 is log
+    want = trained.state_dict()
+    for k, v in again.state_dict().items():
+        assert torch.equal(v, want[k]), k
+
+
 @pytest.mark.parametrize("method", ["shortgpt", "gromov", "laco", "sleb"])
 def test_baseline_through_the_pipeline(method, tmp_path):
     from hydra import compose, initialize_config_dir

@@ -236,3 +236,7 @@ def test_lora_healing_of_plain_pruning_in_the_same_harness(tmp_path):
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(res["checkpoint"])  # stock checkpoint
+    again = pipeline.run(cfg, tmp_path / "again")  # the adapters come from the stage cache: no training
+    assert "train" not in again["timings"]
+    for key in ("layers", "params", "eval", "perplexity", "train"):
+        assert again[key] == res[key], key

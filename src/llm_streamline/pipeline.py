@@ -261,8 +261,10 @@ def run(cfg: RunConfig, out_dir: Path) -> dict:
 
                 block = remove_block(pruned, start, n, [])
                 budget = replace(cfg, method=replace(cfg.method, lora_epochs=cfg.train.epochs, lora_lr=cfg.train.lr))
-                with timings.stage("train"):
-                    pruned, train_log = lora_heal(pruned, blocks.train, blocks.val, budget)
+                cached, on_trained = _lora_stage(store.stage_key("lora", train=train_key))
+                with timings.stage("train") if cached is None else contextlib.nullcontext():
+                    pruned, train_log = lora_heal(pruned, blocks.train, blocks.val, budget, cached=cached,
+                                                  on_trained=on_trained)
             if block is None:
                 block = remove_block(pruned, start, n, slot)
             removed_idx = list(range(start, start + n))
@@ -399,15 +401,14 @@ def _load_or_train_replacement(cfg: RunConfig, slot: list, train_key: str, dense
     return train_log, block
 
 
-def _save_slot_stage(slot: list, train_log: dict, ckpt: Path) -> None:
-    """The trained replacement into the stage cache: written to `<key>.partial`, renamed when complete."""
+def _save_weights_stage(ckpt: Path, weights_file: str, weights: dict, train_log: dict) -> None:
+    """Trained weights and their log into the stage cache: written to `<key>.partial`, renamed when complete."""
     import shutil
 
     tmp = ckpt.with_name(ckpt.name + ".partial")
     try:
         tmp.mkdir(parents=True, exist_ok=True)
-        save_file({f"{j}.{k}": v.detach().contiguous().cpu() for j, m in enumerate(slot)
-                   for k, v in m.state_dict().items()}, str(tmp / "slot.safetensors"))
+        save_file(weights, str(tmp / weights_file))
         store.write_json_atomic(tmp / "train_log.json", train_log)
         if ckpt.exists():
             shutil.rmtree(ckpt)
@@ -417,16 +418,35 @@ def _save_slot_stage(slot: list, train_log: dict, ckpt: Path) -> None:
         raise
 
 
+def _save_slot_stage(slot: list, train_log: dict, ckpt: Path) -> None:
+    _save_weights_stage(ckpt, "slot.safetensors", {f"{j}.{k}": v.detach().contiguous().cpu()
+                                                    for j, m in enumerate(slot) for k, v in m.state_dict().items()},
+                        train_log)
+
+
+def _lora_stage(key: str):
+    """(cached adapters and log or None, a callback that stores newly trained ones) for LoRA healing."""
+    ckpt = store.stage_dir(key)
+    cached = None
+    if (ckpt / "adapters.safetensors").exists():
+        cached = (load_file(str(ckpt / "adapters.safetensors")), store.read_json(ckpt / "train_log.json"))
+        log.info("LoRA adapters reused from %s", ckpt)
+    return cached, lambda adapters, train_log: _save_weights_stage(ckpt, "adapters.safetensors", adapters,
+                                                                   train_log)
+
+
 def _apply_baseline(cfg: RunConfig, model, blocks, profile, n: int, model_id: dict, data_key: dict):
     """A baseline method on a copy of the dense model (see `baselines`)."""
     from llm_streamline.baselines import apply_method
 
     pruned = copy.deepcopy(model)
-    torch.manual_seed(cfg.seed)
-    bres = apply_method(cfg, pruned, blocks.calib, blocks.train, blocks.val, profile, n)
     key = store.stage_key("baseline", model=model_id, data=data_key, method=asdict(cfg.method),
                           sparsity=asdict(cfg.sparsity), n=n, seed=cfg.seed,
                           train=asdict(cfg.train) if cfg.method.heal == "lora" else None)  # healing uses train.*
+    cached, on_healed = _lora_stage(store.stage_key("lora", baseline=key))
+    torch.manual_seed(cfg.seed)
+    bres = apply_method(cfg, pruned, blocks.calib, blocks.train, blocks.val, profile, n, heal_cached=cached,
+                        on_healed=on_healed)
     log.info("%s: removed layers %s %s", cfg.method.name, bres.removed_layers, bres.record)
     return bres.model.eval(), bres, key
 

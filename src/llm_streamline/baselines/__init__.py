@@ -31,7 +31,10 @@ class BaselineResult:
 
 
 def apply_method(cfg: RunConfig, model: PreTrainedModel, calib: torch.Tensor, train: torch.Tensor,
-                 val: torch.Tensor, profile: SimilarityProfile, n: int) -> BaselineResult:
+                 val: torch.Tensor, profile: SimilarityProfile, n: int, heal_cached=None,
+                 on_healed=None) -> BaselineResult:
+    """heal_cached / on_healed: LoRA adapters of an earlier identical run, and a callback that receives
+    newly trained ones (see `heal.lora_heal`); the caller keeps them."""
     name = cfg.method.name
     if name in ("shortgpt", "gromov", "sleb"):
         from llm_streamline.baselines import layer_removal
@@ -50,7 +53,8 @@ def apply_method(cfg: RunConfig, model: PreTrainedModel, calib: torch.Tensor, tr
     if cfg.method.heal == "lora":
         from llm_streamline.baselines import heal
 
-        result.model, result.train_log = heal.lora_heal(result.model, train, val, cfg)
+        result.model, result.train_log = heal.lora_heal(result.model, train, val, cfg, cached=heal_cached,
+                                                        on_trained=on_healed)
     return result
 
 

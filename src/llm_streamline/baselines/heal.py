@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, get_cosine_with_min_lr_schedule_with_warmup
 
 from llm_streamline.config import RunConfig
+from llm_streamline.faults import NumericalFault, nonfinite_parameters
 from llm_streamline.models.layers import find_decoder_stack
 
 
@@ -43,9 +44,13 @@ def _val_loss(model, blocks: torch.Tensor, bs: int, device) -> float:
 
 
 def lora_heal(model: PreTrainedModel, train_blocks: torch.Tensor, val_blocks: torch.Tensor,
-              cfg: RunConfig, progress: bool = True) -> tuple[PreTrainedModel, dict]:
+              cfg: RunConfig, progress: bool = True, cached: tuple[dict, dict] | None = None,
+              on_trained=None) -> tuple[PreTrainedModel, dict]:
     """Returns (the merged plain model, training log). The input object is modified (peft injects adapters
-    in place and merge_and_unload gives back the same base model object)."""
+    in place and merge_and_unload gives back the same base model object).
+
+    cached: (adapter weights, log) of an earlier identical run: loaded and merged, no training.
+    on_trained(adapter weights, log): called after training (the pipeline keeps them in its stage cache)."""
     from peft import LoraConfig, get_peft_model
 
     t0 = time.perf_counter()
@@ -57,6 +62,13 @@ def lora_heal(model: PreTrainedModel, train_blocks: torch.Tensor, val_blocks: to
     lcfg = LoraConfig(r=m.lora_rank, lora_alpha=m.lora_alpha, lora_dropout=0.0, bias="none",
                       target_modules=targets, task_type="CAUSAL_LM")
     peft_model = get_peft_model(model, lcfg)
+    if cached is not None:
+        adapters, log = cached
+        missing = [k for k in adapters if k not in peft_model.state_dict()]
+        if missing:
+            raise ValueError(f"cached LoRA adapters do not fit this model (e.g. {missing[0]})")
+        peft_model.load_state_dict(adapters, strict=False)
+        return _merge(peft_model, cls), log
     params = [p for p in peft_model.parameters() if p.requires_grad]
     bs = t.batch_size
     steps_per_epoch = max(1, train_blocks.shape[0] // bs)
@@ -85,7 +97,10 @@ def lora_heal(model: PreTrainedModel, train_blocks: torch.Tensor, val_blocks: to
             peft_model.train()
             loss = peft_model(input_ids=ids, labels=ids, use_cache=False).loss
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"lora heal: loss is {loss.item()} at step {step}")
+                bad = nonfinite_parameters(peft_model)
+                raise NumericalFault("lora heal", f"step {step}", f"loss is {loss.item()}",
+                                     f"non-finite weights in {', '.join(bad)}" if bad else
+                                     "the loss overflowed on finite weights (method.lora_lr too high?)")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
@@ -104,12 +119,20 @@ def lora_heal(model: PreTrainedModel, train_blocks: torch.Tensor, val_blocks: to
     bar.close()
     final = log["val_loss"][-1][1] if log["val_loss"] else init
     peft_model.load_state_dict(best_state, strict=False)
+    log["train_loss"] = [list(p) for p in log["train_loss"]]  # as JSON reads them back
+    log["val_loss"] = [list(p) for p in log["val_loss"]]
+    log.update(final_val_loss=final, best_val_loss=best, best_step=best_step, steps=step, tokens=tokens,
+               seconds=round(time.perf_counter() - t0, 3),
+               val_ppl={"initial": math.exp(init), "best": math.exp(best)})
+    if on_trained is not None:
+        on_trained({k: v.contiguous().cpu() for k, v in best_state.items()}, log)
+    return _merge(peft_model, cls), log
+
+
+def _merge(peft_model, cls) -> PreTrainedModel:
     merged = peft_model.merge_and_unload()
     merged.eval()
     if type(merged) is not cls:
         raise TypeError(f"LoRA merge returned {type(merged).__name__}, expected {cls.__name__}")
     merged.requires_grad_(True)
-    log.update(final_val_loss=final, best_val_loss=best, best_step=best_step, steps=step, tokens=tokens,
-               seconds=round(time.perf_counter() - t0, 3),
-               val_ppl={"initial": math.exp(init), "best": math.exp(best)})
-    return merged, log
+    return merged
