@@ -240,3 +240,19 @@ def test_layer_call_arguments_depend_on_shape_not_tokens(family):
                     assert torch.equal(x, y), (family, i, k)
                 else:
                     assert x == y, (family, i, k)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "gemma3"])
+def test_block_perplexity_equals_the_perplexity_of_the_pruned_model(family):
+    """sparsity.importance=perplexity scores start l by the calibration perplexity with [l, l+n) skipped:
+    the same number as the perplexity of the model with the block actually removed."""
+    from llm_streamline.evaluate.perplexity import perplexity
+    from llm_streamline.importance import block_perplexities
+
+    model, x = make(family), ids(n=4, t=16)
+    scores = block_perplexities(model, x, n=2, batch_size=2, progress=False)
+    assert len(scores) == find_decoder_stack(model).num_layers - 1
+    for start in (0, 3, 6):
+        pruned = copy.deepcopy(model)
+        remove_block(pruned, start, 2, [])
+        assert scores[start] == pytest.approx(perplexity(pruned, x, batch_size=2)["ppl"], rel=1e-5)

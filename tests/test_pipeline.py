@@ -162,6 +162,13 @@ def test_parallel_sweep_jobs_compute_shared_stages_once(tmp_path):
     assert len(list((tmp_path / "stages").glob("eval_dense-*.json"))) == 1
 
 
+def test_perplexity_importance_removes_the_block_with_the_lowest_perplexity(tmp_path):
+    cfg = compose_run("experiment=smoke", "replacement=none", "sparsity.importance=perplexity")
+    res = pipeline.run(cfg, tmp_path)
+    ppl = res["layers"]["block_perplexity"]
+    assert len(ppl) == 8 - 2 + 1 and res["layers"]["removed"][0] == min(range(len(ppl)), key=ppl.__getitem__)
+
+
 def test_target_sparsity_picks_the_closest_n(tmp_path):
     cfg = compose_run("experiment=smoke", "sparsity=target25", "sparsity.basis=layers", "replacement=none")
     res = pipeline.run(cfg, tmp_path)

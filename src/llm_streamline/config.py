@@ -48,7 +48,7 @@ class SparsityConfig:
     layers: Optional[int] = 8              # n original layers removed; or null and give `target`
     target: Optional[float] = None         # fraction of parameters removed, net of the replacement
     basis: str = "all"                     # all | layers: denominator of the sparsity
-    importance: str = "cosine"             # cosine | angular | bi
+    importance: str = "cosine"             # cosine | angular | bi | perplexity
     start: Optional[int] = None            # force the block start (skips the argmax)
 
 
@@ -140,7 +140,7 @@ def register_configs() -> None:
 MODEL_SOURCES = ("embedded", "hub", "local", "tiny")
 TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "opt", "gptneox", "phi3")
 DATA_NAMES = ("offline", "slimpajama", "wikitext2", "c4")
-IMPORTANCE = ("cosine", "angular", "bi")
+IMPORTANCE = ("cosine", "angular", "bi", "perplexity")
 REPLACEMENTS = ("none", "ffn", "swiglu", "layer", "layers")
 LOSSES = ("mse", "lm", "lora")
 METHODS = ("streamline", "shortgpt", "gromov", "laco", "sleb", "llm_pruner")

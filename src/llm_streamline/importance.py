@@ -4,7 +4,10 @@ x^(0) is the embedding output and x^(l) the output of layer l-1 (the input of la
 layers starting at l maps x^(l) to x^(l+n). Scores, per token, averaged over tokens and samples:
   cosine   cos(x^(l), x^(l+n))                          (LLM-Streamline; higher = more redundant)
   angular  arccos(cos(x^(l), x^(l+n))) / pi              (Gromov et al.; lower = more redundant)
-  bi       Block Influence 1 - cos(x^(l), x^(l+1)), per layer (ShortGPT; lower = more redundant)
+  bi       Block Influence 1 - cos(x^(l), x^(l+1)), per layer (ShortGPT; lower = more redundant). For a
+           contiguous block, BI = 1 - cos(x^(l), x^(l+n)) orders blocks exactly as `cosine` does.
+  perplexity  calibration perplexity of the model with the block skipped (lower = more redundant): a
+           functional score, one forward of the calibration subset per candidate start (`block_perplexities`)
 x^(L) is the un-normed output of the last layer, captured by a hook: `output_hidden_states` would give the
 final-norm output instead. The final norm and the LM head are never run. Calibration blocks have no
 padding, so every token counts.
@@ -12,6 +15,7 @@ padding, so every token counts.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -88,6 +92,38 @@ def similarity_profile(model: PreTrainedModel, blocks: torch.Tensor, ns: list[in
     mean_cos = {n: (sum_cos[n] / tokens).tolist() for n in ns}
     mean_ang = {n: (sum_ang[n] / tokens).tolist() for n in ns}
     return SimilarityProfile(num_layers=L, mean_cos=mean_cos, mean_angular=mean_ang, tokens=tokens)
+
+
+def _skip_block_hook(module, args, kwargs, output):
+    h = args[0] if args else kwargs["hidden_states"]
+    return (h, *output[1:]) if isinstance(output, tuple) else h
+
+
+@torch.no_grad()
+def block_perplexities(model: PreTrainedModel, blocks: torch.Tensor, n: int, batch_size: int = 8,
+                       progress: bool = True) -> list[float]:
+    """Calibration perplexity of `model` with layers [l, l+n) skipped (each returns its input), for every
+    start l in [0, L-n]. Token-weighted over `blocks` [N, T] (no padding)."""
+    stack = find_decoder_stack(model)
+    L = stack.num_layers
+    device = next(model.parameters()).device
+    out = []
+    for start in tqdm(range(L - n + 1), desc=f"block perplexity (n={n})", disable=not progress, unit="block"):
+        handles = [stack.layers[i].register_forward_hook(_skip_block_hook, with_kwargs=True)
+                   for i in range(start, start + n)]
+        try:
+            nll, count = 0.0, 0
+            for i in range(0, blocks.shape[0], batch_size):
+                ids = blocks[i:i + batch_size].to(device)
+                logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+                nll += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                               ids[:, 1:].reshape(-1), reduction="sum"))
+                count += ids[:, 1:].numel()
+        finally:
+            for h in handles:
+                h.remove()
+        out.append(math.exp(nll / count))
+    return out
 
 
 def choose_block(profile: SimilarityProfile, n: int, metric: str) -> int:

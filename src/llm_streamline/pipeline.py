@@ -38,7 +38,13 @@ from llm_streamline.evaluate.perplexity import perplexity
 from llm_streamline.evaluate.speed import flops_per_token, measure_throughput
 from llm_streamline.evaluate.stability import stability
 from llm_streamline.evaluate.tasks import check_tasks
-from llm_streamline.importance import SimilarityProfile, choose_block, plot_profile, similarity_profile
+from llm_streamline.importance import (
+    SimilarityProfile,
+    block_perplexities,
+    choose_block,
+    plot_profile,
+    similarity_profile,
+)
 from llm_streamline.models.layers import find_decoder_stack, run_layers
 from llm_streamline.models.loading import load_model
 from llm_streamline.models.saving import save_pruned
@@ -48,6 +54,7 @@ from llm_streamline.tracking import Tracker
 from llm_streamline.train import train_lm, train_mse, write_teacher_shards
 
 log = logging.getLogger("llm_streamline")
+PPL_IMPORTANCE_BLOCKS = 8  # calibration blocks per candidate for sparsity.importance=perplexity (as SLEB's 8)
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -194,8 +201,16 @@ def run(cfg: RunConfig, out_dir: Path) -> dict:
                 num_layers=prof_json["num_layers"], tokens=prof_json["tokens"],
                 mean_cos={int(k): v for k, v in prof_json["cosine"].items()},
                 mean_angular={int(k): v for k, v in prof_json["angular"].items()})
-            metric = cfg.sparsity.importance if cfg.sparsity.importance != "bi" else "cosine"
-            start = cfg.sparsity.start if cfg.sparsity.start is not None else choose_block(profile, n, metric)
+            block_ppl = None
+            if cfg.sparsity.importance == "perplexity" and cfg.sparsity.start is None:
+                bkey = store.stage_key("block_ppl", model=model_id, data=calib_key, n=n)
+                block_ppl, _ = store.cached_json(bkey, lambda: block_perplexities(
+                    model, blocks.calib[:PPL_IMPORTANCE_BLOCKS], n, cfg.train.batch_size), log.info)
+                start = min(range(len(block_ppl)), key=lambda i: block_ppl[i])
+            else:
+                # BI of a contiguous block is 1 - cos(x^l, x^(l+n)): it orders blocks as cosine does
+                metric = cfg.sparsity.importance if cfg.sparsity.importance != "bi" else "cosine"
+                start = cfg.sparsity.start if cfg.sparsity.start is not None else choose_block(profile, n, metric)
             if not 0 <= start <= L - n:
                 raise ValueError(f"sparsity.start={start}: a block of {n} layers must start in [0, {L - n}]")
             if start == 0 and cfg.replacement.type in ("ffn", "swiglu"):
@@ -328,7 +343,7 @@ def run(cfg: RunConfig, out_dir: Path) -> dict:
                        "n_after": find_decoder_stack(pruned).num_layers, "replacement_slots": len(slot),
                        "similarity": profile.mean_cos[len(removed_idx)][start]
                        if contiguous and removed_idx else None,
-                       "importance": cfg.sparsity.importance},
+                       "importance": cfg.sparsity.importance, "block_perplexity": block_ppl},
             "baseline": bres.record if cfg.method.name != "streamline" else None,
             "params": {"dense": dense_params, "pruned": pruned_params,
                        "sparsity": 1 - pruned_params / dense_params,
