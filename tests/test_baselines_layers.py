@@ -226,3 +226,8 @@ def test_baseline_through_the_pipeline(method, tmp_path):
     assert 0.0 <= saved["stability"]["average"]["stability"] <= 1.0
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
     assert loaded.config.num_hidden_layers == 6
+    # a rerun takes the layer choice (SLEB's search) and the LoRA adapters from the stage cache
+    pipeline.run(cfg, tmp_path / "again")
+    again = json.loads((tmp_path / "again" / "results.json").read_text())
+    for key in ("layers", "baseline", "params", "eval", "perplexity", "train"):
+        assert again[key] == saved[key], key

@@ -464,9 +464,15 @@ def _apply_baseline(cfg: RunConfig, model, blocks, profile, n: int, model_id: di
                           sparsity=asdict(cfg.sparsity), n=n, seed=cfg.seed,
                           train=asdict(cfg.train) if cfg.method.heal == "lora" else None)  # healing uses train.*
     cached, on_healed = _lora_stage(store.stage_key("lora", baseline=key))
+    # which layers a layer-removal baseline drops (SLEB: a long greedy search) does not depend on healing
+    choice_path = store.stage_dir(store.stage_key("choice", model=model_id, data=data_key, n=n, seed=cfg.seed,
+                                                  method=cfg.method.name)).with_suffix(".json")
+    chosen = store.read_json(choice_path) if cfg.method.name in ("shortgpt", "gromov", "sleb") else None
     torch.manual_seed(cfg.seed)
     bres = apply_method(cfg, pruned, blocks.calib, blocks.train, blocks.val, profile, n, heal_cached=cached,
-                        on_healed=on_healed)
+                        on_healed=on_healed, chosen=chosen)
+    if cfg.method.name in ("shortgpt", "gromov", "sleb") and chosen is None:
+        store.write_json_atomic(choice_path, bres.record)
     log.info("%s: removed layers %s %s", cfg.method.name, bres.removed_layers, bres.record)
     return bres.model.eval(), bres, key
 

@@ -32,14 +32,15 @@ class BaselineResult:
 
 def apply_method(cfg: RunConfig, model: PreTrainedModel, calib: torch.Tensor, train: torch.Tensor,
                  val: torch.Tensor, profile: SimilarityProfile, n: int, heal_cached=None,
-                 on_healed=None) -> BaselineResult:
+                 on_healed=None, chosen: dict | None = None) -> BaselineResult:
     """heal_cached / on_healed: LoRA adapters of an earlier identical run, and a callback that receives
-    newly trained ones (see `heal.lora_heal`); the caller keeps them."""
+    newly trained ones (see `heal.lora_heal`); the caller keeps them. chosen: the record of an earlier
+    identical layer-removal run (SLEB's search is long): its layers are removed without searching again."""
     name = cfg.method.name
     if name in ("shortgpt", "gromov", "sleb"):
         from llm_streamline.baselines import layer_removal
 
-        result = layer_removal.apply(name, model, calib, profile, n, cfg)
+        result = layer_removal.apply(name, model, calib, profile, n, cfg, chosen=chosen)
     elif name == "laco":
         from llm_streamline.baselines import laco
 

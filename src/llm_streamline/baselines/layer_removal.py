@@ -171,12 +171,16 @@ def sleb(model: PreTrainedModel, calib: torch.Tensor, n: int, blocks: int = SLEB
 
 # ------------------------------------------------------------------------------------------------ entry point
 def apply(name: str, model: PreTrainedModel, calib: torch.Tensor, profile: SimilarityProfile, n: int,
-          cfg: RunConfig):
+          cfg: RunConfig, chosen: dict | None = None):
+    """chosen: the record of an earlier identical run (its `removed` layers): removed again, no search."""
     from llm_streamline.baselines import BaselineResult
 
     L = find_decoder_stack(model).num_layers
     if not 1 <= n < L:
         raise ValueError(f"{name}: cannot remove {n} of {L} layers")
+    if chosen is not None:
+        remove_layers(model, chosen["removed"])
+        return BaselineResult(model=model, removed_layers=list(chosen["removed"]), record=chosen)
     if name == "shortgpt":
         removed = lowest_bi_layers(profile, n)
         remove_layers(model, removed)
