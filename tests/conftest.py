@@ -3,7 +3,12 @@
 
 from __future__ import annotations
 
+import json
 import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -36,3 +41,38 @@ def tok(tokenizer_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(tokenizer_dir))
+
+
+# Shared by the reliability and fault tests: the smoke run through the real CLI in a subprocess.
+def _run_smoke_cli(out: Path, stages: Path, *extra: str, kill_at: str | None = None, fsize: int | None = None,
+                   env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m llm_streamline experiment=smoke replacement=ffn` with its own stage cache. kill_at: the
+    process SIGKILLs itself there (`faults.checkpoint`); fsize: no file may grow past that many bytes (the
+    OS refuses the write with EFBIG, as a full disk refuses it with ENOSPC)."""
+    env = {**os.environ, "WANDB_MODE": "disabled", "LLM_STREAMLINE_STAGES": str(stages), "OMP_NUM_THREADS": "1",
+           "HYDRA_FULL_ERROR": "0", **(env_extra or {})}
+    env.pop("LLM_STREAMLINE_KILL_AT", None)
+    if kill_at:
+        env["LLM_STREAMLINE_KILL_AT"] = kill_at
+
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+
+    cmd = [sys.executable, "-m", "llm_streamline", "experiment=smoke", "replacement=ffn", f"hydra.run.dir={out}",
+           *extra]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600,
+                          preexec_fn=limit_file_size if fsize else None)
+
+
+@pytest.fixture(scope="session")
+def smoke_cli():
+    return _run_smoke_cli
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(tmp_path_factory):
+    """results.json of one uninterrupted smoke run (the reference the resumed runs must match)."""
+    base = tmp_path_factory.mktemp("clean")
+    res = _run_smoke_cli(base / "run", base / "stages")
+    assert res.returncode == 0, res.stderr[-2000:]
+    return json.loads((base / "run" / "results.json").read_text())

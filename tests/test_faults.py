@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -27,40 +25,18 @@ from llm_streamline.models.loading import load_model, tiny_model
 COMPARED = ("layers", "params", "eval", "stability", "perplexity", "train")
 
 
-def run_cli(out: Path, stages: Path, *extra: str, fsize: int | None = None, env_extra: dict | None = None,
-            cwd: Path | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "disabled", "LLM_STREAMLINE_STAGES": str(stages), "OMP_NUM_THREADS": "1",
-           "HYDRA_FULL_ERROR": "0", **(env_extra or {})}
-    env.pop("LLM_STREAMLINE_KILL_AT", None)
-
-    def limit_file_size():  # a disk that refuses to grow any file past `fsize` bytes (EFBIG), like a full one
-        resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
-
-    cmd = [sys.executable, "-m", "llm_streamline", "experiment=smoke", "replacement=ffn", f"hydra.run.dir={out}",
-           *extra]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=cwd,
-                          preexec_fn=limit_file_size if fsize else None)
-
-
 def last_line(res: subprocess.CompletedProcess) -> str:
     return res.stderr.strip().splitlines()[-1]
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    base = tmp_path_factory.mktemp("clean")
-    res = run_cli(base / "run", base / "stages")
-    assert res.returncode == 0, res.stderr[-2000:]
-    return json.loads((base / "run" / "results.json").read_text())
 
 
 # --------------------------------------------------------------------------------------------- full disk
 # In the smoke run the files before the teacher pairs are < 55 kB (the similarity plot is the largest), a
 # teacher shard is 66 kB, the saved model 26 MB: the two limits make the disk "fill up" in those stages.
 @pytest.mark.parametrize("fsize,stage", [(62_000, "teacher_pairs"), (1_000_000, "save")])
-def test_full_disk_fails_in_one_line_keeps_nothing_partial_and_resumes(fsize, stage, uninterrupted, tmp_path):
+def test_full_disk_fails_in_one_line_keeps_nothing_partial_and_resumes(smoke_cli, fsize, stage, uninterrupted,
+                                                                       tmp_path):
     stages = tmp_path / "stages"
-    full = run_cli(tmp_path / "full", stages, fsize=fsize)
+    full = smoke_cli(tmp_path / "full", stages, fsize=fsize)
     assert full.returncode == 3, full.stderr[-2000:]
     line = last_line(full)
     assert line.startswith(f"llm-streamline: error: stage {stage}: cannot write") and "File too large" in line, line
@@ -76,7 +52,7 @@ def test_full_disk_fails_in_one_line_keeps_nothing_partial_and_resumes(fsize, st
         assert complete_teacher == [] and "train" not in kept  # never half-written: the next run recomputes it
     else:
         assert complete_teacher and {"train", "eval_pruned"} <= kept
-    resumed = run_cli(tmp_path / "resumed", stages)
+    resumed = smoke_cli(tmp_path / "resumed", stages)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     again = json.loads((tmp_path / "resumed" / "results.json").read_text())
     if stage == "save":
@@ -85,31 +61,31 @@ def test_full_disk_fails_in_one_line_keeps_nothing_partial_and_resumes(fsize, st
         assert again[key] == uninterrupted[key], key
 
 
-def test_blocked_output_dir_fails_before_any_work(tmp_path):
+def test_blocked_output_dir_fails_before_any_work(smoke_cli, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    res = run_cli(blocker / "out", tmp_path / "stages")
+    res = smoke_cli(blocker / "out", tmp_path / "stages")
     assert res.returncode == 2 and "load_model" not in res.stderr
     assert last_line(res) == (f"llm-streamline: error: output directory {blocker / 'out'}: {blocker} is a file, "
                               "not a directory")
 
 
-def test_unwritable_stage_cache_fails_before_any_work(tmp_path):
+def test_unwritable_stage_cache_fails_before_any_work(smoke_cli, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    res = run_cli(tmp_path / "out", blocker / "stages")
+    res = smoke_cli(tmp_path / "out", blocker / "stages")
     assert res.returncode == 2 and "== load_model" not in res.stderr
     line = last_line(res)
     assert line.startswith(f"llm-streamline: error: the stage cache {blocker / 'stages'} is not writable"), line
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes through directory permissions")
-def test_read_only_output_dir_fails_before_any_work(tmp_path):
+def test_read_only_output_dir_fails_before_any_work(smoke_cli, tmp_path):
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o555)
     try:
-        res = run_cli(ro / "out", tmp_path / "stages")
+        res = smoke_cli(ro / "out", tmp_path / "stages")
     finally:
         ro.chmod(0o755)
     assert res.returncode == 2 and last_line(res).endswith(f"{ro} is not writable")
@@ -180,8 +156,8 @@ def test_nan_in_perplexity_names_the_batch(tiny, tok):
         perplexity(tiny, _blocks(tok, n=4), batch_size=2, desc="perplexity_pruned")
 
 
-def test_diverging_training_stops_with_stage_step_and_cause(tmp_path):
-    res = run_cli(tmp_path / "run", tmp_path / "stages", "train.lr=1e30", "train.grad_clip=1e30")
+def test_diverging_training_stops_with_stage_step_and_cause(smoke_cli, tmp_path):
+    res = smoke_cli(tmp_path / "run", tmp_path / "stages", "train.lr=1e30", "train.grad_clip=1e30")
     assert res.returncode == 3, res.stderr[-2000:]
     line = last_line(res)
     assert line.startswith("llm-streamline: error: numerical fault: ") and "at step" in line, line
@@ -236,7 +212,7 @@ class _Exploit:
 
 
 @pytest.mark.parametrize("entry", ["model", "checkpoint"])
-def test_pickled_weights_are_refused_unread(entry, tmp_path, tok):
+def test_pickled_weights_are_refused_unread(smoke_cli, entry, tmp_path, tok):
     import pickle
 
     ckpt = tmp_path / "ckpt"
@@ -245,7 +221,7 @@ def test_pickled_weights_are_refused_unread(entry, tmp_path, tok):
     marker = tmp_path / "exploited"
     (ckpt / "pytorch_model.bin").write_bytes(pickle.dumps(_Exploit(marker)))
     args = ["model=hub", f"model.name_or_path={ckpt}"] if entry == "model" else ["mode=eval", f"checkpoint={ckpt}"]
-    res = run_cli(tmp_path / "out", tmp_path / "stages", *args)
+    res = smoke_cli(tmp_path / "out", tmp_path / "stages", *args)
     assert res.returncode == 2, res.stderr[-2000:]
     assert last_line(res) == (f"llm-streamline: error: {ckpt}: no *.safetensors weights (found pytorch_model.bin); "
                               "llm-streamline loads safetensors only (convert with transformers: "
@@ -263,9 +239,9 @@ def test_framework_writes_weights_as_safetensors_only(uninterrupted):
     assert (Path(uninterrupted["checkpoint"]) / "model.safetensors").exists()
 
 
-def test_wandb_key_is_never_written(tmp_path):
+def test_wandb_key_is_never_written(smoke_cli, tmp_path):
     secret = "0123456789abcdef0123456789abcdef" + "feedbeef"  # 40 hex characters, like a real key
-    res = run_cli(tmp_path / "run", tmp_path / "stages", "wandb.mode=offline",
+    res = smoke_cli(tmp_path / "run", tmp_path / "stages", "wandb.mode=offline",
                   env_extra={"WANDB_API_KEY": secret, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path / "run")})
     assert res.returncode == 0, res.stderr[-2000:]
     assert list((tmp_path / "run").rglob("*.wandb")), "no offline W&B run was written"

@@ -8,41 +8,22 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 COMPARED = ("layers", "params", "eval", "stability", "perplexity", "train")
 
 
-def run_cli(out: Path, stages: Path, kill_at: str | None = None, *extra: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, WANDB_MODE="disabled", LLM_STREAMLINE_STAGES=str(stages), OMP_NUM_THREADS="1")
-    env.pop("LLM_STREAMLINE_KILL_AT", None)
-    if kill_at:
-        env["LLM_STREAMLINE_KILL_AT"] = kill_at
-    cmd = [sys.executable, "-m", "llm_streamline", "experiment=smoke", "replacement=ffn", f"hydra.run.dir={out}",
-           *extra]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    base = tmp_path_factory.mktemp("clean")
-    res = run_cli(base / "run", base / "stages")
-    assert res.returncode == 0, res.stderr[-2000:]
-    return json.loads((base / "run" / "results.json").read_text())
-
-
 @pytest.mark.parametrize("kill_at", ["train:step:2", "eval_pruned"])
-def test_sigkill_then_rerun_resumes_and_matches(kill_at, uninterrupted, tmp_path):
+def test_sigkill_then_rerun_resumes_and_matches(kill_at, uninterrupted, smoke_cli, tmp_path):
     stages = tmp_path / "stages"
-    killed = run_cli(tmp_path / "killed", stages, kill_at)
+    killed = smoke_cli(tmp_path / "killed", stages, kill_at=kill_at)
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert not (tmp_path / "killed" / "results.json").exists()
     assert not list(stages.glob("*.partial")) and not list(stages.glob(".tmp*"))
     finished = {p.name.split("-")[0] for p in stages.iterdir()}
     assert {"profile", "eval_dense"} <= finished  # stages before the kill were kept
-    resumed = run_cli(tmp_path / "resumed", stages)
+    resumed = smoke_cli(tmp_path / "resumed", stages)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     again = json.loads((tmp_path / "resumed" / "results.json").read_text())
     assert again["cache"]["dense_eval_reused"]
