@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import re
 from pathlib import Path
 
 METRIC_NOTE = ("acc_norm for hellaswag, arc_challenge, openbookqa (as LLM-Pruner reports them), "
@@ -20,9 +21,14 @@ METRIC_NOTE = ("acc_norm for hellaswag, arc_challenge, openbookqa (as LLM-Pruner
 NORM_TASKS = {"hellaswag", "arc_challenge", "openbookqa"}
 
 
+def _natural(path: Path) -> list:
+    """Sort key: multirun job directories in job order (2-... before 10-...)."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(path))]
+
+
 def find_results(root: Path) -> list[dict]:
     out = []
-    for p in sorted(Path(root).rglob("results.json")):
+    for p in sorted(Path(root).rglob("results.json"), key=_natural):
         r = json.loads(p.read_text())
         if "layers" in r and "eval" in r:
             r["_path"] = str(p.parent)
@@ -150,7 +156,8 @@ def plot(results: list[dict], out: Path) -> None:
         series.setdefault(row[0], []).append((row[i_sp], row[i_avg], row[i_stab], row[header.index("ppl")]))
     i_ppl = header.index("ppl")
     fig, axes = plt.subplots(1, 3, figsize=(18, 4.5))
-    colors = plt.get_cmap("tab20").colors  # more series than the default 10-colour cycle
+    # ten distinct colours first, then the lighter tab20 shades for more series
+    colors = plt.get_cmap("tab10").colors + plt.get_cmap("tab20").colors[1::2]
     for k, (name, pts) in enumerate(sorted(series.items())):
         pts.sort()
         style = dict(color=colors[k % len(colors)], marker="os^Dv"[k % 5], label=name)
