@@ -54,6 +54,8 @@ def label(r: dict) -> str:
             name += " +LoRA"
         return name
     name = f"{r['method']}:{rep}"
+    if (r.get("train_config") or {}).get("loss") == "lora":  # the paper's comparison: LoRA on plain pruning
+        return f"{name} +LoRA"
     if rep == "ffn" and not r["replacement"].get("residual", True):
         name += "(no residual)"
     tc = r.get("train_config") or {}
