@@ -35,7 +35,7 @@ from llm_streamline.config import ReplacementConfig, RunConfig, validate
 from llm_streamline.data import load_blocks
 from llm_streamline.evaluate.harness import run_lm_eval, save_samples_jsonl
 from llm_streamline.evaluate.perplexity import perplexity
-from llm_streamline.evaluate.speed import flops_per_token, measure_throughput
+from llm_streamline.evaluate.speed import flops_per_token, measure_throughput, paired_prefill_speedup
 from llm_streamline.evaluate.stability import stability
 from llm_streamline.evaluate.tasks import check_tasks
 from llm_streamline.importance import (
@@ -532,7 +532,7 @@ def _speed(dense, pruned, cfg: RunConfig) -> dict:
     fd, fp = flops_per_token(dense, seq), flops_per_token(pruned, seq)
     # the timed prefill computes logits for its last position only: its FLOP prediction leaves the head out
     pd, pp = flops_per_token(dense, seq, lm_head=False), flops_per_token(pruned, seq, lm_head=False)
-    speedup = p["prefill_tokens_per_s"] / d["prefill_tokens_per_s"]
+    speedup = paired_prefill_speedup(dense, pruned, seq)  # the ratio of the medians above is too noisy
     return {"dense": {**d, "flops_per_token": fd}, "pruned": {**p, "flops_per_token": fp},
             "prefill_speedup": speedup,
             "decode_speedup": p["decode_tokens_per_s"] / d["decode_tokens_per_s"],
