@@ -94,7 +94,8 @@ def similarity_profile(model: PreTrainedModel, blocks: torch.Tensor, ns: list[in
     return SimilarityProfile(num_layers=L, mean_cos=mean_cos, mean_angular=mean_ang, tokens=tokens)
 
 
-def _skip_block_hook(module, args, kwargs, output):
+def skip_layer_hook(module, args, kwargs, output):
+    """Forward hook (with_kwargs) that makes a decoder layer return its input: the layer is skipped."""
     h = args[0] if args else kwargs["hidden_states"]
     return (h, *output[1:]) if isinstance(output, tuple) else h
 
@@ -109,7 +110,7 @@ def block_perplexities(model: PreTrainedModel, blocks: torch.Tensor, n: int, bat
     device = next(model.parameters()).device
     out = []
     for start in tqdm(range(L - n + 1), desc=f"block perplexity (n={n})", disable=not progress, unit="block"):
-        handles = [stack.layers[i].register_forward_hook(_skip_block_hook, with_kwargs=True)
+        handles = [stack.layers[i].register_forward_hook(skip_layer_hook, with_kwargs=True)
                    for i in range(start, start + n)]
         try:
             nll, count = 0.0, 0

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from llm_streamline.config import RunConfig
-from llm_streamline.importance import SimilarityProfile, lowest_bi_layers
+from llm_streamline.importance import SimilarityProfile, lowest_bi_layers, skip_layer_hook
 from llm_streamline.models.layers import find_decoder_stack, per_layer_config_keys, run_layers
 from llm_streamline.prune import remove_block
 
@@ -91,16 +91,11 @@ def layer_view(model: PreTrainedModel, layers: list[nn.Module], config_rows: lis
             model.config.num_hidden_layers = saved["__top_n__"]
 
 
-def _skip_hook(module, args, kwargs, output):
-    h = args[0] if args else kwargs["hidden_states"]
-    return (h, *output[1:]) if isinstance(output, tuple) else h
-
-
 @contextlib.contextmanager
 def skipping(model: PreTrainedModel, indices):
     """Layers at `indices` return their input (forward hooks); the reference for 'model without them'."""
     stack = find_decoder_stack(model)
-    handles = [stack.layers[i].register_forward_hook(_skip_hook, with_kwargs=True) for i in indices]
+    handles = [stack.layers[i].register_forward_hook(skip_layer_hook, with_kwargs=True) for i in indices]
     try:
         yield
     finally:
