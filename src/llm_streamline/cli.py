@@ -17,7 +17,18 @@ from omegaconf import DictConfig, OmegaConf
 
 from llm_streamline.config import ConfigError, RunConfig, register_configs, validate
 
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+
+def _config_path() -> str:
+    """Where Hydra finds config.yaml. A source checkout (the package imported from `src/`, editable or on
+    PYTHONPATH) reads the repository's top-level conf/, so edits there take effect at once; an installed
+    wheel reads the copy shipped as the package `llm_streamline.conf` (pyproject's package-dir mapping)."""
+    checkout_conf = Path(__file__).resolve().parents[2] / "conf"
+    if (checkout_conf / "config.yaml").is_file() and Path(__file__).resolve().parent.parent.name == "src":
+        return str(checkout_conf)
+    return "pkg://llm_streamline.conf"
+
+
+CONF_DIR = _config_path()
 log = logging.getLogger("llm_streamline")
 register_configs()
 
