@@ -46,7 +46,7 @@ from llm_streamline.importance import (
     similarity_profile,
 )
 from llm_streamline.models.layers import find_decoder_stack, run_layers
-from llm_streamline.models.loading import load_model
+from llm_streamline.models.loading import DTYPES, load_model
 from llm_streamline.models.saving import save_pruned
 from llm_streamline.prune import PrunedBlock, count_params, remove_block
 from llm_streamline.replace import build_replacement, replacement_param_count
@@ -570,7 +570,9 @@ def evaluate_checkpoint(cfg: RunConfig, out_dir: Path) -> dict:
         if not Path(cfg.checkpoint).exists():
             raise FileNotFoundError(f"checkpoint={cfg.checkpoint}: no such directory")
         with timings.stage("load_model"):
-            model, tok = load_pruned(cfg.checkpoint), load_tokenizer(cfg.checkpoint)
+            m = cfg.model  # the model preset's dtype and placement apply to a checkpoint too
+            model = load_pruned(cfg.checkpoint, dtype=DTYPES[m.dtype], device=m.device, device_map=m.device_map)
+            tok = load_tokenizer(cfg.checkpoint)
         name = cfg.checkpoint
     else:
         with timings.stage("load_model"):
@@ -581,7 +583,12 @@ def evaluate_checkpoint(cfg: RunConfig, out_dir: Path) -> dict:
                           offline=cfg.eval.offline, scorer=cfg.eval.scorer)
     faults.check_loglikelihoods(res.samples, "eval", model, None)
     save_samples_jsonl(res.samples, out_dir / "samples.jsonl")
-    results = {"model": {"name": name}, "method": "eval", "eval": res.metrics,
+    first = next(model.parameters())
+    results = {"model": {"name": name, "dtype": str(first.dtype).removeprefix("torch."),
+                         "device": str(first.device), "device_map": cfg.model.device_map},
+               "method": "eval", "eval": res.metrics,
+               "eval_settings": {"tasks": list(cfg.eval.tasks), "limit": cfg.eval.limit,
+                                 "batch_size": cfg.eval.batch_size, "scorer": cfg.eval.scorer},
                "params": {"total": count_params(model)}, "timings": dict(timings), "peak_memory": peak_memory()}
     store.write_json_atomic(out_dir / "results.json", results)
     return results

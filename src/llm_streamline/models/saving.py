@@ -81,17 +81,42 @@ def save_pruned(model: PreTrainedModel, tokenizer, dest: Path, replacement: Repl
     return fmt
 
 
-def load_pruned(path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> PreTrainedModel:
-    """Load any model this project saved (stock checkpoints too)."""
+def place(model: PreTrainedModel, device: str = "cpu", device_map: str | None = None) -> PreTrainedModel:
+    """Put a model built here (a replacement slot or per-layer widths, which transformers' own device_map
+    loading cannot build) on `device`, or spread it as `device_map` says: a device ("cuda:1") or one of
+    accelerate's strategies ("auto", "balanced", "balanced_low_0", "sequential")."""
+    if not device_map:
+        return model.to(device)
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    if device_map not in ("auto", "balanced", "balanced_low_0", "sequential"):
+        return dispatch_model(model, device_map={"": device_map})
+    no_split = list(getattr(model, "_no_split_modules", None) or [])
+    max_memory = None
+    if device_map != "sequential":
+        max_memory = get_balanced_memory(model, no_split_module_classes=no_split,
+                                         low_zero=device_map == "balanced_low_0")
+    return dispatch_model(model, device_map=infer_auto_device_map(model, max_memory=max_memory,
+                                                                  no_split_module_classes=no_split))
+
+
+def load_pruned(path, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                device_map: str | None = None) -> PreTrainedModel:
+    """Load any model this project saved (stock checkpoints too) in `dtype`, on `device` or spread over
+    devices by `device_map` (see `place`)."""
     path = Path(path)
     if (path / "llm_pruner_config.json").exists():  # LLM-Pruner baseline: per-layer widths
         from llm_streamline.baselines.llm_pruner import load
 
-        return load(path, dtype=dtype, device=device)
+        return place(load(path, dtype=dtype, device="cpu"), device, device_map).eval()
     if (path / "config.json").exists():
         from llm_streamline.models.loading import require_safetensors
 
         require_safetensors(path)
+        if device_map:
+            return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True,
+                                                        device_map=device_map).eval()
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True).to(device).eval()
     meta_file = path / STREAMLINE_CONFIG
     if not meta_file.exists():
@@ -108,7 +133,7 @@ def load_pruned(path, dtype: torch.dtype = torch.float32, device: str = "cpu") -
     layers = list(stack.layers)
     layers[start:start + len(slot)] = slot
     stack.replace(layers)
-    return load_weights_checked(model, path).to(device).eval()
+    return place(load_weights_checked(model, path), device, device_map).eval()
 
 
 def load_weights_checked(model: PreTrainedModel, path: Path) -> PreTrainedModel:
