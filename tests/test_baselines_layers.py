@@ -136,23 +136,32 @@ def test_sleb_picks_the_identity_layer():
     assert steps[0]["ppl"] == min(steps[0]["candidates_ppl"].values())
 
 
+def _replay_rdsc(dense, merges) -> dict[int, dict]:
+    """Replay recorded collapses on the dense parameters: Linear weights by RDSC
+    theta_l + sum_k (theta_{l+k} - theta_l), every other parameter (norms, biases) kept from layer l."""
+    layers = find_decoder_stack(dense).layers
+    linear = set(laco.merged_weight_names(layers[0]))
+    cur = {i: {k: p.detach().clone() for k, p in layer.named_parameters()} for i, layer in enumerate(layers)}
+    for m in merges:
+        base = cur[m["into"]]
+        cur[m["into"]] = {k: (v + sum(cur[g][k] - v for g in m["merged"])) if k in linear else v
+                          for k, v in base.items()}
+        for g in m["merged"]:
+            del cur[g]
+    return cur
+
+
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("merge,n", [(2, 3), (3, 3)])
+@pytest.mark.parametrize("merge,n", [(2, 3), (3, 3), (4, 3)])
 def test_laco_removes_exactly_n_and_merges_by_rdsc(family, merge, n, tmp_path):
     dense = _model(family)
     cfg = RunConfig()
     cfg.method.laco_merge = merge
     res = laco.apply(copy.deepcopy(dense), _blocks(), n, cfg)
     assert len(res.removed_layers) == n == sum(len(m["merged"]) for m in res.record["merges"])
+    assert res.record["fallbacks"] == sum(m["fallback"] for m in res.record["merges"])
     _check_consistent(res.model, 8 - n)
-    # replay the recorded collapses on the dense parameters: theta_l <- theta_l + sum_k (theta_{l+k} - theta_l)
-    cur = {i: {k: p.detach().clone() for k, p in layer.named_parameters()}
-           for i, layer in enumerate(find_decoder_stack(dense).layers)}
-    for m in res.record["merges"]:
-        base = cur[m["into"]]
-        cur[m["into"]] = {k: v + sum(cur[g][k] - v for g in m["merged"]) for k, v in base.items()}
-        for g in m["merged"]:
-            del cur[g]
+    cur = _replay_rdsc(dense, res.record["merges"])
     assert sorted(cur) == [i for i in range(8) if i not in res.removed_layers]
     for pos, i in enumerate(sorted(cur)):
         got = dict(find_decoder_stack(res.model).layers[pos].named_parameters())
@@ -161,14 +170,51 @@ def test_laco_removes_exactly_n_and_merges_by_rdsc(family, merge, n, tmp_path):
     _check_cache_and_roundtrip(res.model, tmp_path)
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2", "opt"])
+def test_rdsc_merges_linear_weights_only_and_leaves_norms_and_biases(family):
+    """C = 3: the paper's theta_0 + (theta_1 - theta_0) + (theta_2 - theta_0) on every attention / MLP Linear
+    weight (not the official notebook's running update, which would give theta_2); norms and biases: layer 0's."""
+    layers = list(find_decoder_stack(_model(family)).layers[2:5])
+    merged = laco.rdsc_merge(layers)
+    names = laco.merged_weight_names(layers[0])
+    attn_mlp = {"q_proj", "k_proj", "v_proj", "o_proj", "out_proj", "gate_proj", "up_proj", "down_proj", "fc1", "fc2"}
+    assert {k.split(".")[-2] for k in names} <= attn_mlp and len(names) == (7 if family != "opt" else 6)
+    others = [k for k, _ in layers[0].named_parameters() if k not in names]
+    assert any("norm" in k for k in others)
+    assert family == "llama" or any(k.endswith(".bias") for k in others)
+    w = [dict(layer.named_parameters()) for layer in layers]
+    for k, p in merged.named_parameters():
+        if k in names:
+            torch.testing.assert_close(p, w[1][k] + w[2][k] - w[0][k])
+            assert not torch.allclose(p, w[2][k])
+        else:
+            assert torch.equal(p, w[0][k]), k
+
+
+def test_laco_similarity_is_the_notebooks_flattened_final_hidden_cosine():
+    model = _model("llama")
+    ids = _blocks(3, 16)
+    with torch.no_grad():
+        ref = laco._final_hidden(model, ids)
+        layers = find_decoder_stack(model).layers
+        with layer_removal.layer_view(model, [layers[0], laco.rdsc_merge(list(layers[1:3]))] + list(layers[3:]),
+                                      [0, 1] + list(range(3, 8))):
+            h = model(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states[-1]
+        want = sum(torch.nn.functional.cosine_similarity(h[j].flatten(), ref[j], dim=0) for j in range(3)) / 3
+        assert laco._similarity(model, ids, ref, 1, 2) == pytest.approx(float(want), rel=1e-5)
+        assert laco._similarity(model, ids, ref, 1, 1) == pytest.approx(1.0, abs=1e-5)
+
+
 def test_laco_merging_an_equal_layer_gives_it_back():
+    """The notebooks' pass starts at L - 1 - C (= 5 for C = 2): layers 5, 6 equal -> merged into an equal layer."""
     model = _model("llama")
     layers = find_decoder_stack(model).layers
-    layers[7].load_state_dict(layers[6].state_dict())
-    want = {k: v.clone() for k, v in layers[6].state_dict().items()}
+    layers[6].load_state_dict(layers[5].state_dict())
+    want = {k: v.clone() for k, v in layers[5].state_dict().items()}
     res = laco.apply(model, _blocks(), 1, RunConfig())
-    assert res.removed_layers == [7] and res.record["merges"][0]["into"] == 6
-    for k, v in find_decoder_stack(res.model).layers[6].state_dict().items():
+    first = res.record["merges"][0]
+    assert res.removed_layers == [6] and first["into"] == 5 and not first["fallback"]
+    for k, v in find_decoder_stack(res.model).layers[5].state_dict().items():
         assert torch.equal(v, want[k])
 
 

@@ -1,32 +1,42 @@
-"""LaCo (Yang et al. 2024, "LaCo: Large Language Model Pruning via Layer Collapse").
+"""LaCo (Yang et al. 2024, "LaCo: Large Language Model Pruning via Layer Collapse", EMNLP Findings).
 
-Reserving-Differences-while-Seeking-Common (RDSC) layer merge: a collapse of c consecutive layers l..l+c-1
-keeps one layer with parameters
-    theta_l <- theta_l + sum_{k=1}^{c-1} (theta_{l+k} - theta_l)
-(every parameter of the layer, norms included) and deletes layers l+1..l+c-1 (c-1 layers removed).
+Sources: the paper's §3 (RDSC layer merge, Algorithm 1) and the official notebooks, github.com/yangyifei729/LaCo,
+`laco_llama-13b.ipynb` / `laco-baic-13B.ipynb` (cells `merge_layers_return_model`, `cal_last_hidden_sim` and the
+`while lay >= LOWEST_LAY` loop).
 
-Exact rule implemented (the paper's Algorithm 1, with a fixed removal count):
-  c = method.laco_merge (the paper's C: layers per collapse, so one merge removes c-1 layers); the last merge
-      uses c = remaining + 1 when fewer than c-1 layers are still to be removed, so exactly n are removed.
-  Merge range: layers [LACO_LOWEST, L) (the first layer is never merged into, as in the paper's ranges).
-  l starts at L - c (the top collapse) and moves downward. For a candidate l the collapsed model M_tmp is
-  scored by s = mean over calibration tokens of cos(h_L(M_tmp), h_L(M)) where h_L is the last decoder layer's
-  (un-normed) output and M the DENSE model (the paper compares with the original model), on the first
-  LACO_BLOCKS calibration blocks. If s > LACO_THRESHOLD the collapse is kept and l <- l - LACO_INTERVAL
-  (minimum interval between merges, the paper's I), clipped to the top of the shrunken model; else l <- l - 1.
-Simplifications / additions (documented deviations):
-  * the paper stops when l falls below the range; to remove exactly n layers we instead, when a downward
-    scan finds no candidate above the threshold, accept the best-scoring candidate of that scan (equivalent
-    to lowering T just enough for this merge), and restart from the top when l leaves the range;
-  * similarity uses the un-normed last-layer hidden state on a few calibration blocks (paper: final
-    hidden representation on a few sentences); T, I and the block count are module constants.
-Removed indices are the original indices of the layers merged away (l+1..l+c-1 of each collapse).
+RDSC merge (Reserving-Differences-while-Seeking-Common). A collapse of C consecutive layers l..l+C-1 keeps layer l
+with, for every Linear weight of its attention and MLP (q, k, v, o, gate, up, down; fused q/k/v and the other
+families' equivalents),
+    theta_l <- theta_l + sum_{k=1}^{C-1} (theta_{l+k} - theta_l)
+and deletes layers l+1..l+C-1. Only those Linear weights are merged, as in the notebooks (which name q/k/v/o and
+gate/up/down, or Baichuan's W_pack): the norms, the Linear biases and everything outside the layers stay those of
+layer l. The Linears are found generically: every nn.Linear inside the decoder layer (attention and MLP are the
+only modules of a decoder layer that hold Linears).
+  Note: the notebooks accumulate into the copy and subtract the copy's *running* weight
+  (`copy.w.add_(orig[l+k].w - copy.w)`), so their merged weight ends up equal to theta_{l+C-1}, not the paper's
+  formula. We implement the paper's formula (the issue's definition of the method); record key "merge_rule".
+
+Layer selection (the notebooks' loop; C = method.laco_merge, T = LACO_THRESHOLD, I = LACO_INTERVAL):
+  lay starts at HIGHEST - C with HIGHEST = L - 1 (so the last layer is never merged, as in the notebooks);
+  while lay >= LOWEST: collapse layers lay..lay+C-1 of the current model into a candidate (the count clipped to
+  the layers left above lay); similarity s = mean over calibration samples of the cosine between the FLATTENED
+  [tokens x hidden] final hidden states (`output_hidden_states[-1]`, after the final norm) of the candidate and of
+  the ORIGINAL dense model; if s > T: keep it and lay -= I (and if lay is now beyond the shrunken model,
+  lay = len - 1 - C); else lay -= 1.
+Additions to remove exactly n layers (the notebooks remove however many the pass accepts):
+  * a collapse never removes more than the layers still to remove (its C is clipped to remaining + 1), and the
+    pass stops once n layers are gone;
+  * if the pass ends short, each further collapse is the best-scoring candidate among all positions of the
+    current model (recorded with "fallback": true) until n are removed.
+Calibration: the first LACO_BLOCKS calibration blocks (the notebooks: 2-5 short Wikipedia sentences).
+T, I: the values the paper reports for Llama2-7B (C=4, I=2, T=0.65; the notebooks use C=7, I=1, T=0.45 for
+Llama-13B and C=3, I=1, T=0.6 for Baichuan-13B).
+Removed indices are the original indices of the layers merged away (l+1..l+C-1 of each collapse).
 """
 
 from __future__ import annotations
 
 import copy
-import functools
 
 import torch
 from torch import nn
@@ -34,51 +44,60 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from llm_streamline.config import RunConfig
-from llm_streamline.models.layers import find_decoder_stack, run_layers
+from llm_streamline.models.layers import find_decoder_stack
 
 LACO_THRESHOLD = 0.65   # the paper's T
-LACO_INTERVAL = 2       # the paper's I: minimum distance between successive collapses
-LACO_LOWEST = 1         # lowest layer a collapse may start at
-LACO_BLOCKS = 4         # calibration blocks for the similarity check (the paper: a few sentences)
+LACO_INTERVAL = 2       # the paper's I: how far lay moves down after an accepted collapse
+LACO_LOWEST = 0         # the notebooks' LOWEST_LAY
+LACO_BLOCKS = 4         # calibration blocks for the similarity check (the notebooks: a few sentences)
+MERGE_RULE = "paper: theta_l + sum_k (theta_{l+k} - theta_l), Linear weights only"
+
+
+def merged_weight_names(layer: nn.Module) -> list[str]:
+    """Parameter names (within the decoder layer) of the Linear weights RDSC merges."""
+    return [f"{name}.weight" if name else "weight" for name, m in layer.named_modules() if isinstance(m, nn.Linear)]
 
 
 @torch.no_grad()
 def rdsc_merge(layers: list[nn.Module]) -> nn.Module:
-    """A new layer: theta_0 + sum_k (theta_k - theta_0) over the given same-class layers."""
+    """A new layer: a copy of layers[0] whose Linear weights are theta_0 + sum_k (theta_k - theta_0)."""
     base = copy.deepcopy(layers[0])
-    params = dict(base.named_parameters())
-    for other in layers[1:]:
-        theirs = dict(other.named_parameters())
-        if set(theirs) != set(params):
-            raise ValueError("LaCo merges layers of one structure only")
-        for k, p in params.items():
-            p.add_(theirs[k].to(p.dtype) - layers[0].get_parameter(k).to(p.dtype))
+    for name in merged_weight_names(base):
+        w0 = layers[0].get_parameter(name)
+        p = base.get_parameter(name)
+        for other in layers[1:]:
+            theirs = other.get_parameter(name)
+            if theirs.shape != p.shape:
+                raise ValueError(f"LaCo merges layers of one structure only ({name}: {tuple(theirs.shape)} vs "
+                                 f"{tuple(p.shape)})")
+            p.add_(theirs.to(p.dtype) - w0.to(p.dtype))
     return base
 
 
-def _last_hidden(model, ids, stack) -> torch.Tensor:
-    cap = run_layers(model, ids, outputs_at=(stack.num_layers - 1,), stack=stack)
-    h = cap.outputs[stack.num_layers - 1].float()
-    return h / h.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+def _final_hidden(model, ids: torch.Tensor) -> torch.Tensor:
+    """[N, T*H] final hidden states (after the final norm), one flattened row per calibration sample."""
+    out = model(input_ids=ids, output_hidden_states=True, use_cache=False)
+    return out.hidden_states[-1].float().flatten(1)
+
+
+def _mean_cos(h: torch.Tensor, ref: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(h, ref, dim=-1).mean())
 
 
 @torch.no_grad()
 def _similarity(model, ids, ref: torch.Tensor, start: int, c: int) -> float:
-    """cos of the last hidden state of the model with layers l..l+c-1 collapsed, vs the dense reference."""
+    """Similarity to the dense model of the current model with layers start..start+c-1 collapsed."""
     from llm_streamline.baselines.layer_removal import layer_view
 
-    stack = find_decoder_stack(model)
-    layers = list(stack.layers)
+    layers = list(find_decoder_stack(model).layers)
     merged = rdsc_merge(layers[start:start + c])
-    L = len(layers)
-    rows = list(range(start + 1)) + list(range(start + c, L))
+    rows = list(range(start + 1)) + list(range(start + c, len(layers)))
     with layer_view(model, layers[:start] + [merged] + layers[start + c:], rows):
-        h = _last_hidden(model, ids, find_decoder_stack(model))
-    return float((h * ref).sum(-1).mean())
+        return _mean_cos(_final_hidden(model, ids), ref)
 
 
 def collapse(model: PreTrainedModel, start: int, c: int) -> None:
-    """In place: layers l..l+c-1 become one RDSC-merged layer at l."""
+    """In place: layers start..start+c-1 become one RDSC-merged layer at `start`."""
     from llm_streamline.prune import remove_block
 
     stack = find_decoder_stack(model)
@@ -87,63 +106,92 @@ def collapse(model: PreTrainedModel, start: int, c: int) -> None:
     remove_block(model, start + 1, c - 1, [])
 
 
+class _Collapser:
+    """The state of one LaCo run: the model being collapsed, original indices of its layers, the records."""
+
+    def __init__(self, model, ids, ref, n: int, merge: int, bar):
+        self.model, self.ids, self.ref, self.n, self.merge, self.bar = model, ids, ref, n, merge, bar
+        self.alive = list(range(find_decoder_stack(model).num_layers))
+        self.removed: list[int] = []
+        self.merges: list[dict] = []
+
+    @property
+    def layers(self) -> int:
+        return len(self.alive)
+
+    def size_at(self, lay: int) -> int:
+        """C for a collapse at `lay`: the notebooks' clip to the layers above it, and to what is left to remove."""
+        return min(self.merge, self.layers - lay, self.n - len(self.removed) + 1)
+
+    def score(self, lay: int) -> float:
+        return _similarity(self.model, self.ids, self.ref, lay, self.size_at(lay))
+
+    def accept(self, lay: int, s: float, fallback: bool, candidates: list) -> None:
+        c = self.size_at(lay)
+        gone = self.alive[lay + 1:lay + c]
+        collapse(self.model, lay, c)
+        del self.alive[lay + 1:lay + c]
+        self.removed.extend(gone)
+        self.merges.append({"into": self.alive[lay], "merged": gone, "similarity": s, "fallback": fallback,
+                            "candidates": candidates})
+        self.bar.update(len(gone))
+        self.bar.set_postfix(into=self.alive[lay], sim=f"{s:.3f}", fallback=fallback)
+
+    @property
+    def done(self) -> bool:
+        return len(self.removed) >= self.n
+
+
+def _notebook_pass(st: _Collapser) -> None:
+    """The notebooks' downward pass, stopped once n layers are removed."""
+    highest = st.layers - 1
+    lay = highest - st.merge
+    tried = []
+    while lay >= LACO_LOWEST and not st.done:
+        if st.size_at(lay) < 2:   # nothing above lay to merge into it
+            lay -= 1
+            continue
+        s = st.score(lay)
+        tried.append((st.alive[lay], round(s, 6)))
+        if s > LACO_THRESHOLD:
+            st.accept(lay, s, False, tried)
+            tried = []
+            lay -= LACO_INTERVAL
+            if lay >= st.layers:
+                lay = st.layers - 1 - st.merge
+        else:
+            lay -= 1
+
+
+def _fallback_collapse(st: _Collapser) -> None:
+    """One collapse at the best-scoring position of the current model (the pass ended short of n)."""
+    positions = [lay for lay in range(LACO_LOWEST, st.layers - 1) if st.size_at(lay) >= 2]
+    if not positions:
+        raise ValueError(f"laco: no collapse position left with {st.layers} layers")
+    tried = [(lay, st.score(lay)) for lay in positions]
+    lay, s = max(tried, key=lambda t: t[1])
+    st.accept(lay, s, True, [(st.alive[p], round(v, 6)) for p, v in tried])
+
+
+@torch.no_grad()
 def laco(model: PreTrainedModel, calib: torch.Tensor, n: int, merge: int, progress: bool = True):
     """Collapse until exactly n layers are removed. Returns (removed original indices, per-merge records)."""
     if merge < 2:
         raise ValueError(f"method.laco_merge={merge}: a collapse needs at least 2 layers")
+    L0 = find_decoder_stack(model).num_layers
+    if not 1 <= n <= L0 - 1 - LACO_LOWEST:
+        raise ValueError(f"laco: cannot remove {n} of {L0} layers")
     ids = calib[:LACO_BLOCKS].to(next(model.parameters()).device)
     was_training = model.training
     model.eval()
-    stack = find_decoder_stack(model)
-    L0 = stack.num_layers
-    if not 1 <= n <= L0 - 1 - LACO_LOWEST:
-        raise ValueError(f"laco: cannot remove {n} of {L0} layers with merges starting at layer {LACO_LOWEST}")
-    ref = _last_hidden(model, ids, stack)
-    alive = list(range(L0))
-    removed, merges = [], []
-    bar = tqdm(total=n, desc="laco", unit="layer", disable=not progress)
-    pos_hi = None
-    while len(removed) < n:
-        c = min(merge, n - len(removed) + 1)
-        L = find_decoder_stack(model).num_layers
-        top = L - c
-        if pos_hi is None or pos_hi > top or pos_hi < LACO_LOWEST:
-            pos_hi = top
-        best, fallback, tried = [-2.0, None], False, []
-        scan = functools.partial(_scan, model, ids, ref, alive, c, best, tried)
-        chosen = scan(range(pos_hi, LACO_LOWEST - 1, -1))
-        if chosen is None and pos_hi != top:
-            # the paper's scan would continue from the top of the range on the next pass
-            chosen = scan(range(top, pos_hi, -1))
-        if chosen is None:
-            # no candidate passed T: take the scan's best (see the docstring)
-            chosen, fallback = best[1], True
-        s = next(v for i, v in tried if i == alive[chosen])
-        gone = alive[chosen + 1:chosen + c]
-        collapse(model, chosen, c)
-        del alive[chosen + 1:chosen + c]
-        removed.extend(gone)
-        merges.append({"into": alive[chosen], "merged": gone, "similarity": s, "fallback": fallback,
-                       "candidates": tried})
-        bar.update(len(gone))
-        bar.set_postfix(into=alive[chosen], sim=f"{s:.3f}")
-        pos_hi = chosen - LACO_INTERVAL
-    bar.close()
+    ref = _final_hidden(model, ids)
+    with tqdm(total=n, desc="laco", unit="layer", disable=not progress) as bar:
+        st = _Collapser(model, ids, ref, n, merge, bar)
+        _notebook_pass(st)
+        while not st.done:
+            _fallback_collapse(st)
     model.train(was_training)
-    return sorted(removed), merges
-
-
-def _scan(model, ids, ref, alive, c, best: list, tried: list, positions) -> int | None:
-    """First position (downwards) whose c-layer merge keeps the similarity above T; records every
-    candidate in `tried` and the best seen in `best` ([similarity, position])."""
-    for pos in positions:
-        s = _similarity(model, ids, ref, pos, c)
-        tried.append((alive[pos], round(s, 6)))
-        if s > best[0]:
-            best[:] = [s, pos]
-        if s > LACO_THRESHOLD:
-            return pos
-    return None
+    return sorted(st.removed), st.merges
 
 
 def apply(model: PreTrainedModel, calib: torch.Tensor, n: int, cfg: RunConfig):
@@ -151,6 +199,6 @@ def apply(model: PreTrainedModel, calib: torch.Tensor, n: int, cfg: RunConfig):
 
     removed, merges = laco(model, calib, n, cfg.method.laco_merge)
     record = {"merge": cfg.method.laco_merge, "threshold": LACO_THRESHOLD, "interval": LACO_INTERVAL,
-              "lowest": LACO_LOWEST, "calib_blocks": min(LACO_BLOCKS, calib.shape[0]), "merges": merges,
-              "removed": removed}
+              "lowest": LACO_LOWEST, "calib_blocks": min(LACO_BLOCKS, calib.shape[0]), "merge_rule": MERGE_RULE,
+              "fallbacks": sum(m["fallback"] for m in merges), "merges": merges, "removed": removed}
     return BaselineResult(model=model, removed_layers=removed, record=record)
