@@ -189,11 +189,39 @@ def test_num_tokens_follow_hflm_context_continuation_split(ours, plain, tok):
 def test_rows_have_the_documented_shape(ours):
     assert {r["task"] for r in ours.samples} == set(KEY_TASKS)
     for r in ours.samples:
-        assert set(r) == {"task", "doc_id", "gold", "loglikelihoods", "num_tokens", "prediction", "correct"}
+        base = {"task", "doc_id", "gold", "loglikelihoods", "num_tokens", "prediction", "correct", "option_mean_nll"}
+        assert set(r) == base | ({"correct_norm"} if r["task"] != "boolq" else set())
+        assert len(r["option_mean_nll"]) == len(r["loglikelihoods"])
+        assert all(0 < x < 20 for x in r["option_mean_nll"])  # nats per token, O(1)-O(10) for a random model
         assert isinstance(r["gold"], int) and isinstance(r["correct"], bool)
         assert all(isinstance(x, float) and x < 0 for x in r["loglikelihoods"])
     boolq = [r for r in ours.samples if r["task"] == "boolq"]
     assert {r["gold"] for r in boolq} == {0, 1}
+
+
+def test_option_mean_nll_equals_an_independent_forward_over_context_and_option(ours, plain, tiny, tok):
+    """option_mean_nll[k] = mean cross-entropy of the whole prompt with option k filled in (tokens 1..),
+    recomputed here with one plain forward over the tokens lm-eval scored (OpenCompass's PPL field)."""
+    import torch.nn.functional as F
+
+    lm = harness.RecordingHFLM(pretrained=tiny, tokenizer=tok, batch_size=4)
+    for task in ("piqa", "arc_easy"):
+        rows = {r["doc_id"]: r for r in ours.samples if r["task"] == task}
+        for s in _plain_rows(plain, task)[:3]:
+            for k, (ctx, cont) in enumerate(s["arguments"]):
+                ctx_enc, cont_enc = lm._encode_pair(ctx, cont)
+                ids = torch.tensor([ctx_enc + cont_enc])
+                with torch.no_grad():
+                    logits = tiny(input_ids=ids).logits[0, :-1]
+                want = float(F.cross_entropy(logits, ids[0, 1:], reduction="mean"))
+                assert rows[s["doc_id"]]["option_mean_nll"][k] == pytest.approx(want, abs=1e-4)
+
+
+def test_correct_norm_equals_lm_eval_acc_norm(ours, plain):
+    for task in ("piqa", "arc_easy"):
+        rows = {r["doc_id"]: r for r in ours.samples if r["task"] == task}
+        for s in _plain_rows(plain, task):
+            assert rows[s["doc_id"]]["correct_norm"] == bool(s["acc_norm"])
 
 
 def test_mmlu_group_metrics_and_rows(tiny, tok):
@@ -238,6 +266,7 @@ def _assert_same_rows(a: list[dict], b: list[dict], tol: float = 1e-3) -> None:
         assert r["loglikelihoods"] == pytest.approx(s["loglikelihoods"], abs=tol)
         assert (r["prediction"], r["correct"], r["gold"], r["num_tokens"]) == (
             s["prediction"], s["correct"], s["gold"], s["num_tokens"])
+        assert r["option_mean_nll"] == pytest.approx(s["option_mean_nll"], abs=1e-4)
 
 
 def test_fast_scorer_equals_stock(ours, tiny, tok):
@@ -267,7 +296,7 @@ def test_fast_scorer_packing_limits_and_truncation_fallback(tiny, tok):
         res = lm_eval.simple_evaluate(model=lm, tasks=tasks.build_tasks(["piqa", "boolq"]),
                                       task_manager=tasks.task_manager(), limit=4, log_samples=True)
         built = tasks.leaf_tasks(tasks.build_tasks(["piqa", "boolq"]))
-        return harness.sample_rows(res, built, lm.continuation_tokens)
+        return harness.sample_rows(res, built, lm.continuation_tokens, lm.request_contexts, lm.context_nll)
 
     kw = {"pretrained": tiny, "tokenizer": tok, "batch_size": 3, "max_length": 48}
     stock = run(harness.RecordingHFLM(**kw))
@@ -306,7 +335,8 @@ def test_fast_scorer_other_families(family, tok):
     def run(lm):
         res = lm_eval.simple_evaluate(model=lm, tasks=tasks.build_tasks(["piqa"]), task_manager=tasks.task_manager(),
                                       limit=4, log_samples=True)
-        return harness.sample_rows(res, tasks.leaf_tasks(tasks.build_tasks(["piqa"])), lm.continuation_tokens)
+        return harness.sample_rows(res, tasks.leaf_tasks(tasks.build_tasks(["piqa"])), lm.continuation_tokens,
+                                   lm.request_contexts, lm.context_nll)
 
     fast_lm = FastHFLM(pretrained=model, tokenizer=tok, batch_size=8)
     _assert_same_rows(run(fast_lm), run(harness.RecordingHFLM(pretrained=model, tokenizer=tok, batch_size=8)))

@@ -9,8 +9,9 @@ FLOPs per token) to every position. Here, per forward pass:
   with position ids restarting after the context for each option, and a 4-D attention mask that
   lets each option see the whole context and its own earlier tokens only. Several groups are packed
   into one row (block-diagonal mask), so there is no padding either.
-* The LM head runs only at the positions that predict continuation tokens
-  (``logits_to_keep`` given as a 1-D index tensor, transformers v5).
+* The LM head runs only at the positions whose predictions are read: those that predict continuation
+  tokens, and once per context those that predict the context's own tokens (NLL(context), which the
+  stability metric's option_mean_nll needs) (``logits_to_keep`` given as a 1-D index tensor, transformers v5).
 
 Every option thus sees exactly the tokens and positions it sees in stock HFLM; the scores differ
 only by float summation order (checked: within 1e-3 of stock, same accuracy). Tasks, requests,
@@ -80,7 +81,10 @@ class FastHFLM(RecordingHFLM):
         self.record_continuation_lengths(requests)
         stock = super(RecordingHFLM, self)._loglikelihood_tokens  # HFLM's own, unrecorded
         if not self._fast_supported() or override_bs is not None:  # rolling windows: stock
-            return stock(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+            out = stock(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+            if override_bs is None:
+                self.score_contexts([ctx for _, ctx, _ in requests])
+            return out
 
         by_context: dict[tuple[int, ...], list[int]] = {}
         for i, (_, ctx, cont) in enumerate(requests):
@@ -99,6 +103,7 @@ class FastHFLM(RecordingHFLM):
         if slow:
             for i, ans in zip(slow, stock([requests[i] for i in slow], disable_tqdm=disable_tqdm)):
                 results[i] = ans
+            self.score_contexts([requests[i][1] for i in slow])
         packs = self._packs(groups)
         self.fast_stats["stock_requests"] += len(slow)
         self.fast_stats["shared_requests"] += len(requests) - len(slow)
@@ -141,6 +146,8 @@ class FastHFLM(RecordingHFLM):
         # per request: (request index, logit row indices in the packed row, target tokens)
         wanted: list[tuple[int, list[int], list[int]]] = []
         next_seg = 1
+        # per group: (context tokens, logit rows predicting its tokens 1.., those tokens) -> NLL(context)
+        contexts: list[tuple[tuple[int, ...], list[int], list[int]]] = []
         for g_idx, g in enumerate(pack):
             start = len(ids)
             n_ctx = len(g.context)
@@ -149,6 +156,8 @@ class FastHFLM(RecordingHFLM):
             seg += [0] * n_ctx
             grp += [g_idx] * n_ctx
             last_ctx = start + n_ctx - 1
+            if tuple(g.context) not in self.context_nll:
+                contexts.append((tuple(g.context), list(range(start, last_ctx)), g.context[1:]))
             for i in g.members:
                 cont = requests[i][2]
                 s0 = len(ids)
@@ -165,7 +174,7 @@ class FastHFLM(RecordingHFLM):
         t_pos = torch.tensor([pos], dtype=torch.long, device=device)
         mask = self._mask(torch.tensor(pos, device=device), torch.tensor(seg, device=device),
                           torch.tensor(grp, device=device))
-        keep = sorted({j for _, rows, _ in wanted for j in rows})
+        keep = sorted({j for _, rows, _ in wanted + contexts for j in rows})
         where = {j: k for k, j in enumerate(keep)}
         with (
             torch.no_grad(),
@@ -175,6 +184,10 @@ class FastHFLM(RecordingHFLM):
             logits = self.model(input_ids=t_ids, position_ids=t_pos, attention_mask=mask, use_cache=False,
                                 logits_to_keep=torch.tensor(keep, device=device)).logits[0]
         logp = F.log_softmax(logits, dim=-1, dtype=self.softmax_dtype)  # [len(keep), vocab]
+        for ctx, rows, targets in contexts:
+            target = torch.tensor(targets, dtype=torch.long, device=device)
+            nll = -float(logp[[where[j] for j in rows]].gather(1, target[:, None]).sum()) if rows else 0.0
+            self.context_nll[ctx] = (nll, len(rows))
         out = []
         for i, rows, cont in wanted:
             lp = logp[[where[j] for j in rows]]

@@ -11,6 +11,14 @@ lm-eval's metrics plus per-item rows for the stability metric:
   the encoded request itself (``_loglikelihood_tokens`` receives ``(strings, context_enc,
   continuation_enc)``; we record ``len(continuation_enc)``), so it follows lm-eval's
   context/continuation split, its trailing-space move and the empty-context rule exactly.
+* ``option_mean_nll[k]`` is the mean token negative log-likelihood (nats) of the whole prompt with
+  option k filled in: (NLL(context) + NLL(option k | context)) / (scored context tokens + option tokens),
+  from the same tokens and positions lm-eval scores (the context's first token has no prefix and is not
+  scored). This is OpenCompass's PPL-mode "PPL" field, the input of the stability metric (method.md §3).
+  The fast scorer takes NLL(context) from the forward pass that scores the options; the stock scorer
+  adds one pass over each distinct context (equal to the joint pass to float rounding: attention is causal).
+* ``correct_norm`` is lm-eval's per-item ``acc_norm`` (when the task defines it): the per-item
+  correctness the paired tests and bootstrap intervals of acc_norm need.
 * ``prediction = argmax(loglikelihoods)`` is lm-eval's ``acc`` rule; ``gold`` follows lm-eval's
   ``process_results`` (``doc_to_target``, or ``doc_to_text`` for multiple-input tasks such as
   Winogrande; a string target is turned into its index among the choices). Each row's ``correct`` is
@@ -32,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from lm_eval.models.huggingface import HFLM
 
 from llm_streamline.evaluate.tasks import build_tasks, check_tasks, leaf_tasks, task_manager
@@ -52,17 +61,55 @@ class EvalResult:
 
 
 class RecordingHFLM(HFLM):
-    """Stock HFLM that remembers each request's continuation token count (scores are untouched)."""
+    """Stock HFLM that remembers, per request, its continuation token count and its context's NLL
+    (the option scores themselves are stock HFLM's, untouched)."""
 
     def record_continuation_lengths(self, requests: Iterable[Any]) -> None:
         lengths = self.__dict__.setdefault("continuation_tokens", {})
-        for strings, _ctx_enc, cont_enc in requests:
+        contexts = self.__dict__.setdefault("request_contexts", {})
+        for strings, ctx_enc, cont_enc in requests:
             if strings is not None:  # rolling-window requests carry no strings
                 lengths[tuple(strings)] = len(cont_enc)
+                contexts[tuple(strings)] = tuple(ctx_enc)
+
+    @property
+    def context_nll(self) -> dict[tuple[int, ...], tuple[float, int]]:
+        """{context tokens: (summed NLL of its tokens 1.., number of those tokens)}."""
+        return self.__dict__.setdefault("_context_nll", {})
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):  # type: ignore[override]
         self.record_continuation_lengths(requests)
-        return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+        out = super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+        if override_bs is None:  # rolling-window (perplexity) requests need no context score
+            self.score_contexts([ctx for _, ctx, _ in requests])
+        return out
+
+    @torch.no_grad()
+    def score_contexts(self, contexts: Iterable[Sequence[int]]) -> None:
+        """NLL of each distinct context's tokens 1.. from their prefixes, batched and right-padded.
+        A context longer than the model's window is scored on its last ``max_length`` tokens, as stock
+        HFLM left-truncates what it feeds the model."""
+        todo = sorted({tuple(c) for c in contexts} - set(self.context_nll), key=len, reverse=True)
+        for c in todo:
+            if len(c) < 2:
+                self.context_nll[c] = (0.0, 0)
+        todo = [c for c in todo if len(c) >= 2]
+        bs = self.batch_size if isinstance(self.batch_size, int) else 16
+        for i in range(0, len(todo), bs):
+            chunk = todo[i:i + bs]
+            windows = [c[-self.max_length:] for c in chunk]
+            width = max(len(w) for w in windows)
+            ids = torch.zeros(len(chunk), width, dtype=torch.long)
+            mask = torch.zeros(len(chunk), width, dtype=torch.long)
+            for r, w in enumerate(windows):
+                ids[r, :len(w)] = torch.tensor(w)
+                mask[r, :len(w)] = 1
+            ids, mask = ids.to(self.device), mask.to(self.device)
+            logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
+            logp = torch.nn.functional.log_softmax(logits, dim=-1, dtype=self.softmax_dtype)
+            token_nll = -logp.gather(2, ids[:, 1:, None])[..., 0] * mask[:, 1:]
+            for r, (c, w) in enumerate(zip(chunk, windows)):
+                self.context_nll[c] = (float(token_nll[r].sum()), len(w) - 1)
 
 
 def make_lm(model: Any, tokenizer: Any, batch_size: int, scorer: str = "hflm") -> HFLM:
@@ -118,10 +165,20 @@ def gold_index(task: Any, doc: dict[str, Any]) -> int:
     return int(gold)
 
 
+def option_mean_nll(loglikelihood: float, n_option_tokens: int, context_nll: tuple[float, int]) -> float:
+    """Mean token NLL of context + option: (NLL(context) - loglik(option)) / (context tokens scored +
+    option tokens)."""
+    ctx_sum, ctx_count = context_nll
+    return (ctx_sum - loglikelihood) / (ctx_count + n_option_tokens)
+
+
 def sample_rows(
-    results: dict[str, Any], tasks: dict[str, Any], continuation_tokens: dict[tuple[str, str], int]
+    results: dict[str, Any], tasks: dict[str, Any], continuation_tokens: dict[tuple[str, str], int],
+    request_contexts: dict[tuple[str, str], tuple[int, ...]] | None = None,
+    context_nll: dict[tuple[int, ...], tuple[float, int]] | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per multiple-choice item (see module docstring), in lm-eval's doc order."""
+    """One row per multiple-choice item (see module docstring), in lm-eval's doc order. ``option_mean_nll``
+    is filled when the scorer recorded the contexts and their NLL."""
     rows: list[dict[str, Any]] = []
     for task_name, samples in (results.get("samples") or {}).items():
         task = tasks[task_name]
@@ -137,10 +194,17 @@ def sample_rows(
             correct = pred == gold
             if "acc" in s and bool(s["acc"]) != correct:
                 raise RuntimeError(f"{task_name} doc {s['doc_id']}: row disagrees with lm-eval's acc")
-            rows.append({
+            row = {
                 "task": task_name, "doc_id": int(s["doc_id"]), "gold": gold,
                 "loglikelihoods": lls, "num_tokens": ntok, "prediction": pred, "correct": correct,
-            })
+            }
+            if "acc_norm" in s:
+                row["correct_norm"] = bool(s["acc_norm"])
+            if request_contexts is not None and context_nll is not None:
+                ctxs = [request_contexts[tuple(a)] for a in s["arguments"][:n_choices]]
+                row["option_mean_nll"] = [option_mean_nll(ll, n, context_nll[c])
+                                          for ll, n, c in zip(lls, ntok, ctxs)]
+            rows.append(row)
     return rows
 
 
@@ -198,7 +262,8 @@ def run_lm_eval(
     )
     if results is None:  # only non-zero ranks get None; we run single-process
         raise RuntimeError("lm-eval returned no results")
-    rows = sample_rows(results, leaf_tasks(built), lm.__dict__.get("continuation_tokens", {}))
+    rows = sample_rows(results, leaf_tasks(built), lm.__dict__.get("continuation_tokens", {}),
+                       lm.__dict__.get("request_contexts", {}), lm.context_nll)
     return EvalResult(
         metrics=extract_metrics(results),
         samples=rows,

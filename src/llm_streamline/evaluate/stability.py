@@ -2,26 +2,28 @@
 
 For one multiple-choice task with items i = 1..N (rows from ``harness.run_lm_eval``):
 
-    p_ik = exp(-loglik_ik / n_ik)                per-token perplexity of option k under the DENSE model
-                                                 (loglik_ik summed over the option's n_ik tokens)
-    s_i  = sqrt( mean_k (p_ik - mean_k p_ik)^2 ) population std over the options of item i
+    c_ik = option_mean_nll of option k under the DENSE model: the mean token negative log-likelihood
+           (nats) of the whole prompt with option k filled in, (NLL(context) + NLL(option k | context)) /
+           (scored context tokens + option tokens). This is the "PPL" field of OpenCompass's PPL mode
+           (its ``get_ppl`` returns that mean cross-entropy, not an exponentiated perplexity), which the
+           authors' stability script reads.
+    s_i  = sqrt( mean_k (c_ik - mean_k c_ik)^2 )  population std over the options of item i
     w_i  = exp(s_i - max_j s_j) / sum_j exp(s_j - max_j s_j)
-                                                 softmax over the task's items (max subtracted: s can be
-                                                 large, exp(s) would overflow)
+                                                 softmax over the task's items (max subtracted)
     m_i  = 1 if correct_pruned_i == correct_dense_i else 0     (both right or both wrong)
 
     stability = sum_i w_i m_i        in [0, 1]; 1 for a model identical to the original
     agreement = (1/N) sum_i m_i      the unweighted rate, reported beside it
     effective_items = 1 / sum_i w_i^2    how many items the weights rest on (1 = a single item decides)
 
-Caveat, measured on SmolLM2-135M (50 items per task): s_i reaches 2e3 on PIQA and 2e7 on ARC-Easy, so
-the softmax is one-hot, `effective_items` is 1.0 and stability is 0 or 1 per task. That is the formula
-as published; read `agreement` and `effective_items` beside it.
+c_ik is O(1) nats, so s_i is O(0.1) and the softmax weights are smooth (effective_items near N).
+An earlier version of this module used exp(-loglik_ik / n_ik) over the option tokens alone: that spread
+s_i over orders of magnitude (2e7 on ARC-Easy with SmolLM2), made the softmax one-hot and every task's
+stability 0 or 1. ``option_mean_nll`` is written per option in the per-sample files, so the metric can be
+recomputed from them (see ``recompute_from_files``).
 
 This is the paper's formula. The authors' script instead sums the first M weights in file order
 (sum(w[:M]) with M = sum_i m_i), which ignores WHICH items flipped; that bug is not reproduced.
-The per-token perplexity (not exp of the summed log-likelihood) follows the authors' OpenCompass PPL
-mode; exp of a sum would put all the softmax weight on one item.
 
 MMLU: the authors average over subjects without weighting. Rows of the mmlu_* subject tasks get a
 stability each (per subject, softmax within the subject), and ``mmlu`` is their unweighted mean
@@ -40,27 +42,22 @@ import numpy as np
 Row = Mapping[str, Any]
 
 
-def option_perplexities(loglikelihoods: Sequence[float], num_tokens: Sequence[int]) -> np.ndarray:
-    """Per-token perplexity exp(-loglik / n_tokens) of each option."""
-    ll = np.asarray(loglikelihoods, dtype=np.float64)
-    n = np.asarray(num_tokens, dtype=np.float64)
-    if ll.shape != n.shape or ll.ndim != 1 or ll.size == 0:
-        raise ValueError(f"need one token count per option, got {ll.shape} and {n.shape}")
-    if np.any(n <= 0):
-        raise ValueError(f"option token counts must be positive, got {list(num_tokens)}")
-    return np.exp(-ll / n)
-
-
 def confidence(row: Row) -> float:
-    """s_i: population standard deviation over options of the dense model's per-token perplexity."""
-    return float(np.std(option_perplexities(row["loglikelihoods"], row["num_tokens"])))
+    """s_i: population standard deviation over options of the dense model's option_mean_nll."""
+    if "option_mean_nll" not in row:
+        raise ValueError(f"{row.get('task')} doc {row.get('doc_id')}: the dense row has no option_mean_nll "
+                         "(samples written before it existed cannot give stability; re-evaluate the dense model)")
+    c = np.asarray(row["option_mean_nll"], dtype=np.float64)
+    if c.ndim != 1 or c.size == 0 or c.size != len(row["loglikelihoods"]):
+        raise ValueError(f"{row.get('task')} doc {row.get('doc_id')}: need one option_mean_nll per option")
+    return float(np.std(c))
 
 
 def softmax(s: Sequence[float] | np.ndarray) -> np.ndarray:
     """Numerically stable softmax (the max is subtracted first)."""
     x = np.asarray(s, dtype=np.float64)
     if not np.all(np.isfinite(x)):
-        raise ValueError("confidence values must be finite (an option perplexity overflowed?)")
+        raise ValueError("confidence values must be finite")
     e = np.exp(x - x.max())
     return e / e.sum()
 
@@ -70,9 +67,8 @@ def _task_stability(dense: Sequence[Row], pruned_by_doc: Mapping[int, Row]) -> d
     w = softmax(s)
     m = np.array([bool(pruned_by_doc[int(r["doc_id"])]["correct"]) == bool(r["correct"]) for r in dense],
                  dtype=np.float64)
-    # 1 / sum w^2: how many items the weights effectively rest on. Near 1 means the softmax put all the
-    # weight on one item (the dense model's perplexity spread s_i runs to thousands on a small model), and
-    # stability is then 0 or 1 by that single item; report it so nobody reads such a value as a rate.
+    # 1 / sum w^2: how many items the weights effectively rest on (N for uniform weights, 1 when a single
+    # item decides); reported so that a degenerate weighting is never read as a rate.
     effective = float(1.0 / np.sum(w * w))
     return {"stability": float(np.dot(w, m)), "agreement": float(m.mean()), "n": float(len(dense)),
             "effective_items": effective}
@@ -95,9 +91,10 @@ def _is_mmlu_subject(task: str) -> bool:
 def stability(dense_rows: Sequence[Row], pruned_rows: Sequence[Row]) -> dict[str, Any]:
     """Stability and agreement per task, MMLU per subject plus its unweighted mean, and an average.
 
-    Returns ``{"tasks": {task: {"stability", "agreement", "n"}}, "mmlu_subjects": {...}`` (when MMLU
-    rows are present) ``, "average": {"stability", "agreement"}}``; ``tasks["mmlu"]`` holds the
-    subject mean. Rows are matched by (task, doc_id); differing sets raise ValueError.
+    Returns ``{"tasks": {task: {"stability", "agreement", "n", "effective_items"}}, "mmlu_subjects": {...}``
+    (when MMLU rows are present) ``, "average": {"stability", "agreement", "min_effective_items",
+    "min_effective_fraction"}}``; ``tasks["mmlu"]`` holds the subject mean. Rows are matched by
+    (task, doc_id); differing sets raise ValueError.
     """
     dense, pruned = _by_task(dense_rows, "dense"), _by_task(pruned_rows, "pruned")
     if set(dense) != set(pruned):
@@ -119,13 +116,23 @@ def stability(dense_rows: Sequence[Row], pruned_rows: Sequence[Row]) -> dict[str
             "agreement": float(np.mean([v["agreement"] for v in subjects.values()])),
             "n": float(sum(v["n"] for v in subjects.values())),
             "subjects": float(len(subjects)),
+            "effective_items": float(min(v["effective_items"] for v in subjects.values())),
         }
         out["mmlu_subjects"] = subjects
     out["tasks"] = tasks
+    plain = [v for t, v in tasks.items()]
     out["average"] = {
-        "stability": float(np.mean([v["stability"] for v in tasks.values()])) if tasks else float("nan"),
-        "agreement": float(np.mean([v["agreement"] for v in tasks.values()])) if tasks else float("nan"),
-        "min_effective_items": float(min((v.get("effective_items", v["n"]) for v in tasks.values()),
-                                         default=float("nan"))),
+        "stability": float(np.mean([v["stability"] for v in plain])) if plain else float("nan"),
+        "agreement": float(np.mean([v["agreement"] for v in plain])) if plain else float("nan"),
+        "min_effective_items": float(min((v["effective_items"] for v in plain), default=float("nan"))),
+        "min_effective_fraction": float(min((v["effective_items"] / v["n"] for v in plain if "subjects" not in v),
+                                            default=float("nan"))),
     }
     return out
+
+
+def recompute_from_files(dense_samples: str, pruned_samples: str) -> dict[str, Any]:
+    """Stability from two per-sample files (``samples_dense.jsonl``, ``samples_pruned.jsonl``)."""
+    from llm_streamline.evaluate.harness import load_samples_jsonl
+
+    return stability(load_samples_jsonl(dense_samples), load_samples_jsonl(pruned_samples))
