@@ -118,6 +118,49 @@ def test_shortgpt_and_gromov_find_constructed_identity_layers(family):
     assert res.removed_layers == [3, 4] and res.record["angular_distance"] < 1e-3
 
 
+def _states_at_angles(angles: list[list[float]], samples: int = 2, hidden: int = 8) -> list[torch.Tensor]:
+    """x^(j) for each j: per token, the unit vector at angle angles[j][t] (radians) in a plane, [samples, T, H]."""
+    out = []
+    for row in angles:
+        a = torch.tensor(row, dtype=torch.float64)
+        h = torch.zeros(samples, len(row), hidden, dtype=torch.float64)
+        h[..., 0], h[..., 1] = torch.cos(a), torch.sin(a)
+        out.append(h)
+    return out
+
+
+def test_gromov_uses_the_last_token_distance_which_picks_another_block_than_the_all_token_mean():
+    """Four layers, n = 1. Block 1 changes only the last token (by 90 degrees: all-token mean 0.5 / 4 = 0.125,
+    last token 0.5); block 2 turns every token by 0.2 pi (0.2 either way); blocks 0 and 3 by 90 degrees.
+    The all-token mean picks block 1, the paper's last-token rule (Gromov et al. §3.2) block 2."""
+    from math import pi
+
+    from llm_streamline.importance import profile_from_states
+
+    T = 4
+    a0 = [0.0] * T
+    a1 = [pi / 2] * T
+    a2 = a1[:-1] + [pi]
+    a3 = [a + 0.2 * pi for a in a2]
+    a4 = [a + pi / 2 for a in a3]
+    prof = profile_from_states([_states_at_angles([a0, a1, a2, a3, a4])] * 3, ns=[1])
+    assert prof.mean_angular[1] == pytest.approx([0.5, 0.125, 0.2, 0.5])
+    assert prof.last_angular[1] == pytest.approx([0.5, 0.5, 0.2, 0.5])
+    assert prof.best_start(1, "angular") == 1 and prof.best_start(1, "angular_last") == 2
+    model = _model("llama", num_hidden_layers=4)
+    res = layer_removal.apply("gromov", model, None, prof, 1, RunConfig())
+    assert res.removed_layers == [2] and res.record["metric"] == "angular_last"
+    assert res.record["angular_distance"] == pytest.approx(0.2)
+
+
+def test_profile_round_trips_through_its_dict():
+    from llm_streamline.importance import SimilarityProfile
+
+    prof = similarity_profile(_model("llama"), _blocks(), ns=[1, 3], progress=False)
+    again = SimilarityProfile.from_dict(json.loads(json.dumps(prof.as_dict())))
+    assert again == prof and set(prof.last_angular) == {1, 3} and len(prof.last_angular[3]) == 6
+
+
 @torch.no_grad()
 def _sample_from(model, n: int, t: int, seed: int) -> torch.Tensor:
     """Blocks sampled from the model itself: in expectation no other model scores them better (Gibbs)."""

@@ -3,7 +3,11 @@
 x^(0) is the embedding output and x^(l) the output of layer l-1 (the input of layer l). A block of n
 layers starting at l maps x^(l) to x^(l+n). Scores, per token, averaged over tokens and samples:
   cosine   cos(x^(l), x^(l+n))                          (LLM-Streamline; higher = more redundant)
-  angular  arccos(cos(x^(l), x^(l+n))) / pi              (Gromov et al.; lower = more redundant)
+  angular  arccos(cos(x^(l), x^(l+n))) / pi, mean over ALL tokens   (sparsity.importance=angular for LLM-Streamline;
+           lower = more redundant)
+  angular_last  the same distance on the LAST token of each sample only, averaged over samples: Gromov et al.'s
+           rule (arXiv 2403.17887, §3.2: the angular distance between the final token's representations x_T^(l)
+           and x_T^(l+n)); `method=gromov` uses it.
   bi       Block Influence 1 - cos(x^(l), x^(l+1)), per layer (ShortGPT; lower = more redundant). For a
            contiguous block, BI = 1 - cos(x^(l), x^(l+n)) orders blocks exactly as `cosine` does.
   perplexity  calibration perplexity of the model with the block skipped (lower = more redundant): a
@@ -16,7 +20,7 @@ padding, so every token counts.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
@@ -27,11 +31,13 @@ from llm_streamline.models.layers import find_decoder_stack, run_layers
 
 @dataclass
 class SimilarityProfile:
-    """mean_cos[n][l] = mean cos(x^(l), x^(l+n)); mean_angular likewise (angular distance)."""
+    """mean_cos[n][l] = mean cos(x^(l), x^(l+n)); mean_angular likewise (angular distance, all tokens);
+    last_angular[n][l]: the angular distance at the last token of each sample, averaged over samples (Gromov)."""
     num_layers: int
     mean_cos: dict[int, list[float]]
     mean_angular: dict[int, list[float]]
     tokens: int
+    last_angular: dict[int, list[float]] = field(default_factory=dict)
 
     def block_scores(self, n: int, metric: str) -> list[float]:
         """Higher = more redundant, for every start l in [0, L-n]."""
@@ -39,7 +45,11 @@ class SimilarityProfile:
             return self.mean_cos[n]
         if metric == "angular":
             return [-a for a in self.mean_angular[n]]
-        raise ValueError(f"metric {metric!r} scores blocks; use cosine or angular")
+        if metric == "angular_last":
+            if n not in self.last_angular:
+                raise ValueError("this similarity profile has no last-token angular distances (an older cache entry)")
+            return [-a for a in self.last_angular[n]]
+        raise ValueError(f"metric {metric!r} scores blocks; use cosine, angular or angular_last")
 
     def best_start(self, n: int, metric: str = "cosine") -> int:
         scores = self.block_scores(n, metric)
@@ -51,12 +61,60 @@ class SimilarityProfile:
     def as_dict(self) -> dict:
         return {"num_layers": self.num_layers, "tokens": self.tokens,
                 "cosine": {str(n): v for n, v in self.mean_cos.items()},
-                "angular": {str(n): v for n, v in self.mean_angular.items()}}
+                "angular": {str(n): v for n, v in self.mean_angular.items()},
+                "angular_last": {str(n): v for n, v in self.last_angular.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SimilarityProfile":
+        def by_n(key):
+            return {int(k): v for k, v in (d.get(key) or {}).items()}
+
+        return cls(num_layers=d["num_layers"], tokens=d["tokens"], mean_cos=by_n("cosine"),
+                   mean_angular=by_n("angular"), last_angular=by_n("angular_last"))
 
 
 def _normalise(h: torch.Tensor) -> torch.Tensor:
     h = h.float()
     return h / h.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+class _BlockSums:
+    """Running sums over samples of the per-block scores (cos, angular over all tokens, angular at the last token)."""
+
+    def __init__(self, ns: list[int], max_layer: int):
+        self.ns, self.max_layer = ns, max_layer
+        self.cos = {n: torch.zeros(max_layer - n + 1, dtype=torch.float64) for n in ns}
+        self.ang = {n: torch.zeros(max_layer - n + 1, dtype=torch.float64) for n in ns}
+        self.ang_last = {n: torch.zeros(max_layer - n + 1, dtype=torch.float64) for n in ns}
+        self.tokens = self.samples = 0
+
+    def add(self, states: list[torch.Tensor]) -> None:
+        """states[j] = x^(j) for j = 0..max_layer, each [B, T, H] (normalised here)."""
+        states = [_normalise(h) for h in states]
+        for n in self.ns:
+            for start in range(self.max_layer - n + 1):
+                cos = (states[start] * states[start + n]).sum(-1).clamp(-1.0, 1.0)   # [B, T]
+                ang = torch.arccos(cos) / torch.pi
+                self.cos[n][start] += cos.sum().double()
+                self.ang[n][start] += ang.sum().double()
+                self.ang_last[n][start] += ang[:, -1].sum().double()   # Gromov et al. §3.2: the final token
+        self.tokens += states[0].shape[0] * states[0].shape[1]
+        self.samples += states[0].shape[0]
+
+    def profile(self, num_layers: int) -> SimilarityProfile:
+        return SimilarityProfile(num_layers=num_layers, tokens=self.tokens,
+                                 mean_cos={n: (v / self.tokens).tolist() for n, v in self.cos.items()},
+                                 mean_angular={n: (v / self.tokens).tolist() for n, v in self.ang.items()},
+                                 last_angular={n: (v / self.samples).tolist() for n, v in self.ang_last.items()})
+
+
+def profile_from_states(batches: list[list[torch.Tensor]], ns: list[int]) -> SimilarityProfile:
+    """A profile from given hidden states: batches[b][j] = x^(j) [B, T, H] for j = 0..L (L + 1 tensors)."""
+    L = len(batches[0]) - 1
+    sums = _BlockSums(sorted(set(ns)), L)
+    for states in batches:
+        sums.add(states)
+    return sums.profile(L)
 
 
 @torch.no_grad()
@@ -74,24 +132,14 @@ def similarity_profile(model: PreTrainedModel, blocks: torch.Tensor, ns: list[in
     if not ns:
         raise ValueError(f"no block size in {ns} fits a model with {L} layers")
     device = next(model.parameters()).device
-    sum_cos = {n: torch.zeros(max_layer - n + 1, dtype=torch.float64) for n in ns}
-    sum_ang = {n: torch.zeros(max_layer - n + 1, dtype=torch.float64) for n in ns}
-    tokens = 0
+    sums = _BlockSums(ns, max_layer)
     it = range(0, blocks.shape[0], batch_size)
     for i in tqdm(it, desc="similarity profile", disable=not progress, unit="batch"):
         ids = blocks[i:i + batch_size].to(device)
         cap = run_layers(model, ids, inputs_at=(0,), outputs_at=tuple(range(max_layer)), stack=stack)
-        states = [_normalise(cap.inputs[0])] + [_normalise(cap.outputs[j]) for j in range(max_layer)]
+        sums.add([cap.inputs[0]] + [cap.outputs[j] for j in range(max_layer)])
         del cap
-        for n in ns:
-            for start in range(max_layer - n + 1):
-                cos = (states[start] * states[start + n]).sum(-1).clamp(-1.0, 1.0)
-                sum_cos[n][start] += cos.sum().double()
-                sum_ang[n][start] += (torch.arccos(cos) / torch.pi).sum().double()
-        tokens += ids.numel()
-    mean_cos = {n: (sum_cos[n] / tokens).tolist() for n in ns}
-    mean_ang = {n: (sum_ang[n] / tokens).tolist() for n in ns}
-    return SimilarityProfile(num_layers=L, mean_cos=mean_cos, mean_angular=mean_ang, tokens=tokens)
+    return sums.profile(L)
 
 
 def skip_layer_hook(module, args, kwargs, output):

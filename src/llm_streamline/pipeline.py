@@ -194,13 +194,11 @@ def run(cfg: RunConfig, out_dir: Path) -> dict:
 
         # 2. layer pruning: the similarity profile and the chosen block ------------------------------------
         with timings.stage("importance"):
-            prof_key = store.stage_key("profile", model=model_id, data=calib_key)
+            # `scores`: an entry cached before the last-token angular distance (Gromov) existed is not reused
+            prof_key = store.stage_key("profile", model=model_id, data=calib_key, scores="cos,angular,angular_last")
             prof_json, _ = store.cached_json(prof_key, lambda: similarity_profile(
                 model, blocks.calib, ns=list(range(1, L + 1)), batch_size=cfg.train.batch_size).as_dict(), log.info)
-            profile = SimilarityProfile(
-                num_layers=prof_json["num_layers"], tokens=prof_json["tokens"],
-                mean_cos={int(k): v for k, v in prof_json["cosine"].items()},
-                mean_angular={int(k): v for k, v in prof_json["angular"].items()})
+            profile = SimilarityProfile.from_dict(prof_json)
             block_ppl = None
             if cfg.sparsity.importance == "perplexity" and cfg.sparsity.start is None:
                 bkey = store.stage_key("block_ppl", model=model_id, data=calib_key, n=n)

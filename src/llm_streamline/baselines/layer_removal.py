@@ -3,9 +3,11 @@
   shortgpt  ShortGPT (Men et al. 2024): Block Influence BI_l = 1 - mean cos(x^(l), x^(l+1)) from the similarity
             profile (calibration data); the n layers with the lowest BI are removed (not necessarily
             contiguous). No training.
-  gromov    Gromov et al. 2024: the contiguous block [l, l+n) with the smallest mean angular distance
-            arccos(cos(x^(l), x^(l+n))) / pi is removed; healing (LoRA) is applied afterwards by
-            `baselines.heal` when `method.heal=lora` (the `gromov` preset sets it).
+  gromov    Gromov et al. 2024 (arXiv 2403.17887 §3.2): the contiguous block [l, l+n) with the smallest angular
+            distance arccos(cos(x_T^(l), x_T^(l+n))) / pi between the LAST token's representations, averaged over
+            the calibration samples (`importance` metric "angular_last"; the all-token mean "angular" is
+            LLM-Streamline's sparsity.importance=angular, recorded beside it); healing (LoRA) is applied afterwards
+            by `baselines.heal` when `method.heal=lora` (the `gromov` preset sets it).
   sleb      SLEB (Song et al. 2024): greedy, n steps; at each step every remaining layer is tried out and the
             one whose removal gives the lowest calibration perplexity (LM loss on the first SLEB_BLOCKS
             calibration blocks) is removed. Efficient but exact: the hidden state entering every layer of the
@@ -33,6 +35,7 @@ from llm_streamline.importance import SimilarityProfile, lowest_bi_layers, skip_
 from llm_streamline.models.layers import find_decoder_stack, per_layer_config_keys, run_layers
 from llm_streamline.prune import remove_block
 
+GROMOV_METRIC = "angular_last"   # Gromov et al. §3.2: the final token's representation
 SLEB_BLOCKS = 4   # calibration blocks scored per SLEB candidate (cost: ~n * L^2 / 2 layer forwards each)
 
 
@@ -181,11 +184,12 @@ def apply(name: str, model: PreTrainedModel, calib: torch.Tensor, profile: Simil
         remove_layers(model, removed)
         record = {"bi": profile.block_influence(), "removed": removed}
     elif name == "gromov":
-        start = profile.best_start(n, "angular")
+        start = profile.best_start(n, GROMOV_METRIC)
         removed = list(range(start, start + n))
         remove_layers(model, removed)
-        record = {"start": start, "angular_distance": profile.mean_angular[n][start],
-                  "angular": profile.mean_angular[n], "removed": removed}
+        record = {"metric": GROMOV_METRIC, "start": start, "angular_distance": profile.last_angular[n][start],
+                  "angular_last_token": profile.last_angular[n], "angular_all_tokens": profile.mean_angular[n],
+                  "removed": removed}
     elif name == "sleb":
         order, steps = sleb(model, calib, n)
         removed = sorted(order)
