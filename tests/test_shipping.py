@@ -67,3 +67,76 @@ def test_eval_of_a_checkpoint_honours_device_map(saved, tmp_path):
                       "eval.limit=2")
     res = pipeline.evaluate_checkpoint(cfg, tmp_path)
     assert res["model"]["device_map"] == "cpu" and res["model"]["device"] == "cpu"
+
+
+# ------------------------------------------------------------------------------------------------ W&B
+def offline_runs(run_dir: Path) -> list[Path]:
+    return sorted((run_dir / "wandb").glob("offline-run-*"))
+
+
+def wandb_log_bytes(offline_run: Path) -> bytes:
+    """The offline run's record file (protobuf records): the strings of the run record appear verbatim."""
+    return b"".join(p.read_bytes() for p in offline_run.glob("*.wandb"))
+
+
+def test_wandb_run_resumes_with_an_id_from_the_run_directory(tmp_path, monkeypatch):
+    from llm_streamline.tracking import Tracker, run_id, run_tags
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = compose_run("experiment=smoke", "replacement=swiglu", "sparsity=target25", "seed=3")
+    ids = []
+    for attempt in range(2):  # a job and its requeue write into the same run directory
+        tracker = Tracker(cfg.wandb, tmp_path, config={}, name="job", job_type="run", tags=run_tags(cfg))
+        assert tracker.run.job_type == "run"
+        assert set(tracker.run.tags) == {"method=streamline", "replacement=swiglu", "target=0.25", "seed=3"}
+        ids.append(tracker.run.id)
+        tracker.log({"train/loss": 1.0 / (attempt + 1)})
+        tracker.finish()
+    assert ids[0] == ids[1] == run_id(tmp_path) != run_id(tmp_path / "other")
+    runs = offline_runs(tmp_path)
+    assert runs and all(r.name.endswith(f"-{ids[0]}") for r in runs)
+    assert b"replacement=swiglu" in wandb_log_bytes(runs[-1])
+
+
+def test_wandb_job_type_is_checked():
+    from llm_streamline.config import WandbConfig
+    from llm_streamline.tracking import Tracker
+
+    with pytest.raises(ValueError, match="job_type"):
+        Tracker(WandbConfig(mode="disabled"), Path("."), config={}, name="x", job_type="pipeline")
+
+
+def test_eval_mode_is_logged_to_wandb(saved, tmp_path, monkeypatch):
+    from llm_streamline.tracking import run_id
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = compose_run("experiment=smoke", "mode=eval", f"checkpoint={saved['ffn']}", "eval.limit=2",
+                      "objective=avg_acc")
+    pipeline.evaluate_checkpoint(cfg, tmp_path)
+    runs = offline_runs(tmp_path)
+    assert len(runs) == 1 and runs[0].name.endswith(f"-{run_id(tmp_path)}")
+    record = wandb_log_bytes(runs[0])
+    assert b"checkpoint=ffn" in record and b"eval/per_task" in record and b"objective/avg_acc" in record
+
+
+RESULTS = {"eval": {"piqa": {"dense": {"acc": 0.7}, "pruned": {"acc": 0.6}},
+                    "arc_easy": {"dense": {"acc": 0.5}, "pruned": {"acc": 0.4}}},
+           "perplexity": {"dense": {"ppl": 10.0}, "pruned": {"ppl": 12.5}},
+           "stability": {"average": {"stability": 0.8}}}
+
+
+@pytest.mark.parametrize("objective,expected", [("ppl", 12.5), ("avg_acc", 0.5), ("stability", 0.8)])
+def test_sweep_objective_is_the_configured_metric(objective, expected):
+    from llm_streamline.config import validate
+    from llm_streamline.tracking import sweep_objective
+
+    validate(compose_run(f"objective={objective}"))
+    assert sweep_objective(RESULTS, objective) == pytest.approx(expected)
+    assert sweep_objective({"eval": {"piqa": {"acc": 0.25}}}, "avg_acc") == 0.25  # mode=eval's flat table
+
+
+def test_an_unknown_objective_fails_validation():
+    from llm_streamline.config import ConfigError, validate
+
+    with pytest.raises(ConfigError, match="objective"):
+        validate(compose_run("objective=loss"))

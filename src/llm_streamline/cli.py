@@ -65,15 +65,16 @@ def _app(cfg: DictConfig) -> float | None:
     from llm_streamline.faults import NumericalFault, disk_errno
     from llm_streamline.models.layers import NoDecoderLayersError
     from llm_streamline.store import NotWritableError
+    from llm_streamline.tracking import sweep_objective
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         run_cfg = to_run_config(cfg)
         validate(run_cfg)
         if run_cfg.mode == "eval":
-            pipeline.evaluate_checkpoint(run_cfg, out_dir)
-            return None
-        results = pipeline.run(run_cfg, out_dir)
+            results = pipeline.evaluate_checkpoint(run_cfg, out_dir)
+        else:
+            results = pipeline.run(run_cfg, out_dir)
     except NotWritableError as e:
         _fail(e.strerror)
     except (ConfigError, AssetError, HubUnavailable, NoDecoderLayersError, FileNotFoundError, ValueError) as e:
@@ -88,8 +89,7 @@ def _app(cfg: DictConfig) -> float | None:
             raise
         log.error("disk: %s", e)
         _fail(_disk_message(e, err), 3)
-    # returned to Hydra (sweepers optimise it): the average stability of the pruned model
-    return (results.get("stability") or {}).get("average", {}).get("stability")
+    return sweep_objective(results, run_cfg.objective)  # returned to Hydra: what a sweeper optimises
 
 
 def check_output_dir(argv: list[str]) -> None:

@@ -127,6 +127,7 @@ class RunConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     seed: int = 0
     mode: str = "run"                      # run | eval
+    objective: str = "stability"           # what the CLI returns to a sweeper: ppl | avg_acc | stability
     checkpoint: Optional[str] = None       # mode=eval: the model to evaluate
     save: bool = True                      # write the pruned model
     output_dir: str = "."                  # set by the CLI to Hydra's run dir
@@ -196,4 +197,5 @@ def validate(cfg: RunConfig) -> None:
     _check(e.limit is None or e.limit >= 1, f"eval.limit={e.limit}: null or >= 1")
     _check(e.scorer in ("fast", "hflm"), f"eval.scorer={e.scorer!r}: fast | hflm")
     _check(cfg.mode in ("run", "eval"), f"mode={cfg.mode!r}: run | eval")
+    _check(cfg.objective in ("ppl", "avg_acc", "stability"), f"objective={cfg.objective!r}: ppl | avg_acc | stability")
     _check(cfg.wandb.mode in ("auto", "online", "offline", "disabled"), f"wandb.mode={cfg.wandb.mode!r}")

@@ -50,7 +50,7 @@ from llm_streamline.models.loading import DTYPES, load_model
 from llm_streamline.models.saving import save_pruned
 from llm_streamline.prune import PrunedBlock, count_params, remove_block
 from llm_streamline.replace import build_replacement, replacement_param_count
-from llm_streamline.tracking import Tracker
+from llm_streamline.tracking import Tracker, run_tags, sweep_objective
 from llm_streamline.train import train_lm, train_mse, write_teacher_shards
 
 log = logging.getLogger("llm_streamline")
@@ -178,7 +178,7 @@ def run(cfg: RunConfig, out_dir: Path) -> dict:
     accelerator = _accelerator(cfg)
     is_main = accelerator is None or accelerator.is_main_process
     wandb_cfg = cfg.wandb if is_main else replace(cfg.wandb, mode="disabled")
-    tracker = Tracker(wandb_cfg, out_dir, config=asdict(cfg), job_type="pipeline",
+    tracker = Tracker(wandb_cfg, out_dir, config=asdict(cfg), job_type="run", tags=run_tags(cfg),
                       name=f"{cfg.model.name}-{cfg.replacement.type}-n{cfg.sparsity.layers or cfg.sparsity.target}")
     try:
         # 1. model and data -------------------------------------------------------------------------------
@@ -363,7 +363,7 @@ def run(cfg: RunConfig, out_dir: Path) -> dict:
             "host": {"python": platform.python_version(), "torch": torch.__version__},
         }
         store.write_json_atomic(out_dir / "results.json", results)
-        _log_summary(tracker, results)
+        _log_summary(tracker, results, cfg.objective)
         log.info("results: %s", out_dir / "results.json")
         return results
     finally:
@@ -539,7 +539,7 @@ def _speed(dense, pruned, cfg: RunConfig) -> dict:
             "threads": torch.get_num_threads(), "load_average": os.getloadavg()[0]}
 
 
-def _log_summary(tracker: Tracker, results: dict) -> None:
+def _log_summary(tracker: Tracker, results: dict, objective: str) -> None:
     rows = []
     for task, row in results["eval"].items():
         rows.append([task, row["dense"].get("acc"), row["pruned"].get("acc"),
@@ -552,6 +552,7 @@ def _log_summary(tracker: Tracker, results: dict) -> None:
         summary["ppl/pruned"] = results["perplexity"]["pruned"]["ppl"]
     for k, v in results["timings"].items():
         summary[f"time/{k}"] = v
+    summary[f"objective/{objective}"] = sweep_objective(results, objective)
     tracker.summary(summary)
 
 
@@ -589,4 +590,21 @@ def evaluate_checkpoint(cfg: RunConfig, out_dir: Path) -> dict:
                                  "batch_size": cfg.eval.batch_size, "scorer": cfg.eval.scorer},
                "params": {"total": count_params(model)}, "timings": dict(timings), "peak_memory": peak_memory()}
     store.write_json_atomic(out_dir / "results.json", results)
+    _log_eval(cfg, out_dir, name, results)
     return results
+
+
+def _log_eval(cfg: RunConfig, out_dir: Path, name: str, results: dict) -> None:
+    """mode=eval in W&B: per-task metrics as a table and in the summary, job_type "eval"."""
+    tracker = Tracker(cfg.wandb, out_dir, config=asdict(cfg), job_type="eval", name=f"eval-{Path(name).name}",
+                      tags=[f"checkpoint={Path(name).name}"[:64], f"seed={cfg.seed}"])
+    try:
+        metrics = ("acc", "acc_norm")
+        tracker.table("eval/per_task", ["task", *metrics],
+                      [[task, *(row.get(k) for k in metrics)] for task, row in results["eval"].items()])
+        tracker.summary({**{f"eval/{task}/{k}": row[k] for task, row in results["eval"].items()
+                            for k in metrics if k in row},
+                         "params/total": results["params"]["total"],
+                         f"objective/{cfg.objective}": sweep_objective(results, cfg.objective)})
+    finally:
+        tracker.finish()
