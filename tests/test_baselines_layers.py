@@ -105,6 +105,36 @@ def test_sleb_scores_equal_full_forward_with_a_layer_skipped(family):
         assert fast[i] == pytest.approx(s / t, rel=1e-5)
 
 
+def test_sleb_calibration_windows_and_batches():
+    calib = _blocks(4, 32)
+    win = layer_removal.sleb_tokens(calib, 2, 48)     # the blocks concatenated, cut into 48-token windows
+    assert win.shape == (2, 48) and torch.equal(win.reshape(-1), calib.reshape(-1)[:96])
+    assert torch.equal(layer_removal.sleb_tokens(calib, 3, None), calib[:3])
+    with pytest.raises(ValueError, match="needs 160 calibration tokens; the data gives 128"):
+        layer_removal.sleb_tokens(calib, 5, 32)
+    model = _model("llama")
+    whole = layer_removal.sleb_candidate_losses(model, win, [1, 3, 7])
+    assert layer_removal.sleb_candidate_losses(model, win, [1, 3, 7], batch_size=1) == pytest.approx(whole, rel=1e-5)
+
+
+def test_sleb_sizes_are_method_options_and_checked_before_work():
+    from hydra import compose, initialize_config_dir
+
+    from llm_streamline.cli import CONF_DIR, to_run_config
+    from llm_streamline.config import ConfigError, validate
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cpu = to_run_config(compose(config_name="config", overrides=["method=sleb"]))
+        gpu = to_run_config(compose(config_name="config", overrides=["method=sleb_gpu", "data=slimpajama"]))
+        short = to_run_config(compose(config_name="config", overrides=["method=sleb_gpu"]))
+    assert (cpu.method.sleb_samples, cpu.method.sleb_seq_len) == (4, None)
+    assert (gpu.method.name, gpu.method.sleb_samples, gpu.method.sleb_seq_len) == ("sleb", 128, 2048)
+    validate(cpu)
+    validate(gpu)
+    with pytest.raises(ConfigError, match="262144 calibration tokens, but data.calib_samples x data.seq_len = 16384"):
+        validate(short)
+
+
 @pytest.mark.parametrize("family", ["llama", "opt"])
 def test_shortgpt_and_gromov_find_constructed_identity_layers(family):
     model = _model(family)
@@ -175,6 +205,7 @@ def test_sleb_picks_the_identity_layer():
     _make_identity(model, 5)
     calib = _sample_from(model, 16, 32, seed=1)
     order, steps = layer_removal.sleb(copy.deepcopy(model), calib, 1, blocks=16, progress=False)
+    assert set(steps[0]["candidates_ppl"]) == {str(i) for i in range(1, 7)}   # sleb.py: first, last kept
     assert order == [5]
     assert steps[0]["ppl"] == min(steps[0]["candidates_ppl"].values())
 

@@ -105,6 +105,10 @@ class MethodConfig:
     grad_seq_len: int = 64
     # LaCo: how many following layers are merged into one at a time
     laco_merge: int = 2
+    # SLEB calibration: windows x tokens cut from the calibration blocks (null seq_len: the blocks as they are).
+    # The paper / sleb.py use 128 x 2048 (method=sleb_gpu); the CPU preset method=sleb uses 4 x data.seq_len.
+    sleb_samples: Optional[int] = 4
+    sleb_seq_len: Optional[int] = None
 
 
 @dataclass
@@ -156,6 +160,21 @@ def _check(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
+def _check_sleb_calibration(mc: MethodConfig, d: DataConfig) -> None:
+    """SLEB's windows must fit in the calibration blocks (data.calib_samples x data.seq_len tokens)."""
+    _check(mc.sleb_samples is None or mc.sleb_samples >= 1, f"method.sleb_samples={mc.sleb_samples}: null or >= 1")
+    _check(mc.sleb_seq_len is None or mc.sleb_seq_len >= 2, f"method.sleb_seq_len={mc.sleb_seq_len}: null or >= 2")
+    have = d.calib_samples * d.seq_len
+    if mc.sleb_seq_len is not None:
+        need = (mc.sleb_samples or 1) * mc.sleb_seq_len
+        _check(need <= have, f"method.sleb_samples={mc.sleb_samples} x method.sleb_seq_len={mc.sleb_seq_len} = {need} "
+                             f"calibration tokens, but data.calib_samples x data.seq_len = {have}: raise "
+                             "data.calib_samples or lower the SLEB sizes")
+    else:
+        _check(mc.sleb_samples is None or mc.sleb_samples <= d.calib_samples,
+               f"method.sleb_samples={mc.sleb_samples} > data.calib_samples={d.calib_samples}")
+
+
 def validate(cfg: RunConfig) -> None:
     """Value checks that need no model. Raises ConfigError with one line."""
     m, d, s, r, t, e = cfg.model, cfg.data, cfg.sparsity, cfg.replacement, cfg.train, cfg.eval
@@ -193,6 +212,8 @@ def validate(cfg: RunConfig) -> None:
            f"method.importance={cfg.method.importance!r}: vector | element1 | element2 | mix")
     _check(cfg.method.width_ratio is None or 0 < cfg.method.width_ratio < 1,
            f"method.width_ratio={cfg.method.width_ratio}: null or in (0, 1)")
+    if cfg.method.name == "sleb":
+        _check_sleb_calibration(cfg.method, d)
 
     _check(e.limit is None or e.limit >= 1, f"eval.limit={e.limit}: null or >= 1")
     _check(e.scorer in ("fast", "hflm"), f"eval.scorer={e.scorer!r}: fast | hflm")

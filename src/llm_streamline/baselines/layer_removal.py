@@ -8,9 +8,12 @@
             the calibration samples (`importance` metric "angular_last"; the all-token mean "angular" is
             LLM-Streamline's sparsity.importance=angular, recorded beside it); healing (LoRA) is applied afterwards
             by `baselines.heal` when `method.heal=lora` (the `gromov` preset sets it).
-  sleb      SLEB (Song et al. 2024): greedy, n steps; at each step every remaining layer is tried out and the
-            one whose removal gives the lowest calibration perplexity (LM loss on the first SLEB_BLOCKS
-            calibration blocks) is removed. Efficient but exact: the hidden state entering every layer of the
+  sleb      SLEB (Song et al. 2024; github.com/jiwonsong-dev/SLEB `sleb.py`): greedy, n steps; at each step every
+            remaining layer but the first and the last (sleb.py's early_barrier = latter_barrier = 1) is tried
+            out and the one whose removal gives the lowest summed NLL on the calibration windows (sleb.py's
+            `nlls`; the same order as perplexity) is removed. Calibration: method.sleb_samples windows of
+            method.sleb_seq_len tokens cut from the concatenated calibration blocks (the paper and sleb.py: 128
+            x 2048, the `sleb_gpu` preset; the CPU preset `sleb`: 4 x data.seq_len). Efficient but exact: the hidden state entering every layer of the
             current model is captured once per step; a candidate i is then scored by running only layers
             i+1.. (plus the final norm and head) from the cached x^(i) (the model's own forward on a view of the
             layer list whose first layer's input is swapped for x^(i)). The last layer is scored by a full
@@ -36,7 +39,8 @@ from llm_streamline.models.layers import find_decoder_stack, per_layer_config_ke
 from llm_streamline.prune import remove_block
 
 GROMOV_METRIC = "angular_last"   # Gromov et al. §3.2: the final token's representation
-SLEB_BLOCKS = 4   # calibration blocks scored per SLEB candidate (cost: ~n * L^2 / 2 layer forwards each)
+SLEB_BLOCKS = 4   # calibration samples scored per SLEB candidate when none is given (cost: ~n * L^2 / 2 layer forwards)
+SLEB_BARRIERS = (1, 1)   # SLEB's sleb.py: early_barrier = latter_barrier = 1 (first and last layer never removed)
 
 
 def remove_layers(model: PreTrainedModel, indices) -> list[int]:
@@ -114,18 +118,18 @@ def _lm_loss_sum(model, ids: torch.Tensor) -> tuple[float, int]:
 
 
 @torch.no_grad()
-def sleb_candidate_losses(model: PreTrainedModel, ids: torch.Tensor) -> list[float]:
-    """Mean LM loss (nats/token) of the model without layer i, for every current layer i."""
+def _candidate_loss_sums(model: PreTrainedModel, ids: torch.Tensor, candidates: list[int]) -> tuple[list[float], int]:
+    """Summed LM loss (nats) on `ids` of the model without layer i, for each i in `candidates`; and the token count."""
     stack = find_decoder_stack(model)
     L = stack.num_layers
-    cap = run_layers(model, ids, inputs_at=tuple(range(L)), stack=stack)
+    cap = run_layers(model, ids, inputs_at=tuple(candidates), stack=stack)
     layers = list(stack.layers)
-    out = []
-    for i in range(L):
+    out, tokens = [], 0
+    for i in candidates:
         if i == L - 1:
             with skipping(model, [i]):
-                s, t = _lm_loss_sum(model, ids)
-            out.append(s / t)
+                s, tokens = _lm_loss_sum(model, ids)
+            out.append(s)
             continue
         x = cap.inputs[i]
 
@@ -137,32 +141,67 @@ def sleb_candidate_losses(model: PreTrainedModel, ids: torch.Tensor) -> list[flo
         h = layers[i + 1].register_forward_pre_hook(inject, with_kwargs=True)
         try:
             with layer_view(model, layers[i + 1:], list(range(i + 1, L))):
-                s, t = _lm_loss_sum(model, ids)
+                s, tokens = _lm_loss_sum(model, ids)
         finally:
             h.remove()
-        out.append(s / t)
-    return out
+        out.append(s)
+    return out, tokens
 
 
-def sleb(model: PreTrainedModel, calib: torch.Tensor, n: int, blocks: int = SLEB_BLOCKS,
-         progress: bool = True) -> tuple[list[int], list[dict]]:
-    """Greedy SLEB in place; returns the removed ORIGINAL indices (in removal order) and per-step records."""
-    ids = calib[:blocks].to(next(model.parameters()).device)
+def sleb_candidate_losses(model: PreTrainedModel, ids: torch.Tensor, candidates: list[int] | None = None,
+                          batch_size: int | None = None) -> list[float]:
+    """Mean LM loss (nats/token) over `ids` of the model without layer i, for each candidate i (default: every
+    current layer), `batch_size` samples at a time."""
+    L = find_decoder_stack(model).num_layers
+    candidates = list(range(L)) if candidates is None else list(candidates)
+    step = batch_size or ids.shape[0]
+    sums, tokens = [0.0] * len(candidates), 0
+    for b in range(0, ids.shape[0], step):
+        part, t = _candidate_loss_sums(model, ids[b:b + step], candidates)
+        sums = [a + p for a, p in zip(sums, part)]
+        tokens += t
+    return [v / tokens for v in sums]
+
+
+def sleb_tokens(calib: torch.Tensor, samples: int | None, seq_len: int | None) -> torch.Tensor:
+    """SLEB's calibration windows: the calibration blocks concatenated and cut into `samples` windows of `seq_len`
+    tokens (SLEB's `nlls` cuts its concatenated calibration text into model.seqlen windows the same way);
+    null = the blocks as they are (all of them / their own length)."""
+    if seq_len is None:
+        return calib if samples is None else calib[:samples]
+    flat = calib.reshape(-1)
+    count = flat.numel() // seq_len if samples is None else samples
+    if count < 1 or count * seq_len > flat.numel():
+        raise ValueError(f"method.sleb_samples={samples} x method.sleb_seq_len={seq_len} needs {count * seq_len} "
+                         f"calibration tokens; the data gives {flat.numel()}")
+    return flat[:count * seq_len].view(count, seq_len)
+
+
+def sleb(model: PreTrainedModel, calib: torch.Tensor, n: int, blocks: int | None = SLEB_BLOCKS,
+         progress: bool = True, seq_len: int | None = None, batch_size: int | None = None,
+         barriers: tuple[int, int] = SLEB_BARRIERS) -> tuple[list[int], list[dict]]:
+    """Greedy SLEB in place; returns the removed ORIGINAL indices (in removal order) and per-step records.
+    The first barriers[0] and last barriers[1] current layers are never candidates (sleb.py's early_barrier /
+    latter_barrier, both 1 by default)."""
+    ids = sleb_tokens(calib, blocks, seq_len).to(next(model.parameters()).device)
     was_training = model.training
     model.eval()
     alive = list(range(find_decoder_stack(model).num_layers))   # original index of each current layer
+    if len(alive) - sum(barriers) < n:
+        raise ValueError(f"sleb: cannot remove {n} of {len(alive)} layers with the first {barriers[0]} and last "
+                         f"{barriers[1]} kept")
     removed, steps = [], []
     bar = tqdm(range(n), desc="sleb", unit="layer", disable=not progress)
     for step in bar:
-        losses = sleb_candidate_losses(model, ids)
-        j = min(range(len(losses)), key=lambda i: losses[i])
-        orig = alive.pop(j)
+        candidates = list(range(barriers[0], len(alive) - barriers[1]))
+        losses = sleb_candidate_losses(model, ids, candidates, batch_size)
+        k = min(range(len(losses)), key=lambda i: losses[i])
+        j = candidates[k]
+        steps.append({"step": step, "layer": alive[j], "ppl": math.exp(losses[k]),
+                      "candidates_ppl": {str(alive[c]): math.exp(v) for c, v in zip(candidates, losses)}})
+        removed.append(alive.pop(j))
         remove_layers(model, [j])
-        removed.append(orig)
-        steps.append({"step": step, "layer": orig, "ppl": math.exp(losses[j]),
-                      "candidates_ppl": {str(alive_i): math.exp(v) for alive_i, v in
-                                         zip(alive[:j] + [orig] + alive[j:], losses)}})
-        bar.set_postfix(layer=orig, ppl=f"{math.exp(losses[j]):.3g}")
+        bar.set_postfix(layer=removed[-1], ppl=f"{math.exp(losses[k]):.3g}")
     model.train(was_training)
     return removed, steps
 
@@ -191,10 +230,13 @@ def apply(name: str, model: PreTrainedModel, calib: torch.Tensor, profile: Simil
                   "angular_last_token": profile.last_angular[n], "angular_all_tokens": profile.mean_angular[n],
                   "removed": removed}
     elif name == "sleb":
-        order, steps = sleb(model, calib, n)
+        mc = cfg.method
+        order, steps = sleb(model, calib, n, blocks=mc.sleb_samples, seq_len=mc.sleb_seq_len,
+                            batch_size=cfg.train.batch_size)
         removed = sorted(order)
-        record = {"removal_order": order, "steps": steps, "calib_blocks": min(SLEB_BLOCKS, calib.shape[0]),
-                  "removed": removed}
+        ids = sleb_tokens(calib, mc.sleb_samples, mc.sleb_seq_len)
+        record = {"removal_order": order, "steps": steps, "calib_samples": int(ids.shape[0]),
+                  "calib_seq_len": int(ids.shape[1]), "barriers": list(SLEB_BARRIERS), "removed": removed}
     else:
         raise ValueError(f"layer_removal: unknown method {name!r}")
     return BaselineResult(model=model, removed_layers=removed, record=record)
