@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from torch import nn
 from hydra import compose, initialize_config_dir
 
 import llm_streamline
@@ -135,20 +136,20 @@ def test_taylor_scores_equal_hand_computed_values():
     pieces = [(layer.mlp.gate_proj.weight[3], "mlp.gate_proj.weight", (3,)),
               (layer.mlp.up_proj.weight[3], "mlp.up_proj.weight", (3,)),
               (layer.mlp.down_proj.weight[:, 3], "mlp.down_proj.weight", (slice(None), 3))]
-    e1 = vec = e2 = 0.0
+    e1 = vec = e2 = mix = 0.0
     for w, name, ix in pieces:
         gr = (per[0][name][ix] + per[1][name][ix]) / 2
         f = (per[0][name][ix] ** 2 + per[1][name][ix] ** 2) / 2
         wg = w.detach() * gr
         e1 += wg.abs().sum().item()
-        vec += wg.sum().item()
-        e2 += (wg - 0.5 * w.detach() ** 2 * f).abs().sum().item()
+        vec += abs(wg.sum().item())          # each matrix's row (gate, up) / column (down) of channel 3
+        e2 += (w.detach() ** 2 * f).sum().item()
+        mix += (wg - 0.5 * w.detach() ** 2 * f).abs().sum().item()
     scores = {k: llm_pruner.structure_scores(mlp, g, fisher, k) for k in ("element1", "vector", "element2", "mix")}
     assert scores["element1"][3].item() == pytest.approx(e1, rel=1e-5)
-    assert scores["vector"][3].item() == pytest.approx(abs(vec), rel=1e-4, abs=1e-9)
+    assert scores["vector"][3].item() == pytest.approx(vec, rel=1e-4, abs=1e-9)
     assert scores["element2"][3].item() == pytest.approx(e2, rel=1e-5)
-    mix = scores["element1"][3] / scores["element1"].sum() + scores["vector"][3] / scores["vector"].sum()
-    assert scores["mix"][3].item() == pytest.approx(mix.item(), rel=1e-6)
+    assert scores["mix"][3].item() == pytest.approx(mix, rel=1e-5)
     # attention KV group 1 (head_dim 4, 2 q heads per group): q rows 8..15, k/v rows 4..7, o columns 8..15
     a = layer.self_attn
     hand = 0.0
@@ -158,6 +159,35 @@ def test_taylor_scores_equal_hand_computed_values():
                         (a.o_proj.weight[:, 8:16], "self_attn.o_proj.weight", (slice(None), slice(8, 16)))]:
         hand += (w.detach() * (per[0][name][ix] + per[1][name][ix]) / 2).abs().sum().item()
     assert llm_pruner.structure_scores(attn, g, fisher, "element1")[1].item() == pytest.approx(hand, rel=1e-5)
+
+
+def test_vector_importance_on_a_hand_computed_example():
+    """LLM-Pruner's `vectorize`: per matrix, |sum of w*g| over each row of the structure, summed over rows and
+    matrices. Unit 0 = rows 0-1 of A and columns 0-1 of B (input columns: rows of B^T)."""
+    a, b = nn.Linear(2, 4, bias=False), nn.Linear(4, 1, bias=False)
+    with torch.no_grad():
+        a.weight.copy_(torch.tensor([[1.0, -2.0], [3.0, 1.0], [0.0, 0.0], [0.0, 0.0]]))
+        b.weight.copy_(torch.tensor([[2.0, -1.0, 0.0, 0.0]]))
+    g = {id(a.weight): torch.tensor([[1.0, 1.0], [1.0, -1.0], [0.0, 0.0], [0.0, 0.0]]),
+         id(b.weight): torch.tensor([[-1.0, -1.0, 0.0, 0.0]])}
+    s = llm_pruner.Structure("mlp", 0, nn.Module(), 2, [llm_pruner.Member(a, 0, 2), llm_pruner.Member(b, 1, 2)])
+    # w*g: A rows 0, 1 -> [1, -2], [3, -1]; B columns 0, 1 -> [-2], [1]
+    # vector = |1 - 2| + |3 - 1| + |-2| + |1| = 6; element1 = 1 + 2 + 3 + 1 + 2 + 1 = 10;
+    # the pre-issue-14 rule (one |.| over the whole structure) would give |1 - 2 + 3 - 1 - 2 + 1| = 0
+    assert llm_pruner.structure_scores(s, g, {}, "vector")[0].item() == pytest.approx(6.0)
+    assert llm_pruner.structure_scores(s, g, {}, "element1")[0].item() == pytest.approx(10.0)
+    assert llm_pruner.structure_scores(s, g, {}, "vector")[1].item() == 0.0
+    with pytest.raises(ValueError, match="mix needs the Fisher diagonal"):
+        llm_pruner.structure_scores(s, g, {}, "mix")
+
+
+def test_rows_are_labelled_by_their_attention_unit():
+    gqa = llm_pruner.apply(make("llama"), tokens(), 2, run_cfg())
+    mha = llm_pruner.apply(make("llama", num_key_value_heads=4), tokens(), 2, run_cfg())
+    assert make("llama").config.num_key_value_heads < make("llama").config.num_attention_heads
+    assert (gqa.record["attn_unit"], gqa.record["label"]) == ("kv-group", "llm_pruner_style(kv-group)")
+    assert (mha.record["attn_unit"], mha.record["label"]) == ("head", "llm_pruner")
+    assert gqa.record["importance_original"] == "param_first"
 
 
 def test_unsupported_attention_fails_with_one_line():

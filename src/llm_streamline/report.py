@@ -46,8 +46,8 @@ def label(r: dict) -> str:
     """method:replacement, plus the options that differ from the defaults."""
     rep = r["replacement"]["type"]
     if r["method"] != "streamline":  # baselines have no replacement; say how they were configured
-        name = r["method"]
         base = r.get("baseline") or {}
+        name = base.get("label", r["method"])   # e.g. llm_pruner_style(kv-group): what the row is
         if "merge" in base:
             name += f" C={base['merge']}"
         if r.get("train"):

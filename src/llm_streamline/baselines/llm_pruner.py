@@ -23,17 +23,26 @@ What is pruned (coupled structures; the residual width `hidden_size` is never ch
   layers), so per-layer head counts cannot work there: such a layer raises an error, as does any layer
   whose attention or MLP is not one of the layouts above.
 
-Importance (first-order Taylor, LLM-Pruner's §3.2). Gradients g of the LM loss (mean next-token cross
-entropy) on `grad_samples` calibration sequences of `grad_seq_len` tokens (the first ones of `calib`,
-truncated), one backward per sequence; g = mean of the per-sequence gradients (equal to the gradient of
-the batch loss, as LLM-Pruner computes it) and F = mean of the squared per-sequence gradients (the
-empirical Fisher, LLM-Pruner's `acc_grad`, standing in for the Hessian diagonal). For one structure S
-(all its weight and bias entries, over all coupled matrices):
-  element1  sum_{w in S} |w g|                       (LLM-Pruner's code default, `param_first`)
-  element2  sum_{w in S} |w g - 1/2 w^2 F|           (second-order term with the Fisher diagonal, `param_mix`)
-  vector    |sum_{w in S} w g|                        (first-order estimate of the loss change of removing S)
-  mix       element1 / sum_S' element1 + vector / sum_S' vector, the sums over the structures of the same
-            kind in the same layer (each normalised to sum 1, then added)
+Importance (Taylor, LLM-Pruner's §3.2 and its code: github.com/horseee/LLM-Pruner
+`LLMPruner/pruner/hf_llama_pruner.py` TaylorImportance, `llama3.py`). Gradients g of the LM loss (mean next-token
+cross entropy) on `grad_samples` calibration sequences of `grad_seq_len` tokens (the first ones of `calib`,
+truncated; the original: 10 bookcorpus samples of 64 tokens), one backward per sequence; g = mean of the
+per-sequence gradients (the gradient of the batch loss, as the original computes it) and F = mean of the squared
+per-sequence gradients (the original's `acc_grad`, for the second-order variants). Only the Linear WEIGHTS count
+(TaylorImportance reads `layer.weight` only; biases are pruned with their rows but not scored). Per matrix the
+salience s = w*g (element-wise) or a variant, reduced per row of the structure (a row: one output row of a
+row-pruned matrix, one input column of a column-pruned one), then summed over the structure's rows and matrices
+(the original's group_reduction="sum"):
+  vector    sum_rows |sum_{entries of the row} w g|      (`vectorize`: salience.sum(1).abs() per matrix)
+  element1  sum |w g|                                     (`param_first`, the original's scripts' choice)
+  element2  sum |w^2 F|                                   (`param_second`: the second-order term alone)
+  mix       sum |w g - 1/2 w^2 F|                         (`param_mix`: first- and second-order terms together;
+                                                           the default of hf_prune.py's --taylor)
+(Before issue 14, `vector` took one absolute value over the whole structure and `mix` was a normalised sum of
+element1 and vector, which the original does not have; `element2` then meant what is now `mix`.)
+The original's llama3.py folds q-channel importances onto the KV heads with `view(rep, n_kv*hd).sum(0)`, i.e. q
+head h onto KV head h mod n_kv, while attention pairs q head h with KV head h // rep; we add each q head to the
+KV head it attends with.
 Structures are ranked within a layer and kind; the lowest are removed (ties: the lower index is kept).
 
 How much: one ratio r for every pruned layer (layers first_layer .. L - last_layers_kept - 1; the first
@@ -68,6 +77,8 @@ log = logging.getLogger(__name__)
 
 LLM_PRUNER_CONFIG = "llm_pruner_config.json"
 IMPORTANCE = ("element1", "element2", "vector", "mix")
+ORIGINAL_NAME = {"vector": "vectorize", "element1": "param_first", "element2": "param_second", "mix": "param_mix"}
+NEEDS_FISHER = ("element2", "mix")
 
 
 class UnsupportedLayerError(ValueError):
@@ -181,7 +192,7 @@ def find_structures(model: PreTrainedModel, layers: list[int]) -> list[Structure
 def taylor_gradients(model: PreTrainedModel, tokens: torch.Tensor, params: list[nn.Parameter],
                      with_fisher: bool = True):
     """(g, F) per parameter: mean per-sequence gradient of the LM loss, mean squared per-sequence gradient
-    (F is empty unless `with_fisher`: only element2 needs it, and it is one more copy of the weights)."""
+    (F is empty unless `with_fisher`: only element2 and mix need it, and it is one more copy of the weights)."""
     was_training = model.training
     model.eval()
     saved = {p: p.requires_grad for p in model.parameters()}
@@ -208,45 +219,40 @@ def taylor_gradients(model: PreTrainedModel, tokens: torch.Tensor, params: list[
     return g, fisher
 
 
-def _unit_terms(struct: Structure, g: dict, fisher: dict) -> dict[str, torch.Tensor]:
-    """Per-unit sums of |wg|, wg and (with the Fisher) |wg - 1/2 w^2 F| over every weight/bias entry."""
-    units = torch.arange(struct.n_units)
-    abs1 = torch.zeros(struct.n_units, dtype=torch.float64)
-    signed = torch.zeros(struct.n_units, dtype=torch.float64)
-    abs2 = torch.zeros(struct.n_units, dtype=torch.float64)
-    for m in struct.members:
-        idx = m.indices(units).to(m.linear.weight.device)   # [units, k]
-        tensors = [m.linear.weight]
-        if m.axis == 0 and m.linear.bias is not None:
-            tensors.append(m.linear.bias)
-        for t in tensors:
-            w, gg, ff = t.detach().float(), g[id(t)], fisher.get(id(t))
-            if m.axis == 1:
-                w, gg = w.t(), gg.t()
-                ff = ff.t() if ff is not None else None
-            w, gg = w[idx], gg[idx]                   # [units, k, ...]
-            wg = w * gg
-            dims = tuple(range(1, wg.dim()))
-            abs1 += wg.abs().sum(dims).double().cpu()
-            signed += wg.sum(dims).double().cpu()
-            if ff is not None:
-                abs2 += (wg - 0.5 * w * w * ff[idx]).abs().sum(dims).double().cpu()
-    terms = {"element1": abs1, "vector": signed.abs()}
-    if fisher:
-        terms["element2"] = abs2
+def _row_terms(w: torch.Tensor, g: torch.Tensor, f: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """w, g, f: [units, rows, entries] (the structure's rows of one matrix). Per-unit sums of each variant."""
+    wg = w * g
+    terms = {"element1": wg.abs().sum((1, 2)), "vector": wg.sum(2).abs().sum(1)}
+    if f is not None:
+        second = w * w * f
+        terms["element2"] = second.abs().sum((1, 2))
+        terms["mix"] = (wg - 0.5 * second).abs().sum((1, 2))
     return terms
+
+
+def _unit_terms(struct: Structure, g: dict, fisher: dict) -> dict[str, torch.Tensor]:
+    """Per-unit importance of every variant the gradients allow, summed over the structure's matrices."""
+    units = torch.arange(struct.n_units)
+    total: dict[str, torch.Tensor] = {}
+    for m in struct.members:
+        t = m.linear.weight
+        idx = m.indices(units).to(t.device)                  # [units, rows of the unit]
+        w, gg, ff = t.detach().float(), g[id(t)], fisher.get(id(t))
+        if m.axis == 1:                                      # a pruned input column is a row of the transpose
+            w, gg = w.t(), gg.t()
+            ff = ff.t() if ff is not None else None
+        part = _row_terms(w[idx], gg[idx], ff[idx] if ff is not None else None)
+        for k, v in part.items():
+            total[k] = total.get(k, 0) + v.double().cpu()
+    return total
 
 
 def structure_scores(struct: Structure, g: dict, fisher: dict, importance: str) -> torch.Tensor:
     if importance not in IMPORTANCE:
         raise ValueError(f"method.importance={importance!r}: expected one of {IMPORTANCE}")
-    if importance == "element2" and not fisher:
-        raise ValueError("element2 needs the Fisher diagonal: taylor_gradients(..., with_fisher=True)")
-    terms = _unit_terms(struct, g, fisher)
-    if importance != "mix":
-        return terms[importance]
-    e1, vec = terms["element1"], terms["vector"]
-    return e1 / e1.sum().clamp_min(1e-30) + vec / vec.sum().clamp_min(1e-30)
+    if importance in NEEDS_FISHER and not fisher:
+        raise ValueError(f"{importance} needs the Fisher diagonal: taylor_gradients(..., with_fisher=True)")
+    return _unit_terms(struct, g, fisher)[importance]
 
 
 # ------------------------------------------------------------------------------------------- surgery
@@ -300,6 +306,17 @@ def choose_ratio(structs: list[Structure], target: int, steps: int = 10000) -> f
     return float(grid[int(torch.nonzero(err == err.min())[0])])
 
 
+# Row labels: hf_prune.py (LLaMA-1/2, no GQA) prunes single attention heads, each with its k/v rows; pruning whole
+# KV groups (several q heads sharing one k/v head) is what llama3.py does under GQA but not the paper's recipe,
+# so such rows are labelled "style". Neither label covers the data: our calibration and LoRA corpus (README).
+LABELS = {"head": "llm_pruner", "kv-group": "llm_pruner_style(kv-group)"}
+
+
+def attention_unit(structs: list[Structure]) -> str:
+    """"head" when every pruned attention unit is one q head with its own k/v rows, else "kv-group"."""
+    return "head" if all(s.heads_per_unit == 1 for s in structs if s.kind == "attn") else "kv-group"
+
+
 # ------------------------------------------------------------------------------------------- entry points
 def apply(model: PreTrainedModel, calib: torch.Tensor, n: int, cfg):
     from llm_streamline.baselines import BaselineResult
@@ -318,13 +335,8 @@ def apply(model: PreTrainedModel, calib: torch.Tensor, n: int, cfg):
     ratio = mc.width_ratio if mc.width_ratio is not None else choose_ratio(structs, target)
 
     tokens = calib[:mc.grad_samples, :mc.grad_seq_len]
-    params = []
-    for s in structs:
-        for m in s.members:
-            params.append(m.linear.weight)
-            if m.axis == 0 and m.linear.bias is not None:
-                params.append(m.linear.bias)
-    g, fisher = taylor_gradients(model, tokens, params, with_fisher=mc.importance == "element2") \
+    params = [m.linear.weight for s in structs for m in s.members]   # TaylorImportance scores weights only
+    g, fisher = taylor_gradients(model, tokens, params, with_fisher=mc.importance in NEEDS_FISHER) \
         if ratio > 0 else ({}, {})
 
     per_layer: dict[int, dict] = {}
@@ -342,7 +354,9 @@ def apply(model: PreTrainedModel, calib: torch.Tensor, n: int, cfg):
         else:
             entry.update(channels=s.n_units, channels_dense=before)
     pruned_params = count_params(model)
-    record = {"importance": mc.importance, "ratio": ratio, "width_ratio": mc.width_ratio,
+    unit = attention_unit(structs)
+    record = {"label": LABELS[unit], "attn_unit": unit, "importance": mc.importance,
+              "importance_original": ORIGINAL_NAME[mc.importance], "ratio": ratio, "width_ratio": mc.width_ratio,
               "layers_pruned": [layers[0], layers[-1] + 1], "grad_samples": int(tokens.shape[0]),
               "grad_seq_len": int(tokens.shape[1]), "target_params_removed": target if mc.width_ratio is None else None,
               "params_removed": dense_params - pruned_params, "params_dense": dense_params,
