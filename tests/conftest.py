@@ -70,9 +70,15 @@ def smoke_cli():
 
 
 @pytest.fixture(scope="session")
-def uninterrupted(tmp_path_factory):
-    """results.json of one uninterrupted smoke run (the reference the resumed runs must match)."""
+def uninterrupted_dir(tmp_path_factory) -> Path:
+    """One uninterrupted smoke run: `<dir>/run` (its run directory) and `<dir>/stages` (its stage cache)."""
     base = tmp_path_factory.mktemp("clean")
     res = _run_smoke_cli(base / "run", base / "stages")
     assert res.returncode == 0, res.stderr[-2000:]
-    return json.loads((base / "run" / "results.json").read_text())
+    return base
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(uninterrupted_dir):
+    """results.json of the uninterrupted smoke run (the reference the resumed runs must match)."""
+    return json.loads((uninterrupted_dir / "run" / "results.json").read_text())

@@ -57,14 +57,15 @@ def test_corpus_cache_written_atomically(tmp_data_cache):
     docs = data.offline_corpus()  # builds into the fresh dir
     path = data._corpus_path()
     assert path.parent == tmp_data_cache / "corpus"
-    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary left behind
+    # no temporary left behind: the corpus and its manifest (store.seal)
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name, path.name + ".manifest"]
     assert data.offline_corpus() == docs
 
 
 def test_token_cache_roundtrip(tok, tmp_data_cache):
     docs = data.offline_corpus()[:50]
     ids = data._cached_token_stream(docs, tok, "t")
-    files = list((tmp_data_cache / "tokens").iterdir())
+    files = [p for p in (tmp_data_cache / "tokens").iterdir() if p.suffix != ".manifest"]
     assert len(files) == 1 and files[0].suffix == ".npy"
     expected = []
     for d in docs:  # no BOS, EOS after every document

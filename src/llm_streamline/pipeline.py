@@ -377,7 +377,7 @@ def _load_or_train_replacement(cfg: RunConfig, slot: list, train_key: str, dense
     stored there. Returns (train log, the block if training already removed it from `pruned`); the train log
     is None on data-parallel ranks other than the main one."""
     ckpt = store.stage_dir(train_key)
-    if (ckpt / "slot.safetensors").exists():
+    if store.sealed(ckpt, train_key):  # a damaged entry is moved aside and trained again
         state = load_file(str(ckpt / "slot.safetensors"))
         for j, m in enumerate(slot):
             m.load_state_dict({k.split(".", 1)[1]: v for k, v in state.items() if k.startswith(f"{j}.")})
@@ -428,6 +428,7 @@ def _save_weights_stage(ckpt: Path, weights_file: str, weights: dict, train_log:
         tmp.mkdir(parents=True, exist_ok=True)
         save_file(weights, str(tmp / weights_file))
         store.write_json_atomic(tmp / "train_log.json", train_log)
+        store.seal(tmp, ckpt.name)
         if ckpt.exists():
             shutil.rmtree(ckpt)
         tmp.rename(ckpt)
@@ -446,7 +447,7 @@ def _lora_stage(key: str):
     """(cached adapters and log or None, a callback that stores newly trained ones) for LoRA healing."""
     ckpt = store.stage_dir(key)
     cached = None
-    if (ckpt / "adapters.safetensors").exists():
+    if store.sealed(ckpt, key):
         cached = (load_file(str(ckpt / "adapters.safetensors")), store.read_json(ckpt / "train_log.json"))
         log.info("LoRA adapters reused from %s", ckpt)
     return cached, lambda adapters, train_log: _save_weights_stage(ckpt, "adapters.safetensors", adapters,
@@ -463,14 +464,15 @@ def _apply_baseline(cfg: RunConfig, model, blocks, profile, n: int, model_id: di
                           train=asdict(cfg.train) if cfg.method.heal == "lora" else None)  # healing uses train.*
     cached, on_healed = _lora_stage(store.stage_key("lora", baseline=key))
     # which layers a layer-removal baseline drops (SLEB: a long greedy search) does not depend on healing
-    choice_path = store.stage_dir(store.stage_key("choice", model=model_id, data=data_key, n=n, seed=cfg.seed,
-                                                  method=cfg.method.name)).with_suffix(".json")
-    chosen = store.read_json(choice_path) if cfg.method.name in ("shortgpt", "gromov", "sleb") else None
+    choice_key = store.stage_key("choice", model=model_id, data=data_key, n=n, seed=cfg.seed, method=cfg.method.name)
+    choice_path = store.stage_dir(choice_key).with_suffix(".json")
+    chosen = store.read_sealed_json(choice_path, choice_key) if cfg.method.name in ("shortgpt", "gromov", "sleb") \
+        else None
     torch.manual_seed(cfg.seed)
     bres = apply_method(cfg, pruned, blocks.calib, blocks.train, blocks.val, profile, n, heal_cached=cached,
                         on_healed=on_healed, chosen=chosen)
     if cfg.method.name in ("shortgpt", "gromov", "sleb") and chosen is None:
-        store.write_json_atomic(choice_path, bres.record)
+        store.write_sealed_json(choice_path, choice_key, bres.record)
     log.info("%s: removed layers %s %s", cfg.method.name, bres.removed_layers, bres.record)
     return bres.model.eval(), bres, key
 

@@ -4,6 +4,10 @@ A stage's output is written to a temporary file/dir and renamed into place (atom
 a killed run never leaves a half-written entry that a rerun would trust. A rerun with the same config finds
 every finished stage and resumes after it; a sweep shares the stages its jobs have in common (the dense
 evaluation, the similarity profile, the teacher pairs of a block).
+Every entry is sealed: a manifest holding the key it was made for and the size and sha256 of each of its
+files is written last (inside a directory entry as MANIFEST.json, beside a file entry as `<name>.manifest`).
+A reader trusts an entry only if its manifest matches; one that does not (a truncated or zero-filled file, a
+copied or renamed entry) is moved aside as `<name>.corrupt-<time>` with a one-line warning and recomputed.
 Root: <cache>/stages (see `assets.cache_dir`).
 """
 
@@ -12,16 +16,21 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from llm_streamline.assets import cache_dir
+from llm_streamline.assets import cache_dir, sha256_of
 
-STAGE_VERSION = 1  # bump when a stage's computation changes so old entries are not reused
+STAGE_VERSION = 2  # bump when a stage's computation changes so old entries are not reused (2: sealed entries)
+MANIFEST = "MANIFEST.json"  # a directory entry's manifest; a file entry's is `<name>.manifest` beside it
+CORRUPT = ".corrupt-"       # infix of an entry moved aside because it failed verification
+log = logging.getLogger("llm_streamline")
 
 
 def stage_key(stage: str, **parts: Any) -> str:
@@ -89,6 +98,85 @@ def read_json(path: Path) -> Any | None:
     return json.loads(path.read_text())
 
 
+# ------------------------------------------------------------------------------------- sealed entries
+def _manifest_path(entry: Path) -> Path:
+    return entry / MANIFEST if entry.is_dir() else entry.with_name(entry.name + ".manifest")
+
+
+def _entry_files(entry: Path) -> dict[str, Path]:
+    if entry.is_file():
+        return {entry.name: entry}
+    return {p.relative_to(entry).as_posix(): p for p in sorted(entry.rglob("*"))
+            if p.is_file() and p.name != MANIFEST}
+
+
+def seal(entry: Path, key: str) -> None:
+    """Write the manifest of a finished entry (a file, or a directory before it is renamed into place):
+    the key it was made for and each file's size and sha256. Written last: an entry without one is unfinished."""
+    files = {rel: {"bytes": p.stat().st_size, "sha256": sha256_of(p)} for rel, p in _entry_files(entry).items()}
+    write_json_atomic(_manifest_path(entry), {"key": key, "files": files})
+
+
+def verify(entry: Path, key: str) -> str | None:
+    """Why `entry` cannot be trusted, or None when every file matches its manifest (sizes first: cheap)."""
+    try:
+        manifest = json.loads(_manifest_path(entry).read_text())
+        expected = manifest["files"]
+    except FileNotFoundError:
+        return "no manifest"
+    except (ValueError, KeyError, TypeError):
+        return "unreadable manifest"
+    if manifest.get("key") != key:
+        return f"made for {manifest.get('key')!r}, not {key!r}"
+    files = _entry_files(entry)
+    if set(files) != set(expected):
+        return f"files {sorted(set(files) ^ set(expected))} missing or unexpected"
+    for rel, meta in expected.items():
+        if files[rel].stat().st_size != meta["bytes"]:
+            return f"{rel} has {files[rel].stat().st_size} bytes, {meta['bytes']} written"
+    for rel, meta in expected.items():
+        if sha256_of(files[rel]) != meta["sha256"]:
+            return f"{rel} does not match its sha256"
+    return None
+
+
+def quarantine(entry: Path, why: str) -> Path:
+    """Move a damaged entry (and a file entry's manifest) aside as `<name>.corrupt-<time>`, with a warning."""
+    aside = entry.with_name(f"{entry.name}{CORRUPT}{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+    sidecar = _manifest_path(entry) if entry.is_file() else None
+    try:
+        os.replace(entry, aside)
+    except FileNotFoundError:  # another job moved it aside first
+        return aside
+    if sidecar is not None and sidecar.exists():
+        os.replace(sidecar, aside.with_name(aside.name + ".manifest"))
+    log.warning("cache entry %s failed verification (%s): moved to %s and recomputed", entry, why, aside.name)
+    return aside
+
+
+def sealed(entry: Path, key: str, move_aside: bool = True) -> bool:
+    """True if `entry` is finished and sound. A damaged one is moved aside (if `move_aside`; do it holding
+    the stage's lock) and False returned: the caller recomputes it. A file entry without its manifest is
+    unfinished (killed between the two writes): recomputing overwrites it."""
+    entry = Path(entry)
+    if not entry.exists() or (entry.is_file() and not _manifest_path(entry).exists()):
+        return False
+    why = verify(entry, key)
+    if why is not None and move_aside:
+        quarantine(entry, why)
+    return why is None
+
+
+def read_sealed_json(path: Path, key: str, move_aside: bool = True) -> Any | None:
+    """The JSON value of a sound sealed entry, else None (a damaged entry is moved aside)."""
+    return json.loads(Path(path).read_text()) if sealed(path, key, move_aside) else None
+
+
+def write_sealed_json(path: Path, key: str, obj: Any) -> None:
+    write_json_atomic(path, obj)
+    seal(path, key)
+
+
 @contextmanager
 def stage_lock(key: str):
     """Hold an exclusive lock on one stage while it is computed. Jobs of a sweep that run in parallel (a
@@ -110,13 +198,13 @@ def stage_lock(key: str):
 def cached_json(key: str, compute, log=None) -> tuple[Any, bool]:
     """Return (value, was_cached). `compute()` must return JSON-serialisable data."""
     path = stage_dir(key).with_suffix(".json")
-    hit = read_json(path)
+    hit = read_sealed_json(path, key, move_aside=False)
     if hit is None:
         with stage_lock(key):
-            hit = read_json(path)  # another job may have finished it while we waited
+            hit = read_sealed_json(path, key)  # another job may have finished it while we waited
             if hit is None:
                 value = compute()
-                write_json_atomic(path, value)
+                write_sealed_json(path, key, value)
                 return value, False
     if log:
         log(f"stage {key}: reused from {path}")
@@ -130,7 +218,8 @@ def _size(p: Path) -> int:
 
 def _is_leftover(p: Path) -> bool:
     """What a killed run leaves: temporary files/dirs and unfinished `.partial` entries (never trusted)."""
-    return (p.name.startswith(".") and p.name != ".locks") or p.name.endswith(".partial")
+    return ((p.name.startswith(".") and p.name != ".locks") or p.name.endswith(".partial")
+            or CORRUPT in p.name)
 
 
 def _stage_entries() -> dict[str, list[Path]]:
@@ -141,6 +230,8 @@ def _stage_entries() -> dict[str, list[Path]]:
     if not root.exists():
         return kinds
     for p in sorted(root.iterdir()):
+        if p.name.endswith(".manifest") and p.with_name(p.name[:-len(".manifest")]).exists():
+            continue  # a file entry's manifest goes with its entry
         kind = "leftovers" if _is_leftover(p) else p.name.rsplit("-", 1)[0]
         kinds.setdefault(kind, []).append(p)
     nested = [q for p in root.iterdir() if p.is_dir() and not _is_leftover(p) for q in p.rglob(".tmp-*")]
@@ -187,7 +278,8 @@ def cache_main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"llm-streamline-cache: error: nothing named {args.what!r}; one of {', '.join(known)}")
     freed = 0
     for p in doomed:
-        if p.exists():
-            freed += _size(p)
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        for q in (p, p.with_name(p.name + ".manifest")) if p.is_file() else (p,):
+            if q.exists():
+                freed += _size(q)
+                shutil.rmtree(q) if q.is_dir() else q.unlink()
     print(f"removed {len(doomed)} entries, {freed / 2**20:.1f} MiB")

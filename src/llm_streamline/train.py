@@ -30,7 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, get_cosine_with_min_lr_schedule_with_warmup
 
-from llm_streamline import faults
+from llm_streamline import faults, store
 from llm_streamline.config import TrainConfig
 from llm_streamline.models.layers import find_decoder_stack, run_layers
 
@@ -63,7 +63,8 @@ def write_teacher_shards(model: PreTrainedModel, blocks: torch.Tensor, start: in
     rerun would trust.
     """
     directory = Path(directory)
-    if (directory / "index.json").exists():
+    key = f"{directory.parent.name}/{directory.name}"  # the manifest's key: <teacher stage key>/<split>
+    if store.sealed(directory, key):  # a damaged entry (a truncated shard, a changed index) is moved aside
         meta = json.loads((directory / "index.json").read_text())
         return TeacherShards(directory, meta["files"], meta["index"])
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -81,7 +82,8 @@ def write_teacher_shards(model: PreTrainedModel, blocks: torch.Tensor, start: in
                        "x_out": cap.outputs[start + n - 1].contiguous().cpu()}, str(tmp / name))
             files.append(name)
             index.append(rows)
-        (tmp / "index.json").write_text(json.dumps({"files": files, "index": index}))  # written last: the marker
+        (tmp / "index.json").write_text(json.dumps({"files": files, "index": index}))
+        store.seal(tmp, key)  # written last: the marker
         if directory.exists():
             shutil.rmtree(directory)
         os.replace(tmp, directory)

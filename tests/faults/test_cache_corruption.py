@@ -1,0 +1,162 @@
+"""A damaged stage-cache entry is never trusted: the rerun moves it aside as `<name>.corrupt-<time>` with a
+one-line warning naming it, recomputes it, and ends with the results of a clean run.
+
+Each row of CORRUPTIONS damages one entry of a finished smoke run's stage cache (a copy of it). To add a
+case: a glob for the file to damage, a damage function, and the entries to drop so that the damaged one is
+read (a teacher shard is only read when the trained replacement is not cached).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pytest
+from hydra import compose, initialize_config_dir
+from safetensors.torch import load_file
+
+from llm_streamline import pipeline, store
+from llm_streamline.cli import CONF_DIR, to_run_config
+
+COMPARED = ("layers", "params", "eval", "stability", "perplexity", "train")
+
+
+def zero_fill_data(path: Path) -> None:
+    """Zero every tensor byte of a safetensors file, keeping its header: it still loads."""
+    raw = bytearray(path.read_bytes())
+    start = 8 + struct.unpack("<Q", raw[:8])[0]
+    raw[start:] = bytes(len(raw) - start)
+    path.write_bytes(bytes(raw))
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def edit_index(path: Path) -> None:
+    """Same size, other rows: a teacher index that names the wrong token blocks."""
+    path.write_text(path.read_text().replace("[0, 1", "[1, 0", 1))
+
+
+@dataclass
+class Corruption:
+    name: str
+    target: str                       # glob (in the stage cache) of the file damaged
+    damage: Callable[[Path], None]
+    entry_depth: int = 0              # the entry moved aside: the target's parent `entry_depth` levels up
+    drop: tuple[str, ...] = ()        # entries removed so the damaged one is read
+
+
+CORRUPTIONS = [
+    Corruption("zero-filled slot data", "train-*/slot.safetensors", zero_fill_data, entry_depth=1),
+    Corruption("truncated slot", "train-*/slot.safetensors", truncate, entry_depth=1),
+    Corruption("truncated JSON stage", "eval_pruned-*.json", truncate),
+    Corruption("truncated similarity profile", "profile-*.json", truncate),
+    Corruption("truncated teacher shard", "teacher-*/train/shard-00000.safetensors", truncate, entry_depth=1,
+               drop=("train-*",)),
+    Corruption("edited teacher index", "teacher-*/val/index.json", edit_index, entry_depth=1, drop=("train-*",)),
+]
+
+
+def smoke_config():
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return to_run_config(compose(config_name="config", overrides=["experiment=smoke", "replacement=ffn"]))
+
+
+@pytest.mark.parametrize("case", CORRUPTIONS, ids=lambda c: c.name)
+def test_damaged_entry_is_moved_aside_recomputed_and_results_match(case, uninterrupted_dir, uninterrupted,
+                                                                   tmp_path, monkeypatch, caplog):
+    stages = tmp_path / "stages"
+    shutil.copytree(uninterrupted_dir / "stages", stages)
+    for pattern in case.drop:
+        for p in stages.glob(pattern):
+            shutil.rmtree(p)
+    [target] = list(stages.glob(case.target))
+    entry = target.parents[case.entry_depth - 1] if case.entry_depth else target
+    case.damage(target)
+    monkeypatch.setenv("LLM_STREAMLINE_STAGES", str(stages))
+    with caplog.at_level(logging.WARNING, logger="llm_streamline"):
+        again = pipeline.run(smoke_config(), tmp_path / "run")
+    warnings = [r.getMessage() for r in caplog.records if "failed verification" in r.getMessage()]
+    assert len(warnings) == 1 and str(entry) in warnings[0], warnings
+    assert list(entry.parent.glob(f"{entry.name}{store.CORRUPT}*"))  # kept aside for a post-mortem
+    assert store.verify(entry, _key_of(entry)) is None  # recomputed and sealed again
+    for key in COMPARED:
+        assert again[key] == uninterrupted[key], key
+    saved = load_file(str(tmp_path / "run" / "model" / "model.safetensors"))
+    reference = load_file(str(Path(uninterrupted["checkpoint"]) / "model.safetensors"))
+    assert saved.keys() == reference.keys() and all((saved[k] == reference[k]).all() for k in saved)
+
+
+def _key_of(entry: Path) -> str:
+    """The key an entry is sealed with: its name (a JSON stage without `.json`), `<teacher>/<split>` inside."""
+    if entry.parent.name.startswith("teacher-"):
+        return f"{entry.parent.name}/{entry.name}"
+    return entry.name.removesuffix(".json")
+
+
+def test_a_file_entry_without_its_manifest_is_unfinished_not_trusted(tmp_path):
+    entry = tmp_path / "eval_dense-0123.json"
+    store.write_json_atomic(entry, {"metrics": {}})  # killed before the manifest was written
+    assert not store.sealed(entry, "eval_dense-0123") and entry.exists()  # recomputing overwrites it
+    store.seal(entry, "eval_dense-0123")
+    assert store.read_sealed_json(entry, "eval_dense-0123") == {"metrics": {}}
+
+
+def test_an_entry_made_for_another_key_is_refused(tmp_path):
+    entry = tmp_path / "train-aaaa"
+    entry.mkdir()
+    (entry / "train_log.json").write_text(json.dumps({"steps": 1}))
+    store.seal(entry, "train-bbbb")  # e.g. a directory copied or renamed by hand
+    assert "made for 'train-bbbb'" in store.verify(entry, "train-aaaa")
+    assert not store.sealed(entry, "train-aaaa")
+    assert not entry.exists() and list(tmp_path.glob("train-aaaa.corrupt-*"))
+
+
+# ------------------------------------------------------------------------------------------- asset cache
+def test_damaged_corpus_and_token_cache_are_rebuilt(tok, tmp_path, monkeypatch, caplog):
+    from llm_streamline import data
+
+    monkeypatch.setattr(data, "_data_cache", lambda sub: tmp_path / sub)
+    docs = data.offline_corpus()
+    ids = data._cached_token_stream(docs[:50], tok, "t")
+    corpus, [tokens] = data._corpus_path(), list((tmp_path / "tokens").glob("*.npy"))
+    truncate(corpus)
+    raw = bytearray(tokens.read_bytes())
+    raw[-64:] = bytes(64)  # zeroed ids: np.load still reads it
+    tokens.write_bytes(bytes(raw))
+    with caplog.at_level(logging.WARNING, logger="llm_streamline"):
+        assert data.offline_corpus() == docs
+        assert (data._cached_token_stream(docs[:50], tok, "t") == ids).all()
+    moved = [r.getMessage() for r in caplog.records if "failed verification" in r.getMessage()]
+    assert len(moved) == 2 and str(corpus) in moved[0] and str(tokens) in moved[1], moved
+    assert store.verify(corpus, corpus.name) is None and store.verify(tokens, tokens.name) is None
+
+
+def test_converted_model_is_verified_once_per_process_and_reconverted_when_damaged(tmp_path, monkeypatch):
+    from llm_streamline import assets
+    from llm_streamline.models import loading
+
+    monkeypatch.setenv("LLM_STREAMLINE_CACHE", str(tmp_path))
+    monkeypatch.setattr(loading, "_VERIFIED", set())
+    dest = tmp_path / "models" / "smollm2-135m-instruct"
+    dest.mkdir(parents=True)
+    (dest / "model.safetensors").write_bytes(b"weights" * 100)
+    (dest / ".complete").write_text("converted before checkpoints were sealed")
+    assert loading.embedded_smollm2_dir() == dest  # sealed as found, then trusted
+    assert store.verify(dest, dest.name) is None
+    monkeypatch.setattr(loading, "_VERIFIED", set())  # a new process
+    (dest / "model.safetensors").write_bytes(bytes(700))
+
+    def no_gguf():
+        raise assets.AssetError("reconverting")
+
+    monkeypatch.setattr(assets, "smollm2_gguf", no_gguf)
+    with pytest.raises(assets.AssetError, match="reconverting"):
+        loading.embedded_smollm2_dir()
+    assert list(dest.parent.glob("smollm2-135m-instruct.corrupt-*"))
