@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from llm_streamline.losses import nll_sum
 from llm_streamline.models.layers import find_decoder_stack, run_layers
 
 
@@ -164,10 +165,8 @@ def block_perplexities(model: PreTrainedModel, blocks: torch.Tensor, n: int, bat
             nll, count = 0.0, 0
             for i in range(0, blocks.shape[0], batch_size):
                 ids = blocks[i:i + batch_size].to(device)
-                logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-                nll += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                               ids[:, 1:].reshape(-1), reduction="sum"))
-                count += ids[:, 1:].numel()
+                s, c = nll_sum(model, ids)  # the head in chunks of positions
+                nll, count = nll + float(s), count + c
         finally:
             for h in handles:
                 h.remove()

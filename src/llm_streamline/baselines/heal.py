@@ -22,6 +22,7 @@ from transformers import PreTrainedModel, get_cosine_with_min_lr_schedule_with_w
 
 from llm_streamline.config import RunConfig
 from llm_streamline.faults import NumericalFault, nonfinite_parameters
+from llm_streamline.losses import lm_loss
 from llm_streamline.models.layers import find_decoder_stack
 
 
@@ -38,7 +39,7 @@ def _val_loss(model, blocks: torch.Tensor, bs: int, device) -> float:
     tot, cnt = 0.0, 0
     for i in range(0, blocks.shape[0], bs):
         ids = blocks[i:i + bs].to(device)
-        tot += model(input_ids=ids, labels=ids, use_cache=False).loss.item() * ids.shape[0]
+        tot += lm_loss(model, ids).item() * ids.shape[0]
         cnt += ids.shape[0]
     return tot / cnt
 
@@ -95,7 +96,7 @@ def lora_heal(model: PreTrainedModel, train_blocks: torch.Tensor, val_blocks: to
                 break
             ids = train_blocks[order[s * bs:(s + 1) * bs]].to(device)
             peft_model.train()
-            loss = peft_model(input_ids=ids, labels=ids, use_cache=False).loss
+            loss = lm_loss(peft_model, ids)  # the head in chunks of positions, recomputed in backward
             if not torch.isfinite(loss):
                 bad = nonfinite_parameters(peft_model)
                 raise NumericalFault("lora heal", f"step {step}", f"loss is {loss.item()}",

@@ -35,6 +35,7 @@ from transformers import PreTrainedModel
 
 from llm_streamline.config import RunConfig
 from llm_streamline.importance import SimilarityProfile, lowest_bi_layers, skip_layer_hook
+from llm_streamline.losses import nll_sum
 from llm_streamline.models.layers import find_decoder_stack, per_layer_config_keys, run_layers
 from llm_streamline.prune import remove_block
 
@@ -111,10 +112,8 @@ def skipping(model: PreTrainedModel, indices):
 
 
 def _lm_loss_sum(model, ids: torch.Tensor) -> tuple[float, int]:
-    logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-    tgt = ids[:, 1:]
-    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="sum")
-    return float(nll), tgt.numel()
+    nll, count = nll_sum(model, ids)  # the head in chunks of positions
+    return float(nll), count
 
 
 @torch.no_grad()

@@ -2,7 +2,8 @@
 
 Every block [T tokens] predicts its tokens 1..T-1 from their prefixes (T-1 predictions per block; the
 first token of a block has no context and is not scored). ppl = exp(total NLL / predicted tokens),
-a token-weighted mean over all blocks, so the batch size does not change the result.
+a token-weighted mean over all blocks, so the batch size does not change the result. The LM head and the
+log-softmax run on chunks of positions (`losses.nll_sum`): no [batch, seq, vocab] fp32 tensor is formed.
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
+
+from llm_streamline.losses import nll_sum
 
 
 @torch.no_grad()
@@ -20,7 +22,7 @@ def perplexity(model: Any, blocks: torch.Tensor, batch_size: int, desc: str = "p
     """{"ppl", "nll" (mean per predicted token, nats), "tokens" (predicted tokens)} over ``blocks``.
 
     ``blocks`` is a LongTensor [N, T] of token ids (no padding). The model runs in eval mode on its
-    own device; logits are upcast to fp32 for the log-softmax.
+    own device; each chunk's logits are upcast to fp32 for the log-softmax.
     """
     if blocks.dim() != 2 or blocks.shape[1] < 2:
         raise ValueError(f"blocks must be [N, T] with T >= 2, got {tuple(blocks.shape)}")
@@ -33,16 +35,14 @@ def perplexity(model: Any, blocks: torch.Tensor, batch_size: int, desc: str = "p
     try:
         for start in tqdm(range(0, blocks.shape[0], batch_size), desc=desc, unit="batch"):
             ids = blocks[start:start + batch_size].to(device)
-            logits = model(input_ids=ids).logits[:, :-1].float()
-            targets = ids[:, 1:]
-            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
+            nll, predicted = nll_sum(model, ids)
             if not torch.isfinite(nll):
                 from llm_streamline.faults import NumericalFault, diagnose
 
                 raise NumericalFault(desc, f"batch {start // batch_size} (blocks {start}..{start + ids.shape[0] - 1})",
                                      f"negative log-likelihood {float(nll)}", diagnose(model, ids[:1]))
             total_nll += float(nll)
-            total_tokens += targets.numel()
+            total_tokens += predicted
     finally:
         model.train(was_training)
     mean = total_nll / total_tokens
