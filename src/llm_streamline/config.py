@@ -58,12 +58,13 @@ class ReplacementConfig:
     hidden_size: Optional[int] = None      # ffn width; null = the model's MLP intermediate size
     activation: str = "silu"               # ffn activation
     residual: bool = True                  # ffn: y = x + f(x) (True) or y = f(x)
+    pre_norm: bool = False                 # ffn: f reads norm(x), the first pruned layer's pre-MLP norm (copied)
     num_layers: int = 1                    # `layers`: how many decoder layers stand in for the block
 
 
 @dataclass
 class TrainConfig:
-    loss: str = "mse"                      # mse | lm | lora (heal a plainly pruned model instead, peft)
+    loss: str = "mse"                      # mse | lm | distill | lora (heal a plainly pruned model instead, peft)
     epochs: int = 1
     batch_size: int = 8
     lr: float = 2e-4
@@ -72,6 +73,10 @@ class TrainConfig:
     warmup_ratio: float = 0.05
     grad_clip: float = 5.0
     first_token: str = "include"           # include | exclude: the attention-sink position in the MSE
+    mse_target: str = "absolute"           # absolute | relative: per-token ||f(x)-y||^2 / ||y||^2
+    select: str = "best"                   # best (lowest validation loss) | final (the last weights, as the paper)
+    distill_temperature: float = 1.0       # loss=distill: softmax temperature of both distributions
+    distill_alpha: float = 0.0             # loss=distill: + alpha x hidden-state MSE at the slot's output
     max_steps: Optional[int] = None        # cap for smoke runs
 
 
@@ -147,7 +152,7 @@ TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "opt"
 DATA_NAMES = ("offline", "slimpajama", "wikitext2", "c4")
 IMPORTANCE = ("cosine", "angular", "bi", "perplexity")
 REPLACEMENTS = ("none", "ffn", "swiglu", "layer", "layers")
-LOSSES = ("mse", "lm", "lora")
+LOSSES = ("mse", "lm", "distill", "lora")
 METHODS = ("streamline", "shortgpt", "gromov", "laco", "sleb", "llm_pruner")
 
 
@@ -201,6 +206,10 @@ def validate(cfg: RunConfig) -> None:
     _check(r.activation in ("silu", "gelu", "relu", "gelu_new"), f"replacement.activation={r.activation!r}")
     _check(t.loss in LOSSES, f"train.loss={t.loss!r}: expected one of {LOSSES}")
     _check(t.first_token in ("include", "exclude"), f"train.first_token={t.first_token!r}: include | exclude")
+    _check(t.mse_target in ("absolute", "relative"), f"train.mse_target={t.mse_target!r}: absolute | relative")
+    _check(t.select in ("best", "final"), f"train.select={t.select!r}: best | final")
+    _check(t.distill_temperature > 0 and t.distill_alpha >= 0,
+           f"train.distill_temperature={t.distill_temperature} must be > 0, train.distill_alpha >= 0")
     _check(t.lr > 0 and 0 <= t.min_lr <= t.lr,
            f"train.lr={t.lr}, train.min_lr={t.min_lr}: need 0 <= min_lr <= lr")
     _check(t.epochs >= 1 and t.batch_size >= 1, "train.epochs and train.batch_size must be >= 1")

@@ -49,9 +49,9 @@ from llm_streamline.models.layers import find_decoder_stack, run_layers
 from llm_streamline.models.loading import DTYPES, load_model
 from llm_streamline.models.saving import save_pruned
 from llm_streamline.prune import PrunedBlock, count_params, remove_block
-from llm_streamline.replace import build_replacement, replacement_param_count
+from llm_streamline.replace import build_replacement, needs_norm_probe, pre_mlp_norm_of, replacement_param_count
 from llm_streamline.tracking import Tracker, run_tags, sweep_objective
-from llm_streamline.train import train_lm, train_mse, write_teacher_shards
+from llm_streamline.train import train_distill, train_lm, train_mse, write_teacher_shards
 
 log = logging.getLogger("llm_streamline")
 PPL_IMPORTANCE_BLOCKS = 8  # calibration blocks per candidate for sparsity.importance=perplexity (as SLEB's 8)
@@ -252,12 +252,13 @@ def run(cfg: RunConfig, out_dir: Path) -> dict:
         else:
             # 4. layer replacement: build and train ---------------------------------------------------------
             probe = run_layers(model, blocks.calib[:1], outputs_at=(start,), stack=stack)
+            norm_path = pre_mlp_norm_of(model, start, blocks.calib[:1]) if needs_norm_probe(cfg.replacement) else None
             pruned = copy.deepcopy(model)
             pstack = find_decoder_stack(pruned)
             # seeded here, not earlier: a cached or skipped stage before this point must not change the init
             torch.manual_seed(cfg.seed)
             slot = build_replacement(cfg.replacement, list(pstack.layers[start:start + n]), pstack.config,
-                                     probe.output_is_tuple)
+                                     probe.output_is_tuple, norm_path)
             train_log = None
             block = None  # set once the block is out of `pruned`
             train_key = store.stage_key("train", model=model_id, data=data_key, start=start, n=n,
@@ -401,6 +402,11 @@ def _load_or_train_replacement(cfg: RunConfig, slot: list, train_key: str, dense
         with timings.stage("train"):
             tl = train_mse(dense_model, slot, start, blocks.train, train_sh, val_sh, cfg.train, cfg.seed,
                            on_step=on_step)
+    elif cfg.train.loss == "distill":  # the dense model is the teacher, batch by batch
+        with timings.stage("train"):
+            block = remove_block(pruned, start, n, slot)
+            tl = train_distill(dense_model, pruned, slot, start, n, blocks.train, blocks.val, cfg.train, cfg.seed,
+                               on_step=on_step, accelerator=accelerator)
     else:
         with timings.stage("train"):
             block = remove_block(pruned, start, n, slot)
@@ -483,8 +489,9 @@ def _accelerator(cfg: RunConfig):
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
-    if cfg.train.loss != "lm":
-        raise ValueError("several processes train only with train.loss=lm (MSE teacher pairs run in one process)")
+    if cfg.train.loss not in ("lm", "distill"):
+        raise ValueError("several processes train only with train.loss=lm or distill (MSE teacher pairs run in one "
+                         "process)")
     from accelerate import Accelerator
 
     return Accelerator(cpu=cfg.model.device == "cpu")

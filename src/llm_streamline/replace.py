@@ -8,7 +8,10 @@ are the family's own class, so they use them (causal mask, rotary embeddings, sl
 Types:
   none    plain pruning, nothing in the slot
   ffn     Linear(d, w) -> act -> Linear(w, d), optionally residual (y = x + f(x)); the residual variant's
-          output layer starts at zero, so training starts from plain pruning and can only improve on it
+          output layer starts at zero, so training starts from plain pruning and can only improve on it.
+          `pre_norm`: f reads norm(x), a copy of the first pruned layer's pre-MLP norm (the model's own
+          class), found by probing the layer: the un-normalised residual stream carries a few tokens with
+          massive activations that would otherwise dominate what f sees
   swiglu  pre-norm MLP initialised from the first pruned layer: y = x + [post_norm](mlp(norm(x))); for
           families whose MLP is SwiGLU (Llama, Mistral, Qwen, Gemma, Phi-3) it is a SwiGLU; for OPT and
           GPT-NeoX it is their own (ReLU/GELU) MLP, copied the same way
@@ -41,9 +44,11 @@ class _SlotMixin:
 
 
 class FFNReplacement(nn.Module, _SlotMixin):
-    def __init__(self, hidden_size: int, width: int, activation: str = "silu", residual: bool = True):
+    def __init__(self, hidden_size: int, width: int, activation: str = "silu", residual: bool = True,
+                 norm: nn.Module | None = None):
         super().__init__()
         self.residual = residual
+        self.norm = norm if norm is not None else nn.Identity()
         self.fc_in = nn.Linear(hidden_size, width)
         self.act = _ACTIVATIONS[activation]()
         self.fc_out = nn.Linear(width, hidden_size)
@@ -52,7 +57,7 @@ class FFNReplacement(nn.Module, _SlotMixin):
             nn.init.zeros_(self.fc_out.bias)
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
-        y = self.fc_out(self.act(self.fc_in(hidden_states)))
+        y = self.fc_out(self.act(self.fc_in(self.norm(hidden_states))))
         return self._wrap(hidden_states + y if self.residual else y)
 
 
@@ -93,6 +98,63 @@ def mlp_from_layer(layer: nn.Module) -> MLPReplacement:
     return MLPReplacement(norm, mlp, post)
 
 
+def _norm_like(module: nn.Module, hidden_size: int) -> bool:
+    """A leaf module whose parameters are per-channel vectors of the hidden size (RMSNorm, LayerNorm)."""
+    params = list(module.parameters(recurse=False))
+    return (not list(module.children()) and bool(params)
+            and all(p.dim() == 1 and p.numel() == hidden_size for p in params))
+
+
+@torch.no_grad()
+def find_pre_mlp_norm(layer: nn.Module, hidden: torch.Tensor, call_kwargs: dict) -> str:
+    """The attribute path (in `layer`) of the norm whose output feeds the MLP, found by running the layer once.
+
+    Generic over families: record which norm-like modules run, in order, and which tensors enter a Linear
+    map; the norms whose output enters a Linear are the pre-attention one (feeding q/k/v) and the pre-MLP one
+    (feeding the MLP's first maps), and the MLP runs after the attention. So the pre-MLP norm is the LAST
+    norm whose output a Linear reads (Gemma's post-attention norm feeds no Linear and is skipped)."""
+    d = hidden.shape[-1]
+    names = {m: n for n, m in layer.named_modules() if n and _norm_like(m, d)}
+    # the tensors themselves are kept (compared by identity): a freed one's memory could be reused
+    order, norm_out, linear_in, handles = [], {}, [], []
+
+    def on_norm(module, args, output):
+        order.append(names[module])
+        norm_out[names[module]] = output
+
+    def on_linear(module, args):
+        linear_in.append(args[0])
+
+    for m in names:
+        handles.append(m.register_forward_hook(on_norm))
+    for m in layer.modules():
+        if isinstance(m, nn.Linear):
+            handles.append(m.register_forward_pre_hook(on_linear))
+    try:
+        layer(hidden, **call_kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    feeding = [n for n in order if any(norm_out[n] is t for t in linear_in)]
+    if not feeding:
+        raise ValueError(f"{type(layer).__name__}: no norm whose output a Linear map reads (norm-like modules "
+                         f"run: {order})")
+    return feeding[-1]
+
+
+def pre_mlp_norm_of(model: nn.Module, index: int, input_ids: torch.Tensor) -> str:
+    """`find_pre_mlp_norm` for decoder layer `index` of `model`, called as the model calls it on `input_ids`."""
+    from llm_streamline.models.layers import find_decoder_stack, run_layers
+
+    stack = find_decoder_stack(model)
+    cap = run_layers(model, input_ids, inputs_at=(index,), kwargs_at=(index,), stack=stack)
+    return find_pre_mlp_norm(stack.layers[index], cap.inputs[index], cap.call_kwargs[index])
+
+
+def needs_norm_probe(cfg: ReplacementConfig) -> bool:
+    return cfg.type == "ffn" and cfg.pre_norm
+
+
 def mlp_width(config) -> int:
     for k in ("intermediate_size", "ffn_dim", "n_inner"):
         if getattr(config, k, None):
@@ -107,8 +169,9 @@ def _copy_layer_attrs(src: nn.Module, dst: nn.Module) -> None:
 
 
 def build_replacement(cfg: ReplacementConfig, pruned_layers: list[nn.Module], config,
-                      returns_tuple: bool = False) -> list[nn.Module]:
-    """Modules that take the block's slot (empty for `none`). `pruned_layers` are the removed layers in order."""
+                      returns_tuple: bool = False, norm_path: str | None = None) -> list[nn.Module]:
+    """Modules that take the block's slot (empty for `none`). `pruned_layers` are the removed layers in order;
+    `norm_path` (from `find_pre_mlp_norm`) names the norm a pre-norm FFN copies from the first of them."""
     if cfg.type == "none":
         return []
     first = pruned_layers[0]
@@ -121,7 +184,13 @@ def build_replacement(cfg: ReplacementConfig, pruned_layers: list[nn.Module], co
             m.requires_grad_(True)
         return mods
     if cfg.type == "ffn":
-        module = FFNReplacement(config.hidden_size, cfg.hidden_size or mlp_width(config), cfg.activation, cfg.residual)
+        norm = None
+        if cfg.pre_norm:
+            if norm_path is None:
+                raise ValueError("replacement.pre_norm needs the pruned layer's pre-MLP norm (find_pre_mlp_norm)")
+            norm = copy.deepcopy(first.get_submodule(norm_path))
+        module = FFNReplacement(config.hidden_size, cfg.hidden_size or mlp_width(config), cfg.activation,
+                                cfg.residual, norm)
     elif cfg.type == "swiglu":
         module = mlp_from_layer(first)
     else:
@@ -144,7 +213,10 @@ def replacement_param_count(cfg: ReplacementConfig, layer_params: int, config, s
         return cfg.num_layers * layer_params
     if cfg.type == "ffn":
         d, w = config.hidden_size, cfg.hidden_size or mlp_width(config)
-        return 2 * d * w + w + d
+        # a layer's norms share one class: any of them counts what the copied pre-MLP norm adds
+        norm = max((sum(p.numel() for p in m.parameters()) for m in sample_layer.modules() if _norm_like(m, d)),
+                   default=0) if cfg.pre_norm else 0
+        return 2 * d * w + w + d + norm
     parts = [getattr(sample_layer, n) for n in ("mlp", "fc1", "fc2", "post_feedforward_layernorm")
              if hasattr(sample_layer, n)]
     parts += [next(getattr(sample_layer, n) for n in _MLP_NORM_NAMES if hasattr(sample_layer, n))]

@@ -6,11 +6,18 @@ loss=mse  hidden-state regression f(x^(l*)) ~ x^(l*+n). Teacher pairs are produc
           every pair in RAM). The replacement is called with the keyword arguments the model's own forward
           passes to layer l* (causal mask, rotary embeddings, position ids, layer type), captured per batch
           by a pre-hook: the same arguments it receives at inference.
+          `mse_target=relative`: per-token ||f(x) - y||^2 / ||y||^2, so that the few tokens with massive
+          activations (not only position 0) do not dominate training and selection.
 loss=lm   next-token cross-entropy through the frozen pruned model; only the replacement is trainable.
           The frozen prefix needs no autograd graph (nothing in it requires grad), so the backward pass
           only runs from the slot onwards.
-Both: AdamW, linear warmup then cosine to `min_lr` (transformers' scheduler), gradient clipping, a
-validation loss at each epoch end (and a few times within), the best weights kept by copy, seeded.
+loss=distill  KL(dense next-token distribution || pruned) through the frozen pruned model, at
+          `distill_temperature`, plus `distill_alpha` x the hidden-state MSE at the slot's output; the
+          dense model's final hidden states are computed per batch (no stored vocabulary-sized tensors).
+LM and KD losses run the LM head in chunks of positions (`losses`).
+All: AdamW, linear warmup then cosine to `min_lr` (transformers' scheduler), gradient clipping, a
+validation loss at each epoch end (and a few times within); `select=best` keeps the weights with the
+lowest validation loss (by copy), `select=final` the last ones (as the paper does); seeded.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from transformers import PreTrainedModel, get_cosine_with_min_lr_schedule_with_w
 
 from llm_streamline import faults, store
 from llm_streamline.config import TrainConfig
+from llm_streamline.losses import final_hidden, head_of, kl_sum, lm_loss
 from llm_streamline.models.layers import find_decoder_stack, run_layers
 
 
@@ -102,13 +110,15 @@ class TrainLog:
     initial_val_loss: float | None = None
     best_val_loss: float | None = None
     best_step: int | None = None
+    selected_step: int | None = None  # whose weights were kept: best_step (select=best) or the last step
     tokens: int = 0
     trainable_params: int = 0
 
     def as_dict(self) -> dict:
         return {"steps": self.steps, "tokens": self.tokens, "trainable_params": self.trainable_params,
                 "initial_val_loss": self.initial_val_loss, "best_val_loss": self.best_val_loss,
-                "best_step": self.best_step,  # (step, loss) pairs as lists: equal to what JSON reads back
+                "best_step": self.best_step, "selected_step": self.selected_step,
+                # (step, loss) pairs as lists: equal to what JSON reads back
                 "train_loss": [list(p) for p in self.train_loss], "val_loss": [list(p) for p in self.val_loss]}
 
 
@@ -120,10 +130,14 @@ def _slot_call(modules: list[nn.Module], x: torch.Tensor, kwargs: list[dict]) ->
     return x
 
 
-def _mse(pred: torch.Tensor, target: torch.Tensor, first_token: str) -> torch.Tensor:
+def _mse(pred: torch.Tensor, target: torch.Tensor, first_token: str, mse_target: str = "absolute") -> torch.Tensor:
     if first_token == "exclude":  # the attention-sink position carries huge activations that dominate MSE
         pred, target = pred[:, 1:], target[:, 1:]
-    return torch.nn.functional.mse_loss(pred.float(), target.float())
+    pred, target = pred.float(), target.float()
+    if mse_target == "relative":  # each token's error relative to its own size: massive tokens weigh as others
+        err = (pred - target).pow(2).sum(-1) / target.pow(2).sum(-1).clamp_min(1e-12)
+        return err.mean()
+    return torch.nn.functional.mse_loss(pred, target)
 
 
 def _needs_layer_kwargs(modules: list[nn.Module]) -> bool:
@@ -156,8 +170,8 @@ class _Bookkeeping:
     """What both losses do around a step: records, progress, periodic validation, best weights by copy."""
 
     def __init__(self, slot: list[nn.Module], log: TrainLog, validate, total: int, eval_every: int, on_step,
-                 stage: str, desc: str, disable: bool = False):
-        self.slot, self.log, self.validate, self.total = slot, log, validate, total
+                 stage: str, desc: str, disable: bool = False, select: str = "best"):
+        self.slot, self.log, self.validate, self.total, self.select = slot, log, validate, total, select
         self.eval_every, self.on_step, self.stage = eval_every, on_step, stage
         self.best_state = [copy.deepcopy(m.state_dict()) for m in slot]
         log.initial_val_loss = log.best_val_loss = validate()
@@ -181,14 +195,18 @@ class _Bookkeeping:
                 self.on_step(step, {"val/loss": v})
             if v < log.best_val_loss:
                 log.best_val_loss, log.best_step = v, step
-                self.best_state = [copy.deepcopy(m.state_dict()) for m in self.slot]
+                if self.select == "best":
+                    self.best_state = [copy.deepcopy(m.state_dict()) for m in self.slot]
 
     def finish(self, steps: int) -> TrainLog:
         self.bar.close()
-        for m, state in zip(self.slot, self.best_state):
-            m.load_state_dict(state)
+        if self.select == "best":
+            for m, state in zip(self.slot, self.best_state):
+                m.load_state_dict(state)
+        for m in self.slot:
             m.eval()
         self.log.steps = steps
+        self.log.selected_step = self.log.best_step if self.select == "best" else steps
         return self.log
 
 
@@ -230,14 +248,14 @@ def train_mse(model: PreTrainedModel, slot: list[nn.Module], start: int, blocks:
         for i in range(len(val_shards)):
             x, y, rows = val_shards.load(i)
             pred = _slot_call(slot, x.to(device), layer_kwargs(rows))
-            tot += _mse(pred, y.to(device), cfg.first_token).item() * x.shape[0]
+            tot += _mse(pred, y.to(device), cfg.first_token, cfg.mse_target).item() * x.shape[0]
             cnt += x.shape[0]
         for m in slot:
             m.train()
         return tot / max(cnt, 1)
 
     book = _Bookkeeping(slot, log, validate, total, max(1, math.ceil(steps_per_epoch / evals_per_epoch)),
-                        on_step, "mse", f"train {type(slot[0]).__name__} (mse)")
+                        on_step, "mse", f"train {type(slot[0]).__name__} (mse)", select=cfg.select)
     gen = torch.Generator().manual_seed(seed)
     for m in slot:
         m.train()
@@ -248,7 +266,7 @@ def train_mse(model: PreTrainedModel, slot: list[nn.Module], start: int, blocks:
                 break
             x, y, rows = train_shards.load(i)
             x, y = x.to(device), y.to(device)
-            loss = _mse(_slot_call(slot, x, layer_kwargs(rows)), y, cfg.first_token)
+            loss = _mse(_slot_call(slot, x, layer_kwargs(rows)), y, cfg.first_token, cfg.mse_target)
             _check_finite(loss, "train (mse)", step, slot, (x, y))
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -260,13 +278,69 @@ def train_mse(model: PreTrainedModel, slot: list[nn.Module], start: int, blocks:
     return book.finish(step)
 
 
-def _lm_loss(model: PreTrainedModel, ids: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=ids, labels=ids, use_cache=False).loss
-
-
 def train_lm(pruned: PreTrainedModel, slot: list[nn.Module], train_blocks: torch.Tensor, val_blocks: torch.Tensor,
              cfg: TrainConfig, seed: int, evals_per_epoch: int = 4, on_step=None, accelerator=None) -> TrainLog:
-    """Language-modelling loss through the frozen pruned model; only `slot` trains.
+    """Language-modelling loss through the frozen pruned model; only `slot` trains."""
+    return _train_through_tail(pruned, slot, train_blocks, val_blocks, cfg, seed, lambda ids: lm_loss(pruned, ids),
+                               "lm", evals_per_epoch, on_step, accelerator)
+
+
+class DistillLoss:
+    """KL(dense || pruned) over next-token distributions (+ alpha x hidden-state MSE at the slot's output).
+
+    The teacher's final hidden states come from the dense model per batch, without gradients; its logits are
+    formed chunk by chunk inside `kl_sum`, never for the whole batch. For the MSE term, forward hooks catch
+    the dense model's x^(start+n) and the slot's output in the same forward passes."""
+
+    def __init__(self, dense: PreTrainedModel, pruned: PreTrainedModel, slot: list[nn.Module], start: int, n: int,
+                 cfg: TrainConfig):
+        self.dense, self.pruned, self.cfg = dense, pruned, cfg
+        self.teacher_head, self.student_head = head_of(dense), head_of(pruned)
+        self.caught: dict[str, torch.Tensor] = {}
+        self.hooks = []
+        if cfg.distill_alpha > 0:
+            self._catch(find_decoder_stack(dense).layers[start + n - 1], "teacher")
+            self._catch(slot[-1], "student")
+
+    def _catch(self, module: nn.Module, name: str) -> None:
+        def hook(mod, args, output):
+            self.caught[name] = output[0] if isinstance(output, tuple) else output
+        self.hooks.append(module.register_forward_hook(hook))
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            teacher = final_hidden(self.dense, ids)
+        student = final_hidden(self.pruned, ids)
+        kl, positions = kl_sum(student, teacher, self.student_head, self.teacher_head, self.cfg.distill_temperature)
+        loss = kl / positions
+        if self.cfg.distill_alpha > 0:
+            loss = loss + self.cfg.distill_alpha * _mse(self.caught.pop("student"), self.caught.pop("teacher"),
+                                                        self.cfg.first_token, self.cfg.mse_target)
+        return loss
+
+    def close(self) -> None:
+        for h in self.hooks:
+            h.remove()
+
+
+def train_distill(dense: PreTrainedModel, pruned: PreTrainedModel, slot: list[nn.Module], start: int, n: int,
+                  train_blocks: torch.Tensor, val_blocks: torch.Tensor, cfg: TrainConfig, seed: int,
+                  evals_per_epoch: int = 4, on_step=None, accelerator=None) -> TrainLog:
+    """Knowledge distillation from the dense model through the frozen pruned model; only `slot` trains.
+    `pruned` already holds `slot` in place of the dense model's layers [start, start+n)."""
+    dense.eval().requires_grad_(False)
+    loss = DistillLoss(dense, pruned, slot, start, n, cfg)
+    try:
+        return _train_through_tail(pruned, slot, train_blocks, val_blocks, cfg, seed, loss, "distill",
+                                   evals_per_epoch, on_step, accelerator)
+    finally:
+        loss.close()
+
+
+def _train_through_tail(pruned: PreTrainedModel, slot: list[nn.Module], train_blocks: torch.Tensor,
+                        val_blocks: torch.Tensor, cfg: TrainConfig, seed: int, batch_loss, stage: str,
+                        evals_per_epoch: int = 4, on_step=None, accelerator=None) -> TrainLog:
+    """Train `slot` on `batch_loss(ids)` computed through the frozen pruned model (validation: the same loss).
 
     With an `accelerate.Accelerator`, batches are sharded over processes and gradients all-reduced, so every
     rank ends with the same weights (the block was chosen before, from the same seeded data, on every rank).
@@ -281,7 +355,8 @@ def train_lm(pruned: PreTrainedModel, slot: list[nn.Module], train_blocks: torch
     rank = accelerator.process_index if accelerator else 0
     steps_per_epoch = train_blocks.shape[0] // (bs * world)
     if steps_per_epoch < 1:
-        raise ValueError(f"train.loss=lm needs at least {bs * world} training blocks, got {train_blocks.shape[0]}")
+        raise ValueError(f"train.loss={cfg.loss} needs at least {bs * world} training blocks, "
+                         f"got {train_blocks.shape[0]}")
     total = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
     opt, sched = _optimizer(params, cfg, total)
     log = TrainLog(trainable_params=sum(p.numel() for p in params))
@@ -293,11 +368,11 @@ def train_lm(pruned: PreTrainedModel, slot: list[nn.Module], train_blocks: torch
         tot = 0.0
         for i in range(0, val_blocks.shape[0], bs):
             ids = val_blocks[i:i + bs].to(device)
-            tot += _lm_loss(pruned, ids).item() * ids.shape[0]
+            tot += batch_loss(ids).item() * ids.shape[0]
         return tot / val_blocks.shape[0]
 
     book = _Bookkeeping(slot, log, validate, total, max(1, math.ceil(steps_per_epoch / evals_per_epoch)),
-                        on_step, "lm", "train slot (lm)", disable=rank != 0)
+                        on_step, stage, f"train slot ({stage})", disable=rank != 0, select=cfg.select)
     gen = torch.Generator().manual_seed(seed)
     step = 0
     while step < total:
@@ -309,8 +384,8 @@ def train_lm(pruned: PreTrainedModel, slot: list[nn.Module], train_blocks: torch
             ids = train_blocks[batch].to(device)
             for m in slot:
                 m.train()
-            loss = _lm_loss(pruned, ids)
-            _check_finite(loss, "train (lm)", step, slot)
+            loss = batch_loss(ids)
+            _check_finite(loss, f"train ({stage})", step, slot)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if accelerator is not None and world > 1:

@@ -29,7 +29,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from llm_streamline.config import ReplacementConfig
 from llm_streamline.models.layers import find_decoder_stack
-from llm_streamline.replace import build_replacement
+from llm_streamline.replace import build_replacement, needs_norm_probe, pre_mlp_norm_of
 
 STREAMLINE_CONFIG = "streamline_config.json"
 
@@ -129,7 +129,11 @@ def load_pruned(path, dtype: torch.dtype = torch.float32, device: str = "cpu",
     stack = find_decoder_stack(model)
     start = meta["slot_start"]
     rep_cfg = ReplacementConfig(**meta["replacement"])
-    slot = build_replacement(rep_cfg, [stack.layers[start]], stack.config, meta.get("returns_tuple", False))
+    norm_path = None
+    if needs_norm_probe(rep_cfg):  # which norm the FFN copied: probed on the freshly built layer, any tokens do
+        norm_path = pre_mlp_norm_of(model, start, torch.arange(8).unsqueeze(0) % stack.config.vocab_size)
+    slot = build_replacement(rep_cfg, [stack.layers[start]], stack.config, meta.get("returns_tuple", False),
+                             norm_path)
     layers = list(stack.layers)
     layers[start:start + len(slot)] = slot
     stack.replace(layers)

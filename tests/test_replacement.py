@@ -1,0 +1,151 @@
+"""The pre-norm FFN, the relative MSE, checkpoint selection and distillation through the frozen tail,
+on tiny random-weight models."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from llm_streamline.config import ReplacementConfig, TrainConfig
+from llm_streamline.models.layers import find_decoder_stack, run_layers
+from llm_streamline.models.loading import TINY_CONFIGS, tiny_model
+from llm_streamline.models.saving import load_pruned, save_pruned
+from llm_streamline.prune import remove_block
+from llm_streamline.replace import build_replacement, pre_mlp_norm_of
+from llm_streamline.train import _mse, train_distill, train_mse, write_teacher_shards
+
+VOCAB = 512
+SPECIAL = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+# what each family's pre-MLP norm is called (the probe does not know these names; the test does)
+PRE_MLP_NORM = {"gemma2": "pre_feedforward_layernorm", "gemma3": "pre_feedforward_layernorm",
+                "opt": "final_layer_norm"}
+
+
+def make(family: str, seed: int = 0):
+    return tiny_model(family, VOCAB, special_ids=SPECIAL, seed=seed).eval()
+
+
+def ids(n=4, t=24, seed=0):
+    return torch.randint(3, VOCAB, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+class _FakeTokenizer:
+    def save_pretrained(self, path):
+        pass
+
+
+@pytest.mark.parametrize("family", list(TINY_CONFIGS))
+def test_prenorm_ffn_copies_the_pre_mlp_norm_starts_as_plain_pruning_and_round_trips(family, tmp_path):
+    model = make(family)
+    path = pre_mlp_norm_of(model, 2, ids(1, 12))
+    assert path == PRE_MLP_NORM.get(family, "post_attention_layernorm")
+    pruned, plain = copy.deepcopy(model), copy.deepcopy(model)
+    pst = find_decoder_stack(pruned)
+    rcfg = ReplacementConfig(type="ffn", pre_norm=True)
+    probe = run_layers(model, ids(1, 8), outputs_at=(2,))
+    slot = build_replacement(rcfg, list(pst.layers[2:5]), pst.config, probe.output_is_tuple, path)
+    norm = pst.layers[2].get_submodule(path)
+    assert type(slot[0].norm) is type(norm) and slot[0].norm is not norm
+    assert all(torch.equal(a, b) for a, b in zip(slot[0].norm.parameters(), norm.parameters()))
+    remove_block(pruned, 2, 3, slot)
+    remove_block(plain, 2, 3, [])
+    x = ids(2, 12, seed=4)
+    with torch.no_grad():
+        assert torch.equal(pruned(x).logits, plain(x).logits)  # zero output layer: the identity
+        for p in slot[0].parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        before = pruned(x).logits
+    save_pruned(pruned, _FakeTokenizer(), tmp_path / "m", rcfg, 2, {})
+    with torch.no_grad():
+        assert torch.equal(load_pruned(tmp_path / "m")(x).logits, before)
+
+
+def test_relative_mse_weighs_every_token_alike():
+    target = torch.ones(1, 3, 4)
+    target[0, 1] *= 1000.0  # one massive-activation token
+    pred = target * 1.1     # 10% error on every token
+    assert _mse(pred, target, "include", "relative").item() == pytest.approx(0.01, rel=1e-5)
+    absolute = _mse(pred, target, "include", "absolute").item()
+    assert absolute == pytest.approx(((0.1 ** 2) * 2 + 100.0 ** 2) / 3, rel=1e-5)  # one token is all of it
+    assert _mse(pred, target, "exclude", "relative").item() == pytest.approx(0.01, rel=1e-5)
+
+
+@pytest.mark.parametrize("select", ["best", "final"])
+@pytest.mark.parametrize("mse_target", ["absolute", "relative"])
+def test_selection_keeps_the_weights_it_reports(select, mse_target, tmp_path):
+    model = make("llama")
+    blocks = ids(40, 16, seed=1)
+    tr = write_teacher_shards(model, blocks[:32], 2, 3, tmp_path / "t", 4)
+    va = write_teacher_shards(model, blocks[32:], 2, 3, tmp_path / "v", 4)
+    pst = find_decoder_stack(copy.deepcopy(model))
+    slot = build_replacement(ReplacementConfig(type="ffn"), list(pst.layers[2:5]), pst.config)
+    cfg = TrainConfig(batch_size=4, epochs=3, lr=3e-2, min_lr=3e-2, warmup_ratio=0.0, select=select,
+                      mse_target=mse_target)  # a high lr: the validation loss moves both ways
+    log = train_mse(model, slot, 2, blocks[:32], tr, va, cfg, seed=0)
+    with torch.no_grad():
+        val = sum(_mse(slot[0](va.load(i)[0]), va.load(i)[1], "include", mse_target).item() * 4
+                  for i in range(len(va))) / 8
+    if select == "best":
+        assert log.selected_step == log.best_step and val == pytest.approx(log.best_val_loss, rel=1e-5)
+    else:
+        assert log.selected_step == log.steps and val == pytest.approx(log.val_loss[-1][1], rel=1e-5)
+    assert log.best_step != log.steps or log.val_loss[-1][1] == log.best_val_loss
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "opt"])
+def test_distillation_is_zero_for_the_teachers_own_layer_and_trains_only_the_slot(family):
+    model = make(family)
+    blocks = ids(24, 16, seed=2)
+    dense_state = {k: v.clone() for k, v in model.state_dict().items()}
+    # a one-layer block replaced by a copy of that layer: the pruned model is the dense one, KL = 0
+    pruned = copy.deepcopy(model)
+    pst = find_decoder_stack(pruned)
+    slot = build_replacement(ReplacementConfig(type="layer"), [pst.layers[3]], pst.config)
+    remove_block(pruned, 3, 1, slot)
+    cfg = TrainConfig(loss="distill", batch_size=4, epochs=1, max_steps=1, distill_alpha=1.0)
+    log = train_distill(model, pruned, slot, 3, 1, blocks[:16], blocks[16:], cfg, seed=0)
+    assert log.initial_val_loss == pytest.approx(0.0, abs=1e-5)
+    # a three-layer block replaced by an FFN: the KL falls, the dense model and the frozen tail stay put
+    with torch.no_grad():  # a block whose MLPs stand out of the init noise: something for the FFN to learn
+        for layer in find_decoder_stack(model).layers[2:5]:
+            for name, m in layer.named_modules():
+                if isinstance(m, torch.nn.Linear) and "attn" not in name and "attention" not in name:
+                    m.weight.mul_(4.0)
+    dense_state = {k: v.clone() for k, v in model.state_dict().items()}
+    pruned = copy.deepcopy(model)
+    pst = find_decoder_stack(pruned)
+    slot = build_replacement(ReplacementConfig(type="ffn"), list(pst.layers[2:5]), pst.config)
+    remove_block(pruned, 2, 3, slot)
+    frozen = {k: v.clone() for k, v in pruned.state_dict().items()}
+    cfg = TrainConfig(loss="distill", batch_size=4, epochs=4, lr=3e-3, warmup_ratio=0.0, distill_temperature=2.0)
+    log = train_distill(model, pruned, slot, 2, 3, blocks[:16], blocks[:8], cfg, seed=0)
+    assert log.best_val_loss < 0.99 * log.initial_val_loss
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in dense_state.items())
+    moved = {k for k, v in pruned.state_dict().items() if not torch.equal(v, frozen[k])}
+    assert moved and all(".2.fc_" in k for k in moved), moved  # the slot's maps (in layer slot 2), nothing else
+
+
+def compose_run(*overrides: str):
+    from hydra import compose, initialize_config_dir
+
+    from llm_streamline.cli import CONF_DIR, to_run_config
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return to_run_config(compose(config_name="config", overrides=list(overrides)))
+
+
+@pytest.mark.parametrize("overrides", [("replacement=ffn_prenorm", "train=mse_relative", "train.max_steps=4"),
+                                       ("replacement=ffn_prenorm", "train=distill", "train.select=final",
+                                        "train.max_steps=3", "train.batch_size=4")])
+def test_pipeline_trains_the_new_options(overrides, tmp_path):
+    from llm_streamline import pipeline
+
+    cfg = compose_run("experiment=smoke", "model=tiny-qwen3", *overrides)
+    res = pipeline.run(cfg, tmp_path)
+    assert res["train"]["steps"] == cfg.train.max_steps
+    assert res["train"]["selected_step"] == (cfg.train.max_steps if cfg.train.select == "final"
+                                             else res["train"]["best_step"])
+    assert res["replacement"]["pre_norm"] and res["perplexity"]["pruned"]["ppl"] > 1
+    assert res["train_config"]["loss"] == cfg.train.loss
