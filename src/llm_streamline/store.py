@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -25,7 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from llm_streamline.assets import cache_dir, sha256_of
+from llm_streamline.assets import ASSET_NAMES, OWNER_MARKER, cache_dir, mark_owned, sha256_of
 
 STAGE_VERSION = 2  # bump when a stage's computation changes so old entries are not reused (2: sealed entries)
 MANIFEST = "MANIFEST.json"  # a directory entry's manifest; a file entry's is `<name>.manifest` beside it
@@ -43,9 +44,7 @@ def stage_root() -> Path:
 
 
 def stage_dir(key: str) -> Path:
-    root = stage_root()
-    root.mkdir(parents=True, exist_ok=True)
-    return root / key
+    return mark_owned(stage_root()) / key
 
 
 class NotWritableError(OSError):
@@ -185,7 +184,7 @@ def stage_lock(key: str):
     machine and on shared filesystems that support it (NFSv4, Lustre, GPFS)."""
     import fcntl
 
-    locks = stage_root() / ".locks"
+    locks = mark_owned(stage_root()) / ".locks"
     locks.mkdir(parents=True, exist_ok=True)
     with open(locks / key, "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
@@ -216,41 +215,77 @@ def _size(p: Path) -> int:
     return sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
 
 
-def _is_leftover(p: Path) -> bool:
-    """What a killed run leaves: temporary files/dirs and unfinished `.partial` entries (never trusted)."""
-    return ((p.name.startswith(".") and p.name != ".locks") or p.name.endswith(".partial")
-            or CORRUPT in p.name)
+# What the framework writes at a stage root, by name (`stage_key`: <kind>-<16 hex>): an entry (a directory,
+# or a JSON file and its manifest), and what a killed run or a failed verification leaves of one.
+_KEY = r"[a-z][a-z0-9_]*-[0-9a-f]{16}"
+ENTRY_NAME = re.compile(rf"{_KEY}(\.json)?")
+LEFTOVER_NAME = re.compile(rf"{_KEY}\.partial|\.{_KEY}(\.json)?(\.manifest)?\.\w+\.tmp|\.write-probe-\w+"
+                           rf"|{_KEY}(\.json)?{CORRUPT}[\d-]+(\.manifest)?")
 
 
-def _stage_entries() -> dict[str, list[Path]]:
-    """Stage entries by kind (`teacher`, `train`, `eval_dense`, ...), leftovers apart; nested leftovers
-    (inside an entry) are counted too."""
+def _stage_entries() -> tuple[dict[str, list[Path]], list[Path]]:
+    """(the stage entries by kind (`teacher`, `train`, `eval_dense`, ..., `leftovers`), what is not ours).
+    Ours: a name the framework makes, in a root holding the owner marker; nested leftovers (inside an entry)
+    are counted too. A file entry's manifest goes with its entry."""
     root = stage_root()
     kinds: dict[str, list[Path]] = {}
     if not root.exists():
-        return kinds
+        return kinds, []
+    owned = (root / OWNER_MARKER).exists()
+    foreign = []
     for p in sorted(root.iterdir()):
-        if p.name.endswith(".manifest") and p.with_name(p.name[:-len(".manifest")]).exists():
-            continue  # a file entry's manifest goes with its entry
-        kind = "leftovers" if _is_leftover(p) else p.name.rsplit("-", 1)[0]
-        kinds.setdefault(kind, []).append(p)
-    nested = [q for p in root.iterdir() if p.is_dir() and not _is_leftover(p) for q in p.rglob(".tmp-*")]
+        sidecar_of = p.with_name(p.name[:-len(".manifest")]) if p.name.endswith(".json.manifest") else None
+        if p.name in (OWNER_MARKER, ".locks") or (owned and sidecar_of and ENTRY_NAME.fullmatch(sidecar_of.name)
+                                                   and sidecar_of.exists()):
+            continue
+        if owned and sidecar_of and ENTRY_NAME.fullmatch(sidecar_of.name):  # its entry is gone
+            kinds.setdefault("leftovers", []).append(p)
+        elif owned and ENTRY_NAME.fullmatch(p.name):
+            kinds.setdefault(p.name.rsplit("-", 1)[0], []).append(p)
+        elif owned and LEFTOVER_NAME.fullmatch(p.name):
+            kinds.setdefault("leftovers", []).append(p)
+        else:
+            foreign.append(p)
+    nested = [q for p in kinds.get("teacher", []) for q in p.glob(".tmp-*")]
     kinds.setdefault("leftovers", []).extend(nested) if nested else None
-    return kinds
+    return kinds, foreign
+
+
+def _assets() -> tuple[list[Path], list[Path]]:
+    """(asset directories of the cache root, what is not ours), as for the stage entries."""
+    root, stages = cache_dir(), stage_root()
+    mine, foreign = [], []
+    for p in sorted(root.iterdir()):
+        if p == stages or p.name == OWNER_MARKER:
+            continue
+        (mine if ASSET_NAMES.fullmatch(p.name) else foreign).append(p)
+    return mine, foreign
+
+
+def _remove(p: Path) -> int:
+    """Remove an entry (and a file entry's manifest); the bytes freed."""
+    freed = 0
+    for q in (p, p.with_name(p.name + ".manifest")) if p.is_file() else (p,):
+        if q.exists():
+            freed += _size(q)
+            shutil.rmtree(q) if q.is_dir() else q.unlink()
+    return freed
 
 
 def cache_main(argv: list[str] | None = None) -> None:
     """`llm-streamline-cache [report | clean --what KIND]`: sizes of the downloaded assets and of the stage
     cache by kind; clean one kind (e.g. `teacher`, the largest: hidden states on disk), `leftovers` (what
-    killed runs left), `stages`, an asset directory, or `all`."""
+    killed runs left), `stages`, an asset directory, or `all`. Only what the framework wrote is removed:
+    names it makes, in a root holding its marker; anything else (a shared directory's files) is listed."""
     ap = argparse.ArgumentParser(prog="llm-streamline-cache", description=cache_main.__doc__.splitlines()[0])
     ap.add_argument("action", choices=["report", "clean"], nargs="?", default="report")
     ap.add_argument("--what", default=None, help="kind to clean: a stage kind (teacher, train, eval_dense, ...), "
                                                  "leftovers, stages, an asset directory (wheels, models, ...) or all")
     args = ap.parse_args(argv)
-    root, stages = cache_dir(), stage_root()
-    kinds = _stage_entries()
-    assets = sorted(p for p in root.iterdir() if p != stages) if root.exists() else []
+    stages = stage_root()
+    kinds, foreign = _stage_entries()
+    assets, foreign_assets = _assets()
+    foreign += foreign_assets
     if args.action == "report":
         total = 0
         for p in assets:
@@ -258,10 +293,11 @@ def cache_main(argv: list[str] | None = None) -> None:
             total += size
             print(f"{size / 2**20:10.1f} MiB  {p}")
         for kind, paths in sorted(kinds.items()):
-            size = sum(_size(p) for p in paths)
+            size = sum(_size(p) + _size_of_sidecar(p) for p in paths)
             total += size
             print(f"{size / 2**20:10.1f} MiB  {stages}/{kind}-* ({len(paths)} entries)")
         print(f"{total / 2**20:10.1f} MiB  total")
+        _list_foreign(foreign)
         return
     if args.what is None:
         raise SystemExit("llm-streamline-cache: error: clean needs --what (e.g. --what teacher, leftovers, all)")
@@ -276,10 +312,16 @@ def cache_main(argv: list[str] | None = None) -> None:
         if not doomed:
             known = sorted({*kinds, "stages", "all", *(p.name for p in assets)})
             raise SystemExit(f"llm-streamline-cache: error: nothing named {args.what!r}; one of {', '.join(known)}")
-    freed = 0
-    for p in doomed:
-        for q in (p, p.with_name(p.name + ".manifest")) if p.is_file() else (p,):
-            if q.exists():
-                freed += _size(q)
-                shutil.rmtree(q) if q.is_dir() else q.unlink()
+    freed = sum(_remove(p) for p in doomed)
     print(f"removed {len(doomed)} entries, {freed / 2**20:.1f} MiB")
+    _list_foreign(foreign)
+
+
+def _size_of_sidecar(p: Path) -> int:
+    sidecar = p.with_name(p.name + ".manifest")
+    return sidecar.stat().st_size if p.is_file() and sidecar.exists() else 0
+
+
+def _list_foreign(foreign: list[Path]) -> None:
+    if foreign:
+        print(f"left alone ({len(foreign)}, not provably written by llm-streamline): {', '.join(str(p) for p in foreign)}")
