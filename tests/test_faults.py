@@ -163,6 +163,7 @@ def test_diverging_training_stops_with_stage_step_and_cause(smoke_cli, tmp_path)
     assert line.startswith("llm-streamline: error: numerical fault: ") and "at step" in line, line
     assert "cause:" in line and ("train (mse)" in line or "validation (mse)" in line), line
     assert not (tmp_path / "run" / "results.json").exists()
+    assert not list((tmp_path / "run").glob("*similarity_profile*"))  # plotted before training: moved in on success
     assert not [p for p in (tmp_path / "stages").iterdir() if p.name.startswith("train-")]
 
 

@@ -68,6 +68,8 @@ def _app(cfg: DictConfig) -> float | None:
     from llm_streamline.tracking import sweep_objective
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
+    if (out_dir / "results.json").exists():  # a run dir from an interpolation, or a sweep's job dir
+        _fail(f"output directory {out_dir} holds a finished run (results.json); give another run directory")
     try:
         run_cfg = to_run_config(cfg)
         validate(run_cfg)
@@ -99,10 +101,14 @@ def check_output_dir(argv: list[str]) -> None:
     be a writable directory."""
     multirun = "-m" in argv or "--multirun" in argv
     key = "hydra.sweep.dir=" if multirun else "hydra.run.dir="
-    target = next((a[len(key):] for a in reversed(argv) if a.startswith(key)), "outputs")
-    target = Path(target.split("${", 1)[0] or ".")
+    given = next((a[len(key):] for a in reversed(argv) if a.startswith(key)), "outputs").strip("'\"")
+    target = Path(given.split("${", 1)[0] or ".")
+    if not multirun and "${" not in given and (target / "results.json").exists():
+        _fail(f"output directory {target} holds a finished run (results.json); give another hydra.run.dir")
     probe = target
     while not probe.exists() and probe != probe.parent:
+        if probe.is_symlink():  # exists() follows links: a dangling link or a loop
+            _fail(f"output directory {target}: {probe} is a dangling symlink or a symlink loop")
         probe = probe.parent
     if not probe.is_dir():
         _fail(f"output directory {target}: {probe} is a file, not a directory")

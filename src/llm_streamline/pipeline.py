@@ -218,10 +218,11 @@ def run(cfg: RunConfig, out_dir: Path) -> dict:
                                  "use replacement=layer")
             log.info("removing layers [%d, %d) of %d; mean cos(x^%d, x^%d) = %.4f", start, start + n, L,
                      start, start + n, profile.mean_cos[n][start])
-            plot_path = out_dir / "similarity_profile.png"
-            plot_profile(profile, plot_path, chosen=(start, n),
-                         title=f"{cfg.model.name}: calibration {profile.tokens} tokens")
-            tracker.image("similarity_profile", plot_path)
+            plot_path = out_dir / ".similarity_profile.partial.png"  # renamed into place when the run succeeds
+            if is_main:  # data-parallel ranks share the run directory
+                plot_profile(profile, plot_path, chosen=(start, n),
+                             title=f"{cfg.model.name}: calibration {profile.tokens} tokens")
+                tracker.image("similarity_profile", plot_path)
 
         # 3. dense reference (cached per model and suite) ------------------------------------------------
         eval_key = {"tasks": list(cfg.eval.tasks), "limit": cfg.eval.limit, "offline": cfg.eval.offline,
@@ -363,11 +364,14 @@ def run(cfg: RunConfig, out_dir: Path) -> dict:
             "cache": {"dense_eval_reused": dense_cached},
             "host": {"python": platform.python_version(), "torch": torch.__version__},
         }
+        os.replace(plot_path, out_dir / "similarity_profile.png")
         store.write_json_atomic(out_dir / "results.json", results)
         _log_summary(tracker, results, cfg.objective)
         log.info("results: %s", out_dir / "results.json")
         return results
     finally:
+        if is_main:  # a failed run leaves no plot behind
+            (out_dir / ".similarity_profile.partial.png").unlink(missing_ok=True)
         tracker.finish()
 
 
