@@ -3,6 +3,8 @@ model preset asks for."""
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -140,3 +142,115 @@ def test_an_unknown_objective_fails_validation():
 
     with pytest.raises(ConfigError, match="objective"):
         validate(compose_run("objective=loss"))
+
+
+# ------------------------------------------------------------------------------------------------ export
+SWIGLU_OVERRIDES = ("experiment=smoke", "replacement=swiglu", "sparsity.start=2", "train.max_steps=4")
+
+
+@pytest.fixture(scope="module")
+def swiglu_run(tmp_path_factory) -> Path:
+    """A whole smoke run with a SwiGLU slot, saved as the CLI saves it (with Hydra's overrides record)."""
+    run_dir = tmp_path_factory.mktemp("swiglu-run")
+    pipeline.run(compose_run(*SWIGLU_OVERRIDES), run_dir)
+    (run_dir / ".hydra").mkdir()
+    (run_dir / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in SWIGLU_OVERRIDES))
+    return run_dir
+
+
+def tiny_ids() -> torch.Tensor:
+    return torch.randint(3, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def test_export_turns_a_swiglu_slot_into_a_stock_checkpoint_with_a_model_card(swiglu_run, tmp_path):
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from llm_streamline import load_pruned
+    from llm_streamline.export import export, parse_args
+
+    out = export(parse_args([f"run={swiglu_run}", f"out={tmp_path / 'exp'}"]), command="llm-streamline-export x")
+    assert not (out / "streamline_config.json").exists()
+    stock = AutoModelForCausalLM.from_pretrained(out).eval()  # stock transformers, no project code
+    pruned = load_pruned(swiglu_run / "model")
+    with torch.no_grad():
+        torch.testing.assert_close(stock(tiny_ids()).logits, pruned(tiny_ids()).logits, atol=1e-5, rtol=0)
+    card = (out / "README.md").read_text()
+    results = json.loads((swiglu_run / "results.json").read_text())
+    assert "method: `streamline`, replacement: `swiglu`" in card and "layers [2, 4) of 8" in card
+    piqa = results["eval"]["piqa"]
+    assert f"| piqa | {piqa['dense']['acc']:.4f} | {piqa['pruned']['acc']:.4f} |" in card
+    assert "llm-streamline experiment=smoke replacement=swiglu sparsity.start=2" in card
+    assert "AutoModelForCausalLM.from_pretrained" in card
+
+
+def test_outputs_are_readable_by_others(swiglu_run, tmp_path):
+    from llm_streamline.export import export, parse_args
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    if umask & 0o044:
+        pytest.skip(f"umask {umask:o} hides files from others by choice")
+    out = export(parse_args([f"run={swiglu_run}", f"out={tmp_path / 'exp'}"]))
+    written = [swiglu_run / "results.json", swiglu_run / "samples_pruned.jsonl", *(swiglu_run / "model").iterdir(),
+               *out.iterdir()]
+    assert {oct(p.stat().st_mode & 0o777) for p in written} == {oct(0o644)}
+    assert oct((swiglu_run / "model").stat().st_mode & 0o777) == oct(0o755) == oct(out.stat().st_mode & 0o777)
+
+
+def test_push_to_hub_uploads_the_export(swiglu_run, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from llm_streamline.export import export, parse_args
+
+    calls = []
+
+    class LocalHub:  # stands in for HfApi: the "hub" is a local directory
+        def create_repo(self, repo_id, private, exist_ok):
+            calls.append(("create", repo_id, private))
+
+        def upload_folder(self, folder_path, repo_id, commit_message):
+            shutil.copytree(folder_path, tmp_path / "hub" / repo_id)
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", LocalHub)
+    export(parse_args([f"run={swiglu_run}", f"out={tmp_path / 'exp'}"]))
+    assert calls == [] and not (tmp_path / "hub").exists()  # off by default
+    export(parse_args([f"run={swiglu_run}", f"out={tmp_path / 'exp'}", "push_to_hub=me/tiny-pruned"]))
+    assert calls == [("create", "me/tiny-pruned", True)]
+    assert {p.name for p in (tmp_path / "hub" / "me/tiny-pruned").iterdir()} >= {"README.md", "config.json",
+                                                                                  "model.safetensors"}
+
+
+def test_export_is_a_wandb_artifact_of_the_run(swiglu_run, tmp_path, monkeypatch):
+    from llm_streamline.export import export, parse_args
+    from llm_streamline.tracking import run_id
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    export(parse_args([f"run={swiglu_run}", f"out={tmp_path / 'exp'}"]))
+    runs = offline_runs(swiglu_run)
+    assert runs and all(r.name.endswith(f"-{run_id(swiglu_run)}") for r in runs)
+    assert f"model-{swiglu_run.name}".encode() in wandb_log_bytes(runs[-1])
+
+
+def test_an_ffn_slot_exports_in_this_packages_format_and_refuses_gguf(saved, tmp_path):
+    from llm_streamline.export import ExportError, export, parse_args
+
+    out = export(parse_args([f"run={saved['ffn']}", f"out={tmp_path / 'exp'}"]))
+    assert (out / "streamline_config.json").exists() and "llm_streamline.load_pruned" in (out / "README.md").read_text()
+    with pytest.raises(ExportError, match="stock layout"):
+        export(parse_args([f"run={saved['ffn']}", f"out={tmp_path / 'gguf'}", "format=gguf"]))
+    assert not (tmp_path / "gguf").exists()
+
+
+@pytest.mark.parametrize("args,message", [(["run=/no/such/run"], "no model saved"),
+                                          (["run=.", "format=onnx"], "format='onnx'"),
+                                          (["run=.", "format=gguf", "dtype=bfloat16"], "dtype='bfloat16'"),
+                                          (["run=.", "colour=red"], "colour")])
+def test_export_bad_input_is_one_line(args, message, capsys):
+    from llm_streamline.export import main
+
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and message in err

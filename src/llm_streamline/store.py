@@ -68,12 +68,25 @@ def check_writable(directory: Path, what: str) -> None:
         raise NotWritableError(e.errno, f"{what} {directory} is not writable: {e.strerror}") from e
 
 
+# tempfile creates files 0600 and directories 0700 (private by design); what we rename into place gets the
+# mode a plain open()/mkdir() would give instead, so results and models on a shared filesystem are readable
+# by the group/others as the user's umask allows (0644 / 0755 with the usual 022).
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+def default_mode(directory: bool = False) -> int:
+    """The mode open()/mkdir() would create with the process umask."""
+    return (0o777 if directory else 0o666) & ~_UMASK
+
+
 def write_text_atomic(path: Path, text: str) -> Path:
     """Write `text` to a temporary file beside `path`, fsync, then rename it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, default_mode())
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()

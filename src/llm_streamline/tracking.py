@@ -7,7 +7,7 @@ jobs in one process; a dangling run would swallow the next job's logs).
 
 The run id is derived from the run directory, with resume="allow": a requeued SLURM job (or a rerun into
 the same directory) continues its W&B run instead of starting a new one. `job_type` says what the job did
-(run, eval, report) and the tags say which configuration it was (method, replacement, sparsity, seed), so
+(run, eval, report, export) and the tags say which configuration it was (method, replacement, sparsity, seed), so
 runs filter in the W&B UI without opening their configs.
 """
 
@@ -42,7 +42,7 @@ def resolve_mode(cfg: WandbConfig) -> str:
     return cfg.mode
 
 
-JOB_TYPES = ("run", "eval", "report")
+JOB_TYPES = ("run", "eval", "report", "export")
 
 
 def run_id(run_dir: Path) -> str:
@@ -108,6 +108,15 @@ class Tracker:
             import wandb
 
             self.run.log({key: wandb.Image(str(path))})
+
+    def artifact(self, directory: Path, name: str, kind: str, metadata: dict | None = None) -> None:
+        """`directory` as a W&B artifact of this run (offline: recorded for `wandb sync`)."""
+        if self.run is not None:
+            import wandb
+
+            art = wandb.Artifact(name, type=kind, metadata=metadata or {})
+            art.add_dir(str(directory))
+            self.run.log_artifact(art)
 
     def finish(self) -> None:
         if self.run is not None:

@@ -30,6 +30,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from llm_streamline.config import ReplacementConfig
 from llm_streamline.models.layers import find_decoder_stack
 from llm_streamline.replace import build_replacement, needs_norm_probe, pre_mlp_norm_of
+from llm_streamline.store import default_mode
 
 STREAMLINE_CONFIG = "streamline_config.json"
 
@@ -37,10 +38,16 @@ STREAMLINE_CONFIG = "streamline_config.json"
 def _atomic_dir(dest: Path):
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".tmp-{dest.name}"))
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".tmp-{dest.name}"))
+    tmp.chmod(default_mode(directory=True))  # mkdtemp's 0700 would hide the model from teammates
+    return tmp
 
 
 def _commit_dir(tmp: Path, dest: Path) -> None:
+    # writers such as safetensors' save_file create 0600 files: give every file the mode open() would give,
+    # so a model on a shared filesystem is readable by teammates (0644 under the usual umask)
+    for p in Path(tmp).rglob("*"):
+        p.chmod(default_mode(directory=p.is_dir()))
     if dest.exists():
         shutil.rmtree(dest)
     os.replace(tmp, dest)
