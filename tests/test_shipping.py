@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -230,7 +231,11 @@ def test_export_is_a_wandb_artifact_of_the_run(swiglu_run, tmp_path, monkeypatch
     export(parse_args([f"run={swiglu_run}", f"out={tmp_path / 'exp'}"]))
     runs = offline_runs(swiglu_run)
     assert runs and all(r.name.endswith(f"-{run_id(swiglu_run)}") for r in runs)
-    assert f"model-{swiglu_run.name}".encode() in wandb_log_bytes(runs[-1])
+    name = f"model-{swiglu_run.name}".encode()
+    deadline = time.monotonic() + 30  # wandb-core may still be appending the artifact record after finish()
+    while name not in wandb_log_bytes(runs[-1]) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert name in wandb_log_bytes(runs[-1])
 
 
 def test_an_ffn_slot_exports_in_this_packages_format_and_refuses_gguf(saved, tmp_path):
