@@ -138,7 +138,8 @@ def compose_run(*overrides: str):
 
 @pytest.mark.parametrize("overrides", [("replacement=ffn_prenorm", "train=mse_relative", "train.max_steps=4"),
                                        ("replacement=ffn_prenorm", "train=distill", "train.select=final",
-                                        "train.max_steps=3", "train.batch_size=4")])
+                                        "train.max_steps=3", "train.batch_size=4"),
+                                       ("replacement=swiglu", "sparsity.start=0", "train.max_steps=2")])
 def test_pipeline_trains_the_new_options(overrides, tmp_path):
     from llm_streamline import pipeline
 
@@ -147,5 +148,37 @@ def test_pipeline_trains_the_new_options(overrides, tmp_path):
     assert res["train"]["steps"] == cfg.train.max_steps
     assert res["train"]["selected_step"] == (cfg.train.max_steps if cfg.train.select == "final"
                                              else res["train"]["best_step"])
-    assert res["replacement"]["pre_norm"] and res["perplexity"]["pruned"]["ppl"] > 1
+    assert res["replacement"]["pre_norm"] == cfg.replacement.pre_norm and res["perplexity"]["pruned"]["ppl"] > 1
+    assert res["layers"]["removed"][0] == (cfg.sparsity.start if cfg.sparsity.start is not None
+                                           else res["layers"]["removed"][0])
     assert res["train_config"]["loss"] == cfg.train.loss
+
+
+@pytest.mark.parametrize("family", list(TINY_CONFIGS))
+@pytest.mark.parametrize("rtype", ["ffn", "swiglu"])
+def test_mlp_slot_at_layer_0_keeps_the_cache_length_and_cached_decoding_exact(family, rtype):
+    """transformers reads the cache's length from layer 0 (positions and masks of the next step): without the
+    slot's placeholder entry it reads 0 and an incremental decoding step is wrong (checked: off by up to 0.14
+    in the logits on the tiny OPT)."""
+    model = make(family)
+    pruned = copy.deepcopy(model)
+    pst = find_decoder_stack(pruned)
+    probe = run_layers(model, ids(1, 8), outputs_at=(0,))
+    slot = build_replacement(ReplacementConfig(type=rtype), list(pst.layers[0:2]), pst.config,
+                             probe.output_is_tuple)
+    with torch.no_grad():  # move it off the identity, so the slot's output matters
+        for p in slot[0].parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    remove_block(pruned, 0, 2, slot)
+    x = ids(2, 20, seed=5)  # longer than Gemma's sliding window of 16
+    with torch.no_grad():
+        out = pruned(x, use_cache=True)
+        cache = out.past_key_values
+        assert cache.get_seq_length() == x.shape[1]
+        nxt = out.logits[:, -1:].argmax(-1)
+        step = pruned(nxt, past_key_values=cache, use_cache=True).logits[:, -1]
+        full = pruned(torch.cat([x, nxt], 1), use_cache=False).logits[:, -1]
+    torch.testing.assert_close(step, full, rtol=1e-4, atol=1e-5)
+    cached = pruned.generate(x[:1, :8], max_new_tokens=12, do_sample=False, use_cache=True)
+    plain = pruned.generate(x[:1, :8], max_new_tokens=12, do_sample=False, use_cache=False)
+    assert torch.equal(cached, plain)

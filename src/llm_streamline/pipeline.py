@@ -211,11 +211,6 @@ def run(cfg: RunConfig, out_dir: Path) -> dict:
                 start = cfg.sparsity.start if cfg.sparsity.start is not None else choose_block(profile, n, metric)
             if not 0 <= start <= L - n:
                 raise ValueError(f"sparsity.start={start}: a block of {n} layers must start in [0, {L - n}]")
-            if start == 0 and cfg.replacement.type in ("ffn", "swiglu"):
-                # transformers reads the KV cache's length from its first layer, which an MLP slot never fills
-                raise ValueError(f"replacement={cfg.replacement.type} at layer 0 would leave the KV cache's first "
-                                 "layer empty (generation reads its length there): set sparsity.start >= 1 or "
-                                 "use replacement=layer")
             log.info("removing layers [%d, %d) of %d; mean cos(x^%d, x^%d) = %.4f", start, start + n, L,
                      start, start + n, profile.mean_cos[n][start])
             plot_path = out_dir / ".similarity_profile.partial.png"  # renamed into place when the run succeeds

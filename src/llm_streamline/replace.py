@@ -25,6 +25,7 @@ import copy
 
 import torch
 from torch import nn
+from transformers.cache_utils import Cache
 
 from llm_streamline.config import ReplacementConfig
 
@@ -35,12 +36,25 @@ _ACTIVATIONS = {"silu": nn.SiLU, "gelu": nn.GELU, "relu": nn.ReLU, "gelu_new": l
 
 
 class _SlotMixin:
-    """Makes a module callable like a decoder layer: extra positional/keyword arguments are accepted."""
+    """Makes a module callable like a decoder layer: extra positional/keyword arguments are accepted, and the
+    KV cache keeps its length through the slot."""
 
     returns_tuple: bool = False
+    layer_idx: int = 0  # the slot's index in the layer list (renumbered with the others after pruning)
 
     def _wrap(self, y: torch.Tensor):
         return (y,) if self.returns_tuple else y
+
+    def _keep_cache_length(self, hidden_states: torch.Tensor, kwargs: dict) -> None:
+        """An MLP has no keys or values, but transformers reads the cached length from one layer (the first:
+        `Cache.get_seq_length(layer_idx=0)`, the masks' sizes too), so the slot's cache layer would stay
+        empty and a slot at layer 0 would break cached generation. It gets a placeholder instead: one head of
+        width 1 per token (B x T floats), growing with the sequence exactly as an attention layer's entry."""
+        # found by type: the keyword differs by family and version (cache, past_key_values, layer_past)
+        cache = next((v for v in kwargs.values() if isinstance(v, Cache)), None)
+        if cache is not None:
+            placeholder = hidden_states.new_zeros(hidden_states.shape[0], 1, hidden_states.shape[1], 1)
+            cache.update(placeholder, placeholder, self.layer_idx)
 
 
 class FFNReplacement(nn.Module, _SlotMixin):
@@ -57,6 +71,7 @@ class FFNReplacement(nn.Module, _SlotMixin):
             nn.init.zeros_(self.fc_out.bias)
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        self._keep_cache_length(hidden_states, kwargs)
         y = self.fc_out(self.act(self.fc_in(self.norm(hidden_states))))
         return self._wrap(hidden_states + y if self.residual else y)
 
@@ -81,6 +96,7 @@ class MLPReplacement(nn.Module, _SlotMixin):
         self.post_norm = post_norm if post_norm is not None else nn.Identity()
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        self._keep_cache_length(hidden_states, kwargs)
         return self._wrap(hidden_states + self.post_norm(self.mlp(self.norm(hidden_states))))
 
 
@@ -198,6 +214,7 @@ def build_replacement(cfg: ReplacementConfig, pruned_layers: list[nn.Module], co
     p = next(first.parameters())
     module = module.to(device=p.device, dtype=p.dtype)
     module.returns_tuple = returns_tuple
+    module.layer_idx = next((m.layer_idx for m in first.modules() if isinstance(getattr(m, "layer_idx", None), int)), 0)
     _copy_layer_attrs(first, module)
     module.requires_grad_(True)
     return [module]
