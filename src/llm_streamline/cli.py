@@ -15,7 +15,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from llm_streamline.config import ConfigError, RunConfig, register_configs, validate
+from llm_streamline.config import ConfigError, RunConfig, register_configs, reject_unknown_keys, validate
 
 
 def _config_path() -> str:
@@ -34,6 +34,7 @@ register_configs()
 
 
 def to_run_config(cfg: DictConfig) -> RunConfig:
+    reject_unknown_keys(cfg)
     obj = OmegaConf.to_object(cfg)
     if not isinstance(obj, RunConfig):
         raise ConfigError("the composed config is not a RunConfig (is `run_schema` first in the defaults list?)")

@@ -8,8 +8,9 @@ Value checks that types cannot express live in `validate()` and run before any m
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Optional
+import difflib
+from dataclasses import dataclass, field, is_dataclass
+from typing import Any, Optional, get_type_hints
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -229,3 +230,52 @@ def validate(cfg: RunConfig) -> None:
     _check(cfg.mode in ("run", "eval"), f"mode={cfg.mode!r}: run | eval")
     _check(cfg.objective in ("ppl", "avg_acc", "stability"), f"objective={cfg.objective!r}: ppl | avg_acc | stability")
     _check(cfg.wandb.mode in ("auto", "online", "offline", "disabled"), f"wandb.mode={cfg.wandb.mode!r}")
+    _check_ranges(cfg)
+
+
+def _check_ranges(cfg: RunConfig) -> None:
+    """Numbers that would run but make nonsense (gradient ascent, a width-0 network, no steps)."""
+    t, r, e, m, mc = cfg.train, cfg.replacement, cfg.eval, cfg.model, cfg.method
+    _check(t.grad_clip > 0, f"train.grad_clip={t.grad_clip}: must be > 0 (the largest gradient norm kept)")
+    _check(t.weight_decay >= 0, f"train.weight_decay={t.weight_decay}: must be >= 0")
+    _check(0 <= t.warmup_ratio < 1, f"train.warmup_ratio={t.warmup_ratio}: must be in [0, 1) (a fraction of the steps)")
+    _check(t.max_steps is None or t.max_steps >= 1, f"train.max_steps={t.max_steps}: null or >= 1")
+    _check(r.hidden_size is None or r.hidden_size >= 1,
+           f"replacement.hidden_size={r.hidden_size}: null (the model's MLP width) or >= 1")
+    _check(e.speed_tokens >= 1, f"eval.speed_tokens={e.speed_tokens}: must be >= 1")
+    _check(e.batch_size >= 1, f"eval.batch_size={e.batch_size}: must be >= 1")
+    _check(mc.lora_rank >= 1 and mc.lora_epochs >= 1 and mc.lora_lr > 0,
+           f"method.lora_rank={mc.lora_rank}, lora_epochs={mc.lora_epochs} must be >= 1, lora_lr={mc.lora_lr} > 0")
+    # CPU matmuls in float16 overflow or are unsupported: training then diverges at once
+    _check(not (m.dtype == "float16" and m.device == "cpu"),
+           "model.dtype=float16 on model.device=cpu: use float32 (or bfloat16) on CPU, float16 on CUDA")
+
+
+def _schema_keys(schema: type, prefix: str = "") -> dict[str, type | None]:
+    """Every dotted key of a dataclass schema -> its dataclass type (None for a leaf or a free dict)."""
+    out: dict[str, type | None] = {}
+    for name, hint in get_type_hints(schema).items():
+        sub = hint if is_dataclass(hint) else None
+        out[prefix + name] = sub
+        if sub is not None:
+            out.update(_schema_keys(sub, f"{prefix}{name}."))
+    return out
+
+
+def reject_unknown_keys(cfg: Any) -> None:
+    """Hydra adds a `+key=value` override the schema does not know, and OmegaConf.to_object then drops it
+    silently (`+sparsity.layer=3` would run with the default n): refuse it, naming the closest valid key."""
+    from omegaconf import DictConfig
+
+    known = _schema_keys(RunConfig)
+
+    def walk(node: DictConfig, prefix: str) -> None:
+        for k in node.keys():
+            key = f"{prefix}{k}"
+            if key not in known:
+                close = difflib.get_close_matches(key, list(known), n=1)
+                raise ConfigError(f"unknown key {key}" + (f": did you mean {close[0]}?" if close else ""))
+            if known[key] is not None and isinstance(node[k], DictConfig):
+                walk(node[k], key + ".")
+
+    walk(cfg, "")

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from llm_streamline import __version__, faults, store
+from llm_streamline import __version__, faults, preflight, store
 from llm_streamline.config import ReplacementConfig, RunConfig, validate
 from llm_streamline.data import load_blocks
 from llm_streamline.evaluate.harness import run_lm_eval, save_samples_jsonl
@@ -162,6 +162,7 @@ def _evaluate(model, tok, cfg: RunConfig, stage: str, probe_ids: torch.Tensor) -
 def run(cfg: RunConfig, out_dir: Path) -> dict:
     out_dir = Path(out_dir)
     validate(cfg)
+    preflight.check_run(cfg)  # the device, and lengths against the model's positions (its config only)
     check_tasks(list(cfg.eval.tasks), cfg.eval.offline)
     store.check_writable(out_dir, "the output directory")
     store.check_writable(store.stage_root(), "the stage cache")
@@ -570,6 +571,7 @@ def evaluate_checkpoint(cfg: RunConfig, out_dir: Path) -> dict:
 
     out_dir = Path(out_dir)
     validate(cfg)
+    preflight.check_device(cfg.model)
     check_tasks(list(cfg.eval.tasks), cfg.eval.offline)
     store.check_writable(out_dir, "the output directory")
     timings = Timings()

@@ -1,0 +1,58 @@
+"""Checks that need the machine or the model's config (never its weights), run before the model loads:
+the device exists, and the token lengths fit the model's positions. Raise ConfigError with one line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, PretrainedConfig
+
+from llm_streamline import assets
+from llm_streamline.config import ConfigError, ModelConfig, RunConfig
+
+SPEED_DECODE_TOKENS = 32  # tokens the speed measurement decodes after its `eval.speed_tokens` prompt
+
+
+def check_device(m: ModelConfig) -> None:
+    if m.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"model.device={m.device}: CUDA is not available on this machine (use model.device=cpu)")
+    if m.device_map and not torch.cuda.is_available():
+        raise ConfigError(f"model.device_map={m.device_map}: needs CUDA, which this machine does not have")
+
+
+def model_config(m: ModelConfig) -> PretrainedConfig | None:
+    """The model's config (config.json only, no weights); None for the embedded model before its conversion."""
+    if m.source == "tiny":
+        from llm_streamline.models.loading import TINY_CONFIGS
+
+        model_type, kwargs = TINY_CONFIGS[m.family]
+        return AutoConfig.for_model(model_type, **{**kwargs, **dict(m.tiny)})
+    if m.source == "embedded":
+        path = assets.cache_dir() / "models" / "smollm2-135m-instruct"
+        return AutoConfig.from_pretrained(str(path)) if (path / "config.json").exists() else None
+    if m.source == "local" and not Path(m.name_or_path).is_dir():
+        raise ConfigError(f"model.name_or_path={m.name_or_path}: no such directory (model.source=local)")
+    kwargs = {"revision": m.revision} if m.revision else {}
+    try:
+        return AutoConfig.from_pretrained(m.name_or_path, trust_remote_code=m.trust_remote_code, **kwargs)
+    except (OSError, ValueError) as e:  # missing, offline, or a config.json that is not valid JSON
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"model.name_or_path={m.name_or_path}: cannot read its config.json ({first})") from e
+
+
+def check_positions(cfg: RunConfig, config: PretrainedConfig | None) -> None:
+    positions = getattr(config, "max_position_embeddings", None)  # attribute_map covers n_positions & co
+    if not positions:
+        return
+    if cfg.data.seq_len > positions:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len}: the model has {positions} positions")
+    need = cfg.eval.speed_tokens + SPEED_DECODE_TOKENS
+    if cfg.eval.speed and need > positions:
+        raise ConfigError(f"eval.speed_tokens={cfg.eval.speed_tokens} + {SPEED_DECODE_TOKENS} decoded tokens: "
+                          f"the model has {positions} positions")
+
+
+def check_run(cfg: RunConfig) -> None:
+    check_device(cfg.model)
+    check_positions(cfg, model_config(cfg.model))

@@ -1,0 +1,109 @@
+"""Bad input fails before the model loads, with one line naming the key (exit code 2 through the CLI).
+
+CASES is the corpus: each row is the command-line overrides of a smoke run (added after `experiment=smoke`),
+the text the one-line error must contain, and optionally environment variables and a `prepare(tmp_path)` that
+makes a file the overrides name (`{tmp}` in an override is replaced by tmp_path). A newcomer adds a row.
+Every row is checked in-process (compose, schema, `validate`, `preflight`: no model is loaded); the rows
+marked `cli=True` also go through the real CLI for the exit code and the single line.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from llm_streamline import preflight
+from llm_streamline.cli import CONF_DIR, to_run_config
+from llm_streamline.config import ConfigError, validate
+
+
+def corrupt_config_dir(tmp: Path) -> None:
+    (tmp / "model").mkdir()
+    (tmp / "model" / "config.json").write_text('{"model_type": "llama", "hidden')  # truncated
+
+
+@dataclass
+class Case:
+    overrides: list[str]
+    needle: str
+    env: dict[str, str] = field(default_factory=dict)
+    prepare: Callable[[Path], None] | None = None
+    cli: bool = False
+
+
+CASES = [
+    Case(["+sparsity.layer=3"], "unknown key sparsity.layer: did you mean sparsity.layers?", cli=True),
+    Case(["+trian.lr=1"], "unknown key trian: did you mean train?"),
+    Case(["train.grad_clip=-1"], "train.grad_clip=-1.0: must be > 0", cli=True),
+    Case(["train.grad_clip=0"], "train.grad_clip=0.0"),
+    Case(["train.weight_decay=-1"], "train.weight_decay=-1.0: must be >= 0"),
+    Case(["train.warmup_ratio=5"], "train.warmup_ratio=5.0: must be in [0, 1)"),
+    Case(["train.warmup_ratio=-0.1"], "train.warmup_ratio=-0.1"),
+    Case(["train.max_steps=0"], "train.max_steps=0: null or >= 1"),
+    Case(["replacement.hidden_size=0"], "replacement.hidden_size=0"),
+    Case(["replacement.hidden_size=-5"], "replacement.hidden_size=-5"),
+    Case(["eval.speed_tokens=0"], "eval.speed_tokens=0: must be >= 1"),
+    Case(["eval.batch_size=0"], "eval.batch_size=0"),
+    Case(["model=tiny-opt", "data.seq_len=1024"], "data.seq_len=1024: the model has 512 positions"),
+    Case(["eval.speed=true", "eval.speed_tokens=500"], "eval.speed_tokens=500 + 32 decoded tokens: the model has 512 positions"),
+    Case(["model.dtype=float16"], "model.dtype=float16 on model.device=cpu"),
+    Case(["model.device=cuda"], "model.device=cuda: CUDA is not available", cli=True),
+    Case(["model=hub", "model.name_or_path=nobody/no-such-model"], "model.name_or_path=nobody/no-such-model: cannot",
+         env={"HF_HUB_OFFLINE": "1"}),
+    Case(["model=hub", "model.source=local", "model.name_or_path={tmp}/model"], "config.json",
+         prepare=corrupt_config_dir),
+    Case(["model=hub", "model.source=local", "model.name_or_path={tmp}/missing"], "/missing: no such directory"),
+]
+
+
+def _ids(case: Case) -> str:
+    return " ".join(case.overrides)
+
+
+def _resolve(case: Case, tmp_path: Path) -> list[str]:
+    if case.prepare:
+        case.prepare(tmp_path)
+    return ["experiment=smoke", *(o.replace("{tmp}", str(tmp_path)) for o in case.overrides)]
+
+
+def _skip_if_cuda(case: Case) -> None:
+    if "cuda" in case.needle.lower() and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+
+
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+def test_bad_input_is_refused_before_the_model_loads(case, tmp_path, monkeypatch):
+    _skip_if_cuda(case)
+    for k, v in case.env.items():
+        monkeypatch.setenv(k, v)
+    if case.env.get("HF_HUB_OFFLINE"):  # read once at import: set where the hub client looks now
+        import huggingface_hub.constants
+
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    overrides = _resolve(case, tmp_path)
+    with pytest.raises(ConfigError) as err:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            cfg = to_run_config(compose(config_name="config", overrides=overrides))
+        validate(cfg)
+        preflight.check_run(cfg)
+    assert case.needle in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.cli], ids=_ids)
+def test_bad_input_through_the_cli_exits_2_with_one_line(case, tmp_path):
+    _skip_if_cuda(case)
+    env = dict(os.environ, WANDB_MODE="disabled", HYDRA_FULL_ERROR="0", OMP_NUM_THREADS="1", **case.env)
+    res = subprocess.run([sys.executable, "-m", "llm_streamline", *_resolve(case, tmp_path),
+                          f"hydra.run.dir={tmp_path / 'run'}"], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 2, res.stderr[-2000:]
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("llm-streamline: error:") and case.needle in last, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr + res.stdout
