@@ -259,3 +259,32 @@ def test_export_bad_input_is_one_line(args, message, capsys):
         main(args)
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1 and message in err
+
+
+# ------------------------------------------------------------------------------------------------ GGUF
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_gguf_export_loads_back_in_transformers_with_the_same_logits(dtype, swiglu_run, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llm_streamline.export import SavedRun, export, parse_args, to_stock
+
+    out = export(parse_args([f"run={swiglu_run}", f"out={tmp_path / 'gguf'}", "format=gguf", f"dtype={dtype}"]))
+    gguf_file = f"{swiglu_run.name}-{dtype}.gguf"
+    assert f'gguf_file="{gguf_file}"' in (out / "README.md").read_text()
+    loaded = AutoModelForCausalLM.from_pretrained(out, gguf_file=gguf_file, dtype=torch.float32).eval()
+    # the reference: the stock export at the same precision, computed in fp32 as the GGUF reader loads it
+    reference = to_stock(SavedRun.find(swiglu_run), getattr(torch, dtype))[0].float().eval()
+    assert loaded.config.num_hidden_layers == reference.config.num_hidden_layers == 7
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tiny_ids()).logits, reference(tiny_ids()).logits, atol=1e-3, rtol=0)
+    text = "Pruned models, shared: llama.cpp reads this."
+    tok = AutoTokenizer.from_pretrained(out, gguf_file=gguf_file)
+    assert tok(text).input_ids == AutoTokenizer.from_pretrained(swiglu_run / "model")(text).input_ids
+
+
+def test_gguf_refuses_an_unsupported_architecture(tmp_path):
+    from llm_streamline.gguf_export import GGUFExportError, write_gguf
+    from llm_streamline.models.loading import tiny_model
+
+    with pytest.raises(GGUFExportError, match="model_type 'opt'"):
+        write_gguf(tiny_model("opt", 512), tmp_path, tmp_path / "x.gguf")

@@ -29,6 +29,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from llm_streamline import store
 from llm_streamline.config import WandbConfig
+from llm_streamline.gguf_export import GGUFExportError
 
 log = logging.getLogger("llm_streamline")
 FORMATS = ("safetensors", "gguf")
@@ -146,7 +147,19 @@ def _eval_table(results: dict) -> list[str]:
     return rows if len(rows) > 2 else []
 
 
-def model_card(saved: SavedRun, stock: bool, params: int, export_command: str) -> str:
+def _load_snippet(stock: bool, gguf_file: str | None) -> list[str]:
+    if gguf_file:
+        return ["```python", "from transformers import AutoModelForCausalLM",
+                f'model = AutoModelForCausalLM.from_pretrained(PATH, gguf_file="{gguf_file}")', "```", "",
+                f"llama.cpp: `llama-cli -m {gguf_file}`"]
+    if stock:
+        return ["```python", "from transformers import AutoModelForCausalLM",
+                "model = AutoModelForCausalLM.from_pretrained(PATH)", "```"]
+    return ["```python", "import llm_streamline  # pip install llm-streamline",
+            "model = llm_streamline.load_pruned(PATH)", "```"]
+
+
+def model_card(saved: SavedRun, stock: bool, params: int, export_command: str, gguf_file: str | None = None) -> str:
     meta, res = saved.meta, saved.results or {}
     block = meta.get("block") or {}
     lines = ["---", "library_name: transformers" if stock else "library_name: llm-streamline",
@@ -172,10 +185,7 @@ def model_card(saved: SavedRun, stock: bool, params: int, export_command: str) -
     table = _eval_table(res)
     if table:
         lines += ["", "## Evaluation (lm-eval; from results.json)", "", *table]
-    load = ("from transformers import AutoModelForCausalLM\nmodel = AutoModelForCausalLM.from_pretrained(PATH)"
-            if stock else "import llm_streamline  # pip install llm-streamline\n"
-                          "model = llm_streamline.load_pruned(PATH)")
-    lines += ["", "## Load", "", "```python", load, "```", "", "## Made with", "", "```bash"]
+    lines += ["", "## Load", "", *_load_snippet(stock, gguf_file), "", "## Made with", "", "```bash"]
     original = _original_command(saved.run_dir)
     lines += ([original] if original else []) + [export_command, "```", ""]
     return "\n".join(lines)
@@ -225,11 +235,11 @@ def export(cfg: ExportConfig, command: str = "") -> Path:
                                   f"({saved.meta.get('replacement')}) has none (export it as safetensors)")
             from llm_streamline.gguf_export import write_gguf
 
-            write_gguf(model, saved.model_dir, tmp / f"{saved.run_dir.name}-{cfg.dtype}.gguf")
+            gguf_file = write_gguf(model, saved.model_dir, tmp / f"{saved.run_dir.name}-{cfg.dtype}.gguf").name
             params = sum(p.numel() for p in model.parameters())
         else:
-            stock, params = _write_model(saved, tmp, dtype)
-        store.write_text_atomic(tmp / "README.md", model_card(saved, stock, params, command))
+            (stock, params), gguf_file = _write_model(saved, tmp, dtype), None
+        store.write_text_atomic(tmp / "README.md", model_card(saved, stock, params, command, gguf_file))
         _commit_dir(tmp, out)  # files 0644 under the usual umask
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -247,7 +257,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         out = export(parse_args(argv), command=shlex.join(["llm-streamline-export", *argv]))
-    except ExportError as e:
+    except (ExportError, GGUFExportError) as e:
         print(f"llm-streamline-export: error: {e}", file=sys.stderr)
         sys.exit(2)
     print(out)
