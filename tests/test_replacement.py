@@ -152,6 +152,8 @@ def test_pipeline_trains_the_new_options(overrides, tmp_path):
     assert res["layers"]["removed"][0] == (cfg.sparsity.start if cfg.sparsity.start is not None
                                            else res["layers"]["removed"][0])
     assert res["train_config"]["loss"] == cfg.train.loss
+    p = res["params"]  # the row's net parameter count: what left the model minus what the slot brought back
+    assert p["net_removed"] == p["dense"] - p["pruned"] == p["removed_layer_params"] - p["replacement_params"]
 
 
 @pytest.mark.parametrize("family", list(TINY_CONFIGS))
@@ -182,3 +184,34 @@ def test_mlp_slot_at_layer_0_keeps_the_cache_length_and_cached_decoding_exact(fa
     cached = pruned.generate(x[:1, :8], max_new_tokens=12, do_sample=False, use_cache=True)
     plain = pruned.generate(x[:1, :8], max_new_tokens=12, do_sample=False, use_cache=False)
     assert torch.equal(cached, plain)
+
+
+@pytest.mark.parametrize("rtype,layers,removed", [("none", 2, 2), ("layer", 2, 3), ("layers", 2, 4), ("ffn", 2, 2)])
+def test_net_count_removes_the_replacements_size_in_layers_more(rtype, layers, removed):
+    from llm_streamline.pipeline import resolve_block_size
+
+    cfg = compose_run("experiment=smoke", "model=tiny-llama", f"replacement={rtype}", f"sparsity.layers={layers}",
+                      "sparsity.count=net")
+    model = tiny_model("llama", VOCAB, special_ids=SPECIAL)
+    # tiny llama: the FFN (width 128 on d=64) has 16.6k parameters, a decoder layer 37.0k: 0.45 layer rounds to 0
+    assert resolve_block_size(cfg, model, find_decoder_stack(model)) == removed
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_k_decoder_layers_train_in_place_of_half_the_model(k, tmp_path):
+    """replacement=layers at 4 of 8 layers (as 15 of 30): built from the block's first k layers, trained by MSE."""
+    model = make("llama")
+    blocks = ids(40, 16, seed=1)
+    tr = write_teacher_shards(model, blocks[:32], 2, 4, tmp_path / "t", 8)
+    va = write_teacher_shards(model, blocks[32:], 2, 4, tmp_path / "v", 8)
+    pruned = copy.deepcopy(model)
+    pst = find_decoder_stack(pruned)
+    probe = run_layers(model, blocks[:1], outputs_at=(2,))
+    slot = build_replacement(ReplacementConfig(type="layers", num_layers=k), list(pst.layers[2:6]), pst.config,
+                             probe.output_is_tuple)
+    assert len(slot) == k
+    cfg = TrainConfig(batch_size=8, epochs=4, lr=1e-3, min_lr=1e-4, warmup_ratio=0.0)
+    log = train_mse(model, slot, 2, blocks[:32], tr, va, cfg, seed=0)
+    assert log.best_val_loss < 0.95 * log.initial_val_loss
+    remove_block(pruned, 2, 4, slot)
+    assert find_decoder_stack(pruned).num_layers == 8 - 4 + k

@@ -47,6 +47,8 @@ class DataConfig:
 @dataclass
 class SparsityConfig:
     layers: Optional[int] = 8              # n original layers removed; or null and give `target`
+    count: str = "removed"                 # removed | net: `layers` net of the replacement (net 8 with one
+                                           # decoder layer in the slot = 9 removed, as the authors' code)
     target: Optional[float] = None         # fraction of parameters removed, net of the replacement
     basis: str = "all"                     # all | layers: denominator of the sparsity
     importance: str = "cosine"             # cosine | angular | bi | perplexity
@@ -202,6 +204,7 @@ def validate(cfg: RunConfig) -> None:
     if s.target is not None:
         _check(0.0 < s.target < 1.0, f"sparsity.target={s.target}: must be in (0, 1)")
     _check(s.basis in ("all", "layers"), f"sparsity.basis={s.basis!r}: all | layers")
+    _check(s.count in ("removed", "net"), f"sparsity.count={s.count!r}: removed | net")
     _check(r.type in REPLACEMENTS, f"replacement.type={r.type!r}: expected one of {REPLACEMENTS}")
     _check(r.num_layers >= 1, f"replacement.num_layers={r.num_layers}: must be >= 1")
     _check(r.activation in ("silu", "gelu", "relu", "gelu_new"), f"replacement.activation={r.activation!r}")

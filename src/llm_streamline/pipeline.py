@@ -131,18 +131,20 @@ def model_identity(cfg: RunConfig) -> dict:
 
 
 def resolve_block_size(cfg: RunConfig, model, stack) -> int:
-    """n from `sparsity.layers`, or the n whose net parameter reduction is closest to `sparsity.target`."""
+    """n from `sparsity.layers` (plus the replacement's size in layers, rounded, with `sparsity.count=net`), or
+    the n whose net parameter reduction is closest to `sparsity.target`."""
     L = stack.num_layers
     s, r = cfg.sparsity, cfg.replacement
     min_n = r.num_layers if r.type == "layers" else 1
-    if s.layers is not None:
-        if s.layers >= L:
-            raise ValueError(f"sparsity.layers={s.layers}: the model has only {L} layers (at most {L - 1})")
-        if s.layers < min_n:
-            raise ValueError(f"sparsity.layers={s.layers} is less than replacement.num_layers={min_n}")
-        return s.layers
     layer_params = count_params(stack.layers[0])
     extra = replacement_param_count(r, layer_params, stack.config, stack.layers[0])
+    if s.layers is not None:
+        n = s.layers + (int(extra / layer_params + 0.5) if s.count == "net" else 0)
+        if n >= L:
+            raise ValueError(f"sparsity.layers={s.layers} ({n} removed): the model has only {L} layers")
+        if n < min_n:
+            raise ValueError(f"sparsity.layers={s.layers} is less than replacement.num_layers={min_n}")
+        return n
     denom = count_params(model) if s.basis == "all" else L * layer_params
     best = min(range(min_n, L), key=lambda n: abs((n * layer_params - extra) / denom - s.target))
     log.info("sparsity.target=%.3f (%s params) -> n=%d layers (net %.4f)", s.target, s.basis, best,
@@ -344,7 +346,8 @@ def run(cfg: RunConfig, out_dir: Path) -> dict:
             "params": {"dense": dense_params, "pruned": pruned_params,
                        "sparsity": 1 - pruned_params / dense_params,
                        "sparsity_layers_basis": (removed_params - slot_params) / layers_total,
-                       "removed_layer_params": removed_params, "replacement_params": slot_params},
+                       "removed_layer_params": removed_params, "replacement_params": slot_params,
+                       "net_removed": dense_params - pruned_params},
             "data": {**asdict(cfg.data), "tokens": blocks.token_counts},
             "similarity_profile": profile.as_dict(),
             "train": train_log,
