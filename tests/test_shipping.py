@@ -288,3 +288,16 @@ def test_gguf_refuses_an_unsupported_architecture(tmp_path):
 
     with pytest.raises(GGUFExportError, match="model_type 'opt'"):
         write_gguf(tiny_model("opt", 512), tmp_path, tmp_path / "x.gguf")
+
+
+# ------------------------------------------------------------------------------------------------ defaults
+def test_speed_measurement_uses_no_deprecated_transformers_api():
+    import warnings
+
+    from llm_streamline.evaluate.speed import measure_throughput
+    from llm_streamline.models.loading import tiny_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # transformers' "`past_key_values` ... removed in 5.40"
+        res = measure_throughput(tiny_model("llama", 512), batch_size=1, prompt_len=8, decode_tokens=3, repeats=1)
+    assert res["decode_tokens_per_s"] > 0

@@ -20,6 +20,7 @@ cache, LM head on the last position only, as ``generate`` does) and a greedy dec
 
 from __future__ import annotations
 
+import inspect
 import statistics
 import time
 from typing import Any
@@ -68,17 +69,24 @@ def _vocab_size(model: nn.Module) -> int:
     return int(model.get_input_embeddings().num_embeddings)
 
 
+def _cache_keyword(model: Any) -> str:
+    """The KV-cache argument and output field: transformers 5.x renamed `past_key_values` to `cache` (the
+    old name warns that it goes in 5.40); the dependency range starts before the rename."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 @torch.no_grad()
 def _one_run(model: Any, ids: torch.Tensor, decode_tokens: int) -> tuple[float, float]:
     """(prefill seconds, decode seconds) of one prefill + greedy decode."""
+    key = _cache_keyword(model)
     t0 = time.perf_counter()
     out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
     t1 = time.perf_counter()
-    cache = out.past_key_values
+    cache = out[key]
     nxt = out.logits[:, -1].argmax(-1, keepdim=True)
     for _ in range(decode_tokens):
-        out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+        out = model(input_ids=nxt, use_cache=True, **{key: cache})
+        cache = out[key]
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
     t2 = time.perf_counter()
     return t1 - t0, t2 - t1
