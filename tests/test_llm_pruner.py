@@ -206,3 +206,31 @@ def test_pipeline_runs_llm_pruner(tmp_path):
     assert saved["layers"]["removed_indices"] == [] and saved["baseline"]["params_removed"] > 0
     loaded = llm_streamline.load_pruned(saved["checkpoint"])
     assert count_params(loaded) == saved["params"]["pruned"]
+
+
+@pytest.mark.parametrize("method", ["llm_pruner", "shortgpt"])
+def test_baselines_sized_like_a_streamline_ffn_row(method, tmp_path):
+    """method.match_replacement=ffn: the target is what LLM-Streamline with an FFN in place of n layers removes
+    net; width pruning meets it within one unit step, layer removal differs by the FFN (< one layer's MLP)."""
+    from llm_streamline.config import ReplacementConfig
+    from llm_streamline.replace import replacement_param_count
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = to_run_config(compose(config_name="config", overrides=[
+            "experiment=smoke", f"method={method}", "method.match_replacement=ffn", "eval.limit=2",
+            "eval.speed=false", "eval.perplexity=false", "save=false"]))
+    saved = pipeline.run(cfg, tmp_path)
+    model = make("llama")
+    stack = find_decoder_stack(model)
+    layer = count_params(stack.layers[0])
+    ffn = replacement_param_count(ReplacementConfig(type="ffn"), layer, stack.config, stack.layers[0])
+    p = saved["params"]
+    eq = p["equal_size"]
+    assert eq["replacement"] == "ffn" and eq["n"] == 2 and eq["target_net_removed"] == 2 * layer - ffn
+    assert p["net_removed"] == p["dense"] - p["pruned"] and eq["difference"] == p["net_removed"] - eq["target_net_removed"]
+    assert abs(eq["difference"]) < eq["mlp_params"]
+    if method == "shortgpt":
+        assert eq["difference"] == ffn
+    else:
+        assert saved["baseline"]["target_params_removed"] == 2 * layer - ffn
+        assert abs(eq["difference"]) <= max(s.unit_params for s in llm_pruner.find_structures(model, [1])) * 8

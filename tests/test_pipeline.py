@@ -38,6 +38,8 @@ def test_every_preset_composes_and_validates(group, option):
         overrides.append("model.name_or_path=some/model")
     if group == "train" and option == "lora":  # LoRA heals plain pruning: it asks for replacement=none
         overrides.append("replacement=none")
+    if group == "method" and option == "sleb_gpu":  # SLEB's original 128 x 2048 calibration needs a large corpus
+        overrides.append("data=slimpajama")
     cfg = compose_run(*overrides)
     validate(cfg)
 

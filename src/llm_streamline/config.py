@@ -111,6 +111,10 @@ class MethodConfig:
     last_layers_kept: int = 2
     grad_samples: int = 10                 # calibration samples for the Taylor gradients
     grad_seq_len: int = 64
+    # equal size: the replacement type of the LLM-Streamline row this baseline is sized against (null: plain
+    # removal of n layers). n (from sparsity) is chosen as for that row, and llm_pruner removes n layers' parameters
+    # minus the replacement's; results.json params.equal_size gives the target and the difference per row.
+    match_replacement: Optional[str] = None
     # LaCo: how many following layers are merged into one at a time
     laco_merge: int = 2
     # SLEB calibration: windows x tokens cut from the calibration blocks (null seq_len: the blocks as they are).
@@ -225,6 +229,8 @@ def validate(cfg: RunConfig) -> None:
            f"method.importance={cfg.method.importance!r}: vector | element1 | element2 | mix")
     _check(cfg.method.width_ratio is None or 0 < cfg.method.width_ratio < 1,
            f"method.width_ratio={cfg.method.width_ratio}: null or in (0, 1)")
+    _check(cfg.method.match_replacement in (None, *REPLACEMENTS),
+           f"method.match_replacement={cfg.method.match_replacement!r}: null or one of {REPLACEMENTS}")
     if cfg.method.name == "sleb":
         _check_sleb_calibration(cfg.method, d)
 

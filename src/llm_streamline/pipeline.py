@@ -168,7 +168,11 @@ def run(cfg: RunConfig, out_dir: Path) -> dict:
     check_tasks(list(cfg.eval.tasks), cfg.eval.offline)
     store.check_writable(out_dir, "the output directory")
     store.check_writable(store.stage_root(), "the stage cache")
+    # the size is that of the LLM-Streamline row with `size_replacement` (a baseline's method.match_replacement;
+    # null: plain removal of n layers)
+    size_replacement = cfg.replacement
     if cfg.method.name != "streamline":  # baselines put no network in place of what they remove
+        size_replacement = ReplacementConfig(type=cfg.method.match_replacement or "none")
         cfg = replace(cfg, replacement=ReplacementConfig(type="none"))
     timings = Timings()
     torch.manual_seed(cfg.seed)
@@ -189,7 +193,8 @@ def run(cfg: RunConfig, out_dir: Path) -> dict:
             model, tok = load_model(cfg.model, seed=cfg.seed)
             stack = find_decoder_stack(model)
             L = stack.num_layers
-            n = resolve_block_size(cfg, model, stack)
+            n = resolve_block_size(replace(cfg, replacement=size_replacement), model, stack)
+            size_target = equal_size_target(size_replacement, n, stack)
             dense_params = count_params(model)
         with timings.stage("data"):
             blocks = load_blocks(cfg.data, tok)
@@ -244,7 +249,8 @@ def run(cfg: RunConfig, out_dir: Path) -> dict:
         if cfg.method.name != "streamline":
             # a baseline from the same harness: same data, evaluation, records and saving
             with timings.stage("compress"):
-                pruned, bres, train_key = _apply_baseline(cfg, model, blocks, profile, n, model_id, data_key)
+                pruned, bres, train_key = _apply_baseline(cfg, model, blocks, profile, n, model_id, data_key,
+                                                          size_target["target_net_removed"])
             slot, train_log, removed_idx = [], bres.train_log, bres.removed_layers
             start = min(removed_idx) if removed_idx else 0
             block = PrunedBlock(start, max(removed_idx) + 1 if removed_idx else 0, L, 0)
@@ -345,9 +351,11 @@ def run(cfg: RunConfig, out_dir: Path) -> dict:
             "baseline": bres.record if cfg.method.name != "streamline" else None,
             "params": {"dense": dense_params, "pruned": pruned_params,
                        "sparsity": 1 - pruned_params / dense_params,
-                       "sparsity_layers_basis": (removed_params - slot_params) / layers_total,
-                       "removed_layer_params": removed_params, "replacement_params": slot_params,
-                       "net_removed": dense_params - pruned_params},
+                       "sparsity_layers_basis": (dense_params - pruned_params) / layers_total,
+                       "net_removed": dense_params - pruned_params,
+                       "equal_size": {**size_target,
+                                      "difference": dense_params - pruned_params - size_target["target_net_removed"]},
+                       "removed_layer_params": removed_params, "replacement_params": slot_params},
             "data": {**asdict(cfg.data), "tokens": blocks.token_counts},
             "similarity_profile": profile.as_dict(),
             "train": train_log,
@@ -463,7 +471,18 @@ def _lora_stage(key: str):
                                                                    train_log)
 
 
-def _apply_baseline(cfg: RunConfig, model, blocks, profile, n: int, model_id: dict, data_key: dict):
+def equal_size_target(replacement: ReplacementConfig, n: int, stack) -> dict:
+    """The net parameter count removed by the LLM-Streamline row that removes n layers and puts `replacement` in
+    their place; rows compared at equal size should differ from it by less than one layer's MLP (`mlp_params`)."""
+    layer_params = count_params(stack.layers[0])
+    extra = replacement_param_count(replacement, layer_params, stack.config, stack.layers[0])
+    mlp = replacement_param_count(ReplacementConfig(type="swiglu"), layer_params, stack.config, stack.layers[0])
+    return {"replacement": replacement.type, "n": n, "target_net_removed": n * layer_params - extra,
+            "mlp_params": mlp}
+
+
+def _apply_baseline(cfg: RunConfig, model, blocks, profile, n: int, model_id: dict, data_key: dict,
+                    target_removed: int):
     """A baseline method on a copy of the dense model (see `baselines`)."""
     from llm_streamline.baselines import apply_method
 
@@ -479,7 +498,7 @@ def _apply_baseline(cfg: RunConfig, model, blocks, profile, n: int, model_id: di
         else None
     torch.manual_seed(cfg.seed)
     bres = apply_method(cfg, pruned, blocks.calib, blocks.train, blocks.val, profile, n, heal_cached=cached,
-                        on_healed=on_healed, chosen=chosen)
+                        on_healed=on_healed, chosen=chosen, target_removed=target_removed)
     if cfg.method.name in ("shortgpt", "gromov", "sleb") and chosen is None:
         store.write_sealed_json(choice_path, choice_key, bres.record)
     log.info("%s: removed layers %s %s", cfg.method.name, bres.removed_layers, bres.record)

@@ -32,10 +32,12 @@ class BaselineResult:
 
 def apply_method(cfg: RunConfig, model: PreTrainedModel, calib: torch.Tensor, train: torch.Tensor,
                  val: torch.Tensor, profile: SimilarityProfile, n: int, heal_cached=None,
-                 on_healed=None, chosen: dict | None = None) -> BaselineResult:
+                 on_healed=None, chosen: dict | None = None, target_removed: int | None = None) -> BaselineResult:
     """heal_cached / on_healed: LoRA adapters of an earlier identical run, and a callback that receives
     newly trained ones (see `heal.lora_heal`); the caller keeps them. chosen: the record of an earlier
-    identical layer-removal run (SLEB's search is long): its layers are removed without searching again."""
+    identical layer-removal run (SLEB's search is long): its layers are removed without searching again.
+    target_removed: the net parameter count to remove (default: n layers); width pruning (llm_pruner) matches it,
+    layer removal removes n whole layers (the pipeline records the difference)."""
     name = cfg.method.name
     if name in ("shortgpt", "gromov", "sleb"):
         from llm_streamline.baselines import layer_removal
@@ -48,7 +50,7 @@ def apply_method(cfg: RunConfig, model: PreTrainedModel, calib: torch.Tensor, tr
     elif name == "llm_pruner":
         from llm_streamline.baselines import llm_pruner
 
-        result = llm_pruner.apply(model, calib, n, cfg)
+        result = llm_pruner.apply(model, calib, n, cfg, target=target_removed)
     else:
         raise ValueError(f"method={name!r} is not a baseline")
     if cfg.method.heal == "lora":

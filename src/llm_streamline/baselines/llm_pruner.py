@@ -318,7 +318,8 @@ def attention_unit(structs: list[Structure]) -> str:
 
 
 # ------------------------------------------------------------------------------------------- entry points
-def apply(model: PreTrainedModel, calib: torch.Tensor, n: int, cfg):
+def apply(model: PreTrainedModel, calib: torch.Tensor, n: int, cfg, target: int | None = None):
+    """target: parameters to remove (default: those of n decoder layers), when method.width_ratio is null."""
     from llm_streamline.baselines import BaselineResult
     from llm_streamline.prune import count_params
 
@@ -331,7 +332,7 @@ def apply(model: PreTrainedModel, calib: torch.Tensor, n: int, cfg):
                          f"no layer of {L} left to prune")
     structs = find_structures(model, layers)
     dense_params = count_params(model)
-    target = n * count_params(stack.layers[0])
+    target = n * count_params(stack.layers[0]) if target is None else target
     ratio = mc.width_ratio if mc.width_ratio is not None else choose_ratio(structs, target)
 
     tokens = calib[:mc.grad_samples, :mc.grad_seq_len]
