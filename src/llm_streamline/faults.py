@@ -7,6 +7,7 @@ Disk errors     an OSError whose errno says the disk is full, read-only or refus
                 it into one line naming the stage and the file (`disk_errno`).
 Injection       `LLM_STREAMLINE_KILL_AT=<point>` makes the process SIGKILL itself when it reaches that point
                 (e.g. `train:step:2`, `eval_pruned`), the way a cluster pre-emption or an OOM killer would.
+                `LLM_STREAMLINE_KILL_SIGNAL=INT|TERM` sends Ctrl-C's or a pre-emption notice's signal instead.
                 Unset in normal use: one environment lookup per call, nothing else.
 """
 
@@ -30,8 +31,8 @@ class NumericalFault(RuntimeError):
 
 
 def checkpoint(point: str) -> None:
-    if os.environ.get("LLM_STREAMLINE_KILL_AT") == point:
-        os.kill(os.getpid(), signal.SIGKILL)
+    if os.environ.get("LLM_STREAMLINE_KILL_AT") == point:  # LLM_STREAMLINE_KILL_SIGNAL: INT, TERM (default KILL)
+        os.kill(os.getpid(), getattr(signal, "SIG" + os.environ.get("LLM_STREAMLINE_KILL_SIGNAL", "KILL")))
 
 
 def disk_errno(e: BaseException) -> int | None:

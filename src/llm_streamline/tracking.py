@@ -17,6 +17,7 @@ import hashlib
 import logging
 import netrc
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,22 @@ def resolve_mode(cfg: WandbConfig) -> str:
     if cfg.mode == "auto":
         return "online" if _has_api_key() else "offline"
     return cfg.mode
+
+
+def _online_unavailable(timeout_s: float = 3.0) -> str | None:
+    """Why an online W&B run cannot start (no API key, the server unreachable within `timeout_s`), else None.
+    Checked first: wandb.init would otherwise retry for minutes (127 s measured) and end in a CommError."""
+    from urllib.parse import urlparse
+
+    if not _has_api_key():
+        return "no API key"
+    url = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai")
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout_s).close()
+    except OSError as e:
+        return f"{url.hostname}:{port} unreachable: {e.strerror or e}"
+    return None
 
 
 JOB_TYPES = ("run", "eval", "report", "export")
@@ -81,6 +98,9 @@ class Tracker:
         self.run = None
         if self.mode == "disabled":
             return
+        if self.mode == "online" and (why := _online_unavailable()):
+            log.warning("W&B online is not possible (%s): writing an offline run for `wandb sync`", why)
+            self.mode = "offline"
         import wandb
 
         self.run = wandb.init(project=cfg.project, entity=cfg.entity, group=cfg.group, job_type=job_type,
