@@ -96,12 +96,17 @@ def test_splits_are_disjoint(blocks):
     assert len(set(rows)) == len(rows)
 
 
+def _kept_stream(tok):
+    kept, _ = data._offline_split_docs()
+    return data._cached_token_stream(kept, tok, f"offline-v{data.CORPUS_VERSION}-kept{data.HELDOUT_EVERY}"), kept
+
+
 def test_blocks_are_slices_of_the_token_stream(blocks, tok):
-    ids = data._cached_token_stream(data.offline_corpus(), tok, f"offline-v{data.CORPUS_VERSION}")
+    ids, kept = _kept_stream(tok)
     i = int(blocks.train_idx[0])
     assert blocks.train[0].tolist() == ids[i * 256:(i + 1) * 256].tolist()
     eos = int((torch.from_numpy(ids.astype(np.int64)) == tok.eos_token_id).sum())
-    assert eos == len(data.offline_corpus())  # exactly one EOS per document
+    assert eos == len(kept)  # exactly one EOS per document
     assert not (blocks.val == tok.bos_token_id).any()
 
 
@@ -297,3 +302,41 @@ def test_network_failure_mid_stream_becomes_the_clear_error(tok, fake_hub, monke
     with pytest.raises(data.HubUnavailable, match=r"data=slimpajama needs network access .*ConnectError"):
         data.load_blocks(DataConfig(name="slimpajama", seq_len=64, calib_samples=2, train_samples=2,
                                     val_samples=2), tok)
+
+
+# ------------------------------------------------------------------ the reported perplexity's text
+
+def test_heldout_documents_are_out_of_every_other_split(tok, blocks):
+    docs = data.offline_corpus()
+    kept, held = data._offline_split_docs()
+    assert len(kept) + len(held) == len(docs) and not set(kept) & set(held)
+    assert 0.03 < len(held) / len(docs) < 0.07  # one in HELDOUT_EVERY=20 by content hash
+    text = data.perplexity_text("heldout", tok, seq_len=64, max_blocks=None)
+    assert text.blocks.shape[1] == 64 and text.blocks.shape[0] * 64 > 20_000
+    assert text.source.startswith("heldout")
+    # no 16-token window of the held-out text occurs anywhere in the stream that calibration, training and
+    # validation blocks are cut from (blocks are slices of it: test_blocks_are_slices_of_the_token_stream)
+    stream, _ = _kept_stream(tok)
+    windows = {tuple(stream[i:i + 16]) for i in range(0, stream.size - 16)}
+    held_ids = text.blocks.flatten().tolist()
+    hits = sum(tuple(held_ids[i:i + 16]) in windows for i in range(0, len(held_ids) - 16, 7))
+    assert hits == 0
+    for split in (blocks.val, blocks.calib, blocks.train):
+        rows = {tuple(r) for r in split.tolist()}
+        assert not rows & {tuple(r) for r in data.perplexity_text("heldout", tok, 256, None).blocks.tolist()}
+
+
+def test_heldout_text_is_fixed_and_cut_to_the_asked_blocks(tok):
+    a = data.perplexity_text("heldout", tok, seq_len=128, max_blocks=5)
+    b = data.perplexity_text("heldout", tok, seq_len=128, max_blocks=None)
+    assert a.blocks.shape == (5, 128) and torch.equal(a.blocks, b.blocks[:5])
+    assert a.describe() == {"text": a.source, "blocks": 5, "seq_len": 128, "tokens_available": b.tokens_available}
+    with pytest.raises(ValueError, match="perplexity_text='wiki'"):
+        data.perplexity_text("wiki", tok, 128, 5)
+
+
+def test_wikitext2_perplexity_reads_the_test_split(tok, fake_hub, monkeypatch):
+    fake_hub.splits["test"] = [f"Article {i}. " + d for i, d in enumerate(data.offline_corpus()[:40])]
+    text = data.perplexity_text("wikitext2", tok, seq_len=128, max_blocks=3)
+    assert fake_hub.calls[-1] == ("Salesforce/wikitext", "wikitext-2-raw-v1", "test")
+    assert text.blocks.shape == (3, 128) and tok.decode(text.blocks[0][:3]).startswith("Article 0")

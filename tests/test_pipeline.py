@@ -52,6 +52,9 @@ def test_default_is_the_embedded_smollm2():
 BAD = [
     (["model=nope"], "model"),
     (["sparsity.layers=0"], "sparsity.layers"),
+    (["eval.perplexity_text=ptb"], "eval.perplexity_text"),
+    (["data=c4", "eval.perplexity_text=c4"], "selects checkpoints on C4 validation"),
+    (["eval.perplexity_blocks=0"], "eval.perplexity_blocks"),
     (["sparsity=target25", "sparsity.target=1.5"], "sparsity.target"),
     (["sparsity=target25", "sparsity.target=0"], "sparsity.target"),
     (["sparsity.layers=8", "sparsity.target=0.25"], "exactly one"),

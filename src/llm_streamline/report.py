@@ -1,4 +1,6 @@
 """`llm-streamline-report <runs dir> --out <dir>`: runs' results.json -> paper-style tables and plots.
+`llm-streamline-report --compare RUN_A RUN_B`: two runs (or a run's dense model, `RUN:dense`) on the same
+items: per task and metric both scores with intervals, the paired difference and the exact McNemar test.
 
 Reads records only (never reruns a stage). Writes `table.md`, `table.csv`, `table.tex` (one row per run
 plus the dense reference: accuracy per task, average, stability, perplexity, parameters, the cost of
@@ -36,10 +38,50 @@ def find_results(root: Path) -> list[dict]:
     return out
 
 
+def task_metric(metrics: dict, task: str) -> str:
+    return "acc_norm" if task in NORM_TASKS and "acc_norm" in metrics else "acc"
+
+
 def task_score(metrics: dict, task: str) -> float | None:
-    key = "acc_norm" if task in NORM_TASKS and "acc_norm" in metrics else "acc"
-    v = metrics.get(key)
+    v = metrics.get(task_metric(metrics, task))
     return None if v is None else float(v)
+
+
+class Cell(float):
+    """A score with its 95% interval and, for a compressed model, whether it differs from the dense one
+    (McNemar p < 0.05 for a task, a paired interval that excludes 0 for the average)."""
+
+    def __new__(cls, value: float, ci=None, significant: bool | None = None, p: float | None = None):
+        c = super().__new__(cls, value)
+        c.ci, c.significant, c.p = ci, significant, p
+        return c
+
+
+def _task_cell(r: dict, task: str, which: str) -> Cell | None:
+    """The run's score on a task with its interval (dense: `a`, pruned: `b` of the dense-vs-pruned test)."""
+    metrics = r["eval"].get(task, {}).get(which, {})
+    v = task_score(metrics, task)
+    if v is None:
+        return None
+    sig = ((r.get("significance") or {}).get("tasks") or {}).get(task, {}).get(task_metric(metrics, task))
+    if not sig:
+        return Cell(v)
+    side = "a" if which == "dense" else "b"
+    return Cell(v, sig[f"{side}_ci"], sig["significant"] if which == "pruned" else None, sig["p"])
+
+
+def _avg_cell(r: dict, scores: list, which: str) -> Cell | None:
+    """Unweighted mean over tasks; its stratified interval when every task's metric is acc (the record's
+    significance averages are per metric, so mixed acc / acc_norm rows get the mean without an interval)."""
+    mean = _avg(scores)
+    if mean is None:
+        return None
+    metrics = {task_metric(r["eval"][t]["dense"], t) for t in r["eval"]}
+    sig = (r.get("significance") or {}).get("average", {}).get(next(iter(metrics))) if len(metrics) == 1 else None
+    if not sig:
+        return Cell(mean)
+    side = "a" if which == "dense" else "b"
+    return Cell(mean, sig[f"{side}_ci"], sig["significant"] if which == "pruned" else None)
 
 
 def label(r: dict) -> str:
@@ -75,12 +117,12 @@ def rows_of(results: list[dict]) -> tuple[list[str], list[list]]:
     rows = []
     if results:  # the dense reference, from the first run that has it
         r0 = results[0]
-        dense = [task_score(r0["eval"][t]["dense"], t) for t in tasks]
+        dense = [_task_cell(r0, t, "dense") for t in tasks]
         ppl = (r0.get("perplexity") or {}).get("dense") or {}
         rows.append(["dense", "-", r0["params"]["dense"], 0.0] + dense
-                    + [_avg(dense), 1.0, 1.0, ppl.get("ppl"), None, None, None, None])
+                    + [_avg_cell(r0, dense, "dense"), 1.0, 1.0, ppl.get("ppl"), None, None, None, None])
     for r in results:
-        scores = [task_score(r["eval"].get(t, {}).get("pruned", {}), t) for t in tasks]
+        scores = [_task_cell(r, t, "pruned") for t in tasks]
         stab = (r.get("stability") or {}).get("average", {})
         ppl = (r.get("perplexity") or {}).get("pruned") or {}
         lay = r["layers"]
@@ -92,7 +134,7 @@ def rows_of(results: list[dict]) -> tuple[list[str], list[list]]:
             where = ",".join(str(i) for i in lay["removed_indices"]) or "width"
         rows.append([label(r), where, r["params"]["pruned"],
                      r["params"]["sparsity"]] + scores
-                    + [_avg(scores), stab.get("stability"), stab.get("agreement"), ppl.get("ppl"),
+                    + [_avg_cell(r, scores, "pruned"), stab.get("stability"), stab.get("agreement"), ppl.get("ppl"),
                        *compress_cost(r), round(sum(r.get("timings", {}).values()), 1)])
     return header, rows
 
@@ -116,9 +158,15 @@ def _avg(xs):
     return sum(xs) / len(xs) if xs else None
 
 
+NOT_SIGNIFICANT = "≈"  # marks a compressed model's score that does not differ significantly from dense
+
+
 def _fmt(v) -> str:
     if v is None:
         return "-"
+    if isinstance(v, Cell) and v.ci is not None:
+        half = (v.ci[1] - v.ci[0]) / 2
+        return f"{v:.3f}±{half:.3f}" + (f" {NOT_SIGNIFICANT}" if v.significant is False else "")
     if isinstance(v, float):
         return f"{v:.4f}" if abs(v) < 10 else f"{v:.1f}"
     if isinstance(v, int) and v > 10_000:
@@ -131,18 +179,30 @@ def write_tables(header, rows, out: Path) -> None:
     md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     md += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
     md.append("")
-    md.append(f"Accuracy: {METRIC_NOTE}. Stability: paper formula (weights by the dense model's per-option "
-              f"perplexity spread); agreement: unweighted.")
+    md.append(f"Accuracy: {METRIC_NOTE}; ± is half the 95% bootstrap interval over items; {NOT_SIGNIFICANT} marks "
+              "a compressed model's score that does not differ significantly from the dense model's on the same "
+              "items (task: exact McNemar p >= 0.05; avg: the paired stratified bootstrap interval of the "
+              "difference contains 0). Stability: paper formula (weights by the spread of the dense model's mean "
+              "NLL over prompt + option); agreement: unweighted. ppl: perplexity on a text no stage trains or "
+              "selects on (results.json `perplexity.text`).")
     (out / "table.md").write_text("\n".join(md) + "\n")
     with open(out / "table.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(header)
         w.writerows(rows)
     tex = ["\\begin{tabular}{" + "l" * 2 + "r" * (len(header) - 2) + "}", "\\toprule",
-           " & ".join(h.replace("_", "\\_") for h in header) + " \\\\", "\\midrule"]
-    tex += [" & ".join(_fmt(v).replace("_", "\\_") for v in row) + " \\\\" for row in rows]
+           " & ".join(_tex(h) for h in header) + " \\\\", "\\midrule"]
+    tex += [" & ".join(_tex(_fmt(v)) for v in row) + " \\\\" for row in rows]
     tex += ["\\bottomrule", "\\end{tabular}"]
     (out / "table.tex").write_text("\n".join(tex) + "\n")
+
+
+_TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
+        "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "±": r"$\pm$", "≈": r"$\approx$"}
+
+
+def _tex(text: str) -> str:
+    return "".join(_TEX.get(ch, ch) for ch in str(text))
 
 
 def plot(results: list[dict], out: Path) -> None:
@@ -204,11 +264,79 @@ def plot_similarity(results: list[dict], out: Path) -> list[Path]:
     return paths
 
 
+# ------------------------------------------------------------------------------------ two runs, paired
+
+def _samples_of(spec: str) -> tuple[str, list[dict]]:
+    """A run directory's compressed-model rows, or its dense model's with the suffix `:dense`."""
+    from llm_streamline.evaluate.harness import load_samples_jsonl
+
+    path, _, which = spec.partition(":")
+    which = which or "pruned"
+    if which not in ("pruned", "dense"):
+        raise SystemExit(f"llm-streamline-report: error: {spec}: the suffix must be :dense or :pruned")
+    f = Path(path) / f"samples_{which}.jsonl"
+    if not f.exists():
+        raise SystemExit(f"llm-streamline-report: error: {f} does not exist (a run directory holds samples_*.jsonl)")
+    name = "dense" if which == "dense" else Path(path).name
+    res = Path(path) / "results.json"
+    if which == "pruned" and res.exists():
+        name = f"{label(json.loads(res.read_text()))} ({Path(path).name})"
+    return name, load_samples_jsonl(f)
+
+
+def compare_table(name_a: str, name_b: str, cmp: dict) -> str:
+    """Markdown: per task and metric, both scores with intervals, the paired difference, McNemar's test."""
+    lines = [f"A = {name_a}", f"B = {name_b}", "",
+             "| task | metric | n | A | B | B - A [95% CI] | only A right | only B right | McNemar p | |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+
+    def ci(c):
+        return f"[{c[0]:+.3f}, {c[1]:+.3f}]"
+
+    for task, per in sorted(cmp["tasks"].items()):
+        for metric, e in sorted(per.items()):
+            mark = "significant" if e["significant"] else "not significant"
+            lines.append(f"| {task} | {metric} | {e['n']} | {e['a']:.3f} {ci(e['a_ci'])} | {e['b']:.3f} {ci(e['b_ci'])} "
+                         f"| {e['diff']:+.3f} {ci(e['diff_ci'])} | {e['a_only']} | {e['b_only']} | {e['p']:.3g} | {mark} |")
+    for metric, e in sorted(cmp["average"].items()):
+        mark = "significant" if e["significant"] else "not significant"
+        lines.append(f"| average ({len(e['tasks'])} tasks) | {metric} | | {e['a']:.3f} {ci(e['a_ci'])} "
+                     f"| {e['b']:.3f} {ci(e['b_ci'])} | {e['diff']:+.3f} {ci(e['diff_ci'])} | | | | {mark} |")
+    unpaired = sum(e["unpaired"] for per in cmp["tasks"].values() for e in per.values())
+    lines += ["", "Paired on the items both runs scored" + (f" ({unpaired} item-metrics scored by one run only were "
+              "left out)" if unpaired else "") + "; intervals: bootstrap over items (averages: stratified by task); "
+              "a task difference is significant when the exact McNemar p < 0.05, an average when its interval "
+              "excludes 0."]
+    return "\n".join(lines) + "\n"
+
+
+def compare_runs(spec_a: str, spec_b: str, out: Path | None = None) -> dict:
+    from llm_streamline.evaluate.significance import compare_rows
+
+    (name_a, rows_a), (name_b, rows_b) = _samples_of(spec_a), _samples_of(spec_b)
+    cmp = compare_rows(rows_a, rows_b)
+    text = compare_table(name_a, name_b, cmp)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "compare.md").write_text(text)
+        (out / "compare.json").write_text(json.dumps({"a": name_a, "b": name_b, **cmp}, indent=1))
+    print(text)
+    return cmp
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="llm-streamline-report", description=__doc__.splitlines()[0])
-    ap.add_argument("runs", type=Path, help="a directory searched recursively for results.json")
-    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("runs", type=Path, nargs="?", help="a directory searched recursively for results.json")
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"),
+                    help="paired comparison of two run directories on the items both scored (RUN:dense = that "
+                         "run's dense model)")
     args = ap.parse_args(argv)
+    if args.compare:
+        compare_runs(*args.compare, out=args.out)
+        return
+    if args.runs is None or args.out is None:
+        ap.error("give a runs directory and --out, or --compare RUN_A RUN_B")
     results = find_results(args.runs)
     if not results:
         raise SystemExit(f"llm-streamline-report: error: no results.json under {args.runs}")

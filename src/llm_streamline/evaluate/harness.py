@@ -236,42 +236,48 @@ def run_lm_eval(
     scorer: str = "hflm",
     seed: int = 1234,
     bootstrap_iters: int = 100000,
+    task_limits: dict[str, int | None] | None = None,
 ) -> EvalResult:
     """Evaluate ``model`` zero-shot (no few-shot examples) on lm-eval ``tasks``; rows: module docstring.
 
-    ``limit`` is lm-eval's (the first ``limit`` items of each leaf task; None = all). Unknown task
-    names raise ValueError before any model work.
+    ``limit`` is lm-eval's (the first ``limit`` items of each leaf task; None = all); ``task_limits`` overrides
+    it per named task (e.g. all of PIQA, the first 1000 of HellaSwag): lm-eval takes one limit per call, so
+    tasks are scored in one call per distinct limit, on one wrapped model. Unknown task names raise
+    ValueError before any model work.
     """
     import lm_eval
 
     check_tasks(tasks, offline)
     start = time.perf_counter()
-    built = build_tasks(tasks, offline=offline)
     lm = make_lm(model, tokenizer, batch_size, scorer)
-    results = lm_eval.simple_evaluate(
-        model=lm,
-        tasks=built,
-        task_manager=task_manager(),  # ours is cached; lm-eval would re-index every YAML (~15 s)
-        limit=limit,
-        log_samples=True,
-        bootstrap_iters=bootstrap_iters,
-        random_seed=seed,
-        numpy_random_seed=seed,
-        torch_random_seed=seed,
-        fewshot_random_seed=seed,
-    )
-    if results is None:  # only non-zero ranks get None; we run single-process
-        raise RuntimeError("lm-eval returned no results")
-    rows = sample_rows(results, leaf_tasks(built), lm.__dict__.get("continuation_tokens", {}),
-                       lm.__dict__.get("request_contexts", {}), lm.context_nll)
-    return EvalResult(
-        metrics=extract_metrics(results),
-        samples=rows,
-        groups=_group_leaves(built),
-        versions=dict(results.get("versions") or {}),
-        n_samples=dict(results.get("n-samples") or {}),
-        seconds=time.perf_counter() - start,
-    )
+    by_limit: dict[int | None, list[str]] = {}
+    for t in tasks:
+        by_limit.setdefault((task_limits or {}).get(t, limit), []).append(t)
+    out = EvalResult(metrics={}, samples=[])
+    for lim, names in by_limit.items():
+        built = build_tasks(names, offline=offline)
+        results = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=built,
+            task_manager=task_manager(),  # ours is cached; lm-eval would re-index every YAML (~15 s)
+            limit=lim,
+            log_samples=True,
+            bootstrap_iters=bootstrap_iters,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+        )
+        if results is None:  # only non-zero ranks get None; we run single-process
+            raise RuntimeError("lm-eval returned no results")
+        out.samples += sample_rows(results, leaf_tasks(built), lm.__dict__.get("continuation_tokens", {}),
+                                   lm.__dict__.get("request_contexts", {}), lm.context_nll)
+        out.metrics.update(extract_metrics(results))
+        out.groups.update(_group_leaves(built))
+        out.versions.update(results.get("versions") or {})
+        out.n_samples.update(results.get("n-samples") or {})
+    out.seconds = time.perf_counter() - start
+    return out
 
 
 def _json_default(v: Any) -> Any:
