@@ -55,8 +55,8 @@ def test_a_sweep_runs_past_a_failing_job_and_exits_nonzero_listing_it(tmp_path):
     assert res.returncode == 2, res.stderr[-2000:]
     lines = res.stderr.strip().splitlines()
     assert lines[-1] == "llm-streamline: error: 1 sweep job(s) failed (listed above)"
-    assert lines[-2] == (f"llm-streamline: failed job {sweep / '0-ffn-n9'} (exit 2): sparsity.layers=9: the model "
-                         "has only 8 layers (at most 7)")
+    assert lines[-2].startswith(f"llm-streamline: failed job {sweep / '0-ffn-n9'} (exit 2): sparsity.layers=9")
+    assert "only 8 layers" in lines[-2]
     assert (sweep / "1-ffn-n2" / "results.json").exists()  # the valid job ran after the failing one
 
 
