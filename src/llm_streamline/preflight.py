@@ -17,8 +17,6 @@ SPEED_DECODE_TOKENS = 32  # tokens the speed measurement decodes after its `eval
 def check_device(m: ModelConfig) -> None:
     if m.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"model.device={m.device}: CUDA is not available on this machine (use model.device=cpu)")
-    if m.device_map and not torch.cuda.is_available():
-        raise ConfigError(f"model.device_map={m.device_map}: needs CUDA, which this machine does not have")
 
 
 def model_config(m: ModelConfig) -> PretrainedConfig | None:
