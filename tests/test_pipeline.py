@@ -252,3 +252,27 @@ def test_lora_healing_of_plain_pruning_in_the_same_harness(tmp_path):
     assert "train" not in again["timings"]
     for key in ("layers", "params", "eval", "perplexity", "train"):
         assert again[key] == res[key], key
+
+
+def test_schema_defaults_equal_the_default_presets():
+    """A key left out of a preset, or a config built in code, means what the default run means."""
+    from dataclasses import fields
+
+    import yaml
+
+    from llm_streamline import config as C
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    top = yaml.safe_load((conf / "config.yaml").read_text())
+    chosen = {k: v for d in top["defaults"] if isinstance(d, dict) for k, v in d.items()}
+    schemas = {"data": C.DataConfig, "sparsity": C.SparsityConfig, "replacement": C.ReplacementConfig,
+               "train": C.TrainConfig, "eval": C.EvalConfig, "method": C.MethodConfig}
+    differ = []
+    for group, schema in schemas.items():
+        preset = yaml.safe_load((conf / group / f"{chosen[group]}.yaml").read_text())
+        default = schema()
+        names = {f.name for f in fields(schema)}
+        for key, value in preset.items():
+            if key in names and getattr(default, key) != value:
+                differ.append(f"{group}.{key}: schema {getattr(default, key)!r}, preset {chosen[group]} {value!r}")
+    assert not differ, differ

@@ -82,7 +82,7 @@ def test_selection_keeps_the_weights_it_reports(select, mse_target, tmp_path):
     pst = find_decoder_stack(copy.deepcopy(model))
     slot = build_replacement(ReplacementConfig(type="ffn"), list(pst.layers[2:5]), pst.config)
     cfg = TrainConfig(batch_size=4, epochs=3, lr=3e-2, min_lr=3e-2, warmup_ratio=0.0, select=select,
-                      mse_target=mse_target)  # a high lr: the validation loss moves both ways
+                      mse_target=mse_target, first_token="include")  # a high lr: the validation loss moves both ways
     log = train_mse(model, slot, 2, blocks[:32], tr, va, cfg, seed=0)
     with torch.no_grad():
         val = sum(_mse(slot[0](va.load(i)[0]), va.load(i)[1], "include", mse_target).item() * 4
