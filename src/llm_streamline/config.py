@@ -112,7 +112,8 @@ class MethodConfig:
     lora_lr: float = 1e-4
     lora_epochs: int = 1
     # LLM-Pruner (width pruning); `width_ratio` null = matched to the layer-pruning size of `sparsity`
-    importance: str = "element1"           # vector | element1 | element2 | mix = the original's vectorize | param_first | param_second | param_mix
+    # vector | element1 | element2 | mix = the original's vectorize | param_first | param_second | param_mix
+    importance: str = "element1"
     width_ratio: Optional[float] = None
     first_layer: int = 4                   # layers pruned: [first_layer, L - last_layers_kept)
     last_layers_kept: int = 2

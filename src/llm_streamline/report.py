@@ -296,8 +296,9 @@ def compare_table(name_a: str, name_b: str, cmp: dict) -> str:
     for task, per in sorted(cmp["tasks"].items()):
         for metric, e in sorted(per.items()):
             mark = "significant" if e["significant"] else "not significant"
-            lines.append(f"| {task} | {metric} | {e['n']} | {e['a']:.3f} {ci(e['a_ci'])} | {e['b']:.3f} {ci(e['b_ci'])} "
-                         f"| {e['diff']:+.3f} {ci(e['diff_ci'])} | {e['a_only']} | {e['b_only']} | {e['p']:.3g} | {mark} |")
+            lines.append(f"| {task} | {metric} | {e['n']} | {e['a']:.3f} {ci(e['a_ci'])} "
+                         f"| {e['b']:.3f} {ci(e['b_ci'])} | {e['diff']:+.3f} {ci(e['diff_ci'])} "
+                         f"| {e['a_only']} | {e['b_only']} | {e['p']:.3g} | {mark} |")
     for metric, e in sorted(cmp["average"].items()):
         mark = "significant" if e["significant"] else "not significant"
         lines.append(f"| average ({len(e['tasks'])} tasks) | {metric} | | {e['a']:.3f} {ci(e['a_ci'])} "

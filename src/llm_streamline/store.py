@@ -337,4 +337,5 @@ def _size_of_sidecar(p: Path) -> int:
 
 def _list_foreign(foreign: list[Path]) -> None:
     if foreign:
-        print(f"left alone ({len(foreign)}, not provably written by llm-streamline): {', '.join(str(p) for p in foreign)}")
+        names = ", ".join(str(p) for p in foreign)
+        print(f"left alone ({len(foreign)}, not provably written by llm-streamline): {names}")

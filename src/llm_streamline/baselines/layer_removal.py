@@ -13,7 +13,8 @@
             out and the one whose removal gives the lowest summed NLL on the calibration windows (sleb.py's
             `nlls`; the same order as perplexity) is removed. Calibration: method.sleb_samples windows of
             method.sleb_seq_len tokens cut from the concatenated calibration blocks (the paper and sleb.py: 128
-            x 2048, the `sleb_gpu` preset; the CPU preset `sleb`: 4 x data.seq_len). Efficient but exact: the hidden state entering every layer of the
+            x 2048, the `sleb_gpu` preset; the CPU preset `sleb`: 4 x data.seq_len). Efficient but exact:
+            the hidden state entering every layer of the
             current model is captured once per step; a candidate i is then scored by running only layers
             i+1.. (plus the final norm and head) from the cached x^(i) (the model's own forward on a view of the
             layer list whose first layer's input is swapped for x^(i)). The last layer is scored by a full

@@ -37,7 +37,8 @@ def _percentiles(draws: np.ndarray, level: float) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-def bootstrap_ci(values: Sequence[float], iters: int = ITERS, level: float = LEVEL, seed: int = 0) -> tuple[float, float]:
+def bootstrap_ci(values: Sequence[float], iters: int = ITERS, level: float = LEVEL,
+                 seed: int = 0) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean of 0/1 values."""
     x = np.asarray(values, dtype=np.float64)
     if x.size == 0:
