@@ -290,19 +290,22 @@ def compare_table(name_a: str, name_b: str, cmp: dict) -> str:
              "| task | metric | n | A | B | B - A [95% CI] | only A right | only B right | McNemar p | |",
              "|---|---|---|---|---|---|---|---|---|---|"]
 
-    def ci(c):
+    def ci(c):  # an interval of a score
+        return f"[{c[0]:.3f}, {c[1]:.3f}]"
+
+    def dci(c):  # an interval of a difference
         return f"[{c[0]:+.3f}, {c[1]:+.3f}]"
 
     for task, per in sorted(cmp["tasks"].items()):
         for metric, e in sorted(per.items()):
             mark = "significant" if e["significant"] else "not significant"
             lines.append(f"| {task} | {metric} | {e['n']} | {e['a']:.3f} {ci(e['a_ci'])} "
-                         f"| {e['b']:.3f} {ci(e['b_ci'])} | {e['diff']:+.3f} {ci(e['diff_ci'])} "
+                         f"| {e['b']:.3f} {ci(e['b_ci'])} | {e['diff']:+.3f} {dci(e['diff_ci'])} "
                          f"| {e['a_only']} | {e['b_only']} | {e['p']:.3g} | {mark} |")
     for metric, e in sorted(cmp["average"].items()):
         mark = "significant" if e["significant"] else "not significant"
         lines.append(f"| average ({len(e['tasks'])} tasks) | {metric} | | {e['a']:.3f} {ci(e['a_ci'])} "
-                     f"| {e['b']:.3f} {ci(e['b_ci'])} | {e['diff']:+.3f} {ci(e['diff_ci'])} | | | | {mark} |")
+                     f"| {e['b']:.3f} {ci(e['b_ci'])} | {e['diff']:+.3f} {dci(e['diff_ci'])} | | | | {mark} |")
     unpaired = sum(e["unpaired"] for per in cmp["tasks"].values() for e in per.values())
     lines += ["", "Paired on the items both runs scored" + (f" ({unpaired} item-metrics scored by one run only were "
               "left out)" if unpaired else "") + "; intervals: bootstrap over items (averages: stratified by task); "
