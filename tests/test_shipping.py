@@ -311,3 +311,13 @@ def test_speed_measurement_uses_no_deprecated_transformers_api():
         warnings.simplefilter("error", FutureWarning)  # transformers' "`past_key_values` ... removed in 5.40"
         res = measure_throughput(tiny_model("llama", 512), batch_size=1, prompt_len=8, decode_tokens=3, repeats=1)
     assert res["decode_tokens_per_s"] > 0
+
+
+def test_a_missing_or_broken_tokenizer_is_named_with_its_directory(tmp_path):
+    from llm_streamline.models.saving import load_tokenizer
+
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path}: no tokenizer in the checkpoint directory"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text('{"tokenizer_class": "PreTrainedTokenizerFast"}')
+    with pytest.raises(ValueError, match=f"{tmp_path}: the tokenizer cannot be loaded"):
+        load_tokenizer(tmp_path)

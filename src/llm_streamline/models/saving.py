@@ -165,8 +165,20 @@ def load_weights_checked(model: PreTrainedModel, path: Path) -> PreTrainedModel:
     return model
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
 def load_tokenizer(path):
-    return AutoTokenizer.from_pretrained(path)
+    """The checkpoint's tokenizer. A missing or unreadable one is named with its directory (transformers'
+    own message names neither the directory nor which file is missing)."""
+    d = Path(path)
+    if not any((d / f).exists() for f in TOKENIZER_FILES):
+        raise FileNotFoundError(f"{d}: no tokenizer in the checkpoint directory (none of {', '.join(TOKENIZER_FILES)})")
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{d}: the tokenizer cannot be loaded: {first}") from e
 
 
 def export_stock(model: PreTrainedModel, slot_start: int, reference_layer: torch.nn.Module) -> PreTrainedModel:
