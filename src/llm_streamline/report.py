@@ -106,6 +106,8 @@ def label(r: dict) -> str:
             name += f" loss={tc['loss']}"
         if tc.get("loss", "mse") == "mse" and tc.get("first_token", "exclude") != "exclude":  # default: exclude
             name += f" first_token={tc['first_token']}"
+        if tc.get("loss", "mse") == "mse" and tc.get("lr", 5e-4) != 5e-4:  # runs that differ only in lr
+            name += f" lr={tc['lr']:g}"
     return name
 
 
