@@ -4,7 +4,7 @@
                                          [--batch-size 1] [--prompt-len 1024] [--rounds 4] [--threads 1]
                                          [--out benchmarks/results/bench_prefill.json]
 
-For each k, layers [end-k, end) are removed with the project's ``prune.remove_block`` and the slot gets
+For each k, layers [end-k, end) are removed with the project's ``models.layers.remove_block`` and the slot gets
 ``replace.build_replacement`` of each type (``none``: plain pruning; ``ffn``: Linear-SiLU-Linear of the MLP
 width, residual). Weights do not change the cost, so the replacement is left untrained. One prefill is what
 ``evaluate.speed.measure_throughput`` times (``speed._one_run``: one forward over the prompt with a KV cache,
@@ -53,9 +53,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     from llm_streamline.config import ReplacementConfig
     from llm_streamline.evaluate.speed import _one_run, flops_per_token
-    from llm_streamline.models.layers import find_decoder_stack, run_layers
+    from llm_streamline.models.layers import count_params, find_decoder_stack, remove_block, run_layers
     from llm_streamline.models.loading import embedded_smollm2_dir
-    from llm_streamline.prune import count_params, remove_block
     from llm_streamline.replace import build_replacement
 
     path = embedded_smollm2_dir()

@@ -17,7 +17,7 @@ from llm_streamline import pipeline
 from llm_streamline.baselines import heal, laco, layer_removal
 from llm_streamline.config import RunConfig
 from llm_streamline.importance import similarity_profile
-from llm_streamline.models.layers import find_decoder_stack, per_layer_config_keys
+from llm_streamline.models.layers import find_decoder_stack, layer_view, per_layer_config_keys, remove_layers, skipping
 from llm_streamline.models.loading import tiny_model
 
 V = 512
@@ -77,7 +77,7 @@ def test_layer_removal_equals_dense_with_layers_skipped(family, method, tmp_path
     assert len(res.removed_layers) == 2 and res.record["removed"] == res.removed_layers
     _check_consistent(res.model, 6)
     ids = _blocks(2, 24, seed=3)
-    with torch.no_grad(), layer_removal.skipping(dense, res.removed_layers):
+    with torch.no_grad(), skipping(dense, res.removed_layers):
         ref = dense(ids).logits
     torch.testing.assert_close(res.model(ids).logits, ref, rtol=1e-5, atol=1e-5)
     if method == "sleb":
@@ -89,7 +89,7 @@ def test_remove_layers_non_contiguous_keeps_layer_types():
     model = _model("qwen2", layer_types=["full_attention", "sliding_attention"] * 4, use_sliding_window=True,
                    sliding_window=8)
     types = list(model.config.layer_types)
-    assert layer_removal.remove_layers(model, [6, 1, 3]) == [1, 3, 6]
+    assert remove_layers(model, [6, 1, 3]) == [1, 3, 6]
     _check_consistent(model, 5)
     assert model.config.layer_types == [t for i, t in enumerate(types) if i not in (1, 3, 6)]
 
@@ -100,7 +100,7 @@ def test_sleb_scores_equal_full_forward_with_a_layer_skipped(family):
     ids = _blocks(2, 16)
     fast = layer_removal.sleb_candidate_losses(model, ids)
     for i in range(find_decoder_stack(model).num_layers):
-        with torch.no_grad(), layer_removal.skipping(model, [i]):
+        with torch.no_grad(), skipping(model, [i]):
             s, t = layer_removal._lm_loss_sum(model, ids)
         assert fast[i] == pytest.approx(s / t, rel=1e-5)
 
@@ -271,7 +271,7 @@ def test_laco_similarity_is_the_notebooks_flattened_final_hidden_cosine():
     with torch.no_grad():
         ref = laco._final_hidden(model, ids)
         layers = find_decoder_stack(model).layers
-        with layer_removal.layer_view(model, [layers[0], laco.rdsc_merge(list(layers[1:3]))] + list(layers[3:]),
+        with layer_view(model, [layers[0], laco.rdsc_merge(list(layers[1:3]))] + list(layers[3:]),
                                       [0, 1] + list(range(3, 8))):
             h = model(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states[-1]
         want = sum(torch.nn.functional.cosine_similarity(h[j].flatten(), ref[j], dim=0) for j in range(3)) / 3

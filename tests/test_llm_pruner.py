@@ -16,9 +16,8 @@ from llm_streamline import pipeline
 from llm_streamline.baselines import llm_pruner
 from llm_streamline.cli import CONF_DIR, to_run_config
 from llm_streamline.config import MethodConfig, RunConfig
-from llm_streamline.models.layers import find_decoder_stack
+from llm_streamline.models.layers import count_params, find_decoder_stack
 from llm_streamline.models.loading import tiny_model
-from llm_streamline.prune import count_params
 
 SPECIAL = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
 FAMILIES = ["llama", "qwen2", "opt"]

@@ -16,10 +16,9 @@ from transformers import AutoModelForCausalLM
 
 from llm_streamline.config import ReplacementConfig, TrainConfig
 from llm_streamline.importance import choose_block, lowest_bi_layers, similarity_profile
-from llm_streamline.models.layers import find_decoder_stack, run_layers
+from llm_streamline.models.layers import find_decoder_stack, remove_block, run_layers
 from llm_streamline.models.loading import TINY_CONFIGS, tiny_model
 from llm_streamline.models.saving import export_stock, load_pruned, save_pruned
-from llm_streamline.prune import remove_block
 from llm_streamline.replace import build_replacement
 from llm_streamline.train import train_lm, train_mse, write_teacher_shards
 

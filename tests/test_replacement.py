@@ -9,10 +9,9 @@ import pytest
 import torch
 
 from llm_streamline.config import ReplacementConfig, TrainConfig
-from llm_streamline.models.layers import find_decoder_stack, run_layers
+from llm_streamline.models.layers import find_decoder_stack, remove_block, run_layers
 from llm_streamline.models.loading import TINY_CONFIGS, tiny_model
 from llm_streamline.models.saving import load_pruned, save_pruned
-from llm_streamline.prune import remove_block
 from llm_streamline.replace import build_replacement, pre_mlp_norm_of
 from llm_streamline.train import _mse, train_distill, train_mse, write_teacher_shards
 

@@ -16,10 +16,9 @@ from hydra import compose, initialize_config_dir
 from llm_streamline import pipeline
 from llm_streamline.cli import CONF_DIR, to_run_config
 from llm_streamline.config import ModelConfig, ReplacementConfig
-from llm_streamline.models.layers import find_decoder_stack
+from llm_streamline.models.layers import find_decoder_stack, remove_block
 from llm_streamline.models.loading import load_model
 from llm_streamline.models.saving import save_pruned
-from llm_streamline.prune import remove_block
 from llm_streamline.replace import build_replacement
 
 START, N = 2, 3

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from llm_streamline.losses import nll_sum
-from llm_streamline.models.layers import find_decoder_stack, run_layers
+from llm_streamline.models.layers import find_decoder_stack, run_layers, skipping
 
 
 @dataclass
@@ -143,12 +143,6 @@ def similarity_profile(model: PreTrainedModel, blocks: torch.Tensor, ns: list[in
     return sums.profile(L)
 
 
-def skip_layer_hook(module, args, kwargs, output):
-    """Forward hook (with_kwargs) that makes a decoder layer return its input: the layer is skipped."""
-    h = args[0] if args else kwargs["hidden_states"]
-    return (h, *output[1:]) if isinstance(output, tuple) else h
-
-
 @torch.no_grad()
 def block_perplexities(model: PreTrainedModel, blocks: torch.Tensor, n: int, batch_size: int = 8,
                        progress: bool = True) -> list[float]:
@@ -159,17 +153,12 @@ def block_perplexities(model: PreTrainedModel, blocks: torch.Tensor, n: int, bat
     device = next(model.parameters()).device
     out = []
     for start in tqdm(range(L - n + 1), desc=f"block perplexity (n={n})", disable=not progress, unit="block"):
-        handles = [stack.layers[i].register_forward_hook(skip_layer_hook, with_kwargs=True)
-                   for i in range(start, start + n)]
-        try:
+        with skipping(model, range(start, start + n)):
             nll, count = 0.0, 0
             for i in range(0, blocks.shape[0], batch_size):
                 ids = blocks[i:i + batch_size].to(device)
                 s, c = nll_sum(model, ids)  # the head in chunks of positions
                 nll, count = nll + float(s), count + c
-        finally:
-            for h in handles:
-                h.remove()
         out.append(math.exp(nll / count))
     return out
 

@@ -46,10 +46,9 @@ from llm_streamline.importance import (
     plot_profile,
     similarity_profile,
 )
-from llm_streamline.models.layers import find_decoder_stack, run_layers
+from llm_streamline.models.layers import PrunedBlock, count_params, find_decoder_stack, remove_block, run_layers
 from llm_streamline.models.loading import DTYPES, load_model
 from llm_streamline.models.saving import save_pruned
-from llm_streamline.prune import PrunedBlock, count_params, remove_block
 from llm_streamline.replace import build_replacement, needs_norm_probe, pre_mlp_norm_of, replacement_param_count
 from llm_streamline.tracking import Tracker, run_tags, sweep_objective
 from llm_streamline.train import train_distill, train_lm, train_mse, write_teacher_shards

@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from llm_streamline.config import RunConfig
-from llm_streamline.models.layers import find_decoder_stack
+from llm_streamline.models.layers import find_decoder_stack, layer_view, remove_block
 
 LACO_THRESHOLD = 0.65   # the paper's T
 LACO_INTERVAL = 2       # the paper's I: how far lay moves down after an accepted collapse
@@ -87,8 +87,6 @@ def _mean_cos(h: torch.Tensor, ref: torch.Tensor) -> float:
 @torch.no_grad()
 def _similarity(model, ids, ref: torch.Tensor, start: int, c: int) -> float:
     """Similarity to the dense model of the current model with layers start..start+c-1 collapsed."""
-    from llm_streamline.baselines.layer_removal import layer_view
-
     layers = list(find_decoder_stack(model).layers)
     merged = rdsc_merge(layers[start:start + c])
     rows = list(range(start + 1)) + list(range(start + c, len(layers)))
@@ -98,8 +96,6 @@ def _similarity(model, ids, ref: torch.Tensor, start: int, c: int) -> float:
 
 def collapse(model: PreTrainedModel, start: int, c: int) -> None:
     """In place: layers start..start+c-1 become one RDSC-merged layer at `start`."""
-    from llm_streamline.prune import remove_block
-
     stack = find_decoder_stack(model)
     merged = rdsc_merge(list(stack.layers[start:start + c]))
     stack.layers[start].load_state_dict(merged.state_dict())

@@ -21,97 +21,28 @@
             forward with a hook that makes it return its input.
 
 Removal keeps config.num_hidden_layers, per-layer config arrays (layer_types, ...) and every layer_idx
-consistent (`remove_layers`, built on `prune.remove_block`), so the result is a stock checkpoint.
+consistent (`models.layers.remove_layers`), so the result is a stock checkpoint.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from llm_streamline.config import RunConfig
-from llm_streamline.importance import SimilarityProfile, lowest_bi_layers, skip_layer_hook
+from llm_streamline.importance import SimilarityProfile, lowest_bi_layers
 from llm_streamline.losses import nll_sum
-from llm_streamline.models.layers import find_decoder_stack, per_layer_config_keys, run_layers
-from llm_streamline.prune import remove_block
+from llm_streamline.models.layers import find_decoder_stack, layer_view, remove_layers, run_layers, skipping
 
 GROMOV_METRIC = "angular_last"   # Gromov et al. §3.2: the final token's representation
 SLEB_BLOCKS = 4   # calibration samples scored per SLEB candidate when none is given (cost: ~n * L^2 / 2 layer forwards)
 SLEB_BARRIERS = (1, 1)   # SLEB's sleb.py: early_barrier = latter_barrier = 1 (first and last layer never removed)
 
 
-def remove_layers(model: PreTrainedModel, indices) -> list[int]:
-    """In place: drop the layers at `indices` (current indices, any order, not necessarily contiguous).
-
-    Calls `prune.remove_block` from the highest index down, so lower indices stay valid and config
-    (num_hidden_layers, per-layer arrays) and layer_idx are kept consistent. Returns the sorted indices."""
-    idx = sorted(set(int(i) for i in indices))
-    total = find_decoder_stack(model).num_layers
-    if not idx or idx[0] < 0 or idx[-1] >= total:
-        raise ValueError(f"layer indices {idx} are outside the model's {total} layers")
-    if len(idx) >= total:
-        raise ValueError(f"cannot remove all {total} layers")
-    for i in reversed(idx):
-        remove_block(model, i, 1, [])
-    return idx
-
-
 # ------------------------------------------------------------------------------------------------ helpers
-def _set_per_layer(model, stack, keep: list[int], saved: dict) -> None:
-    cfg = stack.config
-    for key in per_layer_config_keys(cfg):
-        arr = getattr(cfg, key)
-        saved[key] = arr
-        setattr(cfg, key, type(arr)(arr[j] for j in keep) if isinstance(arr, tuple) else [arr[j] for j in keep])
-    saved["__n__"] = cfg.num_hidden_layers
-    cfg.num_hidden_layers = len(keep)
-    if cfg is not model.config and hasattr(model.config, "num_hidden_layers"):
-        saved["__top_n__"] = model.config.num_hidden_layers
-        model.config.num_hidden_layers = len(keep)
-
-
-@contextlib.contextmanager
-def layer_view(model: PreTrainedModel, layers: list[nn.Module], config_rows: list[int]):
-    """Temporarily run `model` with the decoder list `layers`; per-layer config rows taken from `config_rows`
-    (indices into the current arrays). No KV cache may be used inside (layer_idx is not renumbered)."""
-    stack = find_decoder_stack(model)
-    original = stack.layers
-    saved: dict = {}
-    view = nn.ModuleList(layers)
-    view._llm_streamline_stack = True
-    setattr(stack.parent, stack.attr, view)
-    try:
-        _set_per_layer(model, stack, config_rows, saved)
-        yield
-    finally:
-        setattr(stack.parent, stack.attr, original)
-        cfg = stack.config
-        for key, val in saved.items():
-            if not key.startswith("__"):
-                setattr(cfg, key, val)
-        if "__n__" in saved:
-            cfg.num_hidden_layers = saved["__n__"]
-        if "__top_n__" in saved:
-            model.config.num_hidden_layers = saved["__top_n__"]
-
-
-@contextlib.contextmanager
-def skipping(model: PreTrainedModel, indices):
-    """Layers at `indices` return their input (forward hooks); the reference for 'model without them'."""
-    stack = find_decoder_stack(model)
-    handles = [stack.layers[i].register_forward_hook(skip_layer_hook, with_kwargs=True) for i in indices]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
 def _lm_loss_sum(model, ids: torch.Tensor) -> tuple[float, int]:
     nll, count = nll_sum(model, ids)  # the head in chunks of positions
     return float(nll), count

@@ -71,7 +71,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from llm_streamline.models.layers import find_decoder_stack
+from llm_streamline.models.layers import count_params, find_decoder_stack
 
 log = logging.getLogger(__name__)
 
@@ -321,7 +321,6 @@ def attention_unit(structs: list[Structure]) -> str:
 def apply(model: PreTrainedModel, calib: torch.Tensor, n: int, cfg, target: int | None = None):
     """target: parameters to remove (default: those of n decoder layers), when method.width_ratio is null."""
     from llm_streamline.baselines import BaselineResult
-    from llm_streamline.prune import count_params
 
     mc = cfg.method
     stack = find_decoder_stack(model)

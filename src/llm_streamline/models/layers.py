@@ -1,15 +1,24 @@
-"""Where a model's decoder layers are and how they are called, found from the model itself.
+"""The decoder layers of a model: where they are, how they are called, and every change made to their list.
 
-No family names here. The decoder stack is the `nn.ModuleList` whose length is the text config's
+Discovery. No family names here. The decoder stack is the `nn.ModuleList` whose length is the text config's
 `num_hidden_layers` and whose members share one class. How a layer is called (attention mask per layer
 type, rotary embeddings, position ids, ...) is not re-derived either: we let the model's own forward build
 those arguments and capture them with a forward pre-hook on the layer, then stop the forward with an
 exception as soon as the last layer we need has run. So only the layers needed are computed, the final
 norm and the LM head never run, and every family's own masking and position logic is used as is.
+
+Surgery (the only place that changes the list): remove a block and put modules in its slot (`remove_block`),
+drop any layers (`remove_layers`), replace layers in place (`splice`), skip layers for a while (`skipping`),
+run with another list for a while (`layer_view`), and `count_params`. Three things must stay consistent
+(transformers v5): `config.num_hidden_layers` (model loops slice the layer list by it), every per-layer
+config array such as `layer_types` (sliced to the kept layers, the replacement slots taking the types of the
+first pruned layers, not regenerated), and each attention module's `layer_idx` (renumbered, else `generate`
+with a KV cache indexes a missing cache slot).
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -144,9 +153,137 @@ def run_layers(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: 
     return cap
 
 
+# ------------------------------------------------------------------------------------------------ surgery
+@dataclass
+class PrunedBlock:
+    start: int            # first removed layer (original index)
+    end: int              # one past the last removed layer
+    num_original_layers: int
+    num_replacement_layers: int
+
+    @property
+    def removed(self) -> int:
+        return self.end - self.start
+
+    def as_dict(self) -> dict:
+        return {"start": self.start, "end": self.end, "removed": self.removed,
+                "original": self.num_original_layers, "replacement_slots": self.num_replacement_layers,
+                "kept": self.num_original_layers - self.removed + self.num_replacement_layers}
+
+
 def renumber_layer_indices(stack: DecoderStack) -> None:
     """After layers are removed, layer i must use KV-cache slot i: renumber every `layer_idx`."""
     for i, layer in enumerate(stack.layers):
         for module in layer.modules():
             if isinstance(getattr(module, "layer_idx", None), int):
                 module.layer_idx = i
+
+
+def remove_block(model: PreTrainedModel, start: int, n: int, replacement: list[nn.Module]) -> PrunedBlock:
+    """In place: layers [start, start+n) are dropped and `replacement` modules take their slot."""
+    stack = find_decoder_stack(model)
+    total = stack.num_layers
+    if not (0 <= start and n >= 1 and start + n <= total):
+        raise ValueError(f"block [{start}, {start + n}) is outside the model's {total} layers")
+    k = len(replacement)
+    layers = list(stack.layers)
+    stack.replace(layers[:start] + list(replacement) + layers[start + n:])
+    cfg = stack.config
+    keys = per_layer_config_keys(cfg)
+    for key in keys:
+        arr = list(getattr(cfg, key))
+        setattr(cfg, key, arr[:start] + arr[start:start + k] + arr[start + n:])
+    cfg.num_hidden_layers = total - n + k
+    if cfg is not model.config and hasattr(model.config, "num_hidden_layers"):
+        model.config.num_hidden_layers = cfg.num_hidden_layers
+    renumber_layer_indices(stack)
+    return PrunedBlock(start, start + n, total, k)
+
+
+def remove_layers(model: PreTrainedModel, indices) -> list[int]:
+    """In place: drop the layers at `indices` (current indices, any order, not necessarily contiguous).
+
+    Calls `remove_block` from the highest index down, so lower indices stay valid and config
+    (num_hidden_layers, per-layer arrays) and layer_idx are kept consistent. Returns the sorted indices."""
+    idx = sorted(set(int(i) for i in indices))
+    total = find_decoder_stack(model).num_layers
+    if not idx or idx[0] < 0 or idx[-1] >= total:
+        raise ValueError(f"layer indices {idx} are outside the model's {total} layers")
+    if len(idx) >= total:
+        raise ValueError(f"cannot remove all {total} layers")
+    for i in reversed(idx):
+        remove_block(model, i, 1, [])
+    return idx
+
+
+def splice(model: PreTrainedModel, start: int, modules: list[nn.Module]) -> None:
+    """In place: `modules` take the places of layers [start, start + len(modules)); the count is unchanged
+    (a model built from a pruned config gets its saved slot back, or a slot becomes a stock layer)."""
+    stack = find_decoder_stack(model)
+    if not (0 <= start and start + len(modules) <= stack.num_layers):
+        raise ValueError(f"slots [{start}, {start + len(modules)}) are outside the model's {stack.num_layers} layers")
+    layers = list(stack.layers)
+    layers[start:start + len(modules)] = modules
+    stack.replace(layers)
+    renumber_layer_indices(stack)
+
+
+def skip_layer_hook(module, args, kwargs, output):
+    """Forward hook (with_kwargs) that makes a decoder layer return its input: the layer is skipped."""
+    h = args[0] if args else kwargs["hidden_states"]
+    return (h, *output[1:]) if isinstance(output, tuple) else h
+
+
+@contextlib.contextmanager
+def skipping(model: PreTrainedModel, indices):
+    """Layers at `indices` return their input (forward hooks); the reference for 'model without them'."""
+    stack = find_decoder_stack(model)
+    handles = [stack.layers[i].register_forward_hook(skip_layer_hook, with_kwargs=True) for i in indices]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _set_per_layer(model, stack: DecoderStack, keep: list[int], saved: dict) -> None:
+    cfg = stack.config
+    for key in per_layer_config_keys(cfg):
+        arr = getattr(cfg, key)
+        saved[key] = arr
+        setattr(cfg, key, type(arr)(arr[j] for j in keep) if isinstance(arr, tuple) else [arr[j] for j in keep])
+    saved["__n__"] = cfg.num_hidden_layers
+    cfg.num_hidden_layers = len(keep)
+    if cfg is not model.config and hasattr(model.config, "num_hidden_layers"):
+        saved["__top_n__"] = model.config.num_hidden_layers
+        model.config.num_hidden_layers = len(keep)
+
+
+@contextlib.contextmanager
+def layer_view(model: PreTrainedModel, layers: list[nn.Module], config_rows: list[int]):
+    """Temporarily run `model` with the decoder list `layers`; per-layer config rows taken from `config_rows`
+    (indices into the current arrays). No KV cache may be used inside (layer_idx is not renumbered)."""
+    stack = find_decoder_stack(model)
+    original = stack.layers
+    saved: dict = {}
+    view = nn.ModuleList(layers)
+    view._llm_streamline_stack = True
+    setattr(stack.parent, stack.attr, view)
+    try:
+        _set_per_layer(model, stack, config_rows, saved)
+        yield
+    finally:
+        setattr(stack.parent, stack.attr, original)
+        cfg = stack.config
+        for key, val in saved.items():
+            if not key.startswith("__"):
+                setattr(cfg, key, val)
+        if "__n__" in saved:
+            cfg.num_hidden_layers = saved["__n__"]
+        if "__top_n__" in saved:
+            model.config.num_hidden_layers = saved["__top_n__"]
+
+
+def count_params(module: nn.Module) -> int:
+    """Unique parameters (tied embeddings counted once)."""
+    return sum(p.numel() for p in module.parameters())

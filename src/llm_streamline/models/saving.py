@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from llm_streamline.config import ReplacementConfig
-from llm_streamline.models.layers import find_decoder_stack
+from llm_streamline.models.layers import find_decoder_stack, splice
 from llm_streamline.replace import build_replacement, needs_norm_probe, pre_mlp_norm_of
 from llm_streamline.store import default_mode
 
@@ -141,9 +141,7 @@ def load_pruned(path, dtype: torch.dtype = torch.float32, device: str = "cpu",
         norm_path = pre_mlp_norm_of(model, start, torch.arange(8).unsqueeze(0) % stack.config.vocab_size)
     slot = build_replacement(rep_cfg, [stack.layers[start]], stack.config, meta.get("returns_tuple", False),
                              norm_path)
-    layers = list(stack.layers)
-    layers[start:start + len(slot)] = slot
-    stack.replace(layers)
+    splice(model, start, slot)
     return place(load_weights_checked(model, path), device, device_map).eval()
 
 
@@ -204,10 +202,5 @@ def export_stock(model: PreTrainedModel, slot_start: int, reference_layer: torch
         torch.nn.init.zeros_(attn.o_proj.bias)
     layer.mlp.load_state_dict(slot.mlp.state_dict())
     layer.post_attention_layernorm.load_state_dict(slot.norm.state_dict())
-    layers = list(stack.layers)
-    layers[slot_start] = layer
-    stack.replace(layers)
-    from llm_streamline.models.layers import renumber_layer_indices
-
-    renumber_layer_indices(stack)
+    splice(model, slot_start, [layer])
     return model
