@@ -34,7 +34,7 @@ def blocks(tok):
 @pytest.fixture
 def tmp_data_cache(tmp_path, monkeypatch):
     """Point the module's own caches (corpus, tokens, blocks) at a fresh directory."""
-    monkeypatch.setattr(data, "_data_cache", lambda sub: tmp_path / sub)
+    monkeypatch.setattr(data.tokens, "cache_dir", lambda sub: tmp_path / sub)
     return tmp_path
 
 
@@ -45,8 +45,8 @@ def test_offline_corpus_is_deduplicated_deterministic_and_cached():
     assert len(docs) > 5000 and sum(map(len, docs)) > 3_000_000
     assert len(set(docs)) == len(docs)
     assert all(d == d.strip() and d for d in docs)
-    assert data._corpus_path().exists()
-    rebuilt, per_source = data._build_offline_corpus()
+    assert data.corpus.corpus_path().exists()
+    rebuilt, per_source = data.corpus.build_offline_corpus()
     assert rebuilt == docs  # the cache holds exactly what parsing gives, in the same order
     assert set(per_source) == {"lambada", "coqa", "squad", "drop"} and min(per_source.values()) > 300
     # squad: the paragraph only, no prompt scaffolding
@@ -55,7 +55,7 @@ def test_offline_corpus_is_deduplicated_deterministic_and_cached():
 
 def test_corpus_cache_written_atomically(tmp_data_cache):
     docs = data.offline_corpus()  # builds into the fresh dir
-    path = data._corpus_path()
+    path = data.corpus.corpus_path()
     assert path.parent == tmp_data_cache / "corpus"
     # no temporary left behind: the corpus and its manifest (store.seal)
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name, path.name + ".manifest"]
@@ -64,14 +64,14 @@ def test_corpus_cache_written_atomically(tmp_data_cache):
 
 def test_token_cache_roundtrip(tok, tmp_data_cache):
     docs = data.offline_corpus()[:50]
-    ids = data._cached_token_stream(docs, tok, "t")
+    ids = data.tokens.cached_token_stream(docs, tok, "t")
     files = [p for p in (tmp_data_cache / "tokens").iterdir() if p.suffix != ".manifest"]
     assert len(files) == 1 and files[0].suffix == ".npy"
     expected = []
     for d in docs:  # no BOS, EOS after every document
         expected += tok(d, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     assert ids.tolist() == expected
-    assert np.array_equal(data._cached_token_stream(docs, tok, "t"), ids)
+    assert np.array_equal(data.tokens.cached_token_stream(docs, tok, "t"), ids)
 
 
 # ---------------------------------------------------------------------------------------------- blocks
@@ -97,8 +97,8 @@ def test_splits_are_disjoint(blocks):
 
 
 def _kept_stream(tok):
-    kept, _ = data._offline_split_docs()
-    return data._cached_token_stream(kept, tok, f"offline-v{data.CORPUS_VERSION}-kept{data.HELDOUT_EVERY}"), kept
+    kept, _ = data.corpus.offline_split_docs()
+    return data.corpus.kept_stream(tok), kept
 
 
 def test_blocks_are_slices_of_the_token_stream(blocks, tok):
@@ -126,6 +126,25 @@ def test_val_stable_when_train_samples_change(blocks, tok):
     assert torch.equal(more.train[:64], blocks.train)  # the first 64 are the same blocks
 
 
+def _fingerprint(*tensors: torch.Tensor) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def test_splits_are_the_recorded_layout(blocks, tok):
+    """The blocks of SMALL and the held-out text, byte for byte, as SPLIT_LAYOUT=2 recorded them: a change
+    here changes every stage keyed on the data and must bump data.SPLIT_LAYOUT (and this fingerprint)."""
+    assert data.SPLIT_LAYOUT == 2
+    b = blocks
+    assert _fingerprint(b.val, b.calib, b.train, b.val_idx, b.calib_idx, b.train_idx) == "da694100390a95e8"
+    held = data.perplexity_text("heldout", tok, seq_len=128, max_blocks=None)
+    assert _fingerprint(held.blocks) == "dfd74b848204c39b" and held.tokens_available == 37816
+
+
 def test_decoded_block_is_english(blocks, tok):
     text = tok.decode(blocks.val[0])
     letters = sum(c.isascii() and (c.isalpha() or c.isspace()) for c in text)
@@ -147,6 +166,17 @@ def test_too_many_samples_is_a_clear_error(tok):
 def test_nonpositive_counts_rejected(tok):
     with pytest.raises(ValueError, match="val_samples=0"):
         data.load_blocks(replace(SMALL, val_samples=0), tok)
+
+
+def test_seq_len_has_the_config_validations_bound(tok):
+    """One check, one bound: a DataConfig built in code meets the same seq_len >= 8 as a composed config."""
+    from llm_streamline.config import ConfigError, ModelConfig, RunConfig, validate
+
+    for check in (lambda: data.load_blocks(replace(SMALL, seq_len=4), tok),
+                  lambda: validate(replace(RunConfig(), model=ModelConfig(name="t", source="tiny", family="llama"),
+                                            data=replace(SMALL, seq_len=4)))):
+        with pytest.raises(ConfigError, match=r"^data.seq_len=4: must be >= 8$"):
+            check()
 
 
 # ---------------------------------------------------------------------------------------------- hub presets
@@ -184,7 +214,7 @@ def test_connection_error_from_datasets_becomes_the_clear_error(tok, tmp_data_ca
         raise ConnectionError("Couldn't reach 'allenai/c4' on the Hub (LocalEntryNotFoundError)")
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(data, "_hub_preflight", lambda name: None)
+    monkeypatch.setattr(data.hub, "preflight", lambda name: None)
     monkeypatch.setattr(datasets, "load_dataset", unreachable)
     with pytest.raises(data.HubUnavailable, match="data=c4 needs network access to the Hugging Face hub; "
                                                   "use data=offline .*LocalEntryNotFoundError"):
@@ -222,8 +252,8 @@ def fake_hub(tmp_data_cache, monkeypatch):
     hub = FakeHub({"train": [f"Document {i}. {d}" for i, d in enumerate(coqa[:300])],
                    "validation": [f"Document {i}. {d}" for i, d in enumerate(coqa[300:], 300)]})
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(data, "_hub_preflight", lambda name: None)
-    monkeypatch.setattr(data, "SHUFFLE_BUFFER", 20)
+    monkeypatch.setattr(data.hub, "preflight", lambda name: None)
+    monkeypatch.setattr(data.hub, "SHUFFLE_BUFFER", 20)
     monkeypatch.setattr(datasets, "load_dataset", hub)
     return hub
 
@@ -308,7 +338,7 @@ def test_network_failure_mid_stream_becomes_the_clear_error(tok, fake_hub, monke
 
 def test_heldout_documents_are_out_of_every_other_split(tok, blocks):
     docs = data.offline_corpus()
-    kept, held = data._offline_split_docs()
+    kept, held = data.corpus.offline_split_docs()
     assert len(kept) + len(held) == len(docs) and not set(kept) & set(held)
     assert 0.03 < len(held) / len(docs) < 0.07  # one in HELDOUT_EVERY=20 by content hash
     text = data.perplexity_text("heldout", tok, seq_len=64, max_blocks=None)

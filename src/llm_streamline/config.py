@@ -95,7 +95,7 @@ class EvalConfig:
     scorer: str = "fast"                   # fast (shared contexts, head only where read) | hflm (stock)
     perplexity: bool = True
     # the reported perplexity's text, disjoint from calibration / training / the selection (validation)
-    # blocks: heldout (embedded corpus, offline) | wikitext2 (test split) | c4 (validation); see data.py
+    # blocks: heldout (embedded corpus, offline) | wikitext2 (test split) | c4 (validation); see data/__init__.py
     perplexity_text: str = "heldout"
     perplexity_seq_len: Optional[int] = None  # null: data.seq_len
     perplexity_blocks: Optional[int] = 64     # first N blocks of the text; null: all of it
@@ -196,6 +196,15 @@ def _check_sleb_calibration(mc: MethodConfig, d: DataConfig) -> None:
                f"method.sleb_samples={mc.sleb_samples} > data.calib_samples={d.calib_samples}")
 
 
+def check_data(d: DataConfig) -> None:
+    """The data config's bounds, the one check of them: `validate` and `data.load_blocks` (a DataConfig built
+    in code) both call it. seq_len >= 8 (data once also allowed 1, a block with no next-token prediction)."""
+    _check(d.name in DATA_NAMES, f"data.name={d.name!r}: expected one of {DATA_NAMES}")
+    _check(d.seq_len >= 8, f"data.seq_len={d.seq_len}: must be >= 8")
+    for k in ("calib_samples", "train_samples", "val_samples"):
+        _check(getattr(d, k) >= 1, f"data.{k}={getattr(d, k)}: must be >= 1")
+
+
 def validate(cfg: RunConfig) -> None:
     """Value checks that need no model. Raises ConfigError with one line."""
     m, d, s, r, t, e = cfg.model, cfg.data, cfg.sparsity, cfg.replacement, cfg.train, cfg.eval
@@ -205,10 +214,7 @@ def validate(cfg: RunConfig) -> None:
     if m.source == "tiny":
         _check(m.family in TINY_FAMILIES, f"model.family={m.family!r}: tiny models exist for {TINY_FAMILIES}")
     _check(m.dtype in ("float32", "bfloat16", "float16"), f"model.dtype={m.dtype!r}: float32 | bfloat16 | float16")
-    _check(d.name in DATA_NAMES, f"data.name={d.name!r}: expected one of {DATA_NAMES}")
-    _check(d.seq_len >= 8, f"data.seq_len={d.seq_len}: must be >= 8")
-    for k in ("calib_samples", "train_samples", "val_samples"):
-        _check(getattr(d, k) >= 1, f"data.{k}={getattr(d, k)}: must be >= 1")
+    check_data(d)
     _check(s.importance in IMPORTANCE, f"sparsity.importance={s.importance!r}: expected one of {IMPORTANCE}")
     _check((s.layers is None) != (s.target is None),
            "give exactly one of sparsity.layers (layers removed) or sparsity.target (fraction of parameters)")

@@ -122,17 +122,17 @@ def test_an_entry_made_for_another_key_is_refused(tmp_path):
 def test_damaged_corpus_and_token_cache_are_rebuilt(tok, tmp_path, monkeypatch, caplog):
     from llm_streamline import data
 
-    monkeypatch.setattr(data, "_data_cache", lambda sub: tmp_path / sub)
+    monkeypatch.setattr(data.tokens, "cache_dir", lambda sub: tmp_path / sub)
     docs = data.offline_corpus()
-    ids = data._cached_token_stream(docs[:50], tok, "t")
-    corpus, [tokens] = data._corpus_path(), list((tmp_path / "tokens").glob("*.npy"))
+    ids = data.tokens.cached_token_stream(docs[:50], tok, "t")
+    corpus, [tokens] = data.corpus.corpus_path(), list((tmp_path / "tokens").glob("*.npy"))
     truncate(corpus)
     raw = bytearray(tokens.read_bytes())
     raw[-64:] = bytes(64)  # zeroed ids: np.load still reads it
     tokens.write_bytes(bytes(raw))
     with caplog.at_level(logging.WARNING, logger="llm_streamline"):
         assert data.offline_corpus() == docs
-        assert (data._cached_token_stream(docs[:50], tok, "t") == ids).all()
+        assert (data.tokens.cached_token_stream(docs[:50], tok, "t") == ids).all()
     moved = [r.getMessage() for r in caplog.records if "failed verification" in r.getMessage()]
     assert len(moved) == 2 and str(corpus) in moved[0] and str(tokens) in moved[1], moved
     assert store.verify(corpus, corpus.name) is None and store.verify(tokens, tokens.name) is None
