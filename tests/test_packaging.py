@@ -74,3 +74,40 @@ def test_wheel_ships_configs_and_runs_outside_the_repository(installed_venv, tmp
     assert results["model"]["name"] == "tiny-llama"
     assert results["layers"]["n_removed"] == 2  # experiment=smoke's sparsity preset, read from the package
     assert results["perplexity"]["pruned"]["ppl"] > 1
+
+
+def _declared(package: str) -> str:
+    import re
+    import tomllib
+
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    (spec,) = [d for d in deps if re.match(rf"{package}\b", d)]
+    return spec[len(package):]
+
+
+def test_installed_lm_eval_is_in_the_declared_range_with_the_public_api_we_use():
+    """pyproject declares lm-eval as a range; the installed version must lie in it, and every public name the
+    evaluation package calls must be there (a new lm-eval that drops one fails here, not mid-run)."""
+    import inspect
+    from importlib.metadata import version
+
+    from packaging.specifiers import SpecifierSet
+
+    import lm_eval
+    from lm_eval.api.group import Group
+    from lm_eval.loggers import EvaluationTracker
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+    from lm_eval.utils import handle_non_serializable
+
+    spec = SpecifierSet(_declared("lm-eval"))
+    assert version("lm-eval") in spec, f"lm-eval {version('lm-eval')} is outside the declared {spec}"
+    assert ">=" in str(spec) and "<" in str(spec).replace("<=", "<")  # a range, not a pin
+    assert {"include_path", "include_defaults"} <= set(inspect.signature(TaskManager).parameters)
+    for name in ("load", "all_tasks", "all_subtasks", "all_groups", "all_tags", "task_index"):
+        assert hasattr(TaskManager, name), name
+    assert {"model", "tasks", "task_manager", "limit", "log_samples", "bootstrap_iters", "random_seed",
+            "fewshot_random_seed"} <= set(inspect.signature(lm_eval.simple_evaluate).parameters)
+    assert hasattr(Group, "get_all_tasks") and hasattr(Group, "get_all_groups")
+    assert hasattr(EvaluationTracker, "save_results_aggregated") and hasattr(EvaluationTracker, "save_results_samples")
+    assert hasattr(HFLM, "_loglikelihood_tokens") and callable(handle_non_serializable)

@@ -72,3 +72,111 @@ def test_table_cells_carry_intervals_and_mark_what_is_not_significant():
     assert report._fmt(report._task_cell(r, "piqa", "pruned")) == "0.600±0.050 ≈"
     assert report._fmt(report._task_cell(r, "piqa", "dense")) == "0.700±0.050"
     assert report._tex("a_b & 50% ±") == r"a\_b \& 50\% $\pm$"
+
+
+# --------------------------------------------------------------- hand-made records: grouping, dense rows, LaTeX
+
+def _record(root: Path, name: str, *, model="tiny-llama", suite="smoke", seed=None, replacement="ffn",
+            pruned=0.5, dense=0.7, params=16_500, label=None) -> Path:
+    """A minimal results.json (and, when `seed` is given, the Hydra config a run keeps beside it)."""
+    import json
+
+    import yaml
+
+    d = root / name
+    d.mkdir(parents=True)
+    r = {"model": {"name": model}, "method": "streamline" if label is None else "shortgpt",
+         "replacement": {"type": replacement}, "baseline": {"label": label} if label else None,
+         "layers": {"removed": [2, 4], "removed_indices": [2, 3], "contiguous": True, "n_removed": 2},
+         "params": {"dense": 2 * params, "pruned": params, "sparsity": 0.5},
+         "eval": {"piqa": {"dense": {"acc": dense}, "pruned": {"acc": pruned}}},
+         "eval_meta": {"suite": suite}, "perplexity": {"dense": {"ppl": 10.0}, "pruned": {"ppl": 20.0}},
+         "stability": {"average": {"stability": 0.9, "agreement": 0.8}}, "timings": {"train": 1.0}}
+    (d / "results.json").write_text(json.dumps(r))
+    if seed is not None:
+        (d / ".hydra").mkdir()
+        cfg = {"seed": seed, "model": {"name": model}, "replacement": {"type": replacement}, "eval": {"name": suite}}
+        (d / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    return d
+
+
+def _table(tmp_path: Path) -> tuple[list[str], list[dict]]:
+    report.main([str(tmp_path / "runs"), "--out", str(tmp_path / "out")])
+    lines = (tmp_path / "out" / "table.md").read_text().splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in lines[2:]
+            if line.startswith("| ")]
+    return header, rows
+
+
+def test_repeated_seeds_are_one_row_with_mean_and_std_and_their_paths(tmp_path):
+    runs = tmp_path / "runs"
+    for seed, acc in enumerate((0.50, 0.60, 0.70)):
+        _record(runs, f"ffn-seed{seed}", seed=seed, pruned=acc)
+    _record(runs, "layer-seed0", seed=0, replacement="layer", pruned=0.4)  # another experiment: its own row
+    _record(runs, "ffn-no-config", pruned=0.55)  # no recorded config: never grouped
+    header, rows = _table(tmp_path)
+    assert "path" in header and "seeds" in header
+    (grouped,) = [r for r in rows if r["seeds"] == "0,1,2"]
+    assert grouped["piqa"] == "0.600±0.100" and grouped["params"] == "16.5k"  # not "0.0M"
+    assert grouped["path"] == "ffn-seed0 ffn-seed1 ffn-seed2"
+    assert [r["path"] for r in rows if r["run"].startswith("streamline")] == [
+        "ffn-no-config", "ffn-seed0 ffn-seed1 ffn-seed2", "layer-seed0"]
+    assert len(rows) == 1 + 3
+    csv = (tmp_path / "out" / "table.csv").read_text().splitlines()
+    assert "piqa std" in csv[0].split(",")
+
+
+def test_a_dense_row_per_model_and_suite_from_its_own_runs(tmp_path):
+    runs = tmp_path / "runs"
+    _record(runs, "a", model="tiny-llama", suite="smoke", dense=0.70, params=16_500)
+    _record(runs, "b", model="tiny-opt", suite="smoke", dense=0.30, params=950)
+    _record(runs, "c", model="tiny-opt", suite="cpu", dense=0.40, params=134_515_008)
+    _, rows = _table(tmp_path)
+    dense = {r["run"]: r for r in rows if r["run"].startswith("dense")}
+    assert dense["dense (tiny-llama, smoke)"]["piqa"] == "0.7000"
+    assert dense["dense (tiny-opt, smoke)"]["piqa"] == "0.3000" and dense["dense (tiny-opt, smoke)"]["params"] == "1.9k"
+    assert dense["dense (tiny-opt, cpu)"]["piqa"] == "0.4000" and dense["dense (tiny-opt, cpu)"]["params"] == "269.0M"
+    order = [r["run"].split(" (")[0] + ":" + r["path"] for r in rows]
+    assert order == ["dense:-", "streamline:ffn:a", "dense:-", "streamline:ffn:b", "dense:-", "streamline:ffn:c"]
+
+
+def test_latex_escapes_every_special_character(tmp_path):
+    nasty = r"x_1 & 50% $5 #2 {a} ~b ^c \d <e> |f|"
+    _record(tmp_path / "runs", "nasty", label=nasty)
+    _table(tmp_path)
+    tex = (tmp_path / "out" / "table.tex").read_text()
+    line = next(line for line in tex.splitlines() if line.startswith("x"))
+    assert line.startswith(r"x\_1 \& 50\% \$5 \#2 \{a\} \textasciitilde{}b \textasciicircum{}c \textbackslash{}d "
+                           r"\textless{}e\textgreater{} \textbar{}f\textbar{} & ")
+    assert report._count(16_500) == "16.5k" and report._count(950) == "950" and report._count(6.7e9) == "6.7B"
+
+
+def test_summary_of_a_run_is_a_short_table_dense_to_pruned():
+    sig = {"tasks": {"piqa": {"acc_norm": {"a_ci": (0.62, 0.74), "b_ci": (0.58, 0.70), "significant": False,
+                                           "p": 0.4},
+                              "acc": {"a_ci": (0.60, 0.72), "b_ci": (0.40, 0.52), "significant": True, "p": 0.001}},
+                     "boolq": {"acc": {"a_ci": (0.55, 0.65), "b_ci": (0.30, 0.40), "significant": True,
+                                       "p": 0.001}}},
+           "average": {"acc": {"a_ci": (0.60, 0.66), "b_ci": (0.38, 0.44), "significant": True}}}
+    r = {"model": {"name": "smollm2-135m"}, "method": "streamline", "replacement": {"type": "ffn"},
+         "layers": {"removed": [11, 19], "removed_indices": list(range(11, 19)), "contiguous": True,
+                    "n_removed": 8, "n_original": 30},
+         "params": {"dense": 134_515_008, "pruned": 108_000_000, "sparsity": 0.197},
+         "perplexity": {"dense": {"ppl": 61.13}, "pruned": {"ppl": 151.6}},
+         "eval": {"piqa": {"dense": {"acc": 0.66, "acc_norm": 0.68}, "pruned": {"acc": 0.46, "acc_norm": 0.64}},
+                  "boolq": {"dense": {"acc": 0.6}, "pruned": {"acc": 0.35}}},
+         "significance": sig, "stability": {"average": {"stability": 0.714, "agreement": 0.74}},
+         "timings": {"load_model": 4.0, "train": 81.5, "eval_pruned": 100.0}}
+    text = report.summary(r)
+    lines = text.splitlines()
+    assert lines[0] == "smollm2-135m · streamline:ffn · layers removed [11,19) of 30"
+    assert lines[1].split() == ["params", "134.5M", "→", "108.0M", "(19.7%", "fewer)"]
+    assert lines[2].split() == ["perplexity", "61.1", "→", "151.6"]
+    assert lines[3].split() == ["boolq", "(acc)", "0.600", "[0.550,", "0.650]", "→", "0.350", "[0.300,", "0.400]"]
+    assert lines[4].split()[:2] == ["piqa", "(acc)"] and lines[4].endswith("0.460 [0.400, 0.520]")
+    assert lines[5].split() == ["average", "0.630", "[0.600,", "0.660]", "→", "0.405", "[0.380,", "0.440]"]
+    assert lines[6].split() == ["stability", "0.714", "(agreement", "0.740)"]
+    assert lines[7].split() == ["wall", "time", "185.5", "s"] and len(lines) == 8
+    r["significance"]["tasks"]["boolq"]["acc"]["significant"] = False
+    assert report.summary(r).splitlines()[3].endswith("≈")

@@ -320,3 +320,63 @@ def test_a_missing_or_broken_tokenizer_is_named_with_its_directory(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text('{"tokenizer_class": "PreTrainedTokenizerFast"}')
     with pytest.raises(ValueError, match=f"{tmp_path}: the tokenizer cannot be loaded"):
         load_tokenizer(tmp_path)
+
+
+def test_an_error_is_printed_once_and_kept_in_the_run_log(tmp_path):
+    """The console gets the one `llm-streamline: error:` line (Hydra's console handler used to repeat it as a log
+    line); the run's log file keeps it with its exception type."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0",
+           "LLM_STREAMLINE_STAGES": str(tmp_path / "stages")}
+    run_dir = tmp_path / "run"
+    res = subprocess.run([sys.executable, "-m", "llm_streamline", "experiment=smoke", "eval.tasks=[no_such_task]",
+                          f"hydra.run.dir={run_dir}"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 2
+    printed = [line for line in (res.stdout + res.stderr).splitlines() if "no_such_task" in line]
+    assert len(printed) == 1 and printed[0].startswith("llm-streamline: error: task 'no_such_task'"), printed
+    logged = "".join(p.read_text() for p in run_dir.glob("*.log"))
+    assert "ValueError: task 'no_such_task'" in logged
+
+
+MODEL_PRESETS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "model").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("preset", MODEL_PRESETS)
+def test_every_model_preset_is_valid_with_the_defaults(preset):
+    """`model=<preset>` and nothing else composes and validates; where the model's config is at hand without
+    network (tiny and embedded models), the default sparsity leaves it layers. No weights are loaded."""
+    from llm_streamline import preflight
+    from llm_streamline.config import validate
+
+    extra = ["model.name_or_path=some-org/some-model"] if preset == "hub" else []  # hub names no model itself
+    cfg = compose_run(f"model={preset}", *extra)
+    validate(cfg)
+    if cfg.model.source == "tiny" or (cfg.model.source == "embedded" and preflight.model_config(cfg.model)):
+        config = preflight.model_config(cfg.model)
+        preflight.check_layers(cfg, config)
+        assert 1 <= cfg.sparsity.layers < config.num_hidden_layers
+
+
+def test_the_default_run_is_unchanged_and_a_tiny_preset_takes_a_quarter_of_its_layers():
+    from dataclasses import asdict
+
+    from llm_streamline.config import SparsityConfig
+
+    default = compose_run()
+    assert default.model.name == "smollm2-135m" and asdict(default.sparsity) == asdict(SparsityConfig())
+    assert default.sparsity.layers == 8  # 8 of 30: the block [11, 19) of the measured runs
+    assert compose_run("model=tiny-llama").sparsity.layers == 2
+    assert compose_run("model=tiny-llama", "sparsity=layers4").sparsity.layers == 4  # the command line wins
+    assert compose_run("model=tiny-llama", "sparsity.layers=3").sparsity.layers == 3
+
+
+def test_too_many_layers_fail_before_the_model_loads():
+    from llm_streamline import preflight
+    from llm_streamline.config import ConfigError
+
+    cfg = compose_run("model=tiny-llama", "sparsity.layers=8")
+    with pytest.raises(ConfigError, match="sparsity.layers=8: model tiny-llama has only 8 layers"):
+        preflight.check_run(cfg)

@@ -65,6 +65,15 @@ def _fail(msg: str, code: int = 2) -> None:
     raise exit_
 
 
+def _log_to_file(msg: str) -> None:
+    """The error with its type goes to the run's log file only: the console shows it once, as `_fail`'s line
+    (Hydra's console handler would print it a second time)."""
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, msg, (), None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
@@ -162,14 +171,14 @@ def _job(cfg: DictConfig) -> float | None:
     except NotWritableError as e:
         _fail(e.strerror)
     except (ConfigError, AssetError, HubUnavailable, NoDecoderLayersError, FileNotFoundError) as e:
-        log.error("%s: %s", type(e).__name__, e)
+        _log_to_file(f"{type(e).__name__}: {e}")
         _fail(_first_line(e))
     except ValueError as e:
-        log.error("%s: %s", type(e).__name__, e)
+        _log_to_file(f"{type(e).__name__}: {e}")
         corrupt_json = isinstance(e, json.JSONDecodeError) and getattr(e, "stage", None) == "load_model"
         _fail(_load_error_line(e, run_cfg) if corrupt_json else _first_line(e))  # a JSON error names no file
     except NumericalFault as e:
-        log.error("NumericalFault: %s", e)
+        _log_to_file(f"NumericalFault: {e}")
         _fail(f"numerical fault: {e}", 3)
     except KeyboardInterrupt as e:
         stage = getattr(e, "stage", None)
@@ -178,7 +187,7 @@ def _job(cfg: DictConfig) -> float | None:
     except Exception as e:
         err = disk_errno(e)
         if err is not None:
-            log.error("disk: %s", e)
+            _log_to_file(f"disk: {e}")
             _fail(_disk_message(e, err), 3)
         if getattr(e, "stage", None) == "load_model":  # a damaged or foreign model or checkpoint
             _fail(_load_error_line(e, run_cfg))

@@ -1,5 +1,6 @@
 """Checks that need the machine or the model's config (never its weights), run before the model loads:
-the device exists, and the token lengths fit the model's positions. Raise ConfigError with one line."""
+the device exists, the token lengths fit the model's positions, the layers removed leave some. Raise ConfigError
+with one line."""
 
 from __future__ import annotations
 
@@ -51,6 +52,15 @@ def check_positions(cfg: RunConfig, config: PretrainedConfig | None) -> None:
                           f"the model has {positions} positions")
 
 
+def check_layers(cfg: RunConfig, config: PretrainedConfig | None) -> None:
+    """``sparsity.layers`` must leave at least one layer (``count=net`` removes more, checked after loading)."""
+    total = getattr(config, "num_hidden_layers", None)
+    if total and cfg.sparsity.layers is not None and cfg.sparsity.layers >= total:
+        raise ConfigError(f"sparsity.layers={cfg.sparsity.layers}: model {cfg.model.name} has only {total} layers")
+
+
 def check_run(cfg: RunConfig) -> None:
     check_device(cfg.model)
-    check_positions(cfg, model_config(cfg.model))
+    config = model_config(cfg.model)
+    check_positions(cfg, config)
+    check_layers(cfg, config)

@@ -13,7 +13,6 @@ with every block the runs removed marked).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import re
 from pathlib import Path
@@ -111,33 +110,111 @@ def label(r: dict) -> str:
     return name
 
 
-def rows_of(results: list[dict]) -> tuple[list[str], list[list]]:
+def _suite(r: dict) -> str:
+    """The evaluation suite a run was scored on (its eval preset; older records: its task list)."""
+    return (r.get("eval_meta") or {}).get("suite") or ",".join(sorted(r["eval"]))
+
+
+def _where(lay: dict) -> str:
+    if lay.get("removed_indices") == []:
+        return "width"
+    if lay.get("contiguous", True):
+        return f"[{lay['removed'][0]},{lay['removed'][1]})"
+    return ",".join(str(i) for i in lay["removed_indices"]) or "width"
+
+
+def _run_config(r: dict) -> dict | None:
+    """The run's composed Hydra config (`.hydra/config.yaml` beside its results.json), when it was kept."""
+    import yaml
+
+    f = Path(r.get("_path", "")) / ".hydra" / "config.yaml"
+    return yaml.safe_load(f.read_text()) if f.is_file() else None
+
+
+# Keys of a run's config that do not make it a different experiment: repeated runs differ only in these.
+NOT_THE_EXPERIMENT = ("seed", "wandb", "checkpoint", "save")
+
+
+def _identity(r: dict) -> tuple[str, int | None]:
+    """(what groups repeated runs, the run's seed). Runs are grouped only when their recorded configs are equal
+    except for the seed: a run without its config stands alone (its path is its group)."""
+    cfg = _run_config(r)
+    if cfg is None:
+        return f"path:{r.get('_path')}", r.get("seed")
+    same = {k: v for k, v in cfg.items() if k not in NOT_THE_EXPERIMENT}
+    return json.dumps(same, sort_keys=True, default=str), cfg.get("seed")
+
+
+def _run_record(r: dict, tasks: list[str], root: Path | None) -> dict:
+    """One run as a flat record of the table's columns (cells keep their intervals)."""
+    scores = {t: _task_cell(r, t, "pruned") for t in tasks}
+    stab = (r.get("stability") or {}).get("average", {})
+    group, seed = _identity(r)
+    path = Path(r.get("_path", "."))
+    return {"_group": group, "_model": r["model"]["name"], "_suite": _suite(r), "run": label(r), "seed": seed,
+            "layers removed": _where(r["layers"]), "params": r["params"]["pruned"],
+            "sparsity": r["params"]["sparsity"], **scores,
+            "avg": _avg_cell(r, list(scores.values()), "pruned"), "stability": stab.get("stability"),
+            "agreement": stab.get("agreement"), "ppl": ((r.get("perplexity") or {}).get("pruned") or {}).get("ppl"),
+            **dict(zip(("trainable", "compress s", "compress MiB"), compress_cost(r))),
+            "wall s": round(sum(r.get("timings", {}).values()), 1),
+            "path": str(path.relative_to(root)) if root and path.is_relative_to(root) else str(path)}
+
+
+def _dense_record(r: dict, tasks: list[str]) -> dict:
+    scores = {t: _task_cell(r, t, "dense") for t in tasks}
+    return {"_model": r["model"]["name"], "_suite": _suite(r), "params": r["params"]["dense"], "sparsity": 0.0,
+            **scores, "avg": _avg_cell(r, list(scores.values()), "dense"), "stability": 1.0, "agreement": 1.0,
+            "ppl": ((r.get("perplexity") or {}).get("dense") or {}).get("ppl")}
+
+
+class Spread(float):
+    """The mean over repeated runs with its standard deviation across them (n runs)."""
+
+    def __new__(cls, values: list[float]):
+        import statistics
+
+        c = super().__new__(cls, statistics.fmean(values))
+        c.std, c.n = statistics.stdev(values), len(values)
+        return c
+
+
+def _combine(values: list):
+    """One cell from a group's values: the value itself when all are equal (a dense model reused by every run,
+    a count), mean and spread when numbers differ, the distinct values joined otherwise."""
+    present = [v for v in values if v is not None]
+    if not present:
+        return None
+    if all(v == present[0] for v in present):
+        return present[0]
+    if all(isinstance(v, (int, float)) for v in present):
+        return Spread([float(v) for v in present])
+    return " ".join(dict.fromkeys(str(v) for v in present))
+
+
+def rows_of(results: list[dict], root: Path | None = None) -> tuple[list[str], list[list]]:
+    """Table rows: per (model, suite), its dense model (from every run scored on it, not the first one found),
+    then one row per experiment — repeated runs that differ only in the seed are one row (mean ± std)."""
+    import pandas as pd
+
     tasks = sorted({t for r in results for t in r["eval"]})
-    header = ["run", "layers removed", "params", "sparsity"] + tasks + ["avg", "stability", "agreement",
-                                                                         "ppl", "trainable", "compress s",
-                                                                         "compress MiB", "wall s"]
+    header = ["run", "seeds", "layers removed", "params", "sparsity", *tasks, "avg", "stability", "agreement",
+              "ppl", "trainable", "compress s", "compress MiB", "wall s", "path"]
+    # dtype object: a cell keeps its interval (pandas would turn a float subclass into a plain float)
+    runs = pd.DataFrame([_run_record(r, tasks, root) for r in results], dtype=object)
+    dense = pd.DataFrame([_dense_record(r, tasks) for r in results], dtype=object)
+    several = runs[["_model", "_suite"]].drop_duplicates().shape[0] > 1
     rows = []
-    if results:  # the dense reference, from the first run that has it
-        r0 = results[0]
-        dense = [_task_cell(r0, t, "dense") for t in tasks]
-        ppl = (r0.get("perplexity") or {}).get("dense") or {}
-        rows.append(["dense", "-", r0["params"]["dense"], 0.0] + dense
-                    + [_avg_cell(r0, dense, "dense"), 1.0, 1.0, ppl.get("ppl"), None, None, None, None])
-    for r in results:
-        scores = [_task_cell(r, t, "pruned") for t in tasks]
-        stab = (r.get("stability") or {}).get("average", {})
-        ppl = (r.get("perplexity") or {}).get("pruned") or {}
-        lay = r["layers"]
-        if lay.get("removed_indices") == []:
-            where = "width"
-        elif lay.get("contiguous", True):
-            where = f"[{lay['removed'][0]},{lay['removed'][1]})"
-        else:
-            where = ",".join(str(i) for i in lay["removed_indices"]) or "width"
-        rows.append([label(r), where, r["params"]["pruned"],
-                     r["params"]["sparsity"]] + scores
-                    + [_avg_cell(r, scores, "pruned"), stab.get("stability"), stab.get("agreement"), ppl.get("ppl"),
-                       *compress_cost(r), round(sum(r.get("timings", {}).values()), 1)])
+    for (model, suite), block in runs.groupby(["_model", "_suite"], sort=False):
+        d = dense[(dense["_model"] == model) & (dense["_suite"] == suite)]
+        name = f"dense ({model}, {suite})" if several else "dense"
+        rows.append([name, "-", "-"] + [_combine(list(d[c])) for c in header[3:header.index("trainable")]]
+                    + [None] * 4 + ["-"])
+        for _, g in block.groupby("_group", sort=False):
+            seeds = [s for s in g["seed"] if s is not None and s == s]
+            row = [None if c == "seeds" else _combine(list(g[c])) if len(g) > 1 else g[c].iloc[0] for c in header]
+            row[1] = ",".join(str(int(s)) for s in seeds) if seeds else "-"
+            rows.append([None if (isinstance(v, float) and v != v) else v for v in row])  # pandas' NaN = none
     return header, rows
 
 
@@ -163,16 +240,26 @@ def _avg(xs):
 NOT_SIGNIFICANT = "≈"  # marks a compressed model's score that does not differ significantly from dense
 
 
+def _count(n: int) -> str:
+    """A parameter count readable at every size: 950, 16.5k, 134.5M, 6.7B."""
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(n)
+
+
 def _fmt(v) -> str:
     if v is None:
         return "-"
+    if isinstance(v, Spread):
+        return f"{v:.3f}±{v.std:.3f}" if abs(v) < 10 else f"{v:.1f}±{v.std:.1f}"
     if isinstance(v, Cell) and v.ci is not None:
         half = (v.ci[1] - v.ci[0]) / 2
         return f"{v:.3f}±{half:.3f}" + (f" {NOT_SIGNIFICANT}" if v.significant is False else "")
     if isinstance(v, float):
         return f"{v:.4f}" if abs(v) < 10 else f"{v:.1f}"
-    if isinstance(v, int) and v > 10_000:
-        return f"{v / 1e6:.1f}M"
+    if isinstance(v, int) and not isinstance(v, bool):
+        return _count(v)
     return str(v)
 
 
@@ -184,14 +271,12 @@ def write_tables(header, rows, out: Path) -> None:
     md.append(f"Accuracy: {METRIC_NOTE}; ± is half the 95% bootstrap interval over items; {NOT_SIGNIFICANT} marks "
               "a compressed model's score that does not differ significantly from the dense model's on the same "
               "items (task: exact McNemar p >= 0.05; avg: the paired stratified bootstrap interval of the "
-              "difference contains 0). Stability: paper formula (weights by the spread of the dense model's mean "
+              "difference contains 0). A row over several seeds shows mean±standard deviation across its runs "
+              "instead (no interval). Stability: paper formula (weights by the spread of the dense model's mean "
               "NLL over prompt + option); agreement: unweighted. ppl: perplexity on a text no stage trains or "
               "selects on (results.json `perplexity.text`).")
     (out / "table.md").write_text("\n".join(md) + "\n")
-    with open(out / "table.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
+    _frame(header, rows).to_csv(out / "table.csv", index=False)
     tex = ["\\begin{tabular}{" + "l" * 2 + "r" * (len(header) - 2) + "}", "\\toprule",
            " & ".join(_tex(h) for h in header) + " \\\\", "\\midrule"]
     tex += [" & ".join(_tex(_fmt(v)) for v in row) + " \\\\" for row in rows]
@@ -199,8 +284,21 @@ def write_tables(header, rows, out: Path) -> None:
     (out / "table.tex").write_text("\n".join(tex) + "\n")
 
 
+def _frame(header: list[str], rows: list[list]):
+    """The table as numbers for a CSV reader: a mean's spread in its own `<column> std` column."""
+    import pandas as pd
+
+    frame = pd.DataFrame([[float(v) if isinstance(v, float) else v for v in row] for row in rows], columns=header)
+    for j, col in enumerate(header):
+        stds = [row[j].std if isinstance(row[j], Spread) else None for row in rows]
+        if any(x is not None for x in stds):
+            frame.insert(frame.columns.get_loc(col) + 1, f"{col} std", stds)
+    return frame
+
+
 _TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
-        "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "±": r"$\pm$", "≈": r"$\approx$"}
+        "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "<": r"\textless{}",
+        ">": r"\textgreater{}", "|": r"\textbar{}", "±": r"$\pm$", "≈": r"$\approx$"}
 
 
 def _tex(text: str) -> str:
@@ -216,7 +314,9 @@ def plot(results: list[dict], out: Path) -> None:
     header, rows = rows_of(results)
     i_avg, i_stab, i_sp = header.index("avg"), header.index("stability"), header.index("sparsity")
     series: dict[str, list[tuple]] = {}
-    for row in rows[1:]:
+    for row in rows:
+        if row[0].startswith("dense"):
+            continue
         series.setdefault(row[0], []).append((row[i_sp], row[i_avg], row[i_stab], row[header.index("ppl")]))
     i_ppl = header.index("ppl")
     fig, axes = plt.subplots(1, 3, figsize=(18, 4.5))
@@ -264,6 +364,43 @@ def plot_similarity(results: list[dict], out: Path) -> list[Path]:
                      title=f"{name}: layer similarity on {profile.tokens} calibration tokens; x = blocks removed")
         paths.append(path)
     return paths
+
+
+# ------------------------------------------------------------------------------ one run, at its end
+
+def _interval(c: Cell | None) -> str:
+    if c is None:
+        return "-"
+    return f"{c:.3f}" + (f" [{c.ci[0]:.3f}, {c.ci[1]:.3f}]" if c.ci is not None else "")
+
+
+def summary(r: dict) -> str:
+    """A run's results as a short console table: the block removed, parameters, perplexity and per-task accuracy
+    dense → pruned (95% intervals; ≈ = not significantly different from dense), stability, wall time."""
+    lay, params = r["layers"], r["params"]
+    ppl = r.get("perplexity") or {}
+    lines = [f"{r['model']['name']} · {label(r)} · layers removed {_where(lay)} of {lay.get('n_original', '?')}",
+             f"{'params':<25} {_count(params['dense'])} → {_count(params['pruned'])} "
+             f"({params['sparsity']:.1%} fewer)"]
+    if ppl.get("dense") and ppl.get("pruned"):
+        lines.append(f"{'perplexity':<25} {ppl['dense']['ppl']:.1f} → {ppl['pruned']['ppl']:.1f}")
+    dense_scores, pruned_scores = [], []
+    for task in sorted(r["eval"]):
+        d, p = _task_cell(r, task, "dense"), _task_cell(r, task, "pruned")
+        dense_scores.append(d)
+        pruned_scores.append(p)
+        metric = task_metric(r["eval"][task].get("dense", {}), task)
+        mark = f" {NOT_SIGNIFICANT}" if p is not None and p.significant is False else ""
+        lines.append(f"{f'{task} ({metric})':<25} {_interval(d)} → {_interval(p)}{mark}")
+    avg_d, avg_p = _avg_cell(r, dense_scores, "dense"), _avg_cell(r, pruned_scores, "pruned")
+    if avg_d is not None and avg_p is not None:
+        mark = f" {NOT_SIGNIFICANT}" if avg_p.significant is False else ""
+        lines.append(f"{'average':<25} {_interval(avg_d)} → {_interval(avg_p)}{mark}")
+    stab = (r.get("stability") or {}).get("average") or {}
+    if stab.get("stability") is not None:
+        lines.append(f"{'stability':<25} {stab['stability']:.3f} (agreement {stab.get('agreement', float('nan')):.3f})")
+    lines.append(f"{'wall time':<25} {sum((r.get('timings') or {}).values()):.1f} s")
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------ two runs, paired
@@ -346,7 +483,7 @@ def main(argv: list[str] | None = None) -> None:
     results = find_results(args.runs)
     if not results:
         raise SystemExit(f"llm-streamline-report: error: no results.json under {args.runs}")
-    header, rows = rows_of(results)
+    header, rows = rows_of(results, root=args.runs)
     write_tables(header, rows, args.out)
     plot(results, args.out)
     plot_similarity(results, args.out)

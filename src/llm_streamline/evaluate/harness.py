@@ -27,12 +27,19 @@ lm-eval's metrics plus per-item rows for the stability metric:
 Notes on lm-eval 0.4.13: with an already-wrapped HFLM the ``batch_size`` of ``simple_evaluate`` is
 ignored (we give it to HFLM); ``log_samples`` is passed explicitly; the seeds are passed to
 ``simple_evaluate`` (python, numpy, torch, few-shot).
+
+lm-eval's own records (``EvalResult.lm_eval``: its results dict with the per-sample records, JSON-safe) can be
+written as lm-eval's CLI writes them (``write_lm_eval_files``: ``results_<date>.json`` and
+``samples_<task>_<date>.jsonl`` through its ``EvaluationTracker``), for lm-eval's own tools.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+import subprocess
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -48,6 +55,46 @@ from llm_streamline.evaluate.tasks import build_tasks, check_tasks, leaf_tasks, 
 SCORERS = ("hflm", "fast")
 
 
+class _ExpectedHFLMWarnings(logging.Filter):
+    """Drops lm-eval's two warnings about a model handed over as an object: we do that on purpose (one process,
+    no accelerate launch), and every evaluation printed them."""
+
+    EXPECTED = ("`pretrained` model kwarg is not of type `str`", "Passed an already-initialized model")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.EXPECTED)
+
+
+logging.getLogger("lm_eval.models.huggingface").addFilter(_ExpectedHFLMWarnings())
+
+
+def git_hash_quietly() -> str | None:
+    """lm-eval's ``git_hash`` field (``git describe --always`` in the working directory), without git's
+    "fatal: not a git repository" on our stderr when the run starts outside a repository."""
+    try:
+        out = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True, check=False)
+    except OSError:  # no git on the machine
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+@contextlib.contextmanager
+def _quiet_git_lookup():
+    """lm-eval offers no switch for its git lookup; its evaluator calls ``get_git_commit_hash`` by that module
+    name, so the quiet lookup stands in for it during one ``simple_evaluate`` (restored afterwards)."""
+    import lm_eval.evaluator
+
+    original = getattr(lm_eval.evaluator, "get_git_commit_hash", None)
+    if original is None:  # a version that looks the hash up differently: leave it alone
+        yield
+        return
+    lm_eval.evaluator.get_git_commit_hash = git_hash_quietly
+    try:
+        yield
+    finally:
+        lm_eval.evaluator.get_git_commit_hash = original
+
+
 @dataclass
 class EvalResult:
     """lm-eval metrics per task/group and per-item rows (see module docstring)."""
@@ -58,6 +105,7 @@ class EvalResult:
     versions: dict[str, Any] = field(default_factory=dict)
     n_samples: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    lm_eval: dict[str, Any] = field(default_factory=dict)  # lm-eval's own results (JSON-safe), merged over calls
 
 
 class RecordingHFLM(HFLM):
@@ -256,18 +304,19 @@ def run_lm_eval(
     out = EvalResult(metrics={}, samples=[])
     for lim, names in by_limit.items():
         built = build_tasks(names, offline=offline)
-        results = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=built,
-            task_manager=task_manager(),  # ours is cached; lm-eval would re-index every YAML (~15 s)
-            limit=lim,
-            log_samples=True,
-            bootstrap_iters=bootstrap_iters,
-            random_seed=seed,
-            numpy_random_seed=seed,
-            torch_random_seed=seed,
-            fewshot_random_seed=seed,
-        )
+        with _quiet_git_lookup():
+            results = lm_eval.simple_evaluate(
+                model=lm,
+                tasks=built,
+                task_manager=task_manager(offline),  # the one that built the tasks (cached per process)
+                limit=lim,
+                log_samples=True,
+                bootstrap_iters=bootstrap_iters,
+                random_seed=seed,
+                numpy_random_seed=seed,
+                torch_random_seed=seed,
+                fewshot_random_seed=seed,
+            )
         if results is None:  # only non-zero ranks get None; we run single-process
             raise RuntimeError("lm-eval returned no results")
         out.samples += sample_rows(results, leaf_tasks(built), lm.__dict__.get("continuation_tokens", {}),
@@ -276,8 +325,48 @@ def run_lm_eval(
         out.groups.update(_group_leaves(built))
         out.versions.update(results.get("versions") or {})
         out.n_samples.update(results.get("n-samples") or {})
+        _merge_lm_eval(out.lm_eval, results)
     out.seconds = time.perf_counter() - start
     return out
+
+
+def _merge_lm_eval(into: dict[str, Any], results: dict[str, Any]) -> None:
+    """Keep lm-eval's results dict JSON-safe (its own serializer for numpy values and functions); one call per
+    distinct limit is merged task-wise (the run-level fields, e.g. ``config.limit``, are the last call's)."""
+    from lm_eval.utils import handle_non_serializable
+
+    safe = json.loads(json.dumps(results, default=handle_non_serializable))
+    for key, value in safe.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict) and key != "config":
+            into[key].update(value)
+        else:
+            into[key] = value
+
+
+def write_lm_eval_files(lm_eval_results: dict[str, Any], out_dir: str | os.PathLike[str], model_name: str) -> Path:
+    """lm-eval's own files, as its CLI writes them: ``<out_dir>/<model>/results_<date>.json`` (aggregated, with
+    per-task hashes) and ``samples_<task>_<date>.jsonl`` (one record per item), via lm-eval's EvaluationTracker.
+    Returns the folder written. ``lm_eval_results`` is ``EvalResult.lm_eval``."""
+    import copy
+
+    from lm_eval.loggers import EvaluationTracker
+
+    results = copy.deepcopy(lm_eval_results)
+    samples = results.pop("samples", None) or {}
+    tracker = EvaluationTracker(output_path=str(out_dir))
+    tracker.general_config_tracker.model_name = model_name
+    tracker.general_config_tracker.model_name_sanitized = _sanitize(model_name)
+    tracker.save_results_aggregated(results=results, samples=samples)
+    for task_name, task_samples in samples.items():
+        tracker.save_results_samples(task_name=task_name, samples=task_samples)
+    return Path(out_dir) / tracker.general_config_tracker.model_name_sanitized
+
+
+def _sanitize(name: str) -> str:
+    """A model name as one folder name (lm-eval's CLI does the same with its model_args)."""
+    import re
+
+    return re.sub(r"[^\w.-]+", "__", name).strip("_") or "model"
 
 
 def _json_default(v: Any) -> Any:
