@@ -17,6 +17,7 @@ import torch
 
 from llm_streamline import assets
 from llm_streamline.evaluate import harness, perplexity, speed, tasks
+from llm_streamline.evaluate.recording import RecordingHFLM
 
 KEY_TASKS = ["piqa", "arc_easy", "boolq"]
 KEY_LIMIT = 10
@@ -247,7 +248,7 @@ def test_option_mean_nll_equals_an_independent_forward_over_context_and_option(o
     recomputed here with one plain forward over the tokens lm-eval scored (OpenCompass's PPL field)."""
     import torch.nn.functional as F
 
-    lm = harness.RecordingHFLM(pretrained=tiny, tokenizer=tok, batch_size=4)
+    lm = RecordingHFLM(pretrained=tiny, tokenizer=tok, batch_size=4)
     for task in ("piqa", "arc_easy"):
         rows = {r["doc_id"]: r for r in ours.samples if r["task"] == task}
         for s in _plain_rows(plain, task)[:3]:
@@ -342,7 +343,7 @@ def test_fast_scorer_packing_limits_and_truncation_fallback(tiny, tok):
         return harness.sample_rows(res, built, lm.continuation_tokens, lm.request_contexts, lm.context_nll)
 
     kw = {"pretrained": tiny, "tokenizer": tok, "batch_size": 3, "max_length": 48}
-    stock = run(harness.RecordingHFLM(**kw))
+    stock = run(RecordingHFLM(**kw))
     fast_lm = FastHFLM(pack_tokens=40, **kw)
     fast = run(fast_lm)
     _assert_same_rows(fast, stock)
@@ -382,7 +383,7 @@ def test_fast_scorer_other_families(family, tok):
                                    lm.request_contexts, lm.context_nll)
 
     fast_lm = FastHFLM(pretrained=model, tokenizer=tok, batch_size=8)
-    _assert_same_rows(run(fast_lm), run(harness.RecordingHFLM(pretrained=model, tokenizer=tok, batch_size=8)))
+    _assert_same_rows(run(fast_lm), run(RecordingHFLM(pretrained=model, tokenizer=tok, batch_size=8)))
     assert fast_lm.fast_stats["shared_requests"] > 0
     if family == "gemma3_text":
         assert fast_lm.fast_stats["stock_requests"] > 0  # groups longer than the window

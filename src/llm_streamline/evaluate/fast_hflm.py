@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from llm_streamline.evaluate.harness import RecordingHFLM
+from llm_streamline.evaluate.recording import RecordingHFLM
 
 _MASKABLE = ("sdpa", "eager")
 

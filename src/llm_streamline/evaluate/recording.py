@@ -1,0 +1,63 @@
+"""RecordingHFLM: lm-eval's stock HFLM that also keeps, per request, what the per-item rows need (the
+continuation's token count as HFLM encoded it, and its context's NLL); the option scores are HFLM's own.
+The stock scorer of `harness`, and the base of the prefix-sharing `fast_hflm.FastHFLM`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from lm_eval.models.huggingface import HFLM
+
+
+class RecordingHFLM(HFLM):
+    """Stock HFLM that remembers, per request, its continuation token count and its context's NLL
+    (the option scores themselves are stock HFLM's, untouched)."""
+
+    def record_continuation_lengths(self, requests: Iterable[Any]) -> None:
+        lengths = self.__dict__.setdefault("continuation_tokens", {})
+        contexts = self.__dict__.setdefault("request_contexts", {})
+        for strings, ctx_enc, cont_enc in requests:
+            if strings is not None:  # rolling-window requests carry no strings
+                lengths[tuple(strings)] = len(cont_enc)
+                contexts[tuple(strings)] = tuple(ctx_enc)
+
+    @property
+    def context_nll(self) -> dict[tuple[int, ...], tuple[float, int]]:
+        """{context tokens: (summed NLL of its tokens 1.., number of those tokens)}."""
+        return self.__dict__.setdefault("_context_nll", {})
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):  # type: ignore[override]
+        self.record_continuation_lengths(requests)
+        out = super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+        if override_bs is None:  # rolling-window (perplexity) requests need no context score
+            self.score_contexts([ctx for _, ctx, _ in requests])
+        return out
+
+    @torch.no_grad()
+    def score_contexts(self, contexts: Iterable[Sequence[int]]) -> None:
+        """NLL of each distinct context's tokens 1.. from their prefixes, batched and right-padded.
+        A context longer than the model's window is scored on its last ``max_length`` tokens, as stock
+        HFLM left-truncates what it feeds the model."""
+        todo = sorted({tuple(c) for c in contexts} - set(self.context_nll), key=len, reverse=True)
+        for c in todo:
+            if len(c) < 2:
+                self.context_nll[c] = (0.0, 0)
+        todo = [c for c in todo if len(c) >= 2]
+        bs = self.batch_size if isinstance(self.batch_size, int) else 16
+        for i in range(0, len(todo), bs):
+            chunk = todo[i:i + bs]
+            windows = [c[-self.max_length:] for c in chunk]
+            width = max(len(w) for w in windows)
+            ids = torch.zeros(len(chunk), width, dtype=torch.long)
+            mask = torch.zeros(len(chunk), width, dtype=torch.long)
+            for r, w in enumerate(windows):
+                ids[r, :len(w)] = torch.tensor(w)
+                mask[r, :len(w)] = 1
+            ids, mask = ids.to(self.device), mask.to(self.device)
+            logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
+            logp = torch.nn.functional.log_softmax(logits, dim=-1, dtype=self.softmax_dtype)
+            token_nll = -logp.gather(2, ids[:, 1:, None])[..., 0] * mask[:, 1:]
+            for r, (c, w) in enumerate(zip(chunk, windows)):
+                self.context_nll[c] = (float(token_nll[r].sum()), len(w) - 1)
