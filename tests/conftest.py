@@ -47,7 +47,7 @@ def tok(tokenizer_dir):
 def _run_smoke_cli(out: Path, stages: Path, *extra: str, kill_at: str | None = None, fsize: int | None = None,
                    env_extra: dict | None = None) -> subprocess.CompletedProcess:
     """`python -m llm_streamline experiment=smoke replacement=ffn` with its own stage cache. kill_at: the
-    process SIGKILLs itself there (`faults.checkpoint`); fsize: no file may grow past that many bytes (the
+    process SIGKILLs itself there (`faults.kill_point`); fsize: no file may grow past that many bytes (the
     OS refuses the write with EFBIG, as a full disk refuses it with ENOSPC)."""
     env = {**os.environ, "WANDB_MODE": "disabled", "LLM_STREAMLINE_STAGES": str(stages), "OMP_NUM_THREADS": "1",
            "HYDRA_FULL_ERROR": "0", **(env_extra or {})}

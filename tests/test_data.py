@@ -57,7 +57,7 @@ def test_corpus_cache_written_atomically(tmp_data_cache):
     docs = data.offline_corpus()  # builds into the fresh dir
     path = data.corpus.corpus_path()
     assert path.parent == tmp_data_cache / "corpus"
-    # no temporary left behind: the corpus and its manifest (store.seal)
+    # no temporary left behind: the corpus and its manifest (stages.seal)
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name, path.name + ".manifest"]
     assert data.offline_corpus() == docs
 

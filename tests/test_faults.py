@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llm_streamline import faults, pipeline, store
+from llm_streamline import faults, pipeline, stages
 from llm_streamline.evaluate.perplexity import perplexity
 from llm_streamline.models.loading import load_model, tiny_model
 
@@ -35,24 +35,24 @@ def last_line(res: subprocess.CompletedProcess) -> str:
 @pytest.mark.parametrize("fsize,stage", [(62_000, "teacher_pairs"), (1_000_000, "save")])
 def test_full_disk_fails_in_one_line_keeps_nothing_partial_and_resumes(smoke_cli, fsize, stage, uninterrupted,
                                                                        tmp_path):
-    stages = tmp_path / "stages"
-    full = smoke_cli(tmp_path / "full", stages, fsize=fsize)
+    stage_root = tmp_path / "stages"
+    full = smoke_cli(tmp_path / "full", stage_root, fsize=fsize)
     assert full.returncode == 3, full.stderr[-2000:]
     line = last_line(full)
     assert line.startswith(f"llm-streamline: error: stage {stage}: cannot write") and "File too large" in line, line
     assert not (tmp_path / "full" / "results.json").exists()
     assert not (tmp_path / "full" / "model").exists()
-    leftovers = [p.name for p in stages.rglob("*") if ".locks" not in p.parts and p.name != ".llm-streamline"
+    leftovers = [p.name for p in stage_root.rglob("*") if ".locks" not in p.parts and p.name != ".llm-streamline"
                  and (p.name.startswith(".") or p.name.endswith(".partial"))]
     assert leftovers == []
-    kept = {p.name.split("-")[0] for p in stages.iterdir()}
+    kept = {p.name.split("-")[0] for p in stage_root.iterdir()}
     assert {"profile", "eval_dense", "ppl_dense"} <= kept
-    complete_teacher = list(stages.glob("teacher-*/train/index.json"))
+    complete_teacher = list(stage_root.glob("teacher-*/train/index.json"))
     if stage == "teacher_pairs":
         assert complete_teacher == [] and "train" not in kept  # never half-written: the next run recomputes it
     else:
         assert complete_teacher and {"train", "eval_pruned"} <= kept
-    resumed = smoke_cli(tmp_path / "resumed", stages)
+    resumed = smoke_cli(tmp_path / "resumed", stage_root)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     again = json.loads((tmp_path / "resumed" / "results.json").read_text())
     if stage == "save":
@@ -98,8 +98,8 @@ def test_check_writable_reports_a_full_disk(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "write", no_space)
-    with pytest.raises(store.NotWritableError, match="No space left on device"):
-        store.check_writable(tmp_path / "out", "the output directory")
+    with pytest.raises(stages.NotWritableError, match="No space left on device"):
+        stages.check_writable(tmp_path / "out", "the output directory")
     monkeypatch.undo()
     assert [p.name for p in (tmp_path / "out").iterdir()] == []  # the probe file is gone
 
@@ -121,13 +121,13 @@ def test_nan_weights_in_evaluation_stop_with_stage_item_and_cause(tiny, tok, tmp
         tiny.model.layers[3].mlp.down_proj.weight[0, 0] = float("nan")
     cfg = RunConfig(eval=EvalConfig(name="t", tasks=["piqa"], limit=2, batch_size=4, offline=True,
                                     perplexity=False, speed=False))
-    key = store.stage_key("eval_pruned", test="nan")
+    key = stages.stage_key("eval_pruned", test="nan")
     with pytest.raises(faults.NumericalFault) as err:
-        store.cached_json(key, lambda: pipeline._evaluate(tiny, tok, cfg, "eval_pruned", _blocks(tok)[:1]))
+        stages.cached_json(key, lambda: pipeline._evaluate(tiny, tok, cfg, "eval_pruned", _blocks(tok)[:1]))
     msg = str(err.value)
     assert msg.startswith("eval_pruned: log-likelihoods [nan")
     assert "at task piqa doc 0" in msg and "non-finite weights in model.layers.3.mlp.down_proj.weight" in msg
-    assert not store.stage_dir(key).with_suffix(".json").exists()  # a NaN result is never cached
+    assert not stages.stage_dir(key).with_suffix(".json").exists()  # a NaN result is never cached
 
 
 def test_overflow_in_evaluation_names_the_first_module(tiny, tok):
@@ -232,9 +232,9 @@ def test_pickled_weights_are_refused_unread(smoke_cli, entry, tmp_path, tok):
 
 def test_framework_writes_weights_as_safetensors_only(uninterrupted):
     run_dir = Path(uninterrupted["checkpoint"]).parent
-    stages = run_dir.parent / "stages"
-    assert list(stages.glob("teacher-*/train/*.safetensors")) and list(stages.glob("train-*/slot.safetensors"))
-    pickles = [p for root in (run_dir, stages) for p in root.rglob("*")
+    stage_root = run_dir.parent / "stages"
+    assert list(stage_root.glob("teacher-*/train/*.safetensors")) and list(stage_root.glob("train-*/slot.safetensors"))
+    pickles = [p for root in (run_dir, stage_root) for p in root.rglob("*")
                if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt")]
     assert pickles == []
     assert (Path(uninterrupted["checkpoint"]) / "model.safetensors").exists()

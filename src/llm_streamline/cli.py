@@ -154,7 +154,7 @@ def _job(cfg: DictConfig) -> float | None:
     from llm_streamline.data import HubUnavailable
     from llm_streamline.faults import NumericalFault, disk_errno
     from llm_streamline.models.layers import NoDecoderLayersError
-    from llm_streamline.store import NotWritableError
+    from llm_streamline.stages import NotWritableError
     from llm_streamline.tracking import sweep_objective
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)

@@ -27,7 +27,7 @@ import torch
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from llm_streamline import store
+from llm_streamline import stages
 from llm_streamline.config import WandbConfig
 from llm_streamline.gguf_export import GGUFExportError
 
@@ -81,8 +81,8 @@ class SavedRun:
             raise ExportError(f"run={path}: no model saved by llm-streamline there "
                               "(expected <run dir>/model/llm_streamline.json; was the run made with save=false?)")
         run_dir = model_dir.parent if model_dir != path else path
-        results = store.read_json(run_dir / "results.json")
-        return cls(run_dir, model_dir, results, store.read_json(model_dir / "llm_streamline.json"))
+        results = stages.read_json(run_dir / "results.json")
+        return cls(run_dir, model_dir, results, stages.read_json(model_dir / "llm_streamline.json"))
 
 
 # ------------------------------------------------------------------------------------------ stock model
@@ -96,7 +96,7 @@ def to_stock(saved: SavedRun, dtype: torch.dtype):
     if fmt == "stock":
         return model.to(dtype), True
     if fmt == "streamline":
-        spec = store.read_json(saved.model_dir / STREAMLINE_CONFIG)
+        spec = stages.read_json(saved.model_dir / STREAMLINE_CONFIG)
         if spec["replacement"]["type"] == "swiglu":
             start = spec["slot_start"]
             stack = find_decoder_stack(model)
@@ -119,7 +119,7 @@ def _write_model(saved: SavedRun, dest: Path, dtype: torch.dtype) -> tuple[bool,
         load_tokenizer(saved.model_dir).save_pretrained(dest)
     else:  # this package's format, as saved (dtype as trained)
         shutil.copytree(saved.model_dir, dest, dirs_exist_ok=True)
-    store.write_json_atomic(dest / "llm_streamline.json",
+    stages.write_json_atomic(dest / "llm_streamline.json",
                             {**saved.meta, "format": "stock" if stock else saved.meta.get("format"),
                              "exported_from": str(saved.model_dir.resolve())})
     return stock, sum(p.numel() for p in model.parameters())
@@ -224,10 +224,7 @@ def export(cfg: ExportConfig, command: str = "") -> Path:
     saved = SavedRun.find(cfg.run)
     out = Path(cfg.out) if cfg.out else default_out(saved, cfg.format)
     dtype = EXPORT_DTYPES[cfg.dtype]
-    from llm_streamline.models.saving import _atomic_dir, _commit_dir
-
-    tmp = _atomic_dir(out)
-    try:
+    with stages.atomic_dir(out) as tmp:  # files 0644 under the usual umask
         if cfg.format == "gguf":
             model, stock = to_stock(saved, dtype)
             if not stock:
@@ -239,10 +236,7 @@ def export(cfg: ExportConfig, command: str = "") -> Path:
             params = sum(p.numel() for p in model.parameters())
         else:
             (stock, params), gguf_file = _write_model(saved, tmp, dtype), None
-        store.write_text_atomic(tmp / "README.md", model_card(saved, stock, params, command, gguf_file))
-        _commit_dir(tmp, out)  # files 0644 under the usual umask
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        stages.write_text_atomic(tmp / "README.md", model_card(saved, stock, params, command, gguf_file))
     log.info("exported %s (%s, %s) to %s", saved.model_dir, "stock" if stock else "llm-streamline format",
              cfg.format, out)
     record = {"format": cfg.format, "stock": stock, "dtype": cfg.dtype, "params": params}

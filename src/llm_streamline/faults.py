@@ -30,7 +30,8 @@ class NumericalFault(RuntimeError):
         super().__init__(f"{stage}: {what} at {where}; cause: {cause}")
 
 
-def checkpoint(point: str) -> None:
+def kill_point(point: str) -> None:
+    """A place a test may kill the process at (`LLM_STREAMLINE_KILL_AT=<point>`); nothing in normal use."""
     if os.environ.get("LLM_STREAMLINE_KILL_AT") == point:  # LLM_STREAMLINE_KILL_SIGNAL: INT, TERM (default KILL)
         os.kill(os.getpid(), getattr(signal, "SIG" + os.environ.get("LLM_STREAMLINE_KILL_SIGNAL", "KILL")))
 

@@ -9,7 +9,7 @@
   6. evaluate the pruned model: accuracy, stability against the dense model, perplexity, speed side by side
   7. save the model, results.json, per-sample files, plots; log to W&B
 
-Each expensive stage's output is stored under a key of the config that produced it (see `store`), so a
+Each expensive stage's output is stored under a key of the config that produced it (see `stages`), so a
 killed run resumes after its last finished stage and a sweep computes shared stages once.
 """
 
@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from llm_streamline import __version__, faults, preflight, store
+from llm_streamline import __version__, faults, preflight, stages
 from llm_streamline.config import ReplacementConfig, RunConfig, validate
 from llm_streamline.data import SPLIT_LAYOUT, load_blocks, perplexity_text
 from llm_streamline.evaluate.harness import run_lm_eval, save_samples_jsonl
@@ -196,8 +196,8 @@ def run(cfg: RunConfig, out_dir: Path) -> dict:
     validate(cfg)
     preflight.check_run(cfg)  # the device, and lengths against the model's positions (its config only)
     check_tasks(list(cfg.eval.tasks), cfg.eval.offline)
-    store.check_writable(out_dir, "the output directory")
-    store.check_writable(store.stage_root(), "the stage cache")
+    stages.check_writable(out_dir, "the output directory")
+    stages.check_writable(stages.stage_root(), "the stage cache")
     # the size is that of the LLM-Streamline row with `size_replacement` (a baseline's method.match_replacement;
     # null: plain removal of n layers)
     size_replacement = cfg.replacement
@@ -232,14 +232,14 @@ def run(cfg: RunConfig, out_dir: Path) -> dict:
         # 2. layer pruning: the similarity profile and the chosen block ------------------------------------
         with timings.stage("importance"):
             # `scores`: an entry cached before the last-token angular distance (Gromov) existed is not reused
-            prof_key = store.stage_key("profile", model=model_id, data=calib_key, scores="cos,angular,angular_last")
-            prof_json, _ = store.cached_json(prof_key, lambda: similarity_profile(
+            prof_key = stages.stage_key("profile", model=model_id, data=calib_key, scores="cos,angular,angular_last")
+            prof_json, _ = stages.cached_json(prof_key, lambda: similarity_profile(
                 model, blocks.calib, ns=list(range(1, L + 1)), batch_size=cfg.train.batch_size).as_dict(), log.info)
             profile = SimilarityProfile.from_dict(prof_json)
             block_ppl = None
             if cfg.sparsity.importance == "perplexity" and cfg.sparsity.start is None:
-                bkey = store.stage_key("block_ppl", model=model_id, data=calib_key, n=n)
-                block_ppl, _ = store.cached_json(bkey, lambda: block_perplexities(
+                bkey = stages.stage_key("block_ppl", model=model_id, data=calib_key, n=n)
+                block_ppl, _ = stages.cached_json(bkey, lambda: block_perplexities(
                     model, blocks.calib[:PPL_IMPORTANCE_BLOCKS], n, cfg.train.batch_size), log.info)
                 start = min(range(len(block_ppl)), key=lambda i: block_ppl[i])
             else:
@@ -261,8 +261,8 @@ def run(cfg: RunConfig, out_dir: Path) -> dict:
         dense, dense_cached = None, False
         if is_main:  # other data-parallel ranks only help to train the replacement
             with timings.stage("eval_dense"):
-                dense_key = store.stage_key("eval_dense", model=model_id, eval=eval_key)
-                dense, dense_cached = store.cached_json(
+                dense_key = stages.stage_key("eval_dense", model=model_id, eval=eval_key)
+                dense, dense_cached = stages.cached_json(
                     dense_key, lambda: _evaluate(model, tok, cfg, "eval_dense", blocks.val[:1]), log.info)
             if dense_cached:
                 log.info("dense evaluation reused (computed once per model and suite)")
@@ -270,8 +270,8 @@ def run(cfg: RunConfig, out_dir: Path) -> dict:
         if cfg.eval.perplexity and is_main:
             with timings.stage("perplexity_dense"):
                 ppl_text = _perplexity_text(cfg, tok)
-                ppl_key = store.stage_key("ppl_dense", model=model_id, text=ppl_text.describe())
-                ppl_dense, _ = store.cached_json(
+                ppl_key = stages.stage_key("ppl_dense", model=model_id, text=ppl_text.describe())
+                ppl_dense, _ = stages.cached_json(
                     ppl_key, lambda: perplexity(model, ppl_text.blocks, cfg.train.batch_size, "perplexity_dense"),
                     log.info)
 
@@ -296,11 +296,11 @@ def run(cfg: RunConfig, out_dir: Path) -> dict:
                                      probe.output_is_tuple, norm_path)
             train_log = None
             block = None  # set once the block is out of `pruned`
-            train_key = store.stage_key("train", model=model_id, data=data_key, start=start, n=n,
+            train_key = stages.stage_key("train", model=model_id, data=data_key, start=start, n=n,
                                         replacement=asdict(cfg.replacement), train=asdict(cfg.train), seed=cfg.seed)
             if slot:
                 # parallel jobs of a sweep train one block once (data-parallel ranks train it together: no lock)
-                with store.stage_lock(train_key) if accelerator is None else contextlib.nullcontext():
+                with stages.stage_lock(train_key) if accelerator is None else contextlib.nullcontext():
                     train_log, block = _load_or_train_replacement(
                         cfg, slot, train_key, dense_model, pruned, blocks, start, n, model_id, data_key, timings,
                         tracker, accelerator, out_dir)
@@ -315,7 +315,7 @@ def run(cfg: RunConfig, out_dir: Path) -> dict:
 
                 block = remove_block(pruned, start, n, [])
                 budget = replace(cfg, method=replace(cfg.method, lora_epochs=cfg.train.epochs, lora_lr=cfg.train.lr))
-                cached, on_trained = _lora_stage(store.stage_key("lora", train=train_key))
+                cached, on_trained = _lora_stage(stages.stage_key("lora", train=train_key))
                 with timings.stage("train") if cached is None else contextlib.nullcontext():
                     pruned, train_log = lora_heal(pruned, blocks.train, blocks.val, budget, cached=cached,
                                                   on_trained=on_trained)
@@ -331,15 +331,15 @@ def run(cfg: RunConfig, out_dir: Path) -> dict:
 
         # 6. evaluate the pruned model ----------------------------------------------------------------------
         with timings.stage("eval_pruned"):
-            pkey = store.stage_key("eval_pruned", train=train_key, eval=eval_key)
-            faults.checkpoint("eval_pruned")
-            pres, _ = store.cached_json(pkey, lambda: _evaluate(pruned, tok, cfg, "eval_pruned", blocks.val[:1]),
+            pkey = stages.stage_key("eval_pruned", train=train_key, eval=eval_key)
+            faults.kill_point("eval_pruned")
+            pres, _ = stages.cached_json(pkey, lambda: _evaluate(pruned, tok, cfg, "eval_pruned", blocks.val[:1]),
                                         log.info)
         ppl_pruned = None
         if cfg.eval.perplexity:
             with timings.stage("perplexity_pruned"):
-                ppl_pruned, _ = store.cached_json(
-                    store.stage_key("ppl_pruned", train=train_key, text=ppl_text.describe()),
+                ppl_pruned, _ = stages.cached_json(
+                    stages.stage_key("ppl_pruned", train=train_key, text=ppl_text.describe()),
                     lambda: perplexity(pruned, ppl_text.blocks, cfg.train.batch_size, "perplexity_pruned"), log.info)
         with timings.stage("stability"):
             stab = stability(dense["samples"], pres["samples"])
@@ -406,7 +406,7 @@ def run(cfg: RunConfig, out_dir: Path) -> dict:
             "host": {"python": platform.python_version(), "torch": torch.__version__},
         }
         os.replace(plot_path, out_dir / "similarity_profile.png")
-        store.write_json_atomic(out_dir / "results.json", results)
+        stages.write_json_atomic(out_dir / "results.json", results)
         _log_summary(tracker, results, cfg.objective)
         log.info("results: %s", out_dir / "results.json")
         return results
@@ -422,13 +422,13 @@ def _load_or_train_replacement(cfg: RunConfig, slot: list, train_key: str, dense
     """The trained replacement from the stage cache, or trained now (MSE on teacher pairs, or LM loss) and
     stored there. Returns (train log, the block if training already removed it from `pruned`); the train log
     is None on data-parallel ranks other than the main one."""
-    ckpt = store.stage_dir(train_key)
-    if store.sealed(ckpt, train_key):  # a damaged entry is moved aside and trained again
+    ckpt = stages.stage_dir(train_key)
+    if stages.sealed(ckpt, train_key):  # a damaged entry is moved aside and trained again
         state = load_file(str(ckpt / "slot.safetensors"))
         for j, m in enumerate(slot):
             m.load_state_dict({k.split(".", 1)[1]: v for k, v in state.items() if k.startswith(f"{j}.")})
         log.info("trained replacement reused from %s", ckpt)
-        return store.read_json(ckpt / "train_log.json"), None
+        return stages.read_json(ckpt / "train_log.json"), None
 
     def on_step(step, metrics):
         tracker.log(metrics, step=step)
@@ -436,10 +436,10 @@ def _load_or_train_replacement(cfg: RunConfig, slot: list, train_key: str, dense
     block = None
     if cfg.train.loss == "mse":
         with timings.stage("teacher_pairs"):
-            tkey = store.stage_key("teacher", model=model_id, data=data_key, start=start, n=n,
+            tkey = stages.stage_key("teacher", model=model_id, data=data_key, start=start, n=n,
                                    batch=cfg.train.batch_size)
-            tdir = store.stage_dir(tkey)
-            with store.stage_lock(tkey):  # shared by the replacement types of one block
+            tdir = stages.stage_dir(tkey)
+            with stages.stage_lock(tkey):  # shared by the replacement types of one block
                 train_sh = write_teacher_shards(dense_model, blocks.train, start, n, tdir / "train",
                                                 cfg.train.batch_size, "teacher pairs (train)")
                 val_sh = write_teacher_shards(dense_model, blocks.val, start, n, tdir / "val",
@@ -463,7 +463,7 @@ def _load_or_train_replacement(cfg: RunConfig, slot: list, train_key: str, dense
         rank = accelerator.process_index
         save_file({f"{j}.{k}": v.detach().contiguous().cpu() for j, m in enumerate(slot)
                    for k, v in m.state_dict().items()}, str(out_dir / f"rank{rank}_slot.safetensors"))
-        store.write_json_atomic(out_dir / f"rank{rank}.json", {"start": start, "n": n, "train": train_log})
+        stages.write_json_atomic(out_dir / f"rank{rank}.json", {"start": start, "n": n, "train": train_log})
         if not accelerator.is_main_process:
             return None, block
     _save_slot_stage(slot, train_log, ckpt)
@@ -471,21 +471,11 @@ def _load_or_train_replacement(cfg: RunConfig, slot: list, train_key: str, dense
 
 
 def _save_weights_stage(ckpt: Path, weights_file: str, weights: dict, train_log: dict) -> None:
-    """Trained weights and their log into the stage cache: written to `<key>.partial`, renamed when complete."""
-    import shutil
-
-    tmp = ckpt.with_name(ckpt.name + ".partial")
-    try:
-        tmp.mkdir(parents=True, exist_ok=True)
+    """Trained weights and their log into the stage cache, as one directory renamed into place when complete."""
+    with stages.atomic_dir(ckpt) as tmp:
         save_file(weights, str(tmp / weights_file))
-        store.write_json_atomic(tmp / "train_log.json", train_log)
-        store.seal(tmp, ckpt.name)
-        if ckpt.exists():
-            shutil.rmtree(ckpt)
-        tmp.rename(ckpt)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        stages.write_json_atomic(tmp / "train_log.json", train_log)
+        stages.seal(tmp, ckpt.name)
 
 
 def _save_slot_stage(slot: list, train_log: dict, ckpt: Path) -> None:
@@ -496,10 +486,10 @@ def _save_slot_stage(slot: list, train_log: dict, ckpt: Path) -> None:
 
 def _lora_stage(key: str):
     """(cached adapters and log or None, a callback that stores newly trained ones) for LoRA healing."""
-    ckpt = store.stage_dir(key)
+    ckpt = stages.stage_dir(key)
     cached = None
-    if store.sealed(ckpt, key):
-        cached = (load_file(str(ckpt / "adapters.safetensors")), store.read_json(ckpt / "train_log.json"))
+    if stages.sealed(ckpt, key):
+        cached = (load_file(str(ckpt / "adapters.safetensors")), stages.read_json(ckpt / "train_log.json"))
         log.info("LoRA adapters reused from %s", ckpt)
     return cached, lambda adapters, train_log: _save_weights_stage(ckpt, "adapters.safetensors", adapters,
                                                                    train_log)
@@ -521,20 +511,20 @@ def _apply_baseline(cfg: RunConfig, model, blocks, profile, n: int, model_id: di
     from llm_streamline.baselines import apply_method
 
     pruned = copy.deepcopy(model)
-    key = store.stage_key("baseline", model=model_id, data=data_key, method=asdict(cfg.method),
+    key = stages.stage_key("baseline", model=model_id, data=data_key, method=asdict(cfg.method),
                           sparsity=asdict(cfg.sparsity), n=n, seed=cfg.seed,
                           train=asdict(cfg.train) if cfg.method.heal == "lora" else None)  # healing uses train.*
-    cached, on_healed = _lora_stage(store.stage_key("lora", baseline=key))
+    cached, on_healed = _lora_stage(stages.stage_key("lora", baseline=key))
     # which layers a layer-removal baseline drops (SLEB: a long greedy search) does not depend on healing
-    choice_key = store.stage_key("choice", model=model_id, data=data_key, n=n, seed=cfg.seed, method=cfg.method.name)
-    choice_path = store.stage_dir(choice_key).with_suffix(".json")
-    chosen = store.read_sealed_json(choice_path, choice_key) if cfg.method.name in ("shortgpt", "gromov", "sleb") \
+    choice_key = stages.stage_key("choice", model=model_id, data=data_key, n=n, seed=cfg.seed, method=cfg.method.name)
+    choice_path = stages.stage_dir(choice_key).with_suffix(".json")
+    chosen = stages.read_sealed_json(choice_path, choice_key) if cfg.method.name in ("shortgpt", "gromov", "sleb") \
         else None
     torch.manual_seed(cfg.seed)
     bres = apply_method(cfg, pruned, blocks.calib, blocks.train, blocks.val, profile, n, heal_cached=cached,
                         on_healed=on_healed, chosen=chosen, target_removed=target_removed)
     if cfg.method.name in ("shortgpt", "gromov", "sleb") and chosen is None:
-        store.write_sealed_json(choice_path, choice_key, bres.record)
+        stages.write_sealed_json(choice_path, choice_key, bres.record)
     log.info("%s: removed layers %s %s", cfg.method.name, bres.removed_layers, bres.record)
     return bres.model.eval(), bres, key
 
@@ -629,7 +619,7 @@ def evaluate_checkpoint(cfg: RunConfig, out_dir: Path) -> dict:
     validate(cfg)
     preflight.check_device(cfg.model)
     check_tasks(list(cfg.eval.tasks), cfg.eval.offline)
-    store.check_writable(out_dir, "the output directory")
+    stages.check_writable(out_dir, "the output directory")
     timings = Timings()
     if cfg.checkpoint:
         if not Path(cfg.checkpoint).exists():
@@ -655,7 +645,7 @@ def evaluate_checkpoint(cfg: RunConfig, out_dir: Path) -> dict:
                "eval_settings": {"tasks": list(cfg.eval.tasks), "limit": cfg.eval.limit,
                                  "batch_size": cfg.eval.batch_size, "scorer": cfg.eval.scorer},
                "params": {"total": count_params(model)}, "timings": dict(timings), "peak_memory": peak_memory()}
-    store.write_json_atomic(out_dir / "results.json", results)
+    stages.write_json_atomic(out_dir / "results.json", results)
     _log_eval(cfg, out_dir, name, results)
     return results
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
-from llm_streamline import assets
+from llm_streamline import stages
 from llm_streamline.config import ConfigError, ModelConfig, RunConfig
 
 SPEED_DECODE_TOKENS = 32  # tokens the speed measurement decodes after its `eval.speed_tokens` prompt
@@ -28,7 +28,7 @@ def model_config(m: ModelConfig) -> PretrainedConfig | None:
         model_type, kwargs = TINY_CONFIGS[m.family]
         return AutoConfig.for_model(model_type, **{**kwargs, **dict(m.tiny)})
     if m.source == "embedded":
-        path = assets.cache_dir() / "models" / "smollm2-135m-instruct"
+        path = stages.cache_dir() / "models" / "smollm2-135m-instruct"
         return AutoConfig.from_pretrained(str(path)) if (path / "config.json").exists() else None
     if m.source == "local" and not Path(m.name_or_path).is_dir():
         raise ConfigError(f"model.name_or_path={m.name_or_path}: no such directory (model.source=local)")

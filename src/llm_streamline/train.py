@@ -25,9 +25,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,7 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, get_cosine_with_min_lr_schedule_with_warmup
 
-from llm_streamline import faults, store
+from llm_streamline import faults, stages
 from llm_streamline.config import TrainConfig
 from llm_streamline.losses import final_hidden, head_of, kl_sum, lm_loss
 from llm_streamline.models.layers import find_decoder_stack, run_layers
@@ -72,15 +69,13 @@ def write_teacher_shards(model: PreTrainedModel, blocks: torch.Tensor, start: in
     """
     directory = Path(directory)
     key = f"{directory.parent.name}/{directory.name}"  # the manifest's key: <teacher stage key>/<split>
-    if store.sealed(directory, key):  # a damaged entry (a truncated shard, a changed index) is moved aside
+    if stages.sealed(directory, key):  # a damaged entry (a truncated shard, a changed index) is moved aside
         meta = json.loads((directory / "index.json").read_text())
         return TeacherShards(directory, meta["files"], meta["index"])
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".tmp-{directory.name}"))
     stack = find_decoder_stack(model)
     device = next(model.parameters()).device
     files, index = [], []
-    try:
+    with stages.atomic_dir(directory) as tmp:  # a full disk or an interrupt leaves nothing behind
         for b, i in enumerate(tqdm(range(0, blocks.shape[0], batch_size), desc=desc, unit="batch")):
             rows = list(range(i, min(i + batch_size, blocks.shape[0])))
             cap = run_layers(model, blocks[rows].to(device), inputs_at=(start,), outputs_at=(start + n - 1,),
@@ -91,13 +86,7 @@ def write_teacher_shards(model: PreTrainedModel, blocks: torch.Tensor, start: in
             files.append(name)
             index.append(rows)
         (tmp / "index.json").write_text(json.dumps({"files": files, "index": index}))
-        store.seal(tmp, key)  # written last: the marker
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
-    except BaseException:  # a full disk or an interrupt: leave nothing behind (SIGKILL leaves .tmp-*, never trusted)
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        stages.seal(tmp, key)  # written last: the marker
     return TeacherShards(directory, files, index)
 
 
@@ -182,7 +171,7 @@ class _Bookkeeping:
         log = self.log
         log.tokens += tokens
         log.train_loss.append((step, loss))
-        faults.checkpoint(f"train:step:{step}")
+        faults.kill_point(f"train:step:{step}")
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{loss:.4g}")
         if self.on_step:

@@ -20,7 +20,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
-from llm_streamline import pipeline, store
+from llm_streamline import pipeline, stages
 from llm_streamline.cli import CONF_DIR, to_run_config
 
 COMPARED = ("layers", "params", "eval", "stability", "perplexity", "train")
@@ -71,21 +71,21 @@ def smoke_config():
 @pytest.mark.parametrize("case", CORRUPTIONS, ids=lambda c: c.name)
 def test_damaged_entry_is_moved_aside_recomputed_and_results_match(case, uninterrupted_dir, uninterrupted,
                                                                    tmp_path, monkeypatch, caplog):
-    stages = tmp_path / "stages"
-    shutil.copytree(uninterrupted_dir / "stages", stages)
+    stage_root = tmp_path / "stages"
+    shutil.copytree(uninterrupted_dir / "stages", stage_root)
     for pattern in case.drop:
-        for p in stages.glob(pattern):
+        for p in stage_root.glob(pattern):
             shutil.rmtree(p)
-    [target] = list(stages.glob(case.target))
+    [target] = list(stage_root.glob(case.target))
     entry = target.parents[case.entry_depth - 1] if case.entry_depth else target
     case.damage(target)
-    monkeypatch.setenv("LLM_STREAMLINE_STAGES", str(stages))
+    monkeypatch.setenv("LLM_STREAMLINE_STAGES", str(stage_root))
     with caplog.at_level(logging.WARNING, logger="llm_streamline"):
         again = pipeline.run(smoke_config(), tmp_path / "run")
     warnings = [r.getMessage() for r in caplog.records if "failed verification" in r.getMessage()]
     assert len(warnings) == 1 and str(entry) in warnings[0], warnings
-    assert list(entry.parent.glob(f"{entry.name}{store.CORRUPT}*"))  # kept aside for a post-mortem
-    assert store.verify(entry, _key_of(entry)) is None  # recomputed and sealed again
+    assert list(entry.parent.glob(f"{entry.name}{stages.CORRUPT}*"))  # kept aside for a post-mortem
+    assert stages.verify(entry, _key_of(entry)) is None  # recomputed and sealed again
     for key in COMPARED:
         assert again[key] == uninterrupted[key], key
     saved = load_file(str(tmp_path / "run" / "model" / "model.safetensors"))
@@ -102,19 +102,19 @@ def _key_of(entry: Path) -> str:
 
 def test_a_file_entry_without_its_manifest_is_unfinished_not_trusted(tmp_path):
     entry = tmp_path / "eval_dense-0123.json"
-    store.write_json_atomic(entry, {"metrics": {}})  # killed before the manifest was written
-    assert not store.sealed(entry, "eval_dense-0123") and entry.exists()  # recomputing overwrites it
-    store.seal(entry, "eval_dense-0123")
-    assert store.read_sealed_json(entry, "eval_dense-0123") == {"metrics": {}}
+    stages.write_json_atomic(entry, {"metrics": {}})  # killed before the manifest was written
+    assert not stages.sealed(entry, "eval_dense-0123") and entry.exists()  # recomputing overwrites it
+    stages.seal(entry, "eval_dense-0123")
+    assert stages.read_sealed_json(entry, "eval_dense-0123") == {"metrics": {}}
 
 
 def test_an_entry_made_for_another_key_is_refused(tmp_path):
     entry = tmp_path / "train-aaaa"
     entry.mkdir()
     (entry / "train_log.json").write_text(json.dumps({"steps": 1}))
-    store.seal(entry, "train-bbbb")  # e.g. a directory copied or renamed by hand
-    assert "made for 'train-bbbb'" in store.verify(entry, "train-aaaa")
-    assert not store.sealed(entry, "train-aaaa")
+    stages.seal(entry, "train-bbbb")  # e.g. a directory copied or renamed by hand
+    assert "made for 'train-bbbb'" in stages.verify(entry, "train-aaaa")
+    assert not stages.sealed(entry, "train-aaaa")
     assert not entry.exists() and list(tmp_path.glob("train-aaaa.corrupt-*"))
 
 
@@ -135,7 +135,7 @@ def test_damaged_corpus_and_token_cache_are_rebuilt(tok, tmp_path, monkeypatch, 
         assert (data.tokens.cached_token_stream(docs[:50], tok, "t") == ids).all()
     moved = [r.getMessage() for r in caplog.records if "failed verification" in r.getMessage()]
     assert len(moved) == 2 and str(corpus) in moved[0] and str(tokens) in moved[1], moved
-    assert store.verify(corpus, corpus.name) is None and store.verify(tokens, tokens.name) is None
+    assert stages.verify(corpus, corpus.name) is None and stages.verify(tokens, tokens.name) is None
 
 
 def test_converted_model_is_verified_once_per_process_and_reconverted_when_damaged(tmp_path, monkeypatch):
@@ -149,7 +149,7 @@ def test_converted_model_is_verified_once_per_process_and_reconverted_when_damag
     (dest / "model.safetensors").write_bytes(b"weights" * 100)
     (dest / ".complete").write_text("converted before checkpoints were sealed")
     assert loading.embedded_smollm2_dir() == dest  # sealed as found, then trusted
-    assert store.verify(dest, dest.name) is None
+    assert stages.verify(dest, dest.name) is None
     monkeypatch.setattr(loading, "_VERIFIED", set())  # a new process
     (dest / "model.safetensors").write_bytes(bytes(700))
 

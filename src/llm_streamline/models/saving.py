@@ -18,9 +18,6 @@ decoder layer (attention output projection set to zero), so the result loads wit
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -30,35 +27,15 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from llm_streamline.config import ReplacementConfig
 from llm_streamline.models.layers import find_decoder_stack, splice
 from llm_streamline.replace import build_replacement, needs_norm_probe, pre_mlp_norm_of
-from llm_streamline.store import default_mode
+from llm_streamline.stages import atomic_dir
 
 STREAMLINE_CONFIG = "streamline_config.json"
-
-
-def _atomic_dir(dest: Path):
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".tmp-{dest.name}"))
-    tmp.chmod(default_mode(directory=True))  # mkdtemp's 0700 would hide the model from teammates
-    return tmp
-
-
-def _commit_dir(tmp: Path, dest: Path) -> None:
-    # writers such as safetensors' save_file create 0600 files: give every file the mode open() would give,
-    # so a model on a shared filesystem is readable by teammates (0644 under the usual umask)
-    for p in Path(tmp).rglob("*"):
-        p.chmod(default_mode(directory=p.is_dir()))
-    if dest.exists():
-        shutil.rmtree(dest)
-    os.replace(tmp, dest)
 
 
 def save_pruned(model: PreTrainedModel, tokenizer, dest: Path, replacement: ReplacementConfig,
                 slot_start: int, record: dict) -> str:
     """Write the pruned model to `dest` atomically; returns the format written ("stock" or "streamline")."""
-    dest = Path(dest)
-    tmp = _atomic_dir(dest)
-    try:
+    with atomic_dir(dest) as tmp:
         if replacement.type in ("none", "layer", "layers"):
             model.save_pretrained(tmp, safe_serialization=True)
             fmt = "stock"
@@ -82,9 +59,6 @@ def save_pruned(model: PreTrainedModel, tokenizer, dest: Path, replacement: Repl
             fmt = "streamline"
         tokenizer.save_pretrained(tmp)
         (tmp / "llm_streamline.json").write_text(json.dumps({"format": fmt, **record}, indent=2, default=str))
-        _commit_dir(tmp, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return fmt
 
 

