@@ -329,6 +329,36 @@ def test_lora_adapters_kept_and_reapplied_give_the_same_model():
         assert torch.equal(v, want[k]), k
 
 
+def test_lora_healing_is_driven_by_the_train_config():
+    """train=lora: every value of the train group drives the healing (warm-up, min_lr, select); a method's own
+    healing (method.heal=lora alone) trains at method.lora_lr for method.lora_epochs with its fixed schedule."""
+    from dataclasses import replace
+
+    from llm_streamline.config import TrainConfig, heal_train_config
+
+    cfg = RunConfig()
+    own = heal_train_config(cfg)
+    assert (own.loss, own.lr, own.epochs, own.min_lr, own.weight_decay, own.warmup_ratio, own.select) == \
+        ("lora", cfg.method.lora_lr, cfg.method.lora_epochs, pytest.approx(0.1 * cfg.method.lora_lr), 0.0, 0.05, "best")
+    assert (own.batch_size, own.grad_clip, own.max_steps) == (cfg.train.batch_size, cfg.train.grad_clip, None)
+
+    g = torch.Generator().manual_seed(0)
+    blocks = torch.randint(3, V, (24, 4), generator=g).repeat(1, 8)
+    cfg = replace(RunConfig(), train=TrainConfig(loss="lora", lr=5e-3, min_lr=1e-4, weight_decay=0.0,
+                                                 warmup_ratio=0.4, epochs=2, batch_size=4, select="final"))
+    assert heal_train_config(cfg) is cfg.train
+    lrs = []
+    _, log = heal.lora_heal(_model("llama"), blocks[:20], blocks[20:], cfg, progress=False)
+    from llm_streamline.train import train_lora
+
+    _, again = train_lora(_model("llama"), blocks[:20], blocks[20:], cfg.train, 8, 16, cfg.seed, progress=False,
+                          on_step=lambda step, m: lrs.append(m["train/lr"]) if "train/lr" in m else None)
+    assert log["train_loss"] == again["train_loss"] and log["steps"] == 10
+    assert lrs[0] == pytest.approx(5e-3 / 4) and lrs[3] == pytest.approx(5e-3)  # 4 warm-up steps of 10
+    assert lrs[-1] == pytest.approx(1e-4)  # cosine down to train.min_lr
+    assert log["selected_step"] == 10 and [s for s, _ in log["val_loss"]] == [5, 10]  # select=final, once an epoch
+
+
 @pytest.mark.parametrize("method", ["shortgpt", "gromov", "laco", "sleb"])
 def test_baseline_through_the_pipeline(method, tmp_path):
     from hydra import compose, initialize_config_dir

@@ -9,7 +9,7 @@ Value checks that types cannot express live in `validate()` and run before any m
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass, field, is_dataclass
+from dataclasses import dataclass, field, is_dataclass, replace
 from typing import Any, Optional, get_type_hints
 
 from hydra.core.config_store import ConfigStore
@@ -109,8 +109,8 @@ class MethodConfig:
     heal: str = "none"                     # none | lora: LoRA recovery after a baseline's pruning (peft)
     lora_rank: int = 8
     lora_alpha: int = 16
-    lora_lr: float = 1e-4
-    lora_epochs: int = 1
+    lora_lr: float = 1e-4                  # lr and epochs of healing when train is not train=lora
+    lora_epochs: int = 1                   # (see heal_train_config)
     # LLM-Pruner (width pruning); `width_ratio` null = matched to the layer-pruning size of `sparsity`
     # vector | element1 | element2 | mix = the original's vectorize | param_first | param_second | param_mix
     importance: str = "element1"
@@ -160,6 +160,23 @@ class RunConfig:
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="run_schema", node=RunConfig)
+
+
+# A method's own healing (method.heal=lora without train=lora, e.g. method=gromov): method.lora_lr for
+# method.lora_epochs, 5% linear warm-up, cosine to a tenth of the lr, no weight decay, best validation loss kept.
+HEAL_WARMUP_RATIO = 0.05
+HEAL_MIN_LR_FRACTION = 0.1
+
+
+def heal_train_config(cfg: RunConfig) -> TrainConfig:
+    """What LoRA healing trains with: with train=lora (train.loss=lora) the train group's values, every one of
+    them; otherwise the method's budget above, with train.batch_size, grad_clip and max_steps."""
+    if cfg.train.loss == "lora":
+        return cfg.train
+    m = cfg.method
+    return replace(cfg.train, loss="lora", lr=m.lora_lr, epochs=m.lora_epochs,
+                   min_lr=HEAL_MIN_LR_FRACTION * m.lora_lr, weight_decay=0.0, warmup_ratio=HEAL_WARMUP_RATIO,
+                   select="best")
 
 
 MODEL_SOURCES = ("embedded", "hub", "local", "tiny")

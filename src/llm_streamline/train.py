@@ -1,4 +1,4 @@
-"""Training the replacement.
+"""Training: one loop and one bookkeeping for every way this project trains (`fit`).
 
 loss=mse  hidden-state regression f(x^(l*)) ~ x^(l*+n). Teacher pairs are produced once, batch by batch,
           running only layers 0..l*+n-1 of the dense model, and written to disk shards; training streams the
@@ -14,10 +14,17 @@ loss=lm   next-token cross-entropy through the frozen pruned model; only the rep
 loss=distill  KL(dense next-token distribution || pruned) through the frozen pruned model, at
           `distill_temperature`, plus `distill_alpha` x the hidden-state MSE at the slot's output; the
           dense model's final hidden states are computed per batch (no stored vocabulary-sized tensors).
+loss=lora LoRA healing of a pruned model (peft): adapters (rank, alpha; dropout 0, no bias) on every nn.Linear
+          inside the decoder layers (attention and MLP projections, found from the model, no family names);
+          embeddings, norms and the LM head stay frozen; next-token LM loss; validated once per epoch; the
+          adapters kept are merged (`merge_and_unload`), so the model stays its own class and saves as a stock
+          checkpoint.
 LM and KD losses run the LM head in chunks of positions (`losses`).
-All: AdamW, linear warmup then cosine to `min_lr` (transformers' scheduler), gradient clipping, a
-validation loss at each epoch end (and a few times within); `select=best` keeps the weights with the
-lowest validation loss (by copy), `select=final` the last ones (as the paper does); seeded.
+All: AdamW at `lr` with `weight_decay`, linear warmup over `warmup_ratio` of the steps then cosine to `min_lr`
+(transformers' scheduler), gradient clipping at `grad_clip`, `epochs` passes capped by `max_steps`, a
+validation loss before training and `evals_per_epoch` times per epoch; `select=best` keeps the weights with
+the lowest validation loss (by copy; the initial ones if training never helped), `select=final` the last ones
+(as the paper does); seeded.
 """
 
 from __future__ import annotations
@@ -25,8 +32,11 @@ from __future__ import annotations
 import copy
 import json
 import math
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -90,7 +100,7 @@ def write_teacher_shards(model: PreTrainedModel, blocks: torch.Tensor, start: in
     return TeacherShards(directory, files, index)
 
 
-# ------------------------------------------------------------------------------------------------ training
+# ------------------------------------------------------------------------------------------------ the loop
 @dataclass
 class TrainLog:
     steps: int = 0
@@ -111,6 +121,151 @@ class TrainLog:
                 "train_loss": [list(p) for p in self.train_loss], "val_loss": [list(p) for p in self.val_loss]}
 
 
+@dataclass
+class Batch:
+    inputs: tuple[torch.Tensor, ...]   # on the device; checked for NaN/inf when the loss is not finite
+    rows: int                          # sequences: the weight of the batch's loss in the validation mean
+    tokens: int                        # tokens trained on (all data-parallel ranks)
+    index: list[int] = field(default_factory=list)  # the rows' indices in the token blocks (teacher pairs)
+
+
+@dataclass
+class Job:
+    """One training run, whatever its loss: what trains, the batches of an epoch and the loss of a batch."""
+    stage: str                                 # mse | lm | distill | lora: in progress bars and errors
+    trains: str                                # what trains, for error messages ("the replacement")
+    modules: list[nn.Module]                   # put in train mode for each step; their weights are selected
+    params: list[nn.Parameter]
+    steps_per_epoch: int
+    order: Callable[[torch.Generator], list]   # one epoch's batches (keys for `load`), in a seeded order
+    load: Callable[[Any], Batch]
+    val_batches: Callable[[], Iterable[Batch]]
+    loss: Callable[[Batch], torch.Tensor]
+    evaluated: list[nn.Module]                 # put in eval mode for validation
+    keep: Callable[[], Any] | None = None      # the weights selection keeps (default: the modules' state dicts)
+    restore: Callable[[Any], None] | None = None
+
+    def kept(self) -> Any:
+        return self.keep() if self.keep else [copy.deepcopy(m.state_dict()) for m in self.modules]
+
+    def put_back(self, state: Any) -> None:
+        if self.restore:
+            self.restore(state)
+        else:
+            for m, s in zip(self.modules, state):
+                m.load_state_dict(s)
+
+    @torch.no_grad()
+    def validate(self) -> float:
+        """The training loss averaged over the validation batches (weighted by their sequences)."""
+        for m in self.evaluated:
+            m.eval()
+        tot, cnt = 0.0, 0
+        for b in self.val_batches():
+            tot += self.loss(b).item() * b.rows
+            cnt += b.rows
+        return tot / max(cnt, 1)
+
+
+def _optimizer(params, cfg: TrainConfig, total_steps: int):
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warmup = int(round(cfg.warmup_ratio * total_steps))
+    sched = get_cosine_with_min_lr_schedule_with_warmup(opt, warmup, max(total_steps, 1), min_lr=cfg.min_lr)
+    return opt, sched
+
+
+def _check_finite(loss: torch.Tensor, stage: str, step: int, modules: list[nn.Module], trains: str,
+                  batch: tuple[torch.Tensor, ...] = ()) -> None:
+    if torch.isfinite(loss):
+        return
+    bad_weights = faults.nonfinite_parameters(modules)
+    if bad_weights:
+        cause = f"{trains}'s weights became non-finite ({', '.join(bad_weights)}): lr too high?"
+    elif any(t.is_floating_point() and not torch.isfinite(t).all() for t in batch):
+        cause = "the teacher pairs hold NaN/inf (the dense model overflows on this batch: try dtype=float32)"
+    else:
+        cause = "the loss overflowed on finite inputs and weights (lr too high, or no gradient clipping?)"
+    raise NonFiniteLossError(stage, f"step {step}", f"loss is {loss.item()}", cause)
+
+
+class _Bookkeeping:
+    """What every training does around a step: records, progress, periodic validation, the kept weights."""
+
+    def __init__(self, job: Job, log: TrainLog, total: int, eval_every: int, on_step, desc: str,
+                 disable: bool = False, select: str = "best"):
+        self.job, self.log, self.total, self.select = job, log, total, select
+        self.eval_every, self.on_step = eval_every, on_step
+        self.best_state = job.kept()
+        log.initial_val_loss = log.best_val_loss = job.validate()
+        log.best_step = 0
+        self.bar = tqdm(total=total, desc=desc, unit="step", disable=disable)
+
+    def after_step(self, step: int, loss: float, tokens: int, lr: float) -> None:
+        log = self.log
+        log.tokens += tokens
+        log.train_loss.append((step, loss))
+        faults.kill_point(f"train:step:{step}")
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{loss:.4g}")
+        if self.on_step:
+            self.on_step(step, {"train/loss": loss, "train/lr": lr})
+        if step % self.eval_every == 0 or step == self.total:
+            v = self.job.validate()
+            _check_finite(torch.tensor(v), f"validation ({self.job.stage})", step, self.job.modules, self.job.trains)
+            log.val_loss.append((step, v))
+            if self.on_step:
+                self.on_step(step, {"val/loss": v})
+            if v < log.best_val_loss:
+                log.best_val_loss, log.best_step = v, step
+                if self.select == "best":
+                    self.best_state = self.job.kept()
+
+    def finish(self, steps: int) -> TrainLog:
+        self.bar.close()
+        if self.select == "best":
+            self.job.put_back(self.best_state)
+        for m in self.job.modules:
+            m.eval()
+        self.log.steps = steps
+        self.log.selected_step = self.log.best_step if self.select == "best" else steps
+        return self.log
+
+
+def fit(job: Job, cfg: TrainConfig, seed: int, evals_per_epoch: int = 4, on_step=None, desc: str | None = None,
+        progress: bool = True, all_reduce: Callable[[list[nn.Parameter]], None] | None = None) -> TrainLog:
+    """Train `job` with `cfg`'s optimizer, schedule and budget; returns the log. `seed` orders the batches
+    (the caller seeds torch before building what trains); `all_reduce` averages gradients over ranks."""
+    total = job.steps_per_epoch * cfg.epochs
+    if cfg.max_steps is not None:
+        total = min(cfg.max_steps, total)
+    opt, sched = _optimizer(job.params, cfg, total)
+    log = TrainLog(trainable_params=sum(p.numel() for p in job.params))
+    book = _Bookkeeping(job, log, total, max(1, math.ceil(job.steps_per_epoch / evals_per_epoch)), on_step,
+                        desc or f"train ({job.stage})", disable=not progress, select=cfg.select)
+    gen = torch.Generator().manual_seed(seed)
+    step = 0
+    while step < total:
+        for key in job.order(gen):
+            if step >= total:
+                break
+            for m in job.modules:
+                m.train()
+            batch = job.load(key)
+            loss = job.loss(batch)
+            _check_finite(loss, f"train ({job.stage})", step, job.modules, job.trains, batch.inputs)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if all_reduce is not None:
+                all_reduce(job.params)
+            torch.nn.utils.clip_grad_norm_(job.params, cfg.grad_clip)
+            opt.step()
+            sched.step()
+            step += 1
+            book.after_step(step, loss.item(), batch.tokens, sched.get_last_lr()[0])
+    return book.finish(step)
+
+
+# ------------------------------------------------------------------------------------------------ mse
 def _slot_call(modules: list[nn.Module], x: torch.Tensor, kwargs: list[dict]) -> torch.Tensor:
     """Call slot module j with the arguments the model passes to the layer at position start+j."""
     for m, kw in zip(modules, kwargs):
@@ -134,86 +289,15 @@ def _needs_layer_kwargs(modules: list[nn.Module]) -> bool:
     return not all(isinstance(m, (FFNReplacement, MLPReplacement)) for m in modules)
 
 
-def _optimizer(params, cfg: TrainConfig, total_steps: int):
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    warmup = int(round(cfg.warmup_ratio * total_steps))
-    sched = get_cosine_with_min_lr_schedule_with_warmup(opt, warmup, max(total_steps, 1), min_lr=cfg.min_lr)
-    return opt, sched
-
-
-def _check_finite(loss: torch.Tensor, stage: str, step: int, slot: list[nn.Module],
-                  batch: tuple[torch.Tensor, ...] = ()) -> None:
-    if torch.isfinite(loss):
-        return
-    bad_weights = faults.nonfinite_parameters(slot)
-    if bad_weights:
-        cause = f"the replacement's weights became non-finite ({', '.join(bad_weights)}): lr too high?"
-    elif any(t.is_floating_point() and not torch.isfinite(t).all() for t in batch):
-        cause = "the teacher pairs hold NaN/inf (the dense model overflows on this batch: try dtype=float32)"
-    else:
-        cause = "the loss overflowed on finite inputs and weights (lr too high, or no gradient clipping?)"
-    raise NonFiniteLossError(stage, f"step {step}", f"loss is {loss.item()}", cause)
-
-
-class _Bookkeeping:
-    """What both losses do around a step: records, progress, periodic validation, best weights by copy."""
-
-    def __init__(self, slot: list[nn.Module], log: TrainLog, validate, total: int, eval_every: int, on_step,
-                 stage: str, desc: str, disable: bool = False, select: str = "best"):
-        self.slot, self.log, self.validate, self.total, self.select = slot, log, validate, total, select
-        self.eval_every, self.on_step, self.stage = eval_every, on_step, stage
-        self.best_state = [copy.deepcopy(m.state_dict()) for m in slot]
-        log.initial_val_loss = log.best_val_loss = validate()
-        log.best_step = 0
-        self.bar = tqdm(total=total, desc=desc, unit="step", disable=disable)
-
-    def after_step(self, step: int, loss: float, tokens: int, lr: float) -> None:
-        log = self.log
-        log.tokens += tokens
-        log.train_loss.append((step, loss))
-        faults.kill_point(f"train:step:{step}")
-        self.bar.update(1)
-        self.bar.set_postfix(loss=f"{loss:.4g}")
-        if self.on_step:
-            self.on_step(step, {"train/loss": loss, "train/lr": lr})
-        if step % self.eval_every == 0 or step == self.total:
-            v = self.validate()
-            _check_finite(torch.tensor(v), f"validation ({self.stage})", step, self.slot)
-            log.val_loss.append((step, v))
-            if self.on_step:
-                self.on_step(step, {"val/loss": v})
-            if v < log.best_val_loss:
-                log.best_val_loss, log.best_step = v, step
-                if self.select == "best":
-                    self.best_state = [copy.deepcopy(m.state_dict()) for m in self.slot]
-
-    def finish(self, steps: int) -> TrainLog:
-        self.bar.close()
-        if self.select == "best":
-            for m, state in zip(self.slot, self.best_state):
-                m.load_state_dict(state)
-        for m in self.slot:
-            m.eval()
-        self.log.steps = steps
-        self.log.selected_step = self.log.best_step if self.select == "best" else steps
-        return self.log
-
-
 def train_mse(model: PreTrainedModel, slot: list[nn.Module], start: int, blocks: torch.Tensor,
               train_shards: TeacherShards, val_shards: TeacherShards, cfg: TrainConfig, seed: int,
               evals_per_epoch: int = 4, on_step=None) -> TrainLog:
     """Fit the slot modules to the teacher pairs. `model` is the DENSE model (used only to capture the
     call arguments of layer `start`, once per batch shape)."""
     torch.manual_seed(seed)
-    params = [p for m in slot for p in m.parameters() if p.requires_grad]
-    steps_per_epoch = len(train_shards)
-    total = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
-    opt, sched = _optimizer(params, cfg, total)
-    log = TrainLog(trainable_params=sum(p.numel() for p in params))
     need_kwargs = _needs_layer_kwargs(slot)
     stack = find_decoder_stack(model)
     device = next(model.parameters()).device
-
     kwargs_by_shape: dict[tuple[int, int], list[dict]] = {}
 
     def layer_kwargs(rows) -> list[dict]:
@@ -229,42 +313,82 @@ def train_mse(model: PreTrainedModel, slot: list[nn.Module], start: int, blocks:
             kwargs_by_shape[shape] = [cap.call_kwargs[i] for i in where]
         return kwargs_by_shape[shape]
 
-    @torch.no_grad()
-    def validate() -> float:
-        for m in slot:
-            m.eval()
-        tot, cnt = 0.0, 0
-        for i in range(len(val_shards)):
-            x, y, rows = val_shards.load(i)
-            pred = _slot_call(slot, x.to(device), layer_kwargs(rows))
-            tot += _mse(pred, y.to(device), cfg.first_token, cfg.mse_target).item() * x.shape[0]
-            cnt += x.shape[0]
-        for m in slot:
-            m.train()
-        return tot / max(cnt, 1)
+    def load(shards: TeacherShards, i: int) -> Batch:
+        x, y, rows = shards.load(i)
+        return Batch((x.to(device), y.to(device)), x.shape[0], x.shape[0] * x.shape[1], rows)
 
-    book = _Bookkeeping(slot, log, validate, total, max(1, math.ceil(steps_per_epoch / evals_per_epoch)),
-                        on_step, "mse", f"train {type(slot[0]).__name__} (mse)", select=cfg.select)
-    gen = torch.Generator().manual_seed(seed)
+    def loss(b: Batch) -> torch.Tensor:
+        x, y = b.inputs
+        return _mse(_slot_call(slot, x, layer_kwargs(b.index)), y, cfg.first_token, cfg.mse_target)
+
+    job = Job("mse", "the replacement", slot, [p for m in slot for p in m.parameters() if p.requires_grad],
+              len(train_shards), lambda gen: torch.randperm(len(train_shards), generator=gen).tolist(),
+              lambda i: load(train_shards, i), lambda: (load(val_shards, i) for i in range(len(val_shards))),
+              loss, evaluated=slot)
+    return fit(job, cfg, seed, evals_per_epoch, on_step, desc=f"train {type(slot[0]).__name__} (mse)")
+
+
+# ------------------------------------------------------------------------------------------------ lm, distill
+def _block_job(stage: str, trains: str, modules: list[nn.Module], params: list[nn.Parameter], model: nn.Module,
+               train_blocks: torch.Tensor, val_blocks: torch.Tensor, cfg: TrainConfig, batch_loss,
+               accelerator=None) -> Job:
+    """Batches of `cfg.batch_size` token blocks through `model`, the loss `batch_loss(ids)` on each (validation:
+    the same loss). With an `accelerate.Accelerator`, each step's blocks are sharded over processes (the same
+    seeded order on every rank)."""
+    bs = cfg.batch_size
+    world = accelerator.num_processes if accelerator else 1
+    rank = accelerator.process_index if accelerator else 0
+    steps_per_epoch = train_blocks.shape[0] // (bs * world)
+    if steps_per_epoch < 1:
+        raise ValueError(f"train.loss={cfg.loss} needs at least {bs * world} training blocks, "
+                         f"got {train_blocks.shape[0]}")
+    device = next(model.parameters()).device
+
+    def order(gen: torch.Generator) -> list[torch.Tensor]:
+        perm = torch.randperm(train_blocks.shape[0], generator=gen)  # same order on every rank (same seed)
+        return [perm[(s * world + rank) * bs:(s * world + rank + 1) * bs] for s in range(steps_per_epoch)]
+
+    def load(rows: torch.Tensor) -> Batch:
+        ids = train_blocks[rows].to(device)
+        return Batch((ids,), ids.shape[0], ids.numel() * world)
+
+    def val_batches() -> Iterable[Batch]:
+        for i in range(0, val_blocks.shape[0], bs):
+            ids = val_blocks[i:i + bs].to(device)
+            yield Batch((ids,), ids.shape[0], ids.numel())
+
+    return Job(stage, trains, modules, params, steps_per_epoch, order, load, val_batches,
+               lambda b: batch_loss(b.inputs[0]), evaluated=[model])
+
+
+def _all_reduce_mean(world: int):
+    def all_reduce(params: list[nn.Parameter]) -> None:
+        for p in params:  # the mean gradient: identical updates on every rank
+            if p.grad is not None:
+                torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.SUM)
+                p.grad /= world
+    return all_reduce
+
+
+def _train_through_tail(pruned: PreTrainedModel, slot: list[nn.Module], train_blocks: torch.Tensor,
+                        val_blocks: torch.Tensor, cfg: TrainConfig, seed: int, batch_loss, stage: str,
+                        evals_per_epoch: int = 4, on_step=None, accelerator=None) -> TrainLog:
+    """Train `slot` on `batch_loss(ids)` computed through the frozen pruned model (validation: the same loss).
+
+    With an `accelerate.Accelerator`, batches are sharded over processes and gradients all-reduced, so every
+    rank ends with the same weights (the block was chosen before, from the same seeded data, on every rank).
+    """
+    torch.manual_seed(seed)
+    pruned.requires_grad_(False)
     for m in slot:
-        m.train()
-    step = 0
-    while step < total:
-        for i in torch.randperm(steps_per_epoch, generator=gen).tolist():
-            if step >= total:
-                break
-            x, y, rows = train_shards.load(i)
-            x, y = x.to(device), y.to(device)
-            loss = _mse(_slot_call(slot, x, layer_kwargs(rows)), y, cfg.first_token, cfg.mse_target)
-            _check_finite(loss, "train (mse)", step, slot, (x, y))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
-            sched.step()
-            step += 1
-            book.after_step(step, loss.item(), x.shape[0] * x.shape[1], sched.get_last_lr()[0])
-    return book.finish(step)
+        m.requires_grad_(True)
+    params = [p for m in slot for p in m.parameters()]
+    job = _block_job(stage, "the replacement", slot, params, pruned, train_blocks, val_blocks, cfg, batch_loss,
+                     accelerator)
+    world = accelerator.num_processes if accelerator else 1
+    return fit(job, cfg, seed, evals_per_epoch, on_step, desc=f"train slot ({stage})",
+               progress=not (accelerator and accelerator.process_index != 0),
+               all_reduce=_all_reduce_mean(world) if world > 1 else None)
 
 
 def train_lm(pruned: PreTrainedModel, slot: list[nn.Module], train_blocks: torch.Tensor, val_blocks: torch.Tensor,
@@ -326,65 +450,61 @@ def train_distill(dense: PreTrainedModel, pruned: PreTrainedModel, slot: list[nn
         loss.close()
 
 
-def _train_through_tail(pruned: PreTrainedModel, slot: list[nn.Module], train_blocks: torch.Tensor,
-                        val_blocks: torch.Tensor, cfg: TrainConfig, seed: int, batch_loss, stage: str,
-                        evals_per_epoch: int = 4, on_step=None, accelerator=None) -> TrainLog:
-    """Train `slot` on `batch_loss(ids)` computed through the frozen pruned model (validation: the same loss).
+# ------------------------------------------------------------------------------------------------ lora
+def lora_targets(model: PreTrainedModel) -> list[str]:
+    """Full module names of every nn.Linear inside the decoder layers."""
+    stack = find_decoder_stack(model)
+    inside = {id(m) for layer in stack.layers for m in layer.modules() if isinstance(m, nn.Linear)}
+    return [name for name, m in model.named_modules() if id(m) in inside]
 
-    With an `accelerate.Accelerator`, batches are sharded over processes and gradients all-reduced, so every
-    rank ends with the same weights (the block was chosen before, from the same seeded data, on every rank).
-    """
-    torch.manual_seed(seed)
-    pruned.requires_grad_(False)
-    for m in slot:
-        m.requires_grad_(True)
-    params = [p for m in slot for p in m.parameters()]
-    bs = cfg.batch_size
-    world = accelerator.num_processes if accelerator else 1
-    rank = accelerator.process_index if accelerator else 0
-    steps_per_epoch = train_blocks.shape[0] // (bs * world)
-    if steps_per_epoch < 1:
-        raise ValueError(f"train.loss={cfg.loss} needs at least {bs * world} training blocks, "
-                         f"got {train_blocks.shape[0]}")
-    total = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
-    opt, sched = _optimizer(params, cfg, total)
-    log = TrainLog(trainable_params=sum(p.numel() for p in params))
-    device = next(pruned.parameters()).device
 
-    @torch.no_grad()
-    def validate() -> float:
-        pruned.eval()
-        tot = 0.0
-        for i in range(0, val_blocks.shape[0], bs):
-            ids = val_blocks[i:i + bs].to(device)
-            tot += batch_loss(ids).item() * ids.shape[0]
-        return tot / val_blocks.shape[0]
+def _adapters(peft_model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in peft_model.state_dict().items() if "lora_" in k}
 
-    book = _Bookkeeping(slot, log, validate, total, max(1, math.ceil(steps_per_epoch / evals_per_epoch)),
-                        on_step, stage, f"train slot ({stage})", disable=rank != 0, select=cfg.select)
-    gen = torch.Generator().manual_seed(seed)
-    step = 0
-    while step < total:
-        order = torch.randperm(train_blocks.shape[0], generator=gen)  # same order on every rank (same seed)
-        for s in range(steps_per_epoch):
-            if step >= total:
-                break
-            batch = order[(s * world + rank) * bs:(s * world + rank + 1) * bs]
-            ids = train_blocks[batch].to(device)
-            for m in slot:
-                m.train()
-            loss = batch_loss(ids)
-            _check_finite(loss, f"train ({stage})", step, slot)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if accelerator is not None and world > 1:
-                for p in params:  # all-reduce the mean gradient: identical updates on every rank
-                    if p.grad is not None:
-                        torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.SUM)
-                        p.grad /= world
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
-            sched.step()
-            step += 1
-            book.after_step(step, loss.item(), ids.numel() * world, sched.get_last_lr()[0])
-    return book.finish(step)
+
+def train_lora(model: PreTrainedModel, train_blocks: torch.Tensor, val_blocks: torch.Tensor, cfg: TrainConfig,
+               rank: int, alpha: int, seed: int, progress: bool = True, on_step=None,
+               cached: tuple[dict, dict] | None = None, on_trained=None) -> tuple[PreTrainedModel, dict]:
+    """LoRA healing of `model` with `cfg`'s budget (validated once per epoch). Returns (the merged plain model,
+    the log). The input object is modified (peft injects adapters in place and merge_and_unload gives back the
+    same base model object).
+
+    cached: (adapter weights, log) of an earlier identical run: loaded and merged, no training.
+    on_trained(adapter weights, log): called after training (the pipeline keeps them in its stage cache)."""
+    from peft import LoraConfig, get_peft_model
+
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)  # the adapters' initialisation
+    cls = type(model)
+    targets = lora_targets(model)
+    peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, bias="none",
+                                                  target_modules=targets, task_type="CAUSAL_LM"))
+    if cached is not None:
+        adapters, log = cached
+        missing = [k for k in adapters if k not in peft_model.state_dict()]
+        if missing:
+            raise ValueError(f"cached LoRA adapters do not fit this model (e.g. {missing[0]})")
+        peft_model.load_state_dict(adapters, strict=False)
+        return _merge(peft_model, cls), log
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    job = _block_job("lora", "the LoRA adapters", [peft_model], params, peft_model, train_blocks, val_blocks, cfg,
+                     lambda ids: lm_loss(peft_model, ids))  # the head in chunks of positions, recomputed in backward
+    job.keep, job.restore = (lambda: _adapters(peft_model)), (lambda s: peft_model.load_state_dict(s, strict=False))
+    tl = fit(job, cfg, seed, evals_per_epoch=1, on_step=on_step, desc="lora heal", progress=progress)
+    final = tl.val_loss[-1][1] if tl.val_loss else tl.initial_val_loss
+    log = {"method": "lora", "rank": rank, "alpha": alpha, "lr": cfg.lr, "epochs": cfg.epochs,
+           "batch_size": cfg.batch_size, "targets": len(targets), **tl.as_dict(), "final_val_loss": final,
+           "seconds": round(time.perf_counter() - t0, 3),
+           "val_ppl": {"initial": math.exp(tl.initial_val_loss), "best": math.exp(tl.best_val_loss)}}
+    if on_trained is not None:
+        on_trained({k: v.contiguous().cpu() for k, v in _adapters(peft_model).items()}, log)
+    return _merge(peft_model, cls), log
+
+
+def _merge(peft_model, cls) -> PreTrainedModel:
+    merged = peft_model.merge_and_unload()
+    merged.eval()
+    if type(merged) is not cls:
+        raise TypeError(f"LoRA merge returned {type(merged).__name__}, expected {cls.__name__}")
+    merged.requires_grad_(True)
+    return merged
