@@ -43,12 +43,12 @@ from llm_streamline.importance import (
     SimilarityProfile,
     block_perplexities,
     choose_block,
-    plot_profile,
     similarity_profile,
 )
 from llm_streamline.models.layers import PrunedBlock, count_params, find_decoder_stack, remove_block, run_layers
 from llm_streamline.models.loading import DTYPES, load_model
 from llm_streamline.models.saving import save_pruned
+from llm_streamline.plots import plot_profile
 from llm_streamline.replace import build_replacement, needs_norm_probe, pre_mlp_norm_of, replacement_param_count
 from llm_streamline.tracking import Tracker, run_tags, sweep_objective
 from llm_streamline.train import train_distill, train_lm, train_mse, write_teacher_shards
@@ -252,7 +252,7 @@ def run(cfg: RunConfig, out_dir: Path) -> dict:
                      start, start + n, profile.mean_cos[n][start])
             plot_path = out_dir / ".similarity_profile.partial.png"  # renamed into place when the run succeeds
             if is_main:  # data-parallel ranks share the run directory
-                plot_profile(profile, plot_path, chosen=(start, n),
+                plot_profile(profile.mean_cos, profile.num_layers, plot_path, chosen=(start, n),
                              title=f"{cfg.model.name}: calibration {profile.tokens} tokens")
                 tracker.image("similarity_profile", plot_path)
 

@@ -345,7 +345,7 @@ def plot(results: list[dict], out: Path) -> None:
 
 def plot_similarity(results: list[dict], out: Path) -> list[Path]:
     """One heat map per model (its calibration profile), with every contiguous block a run removed."""
-    from llm_streamline.importance import SimilarityProfile, plot_profile
+    from llm_streamline.plots import plot_profile
 
     by_model: dict[str, list[dict]] = {}
     for r in results:
@@ -354,14 +354,11 @@ def plot_similarity(results: list[dict], out: Path) -> list[Path]:
     paths = []
     for name, runs in sorted(by_model.items()):
         prof = runs[0]["similarity_profile"]
-        profile = SimilarityProfile(num_layers=prof["num_layers"], tokens=prof["tokens"],
-                                    mean_cos={int(k): v for k, v in prof["cosine"].items()},
-                                    mean_angular={int(k): v for k, v in prof["angular"].items()})
         blocks = sorted({(r["layers"]["removed"][0], r["layers"]["n_removed"]) for r in runs
                          if r["layers"].get("contiguous") and r["layers"].get("n_removed")})
         path = out / f"similarity_{name}.png"
-        plot_profile(profile, path, chosen=blocks,
-                     title=f"{name}: layer similarity on {profile.tokens} calibration tokens; x = blocks removed")
+        plot_profile({int(k): v for k, v in prof["cosine"].items()}, prof["num_layers"], path, chosen=blocks,
+                     title=f"{name}: layer similarity on {prof['tokens']} calibration tokens; x = blocks removed")
         paths.append(path)
     return paths
 
