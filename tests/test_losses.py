@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from llm_streamline.config import TINY_FAMILIES
-from llm_streamline.losses import head_of, kl_sum, lm_loss, nll_sum
+from llm_streamline.losses import head_of, kl_sum, lm_loss, nll_batches, nll_sum
 from llm_streamline.models.loading import tiny_model
 
 VOCAB = 300
@@ -74,3 +74,13 @@ def test_kl_equals_full_and_is_zero_for_the_teacher():
     assert n == ids.numel()
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     assert float(self_kl) == pytest.approx(0.0, abs=1e-4)
+
+
+def test_nll_batches_cover_the_blocks_in_order():
+    model = _tiny("llama")
+    ids = _ids(shape=(5, 16))
+    got = list(nll_batches(model, ids, 2))
+    assert [(start, b.shape[0], count) for start, b, _, count in got] == [(0, 2, 30), (2, 2, 30), (4, 1, 15)]
+    with torch.no_grad():
+        whole, count = nll_sum(model, ids)
+        assert sum(float(nll) for _, _, nll, _ in got) == pytest.approx(float(whole), rel=1e-5) and count == 75

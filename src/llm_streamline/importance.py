@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from llm_streamline.losses import nll_sum
+from llm_streamline.losses import nll_batches
 from llm_streamline.models.layers import find_decoder_stack, run_layers, skipping
 
 
@@ -148,16 +148,12 @@ def block_perplexities(model: PreTrainedModel, blocks: torch.Tensor, n: int, bat
                        progress: bool = True) -> list[float]:
     """Calibration perplexity of `model` with layers [l, l+n) skipped (each returns its input), for every
     start l in [0, L-n]. Token-weighted over `blocks` [N, T] (no padding)."""
-    stack = find_decoder_stack(model)
-    L = stack.num_layers
-    device = next(model.parameters()).device
+    L = find_decoder_stack(model).num_layers
     out = []
     for start in tqdm(range(L - n + 1), desc=f"block perplexity (n={n})", disable=not progress, unit="block"):
         with skipping(model, range(start, start + n)):
             nll, count = 0.0, 0
-            for i in range(0, blocks.shape[0], batch_size):
-                ids = blocks[i:i + batch_size].to(device)
-                s, c = nll_sum(model, ids)  # the head in chunks of positions
+            for _, _, s, c in nll_batches(model, blocks, batch_size):  # the head in chunks of positions
                 nll, count = nll + float(s), count + c
         out.append(math.exp(nll / count))
     return out

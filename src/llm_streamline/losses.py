@@ -16,6 +16,7 @@ family in conf/model/tiny-*.yaml (tests/test_losses.py).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -107,6 +108,17 @@ def nll_sum(model: nn.Module, ids: torch.Tensor, chunk: int = DEFAULT_CHUNK,
         return F.cross_entropy(head.logits(hc), tc, reduction="sum")
 
     return _chunk_sums(ce, h, targets, chunk=chunk), targets.numel()
+
+
+def nll_batches(model: nn.Module, blocks: torch.Tensor, batch_size: int
+                ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, int]]:
+    """(first block's index, the batch's ids on the model's device, summed NLL, predicted tokens) for each batch of
+    `batch_size` blocks of `blocks` [N, T], in order: the loop every token-weighted perplexity sums."""
+    device = next(model.parameters()).device
+    for start in range(0, blocks.shape[0], batch_size):
+        ids = blocks[start:start + batch_size].to(device)
+        nll, count = nll_sum(model, ids)
+        yield start, ids, nll, count
 
 
 def lm_loss(model: nn.Module, ids: torch.Tensor, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:

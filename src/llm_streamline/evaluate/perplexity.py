@@ -3,7 +3,7 @@
 Every block [T tokens] predicts its tokens 1..T-1 from their prefixes (T-1 predictions per block; the
 first token of a block has no context and is not scored). ppl = exp(total NLL / predicted tokens),
 a token-weighted mean over all blocks, so the batch size does not change the result. The LM head and the
-log-softmax run on chunks of positions (`losses.nll_sum`): no [batch, seq, vocab] fp32 tensor is formed.
+log-softmax run on chunks of positions (`losses.nll_batches`): no [batch, seq, vocab] fp32 tensor is formed.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from llm_streamline.losses import nll_sum
+from llm_streamline.losses import nll_batches
 
 
 @torch.no_grad()
@@ -30,12 +30,10 @@ def perplexity(model: Any, blocks: torch.Tensor, batch_size: int, desc: str = "p
         raise ValueError("batch_size must be >= 1")
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
     total_nll, total_tokens = 0.0, 0
     try:
-        for start in tqdm(range(0, blocks.shape[0], batch_size), desc=desc, unit="batch"):
-            ids = blocks[start:start + batch_size].to(device)
-            nll, predicted = nll_sum(model, ids)
+        for start, ids, nll, predicted in tqdm(nll_batches(model, blocks, batch_size), desc=desc, unit="batch",
+                                               total=math.ceil(blocks.shape[0] / batch_size)):
             if not torch.isfinite(nll):
                 from llm_streamline.faults import NumericalFault, diagnose
 
