@@ -78,7 +78,19 @@ BAD = [
     (["mode=train"], "mode"),
     (["wandb.mode=loud"], "wandb.mode"),
     (["model.source=ftp"], "model.source"),
+    (["train.loss=lora", "replacement=none"], "select LoRA healing with train=lora"),  # one LoRA route
+    (["train=lora", "replacement=none", "method.heal=none"], "select LoRA healing with train=lora"),
+    (["method.heal=lora"], "LLM-Streamline heals plain pruning with train=lora"),
 ]
+
+
+def test_train_lora_selects_the_heal_option():
+    """One LoRA route: train=lora is LoRA healing of the plainly pruned model, the heal option baselines use."""
+    for extra in ([], ["method=shortgpt"], ["method=gromov"]):
+        cfg = compose_run("train=lora", "replacement=none", *extra)
+        validate(cfg)
+        assert (cfg.train.loss, cfg.method.heal, cfg.train.weight_decay) == ("lora", "lora", 0.0)
+    assert compose_run("method=gromov").method.heal == "lora" and compose_run().method.heal == "none"
 
 
 @pytest.mark.parametrize("overrides,needle", BAD)

@@ -106,7 +106,7 @@ class EvalConfig:
 @dataclass
 class MethodConfig:
     name: str = "streamline"               # streamline | shortgpt | gromov | laco | sleb | llm_pruner
-    heal: str = "none"                     # none | lora: LoRA recovery after a baseline's pruning (peft)
+    heal: str = "none"                     # none | lora: LoRA recovery after pruning (peft); train=lora sets it
     lora_rank: int = 8
     lora_alpha: int = 16
     lora_lr: float = 1e-4                  # lr and epochs of healing when train is not train=lora
@@ -255,6 +255,13 @@ def validate(cfg: RunConfig) -> None:
     _check(t.epochs >= 1 and t.batch_size >= 1, "train.epochs and train.batch_size must be >= 1")
     if t.loss == "lora":
         _check(r.type == "none", f"train.loss=lora heals a plainly pruned model: use replacement=none (got {r.type})")
+    # one LoRA route: healing is the heal option, and train=lora is how LLM-Streamline's plain pruning asks for it
+    _check(t.loss != "lora" or cfg.method.heal == "lora",
+           f"train.loss=lora with method.heal={cfg.method.heal}: select LoRA healing with train=lora (it sets "
+           "method.heal=lora)")
+    _check(cfg.method.name != "streamline" or cfg.method.heal != "lora" or t.loss == "lora",
+           f"method.heal=lora with train.loss={t.loss}: LLM-Streamline heals plain pruning with train=lora "
+           "replacement=none")
     _check(cfg.method.name in METHODS, f"method={cfg.method.name!r}: expected one of {METHODS}")
     _check(cfg.method.heal in ("none", "lora"), f"method.heal={cfg.method.heal!r}: none | lora")
     _check(cfg.method.importance in ("vector", "element1", "element2", "mix"),
