@@ -81,6 +81,8 @@ BAD = [
     (["train.loss=lora", "replacement=none"], "select LoRA healing with train=lora"),  # one LoRA route
     (["train=lora", "replacement=none", "method.heal=none"], "select LoRA healing with train=lora"),
     (["method.heal=lora"], "LLM-Streamline heals plain pruning with train=lora"),
+    (["train=lm", "data.train_samples=4"], "data.train_samples=4 < train.batch_size=8"),
+    (["method=gromov", "train.batch_size=512"], "data.train_samples=256 < train.batch_size=512"),
 ]
 
 

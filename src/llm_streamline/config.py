@@ -255,6 +255,10 @@ def validate(cfg: RunConfig) -> None:
     _check(t.epochs >= 1 and t.batch_size >= 1, "train.epochs and train.batch_size must be >= 1")
     if t.loss == "lora":
         _check(r.type == "none", f"train.loss=lora heals a plainly pruned model: use replacement=none (got {r.type})")
+    if t.loss in ("lm", "distill", "lora") or cfg.method.heal == "lora":  # whole batches of token blocks
+        _check(d.train_samples >= t.batch_size,
+               f"data.train_samples={d.train_samples} < train.batch_size={t.batch_size}: training on token blocks "
+               "takes whole batches; raise data.train_samples or lower train.batch_size")
     # one LoRA route: healing is the heal option, and train=lora is how LLM-Streamline's plain pruning asks for it
     _check(t.loss != "lora" or cfg.method.heal == "lora",
            f"train.loss=lora with method.heal={cfg.method.heal}: select LoRA healing with train=lora (it sets "
