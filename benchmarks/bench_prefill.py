@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from llm_streamline.config import ReplacementConfig
     from llm_streamline.evaluate.speed import _one_run, flops_per_token
+    from llm_streamline.models.anatomy import anatomy_of
     from llm_streamline.models.layers import count_params, find_decoder_stack, remove_block, run_layers
     from llm_streamline.models.loading import embedded_smollm2_dir
     from llm_streamline.replace import build_replacement
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
             st = find_decoder_stack(m)
             torch.manual_seed(0)
             slot = build_replacement(ReplacementConfig(type=rtype), list(st.layers[start:start + k]), st.config,
-                                     probe.output_is_tuple)
+                                     probe.output_is_tuple, anatomy_of(m, start))
             blocks[f"k{k}-{rtype}"] = remove_block(m, start, k, slot).as_dict()
             models[f"k{k}-{rtype}"] = m.eval()
 

@@ -222,7 +222,7 @@ def test_baselines_sized_like_a_streamline_ffn_row(method, tmp_path):
     model = make("llama")
     stack = find_decoder_stack(model)
     layer = count_params(stack.layers[0])
-    ffn = replacement_param_count(ReplacementConfig(type="ffn"), layer, stack.config, stack.layers[0])
+    ffn = replacement_param_count(ReplacementConfig(type="ffn"), model)
     p = saved["params"]
     eq = p["equal_size"]
     assert eq["replacement"] == "ffn" and eq["n"] == 2 and eq["target_net_removed"] == 2 * layer - ffn

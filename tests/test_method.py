@@ -16,10 +16,11 @@ from transformers import AutoModelForCausalLM
 
 from llm_streamline.config import ReplacementConfig, TrainConfig
 from llm_streamline.importance import choose_block, lowest_bi_layers, similarity_profile
+from llm_streamline.models.anatomy import anatomy_of
 from llm_streamline.models.layers import find_decoder_stack, remove_block, run_layers
 from llm_streamline.models.loading import TINY_CONFIGS, tiny_model
-from llm_streamline.models.saving import export_stock, load_pruned, save_pruned
-from llm_streamline.replace import build_replacement
+from llm_streamline.models.saving import load_pruned, save_pruned
+from llm_streamline.replace import build_replacement, export_stock
 from llm_streamline.train import train_lm, train_mse, write_teacher_shards
 
 FAMILIES = list(TINY_CONFIGS)
@@ -145,7 +146,8 @@ def test_replacement_trains_and_generates(family, rtype, tmp_path):
     pruned = copy.deepcopy(model)
     pst = find_decoder_stack(pruned)
     rcfg = ReplacementConfig(type=rtype, num_layers=2)
-    slot = build_replacement(rcfg, list(pst.layers[start:start + n]), pst.config, probe.output_is_tuple)
+    slot = build_replacement(rcfg, list(pst.layers[start:start + n]), pst.config, probe.output_is_tuple,
+                             anatomy_of(model, start))
     log = train_mse(model, slot, start, blocks[:128], train_sh, val_sh, cfg, seed=0)
     assert log.best_val_loss < 0.998 * log.initial_val_loss
     remove_block(pruned, start, n, slot)
@@ -167,13 +169,14 @@ def test_replacement_trains_and_generates(family, rtype, tmp_path):
         assert torch.equal(again(x).logits, before)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "phi3"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "phi3", "opt", "gptneox", "gemma2"])
 def test_swiglu_exports_to_an_exact_stock_layer(family, tmp_path):
     model = make(family)
     pruned = copy.deepcopy(model)
     pst = find_decoder_stack(pruned)
     ref_layer = pst.layers[2]
-    slot = build_replacement(ReplacementConfig(type="swiglu"), list(pst.layers[2:5]), pst.config)
+    slot = build_replacement(ReplacementConfig(type="swiglu"), list(pst.layers[2:5]), pst.config,
+                             anatomy=anatomy_of(model, 2))
     with torch.no_grad():  # move it away from its initial copy
         for p in slot[0].parameters():
             p.add_(0.01 * torch.randn_like(p))
@@ -186,6 +189,30 @@ def test_swiglu_exports_to_an_exact_stock_layer(family, tmp_path):
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "stock").eval()
     with torch.no_grad():
         assert torch.allclose(again(x).logits, before, atol=1e-5)
+
+
+def test_a_stock_export_that_would_not_be_exact_is_refused(monkeypatch):
+    """The export is checked by running the slot and the new layer on the same input: a layer given the slot's
+    norm in the wrong place (as an anatomy mistake would) is refused and the model left as it was."""
+    import dataclasses
+
+    from llm_streamline import replace as replace_mod
+
+    model = make("llama")
+    pst = find_decoder_stack(model)
+    ref_layer = pst.layers[1]
+    slot = build_replacement(ReplacementConfig(type="swiglu"), list(pst.layers[2:5]), pst.config,
+                             anatomy=anatomy_of(model, 2))
+    with torch.no_grad():
+        for p in slot[0].parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    remove_block(model, 2, 3, slot)
+    real = replace_mod.anatomy_of
+    monkeypatch.setattr(replace_mod, "anatomy_of", lambda m, i: dataclasses.replace(
+        real(m, i), mlp_norm=real(m, i).attention_norm))
+    with pytest.raises(ValueError, match="no exact stock layer for this slot"):
+        export_stock(model, 2, ref_layer)
+    assert find_decoder_stack(model).layers[2] is slot[0]
 
 
 @pytest.mark.parametrize("family", ["llama", "opt"])

@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from llm_streamline.config import ReplacementConfig, TrainConfig
+from llm_streamline.models.anatomy import anatomy_of
 from llm_streamline.models.layers import find_decoder_stack, remove_block, run_layers
 from llm_streamline.models.loading import TINY_CONFIGS, tiny_model
 from llm_streamline.models.saving import load_pruned, save_pruned
-from llm_streamline.replace import build_replacement, pre_mlp_norm_of
+from llm_streamline.replace import build_replacement
 from llm_streamline.train import _mse, train_distill, train_mse, write_teacher_shards
 
 VOCAB = 512
@@ -38,13 +39,14 @@ class _FakeTokenizer:
 @pytest.mark.parametrize("family", list(TINY_CONFIGS))
 def test_prenorm_ffn_copies_the_pre_mlp_norm_starts_as_plain_pruning_and_round_trips(family, tmp_path):
     model = make(family)
-    path = pre_mlp_norm_of(model, 2, ids(1, 12))
+    anatomy = anatomy_of(model, 2, ids(1, 12))
+    path = anatomy.mlp_norm
     assert path == PRE_MLP_NORM.get(family, "post_attention_layernorm")
     pruned, plain = copy.deepcopy(model), copy.deepcopy(model)
     pst = find_decoder_stack(pruned)
     rcfg = ReplacementConfig(type="ffn", pre_norm=True)
     probe = run_layers(model, ids(1, 8), outputs_at=(2,))
-    slot = build_replacement(rcfg, list(pst.layers[2:5]), pst.config, probe.output_is_tuple, path)
+    slot = build_replacement(rcfg, list(pst.layers[2:5]), pst.config, probe.output_is_tuple, anatomy)
     norm = pst.layers[2].get_submodule(path)
     assert type(slot[0].norm) is type(norm) and slot[0].norm is not norm
     assert all(torch.equal(a, b) for a, b in zip(slot[0].norm.parameters(), norm.parameters()))
@@ -166,7 +168,7 @@ def test_mlp_slot_at_layer_0_keeps_the_cache_length_and_cached_decoding_exact(fa
     pst = find_decoder_stack(pruned)
     probe = run_layers(model, ids(1, 8), outputs_at=(0,))
     slot = build_replacement(ReplacementConfig(type=rtype), list(pst.layers[0:2]), pst.config,
-                             probe.output_is_tuple)
+                             probe.output_is_tuple, anatomy_of(model, 0))
     with torch.no_grad():  # move it off the identity, so the slot's output matters
         for p in slot[0].parameters():
             p.add_(0.05 * torch.randn_like(p))

@@ -16,6 +16,7 @@ from hydra import compose, initialize_config_dir
 from llm_streamline import pipeline
 from llm_streamline.cli import CONF_DIR, to_run_config
 from llm_streamline.config import ModelConfig, ReplacementConfig
+from llm_streamline.models.anatomy import anatomy_of
 from llm_streamline.models.layers import find_decoder_stack, remove_block
 from llm_streamline.models.loading import load_model
 from llm_streamline.models.saving import save_pruned
@@ -34,7 +35,7 @@ def save_tiny(dest: Path, rtype: str) -> Path:
     model, tok = load_model(ModelConfig(name="tiny-llama", source="tiny", family="llama"), seed=0)
     stack = find_decoder_stack(model)
     rcfg = ReplacementConfig(type=rtype)
-    slot = build_replacement(rcfg, list(stack.layers[START:START + N]), stack.config)
+    slot = build_replacement(rcfg, list(stack.layers[START:START + N]), stack.config, anatomy=anatomy_of(model, START))
     remove_block(model, START, N, slot)
     record = {"method": "streamline", "replacement": rtype, "block": {"start": START, "end": START + N}}
     save_pruned(model, tok, dest, rcfg, START, record)

@@ -1,7 +1,7 @@
 """`llm-streamline-export run=<run dir>`: a saved run's model made shareable.
 
   - a stock checkpoint where one exists: `none`/`layer`/`layers` are stock already; a `swiglu` slot on a
-    Llama-like layer becomes an exactly equivalent stock decoder layer (`saving.export_stock`). Models that
+    pre-norm layer becomes an exactly equivalent stock decoder layer (`replace.export_stock`). Models that
     no stock class can hold (an `ffn` slot, LLM-Pruner's per-layer widths) are copied in this package's
     format, which `llm_streamline.load_pruned` reads;
   - a model card (README.md): method, block removed, parameters, the eval table from results.json, the
@@ -89,7 +89,8 @@ class SavedRun:
 def to_stock(saved: SavedRun, dtype: torch.dtype):
     """(model, True) in a layout stock transformers loads, or (model, False) when none holds it exactly."""
     from llm_streamline.models.layers import find_decoder_stack
-    from llm_streamline.models.saving import STREAMLINE_CONFIG, export_stock, load_pruned
+    from llm_streamline.models.saving import STREAMLINE_CONFIG, load_pruned
+    from llm_streamline.replace import export_stock
 
     model = load_pruned(saved.model_dir)  # fp32: the export to a stock layer is exact before any cast
     fmt = saved.meta.get("format")

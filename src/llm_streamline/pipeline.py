@@ -45,11 +45,12 @@ from llm_streamline.importance import (
     choose_block,
     similarity_profile,
 )
+from llm_streamline.models.anatomy import anatomy_of
 from llm_streamline.models.layers import PrunedBlock, count_params, find_decoder_stack, remove_block, run_layers
 from llm_streamline.models.loading import DTYPES, load_model
 from llm_streamline.models.saving import save_pruned
 from llm_streamline.plots import plot_profile
-from llm_streamline.replace import build_replacement, needs_norm_probe, pre_mlp_norm_of, replacement_param_count
+from llm_streamline.replace import build_replacement, needs_anatomy, replacement_param_count
 from llm_streamline.tracking import Tracker, run_tags, sweep_objective
 from llm_streamline.train import train_distill, train_lm, train_mse, write_teacher_shards
 
@@ -137,7 +138,7 @@ def resolve_block_size(cfg: RunConfig, model, stack) -> int:
     s, r = cfg.sparsity, cfg.replacement
     min_n = r.num_layers if r.type == "layers" else 1
     layer_params = count_params(stack.layers[0])
-    extra = replacement_param_count(r, layer_params, stack.config, stack.layers[0])
+    extra = replacement_param_count(r, model)
     if s.layers is not None:
         n = s.layers + (int(extra / layer_params + 0.5) if s.count == "net" else 0)
         if n >= L:
@@ -234,7 +235,7 @@ def run(cfg: RunConfig, out_dir: Path) -> dict:
             stack = find_decoder_stack(model)
             L = stack.num_layers
             n = resolve_block_size(replace(cfg, replacement=size_replacement), model, stack)
-            size_target = equal_size_target(size_replacement, n, stack)
+            size_target = equal_size_target(size_replacement, n, model)
             dense_params = count_params(model)
         with timings.stage("data"):
             blocks = load_blocks(cfg.data, tok)
@@ -297,13 +298,13 @@ def run(cfg: RunConfig, out_dir: Path) -> dict:
         else:
             # 4. layer replacement: build and train ---------------------------------------------------------
             probe = run_layers(model, blocks.calib[:1], outputs_at=(start,), stack=stack)
-            norm_path = pre_mlp_norm_of(model, start, blocks.calib[:1]) if needs_norm_probe(cfg.replacement) else None
+            anatomy = anatomy_of(model, start, blocks.calib[:1]) if needs_anatomy(cfg.replacement) else None
             pruned = copy.deepcopy(model)
             pstack = find_decoder_stack(pruned)
             # seeded here, not earlier: a cached or skipped stage before this point must not change the init
             torch.manual_seed(cfg.seed)
             slot = build_replacement(cfg.replacement, list(pstack.layers[start:start + n]), pstack.config,
-                                     probe.output_is_tuple, norm_path)
+                                     probe.output_is_tuple, anatomy)
             train_log = None
             block = None  # set once the block is out of `pruned`
             train_key = stages.stage_key("train", model=model_id, data=data_key, start=start, n=n,
@@ -506,12 +507,12 @@ def _lora_stage(key: str):
                                                                    train_log)
 
 
-def equal_size_target(replacement: ReplacementConfig, n: int, stack) -> dict:
+def equal_size_target(replacement: ReplacementConfig, n: int, model) -> dict:
     """The net parameter count removed by the LLM-Streamline row that removes n layers and puts `replacement` in
     their place; rows compared at equal size should differ from it by less than one layer's MLP (`mlp_params`)."""
-    layer_params = count_params(stack.layers[0])
-    extra = replacement_param_count(replacement, layer_params, stack.config, stack.layers[0])
-    mlp = replacement_param_count(ReplacementConfig(type="swiglu"), layer_params, stack.config, stack.layers[0])
+    layer_params = count_params(find_decoder_stack(model).layers[0])
+    extra = replacement_param_count(replacement, model)
+    mlp = replacement_param_count(ReplacementConfig(type="swiglu"), model)
     return {"replacement": replacement.type, "n": n, "target_net_removed": n * layer_params - extra,
             "mlp_params": mlp}
 

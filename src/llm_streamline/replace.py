@@ -10,11 +10,12 @@ Types:
   ffn     Linear(d, w) -> act -> Linear(w, d), optionally residual (y = x + f(x)); the residual variant's
           output layer starts at zero, so training starts from plain pruning and can only improve on it.
           `pre_norm`: f reads norm(x), a copy of the first pruned layer's pre-MLP norm (the model's own
-          class), found by probing the layer: the un-normalised residual stream carries a few tokens with
-          massive activations that would otherwise dominate what f sees
-  swiglu  pre-norm MLP initialised from the first pruned layer: y = x + [post_norm](mlp(norm(x))); for
-          families whose MLP is SwiGLU (Llama, Mistral, Qwen, Gemma, Phi-3) it is a SwiGLU; for OPT and
-          GPT-NeoX it is their own (ReLU/GELU) MLP, copied the same way
+          class), found by probing the layer (`models.anatomy`): the un-normalised residual stream carries a few
+          tokens with massive activations that would otherwise dominate what f sees
+  swiglu  pre-norm MLP initialised from the first pruned layer: y = x + [post_norm](mlp(norm(x))), the layer's
+          pre-MLP norm, MLP and post-MLP norm (Gemma) as its anatomy finds them; for families whose MLP is
+          SwiGLU (Llama, Mistral, Qwen, Gemma, Phi-3) it is a SwiGLU; for OPT and GPT-NeoX it is their own
+          (ReLU/GELU) MLP, copied the same way
   layer   one decoder layer of the model's own class, initialised from the first pruned layer
   layers  k decoder layers, initialised from the first k pruned layers
 """
@@ -28,10 +29,11 @@ from torch import nn
 from transformers.cache_utils import Cache
 
 from llm_streamline.config import ReplacementConfig
+from llm_streamline.models.anatomy import Anatomy, anatomy_of
+from llm_streamline.models.layers import count_params, find_decoder_stack, run_layers, splice
 
 # Attributes some model loops read from the layer object itself (older families index masks by them).
 _LAYER_ATTRS = ("attention_type", "is_sliding", "sliding_window", "layer_type")
-_MLP_NORM_NAMES = ("pre_feedforward_layernorm", "post_attention_layernorm", "final_layer_norm", "ln_2")
 _ACTIVATIONS = {"silu": nn.SiLU, "gelu": nn.GELU, "relu": nn.ReLU, "gelu_new": lambda: nn.GELU(approximate="tanh")}
 
 
@@ -100,75 +102,23 @@ class MLPReplacement(nn.Module, _SlotMixin):
         return self._wrap(hidden_states + self.post_norm(self.mlp(self.norm(hidden_states))))
 
 
-def mlp_from_layer(layer: nn.Module) -> MLPReplacement:
-    norm = next((copy.deepcopy(getattr(layer, n)) for n in _MLP_NORM_NAMES if hasattr(layer, n)), None)
-    if norm is None:
-        raise ValueError(f"{type(layer).__name__}: no pre-MLP norm found (looked for {_MLP_NORM_NAMES})")
-    if hasattr(layer, "mlp"):
-        mlp = copy.deepcopy(layer.mlp)
-    elif hasattr(layer, "fc1") and hasattr(layer, "fc2"):
-        mlp = _TwoLayerMLP(copy.deepcopy(layer.fc1), copy.deepcopy(layer.activation_fn), copy.deepcopy(layer.fc2))
+def mlp_from_layer(layer: nn.Module, anatomy: Anatomy) -> MLPReplacement:
+    """Copies of the layer's pre-MLP norm, MLP and post-MLP norm (if any), where `anatomy` found them."""
+    norm = copy.deepcopy(layer.get_submodule(anatomy.mlp_norm))
+    parts = [copy.deepcopy(layer.get_submodule(p)) for p in anatomy.mlp]
+    if len(parts) == 1:
+        mlp = parts[0]
+    elif len(parts) == 3:  # map, activation, map on the layer itself (OPT)
+        mlp = _TwoLayerMLP(*parts)
     else:
-        raise ValueError(f"{type(layer).__name__}: no MLP found to initialise a swiglu replacement from")
-    post = copy.deepcopy(layer.post_feedforward_layernorm) if hasattr(layer, "post_feedforward_layernorm") else None
+        raise ValueError(f"{type(layer).__name__}: no MLP to copy (its parts in call order: {anatomy.mlp})")
+    post = copy.deepcopy(layer.get_submodule(anatomy.mlp_post_norm)) if anatomy.mlp_post_norm else None
     return MLPReplacement(norm, mlp, post)
 
 
-def _norm_like(module: nn.Module, hidden_size: int) -> bool:
-    """A leaf module whose parameters are per-channel vectors of the hidden size (RMSNorm, LayerNorm)."""
-    params = list(module.parameters(recurse=False))
-    return (not list(module.children()) and bool(params)
-            and all(p.dim() == 1 and p.numel() == hidden_size for p in params))
-
-
-@torch.no_grad()
-def find_pre_mlp_norm(layer: nn.Module, hidden: torch.Tensor, call_kwargs: dict) -> str:
-    """The attribute path (in `layer`) of the norm whose output feeds the MLP, found by running the layer once.
-
-    Generic over families: record which norm-like modules run, in order, and which tensors enter a Linear
-    map; the norms whose output enters a Linear are the pre-attention one (feeding q/k/v) and the pre-MLP one
-    (feeding the MLP's first maps), and the MLP runs after the attention. So the pre-MLP norm is the LAST
-    norm whose output a Linear reads (Gemma's post-attention norm feeds no Linear and is skipped)."""
-    d = hidden.shape[-1]
-    names = {m: n for n, m in layer.named_modules() if n and _norm_like(m, d)}
-    # the tensors themselves are kept (compared by identity): a freed one's memory could be reused
-    order, norm_out, linear_in, handles = [], {}, [], []
-
-    def on_norm(module, args, output):
-        order.append(names[module])
-        norm_out[names[module]] = output
-
-    def on_linear(module, args):
-        linear_in.append(args[0])
-
-    for m in names:
-        handles.append(m.register_forward_hook(on_norm))
-    for m in layer.modules():
-        if isinstance(m, nn.Linear):
-            handles.append(m.register_forward_pre_hook(on_linear))
-    try:
-        layer(hidden, **call_kwargs)
-    finally:
-        for h in handles:
-            h.remove()
-    feeding = [n for n in order if any(norm_out[n] is t for t in linear_in)]
-    if not feeding:
-        raise ValueError(f"{type(layer).__name__}: no norm whose output a Linear map reads (norm-like modules "
-                         f"run: {order})")
-    return feeding[-1]
-
-
-def pre_mlp_norm_of(model: nn.Module, index: int, input_ids: torch.Tensor) -> str:
-    """`find_pre_mlp_norm` for decoder layer `index` of `model`, called as the model calls it on `input_ids`."""
-    from llm_streamline.models.layers import find_decoder_stack, run_layers
-
-    stack = find_decoder_stack(model)
-    cap = run_layers(model, input_ids, inputs_at=(index,), kwargs_at=(index,), stack=stack)
-    return find_pre_mlp_norm(stack.layers[index], cap.inputs[index], cap.call_kwargs[index])
-
-
-def needs_norm_probe(cfg: ReplacementConfig) -> bool:
-    return cfg.type == "ffn" and cfg.pre_norm
+def needs_anatomy(cfg: ReplacementConfig) -> bool:
+    """Whether building this replacement needs to know where the layer's parts are (`models.anatomy`)."""
+    return cfg.type == "swiglu" or (cfg.type == "ffn" and cfg.pre_norm)
 
 
 def mlp_width(config) -> int:
@@ -185,9 +135,12 @@ def _copy_layer_attrs(src: nn.Module, dst: nn.Module) -> None:
 
 
 def build_replacement(cfg: ReplacementConfig, pruned_layers: list[nn.Module], config,
-                      returns_tuple: bool = False, norm_path: str | None = None) -> list[nn.Module]:
+                      returns_tuple: bool = False, anatomy: Anatomy | None = None) -> list[nn.Module]:
     """Modules that take the block's slot (empty for `none`). `pruned_layers` are the removed layers in order;
-    `norm_path` (from `find_pre_mlp_norm`) names the norm a pre-norm FFN copies from the first of them."""
+    `anatomy` (`models.anatomy.anatomy_of`, needed when `needs_anatomy`) says where their parts are."""
+    if needs_anatomy(cfg) and anatomy is None:
+        raise ValueError(f"replacement {cfg.type} (pre_norm={cfg.pre_norm}) copies parts of the pruned layer: "
+                         "pass its anatomy (models.anatomy.anatomy_of)")
     if cfg.type == "none":
         return []
     first = pruned_layers[0]
@@ -200,15 +153,11 @@ def build_replacement(cfg: ReplacementConfig, pruned_layers: list[nn.Module], co
             m.requires_grad_(True)
         return mods
     if cfg.type == "ffn":
-        norm = None
-        if cfg.pre_norm:
-            if norm_path is None:
-                raise ValueError("replacement.pre_norm needs the pruned layer's pre-MLP norm (find_pre_mlp_norm)")
-            norm = copy.deepcopy(first.get_submodule(norm_path))
+        norm = copy.deepcopy(first.get_submodule(anatomy.mlp_norm)) if cfg.pre_norm else None
         module = FFNReplacement(config.hidden_size, cfg.hidden_size or mlp_width(config), cfg.activation,
                                 cfg.residual, norm)
     elif cfg.type == "swiglu":
-        module = mlp_from_layer(first)
+        module = mlp_from_layer(first, anatomy)
     else:
         raise ValueError(f"unknown replacement type {cfg.type!r}")
     p = next(first.parameters())
@@ -220,21 +169,72 @@ def build_replacement(cfg: ReplacementConfig, pruned_layers: list[nn.Module], co
     return [module]
 
 
-def replacement_param_count(cfg: ReplacementConfig, layer_params: int, config, sample_layer: nn.Module) -> int:
-    """Parameters a replacement adds, without building it on the device (used to pick n from a target)."""
+def replacement_param_count(cfg: ReplacementConfig, model: nn.Module) -> int:
+    """Parameters a replacement of `model`'s layers adds, without building it (used to pick n from a target)."""
+    stack = find_decoder_stack(model)
+    layer = stack.layers[0]
+    layer_params = count_params(layer)
     if cfg.type == "none":
         return 0
     if cfg.type == "layer":
         return layer_params
     if cfg.type == "layers":
         return cfg.num_layers * layer_params
+    anatomy = anatomy_of(model, 0) if needs_anatomy(cfg) else None
     if cfg.type == "ffn":
-        d, w = config.hidden_size, cfg.hidden_size or mlp_width(config)
-        # a layer's norms share one class: any of them counts what the copied pre-MLP norm adds
-        norm = max((sum(p.numel() for p in m.parameters()) for m in sample_layer.modules() if _norm_like(m, d)),
-                   default=0) if cfg.pre_norm else 0
+        d, w = stack.config.hidden_size, cfg.hidden_size or mlp_width(stack.config)
+        norm = count_params(layer.get_submodule(anatomy.mlp_norm)) if cfg.pre_norm else 0
         return 2 * d * w + w + d + norm
-    parts = [getattr(sample_layer, n) for n in ("mlp", "fc1", "fc2", "post_feedforward_layernorm")
-             if hasattr(sample_layer, n)]
-    parts += [next(getattr(sample_layer, n) for n in _MLP_NORM_NAMES if hasattr(sample_layer, n))]
-    return sum(p.numel() for m in parts for p in m.parameters())
+    parts = [anatomy.mlp_norm, *anatomy.mlp, *([anatomy.mlp_post_norm] if anatomy.mlp_post_norm else [])]
+    return sum(count_params(layer.get_submodule(p)) for p in parts)
+
+
+def export_stock(model: nn.Module, slot_start: int, reference_layer: nn.Module) -> nn.Module:
+    """Replace a swiglu slot by an equivalent decoder layer of the family's class, in place, so that stock
+    transformers loads the model.
+
+    The layer is a copy of `reference_layer` (a decoder layer of this model's class) whose attention output map is
+    zero, so its attention adds nothing, and whose pre-MLP norm, MLP and post-MLP norm are the slot's (found by the
+    layer's anatomy). That is exact for pre-norm layers computed as h = x + attn(..); y = h + [post](mlp(norm(h)))
+    (or x + attn(..) + mlp(..) in parallel): it is checked by running both on the slot's input, and a layer for
+    which it does not hold fails with one line."""
+    stack = find_decoder_stack(model)
+    slot = stack.layers[slot_start]
+    if not isinstance(slot, MLPReplacement):
+        raise ValueError(f"layer {slot_start} is a {type(slot).__name__}: export_stock handles swiglu slots only")
+    like = next((i for i, m in enumerate(stack.layers) if type(m) is type(reference_layer)), None)
+    if like is None:
+        raise ValueError(f"{type(reference_layer).__name__} is not the class of this model's decoder layers")
+    anatomy = anatomy_of(model, like)
+    layer = copy.deepcopy(reference_layer)
+    out = layer.get_submodule(anatomy.attention_output)
+    with torch.no_grad():
+        out.weight.zero_()
+        if getattr(out, "bias", None) is not None:
+            out.bias.zero_()
+    parts = [layer.get_submodule(p) for p in anatomy.mlp]
+    if len(parts) == 1:
+        parts[0].load_state_dict(slot.mlp.state_dict())
+    else:  # map, activation, map on the layer itself (OPT), as `mlp_from_layer` copied them
+        parts[0].load_state_dict(slot.mlp.fc1.state_dict())
+        parts[-1].load_state_dict(slot.mlp.fc2.state_dict())
+    layer.get_submodule(anatomy.mlp_norm).load_state_dict(slot.norm.state_dict())
+    if anatomy.mlp_post_norm:
+        layer.get_submodule(anatomy.mlp_post_norm).load_state_dict(slot.post_norm.state_dict())
+    _check_same_output(model, slot_start, slot, layer)
+    splice(model, slot_start, [layer])
+    return model
+
+
+@torch.no_grad()
+def _check_same_output(model: nn.Module, index: int, slot: nn.Module, layer: nn.Module) -> None:
+    stack = find_decoder_stack(model)
+    device = next(model.parameters()).device
+    ids = (torch.arange(16, device=device) * 7919 % stack.config.vocab_size).unsqueeze(0)
+    cap = run_layers(model, ids, inputs_at=(index,), kwargs_at=(index,), stack=stack)
+    x, kwargs = cap.inputs[index], cap.call_kwargs[index]
+    want, got = slot(x, **kwargs), layer(x, **kwargs)
+    want, got = (want[0] if isinstance(want, tuple) else want), (got[0] if isinstance(got, tuple) else got)
+    if not torch.allclose(got, want, rtol=1e-5, atol=1e-6):
+        raise ValueError(f"{type(layer).__name__}: no exact stock layer for this slot (with its attention silenced "
+                         f"the layer differs from the slot by up to {float((got - want).abs().max()):.3g})")

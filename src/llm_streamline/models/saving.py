@@ -10,9 +10,8 @@ trust_remote_code (its config's num_hidden_layers and per-layer arrays already c
     `from_pretrained` fails loudly instead of silently loading a random layer into the slot;
   - `model.safetensors`: every weight, the slot's under its own keys;
   - the tokenizer files.
-`llm_streamline.load_pruned(dir)` rebuilds it. `export_stock()` turns a swiglu replacement on a family
-whose layer is "x + attn(norm1 x); h + mlp(norm2 h)" (Llama-like) into an exactly equivalent standard
-decoder layer (attention output projection set to zero), so the result loads with stock transformers.
+`llm_streamline.load_pruned(dir)` rebuilds it. (`replace.export_stock()` turns a swiglu slot into an exactly
+equivalent standard decoder layer, so the result loads with stock transformers.)
 """
 
 from __future__ import annotations
@@ -25,8 +24,9 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from llm_streamline.config import ReplacementConfig
+from llm_streamline.models.anatomy import anatomy_of
 from llm_streamline.models.layers import find_decoder_stack, splice
-from llm_streamline.replace import build_replacement, needs_norm_probe, pre_mlp_norm_of
+from llm_streamline.replace import build_replacement, needs_anatomy
 from llm_streamline.stages import atomic_dir
 
 STREAMLINE_CONFIG = "streamline_config.json"
@@ -110,11 +110,10 @@ def load_pruned(path, dtype: torch.dtype = torch.float32, device: str = "cpu",
     stack = find_decoder_stack(model)
     start = meta["slot_start"]
     rep_cfg = ReplacementConfig(**meta["replacement"])
-    norm_path = None
-    if needs_norm_probe(rep_cfg):  # which norm the FFN copied: probed on the freshly built layer, any tokens do
-        norm_path = pre_mlp_norm_of(model, start, torch.arange(8).unsqueeze(0) % stack.config.vocab_size)
+    # which parts the replacement copied: probed on the freshly built layer, any tokens do
+    anatomy = anatomy_of(model, start) if needs_anatomy(rep_cfg) else None
     slot = build_replacement(rep_cfg, [stack.layers[start]], stack.config, meta.get("returns_tuple", False),
-                             norm_path)
+                             anatomy)
     splice(model, start, slot)
     return place(load_weights_checked(model, path), device, device_map).eval()
 
@@ -151,30 +150,3 @@ def load_tokenizer(path):
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"{d}: the tokenizer cannot be loaded: {first}") from e
-
-
-def export_stock(model: PreTrainedModel, slot_start: int, reference_layer: torch.nn.Module) -> PreTrainedModel:
-    """Replace an MLP (swiglu) slot by an equivalent decoder layer of the family's class, in place.
-
-    Exact only for layers computed as h = x + attn(norm1(x)); y = h + mlp(norm2(h)) (Llama, Mistral,
-    Qwen2/3, Phi-3): with the attention's output projection zero, h = x and y = x + mlp(norm2(x)).
-    """
-    import copy
-
-    from llm_streamline.replace import MLPReplacement
-
-    stack = find_decoder_stack(model)
-    slot = stack.layers[slot_start]
-    if not isinstance(slot, MLPReplacement) or not isinstance(slot.post_norm, torch.nn.Identity):
-        raise ValueError("export_stock handles swiglu replacements of Llama-like layers only")
-    layer = copy.deepcopy(reference_layer)
-    attn = getattr(layer, "self_attn", None)
-    if attn is None or not hasattr(attn, "o_proj") or not hasattr(layer, "post_attention_layernorm"):
-        raise ValueError(f"{type(layer).__name__}: no exact stock export (not a Llama-like layer)")
-    torch.nn.init.zeros_(attn.o_proj.weight)
-    if attn.o_proj.bias is not None:
-        torch.nn.init.zeros_(attn.o_proj.bias)
-    layer.mlp.load_state_dict(slot.mlp.state_dict())
-    layer.post_attention_layernorm.load_state_dict(slot.norm.state_dict())
-    splice(model, slot_start, [layer])
-    return model
