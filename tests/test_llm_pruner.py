@@ -16,6 +16,7 @@ from llm_streamline import pipeline
 from llm_streamline.baselines import llm_pruner
 from llm_streamline.cli import CONF_DIR, to_run_config
 from llm_streamline.config import MethodConfig, RunConfig
+from llm_streamline.models.checkpoints import save_checkpoint
 from llm_streamline.models.layers import count_params, find_decoder_stack
 from llm_streamline.models.loading import tiny_model
 
@@ -46,7 +47,7 @@ def test_parameter_count_matches_n_layers(family):
     step = 6 * max(s.unit_params for s in structs)    # one group / channel more or less in each pruned layer
     res = llm_pruner.apply(model, tokens(), 2, run_cfg())
     removed = dense - count_params(model)
-    assert res.record["params_removed"] == removed and res.removed_layers == [] and not res.stock_loadable
+    assert res.record["params_removed"] == removed and res.removed_layers == [] and res.checkpoint[0] == "llm_pruner"
     assert abs(removed - 2 * layer) <= step
     sizes = res.record["layer_sizes"]
     assert set(sizes) == {str(i) for i in range(1, 7)}
@@ -61,7 +62,7 @@ def test_ratio_zero_changes_nothing(family):
     model, ref = make(family), make(family)
     x = tokens(2, 12, seed=1)
     res = llm_pruner.apply(model, tokens(), 2, run_cfg(width_ratio=0.0))
-    assert res.record["params_removed"] == 0 and res.stock_loadable
+    assert res.record["params_removed"] == 0 and res.checkpoint == ("stock", {})
     with torch.no_grad():
         assert torch.equal(model(x).logits, ref(x).logits)
 
@@ -108,7 +109,8 @@ def test_pruned_model_generates_with_cache_and_round_trips(family, tmp_path):
     assert cached.shape == (1, 14)
     plain = model.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=False)
     assert torch.equal(cached, plain)
-    fmt = llm_pruner.save(model, None, tmp_path / "m", {"method": "llm_pruner"})
+    fmt = save_checkpoint(model, None, tmp_path / "m", {"method": "llm_pruner"}, "llm_pruner",
+                          llm_pruner.checkpoint_fields(model))
     assert fmt == "llm_pruner" and not (tmp_path / "m" / "config.json").exists()
     loaded = llm_streamline.load_pruned(tmp_path / "m")
     with torch.no_grad():

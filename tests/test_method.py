@@ -17,10 +17,10 @@ from transformers import AutoModelForCausalLM
 from llm_streamline.config import ReplacementConfig, TrainConfig
 from llm_streamline.importance import choose_block, lowest_bi_layers, similarity_profile
 from llm_streamline.models.anatomy import anatomy_of
+from llm_streamline.models.checkpoints import load_pruned, save_checkpoint
 from llm_streamline.models.layers import find_decoder_stack, remove_block, run_layers
 from llm_streamline.models.loading import TINY_CONFIGS, tiny_model
-from llm_streamline.models.saving import load_pruned, save_pruned
-from llm_streamline.replace import build_replacement, export_stock
+from llm_streamline.replace import build_replacement, export_stock, slot_checkpoint
 from llm_streamline.train import train_lm, train_mse, write_teacher_shards
 
 FAMILIES = list(TINY_CONFIGS)
@@ -158,7 +158,8 @@ def test_replacement_trains_and_generates(family, rtype, tmp_path):
     # save / load round trip
     with torch.no_grad():
         before = pruned(x).logits
-    fmt = save_pruned(pruned, _FakeTokenizer(), tmp_path / "model", rcfg, start, {"test": True})
+    fmt = save_checkpoint(pruned, _FakeTokenizer(), tmp_path / "model", {"test": True},
+                          *slot_checkpoint(rcfg, pruned, start))
     if rtype in ("layer", "layers"):
         assert fmt == "stock"
         again = AutoModelForCausalLM.from_pretrained(tmp_path / "model").eval()  # stock, no project code

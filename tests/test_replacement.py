@@ -10,10 +10,10 @@ import torch
 
 from llm_streamline.config import ReplacementConfig, TrainConfig
 from llm_streamline.models.anatomy import anatomy_of
+from llm_streamline.models.checkpoints import load_pruned, save_checkpoint
 from llm_streamline.models.layers import find_decoder_stack, remove_block, run_layers
 from llm_streamline.models.loading import TINY_CONFIGS, tiny_model
-from llm_streamline.models.saving import load_pruned, save_pruned
-from llm_streamline.replace import build_replacement
+from llm_streamline.replace import build_replacement, slot_checkpoint
 from llm_streamline.train import _mse, train_distill, train_mse, write_teacher_shards
 
 VOCAB = 512
@@ -58,7 +58,7 @@ def test_prenorm_ffn_copies_the_pre_mlp_norm_starts_as_plain_pruning_and_round_t
         for p in slot[0].parameters():
             p.add_(0.05 * torch.randn_like(p))
         before = pruned(x).logits
-    save_pruned(pruned, _FakeTokenizer(), tmp_path / "m", rcfg, 2, {})
+    save_checkpoint(pruned, _FakeTokenizer(), tmp_path / "m", {}, *slot_checkpoint(rcfg, pruned, 2))
     with torch.no_grad():
         assert torch.equal(load_pruned(tmp_path / "m")(x).logits, before)
 

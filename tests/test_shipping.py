@@ -17,10 +17,10 @@ from llm_streamline import pipeline
 from llm_streamline.cli import CONF_DIR, to_run_config
 from llm_streamline.config import ModelConfig, ReplacementConfig
 from llm_streamline.models.anatomy import anatomy_of
+from llm_streamline.models.checkpoints import save_checkpoint
 from llm_streamline.models.layers import find_decoder_stack, remove_block
 from llm_streamline.models.loading import load_model
-from llm_streamline.models.saving import save_pruned
-from llm_streamline.replace import build_replacement
+from llm_streamline.replace import build_replacement, slot_checkpoint
 
 START, N = 2, 3
 
@@ -38,7 +38,7 @@ def save_tiny(dest: Path, rtype: str) -> Path:
     slot = build_replacement(rcfg, list(stack.layers[START:START + N]), stack.config, anatomy=anatomy_of(model, START))
     remove_block(model, START, N, slot)
     record = {"method": "streamline", "replacement": rtype, "block": {"start": START, "end": START + N}}
-    save_pruned(model, tok, dest, rcfg, START, record)
+    save_checkpoint(model, tok, dest, record, *slot_checkpoint(rcfg, model, START))
     return dest
 
 
@@ -329,7 +329,7 @@ def test_speed_measurement_uses_no_deprecated_transformers_api():
 
 
 def test_a_missing_or_broken_tokenizer_is_named_with_its_directory(tmp_path):
-    from llm_streamline.models.saving import load_tokenizer
+    from llm_streamline.models.checkpoints import load_tokenizer
 
     with pytest.raises(FileNotFoundError, match=f"{tmp_path}: no tokenizer in the checkpoint directory"):
         load_tokenizer(tmp_path)

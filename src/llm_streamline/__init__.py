@@ -4,7 +4,7 @@ __version__ = "0.1.0"
 
 
 def load_pruned(path, **kwargs):
-    """Load a model saved by llm-streamline (any replacement type). See `llm_streamline.models.saving`."""
-    from llm_streamline.models.saving import load_pruned as _load
+    """Load a model saved by llm-streamline (any format). See `llm_streamline.models.checkpoints`."""
+    from llm_streamline.models.checkpoints import load_pruned as _load
 
     return _load(path, **kwargs)

@@ -88,8 +88,8 @@ class SavedRun:
 # ------------------------------------------------------------------------------------------ stock model
 def to_stock(saved: SavedRun, dtype: torch.dtype):
     """(model, True) in a layout stock transformers loads, or (model, False) when none holds it exactly."""
+    from llm_streamline.models.checkpoints import STREAMLINE_CONFIG, load_pruned
     from llm_streamline.models.layers import find_decoder_stack
-    from llm_streamline.models.saving import STREAMLINE_CONFIG, load_pruned
     from llm_streamline.replace import export_stock
 
     model = load_pruned(saved.model_dir)  # fp32: the export to a stock layer is exact before any cast
@@ -112,7 +112,7 @@ def to_stock(saved: SavedRun, dtype: torch.dtype):
 
 def _write_model(saved: SavedRun, dest: Path, dtype: torch.dtype) -> tuple[bool, int]:
     """The checkpoint into `dest` (not yet the card). Returns (stock?, parameter count)."""
-    from llm_streamline.models.saving import load_tokenizer
+    from llm_streamline.models.checkpoints import load_tokenizer
 
     model, stock = to_stock(saved, dtype)
     if stock:

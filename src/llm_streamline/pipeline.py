@@ -46,11 +46,11 @@ from llm_streamline.importance import (
     similarity_profile,
 )
 from llm_streamline.models.anatomy import anatomy_of
+from llm_streamline.models.checkpoints import save_checkpoint
 from llm_streamline.models.layers import PrunedBlock, count_params, find_decoder_stack, remove_block, run_layers
 from llm_streamline.models.loading import DTYPES, load_model
-from llm_streamline.models.saving import save_pruned
 from llm_streamline.plots import plot_profile
-from llm_streamline.replace import build_replacement, needs_anatomy, replacement_param_count
+from llm_streamline.replace import build_replacement, needs_anatomy, replacement_param_count, slot_checkpoint
 from llm_streamline.tracking import Tracker, run_tags, sweep_objective
 from llm_streamline.train import train_distill, train_lm, train_mse, write_teacher_shards
 
@@ -367,12 +367,11 @@ def run(cfg: RunConfig, out_dir: Path) -> dict:
         if cfg.save:
             with timings.stage("save"):
                 checkpoint = str(out_dir / "model")
-                if cfg.method.name != "streamline" and not bres.stock_loadable:
-                    from llm_streamline.baselines import save_baseline
-
-                    fmt = save_baseline(cfg.method.name, pruned, tok, Path(checkpoint), {**record, **bres.record})
+                if cfg.method.name != "streamline" and bres.checkpoint[0] != "stock":
+                    fmt = save_checkpoint(pruned, tok, Path(checkpoint), {**record, **bres.record}, *bres.checkpoint)
                 else:
-                    fmt = save_pruned(pruned, tok, Path(checkpoint), cfg.replacement, start, record)
+                    fmt = save_checkpoint(pruned, tok, Path(checkpoint), record,
+                                          *slot_checkpoint(cfg.replacement, pruned, start))
                 log.info("saved the pruned model (%s format) to %s", fmt, checkpoint)
         save_samples_jsonl(dense["samples"], out_dir / "samples_dense.jsonl")
         save_samples_jsonl(pres["samples"], out_dir / "samples_pruned.jsonl")
@@ -625,7 +624,7 @@ def _log_summary(tracker: Tracker, results: dict, objective: str) -> None:
 
 def evaluate_checkpoint(cfg: RunConfig, out_dir: Path) -> dict:
     """mode=eval: any saved model (dense, pruned, a baseline's) on the same suites."""
-    from llm_streamline.models.saving import load_pruned, load_tokenizer
+    from llm_streamline.models.checkpoints import load_pruned, load_tokenizer
 
     out_dir = Path(out_dir)
     validate(cfg)

@@ -30,6 +30,7 @@ from transformers.cache_utils import Cache
 
 from llm_streamline.config import ReplacementConfig
 from llm_streamline.models.anatomy import Anatomy, anatomy_of
+from llm_streamline.models.checkpoints import register_builder
 from llm_streamline.models.layers import count_params, find_decoder_stack, run_layers, splice
 
 # Attributes some model loops read from the layer object itself (older families index masks by them).
@@ -167,6 +168,33 @@ def build_replacement(cfg: ReplacementConfig, pruned_layers: list[nn.Module], co
     _copy_layer_attrs(first, module)
     module.requires_grad_(True)
     return [module]
+
+
+def slot_checkpoint(cfg: ReplacementConfig, model: nn.Module, slot_start: int) -> tuple[str, dict]:
+    """The checkpoint format of a pruned model with this replacement (`models.checkpoints`) and the fields its
+    builder needs: stock when every slot is a decoder layer of the family's class, else the streamline format
+    (the slot's position and the replacement's recipe)."""
+    if cfg.type in ("none", "layer", "layers"):
+        return "stock", {}
+    slot = find_decoder_stack(model).layers[slot_start]
+    return "streamline", {"slot_start": slot_start,
+                          "replacement": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
+                          "returns_tuple": bool(getattr(slot, "returns_tuple", False))}
+
+
+def rebuild_slot(model: nn.Module, meta: dict) -> None:
+    """The streamline format's builder: in a model built from the saved (pruned) config, the replacement
+    back in its slot, built from its recipe (the weights are loaded afterwards)."""
+    stack = find_decoder_stack(model)
+    start = meta["slot_start"]
+    cfg = ReplacementConfig(**meta["replacement"])
+    # which parts the replacement copied: probed on the freshly built layer, any tokens do
+    anatomy = anatomy_of(model, start) if needs_anatomy(cfg) else None
+    splice(model, start, build_replacement(cfg, [stack.layers[start]], stack.config, meta.get("returns_tuple", False),
+                                           anatomy))
+
+
+register_builder("streamline", rebuild_slot)
 
 
 def replacement_param_count(cfg: ReplacementConfig, model: nn.Module) -> int:

@@ -27,7 +27,8 @@ class BaselineResult:
     removed_layers: list[int]            # original indices of removed layers ([] for width pruning)
     record: dict[str, Any] = field(default_factory=dict)   # method-specific facts for results.json
     train_log: dict | None = None        # LoRA healing, if any
-    stock_loadable: bool = True          # False: save with the project's format (per-layer sizes)
+    # the checkpoint format that holds the model and its builder's fields (models.checkpoints.save_checkpoint)
+    checkpoint: tuple[str, dict] = ("stock", {})
 
 
 def apply_method(cfg: RunConfig, model: PreTrainedModel, calib: torch.Tensor, train: torch.Tensor,
@@ -59,12 +60,3 @@ def apply_method(cfg: RunConfig, model: PreTrainedModel, calib: torch.Tensor, tr
         result.model, result.train_log = heal.lora_heal(result.model, train, val, cfg, cached=heal_cached,
                                                         on_trained=on_healed)
     return result
-
-
-def save_baseline(name: str, model: PreTrainedModel, tokenizer, dest, record: dict) -> str:
-    """Save a baseline's model that stock transformers cannot hold (e.g. per-layer widths)."""
-    if name == "llm_pruner":
-        from llm_streamline.baselines import llm_pruner
-
-        return llm_pruner.save(model, tokenizer, dest, record)
-    raise ValueError(f"method={name!r} saves as a stock checkpoint")

@@ -60,21 +60,19 @@ tensors it is given, so generation with a cache works with per-layer head counts
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from llm_streamline.models.checkpoints import register_builder
 from llm_streamline.models.layers import count_params, find_decoder_stack
 
 log = logging.getLogger(__name__)
 
-LLM_PRUNER_CONFIG = "llm_pruner_config.json"
 IMPORTANCE = ("element1", "element2", "vector", "mix")
 ORIGINAL_NAME = {"vector": "vectorize", "element1": "param_first", "element2": "param_second", "mix": "param_mix"}
 NEEDS_FISHER = ("element2", "mix")
@@ -363,7 +361,8 @@ def apply(model: PreTrainedModel, calib: torch.Tensor, n: int, cfg, target: int 
     log.info("llm_pruner: ratio %.4f on layers [%d, %d): removed %d params (target %s)", ratio, layers[0],
              layers[-1] + 1, dense_params - pruned_params, target if mc.width_ratio is None else "-")
     # the config keeps the dense sizes: a stock checkpoint only if nothing was pruned
-    return BaselineResult(model, removed_layers=[], record=record, stock_loadable=pruned_params == dense_params)
+    checkpoint = ("stock", {}) if pruned_params == dense_params else ("llm_pruner", checkpoint_fields(model))
+    return BaselineResult(model, removed_layers=[], record=record, checkpoint=checkpoint)
 
 
 def _layer_sizes(model: PreTrainedModel) -> dict[str, dict]:
@@ -374,43 +373,19 @@ def _layer_sizes(model: PreTrainedModel) -> dict[str, dict]:
     return sizes
 
 
-def save(model: PreTrainedModel, tokenizer, dest, record: dict) -> str:
-    """Safetensors weights + `llm_pruner_config.json` (base config, per-layer sizes); atomic. Returns the format."""
-    from safetensors.torch import save_file
-
-    from llm_streamline.stages import atomic_dir
-
-    with atomic_dir(dest) as tmp:
-        seen, unique = set(), {}
-        for k, v in model.state_dict().items():
-            key = (v.data_ptr(), tuple(v.shape), v.stride()) if v.numel() else (k,)
-            if key not in seen:   # tied weights appear twice; the model re-ties on load
-                seen.add(key)
-                unique[k] = v.detach().contiguous().cpu()
-        save_file(unique, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        payload = {"model_config": model.config.to_dict(), "layer_sizes": _layer_sizes(model), "record": record}
-        (tmp / LLM_PRUNER_CONFIG).write_text(json.dumps(payload, indent=2, default=str))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        (tmp / "llm_streamline.json").write_text(json.dumps({"format": "llm_pruner", **record}, indent=2,
-                                                            default=str))
-    return "llm_pruner"
+def checkpoint_fields(model: PreTrainedModel) -> dict:
+    """What the llm_pruner checkpoint format keeps beside the dense config: each layer's kept sizes."""
+    return {"layer_sizes": _layer_sizes(model)}
 
 
-def load(path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> PreTrainedModel:
-    """Rebuild a saved LLM-Pruner model: the dense model from its config, each layer cut to its sizes."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    path = Path(path)
-    meta = json.loads((path / LLM_PRUNER_CONFIG).read_text())
-    cfg_dict = dict(meta["model_config"])
-    config = AutoConfig.for_model(cfg_dict.pop("model_type"), **cfg_dict)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+def cut_to_saved_sizes(model: PreTrainedModel, meta: dict) -> None:
+    """The llm_pruner format's builder: a dense model built from the saved config, each layer cut to its sizes
+    (the weights are loaded afterwards)."""
     sizes = {int(k): v for k, v in meta["layer_sizes"].items()}
     for s in find_structures(model, sorted(sizes)):
         kept = sizes[s.layer]["kv_groups" if s.kind == "attn" else "channels"]
         if kept != s.n_units:
             prune_structure(s, torch.arange(kept))
-    from llm_streamline.models.saving import load_weights_checked
 
-    return load_weights_checked(model, path).to(device).eval()
+
+register_builder("llm_pruner", cut_to_saved_sizes)

@@ -1,0 +1,102 @@
+"""Checkpoint formats (models/checkpoints.py): every format a method registers loads in a fresh interpreter
+(the registering module is imported on demand), a directory of no format fails in one line, and models/ imports
+nothing above it (no method, no pipeline)."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import llm_streamline
+from llm_streamline.baselines import llm_pruner
+from llm_streamline.config import MethodConfig, ReplacementConfig, RunConfig
+from llm_streamline.models import checkpoints
+from llm_streamline.models.anatomy import anatomy_of
+from llm_streamline.models.layers import find_decoder_stack, remove_block
+from llm_streamline.models.loading import tiny_model
+from llm_streamline.replace import build_replacement, slot_checkpoint
+
+SPECIAL = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+X = torch.arange(3, 27).unsqueeze(0)
+
+
+def _streamline(dest: Path) -> torch.Tensor:
+    model = tiny_model("gemma2", 512, special_ids=SPECIAL).eval()
+    stack = find_decoder_stack(model)
+    rcfg = ReplacementConfig(type="ffn", pre_norm=True)
+    slot = build_replacement(rcfg, list(stack.layers[2:5]), stack.config, anatomy=anatomy_of(model, 2))
+    with torch.no_grad():
+        for p in slot[0].parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    remove_block(model, 2, 3, slot)
+    assert checkpoints.save_checkpoint(model, None, dest, {"t": 1}, *slot_checkpoint(rcfg, model, 2)) == "streamline"
+    with torch.no_grad():
+        return model(X).logits
+
+
+def _llm_pruner(dest: Path) -> torch.Tensor:
+    model = tiny_model("llama", 512, seed=0, special_ids=SPECIAL).eval()
+    cfg = RunConfig(method=MethodConfig(name="llm_pruner", first_layer=1, last_layers_kept=1, grad_samples=2,
+                                        grad_seq_len=16, width_ratio=0.5))
+    res = llm_pruner.apply(model, torch.randint(3, 512, (2, 16), generator=torch.Generator().manual_seed(0)), 2, cfg)
+    assert checkpoints.save_checkpoint(res.model, None, dest, {"t": 2}, *res.checkpoint) == "llm_pruner"
+    with torch.no_grad():
+        return res.model.eval()(X).logits
+
+
+def test_every_registered_format_loads_in_a_fresh_interpreter(tmp_path):
+    want = {"streamline": _streamline(tmp_path / "streamline"), "llm_pruner": _llm_pruner(tmp_path / "llm_pruner")}
+    assert set(want) == set(checkpoints.FORMATS)
+    script = (
+        "import sys, torch\n"
+        "from llm_streamline.models.checkpoints import FORMATS, format_of, load_pruned\n"
+        "for d in sys.argv[1:]:\n"
+        "    fmt = format_of(d)\n"
+        "    assert FORMATS[fmt].registered_by not in sys.modules, 'registered before a checkpoint needed it'\n"
+        "    torch.save(load_pruned(d)(torch.arange(3, 27).unsqueeze(0)).logits.detach(), d + '.pt')\n")
+    dirs = [str(tmp_path / fmt) for fmt in want]
+    done = subprocess.run([sys.executable, "-c", script, *dirs], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for fmt, logits in want.items():
+        assert torch.equal(torch.load(tmp_path / f"{fmt}.pt"), logits), fmt
+        meta = json.loads((tmp_path / fmt / checkpoints.FORMATS[fmt].meta_file).read_text())
+        assert list(meta)[0] == "model_config" and list(meta)[-1] == "record"
+        assert json.loads((tmp_path / fmt / "llm_streamline.json").read_text())["format"] == fmt
+
+
+def test_a_directory_of_no_format_fails_in_one_line(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a saved model") as e:
+        llm_streamline.load_pruned(tmp_path)
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="unknown checkpoint format"):
+        checkpoints.register_builder("mine", lambda model, meta: None)
+    with pytest.raises(ValueError, match="unknown checkpoint format"):
+        checkpoints.save_checkpoint(None, None, tmp_path / "x", {}, "mine")
+    assert not (tmp_path / "x").exists()
+
+
+def _imported_modules(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.update(f"{node.module}.{a.name}" for a in node.names)  # `from pkg import module` names a module
+    return out
+
+
+def test_models_imports_nothing_above_it():
+    """models/ may use config, stages, assets and itself; never the method, the recipes or the evaluation."""
+    allowed = ("llm_streamline.models", "llm_streamline.config", "llm_streamline.stages", "llm_streamline.assets")
+    models_dir = Path(llm_streamline.__file__).parent / "models"
+    for f in sorted(models_dir.glob("*.py")):
+        ours = {m for m in _imported_modules(f) if m.startswith("llm_streamline.")}
+        bad = {m for m in ours if not m.startswith(allowed)}
+        assert not bad, f"{f.name} imports {sorted(bad)}"
