@@ -1,4 +1,4 @@
-"""One line on stderr and a documented exit code for every failure class (see `cli`'s docstring): Hydra's
+"""One line on stderr and a documented exit code for every failure class (see `errors`' docstring): Hydra's
 own composition errors (2), interrupts (130 for SIGINT, 143 for SIGTERM, naming the stage), W&B online
 without a key or a server (offline, warned, within seconds), and sweeps that go on past a failing job."""
 

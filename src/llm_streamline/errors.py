@@ -1,0 +1,140 @@
+"""What the user sees when a run fails: one line on stderr (`llm-streamline: error: ...`) and an exit code.
+
+  2    bad input: a config value, an unknown key or preset, a wrong type (Hydra's own errors too), a model or
+       checkpoint that cannot be loaded, an output directory that cannot be written or holds a finished run;
+       before any model is loaded where possible
+  3    a fault while running: NaN/inf, a full or read-only disk, an internal error (its traceback is written
+       to `<run dir>/traceback.log`)
+  130  interrupted (SIGINT, Ctrl-C); 143: terminated (SIGTERM, e.g. a cluster's pre-emption notice)
+In a sweep (-m) a failing job is reported and the next one runs; the sweep then exits with the worst code
+(2 or 3) after listing the failed jobs. Finished stages are kept in every case.
+
+The modules that detect a problem raise their own exception (ConfigError, NotWritableError, AssetError, ...);
+`job_failure` is the one place that turns an exception into its line and code.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import os
+import re
+import sys
+import traceback
+from pathlib import Path
+from typing import NoReturn
+
+from llm_streamline.config import ConfigError, RunConfig, _schema_keys
+
+BAD_INPUT = 2
+FAULT = 3
+INTERRUPTED = 130  # SIGINT
+TERMINATED = 143   # SIGTERM
+log = logging.getLogger("llm_streamline")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so the same cleanup runs (temporary files removed, W&B run finished)."""
+
+
+def raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
+def interrupt_code(e: KeyboardInterrupt) -> int:
+    return TERMINATED if isinstance(e, Terminated) else INTERRUPTED
+
+
+def fail(msg: str, code: int = BAD_INPUT) -> NoReturn:
+    """Print the one line and exit with `code` (the SystemExit carries the line: a sweep lists it at the end)."""
+    from tqdm.auto import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):  # a stage's open progress bar would print after us
+        bar.close()
+    print(f"llm-streamline: error: {msg}", file=sys.stderr, flush=True)
+    exit_ = SystemExit(code)
+    exit_.line = msg
+    raise exit_
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def hydra_error_line(e: Exception) -> str | None:
+    """Hydra's and OmegaConf's composition errors (unknown key or preset, wrong type) as one line, or None."""
+    from hydra.errors import HydraException, MissingConfigException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if not isinstance(e, (HydraException, OmegaConfBaseException)):
+        return None
+    unknown = re.match(r"Could not override '([^']+)'", str(e))
+    if unknown:  # Hydra's hint would be `+key=...`, which the schema then refuses: name the closest key
+        close = difflib.get_close_matches(unknown.group(1), list(_schema_keys(RunConfig)), n=1)
+        return f"unknown key {unknown.group(1)}" + (f": did you mean {close[0]}?" if close else "")
+    line = first_line(e)
+    if isinstance(e, MissingConfigException) and e.options:
+        line += f"; available: {', '.join(e.options)}"
+    if e.__cause__ is not None:
+        line += f": {first_line(e.__cause__)}"
+    return line
+
+
+def _load_error_line(e: Exception, cfg: RunConfig) -> str:
+    source = cfg.checkpoint if cfg.mode == "eval" and cfg.checkpoint else cfg.model.name_or_path or cfg.model.name
+    return f"cannot load the model from {source}: {type(e).__name__}: {first_line(e)}"
+
+
+def _disk_line(e: BaseException, err: int) -> str:
+    stage = getattr(e, "stage", None)
+    filename = getattr(e, "filename", None)
+    what = os.strerror(err) + (f": {filename}" if filename else "")
+    return (f"stage {stage}: cannot write ({what}); finished stages are kept, nothing partial is" if stage
+            else f"cannot write ({what})")
+
+
+def _unexpected_line(e: BaseException, out_dir: Path) -> str:
+    """An error no check foresaw: the stage and the error's first line; the traceback goes to a file."""
+    stage = getattr(e, "stage", None)
+    where = out_dir / "traceback.log"
+    try:
+        where.write_text("".join(traceback.format_exception(e)))
+    except OSError:
+        where = None
+    return (f"{f'stage {stage}: ' if stage else ''}{type(e).__name__}: {first_line(e)}"
+            f"{f' (traceback in {where})' if where else ''}")
+
+
+def job_failure(e: BaseException, cfg: RunConfig | None, out_dir: Path) -> tuple[str, int]:
+    """The one line and the exit code of an exception a job raised (`cfg`: None if composing it failed)."""
+    # imported here, when a job has failed: `--help` and Hydra's composition errors need no torch
+    from llm_streamline.assets import AssetError
+    from llm_streamline.data import HubUnavailable
+    from llm_streamline.faults import NumericalFault, disk_errno
+    from llm_streamline.models.layers import NoDecoderLayersError
+    from llm_streamline.stages import NotWritableError
+
+    if isinstance(e, NotWritableError):
+        return e.strerror, BAD_INPUT
+    if isinstance(e, (ConfigError, AssetError, HubUnavailable, NoDecoderLayersError, FileNotFoundError)):
+        log.error("%s: %s", type(e).__name__, e)
+        return first_line(e), BAD_INPUT
+    if isinstance(e, ValueError):
+        log.error("%s: %s", type(e).__name__, e)
+        corrupt_json = isinstance(e, json.JSONDecodeError) and getattr(e, "stage", None) == "load_model"
+        return (_load_error_line(e, cfg) if corrupt_json else first_line(e)), BAD_INPUT  # a JSON error names no file
+    if isinstance(e, NumericalFault):
+        log.error("NumericalFault: %s", e)
+        return f"numerical fault: {e}", FAULT
+    if isinstance(e, KeyboardInterrupt):
+        stage = getattr(e, "stage", None)
+        return f"interrupted{f' during stage {stage}' if stage else ''}; finished stages are kept", interrupt_code(e)
+    err = disk_errno(e)
+    if err is not None:
+        log.error("disk: %s", e)
+        return _disk_line(e, err), FAULT
+    if getattr(e, "stage", None) == "load_model":  # a damaged or foreign model or checkpoint
+        return _load_error_line(e, cfg), BAD_INPUT
+    return _unexpected_line(e, out_dir), FAULT
