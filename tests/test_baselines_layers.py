@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from llm_streamline import pipeline
+from llm_streamline import recipes
 from llm_streamline.baselines import heal, laco, layer_removal
 from llm_streamline.config import RunConfig
 from llm_streamline.importance import similarity_profile
@@ -368,7 +368,7 @@ def test_baseline_through_the_pipeline(method, tmp_path):
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = to_run_config(compose(config_name="config", overrides=[
             "experiment=smoke", f"method={method}", "replacement=none", "eval.speed=false"]))
-    pipeline.run(cfg, tmp_path)
+    recipes.run(cfg, tmp_path)
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["method"] == method and saved["layers"]["n_removed"] == 2 and saved["layers"]["n_after"] == 6
     assert saved["baseline"]["removed"] == saved["layers"]["removed_indices"]
@@ -377,7 +377,7 @@ def test_baseline_through_the_pipeline(method, tmp_path):
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
     assert loaded.config.num_hidden_layers == 6
     # a rerun takes the layer choice (SLEB's search) and the LoRA adapters from the stage cache
-    pipeline.run(cfg, tmp_path / "again")
+    recipes.run(cfg, tmp_path / "again")
     again = json.loads((tmp_path / "again" / "results.json").read_text())
     for key in ("layers", "baseline", "params", "eval", "perplexity", "train"):
         assert again[key] == saved[key], key

@@ -18,9 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from llm_streamline import faults, pipeline, stages
+from llm_streamline import faults, stages
 from llm_streamline.evaluate.perplexity import perplexity
 from llm_streamline.models.loading import load_model, tiny_model
+from llm_streamline.recipes import common
 
 COMPARED = ("layers", "params", "eval", "stability", "perplexity", "train")
 
@@ -123,7 +124,7 @@ def test_nan_weights_in_evaluation_stop_with_stage_item_and_cause(tiny, tok, tmp
                                     perplexity=False, speed=False))
     key = stages.stage_key("eval_pruned", test="nan")
     with pytest.raises(faults.NumericalFault) as err:
-        stages.cached_json(key, lambda: pipeline._evaluate(tiny, tok, cfg, "eval_pruned", _blocks(tok)[:1]))
+        stages.cached_json(key, lambda: common.evaluate_suite(tiny, tok, cfg, "eval_pruned", _blocks(tok)[:1]))
     msg = str(err.value)
     assert msg.startswith("eval_pruned: log-likelihoods [nan")
     assert "at task piqa doc 0" in msg and "non-finite weights in model.layers.3.mlp.down_proj.weight" in msg

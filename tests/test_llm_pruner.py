@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 from torch import nn
 
 import llm_streamline
-from llm_streamline import pipeline
+from llm_streamline import recipes
 from llm_streamline.baselines import llm_pruner
 from llm_streamline.cli import CONF_DIR, to_run_config
 from llm_streamline.config import MethodConfig, RunConfig
@@ -201,7 +201,7 @@ def test_pipeline_runs_llm_pruner(tmp_path):
         cfg = to_run_config(compose(config_name="config",
                                     overrides=["experiment=smoke", "method=llm_pruner", "replacement=none",
                                                "eval.limit=4", "eval.speed=false"]))
-    pipeline.run(cfg, tmp_path)
+    recipes.run(cfg, tmp_path)
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["params"]["pruned"] < saved["params"]["dense"]
     assert saved["layers"]["removed_indices"] == [] and saved["baseline"]["params_removed"] > 0
@@ -220,7 +220,7 @@ def test_baselines_sized_like_a_streamline_ffn_row(method, tmp_path):
         cfg = to_run_config(compose(config_name="config", overrides=[
             "experiment=smoke", f"method={method}", "method.match_replacement=ffn", "eval.limit=2",
             "eval.speed=false", "eval.perplexity=false", "save=false"]))
-    saved = pipeline.run(cfg, tmp_path)
+    saved = recipes.run(cfg, tmp_path)
     model = make("llama")
     stack = find_decoder_stack(model)
     layer = count_params(stack.layers[0])

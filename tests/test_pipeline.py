@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from llm_streamline import pipeline
+from llm_streamline import recipes
 from llm_streamline.cli import CONF_DIR, to_run_config
 from llm_streamline.config import ConfigError, validate
 
@@ -130,7 +130,7 @@ def test_cli_bad_input_exits_2_with_one_line(args, needle, tmp_path):
 @pytest.mark.parametrize("rtype", ["none", "ffn", "layer"])
 def test_pipeline_on_tiny_models(family, rtype, tmp_path):
     cfg = compose_run("experiment=smoke", f"model=tiny-{family}", f"replacement={rtype}")
-    res = pipeline.run(cfg, tmp_path)
+    res = recipes.run(cfg, tmp_path)
     saved = json.loads((tmp_path / "results.json").read_text())
     assert RESULT_KEYS <= set(saved)
     assert saved["layers"]["n_removed"] == 2 and saved["layers"]["n_original"] == 8
@@ -145,8 +145,8 @@ def test_pipeline_on_tiny_models(family, rtype, tmp_path):
 
 def test_rerun_reuses_every_stage_and_gives_identical_results(tmp_path):
     cfg = compose_run("experiment=smoke", "replacement=ffn")
-    first = pipeline.run(cfg, tmp_path / "a")
-    second = pipeline.run(cfg, tmp_path / "b")
+    first = recipes.run(cfg, tmp_path / "a")
+    second = recipes.run(cfg, tmp_path / "b")
     assert second["cache"]["dense_eval_reused"]
     assert "teacher_pairs" not in second["timings"] and "train" not in second["timings"]
     for key in ("layers", "params", "eval", "stability", "perplexity", "train"):
@@ -182,14 +182,14 @@ def test_parallel_sweep_jobs_compute_shared_stages_once(tmp_path):
 
 def test_perplexity_importance_removes_the_block_with_the_lowest_perplexity(tmp_path):
     cfg = compose_run("experiment=smoke", "replacement=none", "sparsity.importance=perplexity")
-    res = pipeline.run(cfg, tmp_path)
+    res = recipes.run(cfg, tmp_path)
     ppl = res["layers"]["block_perplexity"]
     assert len(ppl) == 8 - 2 + 1 and res["layers"]["removed"][0] == min(range(len(ppl)), key=ppl.__getitem__)
 
 
 def test_target_sparsity_picks_the_closest_n(tmp_path):
     cfg = compose_run("experiment=smoke", "sparsity=target25", "sparsity.basis=layers", "replacement=none")
-    res = pipeline.run(cfg, tmp_path)
+    res = recipes.run(cfg, tmp_path)
     assert res["layers"]["n_removed"] == 2  # 2 of 8 layers = 25% of the decoder-layer parameters
     assert res["params"]["sparsity_layers_basis"] == pytest.approx(0.25)
 
@@ -198,7 +198,7 @@ def test_wandb_offline_run_files(tmp_path):
     cfg = compose_run("experiment=smoke", "wandb.mode=offline")
     env_before = os.environ.pop("WANDB_MODE", None)
     try:
-        pipeline.run(cfg, tmp_path)
+        recipes.run(cfg, tmp_path)
     finally:
         if env_before is not None:
             os.environ["WANDB_MODE"] = env_before
@@ -212,7 +212,7 @@ def test_main_job_on_real_smollm2_with_small_limits(tmp_path):
     cfg = compose_run("data.seq_len=64", "data.calib_samples=8", "data.train_samples=16", "data.val_samples=4",
                       "eval=smoke", "eval.speed=true", "eval.speed_tokens=32", "train.batch_size=4",
                       "wandb.mode=disabled")
-    res = pipeline.run(cfg, tmp_path)
+    res = recipes.run(cfg, tmp_path)
     assert res["model"]["num_layers"] == 30 and res["layers"]["n_removed"] == 8
     start = res["layers"]["removed"][0]
     assert 1 <= start <= 22  # neither the first layer nor past the end
@@ -235,7 +235,7 @@ def test_same_seed_gives_bit_identical_runs_without_any_cache(tmp_path, monkeypa
     outs = []
     for name in ("a", "b"):
         monkeypatch.setenv("LLM_STREAMLINE_STAGES", str(tmp_path / f"stages-{name}"))
-        outs.append(pipeline.run(cfg, tmp_path / name))
+        outs.append(recipes.run(cfg, tmp_path / name))
     for key in ("layers", "params", "eval", "stability", "perplexity", "train"):
         assert outs[0][key] == outs[1][key], key
     wa, wb = (load_file(str(tmp_path / n / "model" / "model.safetensors")) for n in ("a", "b"))
@@ -243,12 +243,12 @@ def test_same_seed_gives_bit_identical_runs_without_any_cache(tmp_path, monkeypa
 
 
 def test_above_chance_retention_uses_each_tasks_option_count():
-    from llm_streamline.pipeline import _eval_table, chance_levels
+    from llm_streamline.recipes.common import chance_levels, eval_table
 
     rows = [{"task": "a", "loglikelihoods": [0.0, 0.0]}, {"task": "a", "loglikelihoods": [0.0] * 4}]
     chances = chance_levels(rows)
     assert chances == {"a": pytest.approx(0.375)}
-    row = _eval_table({"a": {"acc": 0.6}}, {"a": {"acc": 0.5}}, chances)["a"]
+    row = eval_table({"a": {"acc": 0.6}}, {"a": {"acc": 0.5}}, chances)["a"]
     assert row["acc_retention"] == pytest.approx(0.5 / 0.6)
     assert row["acc_above_chance_retention"] == pytest.approx((0.5 - 0.375) / (0.6 - 0.375))
 
@@ -256,13 +256,13 @@ def test_above_chance_retention_uses_each_tasks_option_count():
 def test_lora_healing_of_plain_pruning_in_the_same_harness(tmp_path):
     cfg = compose_run("experiment=smoke", "replacement=none", "train=lora", "train.max_steps=3",
                       "train.batch_size=4")
-    res = pipeline.run(cfg, tmp_path)
+    res = recipes.run(cfg, tmp_path)
     assert res["train"]["method"] == "lora" and res["train"]["trainable_params"] > 0
     assert res["params"]["pruned"] < res["params"]["dense"]  # adapters merged back: no extra parameters
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(res["checkpoint"])  # stock checkpoint
-    again = pipeline.run(cfg, tmp_path / "again")  # the adapters come from the stage cache: no training
+    again = recipes.run(cfg, tmp_path / "again")  # the adapters come from the stage cache: no training
     assert "train" not in again["timings"]
     for key in ("layers", "params", "eval", "perplexity", "train"):
         assert again[key] == res[key], key

@@ -142,10 +142,10 @@ def compose_run(*overrides: str):
                                         "train.max_steps=3", "train.batch_size=4"),
                                        ("replacement=swiglu", "sparsity.start=0", "train.max_steps=2")])
 def test_pipeline_trains_the_new_options(overrides, tmp_path):
-    from llm_streamline import pipeline
+    from llm_streamline import recipes
 
     cfg = compose_run("experiment=smoke", "model=tiny-qwen3", *overrides)
-    res = pipeline.run(cfg, tmp_path)
+    res = recipes.run(cfg, tmp_path)
     assert res["train"]["steps"] == cfg.train.max_steps
     assert res["train"]["selected_step"] == (cfg.train.max_steps if cfg.train.select == "final"
                                              else res["train"]["best_step"])
@@ -189,7 +189,7 @@ def test_mlp_slot_at_layer_0_keeps_the_cache_length_and_cached_decoding_exact(fa
 
 @pytest.mark.parametrize("rtype,layers,removed", [("none", 2, 2), ("layer", 2, 3), ("layers", 2, 4), ("ffn", 2, 2)])
 def test_net_count_removes_the_replacements_size_in_layers_more(rtype, layers, removed):
-    from llm_streamline.pipeline import resolve_block_size
+    from llm_streamline.recipes.common import resolve_block_size
 
     cfg = compose_run("experiment=smoke", "model=tiny-llama", f"replacement={rtype}", f"sparsity.layers={layers}",
                       "sparsity.count=net")

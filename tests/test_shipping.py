@@ -13,13 +13,14 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from llm_streamline import pipeline
+from llm_streamline import recipes
 from llm_streamline.cli import CONF_DIR, to_run_config
 from llm_streamline.config import ModelConfig, ReplacementConfig
 from llm_streamline.models.anatomy import anatomy_of
 from llm_streamline.models.checkpoints import save_checkpoint
 from llm_streamline.models.layers import find_decoder_stack, remove_block
 from llm_streamline.models.loading import load_model
+from llm_streamline.recipes import eval_checkpoint
 from llm_streamline.replace import build_replacement, slot_checkpoint
 
 START, N = 2, 3
@@ -51,16 +52,16 @@ def saved(tmp_path_factory) -> dict[str, Path]:
 @pytest.mark.parametrize("rtype", ["none", "ffn"])  # a stock checkpoint and one only this package loads
 def test_eval_of_a_checkpoint_uses_the_presets_dtype_and_batch_size(rtype, saved, tmp_path, monkeypatch):
     seen = {}
-    real = pipeline.run_lm_eval
+    real = eval_checkpoint.run_lm_eval
 
     def spy(model, tok, tasks, limit, batch_size, **kw):
         seen.update(dtypes={p.dtype for p in model.parameters()}, batch_size=batch_size)
         return real(model, tok, tasks, limit, batch_size, **kw)
 
-    monkeypatch.setattr(pipeline, "run_lm_eval", spy)
+    monkeypatch.setattr(eval_checkpoint, "run_lm_eval", spy)
     cfg = compose_run("experiment=smoke", "mode=eval", f"checkpoint={saved[rtype]}", "model.dtype=bfloat16",
                       "eval.batch_size=3", "eval.limit=2")
-    res = pipeline.evaluate_checkpoint(cfg, tmp_path)
+    res = eval_checkpoint.run(cfg, tmp_path)
     assert seen == {"dtypes": {torch.bfloat16}, "batch_size": 3}
     assert res["model"]["dtype"] == "bfloat16" and res["eval_settings"]["batch_size"] == 3
     assert all(0 <= m["acc"] <= 1 for m in res["eval"].values())
@@ -128,7 +129,7 @@ def test_eval_mode_is_logged_to_wandb(saved, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     cfg = compose_run("experiment=smoke", "mode=eval", f"checkpoint={saved['ffn']}", "eval.limit=2",
                       "objective=avg_acc")
-    pipeline.evaluate_checkpoint(cfg, tmp_path)
+    eval_checkpoint.run(cfg, tmp_path)
     runs = offline_runs(tmp_path)
     assert len(runs) == 1 and runs[0].name.endswith(f"-{run_id(tmp_path)}")
     record = wandb_log_bytes(runs[0])
@@ -166,7 +167,7 @@ SWIGLU_OVERRIDES = ("experiment=smoke", "replacement=swiglu", "sparsity.start=2"
 def swiglu_run(tmp_path_factory) -> Path:
     """A whole smoke run with a SwiGLU slot, saved as the CLI saves it (with Hydra's overrides record)."""
     run_dir = tmp_path_factory.mktemp("swiglu-run")
-    pipeline.run(compose_run(*SWIGLU_OVERRIDES), run_dir)
+    recipes.run(compose_run(*SWIGLU_OVERRIDES), run_dir)
     (run_dir / ".hydra").mkdir()
     (run_dir / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in SWIGLU_OVERRIDES))
     return run_dir

@@ -1,4 +1,4 @@
-"""`llm-streamline`: the Hydra app. Composes conf/, validates, runs the pipeline (or mode=eval).
+"""`llm-streamline`: the Hydra app. Composes conf/, validates it once, runs the recipe it names (see `recipes`).
 
 Every failure ends with one line on stderr and an exit code (2 bad input, 3 a fault while running, 130/143
 interrupted or terminated): see `errors`. In a sweep (-m) a failing job is reported and the next one runs.
@@ -60,7 +60,7 @@ def _app(cfg: DictConfig) -> float | None:
 
 
 def _job(cfg: DictConfig) -> float | None:
-    from llm_streamline import pipeline
+    from llm_streamline import recipes
     from llm_streamline.tracking import sweep_objective
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -70,10 +70,7 @@ def _job(cfg: DictConfig) -> float | None:
     try:
         run_cfg = to_run_config(cfg)
         validate(run_cfg)
-        if run_cfg.mode == "eval":
-            results = pipeline.evaluate_checkpoint(run_cfg, out_dir)
-        else:
-            results = pipeline.run(run_cfg, out_dir)
+        results = recipes.run(run_cfg, out_dir)
     except (KeyboardInterrupt, Exception) as e:
         errors.fail(*errors.job_failure(e, run_cfg, out_dir))
     return sweep_objective(results, run_cfg.objective)  # returned to Hydra: what a sweeper optimises

@@ -20,7 +20,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
-from llm_streamline import pipeline, stages
+from llm_streamline import recipes, stages
 from llm_streamline.cli import CONF_DIR, to_run_config
 
 COMPARED = ("layers", "params", "eval", "stability", "perplexity", "train")
@@ -81,7 +81,7 @@ def test_damaged_entry_is_moved_aside_recomputed_and_results_match(case, uninter
     case.damage(target)
     monkeypatch.setenv("LLM_STREAMLINE_STAGES", str(stage_root))
     with caplog.at_level(logging.WARNING, logger="llm_streamline"):
-        again = pipeline.run(smoke_config(), tmp_path / "run")
+        again = recipes.run(smoke_config(), tmp_path / "run")
     warnings = [r.getMessage() for r in caplog.records if "failed verification" in r.getMessage()]
     assert len(warnings) == 1 and str(entry) in warnings[0], warnings
     assert list(entry.parent.glob(f"{entry.name}{stages.CORRUPT}*"))  # kept aside for a post-mortem

@@ -1,6 +1,7 @@
 """Baselines in the same harness: each takes the dense model, the calibration data, the similarity profile
-and the size to remove, and returns the compressed model; the pipeline then evaluates, records and saves it
-exactly like an LLM-Streamline model. Components, not orchestrators: no files, no W&B, no Hydra here.
+and the size to remove, and returns the compressed model; the baseline recipe then heals it (optional),
+evaluates, records and saves it exactly like an LLM-Streamline model. Components, not orchestrators: no files,
+no W&B, no Hydra here.
 
   shortgpt    remove the n layers with the lowest Block Influence (not necessarily contiguous)
   gromov      remove the contiguous block with the smallest angular distance (then optional LoRA healing)
@@ -26,19 +27,16 @@ class BaselineResult:
     model: PreTrainedModel               # the compressed model (the input may have been modified in place)
     removed_layers: list[int]            # original indices of removed layers ([] for width pruning)
     record: dict[str, Any] = field(default_factory=dict)   # method-specific facts for results.json
-    train_log: dict | None = None        # LoRA healing, if any
     # the checkpoint format that holds the model and its builder's fields (models.checkpoints.save_checkpoint)
     checkpoint: tuple[str, dict] = ("stock", {})
 
 
-def apply_method(cfg: RunConfig, model: PreTrainedModel, calib: torch.Tensor, train: torch.Tensor,
-                 val: torch.Tensor, profile: SimilarityProfile, n: int, heal_cached=None,
-                 on_healed=None, chosen: dict | None = None, target_removed: int | None = None) -> BaselineResult:
-    """heal_cached / on_healed: LoRA adapters of an earlier identical run, and a callback that receives
-    newly trained ones (see `heal.lora_heal`); the caller keeps them. chosen: the record of an earlier
-    identical layer-removal run (SLEB's search is long): its layers are removed without searching again.
-    target_removed: the net parameter count to remove (default: n layers); width pruning (llm_pruner) matches it,
-    layer removal removes n whole layers (the pipeline records the difference)."""
+def apply_method(cfg: RunConfig, model: PreTrainedModel, calib: torch.Tensor, profile: SimilarityProfile, n: int,
+                 chosen: dict | None = None, target_removed: int | None = None) -> BaselineResult:
+    """Compress `model` by `method.name` (healing, `method.heal`, is the recipe's next step).
+    chosen: the record of an earlier identical layer-removal run (SLEB's search is long): its layers are removed
+    without searching again. target_removed: the net parameter count to remove (default: n layers); width
+    pruning (llm_pruner) matches it, layer removal removes n whole layers (the record shows the difference)."""
     name = cfg.method.name
     if name in ("shortgpt", "gromov", "sleb"):
         from llm_streamline.baselines import layer_removal
@@ -54,9 +52,4 @@ def apply_method(cfg: RunConfig, model: PreTrainedModel, calib: torch.Tensor, tr
         result = llm_pruner.apply(model, calib, n, cfg, target=target_removed)
     else:
         raise ValueError(f"method={name!r} is not a baseline")
-    if cfg.method.heal == "lora":
-        from llm_streamline.baselines import heal
-
-        result.model, result.train_log = heal.lora_heal(result.model, train, val, cfg, cached=heal_cached,
-                                                        on_trained=on_healed)
     return result

