@@ -142,7 +142,7 @@ def replace_block(ctx: Run, start: int, n: int) -> Compressed | None:
             return None
         log.info("replacement %s: val loss %.5g -> %.5g (best at step %s)", cfg.replacement.type,
                  train_log["initial_val_loss"], train_log["best_val_loss"], train_log["best_step"])
-    if cfg.train.loss == "lora":  # plain pruning healed with LoRA, on the same data budget as the replacement
+    if cfg.method.heal == "lora":  # train=lora: plain pruning healed with LoRA (the paper's comparison)
         block = remove_block(pruned, start, n, [])
         pruned, train_log = heal(ctx, pruned, stages.stage_key("lora", train=train_key))
     if block is None:
