@@ -164,7 +164,8 @@ def equal_size_target(replacement: ReplacementConfig, n: int, model) -> dict:
 # ------------------------------------------------------------------------------------- the run context
 @dataclass
 class Run:
-    """What every step of a run reads. The dense model, tokenizer and data are set by `load_model_and_data`."""
+    """What every step of a run reads. The dense model and tokenizer are set by `load_dense_model`, the token
+    blocks by `load_data`."""
     cfg: RunConfig
     out_dir: Path
     timings: Timings
@@ -196,6 +197,7 @@ def check_before_loading(cfg: RunConfig, out_dir: Path) -> None:
 
 
 def start_run(cfg: RunConfig, out_dir: Path) -> Run:
+    """The run's context before anything is loaded: seeded, its stage-key parts, data-parallel set up, W&B."""
     out_dir = Path(out_dir)
     timings = Timings()
     torch.manual_seed(cfg.seed)
