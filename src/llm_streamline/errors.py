@@ -58,6 +58,15 @@ def fail(msg: str, code: int = BAD_INPUT) -> NoReturn:
     raise exit_
 
 
+def _log_to_file(msg: str) -> None:
+    """The error with its type goes to the run's log file only: the console shows it once, as `fail`'s line
+    (Hydra's console handler would print it a second time)."""
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, msg, (), None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
 def first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
@@ -119,21 +128,21 @@ def job_failure(e: BaseException, cfg: RunConfig | None, out_dir: Path) -> tuple
     if isinstance(e, NotWritableError):
         return e.strerror, BAD_INPUT
     if isinstance(e, (ConfigError, AssetError, HubUnavailable, NoDecoderLayersError, FileNotFoundError)):
-        log.error("%s: %s", type(e).__name__, e)
+        _log_to_file(f"{type(e).__name__}: {e}")
         return first_line(e), BAD_INPUT
     if isinstance(e, ValueError):
-        log.error("%s: %s", type(e).__name__, e)
+        _log_to_file(f"{type(e).__name__}: {e}")
         corrupt_json = isinstance(e, json.JSONDecodeError) and getattr(e, "stage", None) == "load_model"
         return (_load_error_line(e, cfg) if corrupt_json else first_line(e)), BAD_INPUT  # a JSON error names no file
     if isinstance(e, NumericalFault):
-        log.error("NumericalFault: %s", e)
+        _log_to_file(f"NumericalFault: {e}")
         return f"numerical fault: {e}", FAULT
     if isinstance(e, KeyboardInterrupt):
         stage = getattr(e, "stage", None)
         return f"interrupted{f' during stage {stage}' if stage else ''}; finished stages are kept", interrupt_code(e)
     err = disk_errno(e)
     if err is not None:
-        log.error("disk: %s", e)
+        _log_to_file(f"disk: {e}")
         return _disk_line(e, err), FAULT
     if getattr(e, "stage", None) == "load_model":  # a damaged or foreign model or checkpoint
         return _load_error_line(e, cfg), BAD_INPUT
