@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel
 
-from llm_streamline import __version__, faults, preflight, stages
+from llm_streamline import __version__, faults, preflight, report, stages
 from llm_streamline.config import ReplacementConfig, RunConfig
 from llm_streamline.data import SPLIT_LAYOUT, TokenBlocks, load_blocks, perplexity_text
 from llm_streamline.evaluate.harness import run_lm_eval, save_samples_jsonl, write_lm_eval_files
@@ -525,6 +525,7 @@ def finish(ctx: Run, results: dict) -> dict:
     stages.write_json_atomic(ctx.out_dir / "results.json", results)
     _log_summary(ctx.tracker, results, ctx.cfg.objective)
     log.info("results: %s", ctx.out_dir / "results.json")
+    log.info("summary\n%s", report.summary(results))
     return results
 
 
