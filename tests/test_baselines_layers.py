@@ -14,11 +14,12 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from llm_streamline import recipes
-from llm_streamline.baselines import heal, laco, layer_removal
-from llm_streamline.config import RunConfig
+from llm_streamline.baselines import laco, layer_removal
+from llm_streamline.config import RunConfig, heal_train_config
 from llm_streamline.importance import similarity_profile
 from llm_streamline.models.layers import find_decoder_stack, layer_view, per_layer_config_keys, remove_layers, skipping
 from llm_streamline.models.loading import tiny_model
+from llm_streamline.train import train_lora
 
 V = 512
 SPECIAL = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -292,6 +293,12 @@ def test_laco_merging_an_equal_layer_gives_it_back():
         assert torch.equal(v, want[k])
 
 
+def _heal(model, train, val, cfg: RunConfig, **kw):
+    """LoRA healing as the recipes call it for this run config."""
+    return train_lora(model, train, val, heal_train_config(cfg), cfg.method.lora_rank, cfg.method.lora_alpha,
+                      cfg.seed, progress=False, **kw)
+
+
 def test_lora_heal_lowers_val_loss_and_merges_to_the_original_class(tmp_path):
     model = _model("llama")
     cls = type(model)
@@ -301,7 +308,7 @@ def test_lora_heal_lowers_val_loss_and_merges_to_the_original_class(tmp_path):
     blocks = pat.repeat(1, 8)
     cfg = RunConfig()
     cfg.method.lora_lr, cfg.method.lora_epochs, cfg.train.batch_size = 5e-3, 3, 4
-    healed, log = heal.lora_heal(model, blocks[:20], blocks[20:], cfg, progress=False)
+    healed, log = _heal(model, blocks[:20], blocks[20:], cfg)
     assert type(healed) is cls and not any("lora" in n for n, _ in healed.named_parameters())
     assert log["best_val_loss"] < log["initial_val_loss"] - 0.05
     assert log["steps"] == 15 and log["tokens"] == 15 * 4 * 32 and log["trainable_params"] > 0
@@ -318,11 +325,11 @@ def test_lora_adapters_kept_and_reapplied_give_the_same_model():
     cfg = RunConfig()
     cfg.method.lora_lr, cfg.method.lora_epochs, cfg.train.batch_size = 5e-3, 1, 4
     kept = {}
-    trained, log = heal.lora_heal(_model("llama"), blocks[:20], blocks[20:], cfg, progress=False,
-                                  on_trained=lambda adapters, lg: kept.update(adapters=adapters, log=lg))
+    trained, log = _heal(_model("llama"), blocks[:20], blocks[20:], cfg,
+                         on_trained=lambda adapters, lg: kept.update(adapters=adapters, log=lg))
     assert kept["log"] is log and all("lora_" in k for k in kept["adapters"])
-    again, log2 = heal.lora_heal(_model("llama"), blocks[:20], blocks[20:], cfg, progress=False,
-                                 cached=(kept["adapters"], kept["log"]))
+    again, log2 = _heal(_model("llama"), blocks[:20], blocks[20:], cfg,
+                        cached=(kept["adapters"], kept["log"]))
     assert log2 is log
     want = trained.state_dict()
     for k, v in again.state_dict().items():
@@ -348,9 +355,7 @@ def test_lora_healing_is_driven_by_the_train_config():
                                                  warmup_ratio=0.4, epochs=2, batch_size=4, select="final"))
     assert heal_train_config(cfg) is cfg.train
     lrs = []
-    _, log = heal.lora_heal(_model("llama"), blocks[:20], blocks[20:], cfg, progress=False)
-    from llm_streamline.train import train_lora
-
+    _, log = _heal(_model("llama"), blocks[:20], blocks[20:], cfg)
     _, again = train_lora(_model("llama"), blocks[:20], blocks[20:], cfg.train, 8, 16, cfg.seed, progress=False,
                           on_step=lambda step, m: lrs.append(m["train/lr"]) if "train/lr" in m else None)
     assert log["train_loss"] == again["train_loss"] and log["steps"] == 10

@@ -7,7 +7,7 @@
             distance arccos(cos(x_T^(l), x_T^(l+n))) / pi between the LAST token's representations, averaged over
             the calibration samples (`importance` metric "angular_last"; the all-token mean "angular" is
             LLM-Streamline's sparsity.importance=angular, recorded beside it); healing (LoRA) is applied afterwards
-            by `baselines.heal` when `method.heal=lora` (the `gromov` preset sets it).
+            by the recipe (`train.train_lora`) when `method.heal=lora` (the `gromov` preset sets it).
   sleb      SLEB (Song et al. 2024; github.com/jiwonsong-dev/SLEB `sleb.py`): greedy, n steps; at each step every
             remaining layer but the first and the last (sleb.py's early_barrier = latter_barrier = 1) is tried
             out and the one whose removal gives the lowest summed NLL on the calibration windows (sleb.py's

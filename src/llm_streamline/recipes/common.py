@@ -25,7 +25,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from llm_streamline import __version__, faults, preflight, report, stages
-from llm_streamline.config import ReplacementConfig, RunConfig
+from llm_streamline.config import ReplacementConfig, RunConfig, heal_train_config
 from llm_streamline.data import SPLIT_LAYOUT, TokenBlocks, load_blocks, perplexity_text
 from llm_streamline.evaluate.harness import run_lm_eval, save_samples_jsonl, write_lm_eval_files
 from llm_streamline.evaluate.perplexity import perplexity
@@ -39,6 +39,7 @@ from llm_streamline.models.loading import load_model
 from llm_streamline.plots import plot_profile
 from llm_streamline.replace import replacement_param_count
 from llm_streamline.tracking import Tracker, run_tags, sweep_objective
+from llm_streamline.train import train_lora
 
 log = logging.getLogger("llm_streamline")
 
@@ -411,8 +412,7 @@ def save_weights_stage(ckpt: Path, weights_file: str, weights: dict, train_log: 
 def heal(ctx: Run, model: PreTrainedModel, key: str) -> tuple[PreTrainedModel, dict]:
     """LoRA on a compressed model, merged back (the options: `config.heal_train_config`); the adapters are
     kept in the stage cache under `key`, so a rerun applies them without training."""
-    from llm_streamline.baselines.heal import lora_heal
-
+    cfg = ctx.cfg
     ckpt = stages.stage_dir(key)
     cached = None
     if stages.sealed(ckpt, key):
@@ -423,7 +423,8 @@ def heal(ctx: Run, model: PreTrainedModel, key: str) -> tuple[PreTrainedModel, d
         save_weights_stage(ckpt, "adapters.safetensors", adapters, train_log)
 
     with ctx.timings.stage("train") if cached is None else contextlib.nullcontext():
-        return lora_heal(model, ctx.blocks.train, ctx.blocks.val, ctx.cfg, cached=cached, on_trained=on_trained)
+        return train_lora(model, ctx.blocks.train, ctx.blocks.val, heal_train_config(cfg), cfg.method.lora_rank,
+                          cfg.method.lora_alpha, cfg.seed, cached=cached, on_trained=on_trained)
 
 
 # ------------------------------------------------------------------------------------- save and record
