@@ -81,6 +81,7 @@ def test_wheel_ships_configs_and_runs_outside_the_repository(installed_venv, tmp
 
 def _declared(package: str) -> str:
     import re
+
     import tomllib
 
     deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
@@ -94,14 +95,13 @@ def test_installed_lm_eval_is_in_the_declared_range_with_the_public_api_we_use()
     import inspect
     from importlib.metadata import version
 
-    from packaging.specifiers import SpecifierSet
-
     import lm_eval
     from lm_eval.api.group import Group
     from lm_eval.loggers import EvaluationTracker
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
     from lm_eval.utils import handle_non_serializable
+    from packaging.specifiers import SpecifierSet
 
     spec = SpecifierSet(_declared("lm-eval"))
     assert version("lm-eval") in spec, f"lm-eval {version('lm-eval')} is outside the declared {spec}"
