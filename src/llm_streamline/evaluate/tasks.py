@@ -75,17 +75,25 @@ def _render(values: dict[str, str]) -> dict[str, str]:
             for p in sorted(TEMPLATES.rglob("*.yaml"))}
 
 
-@functools.lru_cache(maxsize=1)
 def offline_task_dir() -> Path:
     """The rendered include path: ``<stages>/lm_eval_tasks-<digest of its files>/`` (a stage entry, listed and
     cleaned by ``llm-streamline-cache``), written once, atomically (a folder renamed into place). A stage cache
     that cannot be written gets a temporary folder for this process instead: the run's own check of the stage
     cache then reports it in one line."""
-    from llm_streamline.stages import atomic_dir, stage_root
+    from llm_streamline.stages import stage_root
+
+    # cached per stage root: a process that points the stage cache elsewhere must not get the old folder
+    return rendered_task_dir(stage_root())
+
+
+@functools.lru_cache(maxsize=4)
+def rendered_task_dir(root: Path) -> Path:
+    """``offline_task_dir`` for the stage cache at ``root``."""
+    from llm_streamline.stages import atomic_dir
 
     files = _render(template_values())
     digest = hashlib.sha256(repr(sorted(files.items())).encode()).hexdigest()[:16]
-    target = stage_root() / f"lm_eval_tasks-{digest}"
+    target = root / f"lm_eval_tasks-{digest}"
     if target.is_dir():
         return target
     try:
