@@ -57,7 +57,7 @@ class SparsityConfig:
 
 @dataclass
 class ReplacementConfig:
-    type: str = "ffn"                      # none | ffn | swiglu | layer | layers
+    type: str = "layer"                    # none | ffn | swiglu | layer | layers (default: conf/config.yaml)
     hidden_size: Optional[int] = None      # ffn width; null = the model's MLP intermediate size
     activation: str = "silu"               # ffn activation
     residual: bool = True                  # ffn: y = x + f(x) (True) or y = f(x)
