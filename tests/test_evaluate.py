@@ -337,6 +337,31 @@ def test_fast_scorer_equals_stock(ours, tiny, tok):
         assert fast.metrics[task].get("acc_norm") == ours.metrics[task].get("acc_norm")
 
 
+@pytest.mark.parametrize("scorer", ["hflm", "fast"])
+def test_without_context_nll_the_scores_are_the_same_and_the_head_runs_less(ours, tiny, tok, scorer):
+    """A compressed model's evaluation skips NLL(context) (only the dense model's enters stability): same
+    log-likelihoods and metrics, no option_mean_nll in the rows, and fewer LM-head rows computed."""
+    head_rows = []
+    hook = tiny.get_output_embeddings().register_forward_hook(
+        lambda m, args, out: head_rows.append(args[0].shape[:-1].numel()))
+    try:
+        with_nll = harness.run_lm_eval(tiny, tok, KEY_TASKS, limit=KEY_LIMIT, batch_size=KEY_BATCH, scorer=scorer)
+        rows_with = sum(head_rows)
+        head_rows.clear()
+        without = harness.run_lm_eval(tiny, tok, KEY_TASKS, limit=KEY_LIMIT, batch_size=KEY_BATCH, scorer=scorer,
+                                      context_nll=False)
+        rows_without = sum(head_rows)
+    finally:
+        hook.remove()
+    assert without.metrics == with_nll.metrics
+    index = {(r["task"], r["doc_id"]): r for r in with_nll.samples}
+    for r in without.samples:
+        assert "option_mean_nll" not in r
+        # the same rows of the same forward; only the LM head's matmul shape differs (fast scorer)
+        assert r["loglikelihoods"] == pytest.approx(index[(r["task"], r["doc_id"])]["loglikelihoods"], abs=1e-5)
+    assert rows_without < 0.9 * rows_with
+
+
 def test_fast_scorer_multiple_input_and_four_options(tiny, tok):
     # winogrande: options differ in the CONTEXT (nothing shared); hellaswag: 4 multi-token options
     names = ["winogrande", "hellaswag"]

@@ -11,7 +11,8 @@ FLOPs per token) to every position. Here, per forward pass:
   into one row (block-diagonal mask), so there is no padding either.
 * The LM head runs only at the positions whose predictions are read: those that predict continuation
   tokens, and once per context those that predict the context's own tokens (NLL(context), which the
-  stability metric's option_mean_nll needs) (``logits_to_keep`` given as a 1-D index tensor, transformers v5).
+  stability metric's option_mean_nll needs; skipped when ``score_context_nll`` is off, as for a compressed
+  model, whose option_mean_nll nothing reads) (``logits_to_keep`` given as a 1-D index tensor, transformers v5).
 
 Every option thus sees exactly the tokens and positions it sees in stock HFLM; the scores differ
 only by float summation order (checked: within 1e-3 of stock, same accuracy). Tasks, requests,
@@ -82,7 +83,7 @@ class FastHFLM(RecordingHFLM):
         stock = super(RecordingHFLM, self)._loglikelihood_tokens  # HFLM's own, unrecorded
         if not self._fast_supported() or override_bs is not None:  # rolling windows: stock
             out = stock(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
-            if override_bs is None:
+            if override_bs is None and self.score_context_nll:
                 self.score_contexts([ctx for _, ctx, _ in requests])
             return out
 
@@ -103,7 +104,8 @@ class FastHFLM(RecordingHFLM):
         if slow:
             for i, ans in zip(slow, stock([requests[i] for i in slow], disable_tqdm=disable_tqdm)):
                 results[i] = ans
-            self.score_contexts([requests[i][1] for i in slow])
+            if self.score_context_nll:
+                self.score_contexts([requests[i][1] for i in slow])
         packs = self._packs(groups)
         self.fast_stats["stock_requests"] += len(slow)
         self.fast_stats["shared_requests"] += len(requests) - len(slow)
@@ -156,7 +158,7 @@ class FastHFLM(RecordingHFLM):
             seg += [0] * n_ctx
             grp += [g_idx] * n_ctx
             last_ctx = start + n_ctx - 1
-            if tuple(g.context) not in self.context_nll:
+            if self.score_context_nll and tuple(g.context) not in self.context_nll:
                 contexts.append((tuple(g.context), list(range(start, last_ctx)), g.context[1:]))
             for i in g.members:
                 cont = requests[i][2]

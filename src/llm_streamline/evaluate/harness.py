@@ -109,13 +109,16 @@ class EvalResult:
     lm_eval: dict[str, Any] = field(default_factory=dict)  # lm-eval's own results (JSON-safe), merged over calls
 
 
-def make_lm(model: Any, tokenizer: Any, batch_size: int, scorer: str = "hflm") -> HFLM:
-    """Wrap an in-memory model: stock HFLM scoring, or FastHFLM (shared-context scoring)."""
+def make_lm(model: Any, tokenizer: Any, batch_size: int, scorer: str = "hflm", context_nll: bool = True) -> HFLM:
+    """Wrap an in-memory model: stock HFLM scoring, or FastHFLM (shared-context scoring); ``context_nll``:
+    also score each context's own tokens (for the rows' option_mean_nll)."""
     if scorer not in SCORERS:
         raise ValueError(f"scorer must be one of {SCORERS}, got {scorer!r}")
     model.eval()  # dropout off: scores must not depend on the caller's mode
     cls: type[HFLM] = FastHFLM if scorer == "fast" else RecordingHFLM
-    return cls(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    lm = cls(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    lm.score_context_nll = context_nll
+    return lm
 
 
 def _number(v: Any) -> float | None:
@@ -230,19 +233,21 @@ def run_lm_eval(
     seed: int = 1234,
     bootstrap_iters: int = 100000,
     task_limits: dict[str, int | None] | None = None,
+    context_nll: bool = True,
 ) -> EvalResult:
     """Evaluate ``model`` zero-shot (no few-shot examples) on lm-eval ``tasks``; rows: module docstring.
 
     ``limit`` is lm-eval's (the first ``limit`` items of each leaf task; None = all); ``task_limits`` overrides
     it per named task (e.g. all of PIQA, the first 1000 of HellaSwag): lm-eval takes one limit per call, so
     tasks are scored in one call per distinct limit, on one wrapped model. Unknown task names raise
-    ValueError before any model work.
+    ValueError before any model work. ``context_nll=False``: rows without ``option_mean_nll`` (only the
+    dense model's enters stability; skipping it saves the LM head on every context position).
     """
     import lm_eval
 
     check_tasks(tasks, offline)
     start = time.perf_counter()
-    lm = make_lm(model, tokenizer, batch_size, scorer)
+    lm = make_lm(model, tokenizer, batch_size, scorer, context_nll)
     by_limit: dict[int | None, list[str]] = {}
     for t in tasks:
         by_limit.setdefault((task_limits or {}).get(t, limit), []).append(t)
@@ -265,7 +270,7 @@ def run_lm_eval(
         if results is None:  # only non-zero ranks get None; we run single-process
             raise RuntimeError("lm-eval returned no results")
         out.samples += sample_rows(results, leaf_tasks(built), lm.__dict__.get("continuation_tokens", {}),
-                                   lm.__dict__.get("request_contexts", {}), lm.context_nll)
+                                   lm.__dict__.get("request_contexts", {}), lm.context_nll if context_nll else None)
         out.metrics.update(extract_metrics(results))
         out.groups.update(_group_leaves(built))
         out.versions.update(results.get("versions") or {})

@@ -13,7 +13,11 @@ from lm_eval.models.huggingface import HFLM
 
 class RecordingHFLM(HFLM):
     """Stock HFLM that remembers, per request, its continuation token count and its context's NLL
-    (the option scores themselves are stock HFLM's, untouched)."""
+    (the option scores themselves are stock HFLM's, untouched). ``score_context_nll = False`` skips the
+    context scoring: only the dense model's option_mean_nll enters stability, so a compressed model's
+    evaluation need not pay for it (its rows then have no ``option_mean_nll``)."""
+
+    score_context_nll: bool = True
 
     def record_continuation_lengths(self, requests: Iterable[Any]) -> None:
         lengths = self.__dict__.setdefault("continuation_tokens", {})
@@ -31,7 +35,7 @@ class RecordingHFLM(HFLM):
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):  # type: ignore[override]
         self.record_continuation_lengths(requests)
         out = super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
-        if override_bs is None:  # rolling-window (perplexity) requests need no context score
+        if override_bs is None and self.score_context_nll:  # rolling-window (perplexity) requests: none
             self.score_contexts([ctx for _, ctx, _ in requests])
         return out
 

@@ -250,10 +250,12 @@ def similarity(ctx: Run) -> SimilarityProfile:
 
 
 # ------------------------------------------------------------------------------------- evaluation
-def evaluate_suite(model, tok, cfg: RunConfig, stage: str, probe_ids: torch.Tensor) -> dict:
+def evaluate_suite(model, tok, cfg: RunConfig, stage: str, probe_ids: torch.Tensor,
+                   context_nll: bool = True) -> dict:
     """lm-eval on the suite; a NaN/inf log-likelihood stops the run here, before it is cached."""
     res = run_lm_eval(model, tok, list(cfg.eval.tasks), cfg.eval.limit, cfg.eval.batch_size,
-                      offline=cfg.eval.offline, scorer=cfg.eval.scorer, task_limits=dict(cfg.eval.task_limits))
+                      offline=cfg.eval.offline, scorer=cfg.eval.scorer, task_limits=dict(cfg.eval.task_limits),
+                      context_nll=context_nll)
     faults.check_loglikelihoods(res.samples, stage, model, probe_ids)
     return {"metrics": res.metrics, "samples": res.samples, "versions": res.versions, "n_samples": res.n_samples,
             "lm_eval": res.lm_eval}
@@ -317,8 +319,9 @@ def evaluate_compressed(ctx: Run, dense: DenseReference, c: Compressed) -> Evalu
     with ctx.timings.stage("eval_pruned"):
         key = stages.stage_key("eval_pruned", train=c.key, eval=ctx.eval_key)
         faults.kill_point("eval_pruned")
+        # stability weighs items by the DENSE model's option_mean_nll only: the compressed model's is not computed
         pres, _ = stages.cached_json(key, lambda: evaluate_suite(c.model, ctx.tok, cfg, "eval_pruned",
-                                                                 ctx.blocks.val[:1]), log.info)
+                                                                 ctx.blocks.val[:1], context_nll=False), log.info)
     ppl = None
     if cfg.eval.perplexity:
         with ctx.timings.stage("perplexity_pruned"):
