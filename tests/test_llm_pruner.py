@@ -1,5 +1,6 @@
-"""LLM-Pruner baseline (width pruning of coupled KV groups / MLP channels by Taylor importance) on tiny
-random models: size matches the target, ratio 0 is the identity, useless structures go first, the pruned
+"""LLM-Pruner baseline (width pruning of coupled attention heads or KV groups / MLP channels by Taylor importance)
+on tiny random models: size matches the target, ratio 0 is the identity, useless structures go first, removing
+q heads under GQA equals zeroing their o_proj columns and keeps every KV group's head count equal, the pruned
 model runs and generates with a KV cache, save/load round trip, hand-computed scores, and the pipeline."""
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from llm_streamline.models.loading import tiny_model
 
 SPECIAL = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
 FAMILIES = ["llama", "qwen2", "opt"]
+GQA_FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3"]
+EIGHT_Q_TWO_KV = dict(num_attention_heads=8, num_key_value_heads=2)   # 4 q heads per KV group
 
 
 def make(family: str, **overrides):
@@ -84,7 +87,8 @@ def test_useless_structure_is_pruned_first(family, importance):
     attn, mlp = llm_pruner.find_structures(model, [3])
     _zero_unit(attn, attn.n_units - 1 if family != "opt" else 2)
     _zero_unit(mlp, 5)
-    res = llm_pruner.apply(model, tokens(), 2, run_cfg(width_ratio=0.25, importance=importance))
+    res = llm_pruner.apply(model, tokens(), 2, run_cfg(width_ratio=0.25, importance=importance,
+                                                       attention_unit="kv-group"))
     sizes = res.record["layer_sizes"]["3"]
     assert sizes["kv_groups"] == sizes["kv_groups_dense"] - 1 and sizes["channels"] == 96
     attn, mlp = llm_pruner.find_structures(model, [3])
@@ -95,10 +99,76 @@ def test_useless_structure_is_pruned_first(family, importance):
             assert (norms > 0).all(), f"{s.kind}: a zeroed unit survived in {tuple(w.shape)}"
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_pruned_model_generates_with_cache_and_round_trips(family, tmp_path):
+def _q_head_rows(model, layer: int) -> torch.Tensor:
+    """[q heads, head_dim * hidden] of layer's q_proj."""
+    attn = llm_pruner.find_structures(model, [layer], "head")[0]
+    q = attn.members[0]
+    return q.linear.weight.detach().reshape(-1, q.size * q.linear.in_features)
+
+
+@pytest.mark.parametrize("importance", ["element1", "vector"])
+def test_least_important_q_heads_go_within_each_kv_group(importance):
+    """Heads 1 and 2 (KV group 0) and 6 (group 1) carry nothing: each group loses one head, the least important
+    of that group (1 and 2 tie: the lower index is kept), so the useless head 1 stays while a global choice would
+    have removed it; k/v stay whole and the attention pairs 3 q heads with each KV head."""
+    model = make("llama", **EIGHT_Q_TWO_KV)
+    attn = llm_pruner.find_structures(model, [3], "head")[0]
+    assert (attn.kind, attn.n_units, attn.n_groups) == ("q_heads", 8, 2)
+    for h in (1, 2, 6):
+        _zero_unit(attn, h)
+    dense_q = _q_head_rows(model, 3).clone()
+    k_before = model.model.layers[3].self_attn.k_proj.weight.detach().clone()
+    res = llm_pruner.apply(model, tokens(), 2, run_cfg(width_ratio=0.25, importance=importance))
+    assert torch.equal(_q_head_rows(model, 3), dense_q[[0, 1, 3, 4, 5, 7]])
+    a = model.model.layers[3].self_attn
+    assert torch.equal(a.k_proj.weight, k_before) and a.v_proj.out_features == 2 * a.head_dim
+    assert a.num_key_value_groups == 3 and a.o_proj.in_features == 6 * a.head_dim
+    assert res.record["layer_sizes"]["3"]["heads_per_kv_group"] == 3
+
+
+@pytest.mark.parametrize("family", GQA_FAMILIES)
+def test_removing_q_heads_equals_zeroing_their_o_proj_columns(family):
+    """A q head reaches the output only through its o_proj columns: the model without heads 1, 2 (group 0) and
+    5, 6 (group 1) of layer 3 gives the logits of the dense model with those columns zeroed; removing none
+    changes nothing."""
+    x = tokens(2, 20, seed=1)
+    model, ref = make(family, **EIGHT_Q_TWO_KV), make(family, **EIGHT_Q_TWO_KV)
+    attn = llm_pruner.find_structures(model, [3], "head")[0]
+    llm_pruner.prune_structure(attn, torch.arange(8))
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, ref(x).logits)
+    llm_pruner.prune_structure(attn, torch.tensor([0, 3, 4, 7]))
+    assert model.model.layers[3].self_attn.num_key_value_groups == 2
+    o = llm_pruner.find_structures(ref, [3], "head")[0].members[1]
+    with torch.no_grad():
+        o.linear.weight.index_fill_(1, o.flat_indices(torch.tensor([1, 2, 5, 6])), 0.0)
+        torch.testing.assert_close(model(x).logits, ref(x).logits, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="every group must keep the same number"):
+        llm_pruner.prune_structure(llm_pruner.find_structures(model, [4], "head")[0], torch.tensor([0, 1, 2, 4]))
+
+
+@pytest.mark.parametrize("overrides", [EIGHT_Q_TWO_KV, dict(num_key_value_heads=1)])
+def test_every_kv_group_of_a_layer_keeps_the_same_number_of_q_heads(overrides):
+    """Sized by the target (ratio chosen), with 4 q heads per group and with one KV head (MQA, whose attention
+    kv-group pruning leaves whole): every pruned layer keeps k/v and the same q heads per group."""
+    model = make("llama", **overrides)
+    res = llm_pruner.apply(model, tokens(), 2, run_cfg())
+    assert (res.record["attn_unit"], res.record["label"]) == ("head", "llm_pruner")
+    n_kv = model.config.num_key_value_heads
+    for i in range(1, 7):
+        a = model.model.layers[i].self_attn
+        n_q, sizes = a.q_proj.out_features // a.head_dim, res.record["layer_sizes"][str(i)]
+        assert a.k_proj.out_features == a.v_proj.out_features == n_kv * a.head_dim
+        assert n_q == n_kv * a.num_key_value_groups == sizes["heads"] == n_kv * sizes["heads_per_kv_group"]
+        assert 1 <= a.num_key_value_groups < model.config.num_attention_heads // n_kv
+
+
+@pytest.mark.parametrize("family,unit", [(f, "head") for f in FAMILIES] + [("llama", "kv-group")])
+def test_pruned_model_generates_with_cache_and_round_trips(family, unit, tmp_path):
     model = make(family)
-    llm_pruner.apply(model, tokens(), 2, run_cfg())
+    res = llm_pruner.apply(model, tokens(), 2, run_cfg(attention_unit=unit))
+    per_group = res.record["layer_sizes"]["3"]["heads_per_kv_group"]
+    assert per_group == (1 if family == "opt" or unit == "head" else 2)    # llama/qwen2: 2 q heads per group
     model.eval()
     x = tokens(2, 10, seed=2)
     with torch.no_grad():
@@ -112,10 +182,24 @@ def test_pruned_model_generates_with_cache_and_round_trips(family, tmp_path):
     fmt = save_checkpoint(model, None, tmp_path / "m", {"method": "llm_pruner"}, "llm_pruner",
                           llm_pruner.checkpoint_fields(model))
     assert fmt == "llm_pruner" and not (tmp_path / "m" / "config.json").exists()
+    saved = json.loads((tmp_path / "m" / "llm_pruner_config.json").read_text())["layer_sizes"]
+    dense_per_group = res.record["layer_sizes"]["3"]["heads_per_kv_group_dense"]
+    assert saved["3"]["heads_per_kv_group"] == per_group and saved["0"]["heads_per_kv_group"] == dense_per_group
     loaded = llm_streamline.load_pruned(tmp_path / "m")
     with torch.no_grad():
         assert torch.equal(loaded(x).logits, logits)
     assert count_params(loaded) == count_params(model)
+
+
+def test_checkpoint_sizes_without_heads_per_group_keep_the_dense_ratio():
+    """Checkpoints written before per-head pruning hold kv_groups and channels only."""
+    model = make("llama")
+    llm_pruner.cut_to_saved_sizes(model, {"layer_sizes": {"3": {"kv_groups": 1, "channels": 100}}})
+    a = model.model.layers[3].self_attn
+    assert (a.q_proj.out_features, a.k_proj.out_features, a.num_key_value_groups) == (2 * 16, 16, 2)
+    with pytest.raises(ValueError, match="cannot keep 3 q heads per KV group of 2"):
+        llm_pruner.cut_to_saved_sizes(model, {"layer_sizes": {"4": {"kv_groups": 2, "heads_per_kv_group": 3,
+                                                                              "channels": 128}}})
 
 
 def test_taylor_scores_equal_hand_computed_values():
@@ -160,6 +244,17 @@ def test_taylor_scores_equal_hand_computed_values():
                         (a.o_proj.weight[:, 8:16], "self_attn.o_proj.weight", (slice(None), slice(8, 16)))]:
         hand += (w.detach() * (per[0][name][ix] + per[1][name][ix]) / 2).abs().sum().item()
     assert llm_pruner.structure_scores(attn, g, fisher, "element1")[1].item() == pytest.approx(hand, rel=1e-5)
+    # one q head under GQA (unit "head"): q head 3 = q rows 12..15 and o columns 12..15; k/v are not its own
+    heads = llm_pruner.find_structures(model, [1], "head")[0]
+    assert (heads.kind, heads.n_units, heads.n_groups) == ("q_heads", 4, 2)
+    q_grad = (per[0]["self_attn.q_proj.weight"] + per[1]["self_attn.q_proj.weight"]) / 2
+    o_grad = (per[0]["self_attn.o_proj.weight"] + per[1]["self_attn.o_proj.weight"]) / 2
+    q_wg = a.q_proj.weight.detach()[12:16] * q_grad[12:16]              # [4 q rows, 16 inputs]
+    o_wg = a.o_proj.weight.detach()[:, 12:16] * o_grad[:, 12:16]        # [16 outputs, 4 o columns]
+    e1 = q_wg.abs().sum().item() + o_wg.abs().sum().item()
+    vec = q_wg.sum(1).abs().sum().item() + o_wg.sum(0).abs().sum().item()   # |sum| per q row, per o column
+    assert llm_pruner.structure_scores(heads, g, fisher, "element1")[3].item() == pytest.approx(e1, rel=1e-5)
+    assert llm_pruner.structure_scores(heads, g, fisher, "vector")[3].item() == pytest.approx(vec, rel=1e-4)
 
 
 def test_vector_importance_on_a_hand_computed_example():
@@ -183,12 +278,29 @@ def test_vector_importance_on_a_hand_computed_example():
 
 
 def test_rows_are_labelled_by_their_attention_unit():
-    gqa = llm_pruner.apply(make("llama"), tokens(), 2, run_cfg())
-    mha = llm_pruner.apply(make("llama", num_key_value_heads=4), tokens(), 2, run_cfg())
+    gqa_groups = llm_pruner.apply(make("llama"), tokens(), 2, run_cfg(attention_unit="kv-group"))
+    gqa_heads = llm_pruner.apply(make("llama"), tokens(), 2, run_cfg())
+    mha = llm_pruner.apply(make("llama", num_key_value_heads=4), tokens(), 2, run_cfg(attention_unit="kv-group"))
     assert make("llama").config.num_key_value_heads < make("llama").config.num_attention_heads
-    assert (gqa.record["attn_unit"], gqa.record["label"]) == ("kv-group", "llm_pruner_style(kv-group)")
-    assert (mha.record["attn_unit"], mha.record["label"]) == ("head", "llm_pruner")
-    assert gqa.record["importance_original"] == "param_first"
+    assert (gqa_groups.record["attn_unit"], gqa_groups.record["label"]) == ("kv-group", "llm_pruner_style(kv-group)")
+    assert (gqa_heads.record["attn_unit"], gqa_heads.record["label"]) == ("head", "llm_pruner")
+    assert (mha.record["attn_unit"], mha.record["label"]) == ("head", "llm_pruner")   # a group is one head
+    assert gqa_heads.record["importance_original"] == "param_first"
+    assert MethodConfig().attention_unit == "head"
+
+
+def test_attention_unit_enters_the_stage_key_only_where_it_matters():
+    """Stage entries cached before the option existed (other methods; llm_pruner's KV groups) keep their keys."""
+    from dataclasses import asdict
+
+    from llm_streamline.recipes.baseline import method_key
+
+    def old(m):
+        return {k: v for k, v in asdict(m).items() if k != "attention_unit"}
+    for m in (MethodConfig(name="shortgpt"), MethodConfig(name="sleb", attention_unit="kv-group"),
+              MethodConfig(name="llm_pruner", attention_unit="kv-group")):
+        assert method_key(m) == old(m)
+    assert method_key(MethodConfig(name="llm_pruner"))["attention_unit"] == "head"
 
 
 def test_unsupported_attention_fails_with_one_line():
@@ -205,6 +317,10 @@ def test_pipeline_runs_llm_pruner(tmp_path):
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["params"]["pruned"] < saved["params"]["dense"]
     assert saved["layers"]["removed_indices"] == [] and saved["baseline"]["params_removed"] > 0
+    base = saved["baseline"]     # tiny-llama has GQA (2 q heads per KV head): single q heads were pruned
+    assert (base["attn_unit"], base["label"]) == ("head", "llm_pruner")
+    assert all(v["heads_per_kv_group"] < v["heads_per_kv_group_dense"] and v["kv_groups"] == v["kv_groups_dense"]
+               for v in base["layer_sizes"].values())
     loaded = llm_streamline.load_pruned(saved["checkpoint"])
     assert count_params(loaded) == saved["params"]["pruned"]
 

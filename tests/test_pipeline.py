@@ -83,6 +83,7 @@ BAD = [
     (["method.heal=lora"], "LLM-Streamline heals plain pruning with train=lora"),
     (["train=lm", "data.train_samples=4"], "data.train_samples=4 < train.batch_size=8"),
     (["method=gromov", "train.batch_size=512"], "data.train_samples=256 < train.batch_size=512"),
+    (["method=llm_pruner", "method.attention_unit=channel"], "method.attention_unit='channel': head | kv-group"),
 ]
 
 

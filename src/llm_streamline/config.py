@@ -114,6 +114,9 @@ class MethodConfig:
     # LLM-Pruner (width pruning); `width_ratio` null = matched to the layer-pruning size of `sparsity`
     # vector | element1 | element2 | mix = the original's vectorize | param_first | param_second | param_mix
     importance: str = "element1"
+    # head: single attention heads (under GQA the q heads inside each KV group, the same number per group);
+    # kv-group: whole KV groups (k/v head + its q heads), as the authors' llama3.py does under GQA
+    attention_unit: str = "head"
     width_ratio: Optional[float] = None
     first_layer: int = 4                   # layers pruned: [first_layer, L - last_layers_kept)
     last_layers_kept: int = 2
@@ -270,6 +273,8 @@ def validate(cfg: RunConfig) -> None:
     _check(cfg.method.heal in ("none", "lora"), f"method.heal={cfg.method.heal!r}: none | lora")
     _check(cfg.method.importance in ("vector", "element1", "element2", "mix"),
            f"method.importance={cfg.method.importance!r}: vector | element1 | element2 | mix")
+    _check(cfg.method.attention_unit in ("head", "kv-group"),
+           f"method.attention_unit={cfg.method.attention_unit!r}: head | kv-group")
     _check(cfg.method.width_ratio is None or 0 < cfg.method.width_ratio < 1,
            f"method.width_ratio={cfg.method.width_ratio}: null or in (0, 1)")
     _check(cfg.method.match_replacement in (None, *REPLACEMENTS),

@@ -7,15 +7,20 @@ finish in 10 minutes. The coupling LLM-Pruner needs inside one decoder layer is 
 write it down directly, found from the modules each layer holds (no model names).
 
 What is pruned (coupled structures; the residual width `hidden_size` is never changed)
-  attention  one KV group = the k and v rows of one key/value head, the rows of the q heads that share it
-             (num_attention_heads / num_key_value_heads of them) and the matching input columns of the
-             output projection (and the q/k/v bias entries, if any). Whole KV groups are pruned: under GQA
-             this keeps every layer's q-heads-per-KV-head ratio (`num_key_value_groups`) unchanged, so the
-             family's attention code works as is with fewer heads. Without GQA a group is one head; with a
-             single KV head (MQA) the attention is left whole. The granularity is coarse when there are few
-             KV groups (SmolLM2-135M: 3 groups of 3 q heads per layer).
+  attention  method.attention_unit picks the unit (default `head`):
+             head      one attention head, the paper's unit. Without GQA: its q, k and v rows and its input
+                       columns of the output projection (LLaMA-1/2 in the authors' hf_prune.py). Under GQA (several
+                       q heads share one k/v head) a q head's k/v rows serve the other heads of its group too, so
+                       the head is its q rows (and q bias) and its o columns; k/v stay whole. Every KV group of a
+                       layer loses the same number of q heads (the least important of each group), so the layer
+                       keeps a uniform q-heads-per-KV-head ratio and the family's attention code runs with its
+                       `num_key_value_groups` lowered. With a single KV head (MQA) q heads are pruned the same way.
+             kv-group  one KV group = the k and v rows of one key/value head, the rows of the q heads that share
+                       it and the matching o columns (what the authors' llama3.py prunes under GQA). With few
+                       groups this is coarse (SmolLM2-135M: 3 groups of 3 q heads per layer); with one KV head
+                       (MQA) the attention is left whole. Without GQA a group is one head, as `head`.
              Layouts: separate q/k/v + o/out projections (Llama, Mistral, Qwen2/3, Gemma2/3, OPT);
-             GPT-NeoX's fused query_key_value (per head [q, k, v]) + dense.
+             GPT-NeoX's fused query_key_value (per head [q, k, v]) + dense (no GQA: a head is a group).
   MLP        one channel = a row of gate_proj and of up_proj and a column of down_proj (Llama-like);
              OPT fc1 row + fc2 column; GPT-NeoX dense_h_to_4h row + dense_4h_to_h column; Phi-3's fused
              gate_up_proj (row c and row I + c) + down_proj column c.
@@ -43,19 +48,22 @@ element1 and vector, which the original does not have; `element2` then meant wha
 The original's llama3.py folds q-channel importances onto the KV heads with `view(rep, n_kv*hd).sum(0)`, i.e. q
 head h onto KV head h mod n_kv, while attention pairs q head h with KV head h // rep; we add each q head to the
 KV head it attends with.
-Structures are ranked within a layer and kind; the lowest are removed (ties: the lower index is kept).
+Structures are ranked within a layer and kind (q heads: within their KV group); the lowest are removed (ties:
+the lower index is kept). A q head's score sums its q rows and o columns only (k/v are not removed with it).
 
 How much: one ratio r for every pruned layer (layers first_layer .. L - last_layers_kept - 1; the first
-and last ones are kept, as in LLM-Pruner): each layer loses round(r * G) of its G KV groups and
-round(r * I) of its I channels (at least one of each is kept). r = method.width_ratio, or (null) the r
+and last ones are kept, as in LLM-Pruner): each layer loses round(r * G) of its G attention units (heads, or
+KV groups; under GQA with unit `head`, round(r * R) of the R q heads of every KV group) and round(r * I) of its I
+channels (at least one of each is kept, per KV group for q heads). r = method.width_ratio, or (null) the r
 whose removed parameter count is closest to that of `n` whole decoder layers (the LLM-Streamline n-of-L
 size). The record gives the achieved counts and per-layer sizes.
 
 After pruning every Linear has its new in/out features, the attention modules' head counts
-(`num_heads`, `num_key_value_heads`, ... when they hold them) and MLP `intermediate_size` are updated;
-`head_dim` and the config are unchanged (the config keeps the dense sizes; the per-layer sizes live in
-the modules and in the saved `llm_pruner_config.json`). The KV cache is created per layer from the
-tensors it is given, so generation with a cache works with per-layer head counts.
+(`num_heads`, `num_key_value_heads`, `num_key_value_groups`, ... when they hold them) and MLP
+`intermediate_size` are updated; `head_dim` and the config are unchanged (the config keeps the dense sizes;
+the per-layer sizes, kv_groups, heads_per_kv_group and channels, live in the modules and in the saved
+`llm_pruner_config.json`). The KV cache is created per layer from the tensors it is given, so generation with
+a cache works with per-layer head counts.
 """
 
 from __future__ import annotations
@@ -74,6 +82,8 @@ from llm_streamline.models.layers import count_params, find_decoder_stack
 log = logging.getLogger(__name__)
 
 IMPORTANCE = ("element1", "element2", "vector", "mix")
+ATTENTION_UNITS = ("head", "kv-group")
+ATTN_KINDS = ("attn", "q_heads")
 ORIGINAL_NAME = {"vector": "vectorize", "element1": "param_first", "element2": "param_second", "mix": "param_mix"}
 NEEDS_FISHER = ("element2", "mix")
 
@@ -105,13 +115,20 @@ class Member:
 
 @dataclass
 class Structure:
-    kind: str                  # "attn" (KV groups) | "mlp" (channels)
+    kind: str                  # "attn" (KV groups, or heads with their k/v) | "q_heads" (GQA: q heads) | "mlp"
     layer: int
     module: nn.Module          # the attention or MLP module whose size attributes follow the pruning
     n_units: int
     members: list[Member] = field(default_factory=list)
     heads_per_unit: int = 1    # attn: q heads per KV group
     kv_per_unit: int = 1
+    n_groups: int = 1          # the units form n_groups equal runs (q_heads: one per KV group, in the order
+                               # repeat_kv pairs them: q head h attends KV head h // (n_units / n_groups)); each
+                               # run loses the same number of units
+
+    @property
+    def per_group(self) -> int:
+        return self.n_units // self.n_groups
 
     @property
     def unit_params(self) -> int:
@@ -129,7 +146,7 @@ def _linear(module, name):
     return lin if isinstance(lin, nn.Linear) else None
 
 
-def _attention_structure(layer: nn.Module, idx: int, cfg) -> Structure:
+def _attention_structure(layer: nn.Module, idx: int, cfg, unit: str) -> Structure:
     for _, mod in layer.named_modules():
         q, k, v = _linear(mod, "q_proj"), _linear(mod, "k_proj"), _linear(mod, "v_proj")
         o = _linear(mod, "o_proj") or _linear(mod, "out_proj")
@@ -142,6 +159,9 @@ def _attention_structure(layer: nn.Module, idx: int, cfg) -> Structure:
                                             f"{k.out_features}, {v.out_features}, {o.in_features} do not split "
                                             f"into heads of {hd}")
             rep = n_q // n_kv
+            if unit == "head" and rep > 1:
+                return Structure("q_heads", idx, mod, n_q, [Member(q, 0, hd), Member(o, 1, hd)], heads_per_unit=1,
+                                 kv_per_unit=0, n_groups=n_kv)
             return Structure("attn", idx, mod, n_kv, [Member(q, 0, rep * hd), Member(k, 0, hd), Member(v, 0, hd),
                                                       Member(o, 1, rep * hd)], heads_per_unit=rep, kv_per_unit=1)
         qkv, dense = _linear(mod, "query_key_value"), _linear(mod, "dense")
@@ -176,11 +196,15 @@ def _mlp_structure(layer: nn.Module, idx: int) -> Structure:
                                 "(gate/up/down, gate_up/down, fc1/fc2, dense_h_to_4h/dense_4h_to_h)")
 
 
-def find_structures(model: PreTrainedModel, layers: list[int]) -> list[Structure]:
+def find_structures(model: PreTrainedModel, layers: list[int], attention_unit: str = "kv-group") -> list[Structure]:
+    """Per layer its attention and MLP structures; attention_unit "head" gives q heads inside KV groups under GQA
+    (the same as "kv-group" without GQA, where a group is one head)."""
+    if attention_unit not in ATTENTION_UNITS:
+        raise ValueError(f"method.attention_unit={attention_unit!r}: expected one of {ATTENTION_UNITS}")
     stack = find_decoder_stack(model)
     out = []
     for i in layers:
-        out.append(_attention_structure(stack.layers[i], i, stack.config))
+        out.append(_attention_structure(stack.layers[i], i, stack.config, attention_unit))
         out.append(_mlp_structure(stack.layers[i], i))
     return out
 
@@ -255,7 +279,12 @@ def structure_scores(struct: Structure, g: dict, fisher: dict, importance: str) 
 # ------------------------------------------------------------------------------------------- surgery
 def _set_size_attrs(struct: Structure, kept: int) -> None:
     mod = struct.module
-    if struct.kind == "attn":
+    if struct.kind == "q_heads":  # k/v heads stay: fewer q heads share each of them
+        for name, value in (("num_heads", kept), ("num_attention_heads", kept),
+                            ("num_key_value_groups", kept // struct.n_groups)):
+            if isinstance(getattr(mod, name, None), int):
+                setattr(mod, name, value)
+    elif struct.kind == "attn":
         for name, value in (("num_heads", kept * struct.heads_per_unit),
                             ("num_attention_heads", kept * struct.heads_per_unit),
                             ("num_key_value_heads", kept * struct.kv_per_unit),
@@ -271,6 +300,10 @@ def _set_size_attrs(struct: Structure, kept: int) -> None:
 def prune_structure(struct: Structure, keep: torch.Tensor) -> None:
     """Keep units `keep` (sorted, original order) of `struct`, in place."""
     keep = torch.as_tensor(sorted(int(u) for u in keep), dtype=torch.long)
+    per_group = torch.bincount(keep // struct.per_group, minlength=struct.n_groups)
+    if len(per_group) != struct.n_groups or not (per_group == per_group[0]).all():  # repeat_kv needs it uniform
+        raise ValueError(f"layer {struct.layer} {struct.kind}: keeps {per_group.tolist()} units of its "
+                         f"{struct.n_groups} groups; every group must keep the same number")
     for m in struct.members:
         lin = m.linear
         idx = m.flat_indices(keep).to(lin.weight.device)
@@ -292,26 +325,44 @@ def _n_removed(n_units: int, ratio: float) -> int:
     return min(n_units - 1, int(math.floor(ratio * n_units + 0.5)))
 
 
+def units_to_keep(scores: torch.Tensor, struct: Structure, n_rm_per_group: int) -> list[int]:
+    """Within each group of `struct` the most important units, `n_rm_per_group` fewer than it has (ties: the
+    lower index is kept); sorted."""
+    per = struct.per_group
+    keep = []
+    for gi in range(struct.n_groups):
+        group = range(gi * per, (gi + 1) * per)
+        ranked = sorted(group, key=lambda u: (-float(scores[u]), u))
+        keep += ranked[:per - n_rm_per_group]
+    return sorted(keep)
+
+
 def choose_ratio(structs: list[Structure], target: int, steps: int = 10000) -> float:
     """The ratio on a 1/steps grid whose removed parameter count is closest to `target` (ties: the smaller)."""
     grid = torch.arange(steps + 1, dtype=torch.float64) / steps
     removed = torch.zeros_like(grid)
     for s in structs:
-        k = torch.clamp(torch.floor(grid * s.n_units + 0.5), max=s.n_units - 1)
-        removed += k * s.unit_params
+        k = torch.clamp(torch.floor(grid * s.per_group + 0.5), max=s.per_group - 1)
+        removed += k * s.n_groups * s.unit_params
     err = (removed - target).abs()
     return float(grid[int(torch.nonzero(err == err.min())[0])])
 
 
-# Row labels: hf_prune.py (LLaMA-1/2, no GQA) prunes single attention heads, each with its k/v rows; pruning whole
-# KV groups (several q heads sharing one k/v head) is what llama3.py does under GQA but not the paper's recipe,
-# so such rows are labelled "style". Neither label covers the data: our calibration and LoRA corpus (README).
+# Row labels. The paper's unit is one attention head: its hf_prune.py (LLaMA-1/2, no GQA) roots the attention
+# groups at q_proj with head_dim-sized consecutive channels, i.e. one head with its k/v rows. The authors have no
+# per-head path under GQA: their llama3.py (and the disabled block in gemma.py) roots the groups at k_proj, so it
+# prunes whole KV groups (github.com/horseee/LLM-Pruner, llama3.py, "root_instances": ... self_attn.k_proj).
+# Our `head` unit under GQA (q rows + o columns of one q head, k/v shared and kept) is the paper's unit with its
+# dependency rule applied to GQA (only the o columns depend on one q head's output), not the authors' code;
+# it is labelled `llm_pruner` as the paper's recipe, and the record's attn_unit / heads_per_kv_group say what was
+# pruned. KV-group rows are labelled "style". Neither label covers the data: our calibration and LoRA corpus.
 LABELS = {"head": "llm_pruner", "kv-group": "llm_pruner_style(kv-group)"}
 
 
 def attention_unit(structs: list[Structure]) -> str:
-    """"head" when every pruned attention unit is one q head with its own k/v rows, else "kv-group"."""
-    return "head" if all(s.heads_per_unit == 1 for s in structs if s.kind == "attn") else "kv-group"
+    """"head" when every attention unit is one head (q heads under GQA, or a head with its own k/v rows),
+    else "kv-group"."""
+    return "head" if all(s.heads_per_unit == 1 for s in structs if s.kind in ATTN_KINDS) else "kv-group"
 
 
 # ------------------------------------------------------------------------------------------- entry points
@@ -326,7 +377,7 @@ def apply(model: PreTrainedModel, calib: torch.Tensor, n: int, cfg, target: int 
     if not layers:
         raise ValueError(f"method.first_layer={mc.first_layer}, method.last_layers_kept={mc.last_layers_kept}: "
                          f"no layer of {L} left to prune")
-    structs = find_structures(model, layers)
+    structs = find_structures(model, layers, mc.attention_unit)
     dense_params = count_params(model)
     target = n * count_params(stack.layers[0]) if target is None else target
     ratio = mc.width_ratio if mc.width_ratio is not None else choose_ratio(structs, target)
@@ -338,18 +389,11 @@ def apply(model: PreTrainedModel, calib: torch.Tensor, n: int, cfg, target: int 
 
     per_layer: dict[int, dict] = {}
     for s in structs:
-        n_rm = _n_removed(s.n_units, ratio)
+        n_rm = _n_removed(s.per_group, ratio)
         before = s.n_units
         if n_rm > 0:
-            scores = structure_scores(s, g, fisher, mc.importance)
-            order = sorted(range(s.n_units), key=lambda u: (-float(scores[u]), u))
-            prune_structure(s, torch.tensor(order[:s.n_units - n_rm]))
-        entry = per_layer.setdefault(s.layer, {})
-        if s.kind == "attn":
-            entry.update(kv_groups=s.n_units, kv_groups_dense=before, heads=s.n_units * s.heads_per_unit,
-                         heads_dense=before * s.heads_per_unit)
-        else:
-            entry.update(channels=s.n_units, channels_dense=before)
+            prune_structure(s, torch.tensor(units_to_keep(structure_scores(s, g, fisher, mc.importance), s, n_rm)))
+        per_layer.setdefault(s.layer, {}).update(_sizes_entry(s, before))
     pruned_params = count_params(model)
     unit = attention_unit(structs)
     record = {"label": LABELS[unit], "attn_unit": unit, "importance": mc.importance,
@@ -365,11 +409,27 @@ def apply(model: PreTrainedModel, calib: torch.Tensor, n: int, cfg, target: int 
     return BaselineResult(model, removed_layers=[], record=record, checkpoint=checkpoint)
 
 
+def _sizes_entry(s: Structure, before: int) -> dict:
+    """The record's sizes of one pruned structure, kept and dense."""
+    if s.kind == "mlp":
+        return {"channels": s.n_units, "channels_dense": before}
+    if s.kind == "q_heads":
+        return {"kv_groups": s.n_groups, "kv_groups_dense": s.n_groups, "heads": s.n_units, "heads_dense": before,
+                "heads_per_kv_group": s.per_group, "heads_per_kv_group_dense": before // s.n_groups}
+    return {"kv_groups": s.n_units, "kv_groups_dense": before, "heads": s.n_units * s.heads_per_unit,
+            "heads_dense": before * s.heads_per_unit, "heads_per_kv_group": s.heads_per_unit,
+            "heads_per_kv_group_dense": s.heads_per_unit}
+
+
 def _layer_sizes(model: PreTrainedModel) -> dict[str, dict]:
     stack = find_decoder_stack(model)
     sizes = {}
-    for s in find_structures(model, list(range(stack.num_layers))):
-        sizes.setdefault(str(s.layer), {})["kv_groups" if s.kind == "attn" else "channels"] = s.n_units
+    for s in find_structures(model, list(range(stack.num_layers)), "kv-group"):
+        entry = sizes.setdefault(str(s.layer), {})
+        if s.kind == "attn":
+            entry.update(kv_groups=s.n_units, heads_per_kv_group=s.heads_per_unit)
+        else:
+            entry["channels"] = s.n_units
     return sizes
 
 
@@ -382,10 +442,26 @@ def cut_to_saved_sizes(model: PreTrainedModel, meta: dict) -> None:
     """The llm_pruner format's builder: a dense model built from the saved config, each layer cut to its sizes
     (the weights are loaded afterwards)."""
     sizes = {int(k): v for k, v in meta["layer_sizes"].items()}
-    for s in find_structures(model, sorted(sizes)):
+    for s in find_structures(model, sorted(sizes), "kv-group"):
         kept = sizes[s.layer]["kv_groups" if s.kind == "attn" else "channels"]
         if kept != s.n_units:
             prune_structure(s, torch.arange(kept))
+    # then q heads inside the KV groups (heads_per_kv_group is absent from checkpoints written before per-head
+    # pruning: those kept the dense ratio)
+    for i, entry in sorted(sizes.items()):
+        if entry.get("heads_per_kv_group") is not None:
+            _cut_heads_per_kv_group(model, i, entry["heads_per_kv_group"])
+
+
+def _cut_heads_per_kv_group(model: PreTrainedModel, layer: int, per_group: int) -> None:
+    """Keep the first `per_group` q heads of every KV group of `layer`."""
+    attn = find_structures(model, [layer], "head")[0]
+    current = attn.per_group if attn.kind == "q_heads" else attn.heads_per_unit
+    if per_group == current:
+        return
+    if attn.kind != "q_heads" or not 1 <= per_group < current:
+        raise ValueError(f"layer {layer}: cannot keep {per_group} q heads per KV group of {current}")
+    prune_structure(attn, torch.tensor([gi * current + h for gi in range(attn.n_groups) for h in range(per_group)]))
 
 
 register_builder("llm_pruner", cut_to_saved_sizes)

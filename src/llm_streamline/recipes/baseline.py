@@ -16,7 +16,7 @@ import torch
 
 from llm_streamline import stages
 from llm_streamline.baselines import BaselineResult, apply_method
-from llm_streamline.config import ReplacementConfig, RunConfig
+from llm_streamline.config import MethodConfig, ReplacementConfig, RunConfig
 from llm_streamline.importance import SimilarityProfile
 from llm_streamline.models.checkpoints import save_checkpoint
 from llm_streamline.recipes.common import (
@@ -76,10 +76,20 @@ def run(cfg: RunConfig, out_dir: Path) -> dict:
         ctx.tracker.finish()
 
 
+def method_key(method: MethodConfig) -> dict:
+    """The method options a baseline's stage key holds. attention_unit (added with per-head LLM-Pruner) is left
+    out where it changes nothing (other methods) and at kv-group, what llm_pruner did before it existed: stage
+    entries cached before it stay valid."""
+    key = asdict(method)
+    if method.name != "llm_pruner" or method.attention_unit == "kv-group":
+        del key["attention_unit"]
+    return key
+
+
 def compress(ctx: Run, profile: SimilarityProfile, n: int, target_removed: int) -> tuple[Compressed, BaselineResult]:
     """The baseline method on a copy of the dense model (see `baselines`)."""
     cfg = ctx.cfg
-    key = stages.stage_key("baseline", model=ctx.model_id, data=ctx.data_key, method=asdict(cfg.method),
+    key = stages.stage_key("baseline", model=ctx.model_id, data=ctx.data_key, method=method_key(cfg.method),
                            sparsity=asdict(cfg.sparsity), n=n, seed=cfg.seed,
                            train=asdict(cfg.train) if cfg.method.heal == "lora" else None)  # healing uses train.*
     # which layers a layer-removal baseline drops (SLEB: a long greedy search) does not depend on healing
