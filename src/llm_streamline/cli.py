@@ -15,10 +15,17 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from llm_streamline import errors
-from llm_streamline.config import ConfigError, RunConfig, register_configs, reject_unknown_keys, validate
+from llm_streamline.config import (
+    OBJECTIVE_DIRECTIONS,
+    ConfigError,
+    RunConfig,
+    register_configs,
+    reject_unknown_keys,
+    validate,
+)
 
 
 def _config_path() -> str:
@@ -50,6 +57,8 @@ FAILED_JOBS: list[tuple[str, int, str]] = []  # (job directory, exit code, messa
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def _app(cfg: DictConfig) -> float | None:
     """One job. In a sweep, a job's failure (its one line already printed) is recorded and the sweep goes on."""
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        check_sweep_direction(cfg)
     try:
         return _job(cfg)
     except SystemExit as e:
@@ -57,6 +66,21 @@ def _app(cfg: DictConfig) -> float | None:
             raise
         FAILED_JOBS.append((HydraConfig.get().runtime.output_dir, int(e.code), getattr(e, "line", "")))
         return None
+
+
+def check_sweep_direction(cfg: DictConfig) -> None:
+    """An optimising sweeper (Optuna's `hydra.sweeper.direction`) must optimise the way the objective improves,
+    or it would search for the worst model. Checked in the first job before any model is loaded; the error
+    ends the whole sweep (raised outside `_job`, so it is not recorded as one job's failure)."""
+    direction = HydraConfig.get().sweeper.get("direction")
+    wanted = OBJECTIVE_DIRECTIONS.get(cfg.objective)  # an unknown objective: `validate` names it
+    if direction is None or wanted is None:  # the basic sweeper optimises nothing
+        return
+    given = list(direction) if isinstance(direction, (list, ListConfig)) else [direction]
+    given = [getattr(d, "name", str(d)) for d in given]  # Optuna's Direction enum or a plain string
+    if given != [wanted]:
+        errors.fail(f"hydra.sweeper.direction={','.join(given)} but objective={cfg.objective} needs {wanted}: "
+                    f"set hydra.sweeper.direction={wanted} (the hparams_search presets follow the objective)")
 
 
 def _job(cfg: DictConfig) -> float | None:

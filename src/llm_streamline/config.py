@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, is_dataclass, replace
 from typing import Any, Optional, get_type_hints
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 
 @dataclass
@@ -160,9 +160,22 @@ class RunConfig:
     output_dir: str = "."                  # set by the CLI to Hydra's run dir
 
 
+# How a sweeper must optimise each `objective` (tracking.sweep_objective computes them): a lower perplexity is
+# better, a higher accuracy or stability is.
+OBJECTIVE_DIRECTIONS = {"ppl": "minimize", "avg_acc": "maximize", "stability": "maximize"}
+
+
+def objective_direction(objective: str) -> str:
+    """`${objective_direction:${objective}}`: lets a sweeper preset's direction follow the objective."""
+    if objective not in OBJECTIVE_DIRECTIONS:
+        raise ConfigError(f"objective={objective!r}: ppl | avg_acc | stability")
+    return OBJECTIVE_DIRECTIONS[objective]
+
+
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="run_schema", node=RunConfig)
+    OmegaConf.register_new_resolver("objective_direction", objective_direction, replace=True)
 
 
 # A method's own healing (method.heal=lora without train=lora, e.g. method=gromov): method.lora_lr for
@@ -297,7 +310,7 @@ def validate(cfg: RunConfig) -> None:
     _check(e.perplexity_blocks is None or e.perplexity_blocks >= 1,
            f"eval.perplexity_blocks={e.perplexity_blocks}: null (all) or >= 1")
     _check(cfg.mode in ("run", "eval"), f"mode={cfg.mode!r}: run | eval")
-    _check(cfg.objective in ("ppl", "avg_acc", "stability"), f"objective={cfg.objective!r}: ppl | avg_acc | stability")
+    _check(cfg.objective in OBJECTIVE_DIRECTIONS, f"objective={cfg.objective!r}: ppl | avg_acc | stability")
     _check(cfg.wandb.mode in ("auto", "online", "offline", "disabled"), f"wandb.mode={cfg.wandb.mode!r}")
     _check_ranges(cfg)
 
