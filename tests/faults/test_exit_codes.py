@@ -55,9 +55,9 @@ def test_a_sweep_runs_past_a_failing_job_and_exits_nonzero_listing_it(tmp_path):
     assert res.returncode == 2, res.stderr[-2000:]
     lines = res.stderr.strip().splitlines()
     assert lines[-1] == "llm-streamline: error: 1 sweep job(s) failed (listed above)"
-    assert lines[-2].startswith(f"llm-streamline: failed job {sweep / '0-ffn-n9'} (exit 2): sparsity.layers=9")
+    assert lines[-2].startswith(f"llm-streamline: failed job {sweep / '0-layer-n9'} (exit 2): sparsity.layers=9")
     assert "only 8 layers" in lines[-2]
-    assert (sweep / "1-ffn-n2" / "results.json").exists()  # the valid job ran after the failing one
+    assert (sweep / "1-layer-n2" / "results.json").exists()  # the valid job ran after the failing one
 
 
 @pytest.mark.parametrize("env", [{"WANDB_API_KEY": ""}, {"WANDB_API_KEY": "x" * 40,
