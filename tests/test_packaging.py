@@ -72,7 +72,7 @@ def test_wheel_ships_configs_and_runs_outside_the_repository(installed_venv, tmp
                 "hydra.run.dir=out"], cwd=work, env=env)
     console = job.stdout.splitlines()  # the log (stderr: progress bars)
     assert console[-1].split()[:2] == ["wall", "time"]  # the run ends with its summary table, not a path
-    assert any(line.startswith("tiny-llama · streamline:ffn") and "layers removed [" in line for line in console)
+    assert any(line.startswith("tiny-llama · streamline:layer") and "layers removed [" in line for line in console)
     results = json.loads((work / "out" / "results.json").read_text())
     assert results["model"]["name"] == "tiny-llama"
     assert results["layers"]["n_removed"] == 2  # experiment=smoke's sparsity preset, read from the package
