@@ -175,7 +175,7 @@ def test_summary_of_a_run_is_a_short_table_dense_to_pruned():
     assert lines[2].split() == ["perplexity", "61.1", "→", "151.6"]
     assert lines[3].split() == ["boolq", "(acc)", "0.600", "[0.550,", "0.650]", "→", "0.350", "[0.300,", "0.400]"]
     assert lines[4].split()[:2] == ["piqa", "(acc)"] and lines[4].endswith("0.460 [0.400, 0.520]")
-    assert lines[5].split() == ["average", "0.630", "[0.600,", "0.660]", "→", "0.405", "[0.380,", "0.440]"]
+    assert lines[5].split() == ["average", "of", "the", "above", "0.630", "[0.600,", "0.660]", "→", "0.405", "[0.380,", "0.440]"]
     assert lines[6].split() == ["stability", "0.714", "(agreement", "0.740)"]
     assert lines[7].split() == ["wall", "time", "185.5", "s"] and len(lines) == 8
     r["significance"]["tasks"]["boolq"]["acc"]["significant"] = False

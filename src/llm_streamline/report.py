@@ -392,7 +392,8 @@ def summary(r: dict) -> str:
     avg_d, avg_p = _avg_cell(r, dense_scores, "dense"), _avg_cell(r, pruned_scores, "pruned")
     if avg_d is not None and avg_p is not None:
         mark = f" {NOT_SIGNIFICANT}" if avg_p.significant is False else ""
-        lines.append(f"{'average':<25} {_interval(avg_d)} → {_interval(avg_p)}{mark}")
+        # the mean of the metrics listed above (acc or acc_norm per task), not of one metric
+        lines.append(f"{'average of the above':<25} {_interval(avg_d)} → {_interval(avg_p)}{mark}")
     stab = (r.get("stability") or {}).get("average") or {}
     if stab.get("stability") is not None:
         lines.append(f"{'stability':<25} {stab['stability']:.3f} (agreement {stab.get('agreement', float('nan')):.3f})")
