@@ -180,3 +180,11 @@ def test_summary_of_a_run_is_a_short_table_dense_to_pruned():
     assert lines[7].split() == ["wall", "time", "185.5", "s"] and len(lines) == 8
     r["significance"]["tasks"]["boolq"]["acc"]["significant"] = False
     assert report.summary(r).splitlines()[3].endswith("≈")
+
+
+def test_a_laco_row_says_how_many_collapses_its_rule_rejected_and_were_forced():
+    base = {"method": "laco", "replacement": {"type": "none"}, "train": None}
+    paper = {**base, "baseline": {"label": "laco", "merge": 4, "fallbacks": 0, "merges": [{}, {}]}}
+    forced = {**base, "baseline": {"label": "laco", "merge": 4, "fallbacks": 2, "merges": [{}, {}, {}]}}
+    assert report.label(paper) == "laco C=4"
+    assert report.label(forced) == "laco C=4 (2 of 3 collapses forced)"

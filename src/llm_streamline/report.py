@@ -91,6 +91,8 @@ def label(r: dict) -> str:
         name = base.get("label", r["method"])   # e.g. llm_pruner_style(kv-group): what the row is
         if "merge" in base:
             name += f" C={base['merge']}"
+        if base.get("fallbacks"):  # collapses the paper's rule rejected, forced to reach n: not LaCo's output
+            name += f" ({base['fallbacks']} of {len(base.get('merges', []))} collapses forced)"
         if r.get("train"):
             name += " +LoRA"
         return name
