@@ -77,7 +77,7 @@ def test_table_cells_carry_intervals_and_mark_what_is_not_significant():
 # --------------------------------------------------------------- hand-made records: grouping, dense rows, LaTeX
 
 def _record(root: Path, name: str, *, model="tiny-llama", suite="smoke", seed=None, replacement="ffn",
-            pruned=0.5, dense=0.7, params=16_500, label=None) -> Path:
+            pruned=0.5, dense=0.7, params=16_500, label=None, train_tokens=None, ppl=20.0) -> Path:
     """A minimal results.json (and, when `seed` is given, the Hydra config a run keeps beside it)."""
     import json
 
@@ -90,8 +90,10 @@ def _record(root: Path, name: str, *, model="tiny-llama", suite="smoke", seed=No
          "layers": {"removed": [2, 4], "removed_indices": [2, 3], "contiguous": True, "n_removed": 2},
          "params": {"dense": 2 * params, "pruned": params, "sparsity": 0.5},
          "eval": {"piqa": {"dense": {"acc": dense}, "pruned": {"acc": pruned}}},
-         "eval_meta": {"suite": suite}, "perplexity": {"dense": {"ppl": 10.0}, "pruned": {"ppl": 20.0}},
+         "eval_meta": {"suite": suite}, "perplexity": {"dense": {"ppl": 10.0}, "pruned": {"ppl": ppl}},
          "stability": {"average": {"stability": 0.9, "agreement": 0.8}}, "timings": {"train": 1.0}}
+    if train_tokens is not None:
+        r["train"] = {"tokens": train_tokens, "trainable_params": 100}
     (d / "results.json").write_text(json.dumps(r))
     if seed is not None:
         (d / ".hydra").mkdir()
@@ -175,7 +177,8 @@ def test_summary_of_a_run_is_a_short_table_dense_to_pruned():
     assert lines[2].split() == ["perplexity", "61.1", "→", "151.6"]
     assert lines[3].split() == ["boolq", "(acc)", "0.600", "[0.550,", "0.650]", "→", "0.350", "[0.300,", "0.400]"]
     assert lines[4].split()[:2] == ["piqa", "(acc)"] and lines[4].endswith("0.460 [0.400, 0.520]")
-    assert lines[5].split() == ["average", "of", "the", "above", "0.630", "[0.600,", "0.660]", "→", "0.405", "[0.380,", "0.440]"]
+    assert lines[5].split() == ["average", "of", "the", "above", "0.630", "[0.600,", "0.660]", "→", "0.405",
+                                "[0.380,", "0.440]"]
     assert lines[6].split() == ["stability", "0.714", "(agreement", "0.740)"]
     assert lines[7].split() == ["wall", "time", "185.5", "s"] and len(lines) == 8
     r["significance"]["tasks"]["boolq"]["acc"]["significant"] = False
@@ -188,3 +191,22 @@ def test_a_laco_row_says_how_many_collapses_its_rule_rejected_and_were_forced():
     forced = {**base, "baseline": {"label": "laco", "merge": 4, "fallbacks": 2, "merges": [{}, {}, {}]}}
     assert report.label(paper) == "laco C=4"
     assert report.label(forced) == "laco C=4 (2 of 3 collapses forced)"
+
+
+def test_a_data_size_sweep_gets_a_train_tokens_column_and_its_curve(tmp_path):
+    runs = tmp_path / "runs"
+    for blocks, acc, ppl in ((64, 0.50, 40.0), (256, 0.55, 30.0), (1024, 0.60, 25.0)):
+        _record(runs, f"layer-{blocks}", seed=0, replacement="layer", train_tokens=blocks * 256 * 4, pruned=acc,
+                ppl=ppl)
+        # configs differ only in data.train_samples: each size is its own row, not a mean over seeds
+        cfg = runs / f"layer-{blocks}" / ".hydra" / "config.yaml"
+        cfg.write_text(cfg.read_text() + f"data:\n  train_samples: {blocks}\n")
+    header, rows = _table(tmp_path)
+    assert [r["train tokens"] for r in rows] == ["-", "65.5k", "262.1k", "1.0M"]
+    png = tmp_path / "out" / "quality_vs_train_tokens.png"
+    assert png.stat().st_size > 10_000
+    png.unlink()
+    single = tmp_path / "single"
+    _record(single / "runs", "layer", replacement="layer", train_tokens=1000)
+    _table(single)
+    assert not (single / "out" / "quality_vs_train_tokens.png").exists()  # one size: no curve to draw

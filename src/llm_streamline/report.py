@@ -4,10 +4,11 @@ items: per task and metric both scores with intervals, the paired difference and
 
 Reads records only (never reruns a stage). Writes `table.md`, `table.csv`, `table.tex` (one row per run
 plus the dense reference: accuracy per task, average, stability, perplexity, parameters, the cost of
-compressing: trainable parameters, seconds and peak memory of the search/training stages, total wall time),
-`accuracy_vs_sparsity.png` (average accuracy, stability and perplexity against achieved sparsity, one
-line per method/replacement) and `similarity_<model>.png` (the layer-similarity heat map of each model,
-with every block the runs removed marked).
+compressing: trainable parameters, training tokens, seconds and peak memory of the search/training stages,
+total wall time), `accuracy_vs_sparsity.png` (average accuracy, stability and perplexity against achieved
+sparsity, one line per method/replacement), `quality_vs_train_tokens.png` (perplexity and average accuracy
+against the replacement's training tokens, when the runs hold a data-size sweep) and `similarity_<model>.png`
+(the layer-similarity heat map of each model, with every block the runs removed marked).
 """
 
 from __future__ import annotations
@@ -159,6 +160,7 @@ def _run_record(r: dict, tasks: list[str], root: Path | None) -> dict:
             "avg": _avg_cell(r, list(scores.values()), "pruned"), "stability": stab.get("stability"),
             "agreement": stab.get("agreement"), "ppl": ((r.get("perplexity") or {}).get("pruned") or {}).get("ppl"),
             **dict(zip(("trainable", "compress s", "compress MiB"), compress_cost(r))),
+            "train tokens": (r.get("train") or {}).get("tokens"),
             "wall s": round(sum(r.get("timings", {}).values()), 1),
             "path": str(path.relative_to(root)) if root and path.is_relative_to(root) else str(path)}
 
@@ -201,7 +203,7 @@ def rows_of(results: list[dict], root: Path | None = None) -> tuple[list[str], l
 
     tasks = sorted({t for r in results for t in r["eval"]})
     header = ["run", "seeds", "layers removed", "params", "sparsity", *tasks, "avg", "stability", "agreement",
-              "ppl", "trainable", "compress s", "compress MiB", "wall s", "path"]
+              "ppl", "trainable", "train tokens", "compress s", "compress MiB", "wall s", "path"]
     # dtype object: a cell keeps its interval (pandas would turn a float subclass into a plain float)
     runs = pd.DataFrame([_run_record(r, tasks, root) for r in results], dtype=object)
     dense = pd.DataFrame([_dense_record(r, tasks) for r in results], dtype=object)
@@ -211,7 +213,7 @@ def rows_of(results: list[dict], root: Path | None = None) -> tuple[list[str], l
         d = dense[(dense["_model"] == model) & (dense["_suite"] == suite)]
         name = f"dense ({model}, {suite})" if several else "dense"
         rows.append([name, "-", "-"] + [_combine(list(d[c])) for c in header[3:header.index("trainable")]]
-                    + [None] * 4 + ["-"])
+                    + [None] * 5 + ["-"])
         for _, g in block.groupby("_group", sort=False):
             seeds = [s for s in g["seed"] if s is not None and s == s]
             row = [None if c == "seeds" else _combine(list(g[c])) if len(g) > 1 else g[c].iloc[0] for c in header]
@@ -343,6 +345,60 @@ def plot(results: list[dict], out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out / "accuracy_vs_sparsity.png", dpi=110)
     plt.close(fig)
+
+
+def plot_train_tokens(results: list[dict], out: Path) -> Path | None:
+    """`quality_vs_train_tokens.png`: held-out perplexity and average accuracy (with its 95% interval) against the
+    training tokens the replacement saw (`train.tokens`: blocks x seq_len x epochs), one line per method, block and
+    suite, the dense model dashed. Drawn only when some line has two or more token counts (a data-size sweep)."""
+    header, rows = rows_of(results)
+    col = {name: header.index(name) for name in ("run", "layers removed", "train tokens", "ppl", "avg")}
+    series: dict[str, list] = {}
+    dense: dict[str, tuple] = {}
+    suite = None
+    for row in rows:  # rows_of yields each (model, suite)'s dense row before its runs
+        if row[0].startswith("dense"):
+            suite = row[0]
+            dense[suite] = (row[col["ppl"]], row[col["avg"]])
+        elif row[col["train tokens"]]:
+            series.setdefault((f"{row[0]} {row[col['layers removed']]}", suite), []).append(row)
+    series = {k: v for k, v in series.items() if len({r[col["train tokens"]] for r in v}) > 1}
+    if not series:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_ppl, ax_acc) = plt.subplots(1, 2, figsize=(12, 4.5))
+    several = len({s for _, s in series}) > 1
+    for k, ((name, suite), pts) in enumerate(sorted(series.items())):
+        pts.sort(key=lambda r: r[col["train tokens"]])
+        x = [r[col["train tokens"]] for r in pts]
+        style = dict(color=plt.get_cmap("tab10").colors[k % 10], marker="os^Dv"[k % 5],
+                     label=f"{name} ({suite})" if several else name)
+        ax_ppl.plot(x, [r[col["ppl"]] for r in pts], "-", **style)
+        acc = [r[col["avg"]] for r in pts]
+        err = [[a - a.ci[0] if getattr(a, "ci", None) else 0 for a in acc],
+               [a.ci[1] - a if getattr(a, "ci", None) else 0 for a in acc]]
+        ax_acc.errorbar(x, acc, yerr=err, capsize=3, **style)
+        d_ppl, d_acc = dense[suite]
+        if d_ppl:
+            ax_ppl.axhline(d_ppl, color=style["color"], ls="--", lw=1)
+        ax_acc.axhline(d_acc, color=style["color"], ls="--", lw=1)
+    for ax, name in ((ax_ppl, "held-out perplexity (log scale; dashed: dense)"),
+                     (ax_acc, "average accuracy, 95% interval (dashed: dense)")):
+        ax.set_xscale("log")
+        ax.set_xlabel("training tokens seen by the replacement (blocks x seq_len x epochs)")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3, which="both")
+    ax_ppl.set_yscale("log")
+    ax_acc.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    fig.tight_layout()
+    path = out / "quality_vs_train_tokens.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def plot_similarity(results: list[dict], out: Path) -> list[Path]:
@@ -486,6 +542,7 @@ def main(argv: list[str] | None = None) -> None:
     header, rows = rows_of(results, root=args.runs)
     write_tables(header, rows, args.out)
     plot(results, args.out)
+    plot_train_tokens(results, args.out)
     plot_similarity(results, args.out)
     print((args.out / "table.md").read_text())
 
