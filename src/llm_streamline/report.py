@@ -309,34 +309,64 @@ def _tex(text: str) -> str:
     return "".join(_TEX.get(ch, ch) for ch in str(text))
 
 
+def _yerr(cells: list) -> list[list[float]]:
+    """matplotlib's asymmetric error bars from cells' 95% intervals (0 where a cell has none)."""
+    return [[c - c.ci[0] if getattr(c, "ci", None) else 0 for c in cells],
+            [c.ci[1] - c if getattr(c, "ci", None) else 0 for c in cells]]
+
+
+def _suites(rows: list[list]) -> list[tuple[list, list[list]]]:
+    """rows_of's rows as (dense row, its runs' rows) per (model, suite): rows_of puts each dense row first."""
+    blocks: list[tuple[list, list[list]]] = []
+    for row in rows:
+        if row[0].startswith("dense"):
+            blocks.append((row, []))
+        elif blocks:
+            blocks[-1][1].append(row)
+    return blocks
+
+
+def _dense_lines(ax, blocks, j: int) -> None:
+    """Each suite's dense value of column j as a dashed (dotted, ...) black line."""
+    for k, (dense, _) in enumerate(blocks):
+        if dense[j] is not None:
+            ax.axhline(dense[j], color="k", ls=("--", ":", "-.")[k % 3], lw=1, label=dense[0])
+
+
 def plot(results: list[dict], out: Path) -> None:
+    """`accuracy_vs_sparsity.png`: average accuracy (with its 95% interval where recorded), stability and
+    perplexity against achieved sparsity; one line per method (and suite, when the runs span several)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     header, rows = rows_of(results)
-    i_avg, i_stab, i_sp = header.index("avg"), header.index("stability"), header.index("sparsity")
-    series: dict[str, list[tuple]] = {}
-    for row in rows:
-        if row[0].startswith("dense"):
-            continue
-        series.setdefault(row[0], []).append((row[i_sp], row[i_avg], row[i_stab], row[header.index("ppl")]))
-    i_ppl = header.index("ppl")
+    cols = [header.index(c) for c in ("avg", "stability", "ppl")]
+    i_sp = header.index("sparsity")
+    blocks = _suites(rows)
+    series: dict[str, list[list]] = {}
+    for dense, runs in blocks:
+        for row in runs:
+            series.setdefault(f"{row[0]} {dense[0].removeprefix('dense ')}" if len(blocks) > 1 else row[0],
+                              []).append(row)
     fig, axes = plt.subplots(1, 3, figsize=(18, 4.5))
     # ten distinct colours first, then the lighter tab20 shades for more series
     colors = plt.get_cmap("tab10").colors + plt.get_cmap("tab20").colors[1::2]
     for k, (name, pts) in enumerate(sorted(series.items())):
-        pts.sort()
+        pts.sort(key=lambda r: r[i_sp])
         style = dict(color=colors[k % len(colors)], marker="os^Dv"[k % 5], label=name)
-        for ax, j in zip(axes, (1, 2, 3)):
-            xy = [(p[0], p[j]) for p in pts if p[j] is not None]
-            ax.plot([x for x, _ in xy], [y for _, y in xy], "-", **style)
-    if rows:
-        axes[0].axhline(rows[0][i_avg], color="k", ls="--", lw=1, label="dense")
-        if rows[0][i_ppl]:
-            axes[2].axhline(rows[0][i_ppl], color="k", ls="--", lw=1, label="dense")
-    for ax, name in zip(axes, ("average accuracy", "stability", "perplexity (log scale)")):
+        for ax, j in zip(axes, cols):
+            xy = [(r[i_sp], r[j]) for r in pts if r[j] is not None]
+            x, y = [x for x, _ in xy], [y for _, y in xy]
+            if j == cols[0] and any(getattr(v, "ci", None) for v in y):  # average accuracy: its 95% interval
+                ax.errorbar(x, y, yerr=_yerr(y), capsize=3, **style)
+            else:
+                ax.plot(x, y, "-", **style)
+    _dense_lines(axes[0], blocks, cols[0])
+    _dense_lines(axes[2], blocks, cols[2])
+    for ax, name in zip(axes, ("average accuracy (95% interval where recorded)", "stability",
+                               "perplexity (log scale)")):
         ax.set_xlabel("sparsity (fraction of all parameters removed)")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
@@ -352,16 +382,15 @@ def plot_train_tokens(results: list[dict], out: Path) -> Path | None:
     training tokens the replacement saw (`train.tokens`: blocks x seq_len x epochs), one line per method, block and
     suite, the dense model dashed. Drawn only when some line has two or more token counts (a data-size sweep)."""
     header, rows = rows_of(results)
-    col = {name: header.index(name) for name in ("run", "layers removed", "train tokens", "ppl", "avg")}
-    series: dict[str, list] = {}
-    dense: dict[str, tuple] = {}
-    suite = None
-    for row in rows:  # rows_of yields each (model, suite)'s dense row before its runs
-        if row[0].startswith("dense"):
-            suite = row[0]
-            dense[suite] = (row[col["ppl"]], row[col["avg"]])
-        elif row[col["train tokens"]]:
-            series.setdefault((f"{row[0]} {row[col['layers removed']]}", suite), []).append(row)
+    col = {name: header.index(name) for name in ("layers removed", "train tokens", "ppl", "avg")}
+    blocks = _suites(rows)
+    series: dict[str, list[list]] = {}
+    for dense, runs in blocks:
+        for row in runs:
+            if row[col["train tokens"]]:
+                name = f"{row[0]} {row[col['layers removed']]}"
+                series.setdefault(f"{name} {dense[0].removeprefix('dense ')}" if len(blocks) > 1 else name,
+                                  []).append(row)
     series = {k: v for k, v in series.items() if len({r[col["train tokens"]] for r in v}) > 1}
     if not series:
         return None
@@ -371,23 +400,15 @@ def plot_train_tokens(results: list[dict], out: Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     fig, (ax_ppl, ax_acc) = plt.subplots(1, 2, figsize=(12, 4.5))
-    several = len({s for _, s in series}) > 1
-    for k, ((name, suite), pts) in enumerate(sorted(series.items())):
+    for k, (name, pts) in enumerate(sorted(series.items())):
         pts.sort(key=lambda r: r[col["train tokens"]])
-        x = [r[col["train tokens"]] for r in pts]
-        style = dict(color=plt.get_cmap("tab10").colors[k % 10], marker="os^Dv"[k % 5],
-                     label=f"{name} ({suite})" if several else name)
+        x, acc = [r[col["train tokens"]] for r in pts], [r[col["avg"]] for r in pts]
+        style = dict(color=plt.get_cmap("tab10").colors[k % 10], marker="os^Dv"[k % 5], label=name)
         ax_ppl.plot(x, [r[col["ppl"]] for r in pts], "-", **style)
-        acc = [r[col["avg"]] for r in pts]
-        err = [[a - a.ci[0] if getattr(a, "ci", None) else 0 for a in acc],
-               [a.ci[1] - a if getattr(a, "ci", None) else 0 for a in acc]]
-        ax_acc.errorbar(x, acc, yerr=err, capsize=3, **style)
-        d_ppl, d_acc = dense[suite]
-        if d_ppl:
-            ax_ppl.axhline(d_ppl, color=style["color"], ls="--", lw=1)
-        ax_acc.axhline(d_acc, color=style["color"], ls="--", lw=1)
-    for ax, name in ((ax_ppl, "held-out perplexity (log scale; dashed: dense)"),
-                     (ax_acc, "average accuracy, 95% interval (dashed: dense)")):
+        ax_acc.errorbar(x, acc, yerr=_yerr(acc), capsize=3, **style)
+    _dense_lines(ax_ppl, blocks, col["ppl"])
+    _dense_lines(ax_acc, blocks, col["avg"])
+    for ax, name in ((ax_ppl, "held-out perplexity (log scale)"), (ax_acc, "average accuracy, 95% interval")):
         ax.set_xscale("log")
         ax.set_xlabel("training tokens seen by the replacement (blocks x seq_len x epochs)")
         ax.set_ylabel(name)
