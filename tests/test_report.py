@@ -94,6 +94,8 @@ def _record(root: Path, name: str, *, model="tiny-llama", suite="smoke", seed=No
          "stability": {"average": {"stability": 0.9, "agreement": 0.8}}, "timings": {"train": 1.0}}
     if train_tokens is not None:
         r["train"] = {"tokens": train_tokens, "trainable_params": 100}
+        r["significance"] = {"average": {"acc": {"a": dense, "b": pruned, "a_ci": [dense - 0.05, dense + 0.05],
+                                                 "b_ci": [pruned - 0.05, pruned + 0.05], "significant": True}}}
     (d / "results.json").write_text(json.dumps(r))
     if seed is not None:
         (d / ".hydra").mkdir()
