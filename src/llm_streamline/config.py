@@ -63,6 +63,15 @@ class ReplacementConfig:
     residual: bool = True                  # ffn: y = x + f(x) (True) or y = f(x)
     pre_norm: bool = False                 # ffn: f reads norm(x), the first pruned layer's pre-MLP norm (copied)
     num_layers: int = 1                    # `layers`: how many decoder layers stand in for the block
+    # training-free maps (`linear_map`): linear = ReplaceMe fused into the previous layer's MLP output map,
+    # linear_patch = LinearPatch's H diag(c) H^T in the slot; init=linear starts an ffn / layer from a linear fit
+    objective: str = "lstsq"               # linear: lstsq (closed form) | cosine (Adam on the cosine distance)
+    ridge: float = 0.0                     # least squares: + ridge x mean(diag(X^T X)) on the diagonal
+    fit_epochs: int = 10                   # cosine: passes over the calibration blocks (the authors: 10)
+    fit_lr: float = 1e-4                   # cosine: Adam learning rate (the authors: 1e-4)
+    fit_batch_tokens: int = 1024           # cosine: tokens per Adam step (the authors: 1024)
+    init: str = "none"                     # ffn | layer: none (as built) | linear (the least-squares linear fit)
+    finetune: bool = False                 # linear_patch: train the patch afterwards with `train` (e.g. distill)
 
 
 @dataclass
@@ -199,7 +208,7 @@ MODEL_SOURCES = ("embedded", "hub", "local", "tiny")
 TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "opt", "gptneox", "phi3")
 DATA_NAMES = ("offline", "slimpajama", "wikitext2", "c4")
 IMPORTANCE = ("cosine", "angular", "bi", "perplexity")
-REPLACEMENTS = ("none", "ffn", "swiglu", "layer", "layers")
+REPLACEMENTS = ("none", "ffn", "swiglu", "layer", "layers", "linear", "linear_patch")
 LOSSES = ("mse", "lm", "distill", "lora")
 PERPLEXITY_TEXTS = ("heldout", "wikitext2", "c4")  # data.perplexity_text reads them
 METHODS = ("streamline", "shortgpt", "gromov", "laco", "sleb", "llm_pruner")
@@ -259,6 +268,15 @@ def validate(cfg: RunConfig) -> None:
     _check(s.count in ("removed", "net"), f"sparsity.count={s.count!r}: removed | net")
     _check(r.type in REPLACEMENTS, f"replacement.type={r.type!r}: expected one of {REPLACEMENTS}")
     _check(r.num_layers >= 1, f"replacement.num_layers={r.num_layers}: must be >= 1")
+    _check(r.objective in ("lstsq", "cosine"), f"replacement.objective={r.objective!r}: lstsq | cosine")
+    _check(r.ridge >= 0 and r.fit_epochs >= 1 and r.fit_lr > 0 and r.fit_batch_tokens >= 1,
+           f"replacement.ridge={r.ridge} must be >= 0, fit_epochs={r.fit_epochs} and fit_batch_tokens="
+           f"{r.fit_batch_tokens} >= 1, fit_lr={r.fit_lr} > 0")
+    _check(r.init in ("none", "linear"), f"replacement.init={r.init!r}: none | linear")
+    _check(r.init == "none" or r.type in ("ffn", "layer"),
+           f"replacement.init=linear initialises an ffn or a layer replacement, not {r.type}")
+    _check(not r.finetune or r.type == "linear_patch",
+           f"replacement.finetune=true trains a linear_patch afterwards; {r.type} is trained (or fused) anyway")
     _check(r.activation in ("silu", "gelu", "relu", "gelu_new"), f"replacement.activation={r.activation!r}")
     _check(t.loss in LOSSES, f"train.loss={t.loss!r}: expected one of {LOSSES}")
     _check(t.first_token in ("include", "exclude"), f"train.first_token={t.first_token!r}: include | exclude")

@@ -18,6 +18,9 @@ Types:
           (ReLU/GELU) MLP, copied the same way
   layer   one decoder layer of the model's own class, initialised from the first pruned layer
   layers  k decoder layers, initialised from the first k pruned layers
+  linear        ReplaceMe: nothing in the slot; a d x d map fused into the previous layer's MLP output map
+                (`linear_map`), so the checkpoint is stock with plain pruning's parameter count
+  linear_patch  LinearPatch: y = x P, one d x d matrix (`PatchReplacement`), set by `linear_map`
 """
 
 from __future__ import annotations
@@ -77,6 +80,18 @@ class FFNReplacement(nn.Module, _SlotMixin):
         self._keep_cache_length(hidden_states, kwargs)
         y = self.fc_out(self.act(self.fc_in(self.norm(hidden_states))))
         return self._wrap(hidden_states + y if self.residual else y)
+
+
+class PatchReplacement(nn.Module, _SlotMixin):
+    """y = x P with one d x d matrix (LinearPatch); the identity (= plain pruning) until `linear_map` sets P."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.eye(hidden_size))
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        self._keep_cache_length(hidden_states, kwargs)
+        return self._wrap(hidden_states @ self.weight)
 
 
 class _TwoLayerMLP(nn.Module):
@@ -142,7 +157,7 @@ def build_replacement(cfg: ReplacementConfig, pruned_layers: list[nn.Module], co
     if needs_anatomy(cfg) and anatomy is None:
         raise ValueError(f"replacement {cfg.type} (pre_norm={cfg.pre_norm}) copies parts of the pruned layer: "
                          "pass its anatomy (models.anatomy.anatomy_of)")
-    if cfg.type == "none":
+    if cfg.type in ("none", "linear"):  # linear: the map is fused into a kept layer (`linear_map`)
         return []
     first = pruned_layers[0]
     if cfg.type in ("layer", "layers"):
@@ -159,6 +174,8 @@ def build_replacement(cfg: ReplacementConfig, pruned_layers: list[nn.Module], co
                                 cfg.residual, norm)
     elif cfg.type == "swiglu":
         module = mlp_from_layer(first, anatomy)
+    elif cfg.type == "linear_patch":
+        module = PatchReplacement(config.hidden_size)
     else:
         raise ValueError(f"unknown replacement type {cfg.type!r}")
     p = next(first.parameters())
@@ -174,7 +191,7 @@ def slot_checkpoint(cfg: ReplacementConfig, model: nn.Module, slot_start: int) -
     """The checkpoint format of a pruned model with this replacement (`models.checkpoints`) and the fields its
     builder needs: stock when every slot is a decoder layer of the family's class, else the streamline format
     (the slot's position and the replacement's recipe)."""
-    if cfg.type in ("none", "layer", "layers"):
+    if cfg.type in ("none", "layer", "layers", "linear"):
         return "stock", {}
     slot = find_decoder_stack(model).layers[slot_start]
     return "streamline", {"slot_start": slot_start,
@@ -202,8 +219,10 @@ def replacement_param_count(cfg: ReplacementConfig, model: nn.Module) -> int:
     stack = find_decoder_stack(model)
     layer = stack.layers[0]
     layer_params = count_params(layer)
-    if cfg.type == "none":
+    if cfg.type in ("none", "linear"):
         return 0
+    if cfg.type == "linear_patch":
+        return stack.config.hidden_size ** 2
     if cfg.type == "layer":
         return layer_params
     if cfg.type == "layers":

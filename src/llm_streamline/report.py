@@ -102,8 +102,14 @@ def label(r: dict) -> str:
         return f"{name} +LoRA"
     if rep == "ffn" and not r["replacement"].get("residual", True):
         name += "(no residual)"
+    rp = r["replacement"]
+    if rep == "linear":  # ReplaceMe: which objective fitted the map
+        name += f"({rp.get('objective', 'lstsq')})"
+    if rp.get("init", "none") != "none":
+        name += f" init={rp['init']}"
+    training_free = rep == "linear" or (rep == "linear_patch" and not rp.get("finetune"))
     tc = r.get("train_config") or {}
-    if rep != "none":
+    if rep != "none" and not training_free:
         if tc.get("loss", "mse") != "mse":
             name += f" loss={tc['loss']}"
         if tc.get("loss", "mse") == "mse" and tc.get("first_token", "exclude") != "exclude":  # default: exclude

@@ -18,13 +18,14 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import time
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from llm_streamline import stages
+from llm_streamline import linear_map, stages
 from llm_streamline.config import RunConfig
 from llm_streamline.importance import SimilarityProfile, block_perplexities, choose_block
 from llm_streamline.models.anatomy import anatomy_of
@@ -134,7 +135,14 @@ def replace_block(ctx: Run, start: int, n: int) -> Compressed | None:
     train_log, block = None, None  # `block` is set once the block is out of `pruned`
     train_key = stages.stage_key("train", model=ctx.model_id, data=ctx.data_key, start=start, n=n,
                                  replacement=asdict(cfg.replacement), train=asdict(cfg.train), seed=cfg.seed)
-    if slot:
+    trained_before = trains_after_fit(cfg.replacement) and stages.sealed(stages.stage_dir(train_key), train_key,
+                                                                             move_aside=False)
+    fit_log = None if trained_before else fit_linear(ctx, pruned, slot, start, n)
+    if fit_log is not None and not trains_after_fit(cfg.replacement):  # training-free: the fit is the result
+        train_log, slot_trained = fit_log, False
+    else:
+        slot_trained = bool(slot)
+    if slot_trained:
         # parallel jobs of a sweep train one block once (data-parallel ranks train it together: no lock)
         with stages.stage_lock(train_key) if ctx.accelerator is None else contextlib.nullcontext():
             train_log, block = load_or_train(ctx, slot, train_key, pruned, start, n)
@@ -142,12 +150,46 @@ def replace_block(ctx: Run, start: int, n: int) -> Compressed | None:
             return None
         log.info("replacement %s: val loss %.5g -> %.5g (best at step %s)", cfg.replacement.type,
                  train_log["initial_val_loss"], train_log["best_val_loss"], train_log["best_step"])
+        if fit_log is not None:
+            train_log = {**train_log, **fit_log}
     if cfg.method.heal == "lora":  # train=lora: plain pruning healed with LoRA (the paper's comparison)
         block = remove_block(pruned, start, n, [])
         pruned, train_log = heal(ctx, pruned, stages.stage_key("lora", train=train_key))
     if block is None:
         block = remove_block(pruned, start, n, slot)
     return Compressed(pruned, train_key, start, list(range(start, start + n)), block.as_dict(), slot, train_log)
+
+
+def trains_after_fit(r) -> bool:
+    """Whether a replacement fitted by `linear_map` is trained afterwards (ffn / layer started from the linear
+    fit, or a distilled LinearPatch) rather than used as fitted."""
+    return r.type in ("ffn", "layer") or (r.type == "linear_patch" and r.finetune)
+
+
+def fit_linear(ctx: Run, pruned, slot: list, start: int, n: int) -> dict | None:
+    """The training-free fits (`linear_map`), on the calibration blocks, in place on `pruned` / `slot`: ReplaceMe's
+    map fused into layer start-1 of `pruned`, LinearPatch's matrix into its slot, or the linear initialisation of
+    an ffn / layer. None when the replacement has none. The fit log carries its wall time."""
+    r, model, bs = ctx.cfg.replacement, ctx.model, ctx.cfg.train.batch_size
+    calib = ctx.blocks.calib
+    if not (r.type in ("linear", "linear_patch") or r.init == "linear"):
+        return None
+    t0 = time.perf_counter()
+    with ctx.timings.stage("fit"):
+        if r.type == "linear":
+            t, fit_log = linear_map.replaceme_map(model, calib, start, n, r, bs, ctx.cfg.seed)
+            linear_map.fuse_into_mlp_output(pruned, start - 1, t)
+        elif r.type == "linear_patch":
+            p, fit_log = linear_map.linear_patch_matrix(model, calib, start, n, bs)
+            with torch.no_grad():
+                slot[0].weight.copy_(p.to(slot[0].weight.dtype))
+        elif r.type == "ffn":
+            fit_log = linear_map.init_ffn_linear(slot[0], model, calib, start, n, bs, r.ridge)
+        else:
+            fit_log = linear_map.init_layer_linear(slot[0], model, calib, start, n, bs, r.ridge)
+    fit_log = {"fit": fit_log, "fit_seconds": round(time.perf_counter() - t0, 2)}
+    log.info("%s fit on %d calibration blocks: %s", r.type, len(calib), fit_log)
+    return fit_log
 
 
 def load_or_train(ctx: Run, slot: list, train_key: str, pruned, start: int, n: int):

@@ -1,0 +1,352 @@
+"""Training-free linear replacements of a pruned block, and the linear initialisation of trained ones.
+
+All statistics are streamed: calibration blocks go through the dense model batch by batch (only as far as the
+block's end, `models.layers.run_layers`) and are reduced at once, so memory does not grow with the number of
+calibration tokens. Least-squares systems are accumulated as X^T X and X^T Y and solved in float64.
+
+ReplaceMe (Shopkhoev et al., arXiv 2505.02819; facts from the paper and mts-ai/ReplaceMe). With layers
+[s, s+n) removed and M the MLP branch output of the last kept layer s-1 (what its MLP adds to the residual
+stream), the hidden state leaving layer s-1 is x_s = Z + M (Z: the rest, attention output plus residual).
+ReplaceMe looks for a d x d map T so that Z + M T ~ x_(s+n), the hidden state the block produced:
+  lstsq   T = argmin ||M T - (x_(s+n) - Z)||^2 = (M^T M + ridge I)^-1 M^T (x_(s+n) - Z)   (closed form)
+  cosine  T = argmin mean_t (1 - cos(Z_t + M_t T, x_(s+n),t)), by Adam from the identity over shuffled
+          minibatches of tokens, `fit_epochs` passes (the authors: 10 passes, 1024 tokens, lr 1e-4). The
+          activations are recomputed from the calibration blocks every pass rather than stored (the authors hold
+          them all in host memory; at 7B and 8K samples they do not fit anywhere).
+T is then fused into layer s-1's MLP output map: y = W h + b becomes (W h + b) T, i.e. W <- T^T W, b <- T^T b,
+so the pruned model is a stock checkpoint with the parameter count of plain pruning. Layers whose MLP output is
+normalised before the residual add (Gemma's post-feed-forward norm) cannot take T exactly and are refused.
+`ridge` is relative: the added diagonal is ridge x mean(diag(M^T M)), so the same value fits any activation scale.
+
+LinearPatch (Chen et al., NeurIPS 2025; facts from the paper and chenxinrui-tsinghua/LinearPatch). The hidden
+state entering the pruned slot, x_s, is multiplied by P = H diag(c) H^T (H an orthonormal Hadamard matrix:
+massive outliers of single channels are spread over all channels before scaling), with the channel scales
+c = mean_t |(x_(s+n) H)| / mean_t |(x_s H)|, averaged over calibration batches as the authors do. P is a
+d x d matrix in the slot (`PatchReplacement`); its optional offline distillation is the slot's training
+(`replacement.finetune=true` with train=distill). For d not a power of two, H = H_K (x) H_(2^m) (Kronecker),
+with H_K from Paley's construction (K - 1 a prime = 3 mod 4), as QuaRot's Hadamard utilities, which the authors
+use, build sizes 12 x 2^m, 20 x 2^m, ...: SmolLM2's 576 = 72 x 8, Gemma 3 270M's 640 = 20 x 32.
+
+Linear initialisation of trained replacements (`replacement.init=linear`).
+  ffn     the slot input x (or norm(x) with pre_norm) is mapped to the target by least squares, A (plus bias b):
+          x_(s+n) - x ~ x A + b (residual) or x_(s+n) ~ x A + b. Since silu(z) - silu(-z) = z exactly (likewise
+          gelu and relu), the FFN's first 2d units are set to +x and -x and its output map to [A^T, -A^T]: at
+          step 0 the FFN equals the linear map exactly; the other units keep their random input weights and get
+          zero output weights (they still receive gradients). Needs width >= 2d, else refused.
+  layer   the copy of the first pruned layer keeps its attention and MLP input maps; its MLP output map is refit
+          by least squares so that the layer's output best matches x_(s+n) on the calibration tokens (the layer
+          cannot represent an arbitrary linear map: its MLP is gated; this is the closest the form allows with
+          one closed-form solve, and it is never worse than the copied layer on the calibration tokens).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from llm_streamline.config import ReplacementConfig
+from llm_streamline.models.anatomy import anatomy_of
+from llm_streamline.models.layers import find_decoder_stack, run_layers
+
+
+class LinearMapError(ValueError):
+    pass
+
+
+# ------------------------------------------------------------------------------------------- least squares
+class Gram:
+    """Streamed normal equations of min ||X B - Y||^2: X^T X and X^T Y in float64, O(d_in^2 + d_in d_out)
+    memory whatever the number of rows. `bias`: a constant column is appended to X (B's last row is a bias)."""
+
+    def __init__(self, d_in: int, d_out: int, bias: bool = False):
+        self.bias = bias
+        k = d_in + int(bias)
+        self.xtx = torch.zeros(k, k, dtype=torch.float64)
+        self.xty = torch.zeros(k, d_out, dtype=torch.float64)
+        self.rows = 0
+
+    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).to("cpu", torch.float64)
+        y = y.reshape(-1, y.shape[-1]).to("cpu", torch.float64)
+        if self.bias:
+            x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
+        self.xtx += x.T @ x
+        self.xty += x.T @ y
+        self.rows += x.shape[0]
+
+    def solve(self, ridge: float = 0.0) -> torch.Tensor:
+        """B (float64): ridge is relative to the mean diagonal of X^T X; a singular system gets the minimum-norm
+        least-squares solution."""
+        a = self.xtx.clone()
+        if ridge > 0:
+            a += ridge * a.diagonal().mean() * torch.eye(a.shape[0], dtype=a.dtype)
+        try:
+            return torch.linalg.solve(a, self.xty)
+        except torch.linalg.LinAlgError:
+            return torch.linalg.lstsq(a, self.xty, driver="gelsd").solution
+
+
+def _batches(blocks: torch.Tensor, batch_size: int, desc: str) -> Iterator[torch.Tensor]:
+    for i in tqdm(range(0, len(blocks), batch_size), desc=desc, unit="batch", leave=False):
+        yield blocks[i:i + batch_size]
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+# ------------------------------------------------------------------------------------------------ ReplaceMe
+def mlp_output_map(model: nn.Module, index: int) -> nn.Linear:
+    """Layer `index`'s MLP output map (down_proj, fc2, ...), found by its anatomy; refused when a norm follows it."""
+    stack = find_decoder_stack(model)
+    anatomy = anatomy_of(model, index)
+    if anatomy.mlp_post_norm:
+        raise LinearMapError(f"{type(stack.layers[index]).__name__} normalises its MLP output ({anatomy.mlp_post_norm}) "
+                             "before the residual add: a linear map cannot be fused into its MLP output map")
+    out = stack.layers[index].get_submodule(anatomy.mlp_output)
+    if not isinstance(out, nn.Linear):
+        raise LinearMapError(f"{anatomy.mlp_output} is a {type(out).__name__}: fusing needs an nn.Linear")
+    return out
+
+
+class _Boundary:
+    """Per calibration batch: M (layer s-1's MLP branch output), Z (the rest of x_s) and x_(s+n), as token rows."""
+
+    def __init__(self, model: nn.Module, start: int, n: int):
+        if start < 1:
+            raise LinearMapError(f"the block starts at layer {start}: ReplaceMe fuses its map into the MLP of the "
+                                 "layer before the block, and there is none")
+        self.model, self.start, self.n = model, start, n
+        self.stack = find_decoder_stack(model)
+        self.out_map = mlp_output_map(model, start - 1)
+
+    @torch.no_grad()
+    def __call__(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        caught = {}
+        handle = self.out_map.register_forward_hook(lambda m, a, out: caught.__setitem__("m", out))
+        try:
+            cap = run_layers(self.model, ids.to(_device(self.model)), outputs_at=(self.start - 1, self.start + self.n - 1),
+                             stack=self.stack)
+        finally:
+            handle.remove()
+        d = caught["m"].shape[-1]
+        m = caught["m"].reshape(-1, d).float()
+        z = cap.outputs[self.start - 1].reshape(-1, d).float() - m
+        return m, z, cap.outputs[self.start + self.n - 1].reshape(-1, d).float()
+
+
+def replaceme_map(model: nn.Module, blocks: torch.Tensor, start: int, n: int, cfg: ReplacementConfig,
+                  batch_size: int, seed: int = 0) -> tuple[torch.Tensor, dict]:
+    """T (d x d, float64) for removing layers [start, start+n) of `model`, by `cfg.objective`, and a fit log
+    (the calibration MSE / cosine distance of plain pruning and of the map)."""
+    boundary = _Boundary(model, start, n)
+    d = boundary.out_map.out_features
+    if cfg.objective == "lstsq":
+        gram = Gram(d, d)
+        for ids in _batches(blocks, batch_size, "ReplaceMe: X^T X, X^T Y"):
+            m, z, y = boundary(ids)
+            gram.add(m, y - z)
+        del m, z, y  # the last batch, before the fit log streams the blocks again
+        t = gram.solve(cfg.ridge)
+    elif cfg.objective == "cosine":
+        t = _cosine_map(boundary, blocks, d, cfg, batch_size, seed).double()
+    else:
+        raise LinearMapError(f"replacement.objective={cfg.objective!r}: lstsq | cosine")
+    return t, _fit_log(boundary, blocks, t, batch_size) | {"objective": cfg.objective, "ridge": cfg.ridge}
+
+
+def _cosine_distance(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return 1 - nn.functional.cosine_similarity(pred, target, dim=-1)
+
+
+def _cosine_map(boundary: _Boundary, blocks: torch.Tensor, d: int, cfg: ReplacementConfig, batch_size: int,
+                seed: int) -> torch.Tensor:
+    dev = _device(boundary.model)
+    t = torch.eye(d, device=dev, requires_grad=True)
+    opt = torch.optim.Adam([t], lr=cfg.fit_lr)
+    gen = torch.Generator().manual_seed(seed)
+    for epoch in range(cfg.fit_epochs):
+        for ids in _batches(blocks, batch_size, f"ReplaceMe cosine, pass {epoch + 1}/{cfg.fit_epochs}"):
+            m, z, y = boundary(ids)
+            order = torch.randperm(m.shape[0], generator=gen).to(dev)
+            for chunk in order.split(cfg.fit_batch_tokens):
+                opt.zero_grad()
+                loss = _cosine_distance(z[chunk] + m[chunk] @ t, y[chunk]).mean()
+                loss.backward()
+                opt.step()
+    return t.detach()
+
+
+@torch.no_grad()
+def _fit_log(boundary: _Boundary, blocks: torch.Tensor, t: torch.Tensor, batch_size: int) -> dict:
+    sums = {"mse_pruned": 0.0, "mse_map": 0.0, "cos_pruned": 0.0, "cos_map": 0.0}
+    rows = 0
+    tf = t.float().to(_device(boundary.model))
+    for ids in _batches(blocks, batch_size, "ReplaceMe: calibration fit"):
+        m, z, y = boundary(ids)
+        for name, pred in (("pruned", z + m), ("map", z + m @ tf)):
+            sums[f"mse_{name}"] += float(((pred - y) ** 2).mean(-1).sum())
+            sums[f"cos_{name}"] += float(_cosine_distance(pred, y).sum())
+        rows += m.shape[0]
+    return {k: v / rows for k, v in sums.items()} | {"calibration_tokens": rows}
+
+
+@torch.no_grad()
+def fuse_into_mlp_output(model: nn.Module, index: int, t: torch.Tensor) -> None:
+    """In place: layer `index`'s MLP output map y = W h + b becomes y T (W <- T^T W, b <- T^T b), in float64."""
+    out = mlp_output_map(model, index)
+    tt = t.to(out.weight.device, torch.float64).T
+    out.weight.copy_((tt @ out.weight.double()).to(out.weight.dtype))
+    if out.bias is not None:
+        out.bias.copy_((tt @ out.bias.double()).to(out.bias.dtype))
+
+
+class MapAfter:
+    """The unfused map, for checking a fusion: a forward hook multiplying a module's output by T."""
+
+    def __init__(self, module: nn.Module, t: torch.Tensor):
+        w = module.weight
+        self.t = t.to(w.device, w.dtype)
+        self.handle = module.register_forward_hook(lambda m, a, out: out @ self.t)
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+# ---------------------------------------------------------------------------------------------- LinearPatch
+def _is_prime(q: int) -> bool:
+    return q >= 2 and all(q % p for p in range(2, int(math.isqrt(q)) + 1))
+
+
+def _paley(k: int) -> torch.Tensor:
+    """Paley's construction I: a Hadamard matrix of order k = q + 1, q a prime = 3 mod 4."""
+    q = k - 1
+    squares = {(i * i) % q for i in range(1, q)}
+    chi = torch.tensor([0] + [1 if i in squares else -1 for i in range(1, q)], dtype=torch.float64)
+    idx = torch.arange(q)
+    jac = chi[(idx[None, :] - idx[:, None]) % q]              # Jacobsthal matrix, skew since q = 3 mod 4
+    s = torch.zeros(k, k, dtype=torch.float64)
+    s[0, 1:], s[1:, 0], s[1:, 1:] = 1, -1, jac
+    return s + torch.eye(k, dtype=torch.float64)
+
+
+def hadamard(d: int) -> torch.Tensor:
+    """An orthonormal Hadamard matrix of order d (float64): Sylvester's for d = 2^m, else H_K (x) H_(2^m) with
+    H_K by Paley (K - 1 prime, = 3 mod 4). Refused when d has no such factorisation."""
+    m = (d & -d)                                                 # the largest power of two dividing d
+    k = d // m
+    while k < d and not (k == 1 or (k % 4 == 0 and _is_prime(k - 1) and (k - 1) % 4 == 3)):
+        k, m = k * 2, m // 2
+    if k == 1:
+        hk = torch.ones(1, 1, dtype=torch.float64)
+    elif k % 4 == 0 and _is_prime(k - 1) and (k - 1) % 4 == 3:
+        hk = _paley(k)
+    else:
+        raise LinearMapError(f"hidden size {d}: no Hadamard matrix of the form K x 2^m with Paley's K is built here")
+    h = hk
+    h2 = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
+    while h.shape[0] < d:
+        h = torch.kron(h, h2)
+    h = h / math.sqrt(d)
+    if not torch.allclose(h @ h.T, torch.eye(d, dtype=torch.float64), atol=1e-9):
+        raise LinearMapError(f"hidden size {d}: the Hadamard construction is not orthogonal")  # a bug, not input
+    return h
+
+
+@torch.no_grad()
+def linear_patch_matrix(model: nn.Module, blocks: torch.Tensor, start: int, n: int,
+                        batch_size: int) -> tuple[torch.Tensor, dict]:
+    """P = H diag(c) H^T (float64) for the slot of layers [start, start+n), and a fit log."""
+    stack = find_decoder_stack(model)
+    d = stack.config.hidden_size
+    h = hadamard(d)
+    hf = h.float().to(_device(model))
+    scale, batches = torch.zeros(d, dtype=torch.float64), 0
+    for ids in _batches(blocks, batch_size, "LinearPatch: channel scales"):
+        cap = run_layers(model, ids.to(_device(model)), inputs_at=(start,), outputs_at=(start + n - 1,), stack=stack)
+        x_in = cap.inputs[start].reshape(-1, d).float() @ hf
+        x_out = cap.outputs[start + n - 1].reshape(-1, d).float() @ hf
+        scale += (x_out.abs().mean(0) / x_in.abs().mean(0).clamp_min(1e-12)).double().cpu()
+        batches += 1
+    c = scale / batches
+    p = h @ torch.diag(c) @ h.T
+    return p, {"scale_min": float(c.min()), "scale_max": float(c.max()), "scale_mean": float(c.mean())}
+
+
+# ------------------------------------------------------------------------- linear init of trained replacements
+class _SlotTargets:
+    """Per calibration batch: the slot's input x_s with its call arguments, and the block's output x_(s+n)."""
+
+    def __init__(self, model: nn.Module, start: int, n: int):
+        self.model, self.start, self.n = model, start, n
+        self.stack = find_decoder_stack(model)
+
+    @torch.no_grad()
+    def __call__(self, ids: torch.Tensor):
+        cap = run_layers(self.model, ids.to(_device(self.model)), inputs_at=(self.start,), kwargs_at=(self.start,),
+                         outputs_at=(self.start + self.n - 1,), stack=self.stack)
+        return cap.inputs[self.start], cap.call_kwargs[self.start], cap.outputs[self.start + self.n - 1]
+
+
+def _call(module: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    y = module(x, **kwargs)
+    return y[0] if isinstance(y, tuple) else y
+
+
+@torch.no_grad()
+def init_ffn_linear(ffn: nn.Module, model: nn.Module, blocks: torch.Tensor, start: int, n: int,
+                    batch_size: int, ridge: float = 0.0) -> dict:
+    """In place: the FFN replacement equals, at step 0, the least-squares linear map from what it reads to its
+    target (module docstring). Returns a fit log."""
+    d, width = ffn.fc_in.in_features, ffn.fc_in.out_features
+    if width < 2 * d:
+        raise LinearMapError(f"replacement.init=linear needs an FFN width >= 2 x hidden ({2 * d}), got {width}")
+    targets = _SlotTargets(model, start, n)
+    gram = Gram(d, d, bias=True)
+    for ids in _batches(blocks, batch_size, "linear init: X^T X, X^T Y"):
+        x, _, y = targets(ids)
+        f_in = ffn.norm(x)
+        gram.add(f_in, y - x if ffn.residual else y)
+    sol = gram.solve(ridge)
+    a, b = sol[:d], sol[d]
+    w_in, b_in = ffn.fc_in.weight, ffn.fc_in.bias
+    eye = torch.eye(d, dtype=w_in.dtype, device=w_in.device)
+    w_in[:d], w_in[d:2 * d] = eye, -eye
+    b_in[:2 * d] = 0
+    w_out = torch.zeros_like(ffn.fc_out.weight)
+    w_out[:, :d], w_out[:, d:2 * d] = a.T, -a.T
+    ffn.fc_out.weight.copy_(w_out)
+    ffn.fc_out.bias.copy_(b.to(ffn.fc_out.bias.dtype))
+    return {"init": "linear", "calibration_tokens": gram.rows}
+
+
+@torch.no_grad()
+def init_layer_linear(layer: nn.Module, model: nn.Module, blocks: torch.Tensor, start: int, n: int,
+                      batch_size: int, ridge: float = 0.0) -> dict:
+    """In place: the replacement layer's MLP output map refit by least squares so that the layer's output best
+    matches x_(start+n) on the calibration tokens, everything else as copied (module docstring)."""
+    out_map = mlp_output_map(model, start)
+    path = next(name for name, m in find_decoder_stack(model).layers[start].named_modules() if m is out_map)
+    target_map = layer.get_submodule(path)
+    targets = _SlotTargets(model, start, n)
+    gram = Gram(target_map.in_features, target_map.out_features, bias=target_map.bias is not None)
+    for ids in _batches(blocks, batch_size, "linear init: X^T X, X^T Y"):
+        x, kwargs, y = targets(ids)
+        caught = {}
+        handle = target_map.register_forward_hook(lambda m, a, out: caught.update(h=a[0], o=out))
+        try:
+            out = _call(layer, x, kwargs)
+        finally:
+            handle.remove()
+        rest = out - caught["o"]  # the layer's output without its MLP branch (no norm after it: checked above)
+        gram.add(caught["h"], y - rest)
+    sol = gram.solve(ridge)
+    k = target_map.in_features
+    target_map.weight.copy_(sol[:k].T.to(target_map.weight.dtype))
+    if target_map.bias is not None:
+        target_map.bias.copy_(sol[k].to(target_map.bias.dtype))
+    return {"init": "linear", "calibration_tokens": gram.rows, "refit": path}

@@ -1,0 +1,197 @@
+"""Training-free linear replacements (ReplaceMe, LinearPatch) and the linear init of trained ones, on tiny
+random-weight models: closed forms against dense solves, fusion against the unfused map, bounded memory."""
+
+from __future__ import annotations
+
+import copy
+import weakref
+
+import pytest
+import torch
+
+from llm_streamline import linear_map
+from llm_streamline.config import ReplacementConfig
+from llm_streamline.linear_map import Gram, hadamard
+from llm_streamline.models.checkpoints import load_pruned, save_checkpoint
+from llm_streamline.models.layers import count_params, find_decoder_stack, remove_block, run_layers
+from llm_streamline.models.loading import tiny_model
+from llm_streamline.replace import build_replacement, replacement_param_count, slot_checkpoint
+
+VOCAB = 512
+SPECIAL = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+START, N = 3, 3
+
+
+def make(family="llama", **over):
+    return tiny_model(family, VOCAB, overrides=over or None, special_ids=SPECIAL).eval()
+
+
+def ids(n=8, t=24, seed=0):
+    return torch.randint(3, VOCAB, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+def dense_boundary(model, blocks):
+    """M, Z, x_(s+n) for all calibration tokens at once (what the streamed code must not do)."""
+    return linear_map._Boundary(model, START, N)(blocks)
+
+
+class _Tok:
+    def save_pretrained(self, path):
+        pass
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_replaceme_closed_form_equals_a_dense_solve_and_fusion_equals_the_unfused_map(family, tmp_path):
+    model = make(family)
+    calib = ids()
+    t, log = linear_map.replaceme_map(model, calib, START, N, ReplacementConfig(type="linear"), batch_size=3)
+    m, z, y = dense_boundary(model, calib)
+    dense = torch.linalg.lstsq(m.double(), (y - z).double()).solution
+    assert torch.allclose(t, dense, rtol=1e-6, atol=1e-8 * float(dense.abs().max()))
+    assert log["mse_map"] < log["mse_pruned"] and log["calibration_tokens"] == calib.numel()
+
+    fused, hooked, plain = copy.deepcopy(model), copy.deepcopy(model), copy.deepcopy(model)
+    linear_map.fuse_into_mlp_output(fused, START - 1, t)
+    unfused = linear_map.MapAfter(linear_map.mlp_output_map(hooked, START - 1), t)
+    for mdl in (fused, hooked, plain):
+        remove_block(mdl, START, N, [])
+    x = ids(2, 16, seed=5)
+    with torch.no_grad():
+        a, b, c = fused(x).logits, hooked(x).logits, plain(x).logits
+    unfused.remove()
+    assert (a - b).abs().max() < 1e-4 and (a - c).abs().max() > 1e-3  # the map is there, and fused exactly
+    assert count_params(fused) == count_params(plain)
+    fmt, meta = slot_checkpoint(ReplacementConfig(type="linear"), fused, START)
+    assert fmt == "stock" and replacement_param_count(ReplacementConfig(type="linear"), model) == 0
+    save_checkpoint(fused, _Tok(), tmp_path / "ckpt", {}, fmt, meta)
+    loaded = load_pruned(tmp_path / "ckpt")
+    with torch.no_grad():
+        assert torch.allclose(loaded(x).logits, a, atol=1e-5)
+
+
+def test_ridge_shrinks_and_the_cosine_objective_lowers_its_distance():
+    model = make()
+    calib = ids()
+    t0, _ = linear_map.replaceme_map(model, calib, START, N, ReplacementConfig(type="linear"), 4)
+    t1, _ = linear_map.replaceme_map(model, calib, START, N, ReplacementConfig(type="linear", ridge=1.0), 4)
+    assert t1.norm() < t0.norm()
+    cfg = ReplacementConfig(type="linear", objective="cosine", fit_epochs=3, fit_lr=1e-2, fit_batch_tokens=64)
+    t, log = linear_map.replaceme_map(model, calib, START, N, cfg, 4)
+    assert log["cos_map"] < log["cos_pruned"] and not torch.equal(t, torch.eye(t.shape[0], dtype=t.dtype))
+
+
+@pytest.mark.parametrize("objective", ["lstsq", "cosine"])
+def test_streamed_fit_holds_one_batch_of_activations_whatever_the_calibration_size(objective, monkeypatch):
+    """Memory must not grow with the calibration samples: at every call of the boundary, at most the previous
+    batch's activations are still alive, none at the end; the normal equations have a fixed size."""
+    model = make()
+    alive: list[weakref.ref] = []
+    most = []
+    real = linear_map._Boundary.__call__
+
+    def watched(self, ids):
+        most.append(sum(r() is not None for r in alive))
+        out = real(self, ids)
+        alive.extend(weakref.ref(x) for x in out)
+        return out
+
+    monkeypatch.setattr(linear_map._Boundary, "__call__", watched)
+    cfg = ReplacementConfig(type="linear", objective=objective, fit_epochs=2)
+    linear_map.replaceme_map(model, ids(16), START, N, cfg, batch_size=2)
+    assert len(most) >= 16 and max(most) <= 3  # one batch: M, Z, x_(s+n)
+    assert sum(r() is not None for r in alive) == 0
+    g = Gram(64, 64)
+    size = g.xtx.numel() + g.xty.numel()
+    for _ in range(5):
+        g.add(torch.randn(100, 64), torch.randn(100, 64))
+    assert g.xtx.numel() + g.xty.numel() == size and g.rows == 500
+
+
+def test_post_norm_mlp_is_refused_with_one_line():
+    with pytest.raises(linear_map.LinearMapError, match="normalises its MLP output"):
+        linear_map.replaceme_map(make("gemma3"), ids(2), START, N, ReplacementConfig(type="linear"), 2)
+    with pytest.raises(linear_map.LinearMapError, match="there is none"):
+        linear_map._Boundary(make(), 0, N)
+
+
+@pytest.mark.parametrize("d", [64, 576, 640, 20])
+def test_hadamard_is_orthonormal_with_plus_minus_entries(d):
+    h = hadamard(d)
+    assert torch.allclose(h @ h.T, torch.eye(d, dtype=h.dtype), atol=1e-10)
+    assert torch.allclose(h.abs() * d ** 0.5, torch.ones_like(h))
+
+
+def test_hadamard_refuses_a_size_it_cannot_build():
+    with pytest.raises(linear_map.LinearMapError, match="hidden size 9"):
+        hadamard(9)
+
+
+def test_linear_patch_scales_in_the_hadamard_basis_and_round_trips(tmp_path):
+    model = make()
+    calib = ids(4)
+    p, log = linear_map.linear_patch_matrix(model, calib, START, N, batch_size=4)
+    cap = run_layers(model, calib, inputs_at=(START,), outputs_at=(START + N - 1,))
+    h = hadamard(64)
+    c = ((cap.outputs[START + N - 1].reshape(-1, 64).double() @ h).abs().mean(0)
+         / (cap.inputs[START].reshape(-1, 64).double() @ h).abs().mean(0))
+    assert torch.allclose(p, h @ torch.diag(c) @ h.T, atol=1e-5) and torch.allclose(p, p.T)
+    pruned = copy.deepcopy(model)
+    rcfg = ReplacementConfig(type="linear_patch")
+    tuple_out = run_layers(model, calib[:1], outputs_at=(START,)).output_is_tuple
+    slot = build_replacement(rcfg, list(find_decoder_stack(pruned).layers[START:START + N]),
+                             find_decoder_stack(pruned).config, tuple_out)
+    with torch.no_grad():
+        slot[0].weight.copy_(p.float())
+    remove_block(pruned, START, N, slot)
+    assert count_params(pruned) == count_params(model) - N * count_params(find_decoder_stack(model).layers[0]) + 64 ** 2
+    save_checkpoint(pruned, _Tok(), tmp_path / "ckpt", {}, *slot_checkpoint(rcfg, pruned, START))
+    x = ids(2, 16, seed=3)
+    with torch.no_grad():
+        assert torch.allclose(load_pruned(tmp_path / "ckpt")(x).logits, pruned(x).logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("pre_norm", [False, True])
+def test_ffn_init_linear_equals_the_least_squares_map_at_step_0(pre_norm):
+    model = make()
+    calib = ids()
+    stack = find_decoder_stack(model)
+    rcfg = ReplacementConfig(type="ffn", pre_norm=pre_norm, init="linear")
+    anatomy = linear_map.anatomy_of(model, START) if pre_norm else None
+    slot = build_replacement(rcfg, list(copy.deepcopy(stack.layers[START:START + N])), stack.config, True, anatomy)
+    linear_map.init_ffn_linear(slot[0], model, calib, START, N, batch_size=3)
+    cap = run_layers(model, calib, inputs_at=(START,), outputs_at=(START + N - 1,))
+    x, y = cap.inputs[START], cap.outputs[START + N - 1]
+    with torch.no_grad():
+        f_in = slot[0].norm(x).reshape(-1, 64).double()
+        f_in = torch.cat([f_in, f_in.new_ones(len(f_in), 1)], 1)
+        sol = torch.linalg.lstsq(f_in, (y - x).reshape(-1, 64).double()).solution
+        want = x + (f_in @ sol).float().reshape(x.shape)
+        got = slot[0](x)[0]
+    assert (got - want).abs().max() < 1e-4
+    small = ReplacementConfig(type="ffn", hidden_size=100, init="linear")
+    narrow = build_replacement(small, list(stack.layers[START:START + N]), stack.config, True)
+    with pytest.raises(linear_map.LinearMapError, match="width >= 2 x hidden"):
+        linear_map.init_ffn_linear(narrow[0], model, calib, START, N, 3)
+
+
+def test_layer_init_linear_refits_the_mlp_output_map_to_the_least_squares_optimum():
+    model = make()
+    calib = ids()
+    stack = find_decoder_stack(model)
+    rcfg = ReplacementConfig(type="layer", init="linear")
+    copied = build_replacement(rcfg, list(stack.layers[START:START + N]), stack.config, True)[0]
+    layer = copy.deepcopy(copied)
+    linear_map.init_layer_linear(layer, model, calib, START, N, batch_size=3)
+    cap = run_layers(model, calib, inputs_at=(START,), kwargs_at=(START,), outputs_at=(START + N - 1,))
+    x, kw, y = cap.inputs[START], cap.call_kwargs[START], cap.outputs[START + N - 1]
+
+    def mse(m):
+        with torch.no_grad():
+            return float(((linear_map._call(m, x, kw) - y) ** 2).mean())
+
+    before, after = mse(copied), mse(layer)
+    assert after < before
+    # the optimum over the output map: perturbing it only raises the error
+    with torch.no_grad():
+        layer.mlp.down_proj.weight.add_(1e-3 * torch.randn_like(layer.mlp.down_proj.weight))
+    assert mse(layer) > after
