@@ -243,7 +243,7 @@ def test_push_to_hub_uploads_the_export(swiglu_run, tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "HfApi", LocalHub)
     export(parse_args([f"run={swiglu_run}", f"out={tmp_path / 'exp'}"]))
     assert calls == [] and not (tmp_path / "hub").exists()  # off by default
-    export(parse_args([f"run={swiglu_run}", f"out={tmp_path / 'exp'}", "push_to_hub=me/tiny-pruned"]))
+    export(parse_args([f"run={swiglu_run}", f"out={tmp_path / 'exp2'}", "push_to_hub=me/tiny-pruned"]))
     assert calls == [("create", "me/tiny-pruned", True)]
     assert {p.name for p in (tmp_path / "hub" / "me/tiny-pruned").iterdir()} >= {"README.md", "config.json",
                                                                                   "model.safetensors"}

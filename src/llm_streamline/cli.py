@@ -17,7 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from llm_streamline import errors
+from llm_streamline import errors, rundir
 from llm_streamline.config import (
     OBJECTIVE_DIRECTIONS,
     ConfigError,
@@ -88,15 +88,20 @@ def _job(cfg: DictConfig) -> float | None:
     from llm_streamline.tracking import sweep_objective
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
-    if (out_dir / "results.json").exists():  # a run dir from an interpolation, or a sweep's job dir
-        errors.fail(f"output directory {out_dir} holds a finished run (results.json); give another run directory")
+    try:  # held for the job's life: a second run into this directory is refused (see `rundir`)
+        earlier = rundir.claim(out_dir)
+    except rundir.RunDirError as e:
+        errors.fail(str(e))
     run_cfg = None
     try:
         run_cfg = to_run_config(cfg)
         validate(run_cfg)
+        rundir.prepare(out_dir, earlier, saves_model=run_cfg.mode == "run" and run_cfg.save)
         results = recipes.run(run_cfg, out_dir)
     except (KeyboardInterrupt, Exception) as e:
         errors.fail(*errors.job_failure(e, run_cfg, out_dir))
+    finally:
+        rundir.release(out_dir)
     return sweep_objective(results, run_cfg.objective)  # returned to Hydra: what a sweeper optimises
 
 
@@ -120,6 +125,16 @@ def check_output_dir(argv: list[str]) -> None:
         errors.fail(f"output directory {target}: {probe} is a file, not a directory")
     if not os.access(probe, os.W_OK | os.X_OK):
         errors.fail(f"output directory {target}: {probe} is not writable")
+    # a run directory the command line names is claimed now, before Hydra writes its .hydra/ files into it
+    # (`--help`, `--cfg` and the like write nothing and claim nothing)
+    named = any(a.startswith(key) for a in argv)
+    if named and not multirun and "${" not in given and not any(a.startswith("-") for a in argv):
+        try:
+            rundir.claim(target)
+        except rundir.RunDirError as e:
+            errors.fail(str(e))
+        except OSError as e:
+            errors.fail(f"output directory {target}: {e.strerror}")
 
 
 def main() -> None:

@@ -185,6 +185,9 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="run_schema", node=RunConfig)
     OmegaConf.register_new_resolver("objective_direction", objective_direction, replace=True)
+    from llm_streamline.rundir import run_tag
+
+    OmegaConf.register_new_resolver("run_tag", run_tag, replace=True)  # default run dirs: unique per launch
 
 
 # A method's own healing (method.heal=lora without train=lora, e.g. method=gromov): method.lora_lr for

@@ -39,7 +39,7 @@ EXPORT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16":
 @dataclass
 class ExportConfig:
     run: str = MISSING                     # a run directory (holding model/ and results.json) or a model dir
-    out: Optional[str] = None              # default: <run>/export (safetensors) or <run>/export-gguf
+    out: Optional[str] = None              # a new or empty directory; default: <run>/export (or export-gguf)
     format: str = "safetensors"            # safetensors | gguf (stock layouts only)
     dtype: str = "float32"                 # float32 | float16 (| bfloat16 for safetensors)
     push_to_hub: Optional[str] = None      # a hub repo id; nothing is uploaded unless given
@@ -221,11 +221,26 @@ def default_out(saved: SavedRun, fmt: str) -> Path:
     return saved.run_dir / name
 
 
+def check_new_out(out: Path, saved: SavedRun) -> None:
+    """An export goes into a new (or empty) directory only: it never deletes or overwrites what is there (a
+    run's records, another export, the user's files); the model directory it reads cannot hold it either."""
+    if out.is_symlink() and not out.exists():
+        raise ExportError(f"out={out} is a dangling symlink; give a new directory")
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"out={out} is a file; give a new directory (nothing is overwritten)")
+    if out.is_dir() and any(out.iterdir()):
+        raise ExportError(f"out={out} is not empty; give a new directory (an export deletes or overwrites nothing)")
+    model_dir = saved.model_dir.resolve()
+    if out.resolve() == model_dir or model_dir in out.resolve().parents:
+        raise ExportError(f"out={out} is inside the model directory {saved.model_dir}; give a directory outside it")
+
+
 def export(cfg: ExportConfig, command: str = "") -> Path:
     saved = SavedRun.find(cfg.run)
     out = Path(cfg.out) if cfg.out else default_out(saved, cfg.format)
+    check_new_out(out, saved)
     dtype = EXPORT_DTYPES[cfg.dtype]
-    with stages.atomic_dir(out) as tmp:  # files 0644 under the usual umask
+    with stages.atomic_dir(out, new_only=True) as tmp:  # files 0644 under the usual umask
         if cfg.format == "gguf":
             model, stock = to_stock(saved, dtype)
             if not stock:

