@@ -152,6 +152,21 @@ class WandbConfig:
 
 
 @dataclass
+class PlanConfig:
+    """The hardware the cost plan (`plan.py`, `llm-streamline-plan`) prices a run on; null = detected here or the
+    defaults per device kind and dtype (`plan.HARDWARE`)."""
+    enforce: bool = True                   # refuse a run whose plan exceeds the free disk, device memory or RAM
+    devices: Optional[int] = None          # accelerators (null: those present, else 1)
+    device_memory_gib: Optional[float] = None  # per device (null: measured on CUDA, 80 when planning without one)
+    host_ram_gib: Optional[float] = None   # null: this machine's
+    disk_free_gib: Optional[float] = None  # null: free space where the stage cache and the run directory are
+    tflops: Optional[float] = None         # dense matmul TFLOP/s of one device in the run's dtype
+    measure: bool = False                  # time a GEMM here instead of the default throughput
+    bandwidth_gbs: Optional[float] = None  # memory bandwidth (decode, elementwise work)
+    disk_gbs: Optional[float] = None       # disk read/write speed
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -161,6 +176,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
     seed: int = 0
     mode: str = "run"                      # run | eval
     objective: str = "stability"           # what the CLI returns to a sweeper: ppl | avg_acc | stability

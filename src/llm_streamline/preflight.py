@@ -20,8 +20,23 @@ def check_device(m: ModelConfig) -> None:
         raise ConfigError(f"model.device={m.device}: CUDA is not available on this machine (use model.device=cpu)")
 
 
+# config.json (architecture only, never weights) of the GPU presets and the embedded model, shipped in the package so
+# that the plan and these checks work offline: <hub id with "/" as "--">/config.json
+PACKAGED_CONFIGS = Path(__file__).parent / "models" / "configs"
+EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def packaged_config_dir(hub_id: str | None) -> Path | None:
+    """The packaged config folder of a hub id (e.g. meta-llama/Llama-2-7b-hf), or None."""
+    if not hub_id:
+        return None
+    d = PACKAGED_CONFIGS / hub_id.replace("/", "--")
+    return d if (d / "config.json").is_file() else None
+
+
 def model_config(m: ModelConfig) -> PretrainedConfig | None:
-    """The model's config (config.json only, no weights); None for the embedded model before its conversion."""
+    """The model's config (config.json only, no weights): a GPU preset's from the package (no network, no token
+    for gated repos), the embedded model's from its converted checkpoint or else the package."""
     if m.source == "tiny":
         from llm_streamline.models.loading import TINY_CONFIGS
 
@@ -29,9 +44,13 @@ def model_config(m: ModelConfig) -> PretrainedConfig | None:
         return AutoConfig.for_model(model_type, **{**kwargs, **dict(m.tiny)})
     if m.source == "embedded":
         path = stages.cache_dir() / "models" / "smollm2-135m-instruct"
-        return AutoConfig.from_pretrained(str(path)) if (path / "config.json").exists() else None
+        return AutoConfig.from_pretrained(str(path if (path / "config.json").exists() else
+                                              packaged_config_dir(EMBEDDED_HUB_ID)))
     if m.source == "local" and not Path(m.name_or_path).is_dir():
         raise ConfigError(f"model.name_or_path={m.name_or_path}: no such directory (model.source=local)")
+    packaged = packaged_config_dir(m.name_or_path) if m.source == "hub" and not m.revision else None
+    if packaged is not None:
+        return AutoConfig.from_pretrained(str(packaged))
     kwargs = {"revision": m.revision} if m.revision else {}
     try:
         return AutoConfig.from_pretrained(m.name_or_path, trust_remote_code=m.trust_remote_code, **kwargs)

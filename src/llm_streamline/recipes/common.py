@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel
 
-from llm_streamline import __version__, faults, preflight, report, stages
+from llm_streamline import __version__, faults, plan, preflight, report, stages
 from llm_streamline.config import ReplacementConfig, RunConfig, heal_train_config
 from llm_streamline.data import SPLIT_LAYOUT, TokenBlocks, load_blocks, perplexity_text
 from llm_streamline.evaluate.harness import run_lm_eval, save_samples_jsonl, write_lm_eval_files
@@ -192,6 +192,7 @@ def check_before_loading(cfg: RunConfig, out_dir: Path) -> None:
     """What can be refused without the model's weights: the device, lengths against the model's positions
     (its config only), the tasks, and that the run directory and the stage cache can be written."""
     preflight.check_run(cfg)
+    plan.check(cfg, out_dir)  # the run's cost from its config on the meta device: refused if it cannot fit
     check_tasks(list(cfg.eval.tasks), cfg.eval.offline)
     stages.check_writable(out_dir, "the output directory")
     stages.check_writable(stages.stage_root(), "the stage cache")

@@ -1,0 +1,118 @@
+"""The cost plan (`plan.py`, `llm-streamline-plan`): computed from the model's config on the meta device with no
+weights loaded, close to the measured stages of the committed SmolLM2 default run, and a run that cannot fit is
+refused with one line before it starts."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import transformers
+
+from llm_streamline import plan
+from llm_streamline.config import ConfigError, PlanConfig
+from llm_streamline.preflight import PACKAGED_CONFIGS, model_config
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_RUN = REPO / "experiments" / "smollm2-cpu-v2" / "runs" / "default-layer" / "results.json"
+# (preset, hub id, parameters): the public models' sizes, from their config.json alone
+PRESETS = [("llama2-7b", 6_738_415_616), ("llama3.1-8b", 8_030_261_248), ("llama3.1-70b", 70_553_706_496),
+           ("mistral-7b", 7_241_732_096), ("qwen2.5-7b", 7_615_616_512), ("opt-6.7b", 6_658_473_984)]
+
+
+@pytest.fixture
+def no_weights(monkeypatch):
+    """Any attempt to read weights fails the test."""
+    def refuse(*a, **k):
+        raise AssertionError("the plan loaded weights")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+    monkeypatch.setattr("llm_streamline.models.loading.load_model", refuse)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def _on(cfg, **hw):
+    """The config with the plan's hardware pinned (no dependence on this machine's free disk or RAM)."""
+    return replace(cfg, plan=replace(cfg.plan, **{"disk_free_gib": 5000.0, "host_ram_gib": 64.0, **hw}))
+
+
+def test_default_run_plan_is_from_meta_and_within_1_5x_of_its_measured_stages(no_weights):
+    cfg = _on(plan.compose([]))
+    p = plan.make_plan(cfg)
+    record = json.loads(DEFAULT_RUN.read_text())
+    assert p.shapes.total_params == record["params"]["dense"]  # 134,515,008 from config.json on meta
+    assert p.n == record["layers"]["n_removed"]
+    ratios = {}
+    for st in p.stages:
+        measured = record["timings"][st.name]
+        ratios[st.name] = st.seconds / measured
+    assert set(ratios) == {"load_model", "importance", "eval_dense", "perplexity_dense", "teacher_pairs", "train",
+                           "eval_pruned", "perplexity_pruned", "speed", "save"}
+    assert all(1 / 1.5 <= r <= 1.5 for r in ratios.values()), ratios
+    assert 1 / 1.5 <= p.seconds / sum(record["timings"].values()) <= 1.5
+    assert 1 / 1.5 <= p.host_gib * 1024 / record["peak_memory"]["rss_mib"] <= 1.5
+    # the teacher pairs' size is exact: (256 + 32) blocks x 256 tokens x 576 x fp32 x 2 states
+    assert p.stage("teacher_pairs").disk_gib * 2**30 == 288 * 256 * 576 * 4 * 2
+
+
+@pytest.mark.parametrize("preset,params", PRESETS)
+def test_gpu_presets_carry_their_architecture_offline(no_weights, preset, params):
+    cfg = plan.compose([f"model={preset}"])
+    config = model_config(cfg.model)
+    assert config.name_or_path.startswith(str(PACKAGED_CONFIGS))  # the package's copy, no network
+    model = plan.meta_model(cfg)
+    assert all(p.is_meta for p in model.parameters())
+    assert sum(p.numel() for p in model.parameters()) == params
+
+
+def test_packaged_configs_are_configs_only():
+    files = sorted(p.relative_to(PACKAGED_CONFIGS).as_posix() for p in PACKAGED_CONFIGS.rglob("*") if p.is_file())
+    assert files and all(f.endswith("/config.json") for f in files), files
+
+
+def test_7b_fits_one_80gb_gpu_and_70b_fits_eight(no_weights):
+    p7 = plan.make_plan(_on(plan.compose(["model=llama2-7b", "data=slimpajama", "eval=paper"]), devices=1))
+    assert plan.problems(p7) == []
+    assert 12 < p7.stage("load_model").device_gib < 80  # 13.5 GB of bf16 weights
+    # 30,256 blocks x 2048 tokens x 4096 x bf16 x 2: the 1 TB the issue counts
+    assert p7.stage("teacher_pairs").disk_gib == pytest.approx(30256 * 2048 * 4096 * 2 * 2 / 2**30)
+    p70 = plan.make_plan(_on(plan.compose(["model=llama3.1-70b", "data=slimpajama", "eval=paper"]), devices=8))
+    assert plan.problems(p70) == []
+    assert p70.device_gib < 80 < p70.shapes.weight_bytes / 2**30  # only split over the cards does it fit
+    one_card = plan.make_plan(_on(p70.cfg, devices=1))
+    assert any("per device" in line for line in plan.problems(one_card))
+
+
+def test_too_big_plan_is_refused_in_one_line(no_weights, capsys):
+    with pytest.raises(SystemExit) as e:
+        plan.main(["model=llama2-7b", "data=slimpajama", "eval=paper", "plan.disk_free_gib=100"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    want = "llm-streamline: error: plan: the stage cache needs 946 GiB on disk, 100 GiB free"
+    assert len(err) == 1 and err[0].startswith(want), err
+    assert "train.teacher=online" in err[0]
+    # overridable: the table is printed and nothing is refused
+    plan.main(["model=llama2-7b", "data=slimpajama", "eval=paper", "plan.disk_free_gib=100", "plan.enforce=false"])
+    assert "| teacher_pairs |" in capsys.readouterr().out
+
+
+def test_every_run_checks_its_plan_before_loading(no_weights, tmp_path):
+    from llm_streamline.recipes.common import check_before_loading
+
+    cfg = plan.compose(["model=tiny-llama", "experiment=smoke"])
+    check_before_loading(_on(cfg), tmp_path)  # fits
+    with pytest.raises(ConfigError, match="of host RAM"):
+        check_before_loading(replace(cfg, plan=PlanConfig(host_ram_gib=0.05)), tmp_path)
+    check_before_loading(replace(cfg, plan=PlanConfig(host_ram_gib=0.05, enforce=False)), tmp_path)
+
+
+@pytest.mark.parametrize("overrides,stage", [
+    (["method=sleb"], "compress"), (["method=laco"], "compress"), (["method=llm_pruner"], "compress"),
+    (["method=gromov"], "train"), (["train=lora", "replacement=none"], "train"), (["train=distill"], "train"),
+])
+def test_baselines_and_losses_have_their_stages(no_weights, overrides, stage):
+    p = plan.make_plan(_on(plan.compose(overrides)))
+    assert p.stage(stage).flops > 0
+    assert "teacher_pairs" not in [s.name for s in p.stages]
