@@ -195,3 +195,28 @@ def test_layer_init_linear_refits_the_mlp_output_map_to_the_least_squares_optimu
     with torch.no_grad():
         layer.mlp.down_proj.weight.add_(1e-3 * torch.randn_like(layer.mlp.down_proj.weight))
     assert mse(layer) > after
+
+
+def test_presets_compose_and_bad_options_are_refused_before_work():
+    from hydra import compose, initialize_config_dir
+
+    from llm_streamline.cli import CONF_DIR, to_run_config
+    from llm_streamline.config import ConfigError, validate
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        grid = compose(config_name="config", overrides=["experiment=block_x_replacement"], return_hydra_config=True)
+        cos = to_run_config(compose(config_name="config", overrides=["replacement=linear",
+                                                                     "replacement.objective=cosine"]))
+        patch = to_run_config(compose(config_name="config", overrides=["replacement=linear_patch"]))
+        bad = [to_run_config(compose(config_name="config", overrides=o)) for o in (
+            ["replacement=linear", "replacement.objective=l1"], ["replacement=swiglu", "replacement.init=linear"],
+            ["replacement=linear", "replacement.finetune=true"])]
+    params = grid.hydra.sweeper.params
+    assert set(params["replacement"].split(",")) == {"none", "linear", "linear_patch", "ffn", "layer"}
+    assert set(params["sparsity.importance"].split(",")) == {"cosine", "angular", "perplexity"}
+    assert grid.eval.name == "signal" and grid.sparsity.count == "net"
+    validate(cos)
+    validate(patch)
+    for cfg, msg in zip(bad, ("lstsq | cosine", "initialises an ffn or a layer", "finetune=true trains a linear_patch")):
+        with pytest.raises(ConfigError, match=msg):
+            validate(cfg)
