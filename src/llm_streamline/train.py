@@ -502,7 +502,9 @@ def train_lora(model: PreTrainedModel, train_blocks: torch.Tensor, val_blocks: t
 
 
 def _merge(peft_model, cls) -> PreTrainedModel:
-    merged = peft_model.merge_and_unload()
+    # safe_merge: each merged weight is a new tensor, not the base weight updated in place; the base weights of a
+    # pruned model are shared with the dense one (`models.layers.share_weights`), which must stay dense
+    merged = peft_model.merge_and_unload(safe_merge=True)
     merged.eval()
     if type(merged) is not cls:
         raise TypeError(f"LoRA merge returned {type(merged).__name__}, expected {cls.__name__}")

@@ -98,8 +98,9 @@ def collapse(model: PreTrainedModel, start: int, c: int) -> None:
     """In place: layers start..start+c-1 become one RDSC-merged layer at `start`."""
     stack = find_decoder_stack(model)
     merged = rdsc_merge(list(stack.layers[start:start + c]))
-    stack.layers[start].load_state_dict(merged.state_dict())
-    remove_block(model, start + 1, c - 1, [])
+    # the merged layer takes the slot as a new module: loading it into layer `start` would write into weights
+    # the pruned model shares with the dense one (`models.layers.share_weights`)
+    remove_block(model, start, c, [merged])
 
 
 class _Collapser:

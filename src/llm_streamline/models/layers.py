@@ -9,7 +9,8 @@ norm and the LM head never run, and every family's own masking and position logi
 
 Surgery (the only place that changes the list): remove a block and put modules in its slot (`remove_block`),
 drop any layers (`remove_layers`), replace layers in place (`splice`), skip layers for a while (`skipping`),
-run with another list for a while (`layer_view`), and `count_params`. Three things must stay consistent
+run with another list for a while (`layer_view`), a second model over the same weights (`share_weights`: the
+pruned model beside the dense one, one copy of the weights), and `count_params`. Three things must stay consistent
 (transformers v5): `config.num_hidden_layers` (model loops slice the layer list by it), every per-layer
 config array such as `layer_types` (sliced to the kept layers, the replacement slots taking the types of the
 first pruned layers, not regenerated), and each attention module's `layer_idx` (renumbered, else `generate`
@@ -19,6 +20,7 @@ with a KV cache indexes a missing cache slot).
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -282,6 +284,19 @@ def layer_view(model: PreTrainedModel, layers: list[nn.Module], config_rows: lis
             cfg.num_hidden_layers = saved["__n__"]
         if "__top_n__" in saved:
             model.config.num_hidden_layers = saved["__top_n__"]
+
+
+def share_weights(model: nn.Module) -> nn.Module:
+    """A second model over the SAME weight tensors: its own modules, config and Parameter objects, so surgery on
+    it (`remove_block`, a slot put in, parameters replaced by pruned ones), its requires_grad flags and `.data =`
+    assignments leave `model` as it was, while every parameter and buffer shares `model`'s storage. A pruned model
+    built this way costs no second copy of the weights (a deep copy doubles them: 2 x 13.5 GB for Llama-2-7B in
+    bf16); the dense model keeps the removed block for the stages that still need it (teacher, speed).
+    The one rule: nothing may write INTO a shared tensor in place (`p.add_`, `load_state_dict` into an existing
+    layer, peft's unsafe merge); such code puts a new tensor or module in place instead."""
+    memo: dict[int, Any] = {id(p): nn.Parameter(p.detach(), requires_grad=p.requires_grad) for p in model.parameters()}
+    memo.update({id(b): b for b in model.buffers()})
+    return copy.deepcopy(model, memo)
 
 
 def count_params(module: nn.Module) -> int:

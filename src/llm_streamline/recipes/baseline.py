@@ -7,7 +7,6 @@ put no network in place of what they remove (`replacement` is recorded as none).
 
 from __future__ import annotations
 
-import copy
 import logging
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -19,6 +18,7 @@ from llm_streamline.baselines import BaselineResult, apply_method
 from llm_streamline.config import MethodConfig, ReplacementConfig, RunConfig
 from llm_streamline.importance import SimilarityProfile
 from llm_streamline.models.checkpoints import save_checkpoint
+from llm_streamline.models.layers import share_weights
 from llm_streamline.recipes.common import (
     Compressed,
     Run,
@@ -87,7 +87,8 @@ def method_key(method: MethodConfig) -> dict:
 
 
 def compress(ctx: Run, profile: SimilarityProfile, n: int, target_removed: int) -> tuple[Compressed, BaselineResult]:
-    """The baseline method on a copy of the dense model (see `baselines`)."""
+    """The baseline method on a second model over the dense one's weights (`share_weights`: one copy of the
+    weights; a baseline replaces what it changes and never writes into a shared tensor, see `baselines`)."""
     cfg = ctx.cfg
     key = stages.stage_key("baseline", model=ctx.model_id, data=ctx.data_key, method=method_key(cfg.method),
                            sparsity=asdict(cfg.sparsity), n=n, seed=cfg.seed,
@@ -98,7 +99,7 @@ def compress(ctx: Run, profile: SimilarityProfile, n: int, target_removed: int) 
     choice_path = stages.stage_dir(choice_key).with_suffix(".json")
     chosen = stages.read_sealed_json(choice_path, choice_key) if cfg.method.name in LAYER_CHOOSERS else None
     torch.manual_seed(cfg.seed)
-    bres = apply_method(cfg, copy.deepcopy(ctx.model), ctx.blocks.calib, profile, n, chosen=chosen,
+    bres = apply_method(cfg, share_weights(ctx.model), ctx.blocks.calib, profile, n, chosen=chosen,
                         target_removed=target_removed)
     if cfg.method.name in LAYER_CHOOSERS and chosen is None:
         stages.write_sealed_json(choice_path, choice_key, bres.record)

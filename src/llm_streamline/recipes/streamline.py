@@ -16,7 +16,6 @@ killed run resumes after its last finished stage and a sweep computes shared sta
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import time
 from dataclasses import asdict
@@ -30,7 +29,7 @@ from llm_streamline.config import RunConfig
 from llm_streamline.importance import SimilarityProfile, block_perplexities, choose_block
 from llm_streamline.models.anatomy import anatomy_of
 from llm_streamline.models.checkpoints import save_checkpoint
-from llm_streamline.models.layers import find_decoder_stack, remove_block, run_layers
+from llm_streamline.models.layers import find_decoder_stack, remove_block, run_layers, share_weights
 from llm_streamline.recipes.common import (
     Compressed,
     Run,
@@ -121,12 +120,14 @@ def choose(ctx: Run, profile: SimilarityProfile, n: int) -> tuple[int, list[floa
 
 
 def replace_block(ctx: Run, start: int, n: int) -> Compressed | None:
-    """A copy of the dense model with layers [start, start+n) replaced by the trained network (or removed and
-    the model healed with LoRA, `train=lora`). None on a data-parallel rank other than the main one."""
+    """The dense model with layers [start, start+n) replaced by the trained network (or removed and the model
+    healed with LoRA, `train=lora`), as a second model over the dense one's weights (`share_weights`: one copy of
+    the weights; the dense model, the removed block included, stays intact for the teacher, distillation and the
+    speed comparison). None on a data-parallel rank other than the main one."""
     cfg, model = ctx.cfg, ctx.model
     probe = run_layers(model, ctx.blocks.calib[:1], outputs_at=(start,), stack=ctx.stack)
     anatomy = anatomy_of(model, start, ctx.blocks.calib[:1]) if needs_anatomy(cfg.replacement) else None
-    pruned = copy.deepcopy(model)
+    pruned = share_weights(model)
     pstack = find_decoder_stack(pruned)
     # seeded here, not earlier: a cached or skipped stage before this point must not change the init
     torch.manual_seed(cfg.seed)

@@ -1,0 +1,94 @@
+"""One copy of the weights: the pruned model of every method is a second model over the dense one's tensors
+(`share_weights`), built without writing into them, so the dense model stays bit-identical for the stages that
+still need it (teacher, distillation, speed) and no method doubles the weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from llm_streamline.cli import CONF_DIR, to_run_config
+from llm_streamline.models.layers import find_decoder_stack, remove_block, share_weights
+from llm_streamline.models.loading import tiny_model
+from llm_streamline.recipes import baseline, common, streamline
+
+
+def compose_run(*overrides: str):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return to_run_config(compose(config_name="config", overrides=list(overrides)))
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_unchanged(model, before: dict[str, torch.Tensor]) -> None:
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    changed = [k for k, v in before.items() if not torch.equal(after[k], v)]
+    assert not changed, f"the dense model's weights changed: {changed[:3]}"
+
+
+def shared_tensors(a, b) -> int:
+    """How many of a's parameters live in b's storage."""
+    ptrs = {p.data_ptr() for p in b.parameters()}
+    return sum(p.data_ptr() in ptrs for p in a.parameters())
+
+
+def test_share_weights_shares_storage_but_not_structure():
+    model = tiny_model("llama", 128, seed=0)
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    logits = model(ids).logits
+    pruned = share_weights(model)
+    assert shared_tensors(pruned, model) == len(list(model.parameters()))
+    assert all(p is not q for p, q in zip(pruned.parameters(), model.parameters()))   # own Parameter objects
+    remove_block(pruned, 2, 3, [])
+    pruned.requires_grad_(False)
+    next(pruned.parameters()).data = torch.zeros(1)  # `.data =` replaces the pruned model's tensor only
+    assert find_decoder_stack(model).num_layers == 8 and model.config.num_hidden_layers == 8
+    assert find_decoder_stack(pruned).num_layers == 5 and pruned.config.num_hidden_layers == 5
+    assert all(p.requires_grad for p in model.parameters())
+    assert torch.equal(model(ids).logits, logits)
+
+
+def _ctx(tmp_path, *overrides: str) -> common.Run:
+    cfg = compose_run("experiment=smoke", *overrides)
+    ctx = common.start_run(cfg, tmp_path)
+    common.load_dense_model(ctx)
+    common.load_data(ctx)
+    return ctx
+
+
+@pytest.mark.parametrize("method", ["shortgpt", "gromov", "laco", "sleb", "llm_pruner"])
+def test_baselines_share_the_dense_weights_and_leave_them_intact(method, tmp_path):
+    extra = ["method.heal=lora", "train.max_steps=2"] if method == "gromov" else []  # gromov: LoRA healing too
+    if method == "llm_pruner":
+        extra = ["method.first_layer=1", "method.last_layers_kept=1", "method.grad_samples=2",
+                 "method.grad_seq_len=16"]
+    ctx = _ctx(tmp_path, f"method={method}", *extra)
+    before = snapshot(ctx.model)
+    profile = common.similarity(ctx)
+    c, _ = baseline.compress(ctx, profile, 2, 0)
+    if ctx.cfg.method.heal == "lora":
+        c.model, _ = common.heal(ctx, c.model, "lora-test-" + method)
+    assert_unchanged(ctx.model, before)
+    assert find_decoder_stack(ctx.model).num_layers == 8
+    # layer removal and LaCo keep most tensors shared; LLM-Pruner shares the embeddings and the layers it keeps
+    assert shared_tensors(c.model, ctx.model) >= (1 if method in ("llm_pruner", "gromov") else
+                                                  len(list(c.model.parameters())) - 12)
+
+
+@pytest.mark.parametrize("overrides", [("replacement=layer",), ("replacement=ffn", "train=lm", "train.max_steps=2"),
+                                       ("replacement=none", "train=lora", "train.max_steps=2")])
+def test_streamline_pruned_model_shares_the_dense_weights(overrides, tmp_path):
+    ctx = _ctx(tmp_path, *overrides)
+    before = snapshot(ctx.model)
+    c = streamline.replace_block(ctx, 2, 2)
+    assert_unchanged(ctx.model, before)
+    kept = [p for i, layer in enumerate(find_decoder_stack(ctx.model).layers) if i not in (2, 3)
+            for p in layer.parameters()]
+    ptrs = {p.data_ptr() for p in c.model.parameters()}
+    if ctx.cfg.method.heal != "lora":  # LoRA's merge gives every adapted Linear a new tensor
+        assert all(p.data_ptr() in ptrs for p in kept)
+    assert find_decoder_stack(c.model).num_layers == 8 - 2 + len(c.slot)
