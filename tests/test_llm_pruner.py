@@ -352,3 +352,37 @@ def test_baselines_sized_like_a_streamline_ffn_row(method, tmp_path):
     else:
         assert saved["baseline"]["target_params_removed"] == 2 * layer - ffn
         assert abs(eq["difference"]) <= max(s.unit_params for s in llm_pruner.find_structures(model, [1])) * 8
+
+
+def _reference_gradients(model, x, params):
+    """The straightforward computation (LLM-Pruner's before gradients went into .grad): per-sequence
+    torch.autograd.grad, float32 mean and mean square kept beside the weights."""
+    g = {id(p): torch.zeros_like(p, dtype=torch.float32) for p in params}
+    f = {id(p): torch.zeros_like(p, dtype=torch.float32) for p in params}
+    for j in range(x.shape[0]):
+        grads = torch.autograd.grad(model(input_ids=x[j:j + 1], labels=x[j:j + 1]).loss, params)
+        for p, gr in zip(params, grads):
+            g[id(p)] += gr.float() / x.shape[0]
+            f[id(p)] += gr.float() ** 2 / x.shape[0]
+    return g, f
+
+
+@pytest.mark.parametrize("family", ["llama", "gptneox"])
+def test_gradients_in_dot_grad_give_the_reference_scores_and_decisions(family):
+    model = make(family)
+    x = tokens(3, 16, seed=2)
+    structs = llm_pruner.find_structures(model, list(range(1, 7)), "head")
+    params = [m.linear.weight for s in structs for m in s.members]
+    ref_g, ref_f = _reference_gradients(model, x, params)
+    g, fisher = llm_pruner.taylor_gradients(model, x, params)
+    assert all(g[id(p)] is p.grad and p.grad.dtype == p.dtype for p in params)   # no copy of the scored weights
+    for s in structs:
+        for imp in llm_pruner.IMPORTANCE:
+            ref = llm_pruner.structure_scores(s, ref_g, ref_f, imp)
+            got = llm_pruner.structure_scores(s, g, fisher, imp)
+            assert torch.allclose(got, ref, rtol=1e-4, atol=1e-7 * float(ref.abs().max())), (s.layer, s.kind, imp)
+            assert llm_pruner.units_to_keep(got, s, 1) == llm_pruner.units_to_keep(ref, s, 1)
+    # apply frees every gradient it accumulated
+    model.zero_grad(set_to_none=True)
+    llm_pruner.apply(model, x, 2, run_cfg(grad_seq_len=16))
+    assert all(p.grad is None for p in model.parameters())

@@ -212,32 +212,41 @@ def find_structures(model: PreTrainedModel, layers: list[int], attention_unit: s
 # ------------------------------------------------------------------------------------------- importance
 def taylor_gradients(model: PreTrainedModel, tokens: torch.Tensor, params: list[nn.Parameter],
                      with_fisher: bool = True):
-    """(g, F) per parameter: mean per-sequence gradient of the LM loss, mean squared per-sequence gradient
-    (F is empty unless `with_fisher`: only element2 and mix need it, and it is one more copy of the weights)."""
+    """(g, F) per parameter (keyed by id): g = the mean per-sequence gradient of the LM loss, accumulated by
+    autograd into each parameter's own `.grad` (g[id(p)] IS p.grad, in p's dtype: no second copy of the scored
+    weights); F = the mean squared per-sequence gradient, summed in float32 by a hook on each parameter as the
+    backward pass reaches its layer (empty unless `with_fisher`: only element2 and mix need it, and it is one
+    more copy of the scored weights). The caller frees the gradients (`p.grad = None`) once a layer is scored."""
     was_training = model.training
     model.eval()
     saved = {p: p.requires_grad for p in model.parameters()}
     wanted = {id(p) for p in params}
     for p in model.parameters():
         p.requires_grad_(id(p) in wanted)
-    g = {id(p): torch.zeros_like(p, dtype=torch.float32) for p in params}
-    fisher = {id(p): torch.zeros_like(p, dtype=torch.float32) for p in params} if with_fisher else {}
+        p.grad = None
     n = tokens.shape[0]
+    fisher = {id(p): torch.zeros_like(p, dtype=torch.float32) for p in params} if with_fisher else {}
+
+    def square_into(acc: torch.Tensor):
+        def hook(grad: torch.Tensor) -> torch.Tensor:
+            acc.add_(grad.float().square(), alpha=float(n))  # grad is d(loss_j / n): n * grad^2 = grad_j^2 / n
+            return grad
+        return hook
+
+    hooks = [p.register_hook(square_into(fisher[id(p)])) for p in params] if with_fisher else []
+    device = model.get_input_embeddings().weight.device
     try:
         for j in range(n):
-            ids = tokens[j:j + 1].to(next(model.parameters()).device)
+            ids = tokens[j:j + 1].to(device)
             loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-            grads = torch.autograd.grad(loss, params)
-            for p, gr in zip(params, grads):
-                gr = gr.float()
-                g[id(p)] += gr / n
-                if with_fisher:
-                    fisher[id(p)] += gr * gr / n
+            (loss / n).backward()   # .grad accumulates the mean over sequences
     finally:
+        for h in hooks:
+            h.remove()
         for p, r in saved.items():
             p.requires_grad_(r)
         model.train(was_training)
-    return g, fisher
+    return {id(p): p.grad for p in params}, fisher
 
 
 def _row_terms(w: torch.Tensor, g: torch.Tensor, f: torch.Tensor | None) -> dict[str, torch.Tensor]:
@@ -386,13 +395,20 @@ def apply(model: PreTrainedModel, calib: torch.Tensor, n: int, cfg, target: int 
     params = [m.linear.weight for s in structs for m in s.members]   # TaylorImportance scores weights only
     g, fisher = taylor_gradients(model, tokens, params, with_fisher=mc.importance in NEEDS_FISHER) \
         if ratio > 0 else ({}, {})
+    del params  # the dense weights of a pruned structure are freed once it is cut, not held to the end
 
     per_layer: dict[int, dict] = {}
-    for s in structs:
+    for s in structs:   # structure by structure: scored, cut, its gradients freed before the next
         n_rm = _n_removed(s.per_group, ratio)
         before = s.n_units
+        scored = [m.linear.weight for m in s.members]
         if n_rm > 0:
             prune_structure(s, torch.tensor(units_to_keep(structure_scores(s, g, fisher, mc.importance), s, n_rm)))
+        for p in scored:  # keyed by id: dropped before a freed parameter's id can be reused
+            g.pop(id(p), None)
+            fisher.pop(id(p), None)
+            p.grad = None
+        del scored
         per_layer.setdefault(s.layer, {}).update(_sizes_entry(s, before))
     pruned_params = count_params(model)
     unit = attention_unit(structs)
