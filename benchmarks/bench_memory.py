@@ -1,4 +1,5 @@
-"""Peak RSS of training the replacement on N vs 4N blocks: teacher pairs streamed from disk vs all in RAM.
+"""Peak RSS of training the replacement on N vs 4N blocks: teacher pairs streamed from disk vs all in RAM;
+and (--recipe) the peak RSS of a whole run of the CLI, one source tree against another (one copy of the weights).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_memory.py [--n 32] [--factor 4] [--seq-len 256] [--batch-size 8]
                                         [--start 16] [--layers 8] [--threads 1]
@@ -19,6 +20,15 @@ in a FRESH subprocess (ru_maxrss is a per-process high-water mark, so cases must
 Reported per case: the process's peak RSS (ru_maxrss), the RSS after the model and data are loaded, and
 the peak of each phase (collection, training) from VmHWM, reset between phases via /proc/self/clear_refs.
 The relative rise from N to factor*N is reported for both variants. Target (issue): streaming rise < 10 %.
+
+--recipe: ``python -m llm_streamline <RECIPE_OVERRIDES>`` once per ``--src NAME=PATH`` (PYTHONPATH=PATH selects the
+source tree, e.g. ``before=/path/to/old/src after=src``), each in a fresh process with its own empty stage cache,
+so every stage is computed; reported: each run's peak RSS (ru_maxrss, from its results.json) and per-stage peaks,
+and the difference against the model's weight size. Default overrides: the default run (SmolLM2, one trained
+decoder layer in place of 8, MSE, speed measured) with a small budget: 32 training blocks, 1 epoch, eval=smoke.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_memory.py --recipe --src before=../main/src --src after=src \
+        [--out benchmarks/results/bench_memory_recipe.json] [-- extra overrides]
 """
 
 from __future__ import annotations
@@ -137,6 +147,57 @@ def worker(args) -> dict:
     return rec
 
 
+RECIPE_OVERRIDES = ["data.train_samples=32", "data.val_samples=8", "data.calib_samples=8", "train.epochs=1",
+                    "eval=smoke", "eval.speed=true", "save=false", "wandb.mode=disabled"]
+
+
+def recipe(args) -> dict:
+    """The CLI run once per source tree (fresh process, fresh stage cache); peaks from each results.json."""
+    overrides = RECIPE_OVERRIDES + list(args.overrides)
+    runs = {}
+    for spec in args.src:
+        name, _, src = spec.partition("=")
+        src = str(Path(src).resolve())
+        with tempfile.TemporaryDirectory(prefix="bench-memory-recipe-") as tmp:
+            env = {**os.environ, "PYTHONPATH": src, "OMP_NUM_THREADS": str(args.threads), "WANDB_MODE": "disabled",
+                   "TQDM_DISABLE": "1", "LLM_STREAMLINE_STAGES": str(Path(tmp) / "stages")}
+            t0 = time.perf_counter()
+            proc = subprocess.run([sys.executable, "-m", "llm_streamline", *overrides,
+                                   f"hydra.run.dir={Path(tmp) / 'run'}"], env=env, capture_output=True, text=True,
+                                  check=False)
+            if proc.returncode != 0:
+                sys.stderr.write(proc.stderr[-4000:])
+                raise SystemExit(f"the run with {name}={src} failed with exit code {proc.returncode}")
+            res = json.loads((Path(tmp) / "run" / "results.json").read_text())
+        commit = subprocess.run(["git", "-C", src, "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True).stdout.strip()
+        runs[name] = {"src": src, "commit": commit, "seconds": round(time.perf_counter() - t0, 1),
+                      "peak_rss_mib": res["peak_memory"]["rss_mib"],
+                      "stage_rss_mib": res["peak_memory"].get("stage_rss_mib"), "timings": res["timings"],
+                      "params_dense": res["params"]["dense"], "layers_removed": res["layers"]["removed"]}
+        print(f"{name:8s} ({commit}): peak RSS {runs[name]['peak_rss_mib']:.0f} MiB in {runs[name]['seconds']:.0f} s; "
+              f"per stage {runs[name]['stage_rss_mib']}", flush=True)
+    first = next(iter(runs.values()))
+    weights_mib = first["params_dense"] * 4 / 2**20  # fp32 on the CPU
+    out = {"overrides": overrides, "model_weights_mib": round(weights_mib, 1), "runs": runs,
+           "cpu_count": os.cpu_count(), "loadavg_end": os.getloadavg()}
+    names = list(runs)
+    if len(names) == 2:
+        drop = runs[names[0]]["peak_rss_mib"] - runs[names[1]]["peak_rss_mib"]
+        out["peak_rss_drop_mib"] = round(drop, 1)
+        out["drop_of_model_size"] = round(drop / weights_mib, 3)
+        print(f"peak RSS {names[0]} -> {names[1]}: -{drop:.0f} MiB = {drop / weights_mib:.2f} x the weights "
+              f"({weights_mib:.0f} MiB)")
+    return out
+
+
+def _write(dest: Path, out: dict) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(out, indent=2))
+    os.replace(tmp, dest)
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=32, help="training blocks of the small case")
@@ -148,7 +209,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (set OMP_NUM_THREADS to match)")
     ap.add_argument("--target-rise", type=float, default=0.10)
-    ap.add_argument("--out", default="benchmarks/results/bench_memory.json")
+    ap.add_argument("--out", default=None, help="default: benchmarks/results/bench_memory[_recipe].json")
+    ap.add_argument("--recipe", action="store_true", help="peak RSS of a whole CLI run per --src tree")
+    ap.add_argument("--src", action="append", default=[], help="NAME=PATH of a source tree (--recipe)")
+    ap.add_argument("overrides", nargs="*", help="extra Hydra overrides of the --recipe run")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--mode", choices=("stream", "ram"), help=argparse.SUPPRESS)
     ap.add_argument("--blocks", type=int, help=argparse.SUPPRESS)
@@ -156,6 +220,12 @@ def main(argv: list[str] | None = None) -> dict:
     if args.worker:
         print("RESULT " + json.dumps(worker(args)))
         return {}
+    if args.recipe:
+        if not args.src:
+            ap.error("--recipe needs at least one --src NAME=PATH")
+        out = recipe(args)
+        _write(Path(args.out or "benchmarks/results/bench_memory_recipe.json"), out)
+        return out
 
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "WANDB_MODE": "disabled", "TQDM_DISABLE": "1"}
     common = ["--n", str(args.n), "--factor", str(args.factor), "--seq-len", str(args.seq_len),
@@ -196,11 +266,7 @@ def main(argv: list[str] | None = None) -> dict:
         "target_streaming_rise": args.target_rise,
     }
     out["target_met"] = out["peak_rss_rise"]["stream"]["relative_rise"] < args.target_rise
-    dest = Path(args.out)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(out, indent=2))
-    os.replace(tmp, dest)
+    _write(Path(args.out or "benchmarks/results/bench_memory.json"), out)
     print(json.dumps({"peak_rss_rise": out["peak_rss_rise"], "target_met": out["target_met"]}, indent=1))
     return out
 
