@@ -92,3 +92,30 @@ def test_streamline_pruned_model_shares_the_dense_weights(overrides, tmp_path):
     if ctx.cfg.method.heal != "lora":  # LoRA's merge gives every adapted Linear a new tensor
         assert all(p.data_ptr() in ptrs for p in kept)
     assert find_decoder_stack(c.model).num_layers == 8 - 2 + len(c.slot)
+
+
+def _healed(tcfg, counter: list | None = None):
+    from llm_streamline.train import train_lora
+
+    model = tiny_model("llama", 128, seed=0)
+    if counter is not None:  # forward calls of one decoder layer (twice per training batch when recomputed)
+        find_decoder_stack(model).layers[3].mlp.register_forward_pre_hook(lambda *a: counter.append(1))
+    g = torch.Generator().manual_seed(1)
+    train, val = torch.randint(0, 128, (8, 16), generator=g), torch.randint(0, 128, (4, 16), generator=g)
+    merged, log = train_lora(model, train, val, tcfg, rank=4, alpha=8, seed=0, progress=False)
+    return merged.state_dict(), log
+
+
+def test_lora_checkpointing_and_accumulation_train_the_same_adapters():
+    from llm_streamline.config import TrainConfig
+
+    base = TrainConfig(loss="lora", epochs=1, batch_size=4, lr=1e-2, min_lr=1e-3, max_steps=2)
+    plain_calls, ckpt_calls = [], []
+    ref, log = _healed(base, plain_calls)
+    ckpt, _ = _healed(TrainConfig(**{**vars(base), "grad_checkpointing": True}), ckpt_calls)
+    accum, alog = _healed(TrainConfig(**{**vars(base), "batch_size": 2, "grad_accum": 2}))
+    assert len(ckpt_calls) - len(plain_calls) == 2            # 2 training batches, each layer recomputed once
+    assert (alog["steps"], alog["effective_batch_size"], log["steps"]) == (2, 4, 2)
+    for other in (ckpt, accum):
+        worst = max((other[k] - v).abs().max().item() for k, v in ref.items())
+        assert worst < 1e-5, worst

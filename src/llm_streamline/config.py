@@ -9,7 +9,7 @@ Value checks that types cannot express live in `validate()` and run before any m
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass, field, is_dataclass, replace
+from dataclasses import asdict, dataclass, field, is_dataclass, replace
 from typing import Any, Optional, get_type_hints
 
 from hydra.core.config_store import ConfigStore
@@ -89,7 +89,11 @@ class TrainConfig:
     select: str = "best"                   # best (lowest validation loss) | final (the last weights, as the paper)
     distill_temperature: float = 1.0       # loss=distill: softmax temperature of both distributions
     distill_alpha: float = 0.0             # loss=distill: + alpha x hidden-state MSE at the slot's output
-    max_steps: Optional[int] = None        # cap for smoke runs
+    max_steps: Optional[int] = None        # cap for smoke runs (optimizer steps)
+    grad_accum: int = 1                    # micro-batches of batch_size per optimizer step (effective batch: their product)
+    # recompute the decoder layers' activations in the backward pass (lm, distill, lora): memory of one layer's
+    # activations instead of all of them, about a third more compute, the same results; null: on CUDA only
+    grad_checkpointing: Optional[bool] = None
 
 
 @dataclass
@@ -212,6 +216,20 @@ HEAL_WARMUP_RATIO = 0.05
 HEAL_MIN_LR_FRACTION = 0.1
 
 
+TRAIN_KEY_DEFAULTS = {"grad_accum": 1}  # options added later: left out of stage keys at these values
+TRAIN_KEY_IGNORED = ("grad_checkpointing",)  # options that do not change what training gives
+
+
+def training_identity(t: TrainConfig) -> dict:
+    """The train options in a stage key: those that change the trained weights; an option added later is left
+    out at its default, so entries cached before it existed stay valid."""
+    key = {k: v for k, v in asdict(t).items() if k not in TRAIN_KEY_IGNORED}
+    for k, default in TRAIN_KEY_DEFAULTS.items():
+        if key.get(k) == default:
+            del key[k]
+    return key
+
+
 def heal_train_config(cfg: RunConfig) -> TrainConfig:
     """What LoRA healing trains with: with train=lora (train.loss=lora) the train group's values, every one of
     them; otherwise the method's budget above, with train.batch_size, grad_clip and max_steps."""
@@ -306,12 +324,14 @@ def validate(cfg: RunConfig) -> None:
     _check(t.lr > 0 and 0 <= t.min_lr <= t.lr,
            f"train.lr={t.lr}, train.min_lr={t.min_lr}: need 0 <= min_lr <= lr")
     _check(t.epochs >= 1 and t.batch_size >= 1, "train.epochs and train.batch_size must be >= 1")
+    _check(t.grad_accum >= 1, f"train.grad_accum={t.grad_accum}: must be >= 1 (micro-batches per optimizer step)")
     if t.loss == "lora":
         _check(r.type == "none", f"train.loss=lora heals a plainly pruned model: use replacement=none (got {r.type})")
     if t.loss in ("lm", "distill", "lora") or cfg.method.heal == "lora":  # whole batches of token blocks
-        _check(d.train_samples >= t.batch_size,
-               f"data.train_samples={d.train_samples} < train.batch_size={t.batch_size}: training on token blocks "
-               "takes whole batches; raise data.train_samples or lower train.batch_size")
+        _check(d.train_samples >= t.batch_size * t.grad_accum,
+               f"data.train_samples={d.train_samples} < train.batch_size={t.batch_size} x train.grad_accum="
+               f"{t.grad_accum}: training on token blocks takes whole batches; raise data.train_samples or lower "
+               "train.batch_size")
     # one LoRA route: healing is the heal option, and train=lora is how LLM-Streamline's plain pruning asks for it
     _check(t.loss != "lora" or cfg.method.heal == "lora",
            f"train.loss=lora with method.heal={cfg.method.heal}: select LoRA healing with train=lora (it sets "

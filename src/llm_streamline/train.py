@@ -21,7 +21,9 @@ loss=lora LoRA healing of a pruned model (peft): adapters (rank, alpha; dropout 
           checkpoint.
 LM and KD losses run the LM head in chunks of positions (`losses`).
 All: AdamW at `lr` with `weight_decay`, linear warmup over `warmup_ratio` of the steps then cosine to `min_lr`
-(transformers' scheduler), gradient clipping at `grad_clip`, `epochs` passes capped by `max_steps`, a
+(transformers' scheduler), gradient clipping at `grad_clip`, `epochs` passes capped by `max_steps` optimizer steps
+of `grad_accum` micro-batches each (the effective batch: batch_size x grad_accum; lm, distill and lora can
+recompute the frozen layers' activations in the backward, `grad_checkpointing`), a
 validation loss before training and `evals_per_epoch` times per epoch; `select=best` keeps the weights with
 the lowest validation loss (by copy; the initial ones if training never helped), `select=final` the last ones
 (as the paper does); seeded.
@@ -29,6 +31,7 @@ the lowest validation loss (by copy; the initial ones if training never helped),
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -235,33 +238,43 @@ def fit(job: Job, cfg: TrainConfig, seed: int, evals_per_epoch: int = 4, on_step
         progress: bool = True, all_reduce: Callable[[list[nn.Parameter]], None] | None = None) -> TrainLog:
     """Train `job` with `cfg`'s optimizer, schedule and budget; returns the log. `seed` orders the batches
     (the caller seeds torch before building what trains); `all_reduce` averages gradients over ranks."""
-    total = job.steps_per_epoch * cfg.epochs
+    accum = cfg.grad_accum  # micro-batches per optimizer step; an epoch's leftover micro-batches are not used
+    steps_per_epoch = job.steps_per_epoch // accum
+    if steps_per_epoch < 1:
+        raise ValueError(f"train.grad_accum={accum} is more than the {job.steps_per_epoch} batches of an epoch")
+    total = steps_per_epoch * cfg.epochs
     if cfg.max_steps is not None:
         total = min(cfg.max_steps, total)
     opt, sched = _optimizer(job.params, cfg, total)
     log = TrainLog(trainable_params=sum(p.numel() for p in job.params))
-    book = _Bookkeeping(job, log, total, max(1, math.ceil(job.steps_per_epoch / evals_per_epoch)), on_step,
+    book = _Bookkeeping(job, log, total, max(1, math.ceil(steps_per_epoch / evals_per_epoch)), on_step,
                         desc or f"train ({job.stage})", disable=not progress, select=cfg.select)
     gen = torch.Generator().manual_seed(seed)
     step = 0
     while step < total:
-        for key in job.order(gen):
+        keys = list(job.order(gen))
+        for first in range(0, steps_per_epoch * accum, accum):
             if step >= total:
                 break
             for m in job.modules:
                 m.train()
-            batch = job.load(key)
-            loss = job.loss(batch)
-            _check_finite(loss, f"train ({job.stage})", step, job.modules, job.trains, batch.inputs)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            losses, tokens = [], 0
+            for key in keys[first:first + accum]:  # gradients of the mean loss over the micro-batches
+                batch = job.load(key)
+                loss = job.loss(batch)
+                _check_finite(loss, f"train ({job.stage})", step, job.modules, job.trains, batch.inputs)
+                (loss / accum if accum > 1 else loss).backward()
+                losses.append(loss.item())
+                tokens += batch.tokens
+                del loss, batch  # one micro-batch's activations at a time
             if all_reduce is not None:
                 all_reduce(job.params)
             torch.nn.utils.clip_grad_norm_(job.params, cfg.grad_clip)
             opt.step()
             sched.step()
             step += 1
-            book.after_step(step, loss.item(), batch.tokens, sched.get_last_lr()[0])
+            book.after_step(step, sum(losses) / len(losses), tokens, sched.get_last_lr()[0])
     return book.finish(step)
 
 
@@ -361,6 +374,37 @@ def _block_job(stage: str, trains: str, modules: list[nn.Module], params: list[n
                lambda b: batch_loss(b.inputs[0]), evaluated=[model])
 
 
+@contextlib.contextmanager
+def activation_checkpointing(model: PreTrainedModel, on: bool | None):
+    """While training: the model's decoder layers keep only their inputs and recompute their activations in the
+    backward pass (torch.utils.checkpoint with use_reentrant=False, transformers' own per-layer switch; only in
+    train mode, validation runs as usual), and the embeddings' output requires grad, which peft needs when only
+    adapters inside the layers train. `on` None: on CUDA only (on a CPU the memory is rarely short and the
+    recomputation costs about a third more time). Results are unchanged: the same forward is recomputed."""
+    if on is None:
+        on = model.get_input_embeddings().weight.device.type == "cuda"
+    if not on:
+        yield
+        return
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(f"train.grad_checkpointing=true: {type(model).__name__} does not support activation "
+                         "checkpointing; set train.grad_checkpointing=false")
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name; the old one warns
+        model.activation_checkpointing_enable(kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.enable_input_require_grads()
+    try:
+        yield
+    finally:
+        if hasattr(model, "activation_checkpointing_disable"):
+            model.activation_checkpointing_disable()
+        else:
+            model.gradient_checkpointing_disable()
+        model.disable_input_require_grads()
+
+
 def _all_reduce_mean(world: int):
     def all_reduce(params: list[nn.Parameter]) -> None:
         for p in params:  # the mean gradient: identical updates on every rank
@@ -386,9 +430,10 @@ def _train_through_tail(pruned: PreTrainedModel, slot: list[nn.Module], train_bl
     job = _block_job(stage, "the replacement", slot, params, pruned, train_blocks, val_blocks, cfg, batch_loss,
                      accelerator)
     world = accelerator.num_processes if accelerator else 1
-    return fit(job, cfg, seed, evals_per_epoch, on_step, desc=f"train slot ({stage})",
-               progress=not (accelerator and accelerator.process_index != 0),
-               all_reduce=_all_reduce_mean(world) if world > 1 else None)
+    with activation_checkpointing(pruned, cfg.grad_checkpointing):
+        return fit(job, cfg, seed, evals_per_epoch, on_step, desc=f"train slot ({stage})",
+                   progress=not (accelerator and accelerator.process_index != 0),
+                   all_reduce=_all_reduce_mean(world) if world > 1 else None)
 
 
 def train_lm(pruned: PreTrainedModel, slot: list[nn.Module], train_blocks: torch.Tensor, val_blocks: torch.Tensor,
@@ -490,10 +535,13 @@ def train_lora(model: PreTrainedModel, train_blocks: torch.Tensor, val_blocks: t
     job = _block_job("lora", "the LoRA adapters", [peft_model], params, peft_model, train_blocks, val_blocks, cfg,
                      lambda ids: lm_loss(peft_model, ids))  # the head in chunks of positions, recomputed in backward
     job.keep, job.restore = (lambda: _adapters(peft_model)), (lambda s: peft_model.load_state_dict(s, strict=False))
-    tl = fit(job, cfg, seed, evals_per_epoch=1, on_step=on_step, desc="lora heal", progress=progress)
+    with activation_checkpointing(model, cfg.grad_checkpointing):  # `model` is the base inside peft_model
+        tl = fit(job, cfg, seed, evals_per_epoch=1, on_step=on_step, desc="lora heal", progress=progress)
     final = tl.val_loss[-1][1] if tl.val_loss else tl.initial_val_loss
     log = {"method": "lora", "rank": rank, "alpha": alpha, "lr": cfg.lr, "epochs": cfg.epochs,
-           "batch_size": cfg.batch_size, "targets": len(targets), **tl.as_dict(), "final_val_loss": final,
+           "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
+           "effective_batch_size": cfg.batch_size * cfg.grad_accum, "targets": len(targets), **tl.as_dict(),
+           "final_val_loss": final,
            "seconds": round(time.perf_counter() - t0, 3),
            "val_ppl": {"initial": math.exp(tl.initial_val_loss), "best": math.exp(tl.best_val_loss)}}
     if on_trained is not None:

@@ -15,7 +15,7 @@ import torch
 
 from llm_streamline import stages
 from llm_streamline.baselines import BaselineResult, apply_method
-from llm_streamline.config import MethodConfig, ReplacementConfig, RunConfig
+from llm_streamline.config import MethodConfig, ReplacementConfig, RunConfig, training_identity
 from llm_streamline.importance import SimilarityProfile
 from llm_streamline.models.checkpoints import save_checkpoint
 from llm_streamline.models.layers import share_weights
@@ -92,7 +92,7 @@ def compress(ctx: Run, profile: SimilarityProfile, n: int, target_removed: int) 
     cfg = ctx.cfg
     key = stages.stage_key("baseline", model=ctx.model_id, data=ctx.data_key, method=method_key(cfg.method),
                            sparsity=asdict(cfg.sparsity), n=n, seed=cfg.seed,
-                           train=asdict(cfg.train) if cfg.method.heal == "lora" else None)  # healing uses train.*
+                           train=training_identity(cfg.train) if cfg.method.heal == "lora" else None)  # healing uses train.*
     # which layers a layer-removal baseline drops (SLEB: a long greedy search) does not depend on healing
     choice_key = stages.stage_key("choice", model=ctx.model_id, data=ctx.data_key, n=n, seed=cfg.seed,
                                   method=cfg.method.name)

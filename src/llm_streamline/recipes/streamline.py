@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from llm_streamline import linear_map, stages
-from llm_streamline.config import RunConfig
+from llm_streamline.config import RunConfig, training_identity
 from llm_streamline.importance import SimilarityProfile, block_perplexities, choose_block
 from llm_streamline.models.anatomy import anatomy_of
 from llm_streamline.models.checkpoints import save_checkpoint
@@ -135,7 +135,8 @@ def replace_block(ctx: Run, start: int, n: int) -> Compressed | None:
                              probe.output_is_tuple, anatomy)
     train_log, block = None, None  # `block` is set once the block is out of `pruned`
     train_key = stages.stage_key("train", model=ctx.model_id, data=ctx.data_key, start=start, n=n,
-                                 replacement=asdict(cfg.replacement), train=asdict(cfg.train), seed=cfg.seed)
+                                 replacement=asdict(cfg.replacement), train=training_identity(cfg.train),
+                                 seed=cfg.seed)
     trained_before = trains_after_fit(cfg.replacement) and stages.sealed(stages.stage_dir(train_key), train_key,
                                                                              move_aside=False)
     fit_log = None if trained_before else fit_linear(ctx, pruned, slot, start, n)
