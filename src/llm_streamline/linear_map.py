@@ -197,12 +197,14 @@ def _fit_log(boundary: _Boundary, blocks: torch.Tensor, t: torch.Tensor, batch_s
 
 @torch.no_grad()
 def fuse_into_mlp_output(model: nn.Module, index: int, t: torch.Tensor) -> None:
-    """In place: layer `index`'s MLP output map y = W h + b becomes y T (W <- T^T W, b <- T^T b), in float64."""
+    """In place: layer `index`'s MLP output map y = W h + b becomes y T (W <- T^T W, b <- T^T b), in float64.
+    New tensors, not written into the old ones: a pruned model shares its weights with the dense one
+    (`models.layers.share_weights`)."""
     out = mlp_output_map(model, index)
     tt = t.to(out.weight.device, torch.float64).T
-    out.weight.copy_((tt @ out.weight.double()).to(out.weight.dtype))
+    out.weight = nn.Parameter((tt @ out.weight.double()).to(out.weight.dtype), requires_grad=out.weight.requires_grad)
     if out.bias is not None:
-        out.bias.copy_((tt @ out.bias.double()).to(out.bias.dtype))
+        out.bias = nn.Parameter((tt @ out.bias.double()).to(out.bias.dtype), requires_grad=out.bias.requires_grad)
 
 
 class MapAfter:
