@@ -300,8 +300,8 @@ class Plan:
 class _Ctx:
     """The run's sizes the stage functions share."""
 
-    def __init__(self, cfg: RunConfig, s: Shapes, hw: Hardware, n: int):
-        self.cfg, self.s, self.hw, self.n = cfg, s, hw, n
+    def __init__(self, cfg: RunConfig, s: Shapes, hw: Hardware, n: int, teacher: str | None = None):
+        self.cfg, self.s, self.hw, self.n, self.teacher = cfg, s, hw, n, teacher
         self.seq = cfg.data.seq_len
         self.batch = cfg.train.batch_size
         self.on_gpu = hw.kind == "cuda"
@@ -400,9 +400,9 @@ def stage_perplexity(c: _Ctx, which: str) -> Stage:
                  device_gib=c.device(buf, pruned), host_gib=c.host(buf, pruned), note=f"{tokens:,} tokens")
 
 
-def teacher_mode(cfg: RunConfig, pairs_gib: float, free_gib: float) -> str:
+def teacher_mode(cfg: RunConfig, pairs_gib: float, free_gib: float, forced: str | None = None) -> str:
     """cached | online: `train.teacher` where the config has it (auto: cached when the pairs fit the disk)."""
-    mode = getattr(cfg.train, "teacher", "cached")
+    mode = forced or getattr(cfg.train, "teacher", "cached")
     if mode == "auto":
         return "cached" if pairs_gib < 0.9 * free_gib else "online"
     return mode
@@ -420,7 +420,7 @@ def stage_teacher(c: _Ctx) -> Stage | None:
         return None
     d, s = c.cfg.data, c.s
     size = pairs_bytes(c)
-    mode = teacher_mode(c.cfg, size / GIB, c.hw.disk_free_gib)
+    mode = teacher_mode(c.cfg, size / GIB, c.hw.disk_free_gib, c.teacher)
     if mode == "online":
         return Stage("teacher_pairs", note="online: computed during training, nothing written")
     tokens = (d.train_samples + d.val_samples) * c.seq
@@ -453,7 +453,7 @@ def stage_train(c: _Ctx) -> Stage | None:
         flops = t.epochs * tokens * 3 * slot + val_tokens * slot
         st = Stage("train", flops=flops, device_gib=c.device(trainable + slot_acts),
                    host_gib=c.host(trainable + slot_acts), note=note)
-        if teacher_mode(cfg, pairs_bytes(c) / GIB, c.hw.disk_free_gib) == "online":
+        if teacher_mode(cfg, pairs_bytes(c) / GIB, c.hw.disk_free_gib, c.teacher) == "online":
             st.flops += (t.epochs * tokens + val_tokens) * s.layers_flops(0, c.block_end, c.seq)
             st.note += "; teacher online"
         else:
@@ -537,7 +537,9 @@ def stage_save(c: _Ctx) -> Stage | None:
     if not c.cfg.save:
         return None
     size = c.pruned_gib * GIB
-    return Stage("save", disk_io=size, device_gib=c.device(0, True), host_gib=c.host(0, True), disk_gib=size / GIB,
+    shard = min(size / GIB, 5.0) if c.on_gpu else 0.0   # save_pretrained brings a shard at a time to the host
+    return Stage("save", disk_io=size, device_gib=c.device(0, True), host_gib=c.host(0, True) + shard,
+                 disk_gib=size / GIB,
                  note=f"pruned model {size / GIB:,.3g} GiB")
 
 
@@ -552,12 +554,14 @@ def block_size(cfg: RunConfig, s: Shapes) -> int:
     return min(s.layers - 1, math.ceil((sp.target * basis + s.replacement_params) / _mean(s.layer_params)))
 
 
-def make_plan(cfg: RunConfig, out_dir: Path | None = None, model: nn.Module | None = None) -> Plan:
-    """Every stage of the composed run priced from the meta-device model; nothing is loaded."""
+def make_plan(cfg: RunConfig, out_dir: Path | None = None, model: nn.Module | None = None,
+              teacher: str | None = None) -> Plan:
+    """Every stage of the composed run priced from the meta-device model; nothing is loaded. `teacher`: price the
+    teacher pairs as cached or online whatever the config says (for comparing the two)."""
     model = model if model is not None else meta_model(cfg)
     s = shapes_of(model, cfg)
     hw = hardware(cfg, out_dir)
-    c = _Ctx(cfg, s, hw, block_size(cfg, s))
+    c = _Ctx(cfg, s, hw, block_size(cfg, s), teacher)
     steps = [stage_load(c), stage_profile(c), stage_eval(c, "dense")]
     if cfg.eval.perplexity:
         steps.append(stage_perplexity(c, "dense"))
@@ -572,7 +576,7 @@ def make_plan(cfg: RunConfig, out_dir: Path | None = None, model: nn.Module | No
         steps.append(stage_perplexity(c, "pruned"))
     steps += [stage_speed(c), stage_save(c)]
     plan = Plan(cfg, s, hw, [st.price(hw) for st in steps if st is not None])
-    plan.n = c.n
+    plan.n, plan.model = c.n, model
     return plan
 
 
@@ -654,6 +658,13 @@ def table(plan: Plan) -> str:
                  f"{_gib(plan.disk_gib)} | |")
     bad = problems(plan)
     lines += ["", "does not fit: " + "; ".join(bad) if bad else "fits"]
+    pairs = next((st for st in plan.stages if st.name == "teacher_pairs"), None)
+    if pairs is not None and pairs.disk_gib:  # what the pairs would cost computed during training instead
+        online = make_plan(cfg, model=plan.model, teacher="online")
+        online.hw = hw
+        lines.append(f"with the teacher online (train.teacher=online): nothing written for the pairs, train "
+                     f"{_duration(online.stage('train').seconds)}, total {_duration(online.seconds)}, disk "
+                     f"{_gib(online.disk_gib)}")
     return "\n".join(lines)
 
 
