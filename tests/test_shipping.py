@@ -64,7 +64,7 @@ def test_eval_of_a_checkpoint_uses_the_presets_dtype_and_batch_size(rtype, saved
     res = eval_checkpoint.run(cfg, tmp_path)
     assert seen == {"dtypes": {torch.bfloat16}, "batch_size": 3}
     assert res["model"]["dtype"] == "bfloat16" and res["eval_settings"]["batch_size"] == 3
-    assert all(0 <= m["acc"] <= 1 for m in res["eval"].values())
+    assert all(0 <= m["model"]["acc"] <= 1 for m in res["eval"].values())
     (lm_eval_results,) = (tmp_path / "lm_eval" / rtype).glob("results_*.json")  # lm-eval's own files too
     assert {p.name.split("_2")[0] for p in (tmp_path / "lm_eval" / rtype).glob("samples_*.jsonl")} == {
         "samples_piqa", "samples_arc_easy"}
@@ -149,7 +149,8 @@ def test_sweep_objective_is_the_configured_metric(objective, expected):
 
     validate(compose_run(f"objective={objective}"))
     assert sweep_objective(RESULTS, objective) == pytest.approx(expected)
-    assert sweep_objective({"eval": {"piqa": {"acc": 0.25}}}, "avg_acc") == 0.25  # mode=eval's flat table
+    # an older mode=eval record (flat table), migrated on read
+    assert sweep_objective({"method": "eval", "eval": {"piqa": {"acc": 0.25}}}, "avg_acc") == 0.25
 
 
 def test_an_unknown_objective_fails_validation():
@@ -190,7 +191,6 @@ def tiny_ids() -> torch.Tensor:
 
 
 def test_export_turns_a_swiglu_slot_into_a_stock_checkpoint_with_a_model_card(swiglu_run, tmp_path):
-    import json
 
     from transformers import AutoModelForCausalLM
 
@@ -203,11 +203,13 @@ def test_export_turns_a_swiglu_slot_into_a_stock_checkpoint_with_a_model_card(sw
     pruned = load_pruned(swiglu_run / "model")
     with torch.no_grad():
         torch.testing.assert_close(stock(tiny_ids()).logits, pruned(tiny_ids()).logits, atol=1e-5, rtol=0)
+    from llm_streamline import record
+
     card = (out / "README.md").read_text()
-    results = json.loads((swiglu_run / "results.json").read_text())
+    rec = record.read(swiglu_run)
     assert "method: `streamline`, replacement: `swiglu`" in card and "layers [2, 4) of 8" in card
-    piqa = results["eval"]["piqa"]
-    assert f"| piqa | {piqa['dense']['acc']:.4f} | {piqa['pruned']['acc']:.4f} |" in card
+    d, p = rec.score("piqa", "dense"), rec.score("piqa", "pruned")
+    assert f"| piqa | acc | {rec.items('piqa')} | {d.text()} | {p.text()} |" in card  # items and intervals
     assert "llm-streamline experiment=smoke replacement=swiglu sparsity.start=2" in card
     assert "AutoModelForCausalLM.from_pretrained" in card
 
@@ -255,13 +257,14 @@ def test_export_is_a_wandb_artifact_of_the_run(swiglu_run, tmp_path, monkeypatch
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     export(parse_args([f"run={swiglu_run}", f"out={tmp_path / 'exp'}"]))
-    runs = offline_runs(swiglu_run)
-    assert runs and all(r.name.endswith(f"-{run_id(swiglu_run)}") for r in runs)
+    # its own run (not the training run reopened), its files beside the source run's, linked by the source's id
+    runs = [r for r in offline_runs(swiglu_run) if r.name.endswith(f"-{run_id(tmp_path / 'exp')}")]
+    assert runs and run_id(tmp_path / "exp") != run_id(swiglu_run)
     name = f"model-{swiglu_run.name}".encode()
     deadline = time.monotonic() + 30  # wandb-core may still be appending the artifact record after finish()
     while name not in wandb_log_bytes(runs[-1]) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert name in wandb_log_bytes(runs[-1])
+    assert name in wandb_log_bytes(runs[-1]) and run_id(swiglu_run).encode() in wandb_log_bytes(runs[-1])
 
 
 def test_an_ffn_slot_exports_in_this_packages_format_and_refuses_gguf(saved, tmp_path):

