@@ -205,18 +205,53 @@ def test_presets_compose_and_bad_options_are_refused_before_work():
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         grid = compose(config_name="config", overrides=["experiment=block_x_replacement"], return_hydra_config=True)
+        nc = compose(config_name="config", overrides=["experiment=block_x_replacement_noncontiguous"],
+                     return_hydra_config=True)
         cos = to_run_config(compose(config_name="config", overrides=["replacement=linear",
                                                                      "replacement.objective=cosine"]))
         patch = to_run_config(compose(config_name="config", overrides=["replacement=linear_patch"]))
         bad = [to_run_config(compose(config_name="config", overrides=o)) for o in (
             ["replacement=linear", "replacement.objective=l1"], ["replacement=swiglu", "replacement.init=linear"],
-            ["replacement=linear", "replacement.finetune=true"])]
+            ["replacement=linear", "replacement.finetune=true"], ["replacement=linear", "method=laco"])]
     params = grid.hydra.sweeper.params
     assert set(params["replacement"].split(",")) == {"none", "linear", "linear_patch", "ffn", "layer"}
     assert set(params["sparsity.importance"].split(",")) == {"cosine", "angular", "perplexity"}
     assert grid.eval.name == "signal" and grid.sparsity.count == "net"
+    assert nc.hydra.sweeper.params["replacement"] == "none,linear" and nc.eval.name == "signal"
     validate(cos)
     validate(patch)
-    for cfg, msg in zip(bad, ("lstsq | cosine", "initialises an ffn or a layer", "finetune=true trains a linear_patch")):
+    for cfg, msg in zip(bad, ("lstsq | cosine", "initialises an ffn or a layer", "finetune=true trains a linear_patch",
+                                "method=laco removes none")):
         with pytest.raises(ConfigError, match=msg):
             validate(cfg)
+
+
+def test_baseline_gets_one_fused_map_per_removed_run_each_equal_to_its_unfused_map():
+    """A non-contiguous choice (ShortGPT, SLEB) with replacement=linear: layers 1, 2 and 5 removed -> the maps of
+    [1, 3) and [5, 6) fused into layers 0 and 4 (indices 0 and 2 after pruning)."""
+    from types import SimpleNamespace
+
+    from llm_streamline.models.layers import remove_layers
+    from llm_streamline.recipes.baseline import fuse_linear_maps
+    from llm_streamline.recipes.common import Compressed, Timings
+
+    model = make()
+    calib = ids()
+    r = ReplacementConfig(type="linear")
+    ctx = SimpleNamespace(model=model, blocks=SimpleNamespace(calib=calib), timings=Timings(),
+                          cfg=SimpleNamespace(train=SimpleNamespace(batch_size=4), seed=0,
+                                              method=SimpleNamespace(name="shortgpt")))
+    pruned = copy.deepcopy(model)
+    remove_layers(pruned, [1, 2, 5])
+    c = Compressed(pruned, "k", 1, [1, 2, 5], {}, baseline={})
+    fuse_linear_maps(ctx, c, r)
+    assert [f["block"] for f in c.baseline["linear_maps"]] == [[1, 3], [5, 6]] and c.key != "k"
+    hooked = copy.deepcopy(model)
+    hooks = [linear_map.MapAfter(linear_map.mlp_output_map(hooked, s - 1),
+                                 linear_map.replaceme_map(model, calib, s, e - s, r, 4)[0]) for s, e in ((1, 3), (5, 6))]
+    remove_layers(hooked, [1, 2, 5])
+    x = ids(2, 16, seed=7)
+    with torch.no_grad():
+        assert (c.model(x).logits - hooked(x).logits).abs().max() < 1e-4
+    for h in hooks:
+        h.remove()

@@ -310,6 +310,9 @@ def validate(cfg: RunConfig) -> None:
            f"replacement.ridge={r.ridge} must be >= 0, fit_epochs={r.fit_epochs} and fit_batch_tokens="
            f"{r.fit_batch_tokens} >= 1, fit_lr={r.fit_lr} > 0")
     _check(r.init in ("none", "linear"), f"replacement.init={r.init!r}: none | linear")
+    _check(r.type != "linear" or cfg.method.name in ("streamline", "shortgpt", "gromov", "sleb"),
+           f"replacement=linear fuses a map after removed layers: method={cfg.method.name} removes none "
+           "(use streamline, shortgpt, gromov or sleb)")
     _check(r.init == "none" or r.type in ("ffn", "layer"),
            f"replacement.init=linear initialises an ffn or a layer replacement, not {r.type}")
     _check(not r.finetune or r.type == "linear_patch",

@@ -2,18 +2,20 @@
 
 Same model, data, similarity profile, evaluation, records and saving as the streamline recipe; the size is
 that of the LLM-Streamline row with `method.match_replacement` (null: plain removal of n layers). Baselines
-put no network in place of what they remove (`replacement` is recorded as none).
+put no network in place of what they remove (`replacement` is recorded as none); with `replacement=linear`, a
+layer-removal baseline gets ReplaceMe's map fused after each removed run of layers (no parameter added).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
-from llm_streamline import stages
+from llm_streamline import linear_map, stages
 from llm_streamline.baselines import BaselineResult, apply_method
 from llm_streamline.config import MethodConfig, ReplacementConfig, RunConfig, training_identity
 from llm_streamline.importance import SimilarityProfile
@@ -47,6 +49,9 @@ LAYER_CHOOSERS = ("shortgpt", "gromov", "sleb")  # baselines whose choice of lay
 def run(cfg: RunConfig, out_dir: Path) -> dict:
     check_before_loading(cfg, out_dir)
     size_replacement = ReplacementConfig(type=cfg.method.match_replacement or "none")
+    # replacement=linear: ReplaceMe's map for every removed run of layers, fused (no parameter added); any
+    # other replacement is not a baseline's and is recorded as none
+    linear = cfg.replacement if cfg.replacement.type == "linear" else None
     cfg = replace(cfg, replacement=ReplacementConfig(type="none"))
     ctx = start_run(cfg, out_dir)
     try:
@@ -61,6 +66,8 @@ def run(cfg: RunConfig, out_dir: Path) -> dict:
 
         with ctx.timings.stage("compress"):
             compressed, bres = compress(ctx, profile, n, size_target["target_net_removed"])
+        if linear is not None:
+            fuse_linear_maps(ctx, compressed, linear)
         if cfg.method.heal == "lora":
             compressed.model, compressed.train_log = heal(ctx, compressed.model,
                                                           stages.stage_key("lora", baseline=compressed.key))
@@ -112,6 +119,31 @@ def compress(ctx: Run, profile: SimilarityProfile, n: int, target_removed: int) 
     block = {"start": start, "end": end, "removed": end - start, "original": L, "replacement_slots": 0,
              "kept": L - (end - start)}
     return Compressed(bres.model.eval(), key, start, removed, block, baseline=bres.record), bres
+
+
+def fuse_linear_maps(ctx: Run, c: Compressed, r: ReplacementConfig) -> None:
+    """In place on `c`: for every maximal run [s, e) of removed layers, ReplaceMe's map (`linear_map`), estimated
+    on the dense model's calibration activations, fused into the MLP output map of layer s-1 (at its index in the
+    compressed model). The evaluation key and the record name the maps."""
+    removed = sorted(c.removed)
+    runs: list[list[int]] = []
+    for i in removed:
+        if runs and runs[-1][1] == i:
+            runs[-1][1] = i + 1
+        else:
+            runs.append([i, i + 1])
+    fits = []
+    t0 = time.perf_counter()
+    with ctx.timings.stage("fit"):
+        for start, end in runs:
+            t, fit = linear_map.replaceme_map(ctx.model, ctx.blocks.calib, start, end - start, r,
+                                              ctx.cfg.train.batch_size, ctx.cfg.seed)
+            linear_map.fuse_into_mlp_output(c.model, start - 1 - sum(i < start - 1 for i in removed), t)
+            fits.append({"block": [start, end], **fit})
+    c.key = stages.stage_key("baseline_linear", baseline=c.key, linear=asdict(r))
+    c.baseline = {**(c.baseline or {}), "label": f"{ctx.cfg.method.name} + ReplaceMe({r.objective})",
+                  "linear_maps": fits, "fit_seconds": round(time.perf_counter() - t0, 2)}
+    log.info("ReplaceMe maps fused after %d removed runs: %s", len(runs), fits)
 
 
 def save(ctx: Run, c: Compressed, bres: BaselineResult, dest: Path) -> str:
