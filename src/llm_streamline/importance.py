@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from llm_streamline.losses import nll_batches
+from llm_streamline.models.devices import input_device
 from llm_streamline.models.layers import find_decoder_stack, run_layers, skipping
 
 
@@ -80,7 +81,11 @@ def _normalise(h: torch.Tensor) -> torch.Tensor:
 
 
 class _BlockSums:
-    """Running sums over samples of the per-block scores (cos, angular over all tokens, angular at the last token)."""
+    """Running sums over samples of the per-block scores (cos, angular over all tokens, angular at the last token).
+
+    The sums are float64 on the CPU; each batch's per-block sums are computed where the states are (x^(l) and
+    x^(l+n) on the card of layer l when a device_map splits the layers) and brought to the CPU together, one
+    transfer per block size and score."""
 
     def __init__(self, ns: list[int], max_layer: int):
         self.ns, self.max_layer = ns, max_layer
@@ -92,13 +97,30 @@ class _BlockSums:
     def add(self, states: list[torch.Tensor]) -> None:
         """states[j] = x^(j) for j = 0..max_layer, each [B, T, H] (normalised here)."""
         states = [_normalise(h) for h in states]
+        moved: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+        def on(j: int, device: torch.device) -> torch.Tensor:
+            """x^(j) on `device`: a copy made once per batch when layer j's card is another one."""
+            if states[j].device == device:
+                return states[j]
+            if (j, device) not in moved:
+                moved[(j, device)] = states[j].to(device)
+            return moved[(j, device)]
+
+        def to_cpu(sums: list[torch.Tensor]) -> torch.Tensor:
+            return torch.stack([s.to(states[0].device) for s in sums]).double().cpu()
+
         for n in self.ns:
+            cos_s, ang_s, last_s = [], [], []
             for start in range(self.max_layer - n + 1):
-                cos = (states[start] * states[start + n]).sum(-1).clamp(-1.0, 1.0)   # [B, T]
+                cos = (states[start] * on(start + n, states[start].device)).sum(-1).clamp(-1.0, 1.0)   # [B, T]
                 ang = torch.arccos(cos) / torch.pi
-                self.cos[n][start] += cos.sum().double()
-                self.ang[n][start] += ang.sum().double()
-                self.ang_last[n][start] += ang[:, -1].sum().double()   # Gromov et al. §3.2: the final token
+                cos_s.append(cos.sum())
+                ang_s.append(ang.sum())
+                last_s.append(ang[:, -1].sum())   # Gromov et al. §3.2: the final token
+            self.cos[n] += to_cpu(cos_s)
+            self.ang[n] += to_cpu(ang_s)
+            self.ang_last[n] += to_cpu(last_s)
         self.tokens += states[0].shape[0] * states[0].shape[1]
         self.samples += states[0].shape[0]
 
@@ -132,7 +154,7 @@ def similarity_profile(model: PreTrainedModel, blocks: torch.Tensor, ns: list[in
     ns = sorted({n for n in ns if 1 <= n <= max_layer})
     if not ns:
         raise ValueError(f"no block size in {ns} fits a model with {L} layers")
-    device = next(model.parameters()).device
+    device = input_device(model)
     sums = _BlockSums(ns, max_layer)
     it = range(0, blocks.shape[0], batch_size)
     for i in tqdm(it, desc="similarity profile", disable=not progress, unit="batch"):

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from llm_streamline.models.devices import input_device
 from llm_streamline.models.layers import text_config
 
 DEFAULT_CHUNK = 1024  # positions per head call: 1024 x 49k fp32 logits = 200 MB (SmolLM2)
@@ -105,7 +106,8 @@ def nll_sum(model: nn.Module, ids: torch.Tensor, chunk: int = DEFAULT_CHUNK,
     targets = ids[:, 1:].reshape(-1)
 
     def ce(hc, tc):
-        return F.cross_entropy(head.logits(hc), tc, reduction="sum")
+        z = head.logits(hc)  # on the head's card (the ids are on the embedding's)
+        return F.cross_entropy(z, tc.to(z.device), reduction="sum")
 
     return _chunk_sums(ce, h, targets, chunk=chunk), targets.numel()
 
@@ -114,7 +116,7 @@ def nll_batches(model: nn.Module, blocks: torch.Tensor, batch_size: int
                 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, int]]:
     """(first block's index, the batch's ids on the model's device, summed NLL, predicted tokens) for each batch of
     `batch_size` blocks of `blocks` [N, T], in order: the loop every token-weighted perplexity sums."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     for start in range(0, blocks.shape[0], batch_size):
         ids = blocks[start:start + batch_size].to(device)
         nll, count = nll_sum(model, ids)
@@ -137,7 +139,7 @@ def kl_sum(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, student_h
     def kl(hs_c, ht_c):
         log_q = F.log_softmax(student_head.logits(hs_c) / temperature, dim=-1)
         with torch.no_grad():
-            log_p = F.log_softmax(teacher_head.logits(ht_c) / temperature, dim=-1)
+            log_p = F.log_softmax(teacher_head.logits(ht_c) / temperature, dim=-1).to(log_q.device)
         return F.kl_div(log_q, log_p, log_target=True, reduction="sum") * temperature ** 2
 
     return _chunk_sums(kl, hs, ht, chunk=chunk), hs.shape[0]

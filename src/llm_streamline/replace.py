@@ -34,6 +34,7 @@ from transformers.cache_utils import Cache
 from llm_streamline.config import ReplacementConfig
 from llm_streamline.models.anatomy import Anatomy, anatomy_of
 from llm_streamline.models.checkpoints import register_builder
+from llm_streamline.models.devices import input_device
 from llm_streamline.models.layers import count_params, find_decoder_stack, run_layers, splice
 
 # Attributes some model loops read from the layer object itself (older families index masks by them).
@@ -276,12 +277,13 @@ def export_stock(model: nn.Module, slot_start: int, reference_layer: nn.Module) 
 @torch.no_grad()
 def _check_same_output(model: nn.Module, index: int, slot: nn.Module, layer: nn.Module) -> None:
     stack = find_decoder_stack(model)
-    device = next(model.parameters()).device
+    device = input_device(model)
     ids = (torch.arange(16, device=device) * 7919 % stack.config.vocab_size).unsqueeze(0)
     cap = run_layers(model, ids, inputs_at=(index,), kwargs_at=(index,), stack=stack)
     x, kwargs = cap.inputs[index], cap.call_kwargs[index]
     want, got = slot(x, **kwargs), layer(x, **kwargs)
     want, got = (want[0] if isinstance(want, tuple) else want), (got[0] if isinstance(got, tuple) else got)
+    got = got.to(want.device)
     if not torch.allclose(got, want, rtol=1e-5, atol=1e-6):
         raise ValueError(f"{type(layer).__name__}: no exact stock layer for this slot (with its attention silenced "
                          f"the layer differs from the slot by up to {float((got - want).abs().max()):.3g})")

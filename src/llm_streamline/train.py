@@ -50,6 +50,7 @@ from transformers import PreTrainedModel, get_cosine_with_min_lr_schedule_with_w
 from llm_streamline import faults, stages
 from llm_streamline.config import TrainConfig
 from llm_streamline.losses import final_hidden, head_of, kl_sum, lm_loss
+from llm_streamline.models.devices import input_device, module_device, to_device
 from llm_streamline.models.layers import find_decoder_stack, run_layers
 
 
@@ -86,7 +87,7 @@ def write_teacher_shards(model: PreTrainedModel, blocks: torch.Tensor, start: in
         meta = json.loads((directory / "index.json").read_text())
         return TeacherShards(directory, meta["files"], meta["index"])
     stack = find_decoder_stack(model)
-    device = next(model.parameters()).device
+    device = input_device(model)
     files, index = [], []
     with stages.atomic_dir(directory) as tmp:  # a full disk or an interrupt leaves nothing behind
         for b, i in enumerate(tqdm(range(0, blocks.shape[0], batch_size), desc=desc, unit="batch")):
@@ -290,7 +291,7 @@ def _slot_call(modules: list[nn.Module], x: torch.Tensor, kwargs: list[dict]) ->
 def _mse(pred: torch.Tensor, target: torch.Tensor, first_token: str, mse_target: str = "absolute") -> torch.Tensor:
     if first_token == "exclude":  # the attention-sink position carries huge activations that dominate MSE
         pred, target = pred[:, 1:], target[:, 1:]
-    pred, target = pred.float(), target.float()
+    pred, target = pred.float(), target.float().to(pred.device)  # the teacher's layer may sit on another card
     if mse_target == "relative":  # each token's error relative to its own size: massive tokens weigh as others
         err = (pred - target).pow(2).sum(-1) / target.pow(2).sum(-1).clamp_min(1e-12)
         return err.mean()
@@ -310,7 +311,7 @@ def train_mse(model: PreTrainedModel, slot: list[nn.Module], start: int, blocks:
     torch.manual_seed(seed)
     need_kwargs = _needs_layer_kwargs(slot)
     stack = find_decoder_stack(model)
-    device = next(model.parameters()).device
+    device = module_device(slot[0])  # the pairs and the layer arguments go to the card holding the slot
     kwargs_by_shape: dict[tuple[int, int], list[dict]] = {}
 
     def layer_kwargs(rows) -> list[dict]:
@@ -322,8 +323,8 @@ def train_mse(model: PreTrainedModel, slot: list[nn.Module], start: int, blocks:
         shape = (len(rows), blocks.shape[1])
         if shape not in kwargs_by_shape:
             where = tuple(range(start, start + len(slot)))
-            cap = run_layers(model, blocks[rows].to(device), kwargs_at=where, stack=stack)
-            kwargs_by_shape[shape] = [cap.call_kwargs[i] for i in where]
+            cap = run_layers(model, blocks[rows], kwargs_at=where, stack=stack)
+            kwargs_by_shape[shape] = [to_device(cap.call_kwargs[i], device) for i in where]
         return kwargs_by_shape[shape]
 
     def load(shards: TeacherShards, i: int) -> Batch:
@@ -355,7 +356,7 @@ def _block_job(stage: str, trains: str, modules: list[nn.Module], params: list[n
     if steps_per_epoch < 1:
         raise ValueError(f"train.loss={cfg.loss} needs at least {bs * world} training blocks, "
                          f"got {train_blocks.shape[0]}")
-    device = next(model.parameters()).device
+    device = input_device(model)
 
     def order(gen: torch.Generator) -> list[torch.Tensor]:
         perm = torch.randperm(train_blocks.shape[0], generator=gen)  # same order on every rank (same seed)
@@ -472,8 +473,9 @@ class DistillLoss:
         kl, positions = kl_sum(student, teacher, self.student_head, self.teacher_head, self.cfg.distill_temperature)
         loss = kl / positions
         if self.cfg.distill_alpha > 0:
-            loss = loss + self.cfg.distill_alpha * _mse(self.caught.pop("student"), self.caught.pop("teacher"),
-                                                        self.cfg.first_token, self.cfg.mse_target)
+            mse = _mse(self.caught.pop("student"), self.caught.pop("teacher"), self.cfg.first_token,
+                       self.cfg.mse_target)
+            loss = loss + self.cfg.distill_alpha * mse.to(loss.device)  # the slot's card, the head's card
         return loss
 
     def close(self) -> None:

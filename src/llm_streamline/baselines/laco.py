@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from llm_streamline.config import RunConfig
+from llm_streamline.models.devices import input_device
 from llm_streamline.models.layers import find_decoder_stack, layer_view, remove_block
 
 LACO_THRESHOLD = 0.65   # the paper's T
@@ -70,7 +71,8 @@ def rdsc_merge(layers: list[nn.Module]) -> nn.Module:
             if theirs.shape != p.shape:
                 raise ValueError(f"LaCo merges layers of one structure only ({name}: {tuple(theirs.shape)} vs "
                                  f"{tuple(p.shape)})")
-            p.add_(theirs.to(p.dtype) - w0.to(p.dtype))
+            # under a device_map the merged layers may sit on different cards: the sum is formed on layer l's
+            p.add_(theirs.to(p.device, p.dtype) - w0.to(p.device, p.dtype))
     return base
 
 
@@ -81,7 +83,7 @@ def _final_hidden(model, ids: torch.Tensor) -> torch.Tensor:
 
 
 def _mean_cos(h: torch.Tensor, ref: torch.Tensor) -> float:
-    return float(torch.nn.functional.cosine_similarity(h, ref, dim=-1).mean())
+    return float(torch.nn.functional.cosine_similarity(h, ref.to(h.device), dim=-1).mean())
 
 
 @torch.no_grad()
@@ -178,7 +180,7 @@ def laco(model: PreTrainedModel, calib: torch.Tensor, n: int, merge: int, progre
     L0 = find_decoder_stack(model).num_layers
     if not 1 <= n <= L0 - 1 - LACO_LOWEST:
         raise ValueError(f"laco: cannot remove {n} of {L0} layers")
-    ids = calib[:LACO_BLOCKS].to(next(model.parameters()).device)
+    ids = calib[:LACO_BLOCKS].to(input_device(model))
     was_training = model.training
     model.eval()
     ref = _final_hidden(model, ids)

@@ -35,6 +35,7 @@ from transformers import PreTrainedModel
 from llm_streamline.config import RunConfig
 from llm_streamline.importance import SimilarityProfile, lowest_bi_layers
 from llm_streamline.losses import nll_sum
+from llm_streamline.models.devices import input_device
 from llm_streamline.models.layers import find_decoder_stack, layer_view, remove_layers, run_layers, skipping
 
 GROMOV_METRIC = "angular_last"   # Gromov et al. §3.2: the final token's representation
@@ -114,7 +115,7 @@ def sleb(model: PreTrainedModel, calib: torch.Tensor, n: int, blocks: int | None
     """Greedy SLEB in place; returns the removed ORIGINAL indices (in removal order) and per-step records.
     The first barriers[0] and last barriers[1] current layers are never candidates (sleb.py's early_barrier /
     latter_barrier, both 1 by default)."""
-    ids = sleb_tokens(calib, blocks, seq_len).to(next(model.parameters()).device)
+    ids = sleb_tokens(calib, blocks, seq_len).to(input_device(model))
     was_training = model.training
     model.eval()
     alive = list(range(find_decoder_stack(model).num_layers))   # original index of each current layer

@@ -77,6 +77,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from llm_streamline.models.checkpoints import register_builder
+from llm_streamline.models.devices import input_device
 from llm_streamline.models.layers import count_params, find_decoder_stack
 
 log = logging.getLogger(__name__)
@@ -234,7 +235,7 @@ def taylor_gradients(model: PreTrainedModel, tokens: torch.Tensor, params: list[
         return hook
 
     hooks = [p.register_hook(square_into(fisher[id(p)])) for p in params] if with_fisher else []
-    device = model.get_input_embeddings().weight.device
+    device = input_device(model)
     try:
         for j in range(n):
             ids = tokens[j:j + 1].to(device)

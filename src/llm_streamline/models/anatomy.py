@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from llm_streamline.models.devices import input_device
 from llm_streamline.models.layers import find_decoder_stack, run_layers
 
 
@@ -163,7 +164,7 @@ def anatomy_of(model: nn.Module, index: int = 0, input_ids: torch.Tensor | None 
     a few token ids: which module feeds which does not depend on the tokens)."""
     stack = find_decoder_stack(model)
     if input_ids is None:
-        device = next(model.parameters()).device
+        device = input_device(model)
         input_ids = (torch.arange(8, device=device) % stack.config.vocab_size).unsqueeze(0)
     cap = run_layers(model, input_ids, inputs_at=(index,), kwargs_at=(index,), stack=stack)
     return probe_layer(stack.layers[index], cap.inputs[index], cap.call_kwargs[index])

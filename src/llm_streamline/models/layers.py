@@ -28,6 +28,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from llm_streamline.models.devices import input_device
+
 
 class NoDecoderLayersError(ValueError):
     pass
@@ -142,9 +144,11 @@ def run_layers(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: 
             handles.append(layer.register_forward_pre_hook(pre_hook(i), with_kwargs=True))
         if i in outputs_at or i == stop_after:
             handles.append(layer.register_forward_hook(post_hook(i), with_kwargs=True))
+    device = input_device(model)  # ids from the CPU data stage go where the embedding is (the first card)
+    mask = attention_mask.to(device) if attention_mask is not None else None
     try:
         with torch.set_grad_enabled(grad):
-            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            model(input_ids=input_ids.to(device), attention_mask=mask, use_cache=False)
         if stop_before is not None or stop_after is not None:
             raise RuntimeError("the model's forward did not reach the requested layers")
     except _StopForward:
