@@ -165,8 +165,6 @@ def build(model_type: str, layout: str, **config) -> torch.nn.Module:
     from accelerate.hooks import AlignDevicesHook, add_hook_to_module
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from llm_streamline.models.layers import find_decoder_stack
-
     cfg = AutoConfig.for_model(model_type, **config)
     with torch._subclasses.fake_tensor.unset_fake_temporarily(), torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg)  # plain meta tensors: `to_empty` makes them fake
@@ -178,24 +176,33 @@ def build(model_type: str, layout: str, **config) -> torch.nn.Module:
         def init_hook(self, module):  # the weights are placed below (to_empty), not copied by accelerate
             return module
 
+    from llm_streamline.models.layers import find_decoder_stack
+
+    layers = {id(m) for m in find_decoder_stack(model).layers}
+    for mod, card in split_groups(model):
+        dev = (GPU0, GPU1)[card]
+        mod.to_empty(device=dev, recurse=id(mod) in layers)  # other groups: their own tensors only
+        add_hook_to_module(mod, _Placed(execution_device=dev))
+    return model
+
+
+def split_groups(model: torch.nn.Module) -> list[tuple[torch.nn.Module, int]]:
+    """(module, card 0 or 1) covering every tensor of `model`: the embedding, buffer-only modules (rotary tables) and
+    the first half of the decoder layers on card 0; the other layers and the modules with weights after them (final
+    norm, LM head) on card 1, as device_map="auto" fills card 0 with what runs first."""
+    from llm_streamline.models.layers import find_decoder_stack
+
     stack = find_decoder_stack(model)
     half = stack.num_layers // 2
-    groups: list[tuple[torch.nn.Module, torch.device]] = [
-        (layer, GPU0 if i < half else GPU1) for i, layer in enumerate(stack.layers)]
+    groups = [(layer, 0 if i < half else 1) for i, layer in enumerate(stack.layers)]
     inside = {id(m) for layer in stack.layers for m in layer.modules()}
-    # every other module holding tensors: the input embedding and buffer-only modules (rotary tables) on GPU0,
-    # modules with weights (final norm, LM head) on GPU1, as device_map="auto" puts what runs first on card 0
     for mod in model.modules():
         if id(mod) in inside:
             continue
         params, buffers = list(mod.parameters(recurse=False)), list(mod.buffers(recurse=False))
         if params or buffers:
-            first = mod is model.get_input_embeddings() or not params
-            groups.append((mod, GPU0 if first else GPU1))
-    for mod, dev in groups:
-        mod.to_empty(device=dev, recurse=mod in stack.layers)
-        add_hook_to_module(mod, _Placed(execution_device=dev))
-    return model
+            groups.append((mod, 0 if mod is model.get_input_embeddings() or not params else 1))
+    return groups
 
 
 def devices_of(model: torch.nn.Module) -> set[torch.device]:

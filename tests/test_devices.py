@@ -22,6 +22,7 @@ stood for the input embedding's device.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -34,7 +35,11 @@ fd.setup()
 VOCAB = 512
 CONFIG = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
               num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128, tie_word_embeddings=False)
-LAYOUTS = ("one", "split")
+# The same stages on real CUDA (tiny random models in bf16; `cuda2`: split over two cards by accelerate's
+# dispatch_model), run on a GPU machine (`pytest -m cuda tests/test_devices.py`), skipped here.
+CUDA = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]
+CUDA2 = [pytest.mark.cuda, pytest.mark.skipif(torch.cuda.device_count() < 2, reason="fewer than two CUDA devices")]
+LAYOUTS = ("one", "split", pytest.param("cuda", marks=CUDA), pytest.param("cuda2", marks=CUDA2))
 
 
 def blocks(n: int = 4, t: int = 16) -> torch.Tensor:
@@ -47,12 +52,43 @@ def layout(request):
     return request.param
 
 
+def real(layout: str) -> bool:
+    return layout.startswith("cuda")
+
+
+def card(layout: str, i: int) -> torch.device:
+    """Card i of the layout (the one-device layouts have only card 0)."""
+    if real(layout):
+        return torch.device("cuda", i if layout == "cuda2" else 0)
+    return (fd.GPU0, fd.GPU1)[i] if layout == "split" else fd.GPU0
+
+
+def audit(layout: str, backward: bool = True):
+    """The fake-device mode (no backward on the split: see fake_devices), or nothing on real CUDA."""
+    if real(layout):
+        return contextlib.nullcontext()
+    return fd.audit(backward=backward and layout == "one")
+
+
 def model_in(layout: str, family: str = "llama", **over):
-    return fd.build(family, layout, **{**CONFIG, **over})
+    if not real(layout):
+        return fd.build(family, layout, **{**CONFIG, **over})
+    from accelerate import dispatch_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **{**CONFIG, **over}),
+                                             dtype=torch.bfloat16).eval()
+    if layout == "cuda":
+        return model.to("cuda:0")
+    names = {id(m): n for n, m in model.named_modules()}
+    return dispatch_model(model, device_map={names[id(m)]: i for m, i in fd.split_groups(model)})
 
 
-def on_fake(t: torch.Tensor, device=None) -> None:
-    assert fd.is_fake(t), f"a real {t.device} tensor where the model's device was expected"
+def on_device(layout: str, t: torch.Tensor, device=None) -> None:
+    if not real(layout):
+        assert fd.is_fake(t), f"a real {t.device} tensor where the model's device was expected"
+    assert t.device.type != "cpu", f"on the CPU, expected on {device or 'the model card'}"
     if device is not None:
         assert t.device == device, f"on {t.device}, expected {device}"
 
@@ -66,14 +102,14 @@ def test_fake_devices_catch_a_cpu_tensor_meeting_a_gpu_one():
         with pytest.raises(FakeTensorDeviceMismatchError):
             model(input_ids=blocks())
         out = model(input_ids=blocks().to(fd.GPU0))
-        on_fake(out.logits, fd.GPU0)
+        on_device("one", out.logits, fd.GPU0)
 
 
 # -------------------------------------------------------------------------------------- LLM-Streamline
 def test_similarity_profile(layout):
     from llm_streamline.importance import similarity_profile
 
-    with fd.audit():
+    with audit(layout):
         model = model_in(layout)
         prof = similarity_profile(model, blocks(), ns=[1, 2], batch_size=2, progress=False)
     assert len(prof.mean_cos[2]) == 3 and all(isinstance(v, float) for v in prof.mean_cos[1])
@@ -85,17 +121,17 @@ def test_block_probe_and_anatomy(layout):
     from llm_streamline.models.layers import run_layers
 
     calib = blocks()
-    with fd.audit():
+    with audit(layout):
         model = model_in(layout)
         cap = run_layers(model, calib[:1], outputs_at=(2,))
-        on_fake(cap.outputs[2], fd.GPU1 if layout == "split" else fd.GPU0)
+        on_device(layout, cap.outputs[2], card(layout, 1))
         anatomy_of(model, 2, calib[:1])
 
 
 def test_block_perplexities(layout):
     from llm_streamline.importance import block_perplexities
 
-    with fd.audit():
+    with audit(layout):
         out = block_perplexities(model_in(layout), blocks(), n=1, batch_size=2, progress=False)
     assert len(out) == 4
 
@@ -103,7 +139,7 @@ def test_block_perplexities(layout):
 def test_perplexity(layout):
     from llm_streamline.evaluate.perplexity import perplexity
 
-    with fd.audit():
+    with audit(layout):
         assert perplexity(model_in(layout), blocks(), batch_size=2)["tokens"] == 4 * 15
 
 
@@ -137,7 +173,7 @@ def test_teacher_pairs_and_mse_training(layout, kind, tmp_path, monkeypatch):
     monkeypatch.setattr(train, "save_file", fd.save_file_on_cpu(safetensors.torch.save_file))
     monkeypatch.setattr(train, "load_file", fd.load_file_real(safetensors.torch.load_file))
     start, n = 1, 2
-    with fd.audit(backward=layout == "one"):
+    with audit(layout):
         model = model_in(layout)
         data = blocks(6)
         tr = train.write_teacher_shards(model, data[:4], start, n, tmp_path / "t" / "train", 2, "train")
@@ -145,8 +181,8 @@ def test_teacher_pairs_and_mse_training(layout, kind, tmp_path, monkeypatch):
         slot = _slot(model, kind, start, n)
         log = train.train_mse(model, slot, start, data[:4], tr, va, _train_cfg(), seed=0)
     assert log.steps == 2
-    if layout == "one":
-        assert all(p.grad is None or p.grad.device == fd.GPU0 for m in slot for p in m.parameters())
+    if layout != "split":  # trained where it sits (the split skips the backward)
+        assert all(p.grad is None or p.grad.device == card(layout, 0) for m in slot for p in m.parameters())
 
 
 @pytest.mark.parametrize("loss", ["lm", "distill"])
@@ -158,7 +194,7 @@ def test_lm_and_distill_training(layout, loss):
     cfg = _train_cfg(loss=loss, distill_alpha=0.5 if loss == "distill" else 0.0)
     # no backward on either layout: the LM head's chunks are checkpointed (losses._chunk_sums), and recomputing
     # them in autograd's worker thread for the fake card aborts the process; the forward is what mixes devices
-    with fd.audit(backward=False):
+    with audit(layout, backward=False):
         dense = model_in(layout)
         pruned = copy.deepcopy(dense)
         slot = _slot(pruned, "ffn", start, n)
@@ -175,7 +211,7 @@ def test_lm_and_distill_training(layout, loss):
 def test_sleb(layout):
     from llm_streamline.baselines.layer_removal import sleb
 
-    with fd.audit():
+    with audit(layout):
         model = model_in(layout, num_hidden_layers=6)
         removed, steps = sleb(model, blocks(), 1, blocks=2, progress=False)
     assert len(removed) == 1 and steps[0]["candidates_ppl"]
@@ -184,7 +220,7 @@ def test_sleb(layout):
 def test_laco(layout):
     from llm_streamline.baselines.laco import laco
 
-    with fd.audit():
+    with audit(layout):
         model = model_in(layout, num_hidden_layers=6)
         removed, _ = laco(model, blocks(), 1, merge=2, progress=False)
     assert len(removed) == 1
@@ -198,13 +234,13 @@ def test_profile_baselines(layout, name):
     from llm_streamline.importance import similarity_profile
     from llm_streamline.models.layers import find_decoder_stack
 
-    with fd.audit():
+    with audit(layout):
         model = model_in(layout, num_hidden_layers=6)
         prof = similarity_profile(model, blocks(), ns=[1, 2], batch_size=2, progress=False)
         res = apply(name, model, blocks(), prof, 2, RunConfig())
-        out = model(input_ids=blocks().to(fd.GPU0))
+        out = model(input_ids=blocks().to(card(layout, 0)))
     assert find_decoder_stack(res.model).num_layers == 4
-    on_fake(out.logits)
+    on_device(layout, out.logits)
 
 
 @pytest.mark.parametrize("importance", ["element1", "mix"])
@@ -214,7 +250,7 @@ def test_llm_pruner_importance(layout, importance):
     give, left to the CUDA tests)."""
     from llm_streamline.baselines import llm_pruner
 
-    with fd.audit(backward=layout == "one"):
+    with audit(layout):
         model = model_in(layout)
         structs = llm_pruner.find_structures(model, [0, 3], "head")
         params = [m.linear.weight for s in structs for m in s.members]
@@ -230,8 +266,57 @@ def test_llm_pruner_importance(layout, importance):
 def test_speed(layout):
     from llm_streamline.evaluate.speed import measure_throughput, paired_prefill_speedup
 
-    with fd.audit():
+    with audit(layout):
         model = model_in(layout)
         r = measure_throughput(model, batch_size=1, prompt_len=8, decode_tokens=2, repeats=1)
         paired_prefill_speedup(model, model, prompt_len=8, rounds=1)
     assert r["prefill_seconds"] > 0
+
+
+class _Event:
+    """A CUDA event as `Clock` uses it, on a timeline of integers (ms)."""
+    now = 0
+
+    def __init__(self, log):
+        self.log, self.t = log, None
+
+    def record(self):
+        _Event.now += 7
+        self.t = _Event.now
+        self.log.append("record")
+
+    def synchronize(self):
+        self.log.append("wait")
+
+    def elapsed_time(self, other):
+        return float(other.t - self.t)
+
+
+def test_clock_on_cuda_synchronises_every_card_and_reads_events():
+    """The CUDA branch without a GPU: each mark synchronises every CUDA card of the model before recording its
+    event; the seconds are the events' elapsed time after waiting for the end event."""
+    from llm_streamline.evaluate.speed import Clock
+
+    log = []
+    clock = Clock(["cuda:1", "cuda:0", "cuda:1", "cpu"], synchronize=lambda d: log.append(f"sync {d}"),
+                  event=lambda: _Event(log))
+    a = clock.mark()
+    b = clock.mark()
+    assert clock.seconds(a, b) == pytest.approx(0.007)
+    assert log == ["sync cuda:0", "sync cuda:1", "record", "sync cuda:0", "sync cuda:1", "record", "wait"]
+    cpu = Clock(["cpu"], synchronize=lambda d: pytest.fail("synchronised a CPU model"))
+    t0 = cpu.mark()
+    assert isinstance(t0, float) and cpu.seconds(t0, cpu.mark()) >= 0
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_speed_on_cuda_times_the_kernels():
+    """On CUDA the timed prefill of a model that does real work takes longer than its kernel launches alone: a
+    4096-token prefill of a 4-layer model cannot finish in the ~1 ms Python needs to queue it."""
+    from llm_streamline.evaluate.speed import measure_throughput
+
+    model = model_in("cuda", hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_key_value_heads=4,
+                     max_position_embeddings=4096)
+    r = measure_throughput(model, batch_size=4, prompt_len=1024, decode_tokens=4, repeats=2)
+    assert r["prefill_seconds"] > 1e-3

@@ -16,6 +16,9 @@ FLOPs per token (forward pass), for a sequence of ``seq_len`` tokens processed c
 Throughput: ``measure_throughput`` times a prefill (one forward over ``prompt_len`` tokens with a KV
 cache, LM head on the last position only, as ``generate`` does) and a greedy decode of
 ``decode_tokens`` single-token steps on that cache; one warm-up run, then the median of ``repeats``.
+Timing (`Clock`): on the CPU, perf_counter around the work. On CUDA a call returns once its kernels are queued, so
+perf_counter would time the launches: every card the model uses is synchronised at each mark, and the time
+between marks is read from CUDA events (the GPU's own timeline), after the end event has completed.
 """
 
 from __future__ import annotations
@@ -23,10 +26,12 @@ from __future__ import annotations
 import inspect
 import statistics
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
+
+from llm_streamline.models.devices import input_device
 
 
 def matmul_params(model: nn.Module) -> int:
@@ -75,21 +80,55 @@ def _cache_keyword(model: Any) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+class Clock:
+    """Marks on a timeline and the seconds between two of them, right for the devices `model` runs on.
+
+    CPU: `time.perf_counter()`. CUDA: `synchronize(device)` for each CUDA card of the model, then a CUDA event
+    recorded (`event()`: `torch.cuda.Event(enable_timing=True)`); `seconds(a, b)` waits for `b` and reads
+    `a.elapsed_time(b)` (milliseconds). `synchronize` and `event` are injectable so that the CUDA logic is tested
+    without a GPU."""
+
+    def __init__(self, devices, synchronize: Callable | None = None, event: Callable | None = None):
+        self.cuda = sorted({torch.device(d) for d in devices if torch.device(d).type == "cuda"}, key=str)
+        self._sync = synchronize or torch.cuda.synchronize
+        self._event = event or (lambda: torch.cuda.Event(enable_timing=True))
+
+    @classmethod
+    def of(cls, model: nn.Module) -> "Clock":
+        return cls({p.device for p in model.parameters()})
+
+    def mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        for d in self.cuda:  # every card: under a device_map the last layers run on another one
+            self._sync(d)
+        e = self._event()
+        e.record()
+        return e
+
+    def seconds(self, a, b) -> float:
+        if not self.cuda:
+            return b - a
+        b.synchronize()
+        return a.elapsed_time(b) / 1000.0
+
+
 @torch.no_grad()
-def _one_run(model: Any, ids: torch.Tensor, decode_tokens: int) -> tuple[float, float]:
+def _one_run(model: Any, ids: torch.Tensor, decode_tokens: int, clock: Clock | None = None) -> tuple[float, float]:
     """(prefill seconds, decode seconds) of one prefill + greedy decode."""
     key = _cache_keyword(model)
-    t0 = time.perf_counter()
+    clock = clock or Clock.of(model)
+    t0 = clock.mark()
     out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-    t1 = time.perf_counter()
+    t1 = clock.mark()
     cache = out[key]
     nxt = out.logits[:, -1].argmax(-1, keepdim=True)
     for _ in range(decode_tokens):
         out = model(input_ids=nxt, use_cache=True, **{key: cache})
         cache = out[key]
-        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-    t2 = time.perf_counter()
-    return t1 - t0, t2 - t1
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True).to(ids.device)  # the head's card -> the embedding's
+    t2 = clock.mark()
+    return clock.seconds(t0, t1), clock.seconds(t1, t2)
 
 
 @torch.no_grad()
@@ -104,12 +143,12 @@ def measure_throughput(
         raise ValueError("batch_size, prompt_len, repeats must be >= 1 and decode_tokens >= 0")
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, _vocab_size(model), (batch_size, prompt_len), generator=gen).to(device)
+    ids = torch.randint(0, _vocab_size(model), (batch_size, prompt_len), generator=gen).to(input_device(model))
+    clock = Clock.of(model)
     try:
-        _one_run(model, ids, min(decode_tokens, 2))  # warm-up: allocator, kernels, lazy init
-        runs = [_one_run(model, ids, decode_tokens) for _ in range(repeats)]
+        _one_run(model, ids, min(decode_tokens, 2), clock)  # warm-up: allocator, kernels, lazy init
+        runs = [_one_run(model, ids, decode_tokens, clock) for _ in range(repeats)]
     finally:
         model.train(was_training)
     prefill_s = statistics.median(r[0] for r in runs)
@@ -133,20 +172,20 @@ def paired_prefill_speedup(dense: Any, pruned: Any, prompt_len: int, rounds: int
     under a second, so one pair is noisy on a shared machine (two back-to-back calls of the pipeline's
     earlier 5-round median gave 1.35 and 1.26 for the same models); the median of paired ratios is not."""
     gen = torch.Generator().manual_seed(seed)
-    device = next(dense.parameters()).device
-    ids = torch.randint(0, _vocab_size(dense), (1, prompt_len), generator=gen).to(device)
+    ids = torch.randint(0, _vocab_size(dense), (1, prompt_len), generator=gen).to(input_device(dense))
+    pids = ids.to(input_device(pruned))
     was = dense.training, pruned.training
     dense.eval()
     pruned.eval()
     try:
         _one_run(dense, ids, 0)
-        _one_run(pruned, ids, 0)
+        _one_run(pruned, pids, 0)
         ratios = []
         for r in range(rounds):
             if r % 2:
-                p, d = _one_run(pruned, ids, 0)[0], _one_run(dense, ids, 0)[0]
+                p, d = _one_run(pruned, pids, 0)[0], _one_run(dense, ids, 0)[0]
             else:
-                d, p = _one_run(dense, ids, 0)[0], _one_run(pruned, ids, 0)[0]
+                d, p = _one_run(dense, ids, 0)[0], _one_run(pruned, pids, 0)[0]
             ratios.append(d / p)
     finally:
         dense.train(was[0])
