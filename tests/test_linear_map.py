@@ -49,6 +49,8 @@ def test_replaceme_closed_form_equals_a_dense_solve_and_fusion_equals_the_unfuse
     dense = torch.linalg.lstsq(m.double(), (y - z).double()).solution
     assert torch.allclose(t, dense, rtol=1e-6, atol=1e-8 * float(dense.abs().max()))
     assert log["mse_map"] < log["mse_pruned"] and log["calibration_tokens"] == calib.numel()
+    assert abs(log["mse_map"] - float(((m.double() @ dense - (y - z).double()) ** 2).mean())) < 1e-6 * log["mse_map"]
+    assert abs(log["mse_pruned"] - float(((m - (y - z)) ** 2).mean())) < 1e-4 * log["mse_pruned"]
 
     fused, hooked, plain = copy.deepcopy(model), copy.deepcopy(model), copy.deepcopy(model)
     linear_map.fuse_into_mlp_output(fused, START - 1, t)
@@ -77,7 +79,7 @@ def test_ridge_shrinks_and_the_cosine_objective_lowers_its_distance():
     assert t1.norm() < t0.norm()
     cfg = ReplacementConfig(type="linear", objective="cosine", fit_epochs=3, fit_lr=1e-2, fit_batch_tokens=64)
     t, log = linear_map.replaceme_map(model, calib, START, N, cfg, 4)
-    assert log["cos_map"] < log["cos_pruned"] and not torch.equal(t, torch.eye(t.shape[0], dtype=t.dtype))
+    assert log["cos_last_pass"] < log["cos_pruned"] and not torch.equal(t, torch.eye(t.shape[0], dtype=t.dtype))
 
 
 @pytest.mark.parametrize("objective", ["lstsq", "cosine"])
@@ -98,7 +100,7 @@ def test_streamed_fit_holds_one_batch_of_activations_whatever_the_calibration_si
     monkeypatch.setattr(linear_map._Boundary, "__call__", watched)
     cfg = ReplacementConfig(type="linear", objective=objective, fit_epochs=2)
     linear_map.replaceme_map(model, ids(16), START, N, cfg, batch_size=2)
-    assert len(most) >= 16 and max(most) <= 3  # one batch: M, Z, x_(s+n)
+    assert len(most) >= 8 and max(most) <= 3  # one batch: M, Z, x_(s+n)
     assert sum(r() is not None for r in alive) == 0
     g = Gram(64, 64)
     size = g.xtx.numel() + g.xty.numel()

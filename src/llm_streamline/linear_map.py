@@ -67,6 +67,7 @@ class Gram:
         k = d_in + int(bias)
         self.xtx = torch.zeros(k, k, dtype=torch.float64)
         self.xty = torch.zeros(k, d_out, dtype=torch.float64)
+        self.yty = 0.0  # trace of Y^T Y: with the two above, the error of any B without another pass
         self.rows = 0
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -76,7 +77,14 @@ class Gram:
             x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
         self.xtx += x.T @ x
         self.xty += x.T @ y
+        self.yty += float((y * y).sum())
         self.rows += x.shape[0]
+
+    def mse(self, b: torch.Tensor) -> float:
+        """Mean over rows and output columns of (X B - Y)^2, from the accumulated statistics."""
+        b = b.to(torch.float64)
+        sse = float((b * (self.xtx @ b)).sum() - 2 * (b * self.xty).sum()) + self.yty
+        return max(sse, 0.0) / (self.rows * self.xty.shape[1])
 
     def solve(self, ridge: float = 0.0) -> torch.Tensor:
         """B (float64): ridge is relative to the mean diagonal of X^T X; a singular system gets the minimum-norm
@@ -150,13 +158,16 @@ def replaceme_map(model: nn.Module, blocks: torch.Tensor, start: int, n: int, cf
         for ids in _batches(blocks, batch_size, "ReplaceMe: X^T X, X^T Y"):
             m, z, y = boundary(ids)
             gram.add(m, y - z)
-        del m, z, y  # the last batch, before the fit log streams the blocks again
         t = gram.solve(cfg.ridge)
+        # one pass only: the calibration error before (T = I: plain pruning) and after, from the statistics
+        fit = {"mse_pruned": gram.mse(torch.eye(d, dtype=torch.float64)), "mse_map": gram.mse(t),
+               "calibration_tokens": gram.rows}
     elif cfg.objective == "cosine":
-        t = _cosine_map(boundary, blocks, d, cfg, batch_size, seed).double()
+        t, fit = _cosine_map(boundary, blocks, d, cfg, batch_size, seed)
+        t = t.double()
     else:
         raise LinearMapError(f"replacement.objective={cfg.objective!r}: lstsq | cosine")
-    return t, _fit_log(boundary, blocks, t, batch_size) | {"objective": cfg.objective, "ridge": cfg.ridge}
+    return t, fit | {"objective": cfg.objective, "ridge": cfg.ridge}
 
 
 def _cosine_distance(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -164,35 +175,30 @@ def _cosine_distance(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def _cosine_map(boundary: _Boundary, blocks: torch.Tensor, d: int, cfg: ReplacementConfig, batch_size: int,
-                seed: int) -> torch.Tensor:
+                seed: int) -> tuple[torch.Tensor, dict]:
+    """Adam on the mean cosine distance from T = I; the log has plain pruning's distance (measured on each
+    minibatch before its step in the first pass) and the mean distance over the last pass."""
     dev = _device(boundary.model)
     t = torch.eye(d, device=dev, requires_grad=True)
     opt = torch.optim.Adam([t], lr=cfg.fit_lr)
     gen = torch.Generator().manual_seed(seed)
+    first = last = 0.0
+    rows = 0
     for epoch in range(cfg.fit_epochs):
+        last, rows = 0.0, 0
         for ids in _batches(blocks, batch_size, f"ReplaceMe cosine, pass {epoch + 1}/{cfg.fit_epochs}"):
             m, z, y = boundary(ids)
+            if epoch == 0:
+                first += float(_cosine_distance(z + m, y).sum())
             order = torch.randperm(m.shape[0], generator=gen).to(dev)
             for chunk in order.split(cfg.fit_batch_tokens):
                 opt.zero_grad()
-                loss = _cosine_distance(z[chunk] + m[chunk] @ t, y[chunk]).mean()
-                loss.backward()
+                dist = _cosine_distance(z[chunk] + m[chunk] @ t, y[chunk])
+                dist.mean().backward()
                 opt.step()
-    return t.detach()
-
-
-@torch.no_grad()
-def _fit_log(boundary: _Boundary, blocks: torch.Tensor, t: torch.Tensor, batch_size: int) -> dict:
-    sums = {"mse_pruned": 0.0, "mse_map": 0.0, "cos_pruned": 0.0, "cos_map": 0.0}
-    rows = 0
-    tf = t.float().to(_device(boundary.model))
-    for ids in _batches(blocks, batch_size, "ReplaceMe: calibration fit"):
-        m, z, y = boundary(ids)
-        for name, pred in (("pruned", z + m), ("map", z + m @ tf)):
-            sums[f"mse_{name}"] += float(((pred - y) ** 2).mean(-1).sum())
-            sums[f"cos_{name}"] += float(_cosine_distance(pred, y).sum())
-        rows += m.shape[0]
-    return {k: v / rows for k, v in sums.items()} | {"calibration_tokens": rows}
+                last += float(dist.detach().sum())
+            rows += m.shape[0]
+    return t.detach(), {"cos_pruned": first / rows, "cos_last_pass": last / rows, "calibration_tokens": rows}
 
 
 @torch.no_grad()
