@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -52,6 +53,9 @@ def parse(argv=None) -> argparse.Namespace:
                    "(src/llm_streamline/models/configs/<id with / as -->)")
     p.add_argument("--set", default="", help="config overrides, e.g. hidden_size=1024,num_hidden_layers=16")
     p.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on the CPU")
+    p.add_argument("--clock", choices=("wall", "process"), default="wall",
+                   help="process: this process's CPU seconds (on a shared CPU with one thread, the work done "
+                        "whatever the load; for comparing models, not for absolute speed)")
     return p.parse_args(argv)
 
 
@@ -83,8 +87,9 @@ def materialise(config, device: str, dtype: torch.dtype, seed: int = 0):
 class Stages:
     """Wall time (synchronised) and peak accelerator memory of each stage."""
 
-    def __init__(self, device: str):
+    def __init__(self, device: str, clock: str = "wall"):
         self.cuda = device.startswith("cuda")
+        self.clock = time.process_time if clock == "process" else time.perf_counter
         self.rows: dict[str, dict] = {}
 
     def sync(self):
@@ -96,10 +101,10 @@ class Stages:
         self.sync()
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
+        t0 = self.clock()
         yield
         self.sync()
-        row = {"seconds": round(time.perf_counter() - t0, 3)}
+        row = {"seconds": round(self.clock() - t0, 3)}
         if self.cuda:
             row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         self.rows[name] = row
@@ -153,7 +158,7 @@ def main(argv=None) -> dict:
     overrides = dict(TINY) if args.tiny else {}
     for item in filter(None, args.set.split(",")):
         k, v = item.split("=", 1)
-        overrides[k] = int(v) if v.lstrip("-").isdigit() else v
+        overrides[k] = (int(v) if v.lstrip("-").isdigit() else {"true": True, "false": False}.get(v.lower(), v))
     for k, v in overrides.items():
         setattr(config, k, v)
     if args.tiny:
@@ -169,7 +174,7 @@ def main(argv=None) -> dict:
     train_blocks = torch.randint(0, V, (args.train_blocks, seq))
     val_blocks = torch.randint(0, V, (args.val_blocks, seq))
     ppl_blocks = torch.randint(0, V, (args.ppl_blocks, seq))
-    st = Stages(device)
+    st = Stages(device, args.clock)
     try:
         with st.stage("load_model"):
             model = materialise(config, device, dtype)
@@ -177,8 +182,8 @@ def main(argv=None) -> dict:
         L, n = stack.num_layers, args.n
         with st.stage("importance"):
             profile = similarity_profile(model, calib, ns=list(range(1, L + 1)), batch_size=args.batch)
-        start = profile.best_start(n)
-        start = min(max(start, 0), L - n)
+        start = min(max(profile.best_start(n), 0), L - n)
+        cfg = replace(cfg, sparsity=replace(cfg.sparsity, start=start))  # the plan prices the block chosen
         with st.stage("perplexity_dense"):
             dense_ppl = perplexity(model, ppl_blocks, args.batch)
         with st.stage("teacher_online"):  # what train.teacher=online computes per batch: x^(l*), x^(l*+n), no disk
@@ -217,7 +222,7 @@ def main(argv=None) -> dict:
             compare[name] = row
     result = {
         "device": torch.cuda.get_device_name(0) if device.startswith("cuda") else platform.processor() or "cpu",
-        "torch": torch.__version__, "dtype": dtype_name, "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "dtype": dtype_name, "threads": torch.get_num_threads(), "clock": args.clock,
         "shapes": {"hub_id": args.hub_id, "overrides": overrides},
         "params": sum(p.numel() for p in model.parameters()), "layers": L, "removed": [start, start + n],
         "seq_len": seq, "workload": {k: getattr(args, k) for k in ("calib", "train_blocks", "val_blocks", "batch",

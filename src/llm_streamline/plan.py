@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import shutil
 import sys
 import time
@@ -194,6 +195,7 @@ class Hardware:
     host_ram_gib: float
     disk_free_gib: float    # where stage outputs go (the stage cache)
     out_free_gib: float     # where the run directory is
+    one_disk: bool = True   # the stage cache and the run directory share a filesystem (their needs add up)
     measured: str = ""      # what was measured on this machine rather than taken from HARDWARE
 
 
@@ -221,15 +223,25 @@ def hardware(cfg: RunConfig, out_dir: Path | None = None) -> Hardware:
         dev_mem = DEFAULT_GPU_MEMORY_GIB if kind == "cuda" else host
     disk = p.disk_free_gib if p.disk_free_gib is not None else _free_gib(stages.stage_root())
     out = p.disk_free_gib if p.disk_free_gib is not None else _free_gib(out_dir or Path("."))
+    one = p.disk_free_gib is not None or _device_of(stages.stage_root()) == _device_of(out_dir or Path("."))
     return Hardware(kind, max(1, devices), tflops or base["tflops"], p.bandwidth_gbs or base["bandwidth_gbs"],
-                    p.disk_gbs or base["disk_gbs"], dev_mem, p.host_ram_gib or host, disk, out, ", ".join(measured))
+                    p.disk_gbs or base["disk_gbs"], dev_mem, p.host_ram_gib or host, disk, out, one,
+                    ", ".join(measured))
 
 
-def _free_gib(path: Path) -> float:
+def _existing(path: Path) -> Path:
     probe = Path(path).resolve()
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
-    return shutil.disk_usage(probe).free / GIB
+    return probe
+
+
+def _free_gib(path: Path) -> float:
+    return shutil.disk_usage(_existing(path)).free / GIB
+
+
+def _device_of(path: Path) -> int:
+    return os.stat(_existing(path)).st_dev
 
 
 def measure_tflops(kind: str, dtype: torch.dtype, n: int = 2048, seconds: float = 1.0) -> float:
@@ -427,7 +439,7 @@ def stage_teacher(c: _Ctx) -> Stage | None:
     batch = 3 * c.batch * c.seq * s.hidden * s.bytes_per_param / GIB
     return Stage("teacher_pairs", flops=tokens * s.layers_flops(0, c.block_end, c.seq),
                  disk_io=size * (1 + c.hw.disk_gbs / HASH_GBS), device_gib=c.device(batch), host_gib=c.host(batch),
-                 disk_gib=size / GIB, note=f"cached: {tokens:,} tokens x 2 states written ({size / GIB:,.3g} GiB)")
+                 disk_gib=size / GIB, note=f"cached: {tokens:,} tokens x 2 states written ({_gib(size / GIB)})")
 
 
 def stage_train(c: _Ctx) -> Stage | None:
@@ -586,8 +598,11 @@ def problems(plan: Plan) -> list[str]:
     hw, out = plan.hw, []
     cache = sum(s.disk_gib for s in plan.stages if s.name != "save")
     save = sum(s.disk_gib for s in plan.stages if s.name == "save")
+    if hw.one_disk:  # one filesystem: the saved model comes on top of the stage cache
+        cache, save = cache + save, 0.0
     if cache > hw.disk_free_gib:
-        out.append(f"the stage cache needs {_gib(cache)} on disk, {_gib(hw.disk_free_gib)} free"
+        out.append(f"the stage cache{' and the saved model' if hw.one_disk else ''} need {_gib(cache)} on disk, "
+                   f"{_gib(hw.disk_free_gib)} free"
                    + (" (teacher pairs: set train.teacher=online or fewer data.train_samples)"
                       if any(s.name == "teacher_pairs" and s.disk_gib for s in plan.stages) else ""))
     if save > hw.out_free_gib:
