@@ -370,9 +370,28 @@ def validate(cfg: RunConfig) -> None:
     _check(e.perplexity_blocks is None or e.perplexity_blocks >= 1,
            f"eval.perplexity_blocks={e.perplexity_blocks}: null (all) or >= 1")
     _check(cfg.mode in ("run", "eval"), f"mode={cfg.mode!r}: run | eval")
+    _check_unused(cfg)
     _check(cfg.objective in OBJECTIVE_DIRECTIONS, f"objective={cfg.objective!r}: ppl | avg_acc | stability")
     _check(cfg.wandb.mode in ("auto", "online", "offline", "disabled"), f"wandb.mode={cfg.wandb.mode!r}")
     _check_ranges(cfg)
+
+
+def _check_unused(cfg: RunConfig) -> None:
+    """Keys a command or method would not read are refused, never ignored (issue 26)."""
+    m, s, r, name = cfg.model, cfg.sparsity, cfg.replacement, cfg.method.name
+    _check(cfg.mode == "eval" or cfg.checkpoint is None,
+           f"checkpoint={cfg.checkpoint}: llm-streamline compresses model={m.name} and reads no checkpoint; evaluate "
+           "a saved model with llm-streamline-eval checkpoint=<dir>")
+    _check(m.source != "tiny" or m.name_or_path is None,
+           f"model.name_or_path={m.name_or_path}: model={m.name} is a random model built from its config and reads "
+           "no path; load a directory with model=hub model.name_or_path=<dir>")
+    if name != "streamline":
+        _check(r.type == "none",
+               f"replacement={r.type} with method={name}: a baseline puts no network in place of what it removes; "
+               f"drop replacement=, or size it as the {r.type} row with method.match_replacement={r.type}")
+        _check(s.start is None, f"sparsity.start={s.start} with method={name}: the baseline chooses its own layers; "
+                                "sparsity.start forces LLM-Streamline's block (method=streamline)")
+    _check(s.start is None or s.start >= 0, f"sparsity.start={s.start}: must be >= 0")
 
 
 def _check_ranges(cfg: RunConfig) -> None:
@@ -401,6 +420,19 @@ def _schema_keys(schema: type, prefix: str = "") -> dict[str, type | None]:
         out[prefix + name] = sub
         if sub is not None:
             out.update(_schema_keys(sub, f"{prefix}{name}."))
+    return out
+
+
+def mapping_keys(schema: type = None, prefix: str = "") -> set[str]:
+    """Dotted keys whose value is a free mapping (`eval.task_limits`, `model.tiny`)."""
+    from typing import get_origin
+
+    out: set[str] = set()
+    for name, hint in get_type_hints(schema or RunConfig).items():
+        if is_dataclass(hint):
+            out |= mapping_keys(hint, f"{prefix}{name}.")
+        elif get_origin(hint) is dict:
+            out.add(prefix + name)
     return out
 
 

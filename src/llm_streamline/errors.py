@@ -25,7 +25,7 @@ import traceback
 from pathlib import Path
 from typing import NoReturn
 
-from llm_streamline.config import ConfigError, RunConfig, _schema_keys
+from llm_streamline.config import ConfigError, RunConfig, _schema_keys, mapping_keys
 
 BAD_INPUT = 2
 FAULT = 3
@@ -81,8 +81,16 @@ def hydra_error_line(e: Exception) -> str | None:
         return None
     unknown = re.match(r"Could not override '([^']+)'", str(e))
     if unknown:  # Hydra's hint would be `+key=...`, which the schema then refuses: name the closest key
-        close = difflib.get_close_matches(unknown.group(1), list(_schema_keys(RunConfig)), n=1)
-        return f"unknown key {unknown.group(1)}" + (f": did you mean {close[0]}?" if close else "")
+        key = unknown.group(1)
+        mapping = next((k for k in (key, key.rsplit(".", 1)[0]) if k in mapping_keys()), None)
+        if mapping:  # a free mapping (eval.task_limits): Hydra replaces it with ++, adds one entry with +
+            given = re.search(r"use \+(\S+)", str(e))
+            value = given.group(1).split("=", 1)[1] if given and "=" in given.group(1) else "<value>"
+            return (f"++{mapping}={value} replaces the mapping {mapping}" if key == mapping else
+                    f"+{key}={value} adds an entry to the mapping {mapping}") + \
+                f": write it so ({key} cannot be overridden as given)"
+        close = difflib.get_close_matches(key, list(_schema_keys(RunConfig)), n=1)
+        return f"unknown key {key}" + (f": did you mean {close[0]}?" if close else "")
     line = first_line(e)
     if isinstance(e, MissingConfigException) and e.options:
         line += f"; available: {', '.join(e.options)}"

@@ -48,6 +48,10 @@ def model_config(m: ModelConfig) -> PretrainedConfig | None:
                                               packaged_config_dir(EMBEDDED_HUB_ID)))
     if m.source == "local" and not Path(m.name_or_path).is_dir():
         raise ConfigError(f"model.name_or_path={m.name_or_path}: no such directory (model.source=local)")
+    # a path, not a hub id (<org>/<name>): the hub client would answer "Repo id must be in the form ..."
+    looks_like_path = m.name_or_path.startswith(("/", "./", "../", "~")) or Path(m.name_or_path).exists()
+    if m.source == "hub" and looks_like_path and not Path(m.name_or_path).expanduser().is_dir():
+        raise ConfigError(f"model.name_or_path={m.name_or_path}: no such directory (a hub id is <org>/<name>)")
     packaged = packaged_config_dir(m.name_or_path) if m.source == "hub" and not m.revision else None
     if packaged is not None:
         return AutoConfig.from_pretrained(str(packaged))
@@ -78,8 +82,64 @@ def check_layers(cfg: RunConfig, config: PretrainedConfig | None) -> None:
         raise ConfigError(f"sparsity.layers={cfg.sparsity.layers}: model {cfg.model.name} has only {total} layers")
 
 
+def skeleton(cfg: RunConfig, config: PretrainedConfig | None):
+    """The model's modules without its weights, to size the block from: `plan.meta_model` (the meta device, no
+    memory); a tiny model is built for real (kilobytes) with the embedded tokenizer's vocabulary, as
+    `load_model` builds it. None when it cannot be built this way (the tiny model's tokenizer not converted
+    yet, a remote-code model, an architecture that needs more than its config): the checks then run after
+    loading."""
+    m = cfg.model
+    if config is None or m.trust_remote_code:
+        return None
+    tok_dir = stages.cache_dir() / "models" / "smollm2-135m-instruct"  # a cache root that is a file: one line
+    try:
+        if m.source != "tiny":
+            from llm_streamline.plan import meta_model
+
+            return meta_model(cfg)
+        if not (tok_dir / "tokenizer.json").exists():
+            return None
+        from llm_streamline.models.loading import embedded_tokenizer, tiny_model
+
+        tok = embedded_tokenizer()
+        special = {k: getattr(tok, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+                   if getattr(tok, k) is not None}
+        return tiny_model(m.family, len(tok), dict(m.tiny), special_ids=special)
+    except Exception:  # checked after loading instead
+        return None
+
+
+def check_block(cfg: RunConfig, model) -> None:
+    """The block the run would remove, from the model's structure alone: its size n (`sparsity.layers` or
+    `target`; `resolve_block_size` refuses one that removes nothing net) and `sparsity.start` in [0, L - n]."""
+    from dataclasses import replace
+
+    from llm_streamline.config import ReplacementConfig
+    from llm_streamline.models.layers import find_decoder_stack
+    from llm_streamline.recipes.common import check_start, resolve_block_size
+
+    if cfg.method.name != "streamline":  # a baseline is sized as the row it is matched to
+        cfg = replace(cfg, replacement=ReplacementConfig(type=cfg.method.match_replacement or "none"))
+    stack = find_decoder_stack(model)
+    n = resolve_block_size(cfg, model, stack)
+    check_start(cfg, n, stack.num_layers)
+
+
+def check_hub_text(cfg: RunConfig) -> None:
+    """The reported perplexity's hub text (wikitext2, c4) is read from the hub on every run: without network
+    access the run is refused now, not after the dense model's evaluation."""
+    if cfg.eval.perplexity and cfg.eval.perplexity_text != "heldout":
+        from llm_streamline.data import hub
+
+        hub.preflight(f"eval.perplexity_text={cfg.eval.perplexity_text}")
+
+
 def check_run(cfg: RunConfig) -> None:
     check_device(cfg.model)
+    check_hub_text(cfg)
     config = model_config(cfg.model)
     check_positions(cfg, config)
     check_layers(cfg, config)
+    model = skeleton(cfg, config)
+    if model is not None:
+        check_block(cfg, model)

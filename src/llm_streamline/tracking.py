@@ -36,6 +36,13 @@ def _has_api_key() -> bool:
 
 
 def resolve_mode(cfg: WandbConfig) -> str:
+    env = os.environ.get("WANDB_MODE")
+    if env is not None and not env.strip():  # `WANDB_MODE= cmd`: unset (wandb itself would fail validating "")
+        del os.environ["WANDB_MODE"]
+    elif env is not None and env not in ("disabled", "offline", "online", "dryrun", "run"):
+        from llm_streamline.config import ConfigError
+
+        raise ConfigError(f"WANDB_MODE={env!r}: one of online, offline, disabled (or unset it)")
     if os.environ.get("WANDB_MODE") in ("disabled", "offline", "online"):
         return os.environ["WANDB_MODE"]
     if cfg.mode == "auto":

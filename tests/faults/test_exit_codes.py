@@ -44,6 +44,8 @@ def test_interrupt_exits_130_or_143_naming_the_stage_and_keeps_finished_stages(s
     assert res.stderr.strip().splitlines()[-1] == \
         "llm-streamline: error: interrupted during stage train; finished stages are kept"
     assert "Traceback" not in res.stderr
+    log = res.stdout + res.stderr  # the interrupted stage is never logged as done
+    assert "== train done" not in log and "== train interrupted after" in log, log[-3000:]
     kept = {p.name.split("-")[0] for p in stages.iterdir()}
     assert {"profile", "eval_dense", "teacher"} <= kept and "train" not in kept
     assert not list(stages.glob("*.partial")) and not list(stages.glob(".tmp*"))
@@ -76,3 +78,19 @@ def test_wandb_online_without_key_or_server_falls_back_to_offline_quickly(env, t
         tracker.finish()
     assert time.perf_counter() - t0 < 60
     assert any("W&B online is not possible" in r.getMessage() for r in caplog.records)
+
+
+def test_a_stage_that_raises_is_logged_as_failed_or_interrupted_never_done(caplog):
+    from llm_streamline.recipes.common import Timings
+
+    timings = Timings()
+    for stage, exc in (("eval_dense", KeyboardInterrupt()), ("perplexity_dense", RuntimeError("no network"))):
+        with caplog.at_level("INFO", logger="llm_streamline"), pytest.raises(type(exc)):
+            with timings.stage(stage):
+                raise exc
+    with caplog.at_level("INFO", logger="llm_streamline"), timings.stage("speed"):
+        pass
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("== ")]
+    assert [line.rsplit(" after ", 1)[0].rsplit(" in ", 1)[0] for line in lines] == [
+        "== eval_dense", "== eval_dense interrupted", "== perplexity_dense", "== perplexity_dense failed",
+        "== speed", "== speed done"], lines

@@ -83,6 +83,8 @@ def _offline_msg(name: str, why: str) -> str:
     why = " ".join(str(why).split())
     if len(why) > 160:
         why = why[:157] + "..."
+    if name.startswith("eval.perplexity_text="):  # the reported perplexity's text, not the training data
+        return f"{name} needs network access to the Hugging Face hub; use eval.perplexity_text=heldout ({why})"
     return f"data={name} needs network access to the Hugging Face hub; use data=offline ({why})"
 
 

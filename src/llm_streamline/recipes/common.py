@@ -25,7 +25,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from llm_streamline import __version__, faults, plan, preflight, record, report, stages
-from llm_streamline.config import ReplacementConfig, RunConfig, heal_train_config
+from llm_streamline.config import ConfigError, ReplacementConfig, RunConfig, heal_train_config
 from llm_streamline.data import SPLIT_LAYOUT, TokenBlocks, load_blocks, perplexity_text
 from llm_streamline.evaluate.harness import run_lm_eval, save_samples_jsonl, write_lm_eval_files
 from llm_streamline.evaluate.perplexity import perplexity
@@ -86,11 +86,13 @@ class Timings(dict):
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         log.info("== %s", name)
+        failed = None
         try:
             yield
         except BaseException as e:
             if not hasattr(e, "stage"):
                 e.stage = name  # the CLI's one-line error names the stage that failed
+            failed = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
             raise
         finally:
             self[name] = round(self.get(name, 0.0) + time.perf_counter() - t0, 3)
@@ -98,7 +100,8 @@ class Timings(dict):
                 self.peak_rss_mib[name] = max(self.peak_rss_mib.get(name, 0.0), _peak_rss_mib())
             if torch.cuda.is_available():
                 self.peak_cuda_mib[name] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-            log.info("== %s done in %.1f s", name, self[name])
+            # a stage that raised is never logged as done (the CLI's line says why it stopped)
+            log.info("== %s %s after %.1f s" if failed else "== %s %sdone in %.1f s", name, failed or "", self[name])
 
 
 def peak_memory() -> dict:
@@ -144,12 +147,27 @@ def resolve_block_size(cfg: RunConfig, model, stack) -> int:
             raise ValueError(f"sparsity.layers={s.layers} ({n} removed): the model has only {L} layers")
         if n < min_n:
             raise ValueError(f"sparsity.layers={s.layers} is less than replacement.num_layers={min_n}")
+        if n * layer_params - extra <= 0:
+            raise ConfigError(f"sparsity.layers={s.layers}: {n} layer(s) replaced by replacement={r.type} "
+                              f"({extra:,} parameters) remove {n * layer_params - extra:,} parameters net; remove "
+                              "more layers or use a smaller replacement")
         return n
     denom = count_params(model) if s.basis == "all" else L * layer_params
     best = min(range(min_n, L), key=lambda n: abs((n * layer_params - extra) / denom - s.target))
     log.info("sparsity.target=%.3f (%s params) -> n=%d layers (net %.4f)", s.target, s.basis, best,
              (best * layer_params - extra) / denom)
+    if best * layer_params - extra <= 0:  # e.g. one layer replaced by one trained layer: nothing removed net
+        raise ConfigError(f"sparsity.target={s.target}: the closest block, {best} layer(s) replaced by "
+                          f"replacement={r.type} ({extra:,} parameters), removes {best * layer_params - extra:,} "
+                          "parameters net; raise sparsity.target or use a smaller replacement")
     return best
+
+
+def check_start(cfg: RunConfig, n: int, num_layers: int) -> None:
+    """`sparsity.start`, if given, must start a block of n layers inside the model."""
+    start = cfg.sparsity.start
+    if start is not None and not 0 <= start <= num_layers - n:
+        raise ConfigError(f"sparsity.start={start}: a block of {n} layers must start in [0, {num_layers - n}]")
 
 
 def equal_size_target(replacement: ReplacementConfig, n: int, model) -> dict:
