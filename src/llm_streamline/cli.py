@@ -137,7 +137,17 @@ def check_output_dir(argv: list[str]) -> None:
             errors.fail(f"output directory {target}: {e.strerror}")
 
 
+def print_version() -> None:
+    """`--version` of every command: the package's version (Hydra's own flag would print Hydra's)."""
+    from llm_streamline import __version__
+
+    print(f"llm-streamline {__version__}")
+
+
 def main() -> None:
+    if "--version" in sys.argv[1:]:
+        print_version()
+        return
     check_output_dir(sys.argv[1:])
     signal.signal(signal.SIGTERM, errors.raise_terminated)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started with SIGINT ignored (nohup, &)
@@ -159,9 +169,40 @@ def main() -> None:
 
 
 def eval_main() -> None:
-    """`llm-streamline-eval`: the same app with mode=eval (e.g. `checkpoint=outputs/.../model eval=cpu`)."""
-    sys.argv = [sys.argv[0], "mode=eval", *sys.argv[1:]]
+    """`llm-streamline-eval`: the same Hydra app with mode=eval (e.g. `checkpoint=outputs/.../model eval=cpu`), so
+    `-m`, `--help` (its own page: conf/hydra/help/eval.yaml) and shell completion work as for the main command.
+    One app with two entry points rather than subcommands: the overrides, presets, sweeps and launchers are the
+    same, and `llm-streamline mode=eval ...` is the same job. mode=eval goes before the user's overrides (Hydra's parser
+    wants the overrides in one run; see `first_override`)."""
+    args = sys.argv[1:]
+    if "-sc" not in args and "--shell-completion" not in args:  # completion: the same config, nothing to add
+        at = first_override(args)
+        args = [*args[:at], "mode=eval", "hydra/help=eval", *args[at:]]
+    sys.argv = [sys.argv[0], *args]
     main()
+
+
+# Hydra's flags that take a value (the next token is not an override)
+_VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn", "--config-dir",
+                "-cd", "--experimental-rerun"}
+_INFO = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
+
+
+def first_override(args: list[str]) -> int:
+    """Where the overrides start in a Hydra command line (after its flags): an override inserted there stays in
+    the one run of positional arguments Hydra's parser accepts, wherever the user put the flags."""
+    k = 0
+    while k < len(args):
+        a = args[k]
+        if a in _VALUE_FLAGS:
+            k += 2
+        elif a == "--info" and k + 1 < len(args) and args[k + 1] in _INFO:
+            k += 2
+        elif a.startswith("-"):
+            k += 1
+        else:
+            return k
+    return len(args)
 
 
 if __name__ == "__main__":

@@ -10,12 +10,14 @@
     of an export run of its own, linked to the run that made it (`log_artifact`);
   - `format=gguf` (llama.cpp / Ollama) for stock layouts: see `gguf_export`.
 
-Arguments are `key=value` (as the other commands), typed by `ExportConfig`.
+Arguments are `key=value` (as the other commands), typed by `ExportConfig`; the command is a Hydra app
+(`conf/export.yaml`): `--help`, `-m run=A,B`, shell completion, `--version`.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import shlex
 import shutil
 import sys
@@ -330,12 +332,60 @@ def export(cfg: ExportConfig, command: str = "") -> Path:
     return out
 
 
+def _export_config(cfg) -> ExportConfig:
+    """The composed Hydra config as a checked ExportConfig (`parse_args`' checks, one line each)."""
+    return parse_args([f"{k}={v}" for k, v in _flat(OmegaConf.to_container(cfg, resolve=True)).items()])
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = "null" if v is None else v
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
+    """`llm-streamline-export`: a Hydra app like the main command (key=value overrides typed by ExportConfig,
+    `--help`, `-m` over several runs, shell completion with `-sc install=bash`), writing nothing but `out`."""
+    import hydra
+    from hydra.core.config_store import ConfigStore
+
+    from llm_streamline import errors
+    from llm_streamline.cli import CONF_DIR, print_version
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--version" in argv:
+        print_version()
+        return
+    ConfigStore.instance().store(name="export_schema", node=ExportConfig)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    @hydra.main(config_path=CONF_DIR, config_name="export", version_base="1.3")
+    def app(cfg) -> None:
+        try:
+            out = export(_export_config(cfg), command=shlex.join(["llm-streamline-export", *argv]))
+        except (ExportError, GGUFExportError) as e:
+            print(f"llm-streamline-export: error: {e}", file=sys.stderr)
+            sys.exit(errors.BAD_INPUT)
+        print(out)
+
+    saved_argv, full_error = sys.argv, os.environ.get("HYDRA_FULL_ERROR")
+    sys.argv = ["llm-streamline-export", *argv]
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises its composition errors: one line below
     try:
-        out = export(parse_args(argv), command=shlex.join(["llm-streamline-export", *argv]))
-    except (ExportError, GGUFExportError) as e:
-        print(f"llm-streamline-export: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    print(out)
+        app()
+    except Exception as e:
+        line = errors.hydra_error_line(e)
+        if line is None:
+            raise
+        print(f"llm-streamline-export: error: {line}", file=sys.stderr)
+        sys.exit(errors.BAD_INPUT)
+    finally:
+        sys.argv = saved_argv
+        if full_error is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = full_error

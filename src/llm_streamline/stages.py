@@ -436,6 +436,9 @@ def cache_main(argv: list[str] | None = None) -> None:
     killed runs left), `stages`, an asset directory, or `all`. Only what the framework wrote is removed:
     names it makes, in a root holding its marker; anything else (a shared directory's files) is listed."""
     ap = argparse.ArgumentParser(prog="llm-streamline-cache", description=cache_main.__doc__.splitlines()[0])
+    from llm_streamline import __version__
+
+    ap.add_argument("--version", action="version", version=f"llm-streamline {__version__}")
     ap.add_argument("action", choices=["report", "clean"], nargs="?", default="report")
     ap.add_argument("--what", default=None, help="kind to clean: a stage kind (teacher, train, eval_dense, ...), "
                                                  "leftovers, stages, an asset directory (wheels, models, ...) or all")
