@@ -70,6 +70,7 @@ class ReplacementConfig:
     fit_epochs: int = 10                   # cosine: passes over the calibration blocks (the authors: 10)
     fit_lr: float = 1e-4                   # cosine: Adam learning rate (the authors: 1e-4)
     fit_batch_tokens: int = 1024           # cosine: tokens per Adam step (the authors: 1024)
+    first_token: str = "include"           # linear: include | exclude position 0 from the fit (the authors: include)
     init: str = "none"                     # ffn | layer: none (as built) | linear (the least-squares linear fit)
     finetune: bool = False                 # linear_patch: train the patch afterwards with `train` (e.g. distill)
 
@@ -306,6 +307,7 @@ def validate(cfg: RunConfig) -> None:
     _check(r.type in REPLACEMENTS, f"replacement.type={r.type!r}: expected one of {REPLACEMENTS}")
     _check(r.num_layers >= 1, f"replacement.num_layers={r.num_layers}: must be >= 1")
     _check(r.objective in ("lstsq", "cosine"), f"replacement.objective={r.objective!r}: lstsq | cosine")
+    _check(r.first_token in ("include", "exclude"), f"replacement.first_token={r.first_token!r}: include | exclude")
     _check(r.ridge >= 0 and r.fit_epochs >= 1 and r.fit_lr > 0 and r.fit_batch_tokens >= 1,
            f"replacement.ridge={r.ridge} must be >= 0, fit_epochs={r.fit_epochs} and fit_batch_tokens="
            f"{r.fit_batch_tokens} >= 1, fit_lr={r.fit_lr} > 0")

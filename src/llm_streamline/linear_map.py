@@ -17,6 +17,8 @@ T is then fused into layer s-1's MLP output map: y = W h + b becomes (W h + b) T
 so the pruned model is a stock checkpoint with the parameter count of plain pruning. Layers whose MLP output is
 normalised before the residual add (Gemma's post-feed-forward norm) cannot take T exactly and are refused.
 `ridge` is relative: the added diagonal is ridge x mean(diag(M^T M)), so the same value fits any activation scale.
+`first_token=exclude` leaves position 0 (the attention sink, whose massive activations dominate a squared
+error) out of the statistics; the authors include every token (`include`, the default).
 
 LinearPatch (Chen et al., NeurIPS 2025; facts from the paper and chenxinrui-tsinghua/LinearPatch). The hidden
 state entering the pruned slot, x_s, is multiplied by P = H diag(c) H^T (H an orthonormal Hadamard matrix:
@@ -124,11 +126,12 @@ def mlp_output_map(model: nn.Module, index: int) -> nn.Linear:
 class _Boundary:
     """Per calibration batch: M (layer s-1's MLP branch output), Z (the rest of x_s) and x_(s+n), as token rows."""
 
-    def __init__(self, model: nn.Module, start: int, n: int):
+    def __init__(self, model: nn.Module, start: int, n: int, first_token: str = "include"):
         if start < 1:
             raise LinearMapError(f"the block starts at layer {start}: ReplaceMe fuses its map into the MLP of the "
                                  "layer before the block, and there is none")
         self.model, self.start, self.n = model, start, n
+        self.skip = 1 if first_token == "exclude" else 0  # position 0: the attention sink's massive activations
         self.stack = find_decoder_stack(model)
         self.out_map = mlp_output_map(model, start - 1)
 
@@ -141,17 +144,17 @@ class _Boundary:
                              stack=self.stack)
         finally:
             handle.remove()
-        d = caught["m"].shape[-1]
-        m = caught["m"].reshape(-1, d).float()
-        z = cap.outputs[self.start - 1].reshape(-1, d).float() - m
-        return m, z, cap.outputs[self.start + self.n - 1].reshape(-1, d).float()
+        d, k = caught["m"].shape[-1], self.skip
+        m = caught["m"][:, k:].reshape(-1, d).float()
+        z = cap.outputs[self.start - 1][:, k:].reshape(-1, d).float() - m
+        return m, z, cap.outputs[self.start + self.n - 1][:, k:].reshape(-1, d).float()
 
 
 def replaceme_map(model: nn.Module, blocks: torch.Tensor, start: int, n: int, cfg: ReplacementConfig,
                   batch_size: int, seed: int = 0) -> tuple[torch.Tensor, dict]:
     """T (d x d, float64) for removing layers [start, start+n) of `model`, by `cfg.objective`, and a fit log
     (the calibration MSE / cosine distance of plain pruning and of the map)."""
-    boundary = _Boundary(model, start, n)
+    boundary = _Boundary(model, start, n, cfg.first_token)
     d = boundary.out_map.out_features
     if cfg.objective == "lstsq":
         gram = Gram(d, d)
