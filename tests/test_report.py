@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from llm_streamline import report
 
 RUNS = Path(__file__).resolve().parents[1] / "experiments" / "smollm2-cpu" / "runs"
@@ -212,3 +214,60 @@ def test_a_data_size_sweep_gets_a_train_tokens_column_and_its_curve(tmp_path):
     _record(single / "runs", "layer", replacement="layer", train_tokens=1000)
     _table(single)
     assert not (single / "out" / "quality_vs_train_tokens.png").exists()  # one size: no curve to draw
+
+
+def _tex_rows_balanced(tex: str) -> list[int]:
+    """Structural LaTeX check (no TeX installation here): every row's cell count, braces balanced, and the
+    booktabs rules in order."""
+    lines = tex.splitlines()
+    body = [ln for ln in lines if ln.endswith("\\\\")]
+    assert [ln for ln in lines if ln.startswith("\\") and "rule" in ln][0] == "\\toprule"
+    assert lines[-2] == "\\bottomrule" and lines[-1] == "\\end{tabular}" and "booktabs" in lines[0]
+    for ln in lines:
+        unescaped = ln.replace("\\{", "").replace("\\}", "")
+        assert unescaped.count("{") == unescaped.count("}"), ln
+    return [ln.replace("\\&", "").count("&") + 1 for ln in body]
+
+
+def test_report_columns_labels_latex_csv_and_seconds(tmp_path):
+    runs = tmp_path / "runs"
+    _record(runs, "a", pruned=0.5)
+    _record(runs, "b", replacement="layer", pruned=0.6)
+    (tmp_path / "labels.yaml").write_text("a: FFN (ours)\nstreamline:layer: Decoder layer\n")
+    report.main([str(runs), "--out", str(tmp_path / "out"), "--columns", "avg,ppl,wall s",
+                 "--labels", str(tmp_path / "labels.yaml")])
+    lines = (tmp_path / "out" / "table.md").read_text().splitlines()
+    assert lines[0] == "| run | avg | ppl | wall s |"
+    assert "| FFN (ours) | 0.5000 | 20.0 | 1.0 |" in lines and "| Decoder layer | 0.6000 | 20.0 | 1.0 |" in lines
+    tex = (tmp_path / "out" / "table.tex").read_text()
+    assert set(_tex_rows_balanced(tex)) == {4}
+    with pytest.raises(SystemExit, match="no such column"):
+        report.main([str(runs), "--out", str(tmp_path / "x"), "--columns", "avg,colour"])
+
+
+def test_runs_are_grouped_by_the_evaluated_task_set_and_items_and_skipped_runs_are_listed(tmp_path, capsys):
+    import json
+
+    runs = tmp_path / "runs"
+    # same preset name "smoke", different items per task: two dense rows, not one averaged over both
+    for name, n, dense in (("a", 50, 0.7), ("b", 100, 0.6)):
+        d = _record(runs, name, dense=dense)
+        r = json.loads((d / "results.json").read_text())
+        r["eval_meta"]["n_samples"] = {"piqa": {"original": 1838, "effective": n}}
+        (d / "results.json").write_text(json.dumps(r))
+    (runs / "broken").mkdir()
+    (runs / "broken" / "results.json").write_text('{"eval": ')
+    header, rows = _table(tmp_path)
+    dense = sorted(r["run"] for r in rows if r["run"].startswith("dense"))
+    assert dense == ["dense (tiny-llama, piqa:100)", "dense (tiny-llama, piqa:50)"]
+    err = capsys.readouterr().err
+    assert "skipped" in err and "broken" in err and "not a complete results.json" in err
+    assert "skipped" in (tmp_path / "out" / "table.md").read_text()
+
+
+def test_runs_with_the_same_seed_are_not_replicates(tmp_path):
+    runs = tmp_path / "runs"
+    _record(runs, "x1", seed=0, pruned=0.5)
+    _record(runs, "x2", seed=0, pruned=0.7)  # a rerun with the same seed: not a second sample of the seed spread
+    _, rows = _table(tmp_path)
+    assert sorted(r["piqa"] for r in rows if r["run"].startswith("streamline")) == ["0.5000", "0.7000"]
