@@ -68,6 +68,8 @@ class AuditMode(FakeTensorMode):
         if func is torch.ops.aten._local_scalar_dense.default:
             t = args[0]
             return True if t.dtype == torch.bool else (0.5 if t.is_floating_point() else 1)
+        if func in (torch.ops.aten.allclose.default, torch.ops.aten.equal.default):  # checks of values: pass
+            return True
         return super().__torch_dispatch__(func, types, args, kwargs)
 
 

@@ -320,3 +320,46 @@ def test_speed_on_cuda_times_the_kernels():
                      max_position_embeddings=4096)
     r = measure_throughput(model, batch_size=4, prompt_len=1024, decode_tokens=4, repeats=2)
     assert r["prefill_seconds"] > 1e-3
+
+
+# -------------------------------------------------------------------------------------- added replacements, healing
+@pytest.mark.parametrize("objective", ["lstsq", "cosine"])
+def test_replaceme_map(layout, objective):
+    """ReplaceMe's boundary (layer s-1's MLP output and x^(s+n), on two cards of the split when the block [2, 3)
+    starts where the split does), the fit and its log."""
+    from llm_streamline.config import ReplacementConfig
+    from llm_streamline.linear_map import replaceme_map
+
+    cfg = ReplacementConfig(type="linear", objective=objective, fit_epochs=1, fit_batch_tokens=16)
+    with audit(layout):
+        t, log = replaceme_map(model_in(layout), blocks(), 2, 1, cfg, batch_size=2)
+    assert t.shape == (64, 64) and log["calibration_tokens"] == 4 * 16
+
+
+def test_linear_patch_and_linear_inits(layout):
+    from llm_streamline.linear_map import init_ffn_linear, init_layer_linear, linear_patch_matrix
+
+    with audit(layout):
+        model = model_in(layout)
+        p, _ = linear_patch_matrix(model, blocks(), 1, 2, batch_size=2)
+        init_ffn_linear(_slot(model, "ffn", 1, 2)[0], model, blocks(), 1, 2, batch_size=2)
+        init_layer_linear(_slot(model, "layer", 1, 2)[0], model, blocks(), 1, 2, batch_size=2)
+    assert p.shape == (64, 64)
+
+
+def test_lora_healing(layout):
+    """LoRA adapters injected by peft on a (possibly split) pruned model sharing the dense weights, trained and
+    merged."""
+    from llm_streamline import train
+    from llm_streamline.models.layers import remove_layers, share_weights
+
+    with audit(layout, backward=False):
+        dense = model_in(layout)
+        pruned = share_weights(dense)
+        remove_layers(pruned, [1])
+        data = blocks(6)
+        merged, log = train.train_lora(pruned, data[:4], data[4:], _train_cfg(loss="lora"), rank=2, alpha=4,
+                                       seed=0, progress=False)
+        out = merged(input_ids=data[:1].to(card(layout, 0)))
+    assert log["steps"] == 2
+    on_device(layout, out.logits)

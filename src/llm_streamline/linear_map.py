@@ -52,6 +52,7 @@ from tqdm.auto import tqdm
 
 from llm_streamline.config import ReplacementConfig
 from llm_streamline.models.anatomy import anatomy_of
+from llm_streamline.models.devices import module_device, to_device
 from llm_streamline.models.layers import find_decoder_stack, run_layers
 
 
@@ -105,10 +106,6 @@ def _batches(blocks: torch.Tensor, batch_size: int, desc: str) -> Iterator[torch
         yield blocks[i:i + batch_size]
 
 
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 # ------------------------------------------------------------------------------------------------ ReplaceMe
 def mlp_output_map(model: nn.Module, index: int) -> nn.Linear:
     """Layer `index`'s MLP output map (down_proj, fc2, ...), found by its anatomy; refused when a norm follows it."""
@@ -140,14 +137,14 @@ class _Boundary:
         caught = {}
         handle = self.out_map.register_forward_hook(lambda m, a, out: caught.__setitem__("m", out))
         try:
-            cap = run_layers(self.model, ids.to(_device(self.model)), outputs_at=(self.start - 1, self.start + self.n - 1),
-                             stack=self.stack)
+            cap = run_layers(self.model, ids, outputs_at=(self.start - 1, self.start + self.n - 1), stack=self.stack)
         finally:
             handle.remove()
         d, k = caught["m"].shape[-1], self.skip
         m = caught["m"][:, k:].reshape(-1, d).float()
         z = cap.outputs[self.start - 1][:, k:].reshape(-1, d).float() - m
-        return m, z, cap.outputs[self.start + self.n - 1][:, k:].reshape(-1, d).float()
+        # all three on the card of the map's layer (s-1): under a device_map x^(s+n) may come from another one
+        return m, z, cap.outputs[self.start + self.n - 1][:, k:].reshape(-1, d).float().to(m.device)
 
 
 def replaceme_map(model: nn.Module, blocks: torch.Tensor, start: int, n: int, cfg: ReplacementConfig,
@@ -181,7 +178,7 @@ def _cosine_map(boundary: _Boundary, blocks: torch.Tensor, d: int, cfg: Replacem
                 seed: int) -> tuple[torch.Tensor, dict]:
     """Adam on the mean cosine distance from T = I; the log has plain pruning's distance (measured on each
     minibatch before its step in the first pass) and the mean distance over the last pass."""
-    dev = _device(boundary.model)
+    dev = module_device(boundary.out_map)  # where _Boundary gives M, Z and Y
     t = torch.eye(d, device=dev, requires_grad=True)
     opt = torch.optim.Adam([t], lr=cfg.fit_lr)
     gen = torch.Generator().manual_seed(seed)
@@ -275,12 +272,13 @@ def linear_patch_matrix(model: nn.Module, blocks: torch.Tensor, start: int, n: i
     stack = find_decoder_stack(model)
     d = stack.config.hidden_size
     h = hadamard(d)
-    hf = h.float().to(_device(model))
+    dev = module_device(stack.layers[start])  # the slot's card: x_in and x_out are brought there
+    hf = h.float().to(dev)
     scale, batches = torch.zeros(d, dtype=torch.float64), 0
     for ids in _batches(blocks, batch_size, "LinearPatch: channel scales"):
-        cap = run_layers(model, ids.to(_device(model)), inputs_at=(start,), outputs_at=(start + n - 1,), stack=stack)
-        x_in = cap.inputs[start].reshape(-1, d).float() @ hf
-        x_out = cap.outputs[start + n - 1].reshape(-1, d).float() @ hf
+        cap = run_layers(model, ids, inputs_at=(start,), outputs_at=(start + n - 1,), stack=stack)
+        x_in = cap.inputs[start].reshape(-1, d).float().to(dev) @ hf
+        x_out = cap.outputs[start + n - 1].reshape(-1, d).float().to(dev) @ hf
         scale += (x_out.abs().mean(0) / x_in.abs().mean(0).clamp_min(1e-12)).double().cpu()
         batches += 1
     c = scale / batches
@@ -297,10 +295,12 @@ class _SlotTargets:
         self.stack = find_decoder_stack(model)
 
     @torch.no_grad()
-    def __call__(self, ids: torch.Tensor):
-        cap = run_layers(self.model, ids.to(_device(self.model)), inputs_at=(self.start,), kwargs_at=(self.start,),
+    def __call__(self, ids: torch.Tensor, device: torch.device):
+        """x_s, its call arguments and x_(s+n), all on `device` (the replacement's card)."""
+        cap = run_layers(self.model, ids, inputs_at=(self.start,), kwargs_at=(self.start,),
                          outputs_at=(self.start + self.n - 1,), stack=self.stack)
-        return cap.inputs[self.start], cap.call_kwargs[self.start], cap.outputs[self.start + self.n - 1]
+        return to_device((cap.inputs[self.start], cap.call_kwargs[self.start], cap.outputs[self.start + self.n - 1]),
+                         device)
 
 
 def _call(module: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
@@ -319,7 +319,7 @@ def init_ffn_linear(ffn: nn.Module, model: nn.Module, blocks: torch.Tensor, star
     targets = _SlotTargets(model, start, n)
     gram = Gram(d, d, bias=True)
     for ids in _batches(blocks, batch_size, "linear init: X^T X, X^T Y"):
-        x, _, y = targets(ids)
+        x, _, y = targets(ids, module_device(ffn))
         f_in = ffn.norm(x)
         gram.add(f_in, y - x if ffn.residual else y)
     sol = gram.solve(ridge)
@@ -346,7 +346,7 @@ def init_layer_linear(layer: nn.Module, model: nn.Module, blocks: torch.Tensor, 
     targets = _SlotTargets(model, start, n)
     gram = Gram(target_map.in_features, target_map.out_features, bias=target_map.bias is not None)
     for ids in _batches(blocks, batch_size, "linear init: X^T X, X^T Y"):
-        x, kwargs, y = targets(ids)
+        x, kwargs, y = targets(ids, module_device(layer))
         caught = {}
         handle = target_map.register_forward_hook(lambda m, a, out: caught.update(h=a[0], o=out))
         try:
