@@ -23,7 +23,7 @@ The relative rise from N to factor*N is reported for both variants. Target (issu
 
 --recipe: ``python -m llm_streamline <RECIPE_OVERRIDES>`` once per ``--src NAME=PATH`` (PYTHONPATH=PATH selects the
 source tree, e.g. ``before=/path/to/old/src after=src``), each in a fresh process with its own empty stage cache,
-so every stage is computed; reported: each run's peak RSS (ru_maxrss, from its results.json) and per-stage peaks,
+so every stage is computed; reported: each run's peak RSS (the largest of its per-stage peaks in results.json),
 and the difference against the model's weight size. Default overrides: the default run (SmolLM2, one trained
 decoder layer in place of 8, MSE, speed measured) with a small budget: 32 training blocks, 1 epoch, eval=smoke.
 
@@ -171,9 +171,12 @@ def recipe(args) -> dict:
             res = json.loads((Path(tmp) / "run" / "results.json").read_text())
         commit = subprocess.run(["git", "-C", src, "rev-parse", "--short", "HEAD"], capture_output=True,
                                 text=True).stdout.strip()
+        stage_rss = res["peak_memory"].get("stage_rss_mib") or {}
+        # the run resets the kernel's high-water mark per stage (which ru_maxrss reads too): its peak is the
+        # largest stage peak
         runs[name] = {"src": src, "commit": commit, "seconds": round(time.perf_counter() - t0, 1),
-                      "peak_rss_mib": res["peak_memory"]["rss_mib"],
-                      "stage_rss_mib": res["peak_memory"].get("stage_rss_mib"), "timings": res["timings"],
+                      "peak_rss_mib": max([res["peak_memory"]["rss_mib"], *stage_rss.values()]),
+                      "stage_rss_mib": stage_rss, "timings": res["timings"],
                       "params_dense": res["params"]["dense"], "layers_removed": res["layers"]["removed"]}
         print(f"{name:8s} ({commit}): peak RSS {runs[name]['peak_rss_mib']:.0f} MiB in {runs[name]['seconds']:.0f} s; "
               f"per stage {runs[name]['stage_rss_mib']}", flush=True)

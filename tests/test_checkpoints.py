@@ -100,3 +100,55 @@ def test_models_imports_nothing_above_it():
         ours = {m for m in _imported_modules(f) if m.startswith("llm_streamline.")}
         bad = {m for m in ours if not m.startswith(allowed)}
         assert not bad, f"{f.name} imports {sorted(bad)}"
+
+
+def _shards(d: Path) -> list[str]:
+    index = json.loads((d / checkpoints.WEIGHTS_INDEX).read_text())
+    assert not (d / checkpoints.WEIGHTS_FILE).exists()
+    return sorted(set(index["weight_map"].values()))
+
+
+@pytest.mark.parametrize("kind", ["streamline", "llm_pruner", "stock"])
+def test_sharded_round_trip_in_its_dtype_without_random_init(kind, tmp_path, monkeypatch):
+    """A tiny shard size forces several shards and an index: the same logits after reloading; bf16 weights stay
+    bf16 on disk and back (bit for bit); the custom formats are rebuilt with parameters on the meta device (no
+    random init)."""
+    if kind == "stock":
+        model = tiny_model("llama", 512, special_ids=SPECIAL).eval()
+        remove_block(model, 2, 2, [])
+        fmt, fields = checkpoints.STOCK, {}
+    else:
+        (_streamline if kind == "streamline" else _llm_pruner)(tmp_path / "plain")
+        model = checkpoints.load_pruned(tmp_path / "plain")
+        fmt = kind
+        meta = json.loads((tmp_path / "plain" / checkpoints.FORMATS[fmt].meta_file).read_text())
+        fields = {k: v for k, v in meta.items() if k not in ("model_config", "record")}
+    built_on = []
+    if kind != "stock":
+        fmt_builder = checkpoints._builder(kind)
+        monkeypatch.setitem(checkpoints._BUILDERS, kind,
+                            lambda m, meta: (built_on.append(next(m.parameters()).device.type), fmt_builder(m, meta)))
+    checkpoints.save_checkpoint(model, None, tmp_path / "fp32", {}, fmt, fields, max_shard_size=200_000)
+    assert len(_shards(tmp_path / "fp32")) >= 3
+    with torch.no_grad():
+        assert torch.equal(checkpoints.load_pruned(tmp_path / "fp32")(X).logits, model(X).logits)
+    assert built_on == ([] if kind == "stock" else ["meta"])
+    half = model.to(torch.bfloat16)
+    checkpoints.save_checkpoint(half, None, tmp_path / "bf16", {}, fmt, fields, max_shard_size=100_000)
+    assert all(t.dtype == torch.bfloat16 for s in _shards(tmp_path / "bf16")
+               for t in checkpoints.load_file(str(tmp_path / "bf16" / s)).values())
+    loaded = checkpoints.load_pruned(tmp_path / "bf16", dtype=None).state_dict()
+    assert all(torch.equal(loaded[k], v) and loaded[k].dtype == torch.bfloat16
+               for k, v in half.state_dict().items() if v.is_floating_point() and k in loaded
+               and "rotary" not in k)
+
+
+def test_a_checkpoint_without_its_anatomy_still_loads(tmp_path):
+    """Saved before the anatomy was kept: its builder probes a model built with weights."""
+    ref = _streamline(tmp_path / "m")
+    meta_file = tmp_path / "m" / checkpoints.STREAMLINE_CONFIG
+    meta = json.loads(meta_file.read_text())
+    del meta["anatomy"]
+    meta_file.write_text(json.dumps(meta))
+    with torch.no_grad():
+        assert torch.allclose(checkpoints.load_pruned(tmp_path / "m")(X).logits, ref, atol=1e-5)

@@ -187,6 +187,7 @@ class RunConfig:
     objective: str = "stability"           # what the CLI returns to a sweeper: ppl | avg_acc | stability
     checkpoint: Optional[str] = None       # mode=eval: the model to evaluate
     save: bool = True                      # write the pruned model
+    save_shard_size: str = "5GB"           # largest safetensors file of a saved model (more: shards + index)
     output_dir: str = "."                  # set by the CLI to Hydra's run dir
 
 

@@ -26,6 +26,7 @@ Types:
 from __future__ import annotations
 
 import copy
+from dataclasses import asdict
 
 import torch
 from torch import nn
@@ -33,7 +34,7 @@ from transformers.cache_utils import Cache
 
 from llm_streamline.config import ReplacementConfig
 from llm_streamline.models.anatomy import Anatomy, anatomy_of
-from llm_streamline.models.checkpoints import register_builder
+from llm_streamline.models.checkpoints import NeedsWeights, register_builder
 from llm_streamline.models.devices import input_device
 from llm_streamline.models.layers import count_params, find_decoder_stack, run_layers, splice
 
@@ -194,10 +195,14 @@ def slot_checkpoint(cfg: ReplacementConfig, model: nn.Module, slot_start: int) -
     (the slot's position and the replacement's recipe)."""
     if cfg.type in ("none", "layer", "layers", "linear"):
         return "stock", {}
-    slot = find_decoder_stack(model).layers[slot_start]
-    return "streamline", {"slot_start": slot_start,
-                          "replacement": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
-                          "returns_tuple": bool(getattr(slot, "returns_tuple", False))}
+    stack = find_decoder_stack(model)
+    slot = stack.layers[slot_start]
+    fields = {"slot_start": slot_start, "replacement": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
+              "returns_tuple": bool(getattr(slot, "returns_tuple", False))}
+    if needs_anatomy(cfg):  # kept, so that the builder needs no weights to probe (any decoder layer but the slot)
+        other = next(i for i in range(stack.num_layers) if i != slot_start)
+        fields["anatomy"] = asdict(anatomy_of(model, other))
+    return "streamline", fields
 
 
 def rebuild_slot(model: nn.Module, meta: dict) -> None:
@@ -206,8 +211,16 @@ def rebuild_slot(model: nn.Module, meta: dict) -> None:
     stack = find_decoder_stack(model)
     start = meta["slot_start"]
     cfg = ReplacementConfig(**meta["replacement"])
-    # which parts the replacement copied: probed on the freshly built layer, any tokens do
-    anatomy = anatomy_of(model, start) if needs_anatomy(cfg) else None
+    # which parts the replacement copied: saved with the checkpoint; an older one has it probed on the freshly
+    # built layer (any tokens do), which needs weights
+    anatomy = None
+    if needs_anatomy(cfg):
+        if meta.get("anatomy") is not None:
+            anatomy = Anatomy(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["anatomy"].items()})
+        elif next(model.parameters()).is_meta:
+            raise NeedsWeights("the checkpoint holds no anatomy: probed on a model with weights")
+        else:
+            anatomy = anatomy_of(model, start)
     splice(model, start, build_replacement(cfg, [stack.layers[start]], stack.config, meta.get("returns_tuple", False),
                                            anatomy))
 

@@ -10,9 +10,17 @@
   llm_pruner  llm_pruner_config.json + model.safetensors: per-layer widths (the LLM-Pruner baseline); the JSON
               holds the dense model's config and each layer's kept sizes.
 Each also holds the tokenizer files and llm_streamline.json ({"format": ..., **the run's record}).
+Weights are written in their own dtype (no upcast), in safetensors shards of at most `max_shard_size` with an index
+as transformers writes them (`model-00001-of-00003.safetensors` + `model.safetensors.index.json`; one file
+`model.safetensors` when they fit in one): a 70B model is not one 140 GB file, and a shard at a time is copied to
+the host when the model is on accelerators.
 
-A format other than stock is loaded as: the model built from the saved config, reshaped by the format's builder
-(the slot put back, the layers cut to their widths), then the saved weights, every one of which must fit. A
+A format other than stock is loaded as: the model built from the saved config WITHOUT weights (parameters on the
+meta device, `accelerate.init_empty_weights`: no random init, no memory), reshaped by the format's builder (the
+slot put back, the layers cut to their widths), then the saved weights put in place shard by shard
+(`load_state_dict(assign=True)`, read straight onto `device`), every one of which must fit: reloading needs the
+weights' memory once, not the 2-3x of a random init plus a copy. A builder that must probe real weights (an older
+checkpoint without what it would probe) raises `NeedsWeights` and the model is built with weights as before. A
 builder knows the method's shapes, so the method registers it (`register_builder`) and models/ imports nothing
 above it: `FORMATS` names the module that registers each builder, imported when a checkpoint of that format is
 first loaded (so `load_pruned` works in a fresh interpreter).
@@ -35,6 +43,13 @@ from llm_streamline.stages import atomic_dir
 
 STOCK = "stock"
 RECORD_FILE = "llm_streamline.json"
+WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"   # transformers' name: stock from_pretrained reads it too
+MAX_SHARD_SIZE = "5GB"
+
+
+class NeedsWeights(Exception):
+    """Raised by a builder that cannot shape a model built without weights (see the module docstring)."""
 
 
 @dataclass(frozen=True)
@@ -68,29 +83,40 @@ def _builder(fmt: str) -> Builder:
 
 
 # ------------------------------------------------------------------------------------------------ saving
-def unique_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict on the CPU with tied weights once (the first key; the model re-ties them on load)."""
-    seen, unique = set(), {}
+def save_weights(model: torch.nn.Module, directory: Path, max_shard_size: int | str = MAX_SHARD_SIZE) -> list[str]:
+    """The model's weights (tied ones once, each in its own dtype) into `directory` as safetensors shards of at most
+    `max_shard_size` (bytes, or "5GB"), split as transformers splits them (huggingface_hub), with the index when
+    there are several; each shard's tensors are copied to the host only while it is written. Returns the files."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    seen, state = set(), {}
     for k, v in model.state_dict().items():
         key = (v.data_ptr(), tuple(v.shape), v.stride()) if v.numel() else (k,)
         if key not in seen:
             seen.add(key)
-            unique[k] = v.detach().contiguous().cpu()
-    return unique
+            state[k] = v
+    split = split_torch_state_dict_into_shards(state, max_shard_size=max_shard_size)
+    for name, keys in split.filename_to_tensors.items():
+        save_file({k: state[k].detach().contiguous().cpu() for k in keys}, str(directory / name),
+                  metadata={"format": "pt"})
+    if split.is_sharded:
+        (directory / WEIGHTS_INDEX).write_text(json.dumps({"metadata": split.metadata,
+                                                           "weight_map": split.tensor_to_filename}, indent=2))
+    return list(split.filename_to_tensors)
 
 
 def save_checkpoint(model: PreTrainedModel, tokenizer, dest, record: dict, fmt: str = STOCK,
-                    fields: dict | None = None) -> str:
-    """Write `model` (and `tokenizer`, if any) to `dest` atomically in format `fmt`; `fields` are what the format's
-    builder needs to rebuild the model (saved in its JSON file between the model config and the record).
-    Returns `fmt`."""
+                    fields: dict | None = None, max_shard_size: int | str = MAX_SHARD_SIZE) -> str:
+    """Write `model` (and `tokenizer`, if any) to `dest` atomically in format `fmt`, weights in their dtype in
+    shards of at most `max_shard_size`; `fields` are what the format's builder needs to rebuild the model (saved in
+    its JSON file between the model config and the record). Returns `fmt`."""
     if fmt != STOCK and fmt not in FORMATS:
         raise ValueError(f"unknown checkpoint format {fmt!r}: stock or one of {sorted(FORMATS)}")
     with atomic_dir(dest) as tmp:
         if fmt == STOCK:
-            model.save_pretrained(tmp, safe_serialization=True)
+            model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
         else:
-            save_file(unique_state(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            save_weights(model, tmp, max_shard_size)
             meta = {"model_config": model.config.to_dict(), **(fields or {}), "record": record}
             (tmp / FORMATS[fmt].meta_file).write_text(json.dumps(meta, indent=2, default=str))
         if tokenizer is not None:
@@ -113,26 +139,35 @@ def format_of(path) -> str:
     return fmt
 
 
-def load_pruned(path, dtype: torch.dtype = torch.float32, device: str = "cpu",
+def load_pruned(path, dtype: torch.dtype | None = torch.float32, device: str = "cpu",
                 device_map: str | None = None) -> PreTrainedModel:
-    """Load any model this project saved (stock checkpoints too) in `dtype`, on `device` or spread over
-    devices by `device_map` (see `place`)."""
+    """Load any model this project saved (stock checkpoints too) in `dtype` (None: as saved), on `device` or spread
+    over devices by `device_map` (see `place`)."""
     path = Path(path)
     fmt = format_of(path)
     if fmt == STOCK:
         from llm_streamline.models.loading import require_safetensors
 
         require_safetensors(path)
+        kw = {"dtype": dtype if dtype is not None else "auto", "use_safetensors": True}
         if device_map:
-            return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True,
-                                                        device_map=device_map).eval()
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True).to(device).eval()
+            return AutoModelForCausalLM.from_pretrained(path, device_map=device_map, **kw).eval()
+        return AutoModelForCausalLM.from_pretrained(path, device_map=device, **kw).eval()
     meta = json.loads((path / FORMATS[fmt].meta_file).read_text())
     cfg_dict = dict(meta["model_config"])
     config = AutoConfig.for_model(cfg_dict.pop("model_type"), **cfg_dict)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    _builder(fmt)(model, meta)
-    return place(load_weights_checked(model, path), device, device_map).eval()
+    from accelerate import init_empty_weights
+
+    try:
+        with init_empty_weights():  # parameters on the meta device; buffers (rotary tables) computed as usual
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+            _builder(fmt)(model, meta)
+    except NeedsWeights:  # an older checkpoint: its builder probes real weights
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        _builder(fmt)(model, meta)
+    # straight onto the one device asked for; spread over several after loading
+    target = "cpu" if device_map else device
+    return place(load_weights_checked(model, path, dtype, target), device, device_map).eval()
 
 
 def place(model: PreTrainedModel, device: str = "cpu", device_map: str | None = None) -> PreTrainedModel:
@@ -155,21 +190,53 @@ def place(model: PreTrainedModel, device: str = "cpu", device_map: str | None = 
                                                                   no_split_module_classes=no_split))
 
 
-def load_weights_checked(model: PreTrainedModel, path: Path) -> PreTrainedModel:
-    """Load `path/model.safetensors` into a model built to the saved shapes; every weight must match
-    (tied weights excepted). A truncated file or a shape mismatch fails with one line."""
-    try:
-        state = load_file(str(Path(path) / "model.safetensors"))
-    except Exception as e:  # truncated / corrupt file: say so in one line
-        raise ValueError(f"{Path(path) / 'model.safetensors'}: cannot read safetensors ({e})") from e
-    missing, unexpected = model.load_state_dict(state, strict=False)
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a checkpoint: its index's shards, or the one model.safetensors."""
+    path = Path(path)
+    index = path / WEIGHTS_INDEX
+    if index.exists():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError) as e:
+            raise ValueError(f"{index}: not a safetensors index ({e})") from e
+        return [path / n for n in names]
+    return [path / WEIGHTS_FILE]
+
+
+def load_weights_checked(model: PreTrainedModel, path: Path, dtype: torch.dtype | None = None,
+                         device: str | torch.device = "cpu") -> PreTrainedModel:
+    """Put the weights of `path` (one file or an index's shards) into a model built to the saved shapes, with or
+    without weights (meta), shard by shard and in place (`assign=True`: the loaded tensors become the parameters,
+    read onto `device` and cast to `dtype`; None: as saved). Every weight must match (tied weights excepted);
+    a truncated file, a shape mismatch or a weight left unloaded fails with one line."""
+    expected = set(model.state_dict())
+    loaded: set[str] = set()
+    unexpected: list[str] = []
+    for file in weight_files(path):
+        try:
+            state = load_file(str(file), device=str(device))
+        except Exception as e:  # missing, truncated or corrupt file: say so in one line
+            raise ValueError(f"{file}: cannot read safetensors ({e})") from e
+        if dtype is not None:
+            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+        unexpected += [k for k in state if k not in expected]
+        try:
+            model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False, assign=True)
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()
+            raise ValueError(f"{path}: weights do not match the saved config ({first[-1].strip() if first else e})") from e
+        loaded.update(state)
+        del state
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
-    missing = [k for k in missing if k not in tied and not any(k.endswith(t) for t in tied)]
+    missing = [k for k in expected - loaded if k not in tied and not any(k.endswith(t) for t in tied)]
     if missing or unexpected:
         raise ValueError(f"{path}: weights do not match the saved config "
-                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+                         f"(missing {sorted(missing)[:3]}, unexpected {unexpected[:3]})")
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
+    still_empty = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if still_empty:
+        raise ValueError(f"{path}: no saved weight for {still_empty[:3]}")
     return model
 
 

@@ -151,4 +151,5 @@ def save(ctx: Run, c: Compressed, bres: BaselineResult, dest: Path) -> str:
     own also keeps the baseline's record."""
     fmt, fields = bres.checkpoint
     record = checkpoint_record(ctx, c)
-    return save_checkpoint(c.model, ctx.tok, dest, record if fmt == "stock" else {**record, **bres.record}, fmt, fields)
+    return save_checkpoint(c.model, ctx.tok, dest, record if fmt == "stock" else {**record, **bres.record}, fmt, fields,
+                           max_shard_size=ctx.cfg.save_shard_size)

@@ -89,7 +89,7 @@ def run(cfg: RunConfig, out_dir: Path) -> dict:
         # 7. save and record
         checkpoint = save_model(ctx, lambda dest: save_checkpoint(
             compressed.model, ctx.tok, dest, checkpoint_record(ctx, compressed),
-            *slot_checkpoint(cfg.replacement, compressed.model, start)))
+            *slot_checkpoint(cfg.replacement, compressed.model, start), max_shard_size=cfg.save_shard_size))
         write_records(ctx, dense, ev)
         results = results_record(ctx, profile, block_ppl, size_target, dense, compressed, ev, checkpoint)
         draw_profile(ctx, profile, chosen=(start, n))
