@@ -158,6 +158,11 @@ def recipe(args) -> dict:
     for spec in args.src:
         name, _, src = spec.partition("=")
         src = str(Path(src).resolve())
+        commit = subprocess.run(["git", "-C", src, "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True).stdout.strip()  # before the run: the code it imports
+        dirty = subprocess.run(["git", "-C", src, "status", "--porcelain", "--", "."], capture_output=True,
+                               text=True).stdout.strip()
+        commit += "+changes" if dirty else ""
         with tempfile.TemporaryDirectory(prefix="bench-memory-recipe-") as tmp:
             env = {**os.environ, "PYTHONPATH": src, "OMP_NUM_THREADS": str(args.threads), "WANDB_MODE": "disabled",
                    "TQDM_DISABLE": "1", "LLM_STREAMLINE_STAGES": str(Path(tmp) / "stages")}
@@ -169,8 +174,6 @@ def recipe(args) -> dict:
                 sys.stderr.write(proc.stderr[-4000:])
                 raise SystemExit(f"the run with {name}={src} failed with exit code {proc.returncode}")
             res = json.loads((Path(tmp) / "run" / "results.json").read_text())
-        commit = subprocess.run(["git", "-C", src, "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True).stdout.strip()
         stage_rss = res["peak_memory"].get("stage_rss_mib") or {}
         # the run resets the kernel's high-water mark per stage (which ru_maxrss reads too): its peak is the
         # largest stage peak
