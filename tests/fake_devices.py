@@ -49,6 +49,9 @@ def setup() -> None:
             def device_count(self) -> int:
                 return 2
 
+            def get_amp_supported_dtype(self):  # torch.autocast(device_type=...) asks even when disabled
+                return [torch.float16, torch.bfloat16]
+
         class _Hooks(br._DummyPrivateUse1Hook):
             def is_available(self) -> bool:
                 return False

@@ -363,3 +363,33 @@ def test_lora_healing(layout):
         out = merged(input_ids=data[:1].to(card(layout, 0)))
     assert log["steps"] == 2
     on_device(layout, out.logits)
+
+
+# -------------------------------------------------------------------------------------- evaluation: the scorers
+def _scorer(cls, model):
+    """lm-eval's HFLM subclass around `model` with only what scoring reads (its constructor would build a
+    tokenizer and probe the device; `device` is transformers' `model.device`, as HFLM sets it for a model given
+    as an object)."""
+    from lm_eval.api.model import CacheHook
+
+    lm = cls.__new__(cls)
+    lm._model, lm._device, lm._max_length, lm.batch_size_per_gpu, lm._rank = model, model.device, 64, 8, 0
+    lm.softmax_dtype, lm.mixed_precision_dtype, lm.backend, lm.pack_tokens = None, None, "causal", 1024
+    lm.cache_hook = CacheHook(None)
+    lm.fast_stats = {"shared_requests": 0, "stock_requests": 0, "packs": 0, "oversize_groups": 0, "packed_tokens": 0}
+    return lm
+
+
+def test_scorers_option_loglikelihoods_and_context_nll(layout):
+    """The multiple-choice rows accuracy and stability read: FastHFLM's shared-context option scores and the
+    contexts' NLL (RecordingHFLM.score_contexts, the dense model's option_mean_nll)."""
+    pytest.importorskip("lm_eval")
+    from llm_streamline.evaluate.fast_hflm import FastHFLM
+
+    requests = [(("ctx", " a"), [5, 6, 7, 8], [9, 10]), (("ctx", " b"), [5, 6, 7, 8], [11])]
+    with audit(layout):
+        lm = _scorer(FastHFLM, model_in(layout))
+        assert lm._fast_supported()
+        out = lm._loglikelihood_tokens(requests, disable_tqdm=True)
+    assert len(out) == 2 and lm.fast_stats["shared_requests"] == 2
+    assert set(lm.context_nll) == {(5, 6, 7, 8)}

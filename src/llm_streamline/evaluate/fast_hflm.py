@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from llm_streamline.evaluate.recording import RecordingHFLM
+from llm_streamline.models.devices import input_device
 
 _MASKABLE = ("sdpa", "eager")
 
@@ -171,7 +172,7 @@ class FastHFLM(RecordingHFLM):
                 next_seg += 1
                 wanted.append((i, [last_ctx] + list(range(s0, s0 + len(body))), list(cont)))
 
-        device = self.device
+        device = input_device(self.model)  # under a device_map the embedding's card; the logits come off the head's
         t_ids = torch.tensor([ids], dtype=torch.long, device=device)
         t_pos = torch.tensor([pos], dtype=torch.long, device=device)
         mask = self._mask(torch.tensor(pos, device=device), torch.tensor(seg, device=device),
@@ -187,13 +188,13 @@ class FastHFLM(RecordingHFLM):
                                 logits_to_keep=torch.tensor(keep, device=device)).logits[0]
         logp = F.log_softmax(logits, dim=-1, dtype=self.softmax_dtype)  # [len(keep), vocab]
         for ctx, rows, targets in contexts:
-            target = torch.tensor(targets, dtype=torch.long, device=device)
+            target = torch.tensor(targets, dtype=torch.long, device=logp.device)
             nll = -float(logp[[where[j] for j in rows]].gather(1, target[:, None]).sum()) if rows else 0.0
             self.context_nll[ctx] = (nll, len(rows))
         out = []
         for i, rows, cont in wanted:
             lp = logp[[where[j] for j in rows]]
-            target = torch.tensor(cont, dtype=torch.long, device=device)
+            target = torch.tensor(cont, dtype=torch.long, device=logp.device)
             greedy = bool((lp.argmax(-1) == target).all())
             out.append((i, (float(lp.gather(1, target[:, None]).sum()), greedy)))
         return out

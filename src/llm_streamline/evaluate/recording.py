@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from lm_eval.models.huggingface import HFLM
 
+from llm_streamline.models.devices import input_device
+
 
 class RecordingHFLM(HFLM):
     """Stock HFLM that remembers, per request, its continuation token count and its context's NLL
@@ -59,9 +61,10 @@ class RecordingHFLM(HFLM):
             for r, w in enumerate(windows):
                 ids[r, :len(w)] = torch.tensor(w)
                 mask[r, :len(w)] = 1
-            ids, mask = ids.to(self.device), mask.to(self.device)
-            logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
+            device = input_device(self.model)  # the embedding's card; the logits come off the head's
+            logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits[:, :-1]
             logp = torch.nn.functional.log_softmax(logits, dim=-1, dtype=self.softmax_dtype)
+            ids, mask = ids.to(logp.device), mask.to(logp.device)
             token_nll = -logp.gather(2, ids[:, 1:, None])[..., 0] * mask[:, 1:]
             for r, (c, w) in enumerate(zip(chunk, windows)):
                 self.context_nll[c] = (float(token_nll[r].sum()), len(w) - 1)
