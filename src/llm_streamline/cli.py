@@ -6,6 +6,7 @@ interrupted or terminated): see `errors`. In a sweep (-m) a failing job is repor
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -137,6 +138,14 @@ def check_output_dir(argv: list[str]) -> None:
             errors.fail(f"output directory {target}: {e.strerror}")
 
 
+def _os_error_line(e: OSError) -> str:
+    """An OSError before the job (Hydra writing the run directory's .hydra/ files): what and where."""
+    if e.errno == errno.ENAMETOOLONG:
+        return (f"{e.filename}: a path component is longer than the filesystem allows (255 bytes); give a shorter "
+                "hydra.run.dir or model.name")
+    return f"cannot write the run directory ({e.strerror}{f': {e.filename}' if e.filename else ''})"
+
+
 def print_version() -> None:
     """`--version` of every command: the package's version (Hydra's own flag would print Hydra's)."""
     from llm_streamline import __version__
@@ -148,9 +157,17 @@ def main() -> None:
     if "--version" in sys.argv[1:]:
         print_version()
         return
-    check_output_dir(sys.argv[1:])
+    # before anything else (a signal while the run directory is claimed or Hydra composes gets its line too);
+    # SIGINT also when started with it ignored (&); SIGHUP: the terminal closed (nohup ignores it before us)
     signal.signal(signal.SIGTERM, errors.raise_terminated)
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started with SIGINT ignored (nohup, &)
+    signal.signal(signal.SIGINT, errors.raise_interrupted)
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+        signal.signal(signal.SIGHUP, errors.raise_hung_up)
+    sys.stdout = errors.PipeSafeStdout(sys.stdout)  # `| head`: one note, the run goes on
+    try:
+        check_output_dir(sys.argv[1:])
+    except OSError as e:  # e.g. a path component longer than the filesystem allows
+        errors.fail(_os_error_line(e))
     full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"  # the user asked for Hydra's tracebacks
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises its errors instead of printing them: one line here
     try:
@@ -159,6 +176,8 @@ def main() -> None:
         errors.fail("interrupted; finished stages are kept", errors.interrupt_code(e))
     except Exception as e:
         line = None if full_error else errors.hydra_error_line(e)
+        if line is None and isinstance(e, OSError) and not full_error:  # Hydra creating the run dir, its config
+            errors.fail(_os_error_line(e), errors.BAD_INPUT if e.errno == errno.ENAMETOOLONG else errors.FAULT)
         if line is None:
             raise
         errors.fail(line)

@@ -5,7 +5,8 @@
        before any model is loaded where possible
   3    a fault while running: NaN/inf, a full or read-only disk, an internal error (its traceback is written
        to `<run dir>/traceback.log`)
-  130  interrupted (SIGINT, Ctrl-C); 143: terminated (SIGTERM, e.g. a cluster's pre-emption notice)
+  130  interrupted (SIGINT, Ctrl-C); 143: terminated (SIGTERM, e.g. a cluster's pre-emption notice); 129: hung
+       up (SIGHUP, the terminal closed). A second signal during the cleanup exits at once with its own line
 In a sweep (-m) a failing job is reported and the next one runs; the sweep then exits with the worst code
 (2 or 3) after listing the failed jobs. Finished stages are kept in every case.
 
@@ -34,16 +35,85 @@ TERMINATED = 143   # SIGTERM
 log = logging.getLogger("llm_streamline")
 
 
+HUNG_UP = 129      # SIGHUP (the terminal or ssh session closed)
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised like Ctrl-C so the same cleanup runs (temporary files removed, W&B run finished)."""
 
 
+class HungUp(KeyboardInterrupt):
+    """SIGHUP (the terminal closed), handled as Ctrl-C is: the same cleanup, its one line, exit 129."""
+
+
 def raise_terminated(signum, frame) -> None:
+    _interrupted_once()
     raise Terminated()
 
 
+def raise_hung_up(signum, frame) -> None:
+    _interrupted_once()
+    raise HungUp()
+
+
+def raise_interrupted(signum, frame) -> None:
+    _interrupted_once()
+    raise KeyboardInterrupt()
+
+
+def _interrupted_once() -> None:
+    """After the first SIGINT/SIGTERM/SIGHUP the cleanup runs (temporary files removed, W&B finished); a second
+    one (Ctrl-C twice) must not land inside it as a traceback: it ends the process at once, with one line.
+    What the cleanup had left to remove is named like every killed run's leftovers (see `stages`)."""
+    import signal
+
+    def again(signum, frame):
+        os.write(2, b"llm-streamline: error: interrupted again; exiting now without cleanup (finished stages are "
+                    b"kept; leftovers go with the next run or llm-streamline-cache clean --what leftovers)\n")
+        os._exit(INTERRUPTED if signum == signal.SIGINT else 128 + signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, again)
+
+
 def interrupt_code(e: KeyboardInterrupt) -> int:
-    return TERMINATED if isinstance(e, Terminated) else INTERRUPTED
+    return TERMINATED if isinstance(e, Terminated) else HUNG_UP if isinstance(e, HungUp) else INTERRUPTED
+
+
+class PipeSafeStdout:
+    """stdout that survives its reader going away (`llm-streamline ... | head`): the first BrokenPipeError is
+    said once on stderr, stdout then goes to /dev/null and the run goes on (its log file is complete); without
+    this every log record printed a 'Logging error' traceback (45 in a smoke run)."""
+
+    def __init__(self, stream):
+        self._stream, self._broken = stream, False
+
+    def _closed(self) -> None:
+        if not self._broken:
+            self._broken = True
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())  # the interpreter's last flush goes nowhere, silently
+            os.close(devnull)
+            print("llm-streamline: note: standard output was closed by its reader (a pipe into head?); the run "
+                  "goes on, its log is in the run directory", file=sys.stderr, flush=True)
+
+    def write(self, text: str) -> int:
+        if not self._broken:
+            try:
+                return self._stream.write(text)
+            except BrokenPipeError:
+                self._closed()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self._broken:
+            try:
+                self._stream.flush()
+            except BrokenPipeError:
+                self._closed()
+
+    def __getattr__(self, name):  # fileno, isatty, encoding, ... of the real stream
+        return getattr(self._stream, name)
 
 
 def fail(msg: str, code: int = BAD_INPUT) -> NoReturn:

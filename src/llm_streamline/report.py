@@ -528,7 +528,28 @@ def _samples_of(spec: str) -> tuple[str, list[dict], dict | None]:
     if which == "pruned" and rec is not None:
         name = f"{rec.label} ({Path(path).name})"
     groups = rec.eval_meta.get("groups") if rec is not None else None
-    return name, load_samples_jsonl(f), groups
+    try:
+        rows = load_samples_jsonl(f)
+    except (OSError, ValueError) as e:  # a truncated last line: name the file, not a JSON traceback
+        raise SystemExit(f"llm-streamline-report: error: {f} is unreadable ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0]}); truncated? evaluate the run again") from None
+    _check_row_counts(f, rows, rec)
+    return name, rows, groups
+
+
+def _check_row_counts(f: Path, rows: list[dict], rec) -> None:
+    """A samples file cut at a line boundary still parses: its rows per task must be the items the record
+    says were scored, or the comparison would pair a subset without a word."""
+    if rec is None:
+        return
+    have: dict[str, int] = {}
+    for row in rows:
+        have[row.get("task")] = have.get(row.get("task"), 0) + 1
+    for task in (rec.eval_meta.get("n_samples") or {}):
+        want = rec.items(task)
+        if want is not None and have.get(task, 0) != want:
+            raise SystemExit(f"llm-streamline-report: error: {f} holds {have.get(task, 0)} rows of {task}, "
+                             f"{want} were scored (results.json); truncated or edited? evaluate the run again")
 
 
 def compare_table(name_a: str, name_b: str, cmp: dict) -> str:

@@ -5,6 +5,8 @@ without a key or a server (offline, warned, within seconds), and sweeps that go 
 from __future__ import annotations
 
 import os
+import resource
+import signal
 import subprocess
 import sys
 import time
@@ -94,3 +96,68 @@ def test_a_stage_that_raises_is_logged_as_failed_or_interrupted_never_done(caplo
     assert [line.rsplit(" after ", 1)[0].rsplit(" in ", 1)[0] for line in lines] == [
         "== eval_dense", "== eval_dense interrupted", "== perplexity_dense", "== perplexity_dense failed",
         "== speed", "== speed done"], lines
+
+
+# ------------------------------------------------------------------------- issue 26: more failure classes
+def launch(run, tmp_path, env_extra=None, **kw) -> subprocess.Popen:
+    env = dict(os.environ, WANDB_MODE="disabled", OMP_NUM_THREADS="1", LLM_STREAMLINE_STAGES=str(tmp_path / "stages"),
+               **(env_extra or {}))
+    env.pop("HYDRA_FULL_ERROR", None)
+    args = [sys.executable, "-m", "llm_streamline", "experiment=smoke"] + ([f"hydra.run.dir={run}"] if run else [])
+    return subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            **kw)
+
+
+def wait_for_claim(run, proc) -> None:
+    """Until the run holds its directory (its signal handlers are installed before the claim)."""
+    deadline = time.monotonic() + 300
+    while not (run / ".llm-streamline-run").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("signals,code,line", [
+    (["HUP"], 129, "llm-streamline: error: interrupted"),
+    (["INT", "INT"], 130, "llm-streamline: error: interrupt"),  # the 2nd may land in the cleanup: its own line
+], ids=["SIGHUP", "Ctrl-C twice"])
+def test_sighup_and_a_second_ctrl_c_end_with_one_line_and_their_code(signals, code, line, tmp_path):
+    run = tmp_path / "run"
+    proc = launch(run, tmp_path)
+    wait_for_claim(run, proc)
+    time.sleep(1.0)  # into the job (composition, the model)
+    for name in signals:
+        proc.send_signal(getattr(signal, f"SIG{name}"))
+        time.sleep(0.02)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == code, err[-2000:]
+    assert "Traceback" not in err + out and err.strip().splitlines()[-1].startswith(line), err[-2000:]
+
+
+def test_output_piped_into_a_closed_reader_is_one_note_and_the_run_goes_on(tmp_path):
+    run = tmp_path / "run"
+    proc = launch(run, tmp_path)
+    proc.stdout.close()  # as `| head -1` does once it has its line
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0 and (run / "results.json").exists(), err[-2000:]
+    assert "Traceback" not in err and "Logging error" not in err, err[-3000:]
+    assert err.count("llm-streamline: note: standard output was closed by its reader") <= 1
+
+
+@pytest.mark.parametrize("case", ["a 300-character model name", "a 300-character run directory",
+                                  "the run directory's disk full (Hydra's config write)"])
+def test_path_and_disk_failures_before_the_job_are_one_line(case, tmp_path):
+    long = "x" * 300
+    extra, preexec, code = [], None, 2
+    if case == "a 300-character model name":
+        extra = [f"model.name={long}"]
+    elif case == "a 300-character run directory":
+        extra = [f"hydra.run.dir={tmp_path / long / 'run'}"]
+    else:  # no file may grow past 1 KiB: the OS refuses Hydra's .hydra/config.yaml as a full disk would
+        preexec, code = (lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (1024, 1024))), 3
+    env = dict(os.environ, WANDB_MODE="disabled", OMP_NUM_THREADS="1")
+    env.pop("HYDRA_FULL_ERROR", None)
+    res = subprocess.run([sys.executable, "-m", "llm_streamline", "experiment=smoke", *extra], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=600, preexec_fn=preexec)
+    assert res.returncode == code, res.stderr[-2000:]
+    [only] = res.stderr.strip().splitlines()
+    assert only.startswith("llm-streamline: error: ") and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert ("longer than the filesystem allows" in only) if code == 2 else ("File too large" in only), only
