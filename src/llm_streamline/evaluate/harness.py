@@ -130,7 +130,8 @@ def _number(v: Any) -> float | None:
 
 
 def extract_metrics(results: dict[str, Any]) -> dict[str, dict[str, float]]:
-    """{task or group: {metric: value}} from lm-eval's ``results`` (filter "none" only, numbers only).
+    """{task or group: {metric: value}} from lm-eval's ``results`` (filter "none", else the task's first filter;
+    numbers only).
 
     Keys: acc, acc_stderr, acc_norm, acc_norm_stderr where the task defines them (and any other
     metric it defines, e.g. f1 for CB/MRPC). Groups (mmlu, mmlu_stem, ...) carry lm-eval's group
@@ -143,7 +144,9 @@ def extract_metrics(results: dict[str, Any]) -> dict[str, dict[str, float]]:
             for key, value in entry.items():
                 metric, _, flt = key.partition(",")
                 num = _number(value)
-                if flt == "none" and num is not None:
+                # filter "none"; a task whose answers pass through a named filter (generative tasks: e.g.
+                # TriviaQA's remove_whitespace) reports under that filter: its first one is the metric
+                if num is not None and flt and (flt == "none" or metric not in row):
                     row[metric] = num
     return out
 
@@ -234,8 +237,13 @@ def run_lm_eval(
     bootstrap_iters: int = 100000,
     task_limits: dict[str, int | None] | None = None,
     context_nll: bool = True,
+    num_fewshot: dict[str, int] | None = None,
+    include_path: str | None = None,
 ) -> EvalResult:
-    """Evaluate ``model`` zero-shot (no few-shot examples) on lm-eval ``tasks``; rows: module docstring.
+    """Evaluate ``model`` on lm-eval ``tasks`` (zero-shot unless ``num_fewshot`` names a task's shots; few-shot
+    examples come from the task's few-shot split, offline the scored split minus the item); rows: module docstring.
+    Generative (``generate_until``) tasks go through the same wrapped model: the fast scorer shares contexts for
+    log-likelihoods only, generation is lm-eval's own (HFLM.generate_until); they get metrics, no per-item rows.
 
     ``limit`` is lm-eval's (the first ``limit`` items of each leaf task; None = all); ``task_limits`` overrides
     it per named task (e.g. all of PIQA, the first 1000 of HellaSwag): lm-eval takes one limit per call, so
@@ -245,21 +253,23 @@ def run_lm_eval(
     """
     import lm_eval
 
-    check_tasks(tasks, offline)
+    check_tasks(tasks, offline, include_path)
     start = time.perf_counter()
     lm = make_lm(model, tokenizer, batch_size, scorer, context_nll)
-    by_limit: dict[int | None, list[str]] = {}
+    # lm-eval takes one limit and one few-shot count per call: one call per distinct (limit, shots)
+    by_call: dict[tuple[int | None, int | None], list[str]] = {}
     for t in tasks:
-        by_limit.setdefault((task_limits or {}).get(t, limit), []).append(t)
+        by_call.setdefault(((task_limits or {}).get(t, limit), (num_fewshot or {}).get(t)), []).append(t)
     out = EvalResult(metrics={}, samples=[])
-    for lim, names in by_limit.items():
-        built = build_tasks(names, offline=offline)
+    for (lim, shots), names in by_call.items():
+        built = build_tasks(names, offline=offline, include_path=include_path)
         with _quiet_git_lookup():
             results = lm_eval.simple_evaluate(
                 model=lm,
                 tasks=built,
-                task_manager=task_manager(offline),  # the one that built the tasks (cached per process)
+                task_manager=task_manager(offline, include_path),  # the one that built the tasks (cached)
                 limit=lim,
+                num_fewshot=shots,  # None: each task's own default (0 for ours)
                 log_samples=True,
                 bootstrap_iters=bootstrap_iters,
                 random_seed=seed,

@@ -116,15 +116,28 @@ def _write_files(folder: Path, files: dict[str, str]) -> None:
         (folder / rel).write_text(text)
 
 
-@functools.lru_cache(maxsize=2)
-def task_manager(offline: bool = True):
+@functools.lru_cache(maxsize=4)
+def task_manager(offline: bool = True, include_path: str | None = None):
     """lm-eval's TaskManager: offline, our include path alone; online, lm-eval's registered tasks (indexing
-    every YAML takes ~10 s, so one per process)."""
+    every YAML takes ~10 s, so one per process). `include_path` (`eval.include_path`): a folder of the user's
+    own task YAMLs, indexed beside them (lm-eval's `--include_path`)."""
     from lm_eval.tasks import TaskManager
 
+    extra = [str(Path(include_path).expanduser().resolve())] if include_path else []
     if offline:
-        return TaskManager(include_path=str(offline_task_dir()), include_defaults=False)
-    return TaskManager()
+        return TaskManager(include_path=[str(offline_task_dir()), *extra], include_defaults=False)
+    return TaskManager(include_path=extra or None)
+
+
+def check_include_path(include_path: str | None) -> None:
+    """`eval.include_path` must be a folder holding task YAMLs: refused in one line before any model loads."""
+    if not include_path:
+        return
+    folder = Path(include_path).expanduser()
+    if not folder.is_dir():
+        raise ValueError(f"eval.include_path={include_path}: not a directory (a folder of lm-eval task YAMLs)")
+    if not any(folder.rglob("*.yaml")):
+        raise ValueError(f"eval.include_path={include_path}: no *.yaml task file in it")
 
 
 def available_offline() -> tuple[str, ...]:
@@ -139,14 +152,18 @@ def _summary(names: Sequence[str]) -> str:
     return shown + (f", and {len(mmlu)} mmlu_* subject/category tasks (e.g. mmlu_anatomy)" if mmlu else "")
 
 
-def check_tasks(names: Sequence[str], offline: bool) -> None:
+def check_tasks(names: Sequence[str], offline: bool, include_path: str | None = None) -> None:
     """Raise ValueError (one line) naming the first unknown task; call before loading any model."""
     if isinstance(names, str) or not names:
         raise ValueError(f"tasks must be a non-empty list of task names, got {names!r}")
-    known = set(task_manager(offline).all_tasks)
+    check_include_path(include_path)
+    known = set(task_manager(offline, include_path).all_tasks)
     for name in names:
         if name in known:
             continue
+        if include_path:
+            raise ValueError(f"task {name!r} is neither in eval.include_path={include_path} nor "
+                             f"{'offline' if offline else 'registered in lm-eval'}")
         if offline:  # only on this error path is lm-eval's whole index read, to say which case it is
             why = ("has no offline data" if name in task_manager(offline=False).all_tasks
                    else "is not a registered lm-eval task")
@@ -157,12 +174,29 @@ def check_tasks(names: Sequence[str], offline: bool) -> None:
         )
 
 
-def build_tasks(names: Sequence[str], offline: bool = True) -> list[Any]:
+def task_dir_line(offline: bool) -> tuple[str | None, str]:
+    """(the rendered offline task folder, a line saying how to score the same items with lm-eval's own CLI)."""
+    if not offline:
+        return None, "lm-eval's registered tasks (online)"
+    d = str(offline_task_dir())
+    return d, f"lm-eval tasks rendered in {d} (lm_eval --include_path {d} --tasks <task> scores the same items)"
+
+
+def check_fewshot(num_fewshot: dict, tasks: Sequence[str]) -> None:
+    """`eval.num_fewshot`: counts >= 0 for tasks of the suite (one line otherwise, before any model loads)."""
+    for name, shots in (num_fewshot or {}).items():
+        if name not in tasks:
+            raise ValueError(f"eval.num_fewshot.{name}: {name!r} is not in eval.tasks {list(tasks)}")
+        if not isinstance(shots, int) or shots < 0:
+            raise ValueError(f"eval.num_fewshot.{name}={shots!r}: a number of examples >= 0")
+
+
+def build_tasks(names: Sequence[str], offline: bool = True, include_path: str | None = None) -> list[Any]:
     """The Task/Group objects named (checked first, see ``check_tasks``), built by ``TaskManager.load``, to hand
     to ``simple_evaluate`` with the same task manager. We build them rather than pass names so that the harness
     can read each task's gold-label rule from the very objects lm-eval scores."""
-    check_tasks(names, offline)
-    tm = task_manager(offline)
+    check_tasks(names, offline, include_path)
+    tm = task_manager(offline, include_path)
     built: list[Any] = []
     for name in names:
         loaded = tm.load([name])

