@@ -63,7 +63,7 @@ HASH_GBS = 1.0                  # sha256 of sealed stage outputs (teacher shards
 DECODE_TOKENS = 32              # speed: tokens decoded after the prompt (evaluate.speed, recipes.common._speed)
 SPEED_RUNS = 5 * 2 + 9 * 2      # 5 interleaved throughput rounds x 2 models, 9 paired prefills x 2 models
 PACK_TOKENS = 1024              # the fast scorer's packed row length (evaluate.fast_hflm)
-PRUNED_COPY = True              # the pruned model is a copy of the dense one (copy.deepcopy in the recipes)
+PRUNED_COPY = False             # the pruned model shares the dense one's weights (models.layers.share_weights)
 
 # Per task, over its full offline split (SmolLM2 tokenizer): items, options per item, distinct contexts per item,
 # mean context tokens, mean continuation tokens per option. MMLU: the 57 subjects together (14042 items, mean
