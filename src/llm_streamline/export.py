@@ -94,7 +94,7 @@ def to_stock(saved: SavedRun, dtype: torch.dtype):
     from llm_streamline.models.layers import find_decoder_stack
     from llm_streamline.replace import export_stock
 
-    model = load_pruned(saved.model_dir)  # fp32: the export to a stock layer is exact before any cast
+    model = load_pruned(saved.model_dir, dtype=None)  # as saved: no float32 copy of a bf16 model unless asked
     fmt = saved.meta.get("format")
     if fmt == "stock":
         return model.to(dtype), True
@@ -102,6 +102,7 @@ def to_stock(saved: SavedRun, dtype: torch.dtype):
         spec = stages.read_json(saved.model_dir / STREAMLINE_CONFIG)
         if spec["replacement"]["type"] == "swiglu":
             start = spec["slot_start"]
+            model = model.float()  # the export to a stock layer is exact in float32, before the cast
             stack = find_decoder_stack(model)
             # any other decoder layer serves as the template (its attention is silenced, its MLP replaced)
             reference = stack.layers[start - 1 if start > 0 else start + 1]
