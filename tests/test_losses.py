@@ -84,3 +84,15 @@ def test_nll_batches_cover_the_blocks_in_order():
     with torch.no_grad():
         whole, count = nll_sum(model, ids)
         assert sum(float(nll) for _, _, nll, _ in got) == pytest.approx(float(whole), rel=1e-5) and count == 75
+
+
+def test_chunk_shrinks_with_the_vocabulary():
+    """One head call's fp32 logits stay within the budget: SmolLM2's 49k vocabulary keeps 1024 positions,
+    Gemma 3's 262k gets 192 (1024 would form 1 GiB of logits, twice with the loss's log-softmax)."""
+    from torch import nn
+
+    from llm_streamline.losses import LOGITS_BUDGET, Head, chunk_for
+
+    assert chunk_for(Head(nn.Linear(8, 49152, bias=False, device="meta"))) == 1024
+    assert chunk_for(Head(nn.Linear(8, 262144, bias=False, device="meta"))) == 192
+    assert 192 * 262144 * 4 <= LOGITS_BUDGET

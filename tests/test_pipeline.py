@@ -293,3 +293,12 @@ def test_schema_defaults_equal_the_default_presets():
             if key in names and getattr(default, key) != value:
                 differ.append(f"{group}.{key}: schema {getattr(default, key)!r}, preset {chosen[group]} {value!r}")
     assert not differ, differ
+
+
+def test_embedded_models_are_the_ones_the_loader_knows():
+    from llm_streamline.config import EMBEDDED_MODELS
+    from llm_streamline.models.loading import EMBEDDED
+
+    assert set(EMBEDDED_MODELS) == set(EMBEDDED)
+    with pytest.raises(ConfigError, match="the embedded models are"):
+        validate(compose_run("model.name_or_path=gemma3-1b"))

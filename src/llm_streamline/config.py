@@ -20,7 +20,7 @@ from omegaconf import MISSING, OmegaConf
 class ModelConfig:
     name: str = MISSING                    # label used in records, e.g. "smollm2-135m"
     source: str = "hub"                    # embedded | hub | local | tiny
-    name_or_path: Optional[str] = None     # hub id or local dir (hub, local)
+    name_or_path: Optional[str] = None     # hub id or local dir (hub, local); embedded: smollm2-135m | gemma3-270m
     family: Optional[str] = None           # tiny: llama, mistral, qwen2, qwen3, gemma2, gemma3, opt, gptneox, phi3
     dtype: str = "float32"                 # float32 on CPU; bfloat16/float16 on CUDA
     device: str = "cpu"                    # cpu | cuda | cuda:0 ...
@@ -246,6 +246,7 @@ def heal_train_config(cfg: RunConfig) -> TrainConfig:
 
 
 MODEL_SOURCES = ("embedded", "hub", "local", "tiny")
+EMBEDDED_MODELS = ("smollm2-135m", "gemma3-270m")  # models/loading.py EMBEDDED (a test checks they agree)
 TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "opt", "gptneox", "phi3")
 DATA_NAMES = ("offline", "slimpajama", "wikitext2", "c4")
 IMPORTANCE = ("cosine", "angular", "bi", "perplexity")
@@ -294,6 +295,9 @@ def validate(cfg: RunConfig) -> None:
     _check(m.source in MODEL_SOURCES, f"model.source={m.source!r}: expected one of {MODEL_SOURCES}")
     if m.source in ("hub", "local"):
         _check(bool(m.name_or_path), f"model.source={m.source} needs model.name_or_path (a hub id or a directory)")
+    if m.source == "embedded" and m.name_or_path is not None:
+        _check(m.name_or_path in EMBEDDED_MODELS,
+               f"model.name_or_path={m.name_or_path!r}: the embedded models are {EMBEDDED_MODELS}")
     if m.source == "tiny":
         _check(m.family in TINY_FAMILIES, f"model.family={m.family!r}: tiny models exist for {TINY_FAMILIES}")
     _check(m.dtype in ("float32", "bfloat16", "float16"), f"model.dtype={m.dtype!r}: float32 | bfloat16 | float16")

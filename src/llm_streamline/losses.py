@@ -28,6 +28,15 @@ from llm_streamline.models.devices import input_device
 from llm_streamline.models.layers import text_config
 
 DEFAULT_CHUNK = 1024  # positions per head call: 1024 x 49k fp32 logits = 200 MB (SmolLM2)
+# the fp32 logits one head call may form: the chunk shrinks as the vocabulary grows (SmolLM2's 49k: 1024
+# positions; Gemma 3's 262k: 192 positions, not 1024 positions = 1 GiB, twice over with the loss's log-softmax)
+LOGITS_BUDGET = DEFAULT_CHUNK * 49152 * 4
+
+
+def chunk_for(head: "Head") -> int:
+    """Positions per head call so that one chunk's fp32 logits stay within `LOGITS_BUDGET`."""
+    vocab = getattr(head.proj, "out_features", None) or head.proj.weight.shape[0]
+    return max(16, min(DEFAULT_CHUNK, LOGITS_BUDGET // (4 * vocab)))
 
 
 def causal_lm(model: nn.Module) -> nn.Module:
@@ -96,7 +105,7 @@ def _chunk_sums(fn, *tensors: torch.Tensor, chunk: int) -> torch.Tensor:
     return total
 
 
-def nll_sum(model: nn.Module, ids: torch.Tensor, chunk: int = DEFAULT_CHUNK,
+def nll_sum(model: nn.Module, ids: torch.Tensor, chunk: int | None = None,
             hidden: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     """(summed next-token NLL in nats, number of predicted tokens) over the blocks `ids` [B, T]."""
     head = head_of(model)
@@ -109,7 +118,7 @@ def nll_sum(model: nn.Module, ids: torch.Tensor, chunk: int = DEFAULT_CHUNK,
         z = head.logits(hc)  # on the head's card (the ids are on the embedding's)
         return F.cross_entropy(z, tc.to(z.device), reduction="sum")
 
-    return _chunk_sums(ce, h, targets, chunk=chunk), targets.numel()
+    return _chunk_sums(ce, h, targets, chunk=chunk or chunk_for(head)), targets.numel()
 
 
 def nll_batches(model: nn.Module, blocks: torch.Tensor, batch_size: int
@@ -123,14 +132,14 @@ def nll_batches(model: nn.Module, blocks: torch.Tensor, batch_size: int
         yield start, ids, nll, count
 
 
-def lm_loss(model: nn.Module, ids: torch.Tensor, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+def lm_loss(model: nn.Module, ids: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
     """Mean next-token cross-entropy, equal to `model(input_ids=ids, labels=ids).loss` (unpadded blocks)."""
     total, count = nll_sum(model, ids, chunk)
     return total / count
 
 
 def kl_sum(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, student_head: Head, teacher_head: Head,
-           temperature: float = 1.0, chunk: int = DEFAULT_CHUNK) -> tuple[torch.Tensor, int]:
+           temperature: float = 1.0, chunk: int | None = None) -> tuple[torch.Tensor, int]:
     """(sum over positions of KL(teacher || student) of the next-token distributions at `temperature`,
     scaled by temperature^2 as in Hinton et al. 2015 so gradients keep their size, number of positions)."""
     d = student_hidden.shape[-1]
@@ -142,4 +151,4 @@ def kl_sum(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, student_h
             log_p = F.log_softmax(teacher_head.logits(ht_c) / temperature, dim=-1).to(log_q.device)
         return F.kl_div(log_q, log_p, log_target=True, reduction="sum") * temperature ** 2
 
-    return _chunk_sums(kl, hs, ht, chunk=chunk), hs.shape[0]
+    return _chunk_sums(kl, hs, ht, chunk=chunk or chunk_for(student_head)), hs.shape[0]

@@ -9,7 +9,6 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
-from llm_streamline import stages
 from llm_streamline.config import ConfigError, ModelConfig, RunConfig
 
 SPEED_DECODE_TOKENS = 32  # tokens the speed measurement decodes after its `eval.speed_tokens` prompt
@@ -23,7 +22,7 @@ def check_device(m: ModelConfig) -> None:
 # config.json (architecture only, never weights) of the GPU presets and the embedded model, shipped in the package so
 # that the plan and these checks work offline: <hub id with "/" as "--">/config.json
 PACKAGED_CONFIGS = Path(__file__).parent / "models" / "configs"
-EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the default embedded model (models/loading.py EMBEDDED)
 
 
 def packaged_config_dir(hub_id: str | None) -> Path | None:
@@ -43,9 +42,11 @@ def model_config(m: ModelConfig) -> PretrainedConfig | None:
         model_type, kwargs = TINY_CONFIGS[m.family]
         return AutoConfig.for_model(model_type, **{**kwargs, **dict(m.tiny)})
     if m.source == "embedded":
-        path = stages.cache_dir() / "models" / "smollm2-135m-instruct"
+        from llm_streamline.models.loading import embedded_path, embedded_spec
+
+        path = embedded_path(m.name_or_path)
         return AutoConfig.from_pretrained(str(path if (path / "config.json").exists() else
-                                              packaged_config_dir(EMBEDDED_HUB_ID)))
+                                              packaged_config_dir(embedded_spec(m.name_or_path).hub_id)))
     if m.source == "local" and not Path(m.name_or_path).is_dir():
         raise ConfigError(f"model.name_or_path={m.name_or_path}: no such directory (model.source=local)")
     # a path, not a hub id (<org>/<name>): the hub client would answer "Repo id must be in the form ..."

