@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
+from llm_streamline import stages
 from llm_streamline.config import ConfigError, ModelConfig, RunConfig
 
 SPEED_DECODE_TOKENS = 32  # tokens the speed measurement decodes after its `eval.speed_tokens` prompt
