@@ -79,6 +79,17 @@ def test_wheel_ships_configs_and_runs_outside_the_repository(installed_venv, tmp
     assert results["perplexity"]["pruned"]["ppl"] > 1
 
 
+@pytest.mark.install
+def test_wheel_ships_the_plan_and_the_presets_architecture(installed_venv, tmp_path):
+    """`llm-streamline-plan` is an entry point of the wheel and the GPU presets' config.json files are package data:
+    the 7B plan is computed offline, from outside the repository."""
+    env = _clean_env(LLM_STREAMLINE_STAGES=str(tmp_path / "stages"), HF_HUB_OFFLINE="1")
+    res = _run([installed_venv / "bin" / "llm-streamline-plan", "model=llama2-7b", "data=slimpajama", "eval=paper",
+                "plan.disk_free_gib=2048", "plan.host_ram_gib=64"], cwd=tmp_path, env=env)
+    assert res.stdout.startswith("plan: llama2-7b (6.74B params, 32 layers, hidden 4096, vocab 32000, bfloat16)")
+    assert "| teacher_pairs |" in res.stdout and "\nfits" in res.stdout
+
+
 def _declared(package: str) -> str:
     import re
 
