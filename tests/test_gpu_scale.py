@@ -25,9 +25,11 @@ def _module():
 def _check(result: dict, out: Path) -> None:
     assert set(result["stages"]) == STAGES
     assert all(r["seconds"] > 0 for r in result["stages"].values())
-    assert all("plan_seconds" in r for k, r in result["stages"].items() if k != "teacher_online")
+    priced = {k for k, r in result["stages"].items() if "plan_seconds" in r}
+    assert priced == STAGES - {"teacher_online", "load_model", "speed"}
     assert result["train"]["steps"] == 16 and result["train"]["best_val_loss"] <= result["train"]["initial_val_loss"]
     assert result["removed"][1] - result["removed"][0] == 2  # --tiny removes 2 of 4 layers
+    assert result["dense_params"] > result["params"]  # the plan priced the dense model, not the pruned one
     assert json.loads((out / "gpu_scale.json").read_text())["stages"].keys() == result["stages"].keys()
     assert "| train |" in (out / "gpu_scale.md").read_text()
     assert not [p for p in out.iterdir() if p.name.startswith("gpu_scale-")]  # the scratch folder is removed

@@ -463,6 +463,8 @@ def stage_train(c: _Ctx) -> Stage | None:
     note = f"{steps} steps x {c.batch} x {c.seq} tokens, {s.replacement_params / 1e6:,.3g}M trainable"
     if t.loss == "mse":
         flops = t.epochs * tokens * 3 * slot + val_tokens * slot
+        if cfg.replacement.type in ("layer", "layers"):  # a decoder layer's call arguments: layers [0, l*) once
+            flops += c.batch * c.seq * s.layers_flops(0, c.block_end - c.n, c.seq)
         st = Stage("train", flops=flops, device_gib=c.device(trainable + slot_acts),
                    host_gib=c.host(trainable + slot_acts), note=note)
         if teacher_mode(cfg, pairs_bytes(c) / GIB, c.hw.disk_free_gib, c.teacher) == "online":
@@ -520,7 +522,9 @@ def stage_compress(c: _Ctx) -> Stage | None:
         from llm_streamline.baselines.laco import LACO_BLOCKS, LACO_LOWEST
 
         tokens = LACO_BLOCKS * c.seq
-        scores = (L - LACO_LOWEST) * (1 + c.n / max(1, m.laco_merge - 1))   # the pass, then fallbacks (upper)
+        # the downward pass scores each position once; when it accepts too few collapses, each fallback scores every
+        # position of the current model and may remove one layer (the committed SmolLM2 run: 8 fallbacks, 204 scores)
+        scores = (L - LACO_LOWEST) + sum(L - k - 1 - LACO_LOWEST for k in range(c.n))
         return Stage("compress", flops=tokens * scores * s.model_flops(c.seq), device_gib=c.device(0),
                      host_gib=c.host(0), note=f"LaCo: up to {scores:.0f} merged-model forwards of {tokens:,} tokens")
     if m.name == "llm_pruner":
