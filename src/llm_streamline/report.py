@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -95,7 +96,7 @@ def _run_record(r: RunRecord, tasks: list[str], root: Path | None) -> dict:
     return {"_group": group, "_model": r.model_name, "_suite": _suite_key(r), "run": r.label, "seed": seed,
             "layers removed": r.where(), "params": r.params.get("pruned", r.params.get("total")),
             "sparsity": r.params.get("sparsity"), **scores,
-            "avg": r.average("pruned") if all(t in r.tasks for t in tasks) else None,
+            "avg": r.average("pruned"),  # over the record's own tasks (its dense row's task set)
             "stability": stab.get("stability"), "agreement": stab.get("agreement"), "ppl": r.perplexity("pruned"),
             **dict(zip(("trainable", "compress s", "compress MiB"), compress_cost(r.data))),
             "train tokens": (r.data.get("train") or {}).get("tokens"),
@@ -126,8 +127,9 @@ def _combine(values: list):
     present = [v for v in values if v is not None]
     if not present:
         return None
-    if all(v == present[0] for v in present):
-        return present[0]
+    if all(v == present[0] or (isinstance(v, float) and math.isclose(v, present[0], rel_tol=1e-9))
+           for v in present):  # one dense model's numbers, recomputed in several runs: equal up to rounding
+        return max(present, key=lambda v: getattr(v, "ci", None) is not None)  # the cell with its interval
     if all(isinstance(v, (int, float)) for v in present):
         return Spread([float(v) for v in present])
     return " ".join(dict.fromkeys(str(v) for v in present))
