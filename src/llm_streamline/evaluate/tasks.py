@@ -89,17 +89,19 @@ def offline_task_dir() -> Path:
 @functools.lru_cache(maxsize=4)
 def rendered_task_dir(root: Path) -> Path:
     """``offline_task_dir`` for the stage cache at ``root``."""
-    from llm_streamline.stages import atomic_dir, seal, sealed
+    from llm_streamline.stages import MANIFEST, atomic_dir, seal, sealed
 
     files = _render(template_values())
     digest = hashlib.sha256(repr(sorted(files.items())).encode()).hexdigest()[:16]
     target = root / f"lm_eval_tasks-{digest}"
     # sealed like every stage entry: a truncated or edited YAML (or a folder of an older version without its
     # manifest) is moved aside as `<name>.corrupt-<time>`, named in a warning, and rendered again
-    if target.is_dir() and sealed(target, target.name):
+    older = target.is_dir() and not (target / MANIFEST).exists()  # rendered before folders were sealed: replaced
+    if target.is_dir() and not older and sealed(target, target.name):
         return target
     try:
-        with atomic_dir(target, keep_existing=True) as tmp:  # another process may render the same digest first
+        # another process may render the same digest first
+        with atomic_dir(target, keep_existing=not older) as tmp:
             _write_files(tmp, files)
             seal(tmp, target.name)
     except OSError:
