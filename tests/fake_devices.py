@@ -12,8 +12,9 @@ Limits of this build, worked around here:
   * its Python device guard reports one device, so autograd cannot run a backward over `fakegpu:1`: on the split
     layout `loss.backward()` is skipped (`no_backward`); the forward of every loss still runs across both cards,
     which is where tensors get mixed (autograd moves gradients between devices by itself);
-  * `.item()` / `float()` / `.tolist()` read data that fake tensors do not have: they return a placeholder
-    (0.5, 1, True), so code that branches on values runs on (values are meaningless here: devices are tested);
+  * work on the CPU from real tensors (token blocks, indices, counts) runs for real; `.item()` / `float()` /
+    `.tolist()` of a fake tensor return a placeholder (0.5, 1, True), so code that branches on values runs on
+    (values computed by the model are meaningless here: devices are tested);
   * safetensors cannot write fake tensors: `save_file` is wrapped to check that what is written is on the CPU
     and to write zeros of the same shapes;
   * accelerate's `dispatch_model` copies parameters through their class (a FakeTensor cannot be rebuilt that way)
@@ -68,12 +69,33 @@ class AuditMode(FakeTensorMode):
         return True
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if _real_cpu_work(args, kwargs):  # bookkeeping on the CPU (indices, counts, sums of real numbers): real
+            try:
+                with torch._subclasses.fake_tensor.unset_fake_temporarily():
+                    return func(*args, **kwargs)
+            except Exception:  # a real CPU tensor that fake results were added into kept its old values (e.g.
+                pass           # a singular Gram matrix): computed fake instead, values do not matter here
         if func is torch.ops.aten._local_scalar_dense.default:
             t = args[0]
             return True if t.dtype == torch.bool else (0.5 if t.is_floating_point() else 1)
         if func in (torch.ops.aten.allclose.default, torch.ops.aten.equal.default):  # checks of values: pass
             return True
         return super().__torch_dispatch__(func, types, args, kwargs)
+
+
+def _real_cpu_work(args, kwargs) -> bool:
+    """No fake tensor in, only CPU tensors (or none) and no other device asked for: the op runs for real, so what
+    the framework computes on the CPU from real data (token blocks, unit indices, counts) keeps its values."""
+    from torch.utils._pytree import tree_leaves
+
+    leaves = tree_leaves((args, kwargs))
+    if any(isinstance(a, FakeTensor) for a in leaves):
+        return False
+    if any(isinstance(a, torch.Tensor) and a.device.type != "cpu" for a in leaves):
+        return False
+    device = kwargs.get("device")
+    return device is None or torch.device(device).type == "cpu"
 
 
 def is_fake(t) -> bool:

@@ -244,22 +244,22 @@ def test_profile_baselines(layout, name):
 
 
 @pytest.mark.parametrize("importance", ["element1", "mix"])
-def test_llm_pruner_importance(layout, importance):
-    """Taylor gradients of the LM loss on calibration ids from the CPU and the per-unit scores of every structure
-    (the choice of units and the surgery work on CPU indices of scores: data-dependent shapes a fake tensor cannot
-    give, left to the CUDA tests)."""
+def test_llm_pruner(layout, importance):
+    """Taylor gradients of the LM loss on calibration ids from the CPU, per-unit scores, the ratio matched to one
+    layer's parameters and the surgery (unit indices from the CPU into each card's weights); the pruned model
+    runs."""
     from llm_streamline.baselines import llm_pruner
+    from llm_streamline.config import RunConfig
 
+    cfg = RunConfig()
+    cfg.method.first_layer, cfg.method.last_layers_kept, cfg.method.grad_samples = 0, 0, 2
+    cfg.method.importance = importance
     with audit(layout):
         model = model_in(layout)
-        structs = llm_pruner.find_structures(model, [0, 3], "head")
-        params = [m.linear.weight for s in structs for m in s.members]
-        g, fisher = llm_pruner.taylor_gradients(model, blocks(2), params, with_fisher=importance == "mix")
-        for s in structs:
-            scores = llm_pruner.structure_scores(s, g, fisher, importance)
-            assert scores.device.type == "cpu" and scores.shape == (s.n_units,)
-    for p in params:
-        assert g[id(p)].device == p.device
+        res = llm_pruner.apply(model, blocks(), 1, cfg)
+        out = model(input_ids=blocks().to(card(layout, 0)))
+    assert res.record["ratio"] > 0
+    on_device(layout, out.logits)
 
 
 # -------------------------------------------------------------------------------------- evaluation
