@@ -161,3 +161,17 @@ def test_path_and_disk_failures_before_the_job_are_one_line(case, tmp_path):
     [only] = res.stderr.strip().splitlines()
     assert only.startswith("llm-streamline: error: ") and "Traceback" not in res.stderr, res.stderr[-2000:]
     assert ("longer than the filesystem allows" in only) if code == 2 else ("File too large" in only), only
+
+
+def test_an_empty_wandb_mode_is_unset_and_an_unknown_one_is_one_line(tmp_path, monkeypatch):
+    from llm_streamline.config import ConfigError
+
+    monkeypatch.setenv("WANDB_MODE", "")  # `WANDB_MODE= llm-streamline ...`: wandb itself failed validating ""
+    tracker = Tracker(WandbConfig(mode="offline"), tmp_path, config={}, name="t", job_type="run")
+    try:
+        assert tracker.mode == "offline" and tracker.run is not None
+    finally:
+        tracker.finish()
+    monkeypatch.setenv("WANDB_MODE", "ofline")
+    with pytest.raises(ConfigError, match="WANDB_MODE='ofline': one of online, offline, disabled"):
+        Tracker(WandbConfig(mode="offline"), tmp_path, config={}, name="t", job_type="run")
