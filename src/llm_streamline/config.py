@@ -22,7 +22,8 @@ class ModelConfig:
     source: str = "hub"                    # embedded | hub | local | tiny
     name_or_path: Optional[str] = None     # hub id or local dir (hub, local); embedded: smollm2-135m | gemma3-270m
     family: Optional[str] = None           # tiny: llama, mistral, qwen2, qwen3, gemma2, gemma3, opt, gptneox, phi3
-    dtype: str = "float32"                 # float32 on CPU; bfloat16/float16 on CUDA
+    dtype: str = "float32"                 # float32 | bfloat16 | float16 | auto (bf16 where the hardware has
+                                           # bf16 matrix units: CUDA, AMX/AVX512-BF16 CPUs; else fp32; `precision`)
     device: str = "cpu"                    # cpu | cuda | cuda:0 ...
     device_map: Optional[str] = None       # e.g. "auto" for multi-GPU 7B-70B models
     revision: Optional[str] = None
@@ -95,6 +96,13 @@ class TrainConfig:
     # recompute the decoder layers' activations in the backward pass (lm, distill, lora): memory of one layer's
     # activations instead of all of them, about a third more compute, the same results; null: on CUDA only
     grad_checkpointing: Optional[bool] = None
+    # loss=mse: where the teacher pairs x^(l*), x^(l*+n) come from. online: computed batch by batch from the
+    # frozen dense model while training (no disk; the dense prefix runs every epoch); cached: written once to
+    # disk shards in the stage cache and re-read each epoch; auto: cached when they fit `teacher_disk_gb` and
+    # are read more than once (epochs > 1), else online. The choice is recorded in results.json (train.teacher).
+    teacher: str = "auto"
+    teacher_disk_gb: Optional[float] = None  # auto's disk budget for the pairs; null: half the free space
+    teacher_space_check: bool = True       # cached: refuse before the stage when the pairs exceed the free space
 
 
 @dataclass
@@ -221,7 +229,8 @@ HEAL_MIN_LR_FRACTION = 0.1
 
 
 TRAIN_KEY_DEFAULTS = {"grad_accum": 1}  # options added later: left out of stage keys at these values
-TRAIN_KEY_IGNORED = ("grad_checkpointing",)  # options that do not change what training gives
+# options that do not change what training gives (online and cached teacher pairs are the same pairs)
+TRAIN_KEY_IGNORED = ("grad_checkpointing", "teacher", "teacher_disk_gb", "teacher_space_check")
 
 
 def training_identity(t: TrainConfig) -> dict:
@@ -252,6 +261,8 @@ DATA_NAMES = ("offline", "slimpajama", "wikitext2", "c4")
 IMPORTANCE = ("cosine", "angular", "bi", "perplexity")
 REPLACEMENTS = ("none", "ffn", "swiglu", "layer", "layers", "linear", "linear_patch")
 LOSSES = ("mse", "lm", "distill", "lora")
+TEACHERS = ("online", "cached", "auto")
+DTYPE_NAMES = ("float32", "bfloat16", "float16", "auto")
 PERPLEXITY_TEXTS = ("heldout", "wikitext2", "c4")  # data.perplexity_text reads them
 METHODS = ("streamline", "shortgpt", "gromov", "laco", "sleb", "llm_pruner")
 
@@ -300,7 +311,7 @@ def validate(cfg: RunConfig) -> None:
                f"model.name_or_path={m.name_or_path!r}: the embedded models are {EMBEDDED_MODELS}")
     if m.source == "tiny":
         _check(m.family in TINY_FAMILIES, f"model.family={m.family!r}: tiny models exist for {TINY_FAMILIES}")
-    _check(m.dtype in ("float32", "bfloat16", "float16"), f"model.dtype={m.dtype!r}: float32 | bfloat16 | float16")
+    _check(m.dtype in DTYPE_NAMES, f"model.dtype={m.dtype!r}: float32 | bfloat16 | float16 | auto")
     check_data(d)
     _check(s.importance in IMPORTANCE, f"sparsity.importance={s.importance!r}: expected one of {IMPORTANCE}")
     _check((s.layers is None) != (s.target is None),
@@ -328,6 +339,9 @@ def validate(cfg: RunConfig) -> None:
            f"replacement.finetune=true trains a linear_patch afterwards; {r.type} is trained (or fused) anyway")
     _check(r.activation in ("silu", "gelu", "relu", "gelu_new"), f"replacement.activation={r.activation!r}")
     _check(t.loss in LOSSES, f"train.loss={t.loss!r}: expected one of {LOSSES}")
+    _check(t.teacher in TEACHERS, f"train.teacher={t.teacher!r}: online | cached | auto")
+    _check(t.teacher_disk_gb is None or t.teacher_disk_gb >= 0,
+           f"train.teacher_disk_gb={t.teacher_disk_gb}: null (half the free space) or >= 0")
     _check(t.first_token in ("include", "exclude"), f"train.first_token={t.first_token!r}: include | exclude")
     _check(t.mse_target in ("absolute", "relative"), f"train.mse_target={t.mse_target!r}: absolute | relative")
     _check(t.select in ("best", "final"), f"train.select={t.select!r}: best | final")

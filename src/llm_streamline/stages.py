@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import random
 import re
 import shutil
 import tempfile
@@ -31,6 +32,7 @@ from typing import Any, Callable, Iterator
 STAGE_VERSION = 2  # bump when a stage's computation changes so old entries are not reused (2: sealed entries)
 MANIFEST = "MANIFEST.json"  # a directory entry's manifest; a file entry's is `<name>.manifest` beside it
 CORRUPT = ".corrupt-"       # infix of an entry moved aside because it failed verification
+SMALL_FILE = 1 << 20        # verify(hash_sample=k) rehashes every file below this size and k of the others
 log = logging.getLogger("llm_streamline")
 
 
@@ -229,8 +231,9 @@ def seal(entry: Path, key: str) -> None:
     write_json_atomic(_manifest_path(entry), {"key": key, "files": files})
 
 
-def verify(entry: Path, key: str) -> str | None:
-    """Why `entry` cannot be trusted, or None when every file matches its manifest (sizes first: cheap)."""
+def verify(entry: Path, key: str, hash_sample: int | None = None) -> str | None:
+    """Why `entry` cannot be trusted, or None when every file matches its manifest (sizes first: cheap).
+    `hash_sample`: rehash only that many files drawn at random (every file's size is still checked)."""
     try:
         manifest = json.loads(_manifest_path(entry).read_text())
         expected = manifest["files"]
@@ -246,7 +249,14 @@ def verify(entry: Path, key: str) -> str | None:
     for rel, meta in expected.items():
         if files[rel].stat().st_size != meta["bytes"]:
             return f"{rel} has {files[rel].stat().st_size} bytes, {meta['bytes']} written"
-    for rel, meta in expected.items():
+    hashed = list(expected.items())
+    if hash_sample is not None:
+        # small files (an index, a log) always; of the large ones a fresh draw on every reuse, so that over
+        # repeated reuses every file gets checked while no reuse reads them all (a terabyte of teacher pairs)
+        small = [(r, m) for r, m in hashed if m["bytes"] < SMALL_FILE]
+        large = [(r, m) for r, m in hashed if m["bytes"] >= SMALL_FILE]
+        hashed = small + random.sample(large, min(hash_sample, len(large)))
+    for rel, meta in hashed:
         if sha256_of(files[rel]) != meta["sha256"]:
             return f"{rel} does not match its sha256"
     return None
@@ -266,14 +276,14 @@ def quarantine(entry: Path, why: str) -> Path:
     return aside
 
 
-def sealed(entry: Path, key: str, move_aside: bool = True) -> bool:
+def sealed(entry: Path, key: str, move_aside: bool = True, hash_sample: int | None = None) -> bool:
     """True if `entry` is finished and sound. A damaged one is moved aside (if `move_aside`; do it holding
     the stage's lock) and False returned: the caller recomputes it. A file entry without its manifest is
-    unfinished (killed between the two writes): recomputing overwrites it."""
+    unfinished (killed between the two writes): recomputing overwrites it. `hash_sample`: see `verify`."""
     entry = Path(entry)
     if not entry.exists() or (entry.is_file() and not _manifest_path(entry).exists()):
         return False
-    why = verify(entry, key)
+    why = verify(entry, key, hash_sample)
     if why is not None and move_aside:
         quarantine(entry, why)
     return why is None

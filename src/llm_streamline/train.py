@@ -35,9 +35,10 @@ import contextlib
 import copy
 import json
 import math
+import shutil
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,10 +49,11 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, get_cosine_with_min_lr_schedule_with_warmup
 
 from llm_streamline import faults, stages
-from llm_streamline.config import TrainConfig
+from llm_streamline.config import ConfigError, TrainConfig
 from llm_streamline.losses import final_hidden, head_of, kl_sum, lm_loss
 from llm_streamline.models.devices import input_device, module_device, to_device
 from llm_streamline.models.layers import find_decoder_stack, run_layers
+from llm_streamline.precision import MasterWeights, autocast, compute_dtype
 
 
 class NonFiniteLossError(faults.NumericalFault):
@@ -59,6 +61,25 @@ class NonFiniteLossError(faults.NumericalFault):
 
 
 # ---------------------------------------------------------------------------------------------- teacher pairs
+# Where x^(l*), x^(l*+n) come from (train.teacher): `online` runs the frozen dense model's layers 0..l*+n-1 per
+# batch while training (no grad, no disk, the prefix recomputed every epoch); `cached` writes them once to disk
+# shards and streams them back each epoch. Both cut the token blocks into the same batches (`teacher_batches`),
+# so with the same seed they train the same replacement (a test checks it to 1e-5 in fp32).
+TEACHER_HASH_SAMPLE = 2        # shards rehashed on each reuse of a cached entry (all sizes checked: see below)
+TEACHER_DISK_FRACTION = 0.5    # auto's disk budget when train.teacher_disk_gb is null: this share of the free space
+
+
+def teacher_batches(rows: int, batch_size: int) -> list[list[int]]:
+    """The token blocks' rows cut into consecutive batches: one shard (cached) or one forward (online) each."""
+    return [list(range(i, min(i + batch_size, rows))) for i in range(0, rows, batch_size)]
+
+
+def teacher_bytes(model: PreTrainedModel, rows: int, seq_len: int) -> int:
+    """Disk size of the pairs of `rows` blocks: rows x seq_len x hidden x bytes per element x 2 (in and out)."""
+    hidden = find_decoder_stack(model).config.hidden_size
+    return 2 * rows * seq_len * hidden * torch.empty(0, dtype=compute_dtype(model)).element_size()
+
+
 @dataclass
 class TeacherShards:
     """Disk shards of (x_in, x_out) pairs; shard i holds the rows `index[i]` of the token blocks."""
@@ -74,34 +95,111 @@ class TeacherShards:
         return t["x_in"], t["x_out"], self.index[i]
 
 
+class OnlineTeacher:
+    """The pairs of batch i computed when asked, from the frozen dense model: layers 0..start+n-1 only (the
+    forward stops after the block's last layer), without autograd, nothing written. Same interface as
+    `TeacherShards`. The dense model's block must stay in place while training reads it: the recipe trains
+    the replacement before it removes the block (a check below names the fault instead of a wrong target)."""
+
+    def __init__(self, model: PreTrainedModel, blocks: torch.Tensor, start: int, n: int, batch_size: int):
+        self.model, self.blocks, self.start, self.n = model, blocks, start, n
+        self.layers = list(find_decoder_stack(model).layers[start:start + n])
+        self.index = teacher_batches(blocks.shape[0], batch_size)
+        self.device = input_device(model)  # the first layer's card under device_map
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def load(self, i: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        stack = find_decoder_stack(self.model)  # afresh: surgery may have swapped the layer list
+        layers = stack.layers
+        if any(j >= len(layers) or layers[j] is not m for j, m in enumerate(self.layers, self.start)):
+            raise RuntimeError(f"online teacher: the dense model's layers [{self.start}, {self.start + self.n}) "
+                               "were removed or replaced while the replacement trains on them")
+        rows = self.index[i]
+        cap = run_layers(self.model, self.blocks[rows].to(self.device), inputs_at=(self.start,),
+                         outputs_at=(self.start + self.n - 1,), stack=stack)  # grad=False: no graph
+        return cap.inputs[self.start], cap.outputs[self.start + self.n - 1], rows
+
+
 def write_teacher_shards(model: PreTrainedModel, blocks: torch.Tensor, start: int, n: int, directory: Path,
                          batch_size: int, desc: str = "teacher pairs") -> TeacherShards:
     """Run layers 0..start+n-1 only (no LM head) and write x^(start), x^(start+n) per batch to `directory`.
 
     Written into a temporary directory renamed into place at the end: a killed run leaves nothing that a
-    rerun would trust.
+    rerun would trust. Reuse checks the manifest, every shard's size and TEACHER_HASH_SAMPLE shards' sha256
+    (drawn afresh each time): rehashing every shard would read the whole entry (a terabyte for the paper's
+    data) on every reuse, while a truncated or missing shard, the usual damage, shows in its size.
     """
     directory = Path(directory)
     key = f"{directory.parent.name}/{directory.name}"  # the manifest's key: <teacher stage key>/<split>
-    if stages.sealed(directory, key):  # a damaged entry (a truncated shard, a changed index) is moved aside
+    if stages.sealed(directory, key, hash_sample=TEACHER_HASH_SAMPLE):  # a damaged entry is moved aside
         meta = json.loads((directory / "index.json").read_text())
         return TeacherShards(directory, meta["files"], meta["index"])
-    stack = find_decoder_stack(model)
-    device = input_device(model)
-    files, index = [], []
+    source = OnlineTeacher(model, blocks, start, n, batch_size)
+    files = []
     with stages.atomic_dir(directory) as tmp:  # a full disk or an interrupt leaves nothing behind
-        for b, i in enumerate(tqdm(range(0, blocks.shape[0], batch_size), desc=desc, unit="batch")):
-            rows = list(range(i, min(i + batch_size, blocks.shape[0])))
-            cap = run_layers(model, blocks[rows].to(device), inputs_at=(start,), outputs_at=(start + n - 1,),
-                             stack=stack)
+        for b in tqdm(range(len(source)), desc=desc, unit="batch"):
+            x_in, x_out, _ = source.load(b)
             name = f"shard-{b:05d}.safetensors"
-            save_file({"x_in": cap.inputs[start].contiguous().cpu(),
-                       "x_out": cap.outputs[start + n - 1].contiguous().cpu()}, str(tmp / name))
+            save_file({"x_in": x_in.contiguous().cpu(), "x_out": x_out.contiguous().cpu()}, str(tmp / name))
             files.append(name)
-            index.append(rows)
-        (tmp / "index.json").write_text(json.dumps({"files": files, "index": index}))
+        (tmp / "index.json").write_text(json.dumps({"files": files, "index": source.index}))
         stages.seal(tmp, key)  # written last: the marker
-    return TeacherShards(directory, files, index)
+    return TeacherShards(directory, files, source.index)
+
+
+class TeacherSpaceError(ConfigError):
+    """The cached teacher pairs would not fit on the disk: refused before the stage starts."""
+
+
+@dataclass
+class TeacherChoice:
+    """How a run gets its teacher pairs, and why (recorded in results.json under train.teacher)."""
+    mode: str              # online | cached
+    requested: str         # online | cached | auto
+    bytes: int             # the pairs' size on disk (train + validation)
+    free: int              # free bytes where the stage cache lives
+    why: str
+
+    def as_dict(self) -> dict:
+        return {"mode": self.mode, "requested": self.requested, "bytes": self.bytes, "free": self.free,
+                "why": self.why}
+
+
+def _existing(path: Path) -> Path:
+    """`path` or its nearest existing ancestor (a stage entry's directory is made only when written)."""
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def choose_teacher(cfg: TrainConfig, need: int, directory: Path) -> TeacherChoice:
+    """online, or cached shards in `directory` (train/ and val/ under it), per `cfg.teacher`. Cached pairs
+    that do not fit the free space are refused here, in one line (`train.teacher_space_check=false` overrides).
+    auto: cached if they are on disk already, or fit the budget and are read more than once (epochs > 1)."""
+    free = shutil.disk_usage(_existing(directory)).free
+    present = all((Path(directory) / split / "index.json").exists() for split in ("train", "val"))
+    gib = 2**30
+    if cfg.teacher == "online":
+        return TeacherChoice("online", "online", need, free, "asked")
+    if cfg.teacher == "cached":
+        if not present and cfg.teacher_space_check and need > free:
+            raise TeacherSpaceError(
+                f"train.teacher=cached needs {need} bytes ({need / gib:.1f} GiB) for the teacher pairs, {free} "
+                f"bytes ({free / gib:.1f} GiB) free under {_existing(directory)}: use train.teacher=online, free "
+                "space, or train.teacher_space_check=false")
+        return TeacherChoice("cached", "cached", need, free, "asked")
+    budget = int(cfg.teacher_disk_gb * 1e9) if cfg.teacher_disk_gb is not None else int(TEACHER_DISK_FRACTION * free)
+    if present:
+        return TeacherChoice("cached", "auto", need, free, "on disk already")
+    if cfg.epochs <= 1:
+        return TeacherChoice("online", "auto", need, free, "read once (epochs=1): writing them saves nothing")
+    if need > min(budget, free):
+        return TeacherChoice("online", "auto", need, free, f"{need} bytes exceed the disk budget of {budget}")
+    return TeacherChoice("cached", "auto", need, free, f"{need} bytes within the disk budget of {budget}, "
+                                                       f"read {cfg.epochs} times")
 
 
 # ------------------------------------------------------------------------------------------------ the loop
@@ -148,6 +246,12 @@ class Job:
     evaluated: list[nn.Module]                 # put in eval mode for validation
     keep: Callable[[], Any] | None = None      # the weights selection keeps (default: the modules' state dicts)
     restore: Callable[[Any], None] | None = None
+    compute_dtype: torch.dtype = torch.float32  # the run's dtype: bf16/fp16 train mixed (`precision`)
+
+    def amp(self):
+        """Autocast to the run's dtype around a loss (forward and, through autograd, backward)."""
+        device = self.params[0].device if self.params else torch.device("cpu")
+        return autocast(device, self.compute_dtype)
 
     def kept(self) -> Any:
         return self.keep() if self.keep else [copy.deepcopy(m.state_dict()) for m in self.modules]
@@ -166,7 +270,9 @@ class Job:
             m.eval()
         tot, cnt = 0.0, 0
         for b in self.val_batches():
-            tot += self.loss(b).item() * b.rows
+            with self.amp():
+                loss = self.loss(b)
+            tot += loss.item() * b.rows
             cnt += b.rows
         return tot / max(cnt, 1)
 
@@ -224,10 +330,11 @@ class _Bookkeeping:
                 if self.select == "best":
                     self.best_state = self.job.kept()
 
-    def finish(self, steps: int) -> TrainLog:
+    def finish(self, steps: int, master: MasterWeights) -> TrainLog:
         self.bar.close()
         if self.select == "best":
             self.job.put_back(self.best_state)
+        master.release()  # the kept weights back in the run's dtype: what is saved and evaluated
         for m in self.job.modules:
             m.eval()
         self.log.steps = steps
@@ -246,7 +353,12 @@ def fit(job: Job, cfg: TrainConfig, seed: int, evals_per_epoch: int = 4, on_step
     total = steps_per_epoch * cfg.epochs
     if cfg.max_steps is not None:
         total = min(cfg.max_steps, total)
+    # fp32 master weights (and so fp32 AdamW moments) for every trainable part, whatever the run's dtype;
+    # the forward and backward run in the run's dtype under autocast (`precision`)
+    master = MasterWeights(job.params)
     opt, sched = _optimizer(job.params, cfg, total)
+    device = job.params[0].device if job.params else torch.device("cpu")
+    scaler = torch.amp.GradScaler(device.type, enabled=job.compute_dtype == torch.float16)  # fp16 underflows
     log = TrainLog(trainable_params=sum(p.numel() for p in job.params))
     book = _Bookkeeping(job, log, total, max(1, math.ceil(steps_per_epoch / evals_per_epoch)), on_step,
                         desc or f"train ({job.stage})", disable=not progress, select=cfg.select)
@@ -263,20 +375,23 @@ def fit(job: Job, cfg: TrainConfig, seed: int, evals_per_epoch: int = 4, on_step
             losses, tokens = [], 0
             for key in keys[first:first + accum]:  # gradients of the mean loss over the micro-batches
                 batch = job.load(key)
-                loss = job.loss(batch)
+                with job.amp():  # the batch was loaded outside: teacher pairs in the run's own dtype
+                    loss = job.loss(batch)
                 _check_finite(loss, f"train ({job.stage})", step, job.modules, job.trains, batch.inputs)
-                (loss / accum if accum > 1 else loss).backward()
+                scaler.scale(loss / accum if accum > 1 else loss).backward()
                 losses.append(loss.item())
                 tokens += batch.tokens
                 del loss, batch  # one micro-batch's activations at a time
             if all_reduce is not None:
                 all_reduce(job.params)
+            scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_(job.params, cfg.grad_clip)
-            opt.step()
+            scaler.step(opt)
+            scaler.update()
             sched.step()
             step += 1
             book.after_step(step, sum(losses) / len(losses), tokens, sched.get_last_lr()[0])
-    return book.finish(step)
+    return book.finish(step, master)
 
 
 # ------------------------------------------------------------------------------------------------ mse
@@ -304,10 +419,10 @@ def _needs_layer_kwargs(modules: list[nn.Module]) -> bool:
 
 
 def train_mse(model: PreTrainedModel, slot: list[nn.Module], start: int, blocks: torch.Tensor,
-              train_shards: TeacherShards, val_shards: TeacherShards, cfg: TrainConfig, seed: int,
-              evals_per_epoch: int = 4, on_step=None) -> TrainLog:
-    """Fit the slot modules to the teacher pairs. `model` is the DENSE model (used only to capture the
-    call arguments of layer `start`, once per batch shape)."""
+              train_shards: TeacherShards | OnlineTeacher, val_shards: TeacherShards | OnlineTeacher,
+              cfg: TrainConfig, seed: int, evals_per_epoch: int = 4, on_step=None) -> TrainLog:
+    """Fit the slot modules to the teacher pairs (cached shards or an online teacher: the same batches). `model`
+    is the DENSE model (used to capture the call arguments of layer `start`, once per batch shape)."""
     torch.manual_seed(seed)
     need_kwargs = _needs_layer_kwargs(slot)
     stack = find_decoder_stack(model)
@@ -338,7 +453,7 @@ def train_mse(model: PreTrainedModel, slot: list[nn.Module], start: int, blocks:
     job = Job("mse", "the replacement", slot, [p for m in slot for p in m.parameters() if p.requires_grad],
               len(train_shards), lambda gen: torch.randperm(len(train_shards), generator=gen).tolist(),
               lambda i: load(train_shards, i), lambda: (load(val_shards, i) for i in range(len(val_shards))),
-              loss, evaluated=slot)
+              loss, evaluated=slot, compute_dtype=compute_dtype(model))
     return fit(job, cfg, seed, evals_per_epoch, on_step, desc=f"train {type(slot[0]).__name__} (mse)")
 
 
@@ -430,6 +545,7 @@ def _train_through_tail(pruned: PreTrainedModel, slot: list[nn.Module], train_bl
     params = [p for m in slot for p in m.parameters()]
     job = _block_job(stage, "the replacement", slot, params, pruned, train_blocks, val_blocks, cfg, batch_loss,
                      accelerator)
+    job.compute_dtype = compute_dtype(pruned)  # the frozen model's dtype (the slot may already be fp32)
     world = accelerator.num_processes if accelerator else 1
     with activation_checkpointing(pruned, cfg.grad_checkpointing):
         return fit(job, cfg, seed, evals_per_epoch, on_step, desc=f"train slot ({stage})",
@@ -523,6 +639,7 @@ def train_lora(model: PreTrainedModel, train_blocks: torch.Tensor, val_blocks: t
     t0 = time.perf_counter()
     torch.manual_seed(seed)  # the adapters' initialisation
     cls = type(model)
+    run_dtype = compute_dtype(model)  # before peft adds its (float32) adapters
     targets = lora_targets(model)
     peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, bias="none",
                                                   target_modules=targets, task_type="CAUSAL_LM"))
@@ -537,6 +654,7 @@ def train_lora(model: PreTrainedModel, train_blocks: torch.Tensor, val_blocks: t
     job = _block_job("lora", "the LoRA adapters", [peft_model], params, peft_model, train_blocks, val_blocks, cfg,
                      lambda ids: lm_loss(peft_model, ids))  # the head in chunks of positions, recomputed in backward
     job.keep, job.restore = (lambda: _adapters(peft_model)), (lambda s: peft_model.load_state_dict(s, strict=False))
+    job.compute_dtype = run_dtype
     with activation_checkpointing(model, cfg.grad_checkpointing):  # `model` is the base inside peft_model
         tl = fit(job, cfg, seed, evals_per_epoch=1, on_step=on_step, desc="lora heal", progress=progress)
     final = tl.val_loss[-1][1] if tl.val_loss else tl.initial_val_loss

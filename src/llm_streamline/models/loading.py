@@ -18,11 +18,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from llm_streamline import assets, stages
 from llm_streamline.config import ModelConfig
+from llm_streamline.precision import DTYPES, torch_dtype  # noqa: F401  (DTYPES: its home is precision)
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 _VERIFIED: set[Path] = set()  # converted checkpoints hashed in this process (538 MB: 0.8-1.0 s, a 4 s load)
 
@@ -148,7 +146,7 @@ def require_safetensors(path: str | Path) -> None:
 
 def load_model(cfg: ModelConfig, seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load the model and tokenizer a preset names; weights from safetensors only."""
-    dtype = DTYPES[cfg.dtype]
+    dtype = torch_dtype(cfg.dtype, cfg.device)  # model.dtype=auto resolved from the hardware
     if cfg.source == "tiny":
         tok = embedded_tokenizer()
         special = {k: getattr(tok, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")

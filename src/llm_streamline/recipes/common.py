@@ -36,6 +36,7 @@ from llm_streamline.evaluate.tasks import check_fewshot, check_tasks, task_dir_l
 from llm_streamline.importance import SimilarityProfile, similarity_profile
 from llm_streamline.models.layers import DecoderStack, count_params, find_decoder_stack
 from llm_streamline.models.loading import load_model
+from llm_streamline.precision import resolve_dtype
 from llm_streamline.plots import plot_profile
 from llm_streamline.replace import replacement_param_count
 from llm_streamline.tracking import Tracker, run_name, run_tags
@@ -115,7 +116,7 @@ def peak_memory() -> dict:
 def model_identity(cfg: RunConfig) -> dict:
     """What determines the dense model's weights: part of every stage key."""
     m = cfg.model
-    ident = {"source": m.source, "dtype": m.dtype}
+    ident = {"source": m.source, "dtype": resolve_dtype(m.dtype, m.device)[0]}  # auto: what it resolves to here
     if m.source == "embedded":
         from llm_streamline.models.loading import embedded_spec
 
@@ -525,7 +526,9 @@ def results_record(ctx: Run, profile: SimilarityProfile, block_ppl: list | None,
         "kind": "run",
         "version": __version__,
         "seed": cfg.seed,
-        "model": {"name": cfg.model.name, **ctx.model_id, "num_layers": L},
+        "model": {"name": cfg.model.name, **ctx.model_id, "num_layers": L,
+                  "dtype_choice": dict(zip(("used", "why"), resolve_dtype(cfg.model.dtype, cfg.model.device)),
+                                       requested=cfg.model.dtype)},
         "method": cfg.method.name,
         "replacement": {"type": cfg.replacement.type, **asdict(cfg.replacement), "params": slot_params},
         "layers": {"removed": [c.start, c.start + len(removed)] if contiguous else [c.start, c.block["end"]],

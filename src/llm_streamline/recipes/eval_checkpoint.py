@@ -16,7 +16,8 @@ from llm_streamline.evaluate.harness import run_lm_eval, save_samples_jsonl, wri
 from llm_streamline.evaluate.tasks import check_fewshot, check_tasks, task_dir_line
 from llm_streamline.models.checkpoints import load_pruned, load_tokenizer
 from llm_streamline.models.layers import count_params
-from llm_streamline.models.loading import DTYPES, load_model
+from llm_streamline.models.loading import load_model
+from llm_streamline.precision import torch_dtype
 from llm_streamline.recipes.common import Timings, eval_meta, log_record, peak_memory
 from llm_streamline.tracking import Tracker, run_name
 
@@ -36,7 +37,8 @@ def run(cfg: RunConfig, out_dir: Path) -> dict:
             raise FileNotFoundError(f"checkpoint={cfg.checkpoint}: no such directory")
         with timings.stage("load_model"):
             m = cfg.model  # the model preset's dtype and placement apply to a checkpoint too
-            model = load_pruned(cfg.checkpoint, dtype=DTYPES[m.dtype], device=m.device, device_map=m.device_map)
+            model = load_pruned(cfg.checkpoint, dtype=torch_dtype(m.dtype, m.device), device=m.device,
+                                device_map=m.device_map)
             tok = load_tokenizer(cfg.checkpoint)
         name = cfg.checkpoint
     else:

@@ -52,7 +52,15 @@ from llm_streamline.recipes.common import (
     write_records,
 )
 from llm_streamline.replace import build_replacement, needs_anatomy, slot_checkpoint
-from llm_streamline.train import train_distill, train_lm, train_mse, write_teacher_shards
+from llm_streamline.train import (
+    OnlineTeacher,
+    choose_teacher,
+    teacher_bytes,
+    train_distill,
+    train_lm,
+    train_mse,
+    write_teacher_shards,
+)
 
 log = logging.getLogger("llm_streamline")
 PPL_IMPORTANCE_BLOCKS = 8  # calibration blocks per candidate for sparsity.importance=perplexity (as SLEB's 8)
@@ -216,11 +224,22 @@ def load_or_train(ctx: Run, slot: list, train_key: str, pruned, start: int, n: i
             tkey = stages.stage_key("teacher", model=ctx.model_id, data=ctx.data_key, start=start, n=n,
                                     batch=cfg.train.batch_size)
             tdir = stages.stage_dir(tkey)
-            with stages.stage_lock(tkey):  # shared by the replacement types of one block
-                train_sh = write_teacher_shards(dense_model, blocks.train, start, n, tdir / "train",
-                                                cfg.train.batch_size, "teacher pairs (train)")
-                val_sh = write_teacher_shards(dense_model, blocks.val, start, n, tdir / "val",
-                                              cfg.train.batch_size, "teacher pairs (val)")
+            rows = blocks.train.shape[0] + blocks.val.shape[0]
+            # online or cached (train.teacher), decided before anything is written; cached pairs that do not
+            # fit the free disk are refused here in one line
+            teacher = choose_teacher(cfg.train, teacher_bytes(dense_model, rows, blocks.train.shape[1]), tdir)
+            log.info("teacher pairs: %s (%s; %.2f GB on disk if cached)", teacher.mode, teacher.why,
+                     teacher.bytes / 1e9)
+            bs = cfg.train.batch_size
+            if teacher.mode == "online":  # computed batch by batch while training: nothing written
+                train_sh = OnlineTeacher(dense_model, blocks.train, start, n, bs)
+                val_sh = OnlineTeacher(dense_model, blocks.val, start, n, bs)
+            else:
+                with stages.stage_lock(tkey):  # shared by the replacement types of one block
+                    train_sh = write_teacher_shards(dense_model, blocks.train, start, n, tdir / "train", bs,
+                                                    "teacher pairs (train)")
+                    val_sh = write_teacher_shards(dense_model, blocks.val, start, n, tdir / "val", bs,
+                                                  "teacher pairs (val)")
         with timings.stage("train"):
             tl = train_mse(dense_model, slot, start, blocks.train, train_sh, val_sh, cfg.train, cfg.seed,
                            on_step=on_step)
@@ -235,6 +254,8 @@ def load_or_train(ctx: Run, slot: list, train_key: str, pruned, start: int, n: i
             tl = train_lm(pruned, slot, blocks.train, blocks.val, cfg.train, cfg.seed, on_step=on_step,
                           accelerator=ctx.accelerator)
     train_log = tl.as_dict()
+    if cfg.train.loss == "mse":
+        train_log["teacher"] = teacher.as_dict()
     weights = {f"{j}.{k}": v.detach().contiguous().cpu() for j, m in enumerate(slot) for k, v in m.state_dict().items()}
     if ctx.accelerator is not None:
         # every rank leaves its weights: the data-parallel test checks they are identical
