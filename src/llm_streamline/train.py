@@ -163,8 +163,8 @@ class TeacherChoice:
     why: str
 
     def as_dict(self) -> dict:
-        return {"mode": self.mode, "requested": self.requested, "bytes": self.bytes, "free": self.free,
-                "why": self.why}
+        """The record: no free-space figure, so that identical runs keep identical records (it is logged)."""
+        return {"mode": self.mode, "requested": self.requested, "bytes": self.bytes, "why": self.why}
 
 
 def _existing(path: Path) -> Path:
@@ -192,14 +192,14 @@ def choose_teacher(cfg: TrainConfig, need: int, directory: Path) -> TeacherChoic
                 "space, or train.teacher_space_check=false")
         return TeacherChoice("cached", "cached", need, free, "asked")
     budget = int(cfg.teacher_disk_gb * 1e9) if cfg.teacher_disk_gb is not None else int(TEACHER_DISK_FRACTION * free)
+    named = "train.teacher_disk_gb" if cfg.teacher_disk_gb is not None else "half the free space"
     if present:
         return TeacherChoice("cached", "auto", need, free, "on disk already")
     if cfg.epochs <= 1:
         return TeacherChoice("online", "auto", need, free, "read once (epochs=1): writing them saves nothing")
     if need > min(budget, free):
-        return TeacherChoice("online", "auto", need, free, f"{need} bytes exceed the disk budget of {budget}")
-    return TeacherChoice("cached", "auto", need, free, f"{need} bytes within the disk budget of {budget}, "
-                                                       f"read {cfg.epochs} times")
+        return TeacherChoice("online", "auto", need, free, f"over the disk budget ({named})")
+    return TeacherChoice("cached", "auto", need, free, f"within the disk budget ({named}), read {cfg.epochs} times")
 
 
 # ------------------------------------------------------------------------------------------------ the loop

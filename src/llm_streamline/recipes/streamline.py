@@ -228,8 +228,8 @@ def load_or_train(ctx: Run, slot: list, train_key: str, pruned, start: int, n: i
             # online or cached (train.teacher), decided before anything is written; cached pairs that do not
             # fit the free disk are refused here in one line
             teacher = choose_teacher(cfg.train, teacher_bytes(dense_model, rows, blocks.train.shape[1]), tdir)
-            log.info("teacher pairs: %s (%s; %.2f GB on disk if cached)", teacher.mode, teacher.why,
-                     teacher.bytes / 1e9)
+            log.info("teacher pairs: %s (%s; %.2f GB on disk if cached, %.1f GB free)", teacher.mode, teacher.why,
+                     teacher.bytes / 1e9, teacher.free / 1e9)
             bs = cfg.train.batch_size
             if teacher.mode == "online":  # computed batch by batch while training: nothing written
                 train_sh = OnlineTeacher(dense_model, blocks.train, start, n, bs)
