@@ -76,8 +76,11 @@ def test_7b_fits_one_80gb_gpu_and_70b_fits_eight(no_weights):
     p7 = plan.make_plan(_on(plan.compose(["model=llama2-7b", "data=slimpajama", "eval=paper"]), devices=1))
     assert plan.problems(p7) == []
     assert 12 < p7.stage("load_model").device_gib < 80  # 13.5 GB of bf16 weights
-    # 30,256 blocks x 2048 tokens x 4096 x bf16 x 2: the 1 TB the issue counts
-    assert p7.stage("teacher_pairs").disk_gib == pytest.approx(30256 * 2048 * 4096 * 2 * 2 / 2**30)
+    # the paper's one epoch reads the pairs once: train.teacher=auto computes them online, nothing written
+    assert p7.stage("teacher_pairs").disk_gib == 0
+    # cached: 30,256 blocks x 2048 tokens x 4096 x bf16 x 2, the 1 TB the issue counts
+    cached = plan.make_plan(p7.cfg, teacher="cached")
+    assert cached.stage("teacher_pairs").disk_gib == pytest.approx(30256 * 2048 * 4096 * 2 * 2 / 2**30)
     p70 = plan.make_plan(_on(plan.compose(["model=llama3.1-70b", "data=slimpajama", "eval=paper"]), devices=8))
     assert plan.problems(p70) == []
     assert p70.device_gib < 80 < p70.shapes.weight_bytes / 2**30  # only split over the cards does it fit
@@ -87,14 +90,15 @@ def test_7b_fits_one_80gb_gpu_and_70b_fits_eight(no_weights):
 
 def test_too_big_plan_is_refused_in_one_line(no_weights, capsys):
     with pytest.raises(SystemExit) as e:
-        plan.main(["model=llama2-7b", "data=slimpajama", "eval=paper", "plan.disk_free_gib=100"])
+        plan.main(["model=llama2-7b", "data=slimpajama", "eval=paper", "train.teacher=cached", "plan.disk_free_gib=100"])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     want = "llm-streamline: error: plan: the stage cache and the saved model need 955 GiB on disk, 100 GiB free"
     assert len(err) == 1 and err[0].startswith(want), err
     assert "train.teacher=online" in err[0]
     # overridable: the table is printed and nothing is refused
-    plan.main(["model=llama2-7b", "data=slimpajama", "eval=paper", "plan.disk_free_gib=100", "plan.enforce=false"])
+    plan.main(["model=llama2-7b", "data=slimpajama", "eval=paper", "train.teacher=cached", "plan.disk_free_gib=100",
+               "plan.enforce=false"])
     assert "| teacher_pairs |" in capsys.readouterr().out
 
 

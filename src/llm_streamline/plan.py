@@ -164,9 +164,9 @@ def _replacement_size(cfg: RunConfig, model: nn.Module, s: Shapes, inter: int) -
 
 
 def _dtype(cfg: RunConfig) -> torch.dtype:
-    from llm_streamline.models.loading import DTYPES
+    from llm_streamline.precision import torch_dtype
 
-    return DTYPES.get(cfg.model.dtype, torch.float32)
+    return torch_dtype(cfg.model.dtype, cfg.model.device)  # model.dtype=auto: what this machine resolves it to
 
 
 def meta_model(cfg: RunConfig) -> nn.Module:
@@ -414,10 +414,9 @@ def stage_perplexity(c: _Ctx, which: str) -> Stage:
 
 def teacher_mode(cfg: RunConfig, pairs_gib: float, free_gib: float, forced: str | None = None) -> str:
     """cached | online: `train.teacher` where the config has it (auto: cached when the pairs fit the disk)."""
-    mode = forced or getattr(cfg.train, "teacher", "cached")
-    if mode == "auto":
-        return "cached" if pairs_gib < 0.9 * free_gib else "online"
-    return mode
+    from llm_streamline.train import teacher_mode as run_teacher_mode  # the run's own rule
+
+    return forced or run_teacher_mode(cfg.train, int(pairs_gib * GIB), int(free_gib * GIB))[0]
 
 
 def pairs_bytes(c: _Ctx) -> float:

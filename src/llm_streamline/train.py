@@ -175,31 +175,37 @@ def _existing(path: Path) -> Path:
     return path
 
 
-def choose_teacher(cfg: TrainConfig, need: int, directory: Path) -> TeacherChoice:
-    """online, or cached shards in `directory` (train/ and val/ under it), per `cfg.teacher`. Cached pairs
-    that do not fit the free space are refused here, in one line (`train.teacher_space_check=false` overrides).
-    auto: cached if they are on disk already, or fit the budget and are read more than once (epochs > 1)."""
-    free = shutil.disk_usage(_existing(directory)).free
-    present = all((Path(directory) / split / "index.json").exists() for split in ("train", "val"))
-    gib = 2**30
-    if cfg.teacher == "online":
-        return TeacherChoice("online", "online", need, free, "asked")
-    if cfg.teacher == "cached":
-        if not present and cfg.teacher_space_check and need > free:
-            raise TeacherSpaceError(
-                f"train.teacher=cached needs {need} bytes ({need / gib:.1f} GiB) for the teacher pairs, {free} "
-                f"bytes ({free / gib:.1f} GiB) free under {_existing(directory)}: use train.teacher=online, free "
-                "space, or train.teacher_space_check=false")
-        return TeacherChoice("cached", "cached", need, free, "asked")
+def teacher_mode(cfg: TrainConfig, need: int, free: int, present: bool = False) -> tuple[str, str]:
+    """(online | cached, why) for pairs of `need` bytes with `free` bytes free, per `cfg.teacher` (the plan prices
+    a run with the same rule). auto: cached if they are on disk already (`present`), or fit the budget
+    (`teacher_disk_gb`, else half the free space) and are read more than once (epochs > 1); else online."""
+    if cfg.teacher != "auto":
+        return cfg.teacher, "asked"
+    if present:
+        return "cached", "on disk already"
+    if cfg.epochs <= 1:
+        return "online", "read once (epochs=1): writing them saves nothing"
     budget = int(cfg.teacher_disk_gb * 1e9) if cfg.teacher_disk_gb is not None else int(TEACHER_DISK_FRACTION * free)
     named = "train.teacher_disk_gb" if cfg.teacher_disk_gb is not None else "half the free space"
-    if present:
-        return TeacherChoice("cached", "auto", need, free, "on disk already")
-    if cfg.epochs <= 1:
-        return TeacherChoice("online", "auto", need, free, "read once (epochs=1): writing them saves nothing")
     if need > min(budget, free):
-        return TeacherChoice("online", "auto", need, free, f"over the disk budget ({named})")
-    return TeacherChoice("cached", "auto", need, free, f"within the disk budget ({named}), read {cfg.epochs} times")
+        return "online", f"over the disk budget ({named})"
+    return "cached", f"within the disk budget ({named}), read {cfg.epochs} times"
+
+
+def choose_teacher(cfg: TrainConfig, need: int, directory: Path) -> TeacherChoice:
+    """`teacher_mode` for cached shards in `directory` (train/ and val/ under it) on this machine's disk. Cached
+    pairs that do not fit the free space are refused here, in one line, before anything is written
+    (`train.teacher_space_check=false` overrides)."""
+    free = shutil.disk_usage(_existing(directory)).free
+    present = all((Path(directory) / split / "index.json").exists() for split in ("train", "val"))
+    mode, why = teacher_mode(cfg, need, free, present)
+    if mode == "cached" and not present and cfg.teacher_space_check and need > free:
+        gib = 2**30
+        raise TeacherSpaceError(
+            f"train.teacher=cached needs {need} bytes ({need / gib:.1f} GiB) for the teacher pairs, {free} "
+            f"bytes ({free / gib:.1f} GiB) free under {_existing(directory)}: use train.teacher=online, free "
+            "space, or train.teacher_space_check=false")
+    return TeacherChoice(mode, cfg.teacher, need, free, why)
 
 
 # ------------------------------------------------------------------------------------------------ the loop
