@@ -128,7 +128,7 @@ def run_config(args, device: str, dtype_name: str, seq: int):
         model=ModelConfig(name="random", source="hub", name_or_path=args.hub_id, dtype=dtype_name, device=device),
         data=DataConfig(seq_len=seq, calib_samples=args.calib, train_samples=args.train_blocks,
                         val_samples=args.val_blocks),
-        sparsity=SparsityConfig(layers=args.n), train=TrainConfig(epochs=1, batch_size=args.batch),
+        sparsity=SparsityConfig(layers=args.n), train=TrainConfig(epochs=1, batch_size=args.batch, teacher="cached"),
         eval=EvalConfig(tasks=[], perplexity_blocks=args.ppl_blocks, speed_tokens=min(256, seq)),
         plan=PlanConfig(devices=1, disk_free_gib=1e6, host_ram_gib=1e6), save=not args.no_save)
 
