@@ -393,3 +393,12 @@ def test_scorers_option_loglikelihoods_and_context_nll(layout):
         out = lm._loglikelihood_tokens(requests, disable_tqdm=True)
     assert len(out) == 2 and lm.fast_stats["shared_requests"] == 2
     assert set(lm.context_nll) == {(5, 6, 7, 8)}
+
+
+def test_fault_diagnosis_probe(layout):
+    """A non-finite perplexity or log-likelihood is diagnosed by re-running the model on a calibration block from
+    the CPU (faults.diagnose): the diagnosis must not fail with a device error instead."""
+    from llm_streamline import faults
+
+    with audit(layout):
+        assert isinstance(faults.diagnose(model_in(layout), blocks()[:1]), str)

@@ -21,6 +21,8 @@ import signal
 import torch
 from torch import nn
 
+from llm_streamline.models.devices import input_device
+
 DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
 
 
@@ -72,7 +74,7 @@ def first_nonfinite_output(model: nn.Module, input_ids: torch.Tensor) -> str | N
 
     handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n]
     try:
-        model(input_ids=input_ids, use_cache=False)
+        model(input_ids=input_ids.to(input_device(model)), use_cache=False)  # the probe comes from the CPU data
     finally:
         for h in handles:
             h.remove()

@@ -504,7 +504,7 @@ def activation_checkpointing(model: PreTrainedModel, on: bool | None):
     adapters inside the layers train. `on` None: on CUDA only (on a CPU the memory is rarely short and the
     recomputation costs about a third more time). Results are unchanged: the same forward is recomputed."""
     if on is None:
-        on = model.get_input_embeddings().weight.device.type == "cuda"
+        on = input_device(model).type == "cuda"
     if not on:
         yield
         return
