@@ -58,8 +58,8 @@ def _run_smoke_cli(out: Path, stages: Path, *extra: str, kill_at: str | None = N
     def limit_file_size():
         resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
 
-    cmd = [sys.executable, "-m", "llm_streamline", "experiment=smoke", "replacement=ffn", f"hydra.run.dir={out}",
-           *extra]
+    replacement = [] if "mode=eval" in extra else ["replacement=ffn"]  # an evaluation refuses what it does not read
+    cmd = [sys.executable, "-m", "llm_streamline", "experiment=smoke", *replacement, f"hydra.run.dir={out}", *extra]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600,
                           preexec_fn=limit_file_size if fsize else None)
 

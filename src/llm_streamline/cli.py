@@ -23,6 +23,7 @@ from llm_streamline.config import (
     OBJECTIVE_DIRECTIONS,
     ConfigError,
     RunConfig,
+    check_overrides,
     register_configs,
     reject_unknown_keys,
     validate,
@@ -97,6 +98,7 @@ def _job(cfg: DictConfig) -> float | None:
     try:
         run_cfg = to_run_config(cfg)
         validate(run_cfg)
+        check_overrides(run_cfg, list(HydraConfig.get().overrides.task))
         rundir.prepare(out_dir, earlier, saves_model=run_cfg.mode == "run" and run_cfg.save)
         results = recipes.run(run_cfg, out_dir)
     except (KeyboardInterrupt, Exception) as e:

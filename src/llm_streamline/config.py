@@ -417,6 +417,21 @@ def _check_unused(cfg: RunConfig) -> None:
     _check(s.start is None or s.start >= 0, f"sparsity.start={s.start}: must be >= 0")
 
 
+EVAL_UNREAD = ("sparsity", "replacement", "train", "method", "save")  # mode=eval evaluates a model as it is
+
+
+def check_overrides(cfg: RunConfig, overrides: list[str]) -> None:
+    """Command-line overrides the job would not read are refused (the config's defaults fill every key, so
+    only what the user wrote can tell): an evaluation reads no compression or training settings."""
+    if cfg.mode != "eval":
+        return
+    for o in overrides:
+        key = o.lstrip("+~").split("=", 1)[0]
+        top = key.split("@", 1)[0].split("/", 1)[0].split(".", 1)[0]
+        _check(top not in EVAL_UNREAD, f"{o}: llm-streamline-eval evaluates a model as it is and reads no {top} "
+                                       "settings; drop it")
+
+
 def _check_ranges(cfg: RunConfig) -> None:
     """Numbers that would run but make nonsense (gradient ascent, a width-0 network, no steps)."""
     t, r, e, m, mc = cfg.train, cfg.replacement, cfg.eval, cfg.model, cfg.method

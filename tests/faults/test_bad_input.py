@@ -165,3 +165,21 @@ def test_a_mapping_override_names_the_form_that_works(override, line):
         cfg = to_run_config(compose(config_name="config", overrides=["experiment=smoke",
                                                                      line.split(" ", 1)[0]]))
     assert cfg.eval.task_limits == {"piqa": 2}
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["replacement=ffn"], "replacement=ffn: llm-streamline-eval evaluates a model as it is and reads no replacement"),
+    (["sparsity.layers=4"], "reads no sparsity settings"),
+    (["train.lr=1e-3"], "reads no train settings"),
+    (["method=shortgpt"], "reads no method settings"),
+    (["save=false"], "reads no save settings"),
+])
+def test_an_evaluation_refuses_the_compression_keys_it_would_not_read(overrides, needle, tmp_path):
+    from llm_streamline.config import check_overrides
+
+    given = ["experiment=smoke", "mode=eval", f"checkpoint={tmp_path}", *overrides]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = to_run_config(compose(config_name="config", overrides=given))
+    with pytest.raises(ConfigError, match=needle.replace("(", r"\(")):
+        check_overrides(cfg, given)
+    check_overrides(cfg, given[:3])  # what an evaluation reads: no error
