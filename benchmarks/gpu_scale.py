@@ -220,8 +220,10 @@ def main(argv=None) -> dict:
         key = None if name in ("teacher_online", "load_model", "speed") else name
         p = next((s for s in planned.stages if s.name == key), None)
         if p is not None:
-            compare[name] = {**row, "plan_seconds": round(p.seconds, 3), "plan_device_gib": round(p.device_gib, 2),
+            compare[name] = {**row, "plan_seconds": round(p.seconds, 3),
                              "time_ratio": round(row["seconds"] / p.seconds, 2) if p.seconds else None}
+            if st.cuda:  # the plan's device column is the accelerator's (on the CPU everything is host RAM)
+                compare[name]["plan_device_gib"] = round(p.device_gib, 2)
         else:
             compare[name] = row
     result = {

@@ -19,9 +19,9 @@ How each figure is derived (one small function per stage below):
   with a dense mask, the LM head only where read).
 - The removed block is unknown before the similarity profile: unless `sparsity.start` is set, stages that run
   the dense model up to the block's end take the mean over the possible starts (L + n) / 2 layers.
-- Memory: weights at the model's dtype (split over `plan.devices` with device_map), the pruned model as a
-  second copy (the recipes copy the dense model today), trainable parameters at 16 B each (fp32 master, grad,
-  AdamW's two moments) plus activations per stage.
+- Memory: weights at the model's dtype (split over `plan.devices` with device_map; the pruned model shares them,
+  `PRUNED_COPY`), trainable parameters at 16 B each (fp32 master, grad, AdamW's two moments) plus activations
+  per stage (with `train.grad_checkpointing` only each layer's input, and a second forward in the backward).
 """
 
 from __future__ import annotations
@@ -478,7 +478,8 @@ def stage_train(c: _Ctx) -> Stage | None:
     back = 2.0 * (after * _mean([s.layer_flops(i, c.seq) for i in range(s.layers)]) + slot + 2.0 * s.head_matmul)
     flops = t.epochs * tokens * (fwd + back) + val_tokens * fwd
     logits = c.batch * c.seq * s.vocab * 4 * 2 / GIB
-    acts = after * slot_acts
+    acts, extra = _kept_activations(c, after + 1)
+    flops += t.epochs * tokens * extra * (after + 1) / max(1, s.layers - c.n)
     if t.loss == "distill":
         flops += (t.epochs * tokens + val_tokens) * s.model_flops(c.seq)
         logits *= 2
@@ -486,17 +487,32 @@ def stage_train(c: _Ctx) -> Stage | None:
                  host_gib=c.host(trainable + acts + logits, True), note=note + f"; {t.loss} loss through the model")
 
 
+def _kept_activations(c: _Ctx, layers: float) -> tuple[float, float]:
+    """(GiB kept for backward by `layers` decoder layers of one micro-batch, extra forward FLOPs per token of the
+    pruned model). With `train.grad_checkpointing` (null: on CUDA) each layer keeps only its input and one layer's
+    activations live at a time, for a second forward in the backward pass."""
+    s = c.s
+    gc = c.cfg.train.grad_checkpointing
+    on = c.on_gpu if gc is None else gc
+    per_token = s.layer_activations * s.bytes_per_param
+    if not on:
+        return layers * c.batch * c.seq * per_token / GIB, 0.0
+    kept = (layers * s.hidden * s.bytes_per_param + per_token) * c.batch * c.seq / GIB
+    return kept, s.model_flops(c.seq, head_positions=0.0, removed=c.n)
+
+
 def stage_lora(c: _Ctx, name: str, epochs: int) -> Stage:
     """LoRA healing: the whole pruned model forward and backward (input gradients through every layer; the
-    adapters' own weights are small), all layers' activations kept (no gradient checkpointing)."""
+    adapters' own weights are small); activations of every layer kept, or only their inputs with gradient
+    checkpointing (then a second forward)."""
     s, d = c.s, c.cfg.data
     tokens = d.train_samples * c.seq
     fwd = s.model_flops(c.seq, removed=c.n)
-    kept = s.layers - c.n
-    acts = kept * c.batch * c.seq * s.layer_activations * s.bytes_per_param / GIB
+    acts, extra = _kept_activations(c, s.layers - c.n)
     logits = c.batch * c.seq * s.vocab * 4 * 2 / GIB
     val = d.val_samples * c.seq * (4 * epochs + 1)
-    return Stage(name, flops=epochs * tokens * 3 * fwd + val * fwd, device_gib=c.device(acts + logits, True),
+    return Stage(name, flops=epochs * tokens * (3 * fwd + extra) + val * fwd,
+                 device_gib=c.device(acts + logits, True),
                  host_gib=c.host(acts + logits, True),
                  note=f"LoRA r={c.cfg.method.lora_rank}, {epochs} epoch(s) x {tokens:,} tokens")
 
