@@ -121,8 +121,14 @@ def fail(msg: str, code: int = BAD_INPUT) -> NoReturn:
     from tqdm.auto import tqdm
 
     for bar in list(getattr(tqdm, "_instances", ())):  # a stage's open progress bar would print after us
-        bar.close()
-    print(f"llm-streamline: error: {msg}", file=sys.stderr, flush=True)
+        try:
+            bar.close()
+        except OSError:
+            pass
+    try:
+        print(f"llm-streamline: error: {msg}", file=sys.stderr, flush=True)
+    except OSError:  # stderr gone with its terminal (SIGHUP): the exit code still says what happened
+        pass
     exit_ = SystemExit(code)
     exit_.line = msg
     raise exit_
