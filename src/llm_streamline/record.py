@@ -170,9 +170,9 @@ class RunRecord:
     def tasks(self) -> list[str]:
         """The top-level tasks evaluated (MMLU's subjects and sub-groups are not tasks of their own)."""
         listed = self.eval_meta.get("tasks")
-        if listed:
-            return sorted(listed)
         names = list(self.data.get("eval") or {})
+        if listed and all(t in names for t in listed):  # a tag (ai2_arc) has no entry: its members are the tasks
+            return sorted(listed)
         return sorted(t for t in names if not (t.startswith("mmlu_") and "mmlu" in names))
 
     def _side(self, which: str) -> str | None:
