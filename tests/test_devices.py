@@ -164,8 +164,8 @@ def _slot(model, kind: str, start: int, n: int):
 
 @pytest.mark.parametrize("kind", ["ffn", "layer"])
 def test_teacher_pairs_and_mse_training(layout, kind, tmp_path, monkeypatch):
-    """Teacher pairs written from the cards (CPU files), the replacement trained on its slot's card. The block
-    [1, 3) straddles the two cards of the split."""
+    """Teacher pairs written from the cards (CPU files, train.teacher=cached), the replacement trained on its slot's
+    card. The block [1, 3) straddles the two cards of the split."""
     import safetensors.torch
 
     from llm_streamline import train
@@ -183,6 +183,22 @@ def test_teacher_pairs_and_mse_training(layout, kind, tmp_path, monkeypatch):
     assert log.steps == 2
     if layout != "split":  # trained where it sits (the split skips the backward)
         assert all(p.grad is None or p.grad.device == card(layout, 0) for m in slot for p in m.parameters())
+
+
+def test_online_teacher_mse_training(layout):
+    """train.teacher=online: the pairs computed per batch from the frozen dense model on its cards, fed to the
+    replacement on its slot's card."""
+    from llm_streamline import train
+
+    start, n = 1, 2
+    with audit(layout):
+        model = model_in(layout)
+        data = blocks(6)
+        tr = train.OnlineTeacher(model, data[:4], start, n, 2)
+        va = train.OnlineTeacher(model, data[4:], start, n, 2)
+        slot = _slot(model, "ffn", start, n)
+        log = train.train_mse(model, slot, start, data[:4], tr, va, _train_cfg(), seed=0)
+    assert log.steps == 2
 
 
 @pytest.mark.parametrize("loss", ["lm", "distill"])
