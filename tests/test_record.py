@@ -103,7 +103,7 @@ def test_every_reader_gives_the_same_average(tmp_path, monkeypatch, caplog):
         "acc/average", "acc/average_low", "ppl", "speed/model/prefill_tokens_per_s"}
     # the report takes the eval job's record as a row of its own and --compare accepts its directory
     report.main([str(tmp_path / "runs"), "--out", str(tmp_path / "report2")])
-    assert any(r.startswith("| eval:model") for r in (tmp_path / "report2" / "table.md").read_text().splitlines())
+    assert any(r.startswith("| eval:run ") for r in (tmp_path / "report2" / "table.md").read_text().splitlines())
     assert report.compare_runs(str(ev_dir), str(run))["tasks"]["piqa"]["acc"]["diff"] == 0
 
 

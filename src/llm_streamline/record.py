@@ -315,7 +315,9 @@ class RunRecord:
         it evaluated)."""
         r = self.data
         if self.kind == "eval":
-            return f"eval:{Path(str(self.model_name)).name}"
+            p = Path(str(self.model_name).rstrip("/"))
+            # <run>/model or <run>/export: the run directory says which model it is
+            return f"eval:{p.parent.name if p.name in ('model', 'export') and p.parent.name else p.name}"
         rep = (r.get("replacement") or {}).get("type", "none")
         if r.get("method") != "streamline":  # baselines have no replacement; say how they were configured
             base = r.get("baseline") or {}
