@@ -693,12 +693,14 @@ def table(plan: Plan) -> str:
     bad = problems(plan)
     lines += ["", "does not fit: " + "; ".join(bad) if bad else "fits"]
     pairs = next((st for st in plan.stages if st.name == "teacher_pairs"), None)
-    if pairs is not None and pairs.disk_gib:  # what the pairs would cost computed during training instead
-        online = make_plan(cfg, model=plan.model, teacher="online")
-        online.hw = hw
-        lines.append(f"with the teacher online (train.teacher=online): nothing written for the pairs, train "
-                     f"{_duration(online.stage('train').seconds)}, total {_duration(online.seconds)}, disk "
-                     f"{_gib(online.disk_gib)}")
+    if pairs is not None:  # the other way of getting the teacher pairs, for comparison
+        other = "online" if pairs.disk_gib else "cached"
+        alt = make_plan(cfg, model=plan.model, teacher=other)
+        alt.hw = hw
+        lines.append(f"with train.teacher={other}: teacher pairs {_duration(alt.stage('teacher_pairs').seconds)}, "
+                     f"{_gib(alt.stage('teacher_pairs').disk_gib)} written; train "
+                     f"{_duration(alt.stage('train').seconds)}; total {_duration(alt.seconds)}, disk "
+                     f"{_gib(alt.disk_gib)}" + ("; does not fit: " + "; ".join(problems(alt)) if problems(alt) else ""))
     return "\n".join(lines)
 
 
