@@ -1,8 +1,9 @@
 """The paper's path at Llama-2-7B's real shapes on one GPU, with random weights: similarity profile, teacher pairs
-(online: captured batch by batch, nothing written; cached: shards on disk), a short training of the replacement
-(one decoder layer, MSE on the cached pairs), removing the block, a small evaluation (perplexity on random tokens,
-dense and pruned, and decode speed) and saving the pruned model. Each stage's wall time and peak accelerator
-memory are set beside the plan's figures for the same workload (`llm_streamline.plan`, from the same config.json).
+and a short training of the replacement (one decoder layer, MSE) on them both ways, online (train.OnlineTeacher:
+computed batch by batch, nothing written) and cached (shards on disk); removing the block, a small evaluation
+(perplexity on random tokens, dense and pruned, and decode speed) and saving the pruned model. Each stage's wall
+time and peak accelerator memory are set beside the plan's figures for the same workload (`llm_streamline.plan`,
+from the same config.json).
 
     python benchmarks/gpu_scale.py --out results/gpu_scale            # on a CUDA machine: bf16, Llama-2-7B shapes
     python benchmarks/gpu_scale.py --tiny --out /tmp/gpu_scale         # a 4-layer, 64-wide copy on the CPU in seconds
@@ -10,7 +11,7 @@ memory are set beside the plan's figures for the same workload (`llm_streamline.
 The model is built on the meta device from the packaged config.json and materialised on the device with
 `to_empty` (no CPU copy, no slow init): weights N(0, 0.02), norms 1, biases 0; the rotary tables are rebuilt.
 Writes `<out>/gpu_scale.json` and `<out>/gpu_scale.md`. Stages run through the package's own functions
-(importance.similarity_profile, train.write_teacher_shards and train_mse, layers.remove_block,
+(importance.similarity_profile, train.OnlineTeacher, write_teacher_shards and train_mse, layers.remove_block,
 evaluate.perplexity, evaluate.speed, models.checkpoints.save_checkpoint).
 """
 
@@ -146,7 +147,7 @@ def main(argv=None) -> dict:
     from llm_streamline.models.layers import find_decoder_stack, remove_block, run_layers
     from llm_streamline.preflight import packaged_config_dir
     from llm_streamline.replace import build_replacement
-    from llm_streamline.train import train_mse, write_teacher_shards
+    from llm_streamline.train import OnlineTeacher, train_mse, write_teacher_shards
 
     device = args.device or ("cpu" if args.tiny else "cuda")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -188,17 +189,18 @@ def main(argv=None) -> dict:
         cfg = replace(cfg, sparsity=replace(cfg.sparsity, start=start))  # the plan prices the block chosen
         with st.stage("perplexity_dense"):
             dense_ppl = perplexity(model, ppl_blocks, args.batch)
-        with st.stage("teacher_online"):  # what train.teacher=online computes per batch: x^(l*), x^(l*+n), no disk
-            for i in range(0, args.train_blocks, args.batch):
-                cap = run_layers(model, train_blocks[i:i + args.batch].to(device), inputs_at=(start,),
-                                 outputs_at=(start + n - 1,), stack=stack)
-                del cap
-        with st.stage("teacher_pairs"):  # cached: the shards on disk
-            train_sh = write_teacher_shards(model, train_blocks, start, n, work / "teacher" / "train", args.batch)
-            val_sh = write_teacher_shards(model, val_blocks, start, n, work / "teacher" / "val", args.batch)
         probe = run_layers(model, calib[:1].to(device), outputs_at=(start,), stack=stack)
         slot = build_replacement(ReplacementConfig(type="layer"), list(stack.layers[start:start + n]), stack.config,
                                  probe.output_is_tuple)
+        slot_online = copy.deepcopy(slot)  # the same initial weights for both ways of getting the pairs
+        with st.stage("train_online"):  # train.teacher=online: x^(l*), x^(l*+n) batch by batch, nothing written
+            online_log = train_mse(model, slot_online, start, train_blocks,
+                                   OnlineTeacher(model, train_blocks, start, n, args.batch),
+                                   OnlineTeacher(model, val_blocks, start, n, args.batch), cfg.train, seed=0)
+        del slot_online
+        with st.stage("teacher_pairs"):  # train.teacher=cached: the shards on disk, then training reads them
+            train_sh = write_teacher_shards(model, train_blocks, start, n, work / "teacher" / "train", args.batch)
+            val_sh = write_teacher_shards(model, val_blocks, start, n, work / "teacher" / "val", args.batch)
         with st.stage("train"):
             log = train_mse(model, slot, start, train_blocks, train_sh, val_sh, cfg.train, seed=0)
         remove_block(model, start, n, slot)  # in place: the benchmark holds one copy of the weights
@@ -212,13 +214,14 @@ def main(argv=None) -> dict:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    planned = plan.make_plan(cfg, model=_meta(plan_config, dtype))  # the same shapes (tiny or not) on meta
+    meta = _meta(plan_config, dtype)  # the same shapes (tiny or not), the dense model, on meta
+    planned = plan.make_plan(cfg, model=meta, teacher="cached")
+    planned_online = plan.make_plan(cfg, model=meta, teacher="online")
     compare = {}
     for name, row in st.rows.items():
-        # not the recipe's work: online pairs are priced inside `train` by the plan, the load here is no disk read,
-        # and the recipe's speed stage runs 28 prefill/decode rounds against this one
-        key = None if name in ("teacher_online", "load_model", "speed") else name
-        p = next((s for s in planned.stages if s.name == key), None)
+        # load_model here is no disk read, and the recipe's speed stage runs 28 prefill/decode rounds: not priced
+        p = (planned_online.stage("train") if name == "train_online" else
+             next((s for s in planned.stages if s.name == name), None) if name not in ("load_model", "speed") else None)
         if p is not None:
             compare[name] = {**row, "plan_seconds": round(p.seconds, 3),
                              "time_ratio": round(row["seconds"] / p.seconds, 2) if p.seconds else None}
@@ -237,7 +240,8 @@ def main(argv=None) -> dict:
         "plan_throughput": {"tflops": planned.hw.tflops, "bandwidth_gbs": planned.hw.bandwidth_gbs,
                             "disk_gbs": planned.hw.disk_gbs},
         "ppl": {"dense": dense_ppl["ppl"], "pruned": pruned_ppl["ppl"]},
-        "train": {"steps": log.steps, "initial_val_loss": log.initial_val_loss, "best_val_loss": log.best_val_loss},
+        "train": {"steps": log.steps, "initial_val_loss": log.initial_val_loss, "best_val_loss": log.best_val_loss,
+                  "online_best_val_loss": online_log.best_val_loss},
         "speed": speed, "stages": compare,
     }
     (out / "gpu_scale.json").write_text(json.dumps(result, indent=2, default=str))
