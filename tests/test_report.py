@@ -271,3 +271,17 @@ def test_runs_with_the_same_seed_are_not_replicates(tmp_path):
     _record(runs, "x2", seed=0, pruned=0.7)  # a rerun with the same seed: not a second sample of the seed spread
     _, rows = _table(tmp_path)
     assert sorted(r["piqa"] for r in rows if r["run"].startswith("streamline")) == ["0.5000", "0.7000"]
+
+
+def test_different_configs_under_one_label_are_told_apart(tmp_path):
+    import yaml
+
+    runs = tmp_path / "runs"
+    for name, blocks in (("small", 256), ("large", 1024)):
+        d = _record(runs, name, seed=0)
+        cfg = yaml.safe_load((d / ".hydra" / "config.yaml").read_text())
+        cfg["data"] = {"train_samples": blocks}
+        (d / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    _, rows = _table(tmp_path)
+    assert sorted(r["run"] for r in rows if r["run"].startswith("streamline")) == [
+        "streamline:ffn (data.train_samples=1024)", "streamline:ffn (data.train_samples=256)"]

@@ -172,13 +172,14 @@ def rows_of(results: list, root: Path | None = None) -> tuple[list[str], list[li
     dense = pd.DataFrame([_dense_record(r, tasks) for r in results if r.kind == "run"], dtype=object)
     names = _suite_names(results)
     several = runs[["_model", "_suite"]].drop_duplicates().shape[0] > 1
-    rows = []
+    rows, groups = [], []  # groups: each row's experiment key (None for a dense row)
     for (model, suite), block in runs.groupby(["_model", "_suite"], sort=False):
         d = dense[(dense["_model"] == model) & (dense["_suite"] == suite)] if len(dense) else dense
         if len(d):
             name = f"dense ({model}, {names[suite]})" if several else "dense"
             rows.append([name, "-", "-"] + [_combine(list(d[c])) for c in header[3:header.index("trainable")]]
                         + [None] * 5 + ["-"])
+            groups.append(None)
         for _, group in block.groupby("_group", sort=False):
             for g in _replicates(group):
                 seeds = [s for s in g["seed"] if s is not None and s == s]
@@ -186,7 +187,54 @@ def rows_of(results: list, root: Path | None = None) -> tuple[list[str], list[li
                        for c in header]
                 row[1] = ",".join(str(int(s)) for s in seeds) if seeds else "-"
                 rows.append([None if (isinstance(v, float) and v != v) else v for v in row])  # pandas' NaN = none
+                groups.append(g["_group"].iloc[0])
+    _disambiguate(rows, groups)
     return header, rows
+
+
+def _flat_config(group: str) -> dict[str, str]:
+    """A row's recorded config (its group key: the Hydra config without the seed) as {dotted key: value}."""
+    if group is None or group.startswith("path:"):  # no config kept: the command line's overrides, if kept
+        import yaml
+
+        path = Path(group.removeprefix("path:") if group else "")
+        for f in (path / ".hydra" / "overrides.yaml", path / "overrides.yaml"):
+            if f.is_file():
+                items = yaml.safe_load(f.read_text()) or []
+                return dict(str(o).lstrip("+~").split("=", 1) for o in items if "=" in str(o))
+        return {"run": path.name}
+    out: dict[str, str] = {}
+
+    def walk(d, prefix=""):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            else:
+                out[f"{prefix}{k}"] = json.dumps(v) if isinstance(v, (list, dict)) else str(v)
+
+    walk(json.loads(group))
+    return out
+
+
+def _disambiguate(rows: list[list], groups: list) -> None:
+    """Rows of different experiments that got the same label get the config keys that tell them apart (at most
+    three, e.g. `streamline:layer lr=0.001 (data.train_samples=1024)`): one label, one configuration."""
+    blocks: list[dict[str, list[int]]] = [{}]  # per dense row's block: rows under another dense row differ anyway
+    for k, (row, group) in enumerate(zip(rows, groups)):
+        if group is None:
+            blocks.append({})
+        else:
+            blocks[-1].setdefault(row[0], []).append(k)
+    for label, ks in ((lab, ks) for b in blocks for lab, ks in b.items()):
+        if len(ks) < 2:
+            continue
+        flats = [_flat_config(groups[k]) for k in ks]
+        keys = sorted({key for f in flats for key in f if len({g.get(key) for g in flats}) > 1})
+        keys = [key for key in keys if not key.startswith(("hydra", "output_dir"))
+                and key.split(".", 1)[0] not in NOT_THE_EXPERIMENT][:3]
+        for k, flat in zip(ks, flats):
+            if keys:
+                rows[k][0] = f"{label} (" + ", ".join(f"{key}={flat.get(key, 'default')}" for key in keys) + ")"
 
 
 COMPRESS_STAGES = ("compress", "teacher_pairs", "train")  # a baseline's search/healing; our pairs + training
