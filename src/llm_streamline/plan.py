@@ -178,6 +178,13 @@ def meta_model(cfg: RunConfig) -> nn.Module:
     config = model_config(cfg.model)
     if config is None:
         raise ConfigError(f"model {cfg.model.name}: no config.json to plan from")
+    if cfg.model.source == "tiny" and "vocab_size" not in cfg.model.tiny:
+        # a tiny model's vocabulary is the embedded tokenizer's (models.loading.load_model), SmolLM2's 49152
+        from transformers import AutoConfig
+
+        from llm_streamline.preflight import EMBEDDED_HUB_ID, packaged_config_dir
+
+        config.vocab_size = AutoConfig.from_pretrained(str(packaged_config_dir(EMBEDDED_HUB_ID))).vocab_size
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, dtype=_dtype(cfg),
                                                 trust_remote_code=cfg.model.trust_remote_code)
