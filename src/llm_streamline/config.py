@@ -409,7 +409,8 @@ def _check_unused(cfg: RunConfig) -> None:
            f"model.name_or_path={m.name_or_path}: model={m.name} is a random model built from its config and reads "
            "no path; load a directory with model=hub model.name_or_path=<dir>")
     if name != "streamline":
-        _check(r.type == "none",
+        # linear is the exception: ReplaceMe's map is fused into a kept layer after each removed run (no network)
+        _check(r.type == "none" or (r.type == "linear" and name in ("shortgpt", "gromov", "sleb")),
                f"replacement={r.type} with method={name}: a baseline puts no network in place of what it removes; "
                f"drop replacement=, or size it as the {r.type} row with method.match_replacement={r.type}")
         _check(s.start is None, f"sparsity.start={s.start} with method={name}: the baseline chooses its own layers; "
