@@ -29,6 +29,11 @@ decoder layer in place of 8, MSE, speed measured) with a small budget: 32 traini
 
     OMP_NUM_THREADS=1 python benchmarks/bench_memory.py --recipe --src before=../main/src --src after=src \
         [--out benchmarks/results/bench_memory_recipe.json] [-- extra overrides]
+
+--pruner: LLM-Pruner's Taylor importance and cut (`llm_pruner.apply`, n = --layers) on SmolLM2 fp32, once per
+--src tree and for importance element1 and mix, each in a fresh process; its peak RSS inside apply.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_memory.py --pruner --src before=../old/src --src after=src
 """
 
 from __future__ import annotations
@@ -147,6 +152,48 @@ def worker(args) -> dict:
     return rec
 
 
+def pruner_worker(args) -> dict:
+    """LLM-Pruner's Taylor importance and cut on SmolLM2 (fp32), its own peak RSS (VmHWM reset after loading)."""
+    torch.set_num_threads(args.threads)
+    from transformers import AutoModelForCausalLM
+
+    from llm_streamline.baselines import llm_pruner
+    from llm_streamline.config import MethodConfig, RunConfig
+    from llm_streamline.models.loading import embedded_smollm2_dir
+
+    model = AutoModelForCausalLM.from_pretrained(str(embedded_smollm2_dir()), dtype=torch.float32).eval()
+    calib = torch.randint(3, model.config.vocab_size, (16, 64), generator=torch.Generator().manual_seed(0))
+    rec = {"importance": args.importance, "rss_after_load_mib": round(_vm("VmRSS"), 1)}
+    _reset_peak()
+    t0 = time.perf_counter()
+    res = llm_pruner.apply(model, calib, args.layers, RunConfig(method=MethodConfig(name="llm_pruner",
+                                                                                    importance=args.importance)))
+    rec.update(seconds=round(time.perf_counter() - t0, 1), peak_in_apply_mib=round(_vm("VmHWM"), 1),
+               ratio=res.record["ratio"], params_removed=res.record["params_removed"])
+    return rec
+
+
+def pruner(args) -> dict:
+    """pruner_worker once per --src tree and importance, each in a fresh process."""
+    runs: dict[str, dict] = {}
+    for spec in args.src:
+        name, _, src = spec.partition("=")
+        src = str(Path(src).resolve())
+        env = {**os.environ, "PYTHONPATH": src, "OMP_NUM_THREADS": str(args.threads), "TQDM_DISABLE": "1"}
+        for imp in ("element1", "mix"):
+            proc = subprocess.run([sys.executable, __file__, "--worker", "--pruner", "--importance", imp,
+                                   "--layers", str(args.layers), "--threads", str(args.threads)], env=env,
+                                  capture_output=True, text=True, check=False)
+            line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+            if proc.returncode != 0 or line is None:
+                sys.stderr.write(proc.stderr[-4000:])
+                raise SystemExit(f"llm_pruner with {name}={src} failed with exit code {proc.returncode}")
+            runs.setdefault(name, {})[imp] = json.loads(line[len("RESULT "):])
+            print(f"{name:8s} {imp:8s}: {runs[name][imp]}", flush=True)
+    return {"what": "llm_pruner.apply on SmolLM2-135M fp32, 10 x 64-token gradient samples, n=layers", "runs": runs,
+            "cpu_count": os.cpu_count(), "loadavg_end": os.getloadavg()}
+
+
 RECIPE_OVERRIDES = ["data.train_samples=32", "data.val_samples=8", "data.calib_samples=8", "train.epochs=1",
                     "eval=smoke", "eval.speed=true", "save=false", "wandb.mode=disabled"]
 
@@ -217,15 +264,21 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--target-rise", type=float, default=0.10)
     ap.add_argument("--out", default=None, help="default: benchmarks/results/bench_memory[_recipe].json")
     ap.add_argument("--recipe", action="store_true", help="peak RSS of a whole CLI run per --src tree")
-    ap.add_argument("--src", action="append", default=[], help="NAME=PATH of a source tree (--recipe)")
+    ap.add_argument("--src", action="append", default=[], help="NAME=PATH of a source tree (--recipe, --pruner)")
+    ap.add_argument("--pruner", action="store_true", help="peak RSS of LLM-Pruner's importance + cut per --src tree")
+    ap.add_argument("--importance", default="element1", help=argparse.SUPPRESS)
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides of the --recipe run")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--mode", choices=("stream", "ram"), help=argparse.SUPPRESS)
     ap.add_argument("--blocks", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        print("RESULT " + json.dumps(worker(args)))
+        print("RESULT " + json.dumps(pruner_worker(args) if args.pruner else worker(args)))
         return {}
+    if args.pruner:
+        out = pruner(args)
+        _write(Path(args.out or "benchmarks/results/bench_memory_llm_pruner.json"), out)
+        return out
     if args.recipe:
         if not args.src:
             ap.error("--recipe needs at least one --src NAME=PATH")
