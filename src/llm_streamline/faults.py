@@ -14,13 +14,12 @@ Injection       `LLM_STREAMLINE_KILL_AT=<point>` makes the process SIGKILL itsel
 from __future__ import annotations
 
 import errno
-import os
 import re
-import signal
 
 import torch
 from torch import nn
 
+from llm_streamline import stages
 from llm_streamline.models.devices import input_device
 
 DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
@@ -32,10 +31,7 @@ class NumericalFault(RuntimeError):
         super().__init__(f"{stage}: {what} at {where}; cause: {cause}")
 
 
-def kill_point(point: str) -> None:
-    """A place a test may kill the process at (`LLM_STREAMLINE_KILL_AT=<point>`); nothing in normal use."""
-    if os.environ.get("LLM_STREAMLINE_KILL_AT") == point:  # LLM_STREAMLINE_KILL_SIGNAL: INT, TERM (default KILL)
-        os.kill(os.getpid(), getattr(signal, "SIG" + os.environ.get("LLM_STREAMLINE_KILL_SIGNAL", "KILL")))
+kill_point = stages.kill_point  # defined with the stage writer, which models/ may import (saving has one)
 
 
 def disk_errno(e: BaseException) -> int | None:

@@ -23,6 +23,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import tempfile
 import time
 from contextlib import contextmanager
@@ -504,3 +505,9 @@ def _list_foreign(foreign: list[Path]) -> None:
     if foreign:
         names = ", ".join(str(p) for p in foreign)
         print(f"left alone ({len(foreign)}, not provably written by llm-streamline): {names}")
+
+
+def kill_point(point: str) -> None:
+    """A place a test may kill the process at (`LLM_STREAMLINE_KILL_AT=<point>`); nothing in normal use."""
+    if os.environ.get("LLM_STREAMLINE_KILL_AT") == point:  # LLM_STREAMLINE_KILL_SIGNAL: INT, TERM (default KILL)
+        os.kill(os.getpid(), getattr(signal, "SIG" + os.environ.get("LLM_STREAMLINE_KILL_SIGNAL", "KILL")))

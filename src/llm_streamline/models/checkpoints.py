@@ -38,8 +38,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from llm_streamline import faults
-from llm_streamline.stages import atomic_dir
+from llm_streamline.stages import atomic_dir, kill_point
 
 STOCK = "stock"
 RECORD_FILE = "llm_streamline.json"
@@ -121,7 +120,7 @@ def save_checkpoint(model: PreTrainedModel, tokenizer, dest, record: dict, fmt: 
             (tmp / FORMATS[fmt].meta_file).write_text(json.dumps(meta, indent=2, default=str))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        faults.kill_point("save")  # a test kills the process here: the half-written `.tmp-model*` it leaves
+        kill_point("save")  # a test kills the process here: the half-written `.tmp-model*` it leaves
         (tmp / RECORD_FILE).write_text(json.dumps({"format": fmt, **record}, indent=2, default=str))
     return fmt
 
@@ -223,8 +222,8 @@ def load_weights_checked(model: PreTrainedModel, path: Path, dtype: torch.dtype 
         try:
             model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False, assign=True)
         except RuntimeError as e:
-            first = str(e).strip().splitlines()
-            raise ValueError(f"{path}: weights do not match the saved config ({first[-1].strip() if first else e})") from e
+            last = (str(e).strip().splitlines() or [type(e).__name__])[-1].strip()  # torch's message: the shapes
+            raise ValueError(f"{path}: weights do not match the saved config ({last})") from e
         loaded.update(state)
         del state
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
