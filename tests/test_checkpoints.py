@@ -93,8 +93,10 @@ def _imported_modules(path: Path) -> set[str]:
 
 
 def test_models_imports_nothing_above_it():
-    """models/ may use config, stages, assets and itself; never the method, the recipes or the evaluation."""
-    allowed = ("llm_streamline.models", "llm_streamline.config", "llm_streamline.stages", "llm_streamline.assets")
+    """models/ may use config, stages, assets, precision (a leaf: dtype names and the hardware's bf16 support)
+    and itself; never the method, the recipes or the evaluation."""
+    allowed = ("llm_streamline.models", "llm_streamline.config", "llm_streamline.stages", "llm_streamline.assets",
+               "llm_streamline.precision")
     models_dir = Path(llm_streamline.__file__).parent / "models"
     for f in sorted(models_dir.glob("*.py")):
         ours = {m for m in _imported_modules(f) if m.startswith("llm_streamline.")}
