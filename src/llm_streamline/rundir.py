@@ -16,6 +16,7 @@ the same second get different directories; the claim catches what remains (an ex
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 import re
 import secrets
@@ -36,10 +37,25 @@ class RunDirError(ValueError):
     """The run directory cannot be used by this run: one line (exit 2)."""
 
 
+def _worker_rank() -> int | None:
+    """This process's rank in a data-parallel job (torchrun sets WORLD_SIZE and RANK), else None."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    return int(os.environ.get("RANK", "0"))
+
+
 def run_tag() -> str:
-    """`${run_tag:}`: six hex digits drawn once per process (a sweep's jobs share it)."""
+    """`${run_tag:}`: six hex digits drawn once per process (a sweep's jobs share it). The ranks of one
+    data-parallel job are one run in one directory: their tag comes from what their launcher gave them all
+    (torchrun's rendezvous id, else the SLURM job, else the launching agent: master address, port, parent pid)."""
     if not _TAG:
-        _TAG.append(secrets.token_hex(3))
+        if _worker_rank() is None:
+            _TAG.append(secrets.token_hex(3))
+        else:
+            rdzv = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+            job = rdzv if rdzv != "none" else os.environ.get("SLURM_JOB_ID") or ":".join(
+                (os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""), str(os.getppid())))
+            _TAG.append(hashlib.sha256(job.encode()).hexdigest()[:6])
     return _TAG[0]
 
 
@@ -53,6 +69,12 @@ def claim(out_dir: Path) -> bool:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / CLAIM
     earlier = path.exists()
+    if (_worker_rank() or 0) > 0:  # rank 0 holds the claim for the whole data-parallel job
+        if (out_dir / "results.json").exists():
+            raise RunDirError(f"output directory {out_dir} holds a finished run (results.json); give another "
+                              "hydra.run.dir")
+        _HELD[key] = (None, earlier)
+        return earlier
     f = open(path, "a+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -94,7 +116,7 @@ def prepare(out_dir: Path, earlier: bool, saves_model: bool) -> None:
             raise RunDirError(f"output directory {out_dir} already holds model/, not written there by an "
                               "llm-streamline run; it is never replaced: move it or give another hydra.run.dir "
                               "(or save=false)")
-    if earlier:
+    if earlier and not (_worker_rank() or 0) > 0:  # another rank's files are being written, not left over
         for p in out_dir.iterdir():
             if LEFTOVER.fullmatch(p.name) and not p.is_symlink():
                 shutil.rmtree(p) if p.is_dir() else p.unlink()

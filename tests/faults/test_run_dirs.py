@@ -126,3 +126,30 @@ def test_a_foreign_model_folder_in_the_run_directory_is_refused_before_any_work(
     finally:
         rundir.release(run)
     assert {k: v for k, v in snapshot(run).items() if k != rundir.CLAIM} == before
+
+
+def test_ranks_of_one_data_parallel_job_share_the_run_tag_and_rank0_holds_the_claim(tmp_path, monkeypatch):
+    """torchrun's ranks are one run: the same default directory (tag from the launcher) and one claim (rank 0's);
+    a later rank neither takes the lock nor removes the other ranks' half-written files."""
+    from llm_streamline import rundir
+
+    tags = []
+    for rank in ("0", "1"):
+        monkeypatch.setattr(rundir, "_TAG", [])
+        for k, v in {"WORLD_SIZE": "2", "RANK": rank, "TORCHELASTIC_RUN_ID": "job-42"}.items():
+            monkeypatch.setenv(k, v)
+        tags.append(rundir.run_tag())
+    assert tags[0] == tags[1]
+    monkeypatch.setattr(rundir, "_TAG", [])
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-43")
+    assert rundir.run_tag() != tags[0]
+
+    monkeypatch.setenv("RANK", "0")
+    assert rundir.claim(tmp_path) is False
+    half_written = tmp_path / ".results.json.abcd1234.tmp"
+    half_written.write_text("{")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(rundir, "_HELD", {})  # rank 1 is another process: it holds nothing yet
+    assert rundir.claim(tmp_path) is True  # no BlockingIOError: rank 1 does not lock what rank 0 holds
+    rundir.prepare(tmp_path, True, saves_model=True)
+    assert half_written.exists()
