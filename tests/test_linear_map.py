@@ -107,8 +107,10 @@ def test_streamed_fit_holds_one_batch_of_activations_whatever_the_calibration_si
     assert len(most) >= 8 and max(most) <= 3  # one batch: M, Z, x_(s+n)
     assert sum(r() is not None for r in alive) == 0
     g = Gram(64, 64)
+    g.add(torch.randn(100, 64), torch.randn(100, 64))
     size = g.xtx.numel() + g.xty.numel()
-    for _ in range(5):
+    assert size == 2 * 64 * 64
+    for _ in range(4):
         g.add(torch.randn(100, 64), torch.randn(100, 64))
     assert g.xtx.numel() + g.xty.numel() == size and g.rows == 500
 
@@ -261,3 +263,16 @@ def test_baseline_gets_one_fused_map_per_removed_run_each_equal_to_its_unfused_m
         assert (c.model(x).logits - hooked(x).logits).abs().max() < 1e-4
     for h in hooks:
         h.remove()
+
+
+def test_gram_sums_stay_on_the_activations_device_and_the_solution_comes_to_the_host():
+    """The X^T X products are the fit's whole cost: they run where the activations are (meta stands in for a
+    GPU here: any copy to the host would fail on it), and only the d x d solution reaches the host."""
+    g = Gram(8, 8)
+    g.add(torch.empty(10, 8, device="meta"), torch.empty(10, 8, device="meta"))
+    assert g.xtx.device.type == "meta" and g.xty.device.type == "meta" and g.rows == 10
+    h = Gram(8, 8)
+    x = torch.randn(50, 8, dtype=torch.float64)
+    h.add(x, x @ torch.eye(8, dtype=torch.float64) * 2)
+    assert h.solve().device.type == "cpu"
+    torch.testing.assert_close(h.solve(), 2 * torch.eye(8, dtype=torch.float64))
