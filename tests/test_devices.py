@@ -25,10 +25,9 @@ from __future__ import annotations
 import contextlib
 import copy
 
+import fake_devices as fd
 import pytest
 import torch
-
-import fake_devices as fd
 
 fd.setup()
 

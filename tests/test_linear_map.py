@@ -77,7 +77,8 @@ def test_ridge_shrinks_and_the_cosine_objective_lowers_its_distance():
     t0, _ = linear_map.replaceme_map(model, calib, START, N, ReplacementConfig(type="linear"), 4)
     t1, _ = linear_map.replaceme_map(model, calib, START, N, ReplacementConfig(type="linear", ridge=1.0), 4)
     assert t1.norm() < t0.norm()
-    t2, log2 = linear_map.replaceme_map(model, calib, START, N, ReplacementConfig(type="linear", first_token="exclude"), 4)
+    excl = ReplacementConfig(type="linear", first_token="exclude")
+    t2, log2 = linear_map.replaceme_map(model, calib, START, N, excl, 4)
     m, z, y = linear_map._Boundary(model, START, N, "exclude")(calib)
     assert log2["calibration_tokens"] == calib.shape[0] * (calib.shape[1] - 1) == len(m)
     assert torch.allclose(t2, torch.linalg.lstsq(m.double(), (y - z).double()).solution, atol=1e-6)
@@ -256,7 +257,8 @@ def test_baseline_gets_one_fused_map_per_removed_run_each_equal_to_its_unfused_m
     assert [f["block"] for f in c.baseline["linear_maps"]] == [[1, 3], [5, 6]] and c.key != "k"
     hooked = copy.deepcopy(model)
     hooks = [linear_map.MapAfter(linear_map.mlp_output_map(hooked, s - 1),
-                                 linear_map.replaceme_map(model, calib, s, e - s, r, 4)[0]) for s, e in ((1, 3), (5, 6))]
+                                 linear_map.replaceme_map(model, calib, s, e - s, r, 4)[0])
+             for s, e in ((1, 3), (5, 6))]
     remove_layers(hooked, [1, 2, 5])
     x = ids(2, 16, seed=7)
     with torch.no_grad():

@@ -90,7 +90,8 @@ def test_7b_fits_one_80gb_gpu_and_70b_fits_eight(no_weights):
 
 def test_too_big_plan_is_refused_in_one_line(no_weights, capsys):
     with pytest.raises(SystemExit) as e:
-        plan.main(["model=llama2-7b", "data=slimpajama", "eval=paper", "train.teacher=cached", "plan.disk_free_gib=100"])
+        plan.main(["model=llama2-7b", "data=slimpajama", "eval=paper", "train.teacher=cached",
+                   "plan.disk_free_gib=100"])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     want = "llm-streamline: error: plan: the stage cache and the saved model need 955 GiB on disk, 100 GiB free"

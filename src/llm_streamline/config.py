@@ -92,7 +92,7 @@ class TrainConfig:
     distill_temperature: float = 1.0       # loss=distill: softmax temperature of both distributions
     distill_alpha: float = 0.0             # loss=distill: + alpha x hidden-state MSE at the slot's output
     max_steps: Optional[int] = None        # cap for smoke runs (optimizer steps)
-    grad_accum: int = 1                    # micro-batches of batch_size per optimizer step (effective batch: their product)
+    grad_accum: int = 1  # micro-batches of batch_size per optimizer step (effective batch: their product)
     # recompute the decoder layers' activations in the backward pass (lm, distill, lora): memory of one layer's
     # activations instead of all of them, about a third more compute, the same results; null: on CUDA only
     grad_checkpointing: Optional[bool] = None

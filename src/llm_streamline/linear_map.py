@@ -127,8 +127,9 @@ def mlp_output_map(model: nn.Module, index: int) -> nn.Linear:
     stack = find_decoder_stack(model)
     anatomy = anatomy_of(model, index)
     if anatomy.mlp_post_norm:
-        raise LinearMapError(f"{type(stack.layers[index]).__name__} normalises its MLP output ({anatomy.mlp_post_norm}) "
-                             "before the residual add: a linear map cannot be fused into its MLP output map")
+        raise LinearMapError(f"{type(stack.layers[index]).__name__} normalises its MLP output "
+                             f"({anatomy.mlp_post_norm}) before the residual add: a linear map cannot be fused "
+                             "into its MLP output map")
     out = stack.layers[index].get_submodule(anatomy.mlp_output)
     if not isinstance(out, nn.Linear):
         raise LinearMapError(f"{anatomy.mlp_output} is a {type(out).__name__}: fusing needs an nn.Linear")
@@ -363,7 +364,7 @@ def init_layer_linear(layer: nn.Module, model: nn.Module, blocks: torch.Tensor, 
     for ids in _batches(blocks, batch_size, "linear init: X^T X, X^T Y"):
         x, kwargs, y = targets(ids, module_device(layer))
         caught = {}
-        handle = target_map.register_forward_hook(lambda m, a, out: caught.update(h=a[0], o=out))
+        handle = target_map.register_forward_hook(lambda m, a, out, caught=caught: caught.update(h=a[0], o=out))
         try:
             out = _call(layer, x, kwargs)
         finally:

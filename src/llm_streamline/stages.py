@@ -465,7 +465,7 @@ def cache_main(argv: list[str] | None = None) -> None:
         kinds, foreign = _stage_entries()
         assets, foreign_assets = _assets()
     except OSError as e:  # LLM_STREAMLINE_CACHE / _STAGES pointing at a file, an unreadable directory
-        raise SystemExit(f"llm-streamline-cache: error: {e.strerror or e}")
+        raise SystemExit(f"llm-streamline-cache: error: {e.strerror or e}") from None
     foreign += foreign_assets
     if args.action == "report":
         total = 0

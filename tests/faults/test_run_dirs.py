@@ -1,6 +1,7 @@
 """Run directories are never overwritten: a run or an evaluation into a directory holding a finished run, or one
 another live run holds, is refused with one line (exit 2) before Hydra writes anything; default names are
-unique per launch; a model/ folder no run wrote there is refused, a killed save's leftovers removed. (A failed run leaving no plot behind:
+unique per launch; a model/ folder no run wrote there is refused, a killed save's leftovers removed.
+(A failed run leaving no plot behind:
 `tests/test_faults.py::test_diverging_training_stops_with_stage_step_and_cause`.)"""
 
 from __future__ import annotations
@@ -70,7 +71,8 @@ def test_a_second_run_into_a_claimed_directory_is_refused_and_a_killed_save_is_c
     """A stops itself inside its save (SIGSTOP, a `.tmp-model*` half written) holding its claim; B into the same
     directory is refused in one line; A is then SIGKILLed; C reruns there: the leftover goes, the run finishes."""
     run, stages = tmp_path / "run", tmp_path / "stages"
-    a = smoke(run, stages, cwd=tmp_path, env_extra={"LLM_STREAMLINE_KILL_AT": "save", "LLM_STREAMLINE_KILL_SIGNAL": "STOP"})
+    a = smoke(run, stages, cwd=tmp_path,
+              env_extra={"LLM_STREAMLINE_KILL_AT": "save", "LLM_STREAMLINE_KILL_SIGNAL": "STOP"})
     try:
         deadline = time.monotonic() + 300
         while not list(run.glob(".tmp-model*")) and a.poll() is None and time.monotonic() < deadline:

@@ -62,7 +62,8 @@ class RecordingHFLM(HFLM):
                 ids[r, :len(w)] = torch.tensor(w)
                 mask[r, :len(w)] = 1
             device = input_device(self.model)  # the embedding's card; the logits come off the head's
-            logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits[:, :-1]
+            logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                use_cache=False).logits[:, :-1]
             logp = torch.nn.functional.log_softmax(logits, dim=-1, dtype=self.softmax_dtype)
             ids, mask = ids.to(logp.device), mask.to(logp.device)
             token_nll = -logp.gather(2, ids[:, 1:, None])[..., 0] * mask[:, 1:]

@@ -97,9 +97,9 @@ def compress(ctx: Run, profile: SimilarityProfile, n: int, target_removed: int) 
     """The baseline method on a second model over the dense one's weights (`share_weights`: one copy of the
     weights; a baseline replaces what it changes and never writes into a shared tensor, see `baselines`)."""
     cfg = ctx.cfg
+    healing = training_identity(cfg.train) if cfg.method.heal == "lora" else None  # healing uses train.*
     key = stages.stage_key("baseline", model=ctx.model_id, data=ctx.data_key, method=method_key(cfg.method),
-                           sparsity=asdict(cfg.sparsity), n=n, seed=cfg.seed,
-                           train=training_identity(cfg.train) if cfg.method.heal == "lora" else None)  # healing uses train.*
+                           sparsity=asdict(cfg.sparsity), n=n, seed=cfg.seed, train=healing)
     # which layers a layer-removal baseline drops (SLEB: a long greedy search) does not depend on healing
     choice_key = stages.stage_key("choice", model=ctx.model_id, data=ctx.data_key, n=n, seed=cfg.seed,
                                   method=cfg.method.name)

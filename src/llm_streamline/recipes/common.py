@@ -36,8 +36,8 @@ from llm_streamline.evaluate.tasks import check_fewshot, check_tasks, task_dir_l
 from llm_streamline.importance import SimilarityProfile, similarity_profile
 from llm_streamline.models.layers import DecoderStack, count_params, find_decoder_stack
 from llm_streamline.models.loading import load_model
-from llm_streamline.precision import resolve_dtype
 from llm_streamline.plots import plot_profile
+from llm_streamline.precision import resolve_dtype
 from llm_streamline.replace import replacement_param_count
 from llm_streamline.tracking import Tracker, run_name, run_tags
 from llm_streamline.train import train_lora
