@@ -6,6 +6,7 @@ interrupted or terminated): see `errors`. In a sweep (-m) a failing job is repor
 
 from __future__ import annotations
 
+import atexit
 import errno
 import logging
 import os
@@ -159,6 +160,7 @@ def main() -> None:
     if "--version" in sys.argv[1:]:
         print_version()
         return
+    atexit.register(errors.ignore_signals_at_exit)  # first registered, last run: see its docstring
     # before anything else (a signal while the run directory is claimed or Hydra composes gets its line too);
     # SIGINT also when started with it ignored (&); SIGHUP: the terminal closed (nohup ignores it before us)
     signal.signal(signal.SIGTERM, errors.raise_terminated)

@@ -76,6 +76,17 @@ def _interrupted_once() -> None:
         signal.signal(sig, again)
 
 
+def ignore_signals_at_exit() -> None:
+    """Registered by `llm-streamline` before anything else, so it runs last of the exit handlers (after W&B's,
+    which a second Ctrl-C may still cut short): the interpreter's teardown then resets Python-level handlers to
+    the default, under which a late second Ctrl-C killed the process by SIGINT (exit -2) instead of letting it
+    end with its code (130); an ignored signal stays ignored through the teardown."""
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def interrupt_code(e: KeyboardInterrupt) -> int:
     return TERMINATED if isinstance(e, Terminated) else HUNG_UP if isinstance(e, HungUp) else INTERRUPTED
 
@@ -202,6 +213,10 @@ def _unexpected_line(e: BaseException, out_dir: Path) -> str:
 
 def job_failure(e: BaseException, cfg: RunConfig | None, out_dir: Path) -> tuple[str, int]:
     """The one line and the exit code of an exception a job raised (`cfg`: None if composing it failed)."""
+    if isinstance(e, KeyboardInterrupt):  # before the imports below: a signal landing inside `import torch`
+        # leaves it half-initialised, and importing it again would raise instead of naming the interrupt
+        stage = getattr(e, "stage", None)
+        return f"interrupted{f' during stage {stage}' if stage else ''}; finished stages are kept", interrupt_code(e)
     # imported here, when a job has failed: `--help` and Hydra's composition errors need no torch
     from llm_streamline.assets import AssetError
     from llm_streamline.data import HubUnavailable
@@ -221,9 +236,6 @@ def job_failure(e: BaseException, cfg: RunConfig | None, out_dir: Path) -> tuple
     if isinstance(e, NumericalFault):
         _log_to_file(f"NumericalFault: {e}")
         return f"numerical fault: {e}", FAULT
-    if isinstance(e, KeyboardInterrupt):
-        stage = getattr(e, "stage", None)
-        return f"interrupted{f' during stage {stage}' if stage else ''}; finished stages are kept", interrupt_code(e)
     err = disk_errno(e)
     if err is not None:
         _log_to_file(f"disk: {e}")
