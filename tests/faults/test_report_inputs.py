@@ -35,3 +35,15 @@ def test_a_truncated_samples_file_under_compare_is_one_line(cut, uninterrupted_d
     msg = str(e.value)
     assert msg.startswith(f"llm-streamline-report: error: {samples} ") and "\n" not in msg, msg
     assert ("unreadable" if cut == "mid-line" else "rows of") in msg, msg
+
+
+def test_report_errors_exit_2_with_one_line(tmp_path):
+    """As every other command's bad input: exit 2, one line (a SystemExit carrying text exits 1)."""
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "llm_streamline.report", str(tmp_path), "--out", str(tmp_path / "o")],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, res
+    want = f"llm-streamline-report: error: no readable results.json under {tmp_path}"
+    assert res.stderr.strip().splitlines() == [want]
