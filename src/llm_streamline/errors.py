@@ -128,10 +128,12 @@ class PipeSafeStdout:
 
 
 def fail(msg: str, code: int = BAD_INPUT) -> NoReturn:
-    """Print the one line and exit with `code` (the SystemExit carries the line: a sweep lists it at the end)."""
-    from tqdm.auto import tqdm
-
-    for bar in list(getattr(tqdm, "_instances", ())):  # a stage's open progress bar would print after us
+    """Print the one line and exit with `code` (the SystemExit carries the line: a sweep lists it at the end).
+    Imports nothing: an interrupt can land inside an import (asyncio, torch), and importing it again here would
+    raise instead of printing the line. Open progress bars exist only if tqdm was imported already."""
+    std = sys.modules.get("tqdm.std")
+    bars = getattr(getattr(std, "tqdm", None), "_instances", ())  # shared by tqdm.auto's subclasses
+    for bar in list(bars):  # a stage's open progress bar would print after us
         try:
             bar.close()
         except OSError:

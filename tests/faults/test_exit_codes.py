@@ -180,9 +180,15 @@ def test_an_empty_wandb_mode_is_unset_and_an_unknown_one_is_one_line(tmp_path, m
 def test_an_interrupt_inside_an_import_is_named_without_importing_again(tmp_path, monkeypatch):
     """A SIGHUP that lands while `import torch` runs leaves torch half-initialised: naming the interrupt must not
     import anything (seen: 'Only a single TORCH_LIBRARY can be used...' traceback and exit 1 instead of 129)."""
+    from tqdm.auto import tqdm
+
     from llm_streamline import errors
 
-    for mod in ("llm_streamline.data", "llm_streamline.assets", "llm_streamline.faults"):
+    bar = tqdm(total=10, desc="a stage")  # open when the interrupt lands: closed before the line is printed
+    for mod in ("llm_streamline.data", "llm_streamline.assets", "llm_streamline.faults", "tqdm.auto", "asyncio"):
         monkeypatch.setitem(sys.modules, mod, None)  # importing any of them now raises ImportError
     line, code = errors.job_failure(errors.HungUp(), None, tmp_path)
     assert code == 129 and line.startswith("interrupted"), line
+    with pytest.raises(SystemExit) as e:  # seen: a Ctrl-C inside `import asyncio`, then tqdm.auto imported it
+        errors.fail(line, code)
+    assert e.value.code == 129 and bar.disable
