@@ -206,6 +206,67 @@ def test_layer_init_linear_refits_the_mlp_output_map_to_the_least_squares_optimu
     assert mse(layer) > after
 
 
+def test_layer_init_linear_through_gemmas_post_mlp_norm_fits_the_direction_the_norm_lets_through():
+    """Gemma normalises its MLP output (N(v) = s * v / rms(v), s = 1 + w): the refit output map's direction is the
+    dense least-squares solution for the closest rms-1 input per token (`through_rms_norm`), its scale the
+    copied map's; the layer's output error falls. This model was refused before (a map cannot be *fused* there)."""
+    model = make("gemma3")
+    stack = find_decoder_stack(model)
+    with torch.no_grad():  # non-trivial scales (random weights start at w = 0, s = 1), some of them negative
+        for layer in stack.layers:
+            layer.post_feedforward_layernorm.weight.copy_(torch.randn(64, generator=torch.Generator().manual_seed(1)))
+    calib = ids()
+    rcfg = ReplacementConfig(type="layer", init="linear")
+    copied = build_replacement(rcfg, list(stack.layers[START:START + N]), stack.config, True)[0]
+    layer = copy.deepcopy(copied)
+    log = linear_map.init_layer_linear(layer, model, calib, START, N, batch_size=3)
+    assert log["through_norm"] == "post_feedforward_layernorm"
+    cap = run_layers(model, calib, inputs_at=(START,), kwargs_at=(START,), outputs_at=(START + N - 1,))
+    x, kw, y = cap.inputs[START], cap.call_kwargs[START], cap.outputs[START + N - 1]
+    caught = {}
+    hooks = [copied.mlp.down_proj.register_forward_hook(lambda m, a, out: caught.update(h=a[0], v=out)),
+             copied.post_feedforward_layernorm.register_forward_hook(lambda m, a, out: caught.update(o=out))]
+    with torch.no_grad():
+        out = linear_map._call(copied, x, kw)
+    for hook in hooks:
+        hook.remove()
+    s = linear_map.rms_scale(copied.post_feedforward_layernorm, 64)
+    assert torch.allclose(s, 1 + copied.post_feedforward_layernorm.weight, rtol=1e-5)
+    t = linear_map.through_rms_norm((y - out + caught["o"]).reshape(-1, 64), s)
+    h = caught["h"].reshape(-1, caught["h"].shape[-1]).double()
+    dense = torch.linalg.lstsq(h, t).solution.T
+    got = layer.mlp.down_proj.weight.detach().double()
+    assert torch.nn.functional.cosine_similarity(got.flatten(), dense.flatten(), dim=0) > 1 - 1e-6
+    assert abs(float((h @ got.T).pow(2).sum() / caught["v"].double().pow(2).sum()) - 1) < 1e-4
+
+    def mse(m):
+        with torch.no_grad():
+            return float(((linear_map._call(m, x, kw) - y) ** 2).mean())
+
+    assert mse(layer) < mse(copied)
+    with pytest.raises(linear_map.LinearMapError, match="not an RMS norm"):
+        linear_map.rms_scale(torch.nn.LayerNorm(64), 64)
+
+
+def test_through_rms_norm_is_the_closest_normalised_output():
+    """w has rms 1 and s * w is nearer r than any other rms-1 input's output (perturbations; the naive r / s)."""
+    g = torch.Generator().manual_seed(0)
+    r = 3 * torch.randn(50, 16, generator=g, dtype=torch.float64)
+    s = torch.randn(16, generator=g, dtype=torch.float64)
+    s[0] = 1e-3  # a near-zero scale: r / s would put the whole direction there
+    w = linear_map.through_rms_norm(r, s)
+    assert torch.allclose(w.pow(2).mean(-1), torch.ones(50, dtype=torch.float64))
+
+    def err(v):
+        v = v / v.pow(2).mean(-1, keepdim=True).sqrt()
+        return ((s * v - r) ** 2).sum(-1)
+
+    best = err(w)
+    for _ in range(20):
+        assert (best <= err(w + 0.05 * torch.randn(50, 16, generator=g, dtype=torch.float64)) + 1e-9).all()
+    assert (best <= err(r / s) + 1e-9).all() and (best < err(r / s)).any()
+
+
 def test_presets_compose_and_bad_options_are_refused_before_work():
     from hydra import compose, initialize_config_dir
 

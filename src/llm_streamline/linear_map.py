@@ -39,6 +39,11 @@ Linear initialisation of trained replacements (`replacement.init=linear`).
           by least squares so that the layer's output best matches x_(s+n) on the calibration tokens (the layer
           cannot represent an arbitrary linear map: its MLP is gated; this is the closest the form allows with
           one closed-form solve, and it is never worse than the copied layer on the calibration tokens).
+          With a norm after the MLP (Gemma: RMS norm N(v) = s * v / rms(v)), the branch can only add a vector of
+          fixed scale: per token, the target is the rms-1 vector w whose normalised output s * w is closest to
+          r = x_(s+n) minus the rest of the layer (`through_rms_norm`), the output map is fit to it, then
+          rescaled as a whole to the copied map's mean output norm (N ignores the scale, the optimiser's step
+          size does not). The scales s are read from the norm module (N(1)), so w and 1 + w forms both work.
 """
 
 from __future__ import annotations
@@ -103,6 +108,12 @@ class Gram:
         sse = float((b * (xtx @ b)).sum() - 2 * (b * xty).sum() + self.yty)
         return max(sse, 0.0) / (self.rows * xty.shape[1])
 
+    def mean_sq(self, b: torch.Tensor) -> float:
+        """Mean over rows of ||x B||^2, from the accumulated statistics."""
+        xtx, _ = self._sums()
+        b = b.to(xtx.device, torch.float64)
+        return float((b * (xtx @ b)).sum()) / self.rows
+
     def solve(self, ridge: float = 0.0) -> torch.Tensor:
         """B (float64, on the host: d x d, what the fusion reads): ridge is relative to the mean diagonal of
         X^T X; a singular system gets the minimum-norm least-squares solution."""
@@ -116,17 +127,48 @@ class Gram:
             return torch.linalg.lstsq(a, xty, driver="gelsd").solution
 
 
+@torch.no_grad()
+def rms_scale(norm: nn.Module, d: int) -> torch.Tensor:
+    """The per-channel scale s of an RMS norm, N(v) = s * v / rms(v), read from the module (N(1) = s: any
+    parameterisation, w or Gemma's 1 + w); refused when `norm` is not of that form (a LayerNorm centres v)."""
+    p = next(norm.parameters())
+    probe = torch.randn(4, d, generator=torch.Generator().manual_seed(0)).to(p.device, p.dtype)
+    s = norm(torch.ones(1, d, device=p.device, dtype=p.dtype))[0]
+    want = s * probe / probe.pow(2).mean(-1, keepdim=True).sqrt()
+    if not torch.allclose(norm(probe), want, rtol=1e-3, atol=1e-4 * float(s.abs().max())):
+        raise LinearMapError(f"{type(norm).__name__} after the MLP is not an RMS norm (N(v) = s * v / rms(v)): "
+                             "the linear init cannot map its target back through it")
+    return s
+
+
+def through_rms_norm(r: torch.Tensor, s: torch.Tensor, steps: int = 60) -> torch.Tensor:
+    """Per token (last dim d), the input w of rms 1 whose RMS-norm output s * w is closest to r: the minimiser of
+    ||s w - r||^2 on the sphere ||w||^2 = d, w = s r / (s^2 + lam), lam >= -min s^2 set by bisection so that
+    rms(w) = 1 (the trust-region condition: rms(w) falls as lam grows). Float64 [..., d] result."""
+    r, s = r.double(), s.double()
+    s2, sr = s * s, s * r
+    lo = torch.full(r.shape[:-1] + (1,), -float(s2.min()), dtype=torch.float64, device=r.device)
+    hi = sr.pow(2).mean(-1, keepdim=True).sqrt() + 1e-30  # rms(w) <= rms(s r) / lam <= 1 from here on
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        big = (sr / (s2 + mid)).pow(2).mean(-1, keepdim=True) > 1
+        lo, hi = torch.where(big, mid, lo), torch.where(big, hi, mid)
+    w = sr / (s2 + hi)
+    return w / w.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-30)  # exactly rms 1 (a zero r: zero)
+
+
 def _batches(blocks: torch.Tensor, batch_size: int, desc: str) -> Iterator[torch.Tensor]:
     for i in tqdm(range(0, len(blocks), batch_size), desc=desc, unit="batch", leave=False):
         yield blocks[i:i + batch_size]
 
 
 # ------------------------------------------------------------------------------------------------ ReplaceMe
-def mlp_output_map(model: nn.Module, index: int) -> nn.Linear:
-    """Layer `index`'s MLP output map (down_proj, fc2, ...), found by its anatomy; refused when a norm follows it."""
+def mlp_output_map(model: nn.Module, index: int, post_norm_ok: bool = False) -> nn.Linear:
+    """Layer `index`'s MLP output map (down_proj, fc2, ...), found by its anatomy; refused when a norm follows it
+    (a map fused into it would be undone by the norm) unless `post_norm_ok`."""
     stack = find_decoder_stack(model)
     anatomy = anatomy_of(model, index)
-    if anatomy.mlp_post_norm:
+    if anatomy.mlp_post_norm and not post_norm_ok:
         raise LinearMapError(f"{type(stack.layers[index]).__name__} normalises its MLP output "
                              f"({anatomy.mlp_post_norm}) before the residual add: a linear map cannot be fused "
                              "into its MLP output map")
@@ -355,25 +397,39 @@ def init_ffn_linear(ffn: nn.Module, model: nn.Module, blocks: torch.Tensor, star
 def init_layer_linear(layer: nn.Module, model: nn.Module, blocks: torch.Tensor, start: int, n: int,
                       batch_size: int, ridge: float = 0.0) -> dict:
     """In place: the replacement layer's MLP output map refit by least squares so that the layer's output best
-    matches x_(start+n) on the calibration tokens, everything else as copied (module docstring)."""
-    out_map = mlp_output_map(model, start)
+    matches x_(s+n) on the calibration tokens, everything else as copied; through a post-MLP RMS norm, its
+    direction (module docstring)."""
+    out_map = mlp_output_map(model, start, post_norm_ok=True)
     path = next(name for name, m in find_decoder_stack(model).layers[start].named_modules() if m is out_map)
     target_map = layer.get_submodule(path)
+    post_path = anatomy_of(model, start).mlp_post_norm
+    post = layer.get_submodule(post_path) if post_path else None
+    branch_end = post if post is not None else target_map  # what the layer adds to its residual stream
+    scale = rms_scale(post, target_map.out_features).float() if post is not None else None
     targets = _SlotTargets(model, start, n)
     gram = Gram(target_map.in_features, target_map.out_features, bias=target_map.bias is not None)
+    copied_sq = 0.0  # sum over tokens of ||W h||^2 of the copied map: the scale the refit is brought back to
     for ids in _batches(blocks, batch_size, "linear init: X^T X, X^T Y"):
         x, kwargs, y = targets(ids, module_device(layer))
         caught = {}
-        handle = target_map.register_forward_hook(lambda m, a, out, caught=caught: caught.update(h=a[0], o=out))
+        hooks = [target_map.register_forward_hook(lambda m, a, out, caught=caught: caught.update(h=a[0], v=out)),
+                 branch_end.register_forward_hook(lambda m, a, out, caught=caught: caught.update(o=out))]
         try:
             out = _call(layer, x, kwargs)
         finally:
-            handle.remove()
-        rest = out - caught["o"]  # the layer's output without its MLP branch (no norm after it: checked above)
-        gram.add(caught["h"], y - rest)
+            for hook in hooks:
+                hook.remove()
+        r = y - (out - caught["o"])  # what the branch should add: the target minus the rest of the layer
+        if scale is not None:
+            r = through_rms_norm(r, scale.to(r.device))
+            copied_sq += float(caught["v"].float().pow(2).sum())
+        gram.add(caught["h"], r)
     sol = gram.solve(ridge)
+    if scale is not None:  # the norm ignores a common factor: the copied map's mean output norm, for the optimiser
+        sol = sol * math.sqrt(copied_sq / max(gram.mean_sq(sol) * gram.rows, 1e-30))
     k = target_map.in_features
     target_map.weight.copy_(sol[:k].T.to(target_map.weight.dtype))
     if target_map.bias is not None:
         target_map.bias.copy_(sol[k].to(target_map.bias.dtype))
-    return {"init": "linear", "calibration_tokens": gram.rows, "refit": path}
+    return {"init": "linear", "calibration_tokens": gram.rows, "refit": path} | (
+        {"through_norm": post_path} if post_path else {})
