@@ -1,10 +1,9 @@
 """Checkpoint formats (models/checkpoints.py): every format a method registers loads in a fresh interpreter
-(the registering module is imported on demand), a directory of no format fails in one line, and models/ imports
-nothing above it (no method, no pipeline)."""
+(the registering module is imported on demand) and a directory of no format fails in one line. (That models/
+imports nothing above it: tests/test_imports.py.)"""
 
 from __future__ import annotations
 
-import ast
 import json
 import subprocess
 import sys
@@ -79,29 +78,6 @@ def test_a_directory_of_no_format_fails_in_one_line(tmp_path):
     with pytest.raises(ValueError, match="unknown checkpoint format"):
         checkpoints.save_checkpoint(None, None, tmp_path / "x", {}, "mine")
     assert not (tmp_path / "x").exists()
-
-
-def _imported_modules(path: Path) -> set[str]:
-    tree = ast.parse(path.read_text())
-    out = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            out.update(a.name for a in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            out.update(f"{node.module}.{a.name}" for a in node.names)  # `from pkg import module` names a module
-    return out
-
-
-def test_models_imports_nothing_above_it():
-    """models/ may use config, stages, assets, precision (a leaf: dtype names and the hardware's bf16 support)
-    and itself; never the method, the recipes or the evaluation."""
-    allowed = ("llm_streamline.models", "llm_streamline.config", "llm_streamline.stages", "llm_streamline.assets",
-               "llm_streamline.precision")
-    models_dir = Path(llm_streamline.__file__).parent / "models"
-    for f in sorted(models_dir.glob("*.py")):
-        ours = {m for m in _imported_modules(f) if m.startswith("llm_streamline.")}
-        bad = {m for m in ours if not m.startswith(allowed)}
-        assert not bad, f"{f.name} imports {sorted(bad)}"
 
 
 def _shards(d: Path) -> list[str]:

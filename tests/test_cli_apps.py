@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from llm_streamline import __version__, cli, export, report, stages
+from llm_streamline import __version__, cache, cli, export, report
 
 
 def _call(monkeypatch, entry, *args: str) -> None:
@@ -20,7 +20,7 @@ def _call(monkeypatch, entry, *args: str) -> None:
 
 
 COMMANDS = {"llm-streamline": cli.main, "llm-streamline-eval": cli.eval_main, "llm-streamline-export": export.main,
-            "llm-streamline-report": report.main, "llm-streamline-cache": stages.cache_main}
+            "llm-streamline-report": report.main, "llm-streamline-cache": cache.cache_main}
 
 
 @pytest.mark.parametrize("name", list(COMMANDS))

@@ -189,7 +189,7 @@ def test_mlp_slot_at_layer_0_keeps_the_cache_length_and_cached_decoding_exact(fa
 
 @pytest.mark.parametrize("rtype,layers,removed", [("none", 2, 2), ("layer", 2, 3), ("layers", 2, 4), ("ffn", 2, 2)])
 def test_net_count_removes_the_replacements_size_in_layers_more(rtype, layers, removed):
-    from llm_streamline.recipes.common import resolve_block_size
+    from llm_streamline.preflight import resolve_block_size
 
     cfg = compose_run("experiment=smoke", "model=tiny-llama", f"replacement={rtype}", f"sparsity.layers={layers}",
                       "sparsity.count=net")

@@ -17,41 +17,13 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig
 
 from llm_streamline import errors, rundir
-from llm_streamline.config import (
-    OBJECTIVE_DIRECTIONS,
-    ConfigError,
-    RunConfig,
-    check_overrides,
-    register_configs,
-    reject_unknown_keys,
-    validate,
-)
+from llm_streamline.composition import CONF_DIR, to_run_config
+from llm_streamline.config import OBJECTIVE_DIRECTIONS, check_overrides, validate
 
-
-def _config_path() -> str:
-    """Where Hydra finds config.yaml. A source checkout (the package imported from `src/`, editable or on
-    PYTHONPATH) reads the repository's top-level conf/, so edits there take effect at once; an installed
-    wheel reads the copy shipped as the package `llm_streamline.conf` (pyproject's package-dir mapping)."""
-    checkout_conf = Path(__file__).resolve().parents[2] / "conf"
-    if (checkout_conf / "config.yaml").is_file() and Path(__file__).resolve().parent.parent.name == "src":
-        return str(checkout_conf)
-    return "pkg://llm_streamline.conf"
-
-
-CONF_DIR = _config_path()
 log = logging.getLogger("llm_streamline")
-register_configs()
-
-
-def to_run_config(cfg: DictConfig) -> RunConfig:
-    reject_unknown_keys(cfg)
-    obj = OmegaConf.to_object(cfg)
-    if not isinstance(obj, RunConfig):
-        raise ConfigError("the composed config is not a RunConfig (is `run_schema` first in the defaults list?)")
-    return obj
 
 
 FAILED_JOBS: list[tuple[str, int, str]] = []  # (job directory, exit code, message) of the sweep's failed jobs

@@ -30,6 +30,8 @@ from llm_streamline.losses import nll_batches
 from llm_streamline.models.devices import input_device
 from llm_streamline.models.layers import find_decoder_stack, run_layers, skipping
 
+PPL_IMPORTANCE_BLOCKS = 8  # calibration blocks per candidate for sparsity.importance=perplexity (as SLEB's 8)
+
 
 @dataclass
 class SimilarityProfile:

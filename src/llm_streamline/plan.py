@@ -38,7 +38,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from llm_streamline.composition import compose
 from llm_streamline.config import ConfigError, PlanConfig, RunConfig
+from llm_streamline.importance import PPL_IMPORTANCE_BLOCKS
+from llm_streamline.preflight import meta_model, model_config
 
 log = logging.getLogger("llm_streamline")
 GIB = 2**30
@@ -167,27 +170,6 @@ def _dtype(cfg: RunConfig) -> torch.dtype:
     from llm_streamline.precision import torch_dtype
 
     return torch_dtype(cfg.model.dtype, cfg.model.device)  # model.dtype=auto: what this machine resolves it to
-
-
-def meta_model(cfg: RunConfig) -> nn.Module:
-    """The model built from its config on the meta device: shapes only, no weights read, no memory taken."""
-    from transformers import AutoModelForCausalLM
-
-    from llm_streamline.preflight import model_config
-
-    config = model_config(cfg.model)
-    if config is None:
-        raise ConfigError(f"model {cfg.model.name}: no config.json to plan from")
-    if cfg.model.source == "tiny" and "vocab_size" not in cfg.model.tiny:
-        # a tiny model's vocabulary is the embedded tokenizer's (models.loading.load_model), SmolLM2's 49152
-        from transformers import AutoConfig
-
-        from llm_streamline.preflight import EMBEDDED_HUB_ID, packaged_config_dir
-
-        config.vocab_size = AutoConfig.from_pretrained(str(packaged_config_dir(EMBEDDED_HUB_ID))).vocab_size
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, dtype=_dtype(cfg),
-                                                trust_remote_code=cfg.model.trust_remote_code)
 
 
 # ------------------------------------------------------------------------------------------------ hardware
@@ -365,7 +347,6 @@ def stage_profile(c: _Ctx) -> Stage:
     st = Stage("importance", flops=tokens * s.layers_flops(0, L, c.seq), bytes_moved=moved,
                device_gib=c.device(states), host_gib=c.host(states), note=f"{tokens:,} tokens x {L} layers")
     if c.cfg.sparsity.importance == "perplexity" and c.cfg.sparsity.start is None:
-        from llm_streamline.recipes.streamline import PPL_IMPORTANCE_BLOCKS
 
         ppl_tokens = min(PPL_IMPORTANCE_BLOCKS, d.calib_samples) * c.seq * (L - c.n + 1)
         st.flops += ppl_tokens * s.model_flops(c.seq, removed=c.n)
@@ -646,8 +627,6 @@ def problems(plan: Plan) -> list[str]:
 def check(cfg: RunConfig, out_dir: Path | None = None) -> Plan | None:
     """At the start of every run: the plan, and a one-line refusal (ConfigError) when it does not fit, unless
     plan.enforce=false. None when the model's config is not at hand yet (the embedded model before its conversion)."""
-    from llm_streamline.preflight import model_config
-
     if model_config(cfg.model) is None:
         return None
     plan = make_plan(cfg, out_dir)
@@ -712,22 +691,6 @@ def table(plan: Plan) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ entry point
-def compose(overrides: list[str]) -> RunConfig:
-    """The run's config as `llm-streamline` composes it, without Hydra's run directory or logging."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir, initialize_config_module
-
-    from llm_streamline.cli import CONF_DIR, to_run_config
-    from llm_streamline.config import validate
-
-    init = (initialize_config_module(config_module="llm_streamline.conf", version_base="1.3")
-            if CONF_DIR.startswith("pkg://") else initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"))
-    with init:
-        cfg = to_run_config(hydra_compose(config_name="config", overrides=overrides))
-    validate(cfg)
-    return cfg
-
-
 def main(argv: list[str] | None = None) -> None:
     """`llm-streamline-plan [overrides]`: print the plan of the run those overrides compose; exit 2 when it does
     not fit and plan.enforce is on (the default)."""

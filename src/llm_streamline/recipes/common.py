@@ -25,7 +25,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from llm_streamline import __version__, faults, plan, preflight, record, report, stages
-from llm_streamline.config import ConfigError, ReplacementConfig, RunConfig, heal_train_config
+from llm_streamline.config import ReplacementConfig, RunConfig, heal_train_config
 from llm_streamline.data import SPLIT_LAYOUT, TokenBlocks, load_blocks, perplexity_text
 from llm_streamline.evaluate.harness import run_lm_eval, save_samples_jsonl, write_lm_eval_files
 from llm_streamline.evaluate.perplexity import perplexity
@@ -154,43 +154,6 @@ def _folder_digest(folder: Path) -> str:
 
 
 # ------------------------------------------------------------------------------------- how much to remove
-def resolve_block_size(cfg: RunConfig, model, stack) -> int:
-    """n from `sparsity.layers` (plus the replacement's size in layers, rounded, with `sparsity.count=net`), or
-    the n whose net parameter reduction is closest to `sparsity.target`."""
-    L = stack.num_layers
-    s, r = cfg.sparsity, cfg.replacement
-    min_n = r.num_layers if r.type == "layers" else 1
-    layer_params = count_params(stack.layers[0])
-    extra = replacement_param_count(r, model)
-    if s.layers is not None:
-        n = s.layers + (int(extra / layer_params + 0.5) if s.count == "net" else 0)
-        if n >= L:
-            raise ValueError(f"sparsity.layers={s.layers} ({n} removed): the model has only {L} layers")
-        if n < min_n:
-            raise ValueError(f"sparsity.layers={s.layers} is less than replacement.num_layers={min_n}")
-        if n * layer_params - extra <= 0:
-            raise ConfigError(f"sparsity.layers={s.layers}: {n} layer(s) replaced by replacement={r.type} "
-                              f"({extra:,} parameters) remove {n * layer_params - extra:,} parameters net; remove "
-                              "more layers or use a smaller replacement")
-        return n
-    denom = count_params(model) if s.basis == "all" else L * layer_params
-    best = min(range(min_n, L), key=lambda n: abs((n * layer_params - extra) / denom - s.target))
-    log.info("sparsity.target=%.3f (%s params) -> n=%d layers (net %.4f)", s.target, s.basis, best,
-             (best * layer_params - extra) / denom)
-    if best * layer_params - extra <= 0:  # e.g. one layer replaced by one trained layer: nothing removed net
-        raise ConfigError(f"sparsity.target={s.target}: the closest block, {best} layer(s) replaced by "
-                          f"replacement={r.type} ({extra:,} parameters), removes {best * layer_params - extra:,} "
-                          "parameters net; raise sparsity.target or use a smaller replacement")
-    return best
-
-
-def check_start(cfg: RunConfig, n: int, num_layers: int) -> None:
-    """`sparsity.start`, if given, must start a block of n layers inside the model."""
-    start = cfg.sparsity.start
-    if start is not None and not 0 <= start <= num_layers - n:
-        raise ConfigError(f"sparsity.start={start}: a block of {n} layers must start in [0, {num_layers - n}]")
-
-
 def equal_size_target(replacement: ReplacementConfig, n: int, model) -> dict:
     """The net parameter count removed by the LLM-Streamline row that removes n layers and puts `replacement` in
     their place; rows compared at equal size should differ from it by less than one layer's MLP (`mlp_params`)."""

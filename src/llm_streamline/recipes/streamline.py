@@ -26,10 +26,11 @@ from safetensors.torch import load_file, save_file
 
 from llm_streamline import linear_map, stages
 from llm_streamline.config import RunConfig, training_identity
-from llm_streamline.importance import SimilarityProfile, block_perplexities, choose_block
+from llm_streamline.importance import PPL_IMPORTANCE_BLOCKS, SimilarityProfile, block_perplexities, choose_block
 from llm_streamline.models.anatomy import anatomy_of
 from llm_streamline.models.checkpoints import save_checkpoint
 from llm_streamline.models.layers import find_decoder_stack, remove_block, run_layers, share_weights
+from llm_streamline.preflight import resolve_block_size
 from llm_streamline.recipes.common import (
     Compressed,
     Run,
@@ -43,7 +44,6 @@ from llm_streamline.recipes.common import (
     heal,
     load_data,
     load_dense_model,
-    resolve_block_size,
     results_record,
     save_model,
     save_weights_stage,
@@ -63,7 +63,6 @@ from llm_streamline.train import (
 )
 
 log = logging.getLogger("llm_streamline")
-PPL_IMPORTANCE_BLOCKS = 8  # calibration blocks per candidate for sparsity.importance=perplexity (as SLEB's 8)
 
 
 def run(cfg: RunConfig, out_dir: Path) -> dict:
