@@ -1,5 +1,5 @@
-"""train.loss=lm data-parallel: two CPU processes (torchrun, gloo) choose the same block and end with
-identical replacement weights."""
+"""Data parallel under torchrun (two CPU processes, gloo): SLEB's search shared by the ranks chooses what one
+process chooses; LM-loss, MSE (online teacher pairs) and LoRA training end with identical weights on every rank."""
 
 from __future__ import annotations
 
@@ -7,25 +7,103 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
+HERE = Path(__file__).parent
 
-def test_two_process_lm_training_keeps_ranks_identical(tmp_path):
+
+def _torchrun(port: int, args: list[str], stages: Path | None = None) -> subprocess.CompletedProcess:
     pytest.importorskip("accelerate")
     env = dict(os.environ, WANDB_MODE="disabled", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-           "-m", "llm_streamline", "experiment=smoke", "train=lm", "train.batch_size=2", "train.max_steps=3",
-           "data.train_samples=16", f"hydra.run.dir={tmp_path}"]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    if stages is not None:  # its own stage cache: nothing another test computed is reused
+        env["LLM_STREAMLINE_STAGES"] = str(stages)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _identical(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys() and a
+    for k in a:
+        assert (a[k] == b[k]).all(), k
+
+
+def test_sleb_search_shared_by_two_ranks_matches_one_process(tmp_path):
+    """Each rank scores half of the calibration batches; the float64 sums over ranks give the one-process
+    perplexities (to 1e-12) and the same layers."""
+    res = _torchrun(29521, [str(HERE / "dp_sleb.py"), str(tmp_path)])
     assert res.returncode == 0, res.stderr[-3000:]
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    sys.path.insert(0, str(HERE))
+    import dp_sleb
+
+    one = dp_sleb.search()
+    assert r0["removed"] == r1["removed"] == one["removed"]
+    assert r0["scored"] == r1["scored"] == one["scored"] // 2 > 0  # the work was split, not repeated
+    for s0, s1, s in zip(r0["steps"], r1["steps"], one["steps"]):
+        assert s0 == s1  # the same reduced values on both ranks
+        for layer, ppl in s["candidates_ppl"].items():
+            assert s0["candidates_ppl"][layer] == pytest.approx(ppl, rel=1e-12)
+
+
+@pytest.mark.parametrize("train,port", [(["train=lm"], 29517), (["train.teacher=online"], 29519)],
+                         ids=["lm", "mse-online"])
+def test_two_process_training_keeps_ranks_identical(tmp_path, train, port):
+    """train.loss=lm, and the MSE with online teacher pairs (train=smoke's loss): each rank trains on its share
+    of every step's batches; the replacement is the same on both ranks and has moved."""
+    out = tmp_path / "run"
+    res = _torchrun(port, ["-m", "llm_streamline", "experiment=smoke", *train, "train.batch_size=2",
+                           "train.max_steps=3", "data.train_samples=16", f"hydra.run.dir={out}"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    r0, r1 = (json.loads((out / f"rank{r}_slot.json").read_text()) for r in (0, 1))
     assert (r0["start"], r0["n"]) == (r1["start"], r1["n"])
-    assert r0["train"]["steps"] == r1["train"]["steps"] == 3
-    w0, w1 = (load_file(str(tmp_path / f"rank{r}_slot.safetensors")) for r in (0, 1))
-    assert w0.keys() == w1.keys()
-    for k in w0:
-        assert (w0[k] == w1[k]).all(), k
-    # the trained weights moved away from their initial values on both ranks, identically
-    assert (tmp_path / "results.json").exists()
+    assert r0["train"] == r1["train"] and r0["train"]["steps"] == 3
+    assert r0["train"]["tokens"] == 3 * 2 * 2 * 32  # steps x batch x ranks x seq_len
+    if "train.teacher=online" in train:
+        assert r0["train"]["teacher"]["mode"] == "online"
+    _identical(*(load_file(str(out / f"rank{r}_slot.safetensors")) for r in (0, 1)))
+    assert (out / "results.json").exists()
+
+
+def test_two_process_sleb_with_lora_healing_keeps_ranks_identical(tmp_path):
+    """method=sleb method.heal=lora: the ranks share SLEB's search and the LoRA healing; both remove the same
+    layers and end with the same adapters; the main rank evaluates and records."""
+    out = tmp_path / "run"
+    res = _torchrun(29523, ["-m", "llm_streamline", "experiment=smoke", "method=sleb", "method.heal=lora",
+                            "train.batch_size=2", "train.max_steps=2", "data.train_samples=8",
+                            f"hydra.run.dir={out}"], stages=tmp_path / "stages")
+    assert res.returncode == 0, res.stderr[-3000:]
+    c0, c1 = (json.loads((out / f"rank{r}_choice.json").read_text()) for r in (0, 1))
+    assert c0 == c1 and len(c0["removed"]) == 2
+    a0, a1 = (json.loads((out / f"rank{r}_adapters.json").read_text()) for r in (0, 1))
+    a0["train"].pop("seconds"), a1["train"].pop("seconds")  # wall time: the one thing the ranks may differ in
+    assert a0 == a1 and a0["train"]["steps"] == 2 and a0["train"]["processes"] == 2
+    _identical(*(load_file(str(out / f"rank{r}_adapters.safetensors")) for r in (0, 1)))
+    rec = json.loads((out / "results.json").read_text())
+    assert rec["layers"]["removed_indices"] == sorted(c0["removed"])
+
+
+def test_what_several_processes_cannot_share_is_refused_in_one_line():
+    """Under torchrun, a run whose work would only be repeated on every rank is refused before the model loads."""
+    from dataclasses import replace
+
+    from llm_streamline.config import ConfigError, MethodConfig, ModelConfig, RunConfig, TrainConfig
+    from llm_streamline.recipes.common import check_data_parallel
+
+    base = RunConfig(model=ModelConfig(name="m"))
+    refused = {"train.teacher=cached": replace(base, train=TrainConfig(loss="mse", teacher="cached")),
+               "method=shortgpt": replace(base, method=MethodConfig(name="shortgpt")),
+               "model.device_map=auto": replace(base, model=ModelConfig(name="m", device_map="auto"),
+                                                train=TrainConfig(loss="lm"))}
+    for key, cfg in refused.items():
+        check_data_parallel(cfg, 1)  # one process: anything goes
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as e:
+            check_data_parallel(cfg, 2)
+        assert "\n" not in str(e.value)
+    for cfg in (replace(base, train=TrainConfig(loss="mse", teacher="auto")),
+                replace(base, train=TrainConfig(loss="lora"), method=MethodConfig(heal="lora")),
+                replace(base, method=MethodConfig(name="sleb")),
+                replace(base, method=MethodConfig(name="gromov", heal="lora"))):
+        check_data_parallel(cfg, 2)

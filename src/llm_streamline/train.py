@@ -175,12 +175,16 @@ def _existing(path: Path) -> Path:
     return path
 
 
-def teacher_mode(cfg: TrainConfig, need: int, free: int, present: bool = False) -> tuple[str, str]:
+def teacher_mode(cfg: TrainConfig, need: int, free: int, present: bool = False,
+                 data_parallel: bool = False) -> tuple[str, str]:
     """(online | cached, why) for pairs of `need` bytes with `free` bytes free, per `cfg.teacher` (the plan prices
-    a run with the same rule). auto: cached if they are on disk already (`present`), or fit the budget
-    (`teacher_disk_gb`, else half the free space) and are read more than once (epochs > 1); else online."""
+    a run with the same rule). auto: online under torchrun (`data_parallel`: each rank computes its own batches'
+    pairs; cached shards are one process's); else cached if they are on disk already (`present`), or fit the
+    budget (`teacher_disk_gb`, else half the free space) and are read more than once (epochs > 1); else online."""
     if cfg.teacher != "auto":
         return cfg.teacher, "asked"
+    if data_parallel:
+        return "online", "data-parallel: each process computes its own batches' pairs"
     if present:
         return "cached", "on disk already"
     if cfg.epochs <= 1:
@@ -192,13 +196,13 @@ def teacher_mode(cfg: TrainConfig, need: int, free: int, present: bool = False) 
     return "cached", f"within the disk budget ({named}), read {cfg.epochs} times"
 
 
-def choose_teacher(cfg: TrainConfig, need: int, directory: Path) -> TeacherChoice:
+def choose_teacher(cfg: TrainConfig, need: int, directory: Path, data_parallel: bool = False) -> TeacherChoice:
     """`teacher_mode` for cached shards in `directory` (train/ and val/ under it) on this machine's disk. Cached
     pairs that do not fit the free space are refused here, in one line, before anything is written
     (`train.teacher_space_check=false` overrides)."""
     free = shutil.disk_usage(_existing(directory)).free
     present = all((Path(directory) / split / "index.json").exists() for split in ("train", "val"))
-    mode, why = teacher_mode(cfg, need, free, present)
+    mode, why = teacher_mode(cfg, need, free, present, data_parallel)
     if mode == "cached" and not present and cfg.teacher_space_check and need > free:
         gib = 2**30
         raise TeacherSpaceError(
@@ -349,9 +353,11 @@ class _Bookkeeping:
 
 
 def fit(job: Job, cfg: TrainConfig, seed: int, evals_per_epoch: int = 4, on_step=None, desc: str | None = None,
-        progress: bool = True, all_reduce: Callable[[list[nn.Parameter]], None] | None = None) -> TrainLog:
+        progress: bool = True, all_reduce: Callable[[list[nn.Parameter]], None] | None = None,
+        mean_loss: Callable[[float], float] | None = None) -> TrainLog:
     """Train `job` with `cfg`'s optimizer, schedule and budget; returns the log. `seed` orders the batches
-    (the caller seeds torch before building what trains); `all_reduce` averages gradients over ranks."""
+    (the caller seeds torch before building what trains); `all_reduce` averages gradients over ranks and
+    `mean_loss` a step's loss (what is logged: every rank's batches)."""
     accum = cfg.grad_accum  # micro-batches per optimizer step; an epoch's leftover micro-batches are not used
     steps_per_epoch = job.steps_per_epoch // accum
     if steps_per_epoch < 1:
@@ -396,7 +402,8 @@ def fit(job: Job, cfg: TrainConfig, seed: int, evals_per_epoch: int = 4, on_step
             scaler.update()
             sched.step()
             step += 1
-            book.after_step(step, sum(losses) / len(losses), tokens, sched.get_last_lr()[0])
+            step_loss = sum(losses) / len(losses)
+            book.after_step(step, mean_loss(step_loss) if mean_loss else step_loss, tokens, sched.get_last_lr()[0])
     return book.finish(step, master)
 
 
@@ -426,9 +433,11 @@ def _needs_layer_kwargs(modules: list[nn.Module]) -> bool:
 
 def train_mse(model: PreTrainedModel, slot: list[nn.Module], start: int, blocks: torch.Tensor,
               train_shards: TeacherShards | OnlineTeacher, val_shards: TeacherShards | OnlineTeacher,
-              cfg: TrainConfig, seed: int, evals_per_epoch: int = 4, on_step=None) -> TrainLog:
+              cfg: TrainConfig, seed: int, evals_per_epoch: int = 4, on_step=None, accelerator=None) -> TrainLog:
     """Fit the slot modules to the teacher pairs (cached shards or an online teacher: the same batches). `model`
-    is the DENSE model (used to capture the call arguments of layer `start`, once per batch shape)."""
+    is the DENSE model (used to capture the call arguments of layer `start`, once per batch shape). With an
+    `accelerate.Accelerator` (torchrun, online pairs), each step's batches are sharded over the ranks, each rank
+    computing its own batches' pairs, and gradients all-reduced: every rank ends with the same weights."""
     torch.manual_seed(seed)
     need_kwargs = _needs_layer_kwargs(slot)
     stack = find_decoder_stack(model)
@@ -448,19 +457,30 @@ def train_mse(model: PreTrainedModel, slot: list[nn.Module], start: int, blocks:
             kwargs_by_shape[shape] = [to_device(cap.call_kwargs[i], device) for i in where]
         return kwargs_by_shape[shape]
 
-    def load(shards: TeacherShards, i: int) -> Batch:
+    world, rank = _ranks(accelerator)
+    steps_per_epoch = len(train_shards) // world
+    if steps_per_epoch < 1:
+        raise ValueError(f"train.loss=mse with {world} processes needs at least {world} training batches of "
+                         f"train.batch_size={cfg.batch_size}, got {len(train_shards)}")
+
+    def order(gen: torch.Generator) -> list[int]:
+        perm = torch.randperm(len(train_shards), generator=gen).tolist()  # same order on every rank (same seed)
+        return [perm[s * world + rank] for s in range(steps_per_epoch)]
+
+    def load(shards: TeacherShards, i: int, ranks: int = 1) -> Batch:
         x, y, rows = shards.load(i)
-        return Batch((x.to(device), y.to(device)), x.shape[0], x.shape[0] * x.shape[1], rows)
+        return Batch((x.to(device), y.to(device)), x.shape[0], x.shape[0] * x.shape[1] * ranks, rows)
 
     def loss(b: Batch) -> torch.Tensor:
         x, y = b.inputs
         return _mse(_slot_call(slot, x, layer_kwargs(b.index)), y, cfg.first_token, cfg.mse_target)
 
     job = Job("mse", "the replacement", slot, [p for m in slot for p in m.parameters() if p.requires_grad],
-              len(train_shards), lambda gen: torch.randperm(len(train_shards), generator=gen).tolist(),
-              lambda i: load(train_shards, i), lambda: (load(val_shards, i) for i in range(len(val_shards))),
+              steps_per_epoch, order, lambda i: load(train_shards, i, world),
+              lambda: (load(val_shards, i) for i in range(len(val_shards))),
               loss, evaluated=slot, compute_dtype=compute_dtype(model))
-    return fit(job, cfg, seed, evals_per_epoch, on_step, desc=f"train {type(slot[0]).__name__} (mse)")
+    return fit(job, cfg, seed, evals_per_epoch, on_step, desc=f"train {type(slot[0]).__name__} (mse)",
+               **_data_parallel(accelerator))
 
 
 # ------------------------------------------------------------------------------------------------ lm, distill
@@ -471,8 +491,7 @@ def _block_job(stage: str, trains: str, modules: list[nn.Module], params: list[n
     the same loss). With an `accelerate.Accelerator`, each step's blocks are sharded over processes (the same
     seeded order on every rank)."""
     bs = cfg.batch_size
-    world = accelerator.num_processes if accelerator else 1
-    rank = accelerator.process_index if accelerator else 0
+    world, rank = _ranks(accelerator)
     steps_per_epoch = train_blocks.shape[0] // (bs * world)
     if steps_per_epoch < 1:
         raise ValueError(f"train.loss={cfg.loss} needs at least {bs * world} training blocks, "
@@ -527,6 +546,11 @@ def activation_checkpointing(model: PreTrainedModel, on: bool | None):
         model.disable_input_require_grads()
 
 
+def _ranks(accelerator) -> tuple[int, int]:
+    """(processes, this process's index) of a data-parallel job; (1, 0) without an accelerator."""
+    return (accelerator.num_processes, accelerator.process_index) if accelerator is not None else (1, 0)
+
+
 def _all_reduce_mean(world: int):
     def all_reduce(params: list[nn.Parameter]) -> None:
         for p in params:  # the mean gradient: identical updates on every rank
@@ -534,6 +558,21 @@ def _all_reduce_mean(world: int):
                 torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.SUM)
                 p.grad /= world
     return all_reduce
+
+
+def _data_parallel(accelerator) -> dict:
+    """`fit`'s arguments for a data-parallel job: a progress bar on the first rank only, gradients averaged
+    over the ranks after each step's backward passes (the same update everywhere, as DDP's all-reduce; done
+    here, in the one loop every loss shares, rather than by wrapping each trained module in DDP), and the
+    logged loss averaged over the ranks' batches (the same log everywhere)."""
+    world, rank = _ranks(accelerator)
+    if world == 1:
+        return {"progress": True, "all_reduce": None, "mean_loss": None}
+
+    def mean_loss(x: float) -> float:
+        return accelerator.reduce(torch.tensor([x], dtype=torch.float64, device=accelerator.device)).item() / world
+
+    return {"progress": rank == 0, "all_reduce": _all_reduce_mean(world), "mean_loss": mean_loss}
 
 
 def _train_through_tail(pruned: PreTrainedModel, slot: list[nn.Module], train_blocks: torch.Tensor,
@@ -552,11 +591,9 @@ def _train_through_tail(pruned: PreTrainedModel, slot: list[nn.Module], train_bl
     job = _block_job(stage, "the replacement", slot, params, pruned, train_blocks, val_blocks, cfg, batch_loss,
                      accelerator)
     job.compute_dtype = compute_dtype(pruned)  # the frozen model's dtype (the slot may already be fp32)
-    world = accelerator.num_processes if accelerator else 1
     with activation_checkpointing(pruned, cfg.grad_checkpointing):
         return fit(job, cfg, seed, evals_per_epoch, on_step, desc=f"train slot ({stage})",
-                   progress=not (accelerator and accelerator.process_index != 0),
-                   all_reduce=_all_reduce_mean(world) if world > 1 else None)
+                   **_data_parallel(accelerator))
 
 
 def train_lm(pruned: PreTrainedModel, slot: list[nn.Module], train_blocks: torch.Tensor, val_blocks: torch.Tensor,
@@ -633,13 +670,16 @@ def _adapters(peft_model: nn.Module) -> dict[str, torch.Tensor]:
 
 def train_lora(model: PreTrainedModel, train_blocks: torch.Tensor, val_blocks: torch.Tensor, cfg: TrainConfig,
                rank: int, alpha: int, seed: int, progress: bool = True, on_step=None,
-               cached: tuple[dict, dict] | None = None, on_trained=None) -> tuple[PreTrainedModel, dict]:
+               cached: tuple[dict, dict] | None = None, on_trained=None,
+               accelerator=None) -> tuple[PreTrainedModel, dict]:
     """LoRA healing of `model` with `cfg`'s budget (validated once per epoch). Returns (the merged plain model,
     the log). The input object is modified (peft injects adapters in place and merge_and_unload gives back the
     same base model object).
 
     cached: (adapter weights, log) of an earlier identical run: loaded and merged, no training.
-    on_trained(adapter weights, log): called after training (the pipeline keeps them in its stage cache)."""
+    on_trained(adapter weights, log): called after training (the pipeline keeps them in its stage cache).
+    accelerator: an `accelerate.Accelerator` under torchrun: batches sharded over the ranks, the adapters'
+    gradients all-reduced, so every rank ends with the same adapters."""
     from peft import LoraConfig, get_peft_model
 
     t0 = time.perf_counter()
@@ -658,15 +698,20 @@ def train_lora(model: PreTrainedModel, train_blocks: torch.Tensor, val_blocks: t
         return _merge(peft_model, cls), log
     params = [p for p in peft_model.parameters() if p.requires_grad]
     job = _block_job("lora", "the LoRA adapters", [peft_model], params, peft_model, train_blocks, val_blocks, cfg,
-                     lambda ids: lm_loss(peft_model, ids))  # the head in chunks of positions, recomputed in backward
+                     lambda ids: lm_loss(peft_model, ids),  # the head in chunks of positions, recomputed in backward
+                     accelerator)
     job.keep, job.restore = (lambda: _adapters(peft_model)), (lambda s: peft_model.load_state_dict(s, strict=False))
     job.compute_dtype = run_dtype
     with activation_checkpointing(model, cfg.grad_checkpointing):  # `model` is the base inside peft_model
-        tl = fit(job, cfg, seed, evals_per_epoch=1, on_step=on_step, desc="lora heal", progress=progress)
+        dp = _data_parallel(accelerator)
+        tl = fit(job, cfg, seed, evals_per_epoch=1, on_step=on_step, desc="lora heal",
+                 **{**dp, "progress": progress and dp["progress"]})
     final = tl.val_loss[-1][1] if tl.val_loss else tl.initial_val_loss
     log = {"method": "lora", "rank": rank, "alpha": alpha, "lr": cfg.lr, "epochs": cfg.epochs,
            "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
-           "effective_batch_size": cfg.batch_size * cfg.grad_accum, "targets": len(targets), **tl.as_dict(),
+           "processes": _ranks(accelerator)[0],
+           "effective_batch_size": cfg.batch_size * cfg.grad_accum * _ranks(accelerator)[0], "targets": len(targets),
+           **tl.as_dict(),
            "final_val_loss": final,
            "seconds": round(time.perf_counter() - t0, 3),
            "val_ppl": {"initial": math.exp(tl.initial_val_loss), "best": math.exp(tl.best_val_loss)}}

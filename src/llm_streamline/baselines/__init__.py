@@ -32,16 +32,17 @@ class BaselineResult:
 
 
 def apply_method(cfg: RunConfig, model: PreTrainedModel, calib: torch.Tensor, profile: SimilarityProfile, n: int,
-                 chosen: dict | None = None, target_removed: int | None = None) -> BaselineResult:
+                 chosen: dict | None = None, target_removed: int | None = None, accelerator=None) -> BaselineResult:
     """Compress `model` by `method.name` (healing, `method.heal`, is the recipe's next step).
     chosen: the record of an earlier identical layer-removal run (SLEB's search is long): its layers are removed
     without searching again. target_removed: the net parameter count to remove (default: n layers); width
-    pruning (llm_pruner) matches it, layer removal removes n whole layers (the record shows the difference)."""
+    pruning (llm_pruner) matches it, layer removal removes n whole layers (the record shows the difference).
+    accelerator: an `accelerate.Accelerator` under torchrun: SLEB's search is shared by the ranks."""
     name = cfg.method.name
     if name in ("shortgpt", "gromov", "sleb"):
         from llm_streamline.baselines import layer_removal
 
-        result = layer_removal.apply(name, model, calib, profile, n, cfg, chosen=chosen)
+        result = layer_removal.apply(name, model, calib, profile, n, cfg, chosen=chosen, accelerator=accelerator)
     elif name == "laco":
         from llm_streamline.baselines import laco
 

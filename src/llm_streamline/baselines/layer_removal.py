@@ -81,17 +81,27 @@ def _candidate_loss_sums(model: PreTrainedModel, ids: torch.Tensor, candidates: 
 
 
 def sleb_candidate_losses(model: PreTrainedModel, ids: torch.Tensor, candidates: list[int] | None = None,
-                          batch_size: int | None = None) -> list[float]:
+                          batch_size: int | None = None, accelerator=None) -> list[float]:
     """Mean LM loss (nats/token) over `ids` of the model without layer i, for each candidate i (default: every
-    current layer), `batch_size` samples at a time."""
+    current layer), `batch_size` samples at a time. With an `accelerate.Accelerator` (torchrun), batch k is scored
+    by rank k mod world only and the float64 sums of NLL and tokens are summed over ranks (`accelerator.reduce`):
+    every rank gets the same losses, equal to one process's up to the order of the float64 additions."""
     L = find_decoder_stack(model).num_layers
     candidates = list(range(L)) if candidates is None else list(candidates)
     step = batch_size or ids.shape[0]
+    world = accelerator.num_processes if accelerator is not None else 1
+    rank = accelerator.process_index if accelerator is not None else 0
     sums, tokens = [0.0] * len(candidates), 0
-    for b in range(0, ids.shape[0], step):
+    for k, b in enumerate(range(0, ids.shape[0], step)):
+        if k % world != rank:
+            continue
         part, t = _candidate_loss_sums(model, ids[b:b + step], candidates)
         sums = [a + p for a, p in zip(sums, part)]
         tokens += t
+    if world > 1:  # on the rank's own card: NCCL reduces CUDA tensors only
+        total = accelerator.reduce(torch.tensor([*sums, tokens], dtype=torch.float64, device=accelerator.device),
+                                   "sum").cpu()
+        sums, tokens = total[:-1].tolist(), total[-1].item()
     return [v / tokens for v in sums]
 
 
@@ -111,10 +121,11 @@ def sleb_tokens(calib: torch.Tensor, samples: int | None, seq_len: int | None) -
 
 def sleb(model: PreTrainedModel, calib: torch.Tensor, n: int, blocks: int | None = SLEB_BLOCKS,
          progress: bool = True, seq_len: int | None = None, batch_size: int | None = None,
-         barriers: tuple[int, int] = SLEB_BARRIERS) -> tuple[list[int], list[dict]]:
+         barriers: tuple[int, int] = SLEB_BARRIERS, accelerator=None) -> tuple[list[int], list[dict]]:
     """Greedy SLEB in place; returns the removed ORIGINAL indices (in removal order) and per-step records.
     The first barriers[0] and last barriers[1] current layers are never candidates (sleb.py's early_barrier /
-    latter_barrier, both 1 by default)."""
+    latter_barrier, both 1 by default). With an `accelerate.Accelerator` (torchrun) the calibration windows are
+    scored data-parallel (`sleb_candidate_losses`): every rank removes the same layers."""
     ids = sleb_tokens(calib, blocks, seq_len).to(input_device(model))
     was_training = model.training
     model.eval()
@@ -126,7 +137,7 @@ def sleb(model: PreTrainedModel, calib: torch.Tensor, n: int, blocks: int | None
     bar = tqdm(range(n), desc="sleb", unit="layer", disable=not progress)
     for step in bar:
         candidates = list(range(barriers[0], len(alive) - barriers[1]))
-        losses = sleb_candidate_losses(model, ids, candidates, batch_size)
+        losses = sleb_candidate_losses(model, ids, candidates, batch_size, accelerator)
         k = min(range(len(losses)), key=lambda i: losses[i])
         j = candidates[k]
         steps.append({"step": step, "layer": alive[j], "ppl": math.exp(losses[k]),
@@ -140,8 +151,9 @@ def sleb(model: PreTrainedModel, calib: torch.Tensor, n: int, blocks: int | None
 
 # ------------------------------------------------------------------------------------------------ entry point
 def apply(name: str, model: PreTrainedModel, calib: torch.Tensor, profile: SimilarityProfile, n: int,
-          cfg: RunConfig, chosen: dict | None = None):
-    """chosen: the record of an earlier identical run (its `removed` layers): removed again, no search."""
+          cfg: RunConfig, chosen: dict | None = None, accelerator=None):
+    """chosen: the record of an earlier identical run (its `removed` layers): removed again, no search.
+    accelerator: SLEB's search shared by data-parallel ranks (the other methods ignore it)."""
     from llm_streamline.baselines import BaselineResult
 
     L = find_decoder_stack(model).num_layers
@@ -163,8 +175,9 @@ def apply(name: str, model: PreTrainedModel, calib: torch.Tensor, profile: Simil
                   "removed": removed}
     elif name == "sleb":
         mc = cfg.method
+        main = accelerator is None or accelerator.is_main_process
         order, steps = sleb(model, calib, n, blocks=mc.sleb_samples, seq_len=mc.sleb_seq_len,
-                            batch_size=cfg.train.batch_size)
+                            batch_size=cfg.train.batch_size, progress=main, accelerator=accelerator)
         removed = sorted(order)
         ids = sleb_tokens(calib, mc.sleb_samples, mc.sleb_seq_len)
         record = {"removal_order": order, "steps": steps, "calib_samples": int(ids.shape[0]),

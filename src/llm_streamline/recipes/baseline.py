@@ -17,7 +17,7 @@ import torch
 
 from llm_streamline import linear_map, stages
 from llm_streamline.baselines import BaselineResult, apply_method
-from llm_streamline.config import MethodConfig, ReplacementConfig, RunConfig, training_identity
+from llm_streamline.config import MethodConfig, ReplacementConfig, RunConfig
 from llm_streamline.importance import SimilarityProfile
 from llm_streamline.models.checkpoints import save_checkpoint
 from llm_streamline.models.layers import share_weights
@@ -33,12 +33,14 @@ from llm_streamline.recipes.common import (
     evaluate_dense,
     finish,
     heal,
+    leave_rank_record,
     load_data,
     load_dense_model,
     results_record,
     save_model,
     similarity,
     start_run,
+    train_identity,
     write_records,
 )
 
@@ -71,6 +73,8 @@ def run(cfg: RunConfig, out_dir: Path) -> dict:
         if cfg.method.heal == "lora":
             compressed.model, compressed.train_log = heal(ctx, compressed.model,
                                                           stages.stage_key("lora", baseline=compressed.key))
+        if not ctx.is_main:  # a data-parallel rank: its share of SLEB's search and of the healing is done
+            return {"rank": ctx.accelerator.process_index, "removed": compressed.removed}
         compressed.model.eval()
         ev = evaluate_compressed(ctx, dense, compressed)
 
@@ -97,19 +101,25 @@ def compress(ctx: Run, profile: SimilarityProfile, n: int, target_removed: int) 
     """The baseline method on a second model over the dense one's weights (`share_weights`: one copy of the
     weights; a baseline replaces what it changes and never writes into a shared tensor, see `baselines`)."""
     cfg = ctx.cfg
-    healing = training_identity(cfg.train) if cfg.method.heal == "lora" else None  # healing uses train.*
+    healing = train_identity(cfg.train) if cfg.method.heal == "lora" else None  # healing uses train.*
     key = stages.stage_key("baseline", model=ctx.model_id, data=ctx.data_key, method=method_key(cfg.method),
                            sparsity=asdict(cfg.sparsity), n=n, seed=cfg.seed, train=healing)
     # which layers a layer-removal baseline drops (SLEB: a long greedy search) does not depend on healing
     choice_key = stages.stage_key("choice", model=ctx.model_id, data=ctx.data_key, n=n, seed=cfg.seed,
                                   method=cfg.method.name)
     choice_path = stages.stage_dir(choice_key).with_suffix(".json")
-    chosen = stages.read_sealed_json(choice_path, choice_key) if cfg.method.name in LAYER_CHOOSERS else None
+    chooser = cfg.method.name in LAYER_CHOOSERS
+    chosen = stages.read_sealed_json(choice_path, choice_key) if chooser and ctx.is_main else None
+    if ctx.accelerator is not None:  # the main rank's look decides for all: search together, or remove its layers
+        from accelerate.utils import broadcast_object_list
+
+        chosen = broadcast_object_list([chosen])[0]
     torch.manual_seed(cfg.seed)
     bres = apply_method(cfg, share_weights(ctx.model), ctx.blocks.calib, profile, n, chosen=chosen,
-                        target_removed=target_removed)
-    if cfg.method.name in LAYER_CHOOSERS and chosen is None:
+                        target_removed=target_removed, accelerator=ctx.accelerator)
+    if chooser and chosen is None and ctx.is_main:
         stages.write_sealed_json(choice_path, choice_key, bres.record)
+    leave_rank_record(ctx, "choice", {"removed": bres.removed_layers, "record": bres.record})
     log.info("%s: removed layers %s %s", cfg.method.name, bres.removed_layers, bres.record)
     removed = bres.removed_layers
     start = min(removed) if removed else 0

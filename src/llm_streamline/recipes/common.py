@@ -25,7 +25,14 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from llm_streamline import __version__, faults, plan, preflight, record, report, stages
-from llm_streamline.config import ReplacementConfig, RunConfig, heal_train_config
+from llm_streamline.config import (
+    ConfigError,
+    ReplacementConfig,
+    RunConfig,
+    TrainConfig,
+    heal_train_config,
+    training_identity,
+)
 from llm_streamline.data import SPLIT_LAYOUT, TokenBlocks, load_blocks, perplexity_text
 from llm_streamline.evaluate.harness import run_lm_eval, save_samples_jsonl, write_lm_eval_files
 from llm_streamline.evaluate.perplexity import perplexity
@@ -219,21 +226,77 @@ def start_run(cfg: RunConfig, out_dir: Path) -> Run:
                eval_identity(cfg))
 
 
+# How long a data-parallel rank may wait in a collective: the other ranks wait there while the main one
+# evaluates the dense model alone (an hour or more with a large suite on a big model); torch's default is 30 min.
+DATA_PARALLEL_TIMEOUT_S = 6 * 3600
+
+
+def world_size() -> int:
+    """Processes of a data-parallel job (torchrun sets WORLD_SIZE); 1 when launched alone."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def check_data_parallel(cfg: RunConfig, world: int) -> None:
+    """Several processes share only the work that is data-parallel: SLEB's search (calibration windows sharded),
+    LoRA healing, and training a replacement with the LM, distillation or MSE loss (batches sharded, gradients
+    all-reduced). Anything else would run the same thing on every rank: refused in one line."""
+    if world <= 1:
+        return
+    if cfg.model.device_map:
+        raise ConfigError(f"model.device_map={cfg.model.device_map} with {world} processes: under torchrun each "
+                          "process holds a whole copy of the model on its own card (model.device=cuda); "
+                          "device_map runs in one process")
+    t, m = cfg.train, cfg.method
+    if m.name == "streamline":
+        if t.loss == "mse" and t.teacher == "cached":
+            raise ConfigError(f"train.teacher=cached with {world} processes: the cached shards are written by one "
+                              "process; use train.teacher=online (each rank computes its own batches' pairs)")
+    elif m.name != "sleb" and m.heal != "lora":
+        raise ConfigError(f"method={m.name} with {world} processes: several processes share only SLEB's search, "
+                          "LoRA healing and replacement training; run it in one process")
+
+
+def train_identity(t: TrainConfig) -> dict:
+    """The training options in a stage key (`config.training_identity`) and, under torchrun, the number of
+    processes: their batches add up to one step (batch_size x grad_accum x processes), so a data-parallel run
+    trains other weights than one process does. Left out at 1: entries cached before it existed stay valid."""
+    key = training_identity(t)
+    if world_size() > 1:
+        key["processes"] = world_size()
+    return key
+
+
+def leave_rank_record(ctx: "Run", name: str, record: dict, weights: dict | None = None) -> None:
+    """Under torchrun, every rank leaves what it trained or chose in the run directory (`rank<r>.json`,
+    `rank<r>_<name>.json` and `.safetensors`): the data-parallel tests check that the ranks agree."""
+    if ctx.accelerator is None:
+        return
+    rank = ctx.accelerator.process_index
+    if weights is not None:
+        save_file(weights, str(ctx.out_dir / f"rank{rank}_{name}.safetensors"))
+    stages.write_json_atomic(ctx.out_dir / f"rank{rank}_{name}.json", record)
+
+
 def _accelerator(cfg: RunConfig):
     """An accelerate.Accelerator when launched with several processes (torchrun / accelerate launch)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    world = world_size()
+    if world <= 1:
         return None
-    if cfg.train.loss not in ("lm", "distill"):
-        raise ValueError("several processes train only with train.loss=lm or distill (MSE teacher pairs run in one "
-                         "process)")
-    from accelerate import Accelerator
+    check_data_parallel(cfg, world)
+    from datetime import timedelta
 
-    return Accelerator(cpu=cfg.model.device == "cpu")
+    from accelerate import Accelerator, InitProcessGroupKwargs
+
+    return Accelerator(cpu=cfg.model.device == "cpu",
+                       kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=DATA_PARALLEL_TIMEOUT_S))])
 
 
 def load_dense_model(ctx: Run) -> None:
     """Inside the recipe's `load_model` stage."""
-    ctx.model, ctx.tok = load_model(ctx.cfg.model, seed=ctx.cfg.seed)
+    mcfg = ctx.cfg.model
+    if ctx.accelerator is not None and mcfg.device != "cpu":  # each data-parallel rank on its own card
+        mcfg = replace(mcfg, device=str(ctx.accelerator.device))
+    ctx.model, ctx.tok = load_model(mcfg, seed=ctx.cfg.seed)
     ctx.stack = find_decoder_stack(ctx.model)
     ctx.dense_params = count_params(ctx.model)
 
@@ -427,20 +490,30 @@ def save_weights_stage(ckpt: Path, weights_file: str, weights: dict, train_log: 
 
 def heal(ctx: Run, model: PreTrainedModel, key: str) -> tuple[PreTrainedModel, dict]:
     """LoRA on a compressed model, merged back (the options: `config.heal_train_config`); the adapters are
-    kept in the stage cache under `key`, so a rerun applies them without training."""
+    kept in the stage cache under `key`, so a rerun applies them without training. Under torchrun the ranks
+    train the adapters together (`train_lora`); a rank other than the main one gets (model, None) back when the
+    adapters were cached (there is nothing for it to do)."""
     cfg = ctx.cfg
     ckpt = stages.stage_dir(key)
     cached = None
-    if stages.sealed(ckpt, key):
+    if ctx.is_main and stages.sealed(ckpt, key):
         cached = (load_file(str(ckpt / "adapters.safetensors")), stages.read_json(ckpt / "train_log.json"))
         log.info("LoRA adapters reused from %s", ckpt)
+    if ctx.accelerator is not None:  # the main rank's look decides for all: train together, or it merges alone
+        from accelerate.utils import broadcast_object_list
+
+        if broadcast_object_list([cached is not None])[0] and not ctx.is_main:
+            return model, None
 
     def on_trained(adapters, train_log):
-        save_weights_stage(ckpt, "adapters.safetensors", adapters, train_log)
+        leave_rank_record(ctx, "adapters", {"train": train_log}, adapters)
+        if ctx.is_main:
+            save_weights_stage(ckpt, "adapters.safetensors", adapters, train_log)
 
     with ctx.timings.stage("train") if cached is None else contextlib.nullcontext():
         return train_lora(model, ctx.blocks.train, ctx.blocks.val, heal_train_config(cfg), cfg.method.lora_rank,
-                          cfg.method.lora_alpha, cfg.seed, cached=cached, on_trained=on_trained)
+                          cfg.method.lora_alpha, cfg.seed, cached=cached, on_trained=on_trained,
+                          progress=ctx.is_main, accelerator=ctx.accelerator)
 
 
 # ------------------------------------------------------------------------------------- save and record

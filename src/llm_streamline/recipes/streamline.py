@@ -22,10 +22,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from llm_streamline import linear_map, stages
-from llm_streamline.config import RunConfig, training_identity
+from llm_streamline.config import RunConfig
 from llm_streamline.importance import PPL_IMPORTANCE_BLOCKS, SimilarityProfile, block_perplexities, choose_block
 from llm_streamline.models.anatomy import anatomy_of
 from llm_streamline.models.checkpoints import save_checkpoint
@@ -42,6 +42,7 @@ from llm_streamline.recipes.common import (
     evaluate_dense,
     finish,
     heal,
+    leave_rank_record,
     load_data,
     load_dense_model,
     results_record,
@@ -49,6 +50,7 @@ from llm_streamline.recipes.common import (
     save_weights_stage,
     similarity,
     start_run,
+    train_identity,
     write_records,
 )
 from llm_streamline.replace import build_replacement, needs_anatomy, slot_checkpoint
@@ -142,7 +144,7 @@ def replace_block(ctx: Run, start: int, n: int) -> Compressed | None:
                              probe.output_is_tuple, anatomy)
     train_log, block = None, None  # `block` is set once the block is out of `pruned`
     train_key = stages.stage_key("train", model=ctx.model_id, data=ctx.data_key, start=start, n=n,
-                                 replacement=asdict(cfg.replacement), train=training_identity(cfg.train),
+                                 replacement=asdict(cfg.replacement), train=train_identity(cfg.train),
                                  seed=cfg.seed)
     trained_before = trains_after_fit(cfg.replacement) and stages.sealed(stages.stage_dir(train_key), train_key,
                                                                              move_aside=False)
@@ -164,6 +166,8 @@ def replace_block(ctx: Run, start: int, n: int) -> Compressed | None:
     if cfg.method.heal == "lora":  # train=lora: plain pruning healed with LoRA (the paper's comparison)
         block = remove_block(pruned, start, n, [])
         pruned, train_log = heal(ctx, pruned, stages.stage_key("lora", train=train_key))
+        if not ctx.is_main:  # a data-parallel rank: its share of the healing is done
+            return None
     if block is None:
         block = remove_block(pruned, start, n, slot)
     return Compressed(pruned, train_key, start, list(range(start, start + n)), block.as_dict(), slot, train_log)
@@ -226,7 +230,8 @@ def load_or_train(ctx: Run, slot: list, train_key: str, pruned, start: int, n: i
             rows = blocks.train.shape[0] + blocks.val.shape[0]
             # online or cached (train.teacher), decided before anything is written; cached pairs that do not
             # fit the free disk are refused here in one line
-            teacher = choose_teacher(cfg.train, teacher_bytes(dense_model, rows, blocks.train.shape[1]), tdir)
+            teacher = choose_teacher(cfg.train, teacher_bytes(dense_model, rows, blocks.train.shape[1]), tdir,
+                                     data_parallel=ctx.accelerator is not None)
             log.info("teacher pairs: %s (%s; %.2f GB on disk if cached, %.1f GB free)", teacher.mode, teacher.why,
                      teacher.bytes / 1e9, teacher.free / 1e9)
             bs = cfg.train.batch_size
@@ -241,7 +246,7 @@ def load_or_train(ctx: Run, slot: list, train_key: str, pruned, start: int, n: i
                                                   "teacher pairs (val)")
         with timings.stage("train"):
             tl = train_mse(dense_model, slot, start, blocks.train, train_sh, val_sh, cfg.train, cfg.seed,
-                           on_step=on_step)
+                           on_step=on_step, accelerator=ctx.accelerator)
     elif cfg.train.loss == "distill":  # the dense model is the teacher, batch by batch
         with timings.stage("train"):
             block = remove_block(pruned, start, n, slot)
@@ -256,12 +261,8 @@ def load_or_train(ctx: Run, slot: list, train_key: str, pruned, start: int, n: i
     if cfg.train.loss == "mse":
         train_log["teacher"] = teacher.as_dict()
     weights = {f"{j}.{k}": v.detach().contiguous().cpu() for j, m in enumerate(slot) for k, v in m.state_dict().items()}
-    if ctx.accelerator is not None:
-        # every rank leaves its weights: the data-parallel test checks they are identical
-        rank = ctx.accelerator.process_index
-        save_file(weights, str(ctx.out_dir / f"rank{rank}_slot.safetensors"))
-        stages.write_json_atomic(ctx.out_dir / f"rank{rank}.json", {"start": start, "n": n, "train": train_log})
-        if not ctx.accelerator.is_main_process:
-            return None, block
+    leave_rank_record(ctx, "slot", {"start": start, "n": n, "train": train_log}, weights)
+    if not ctx.is_main:
+        return None, block
     save_weights_stage(ckpt, "slot.safetensors", weights, train_log)
     return train_log, block

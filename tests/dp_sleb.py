@@ -1,0 +1,49 @@
+"""Run by tests/test_distributed.py under torchrun (gloo, CPU): SLEB's greedy search with its calibration windows
+shared by the ranks. Each rank writes what it removed, every candidate's perplexity and how many batches it scored."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from llm_streamline.baselines import layer_removal
+from llm_streamline.models.loading import tiny_model
+
+REMOVE, BATCH = 2, 1
+
+
+def problem() -> tuple[torch.nn.Module, torch.Tensor]:
+    """A tiny random Llama (6 layers) and 6 calibration windows of 16 tokens: 6 batches per candidate."""
+    model = tiny_model("llama", 128, {"num_hidden_layers": 6}, seed=0)
+    calib = torch.randint(0, 128, (6, 16), generator=torch.Generator().manual_seed(0))
+    return model, calib
+
+
+def search(accelerator=None) -> dict:
+    model, calib = problem()
+    scored = []
+    score = layer_removal._candidate_loss_sums
+
+    def counted(m, ids, candidates):  # the batches this process scored
+        scored.append(ids.shape[0])
+        return score(m, ids, candidates)
+
+    layer_removal._candidate_loss_sums = counted
+    try:
+        removed, steps = layer_removal.sleb(model, calib, REMOVE, blocks=None, batch_size=BATCH, progress=False,
+                                            accelerator=accelerator)
+    finally:
+        layer_removal._candidate_loss_sums = score
+    return {"removed": removed, "steps": steps, "scored": len(scored)}
+
+
+if __name__ == "__main__":
+    from accelerate import Accelerator
+
+    acc = Accelerator(cpu=True)
+    torch.set_num_threads(1)
+    out = search(acc)
+    (Path(sys.argv[1]) / f"rank{acc.process_index}.json").write_text(json.dumps(out))
