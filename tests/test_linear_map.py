@@ -94,15 +94,15 @@ def test_streamed_fit_holds_one_batch_of_activations_whatever_the_calibration_si
     model = make()
     alive: list[weakref.ref] = []
     most = []
-    real = linear_map._Boundary.__call__
+    real = linear_map._boundary_rows
 
-    def watched(self, ids):
+    def watched(boundaries, ids):
         most.append(sum(r() is not None for r in alive))
-        out = real(self, ids)
-        alive.extend(weakref.ref(x) for x in out)
+        out = real(boundaries, ids)
+        alive.extend(weakref.ref(x) for rows in out for x in rows)
         return out
 
-    monkeypatch.setattr(linear_map._Boundary, "__call__", watched)
+    monkeypatch.setattr(linear_map, "_boundary_rows", watched)
     cfg = ReplacementConfig(type="linear", objective=objective, fit_epochs=2)
     linear_map.replaceme_map(model, ids(16), START, N, cfg, batch_size=2)
     assert len(most) >= 8 and max(most) <= 3  # one batch: M, Z, x_(s+n)
@@ -296,7 +296,7 @@ def test_presets_compose_and_bad_options_are_refused_before_work():
             validate(cfg)
 
 
-def test_baseline_gets_one_fused_map_per_removed_run_each_equal_to_its_unfused_map():
+def test_baseline_gets_one_fused_map_per_removed_run_each_equal_to_its_unfused_map(monkeypatch):
     """A non-contiguous choice (ShortGPT, SLEB) with replacement=linear: layers 1, 2 and 5 removed -> the maps of
     [1, 3) and [5, 6) fused into layers 0 and 4 (indices 0 and 2 after pruning)."""
     from types import SimpleNamespace
@@ -314,7 +314,11 @@ def test_baseline_gets_one_fused_map_per_removed_run_each_equal_to_its_unfused_m
     pruned = copy.deepcopy(model)
     remove_layers(pruned, [1, 2, 5])
     c = Compressed(pruned, "k", 1, [1, 2, 5], {}, baseline={})
+    passes = []  # one forward of the dense model per calibration batch for both maps, not one per map
+    real = linear_map.run_layers
+    monkeypatch.setattr(linear_map, "run_layers", lambda *a, **k: passes.append(k["outputs_at"]) or real(*a, **k))
     fuse_linear_maps(ctx, c, r)
+    assert passes == [(0, 2, 4, 5)] * 2  # 8 blocks in batches of 4; the outputs of layers 0, 2 and 4, 5
     assert [f["block"] for f in c.baseline["linear_maps"]] == [[1, 3], [5, 6]] and c.key != "k"
     hooked = copy.deepcopy(model)
     hooks = [linear_map.MapAfter(linear_map.mlp_output_map(hooked, s - 1),

@@ -190,42 +190,68 @@ class _Boundary:
         self.stack = find_decoder_stack(model)
         self.out_map = mlp_output_map(model, start - 1)
 
-    @torch.no_grad()
     def __call__(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        caught = {}
-        handle = self.out_map.register_forward_hook(lambda m, a, out: caught.__setitem__("m", out))
-        try:
-            cap = run_layers(self.model, ids, outputs_at=(self.start - 1, self.start + self.n - 1), stack=self.stack)
-        finally:
-            handle.remove()
-        d, k = caught["m"].shape[-1], self.skip
-        m = caught["m"][:, k:].reshape(-1, d).float()
-        z = cap.outputs[self.start - 1][:, k:].reshape(-1, d).float() - m
+        return _boundary_rows([self], ids)[0]
+
+    def rows(self, m: torch.Tensor, outputs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """M, Z and x_(s+n) as token rows, from the captured MLP output of layer s-1 and the layer outputs."""
+        d, k = m.shape[-1], self.skip
+        m = m[:, k:].reshape(-1, d).float()
+        z = outputs[self.start - 1][:, k:].reshape(-1, d).float() - m
         # all three on the card of the map's layer (s-1): under a device_map x^(s+n) may come from another one
-        return m, z, cap.outputs[self.start + self.n - 1][:, k:].reshape(-1, d).float().to(m.device)
+        return m, z, outputs[self.start + self.n - 1][:, k:].reshape(-1, d).float().to(m.device)
+
+
+@torch.no_grad()
+def _boundary_rows(boundaries: list[_Boundary], ids: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+    """(M, Z, x_(s+n)) of every boundary for one calibration batch, from ONE forward of the dense model as far as
+    the deepest block's end: the maps of several removed runs (a non-contiguous choice) are each estimated on
+    the dense model's activations, so one pass gives all their statistics (one pass per run repeated the
+    shared shallow layers: ShortGPT's runs [12,18) and [25,27) cost 18 + 27 layer passes instead of 27)."""
+    caught: dict[int, torch.Tensor] = {}
+    handles = [b.out_map.register_forward_hook(lambda m, a, out, i=i: caught.__setitem__(i, out))
+               for i, b in enumerate(boundaries)]
+    outputs_at = tuple(sorted({i for b in boundaries for i in (b.start - 1, b.start + b.n - 1)}))
+    try:
+        cap = run_layers(boundaries[0].model, ids, outputs_at=outputs_at, stack=boundaries[0].stack)
+    finally:
+        for h in handles:
+            h.remove()
+    return [b.rows(caught[i], cap.outputs) for i, b in enumerate(boundaries)]
 
 
 def replaceme_map(model: nn.Module, blocks: torch.Tensor, start: int, n: int, cfg: ReplacementConfig,
                   batch_size: int, seed: int = 0) -> tuple[torch.Tensor, dict]:
     """T (d x d, float64) for removing layers [start, start+n) of `model`, by `cfg.objective`, and a fit log
     (the calibration MSE / cosine distance of plain pruning and of the map)."""
-    boundary = _Boundary(model, start, n, cfg.first_token)
-    d = boundary.out_map.out_features
+    return replaceme_maps(model, blocks, [(start, n)], cfg, batch_size, seed)[0]
+
+
+def replaceme_maps(model: nn.Module, blocks: torch.Tensor, runs: list[tuple[int, int]], cfg: ReplacementConfig,
+                   batch_size: int, seed: int = 0) -> list[tuple[torch.Tensor, dict]]:
+    """`replaceme_map` for each removed run (start, n), every map estimated on the dense model's activations.
+    Least squares: one pass of the calibration blocks for all runs (`_boundary_rows`); the cosine objective
+    optimises each map over its own passes."""
+    boundaries = [_Boundary(model, start, n, cfg.first_token) for start, n in runs]
     if cfg.objective == "lstsq":
-        gram = Gram(d, d)
+        grams = [Gram(b.out_map.out_features, b.out_map.out_features) for b in boundaries]
         for ids in _batches(blocks, batch_size, "ReplaceMe: X^T X, X^T Y"):
-            m, z, y = boundary(ids)
-            gram.add(m, y - z)
-        t = gram.solve(cfg.ridge)
-        # one pass only: the calibration error before (T = I: plain pruning) and after, from the statistics
-        fit = {"mse_pruned": gram.mse(torch.eye(d, dtype=torch.float64)), "mse_map": gram.mse(t),
-               "calibration_tokens": gram.rows}
+            for gram, (m, z, y) in zip(grams, _boundary_rows(boundaries, ids)):
+                gram.add(m, y - z)
+        maps = []
+        for gram in grams:
+            t = gram.solve(cfg.ridge)
+            eye = torch.eye(t.shape[0], dtype=torch.float64)
+            # one pass only: the calibration error before (T = I: plain pruning) and after, from the statistics
+            maps.append((t, {"mse_pruned": gram.mse(eye), "mse_map": gram.mse(t), "calibration_tokens": gram.rows}))
     elif cfg.objective == "cosine":
-        t, fit = _cosine_map(boundary, blocks, d, cfg, batch_size, seed)
-        t = t.double()
+        maps = []
+        for b in boundaries:
+            t, fit = _cosine_map(b, blocks, b.out_map.out_features, cfg, batch_size, seed)
+            maps.append((t.double(), fit))
     else:
         raise LinearMapError(f"replacement.objective={cfg.objective!r}: lstsq | cosine")
-    return t, fit | {"objective": cfg.objective, "ridge": cfg.ridge}
+    return [(t, fit | {"objective": cfg.objective, "ridge": cfg.ridge}) for t, fit in maps]
 
 
 def _cosine_distance(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -145,9 +145,9 @@ def fuse_linear_maps(ctx: Run, c: Compressed, r: ReplacementConfig) -> None:
     fits = []
     t0 = time.perf_counter()
     with ctx.timings.stage("fit"):
-        for start, end in runs:
-            t, fit = linear_map.replaceme_map(ctx.model, ctx.blocks.calib, start, end - start, r,
-                                              ctx.cfg.train.batch_size, ctx.cfg.seed)
+        maps = linear_map.replaceme_maps(ctx.model, ctx.blocks.calib, [(s, e - s) for s, e in runs], r,
+                                         ctx.cfg.train.batch_size, ctx.cfg.seed)
+        for (start, end), (t, fit) in zip(runs, maps):
             linear_map.fuse_into_mlp_output(c.model, start - 1 - sum(i < start - 1 for i in removed), t)
             fits.append({"block": [start, end], **fit})
     c.key = stages.stage_key("baseline_linear", baseline=c.key, linear=asdict(r))
