@@ -121,3 +121,31 @@ def test_baselines_and_losses_have_their_stages(no_weights, overrides, stage):
     p = plan.make_plan(_on(plan.compose(overrides)))
     assert p.stage(stage).flops > 0
     assert "teacher_pairs" not in [s.name for s in p.stages]
+
+
+def test_torchrun_processes_share_the_data_parallel_stages(no_weights):
+    """plan.processes=P (torchrun): the shared work (training steps, SLEB's scoring) takes about 1/P of its time,
+    the rest (evaluations) as long as in one process; each process holds a whole copy on its card, host RAM x P;
+    a 70B copy does not fit an 80 GB card, and device_map with several processes is refused as the run refuses it."""
+    args = ["model=llama3.1-8b", "data=slimpajama", "eval=paper", "model.device_map=null"]
+    one = plan.make_plan(_on(plan.compose(args), devices=1, processes=1, host_ram_gib=2048.0))
+    eight = plan.make_plan(_on(plan.compose(args), devices=8, processes=8, host_ram_gib=2048.0))
+    assert plan.problems(one) == plan.problems(eight) == []
+    t1, t8 = one.stage("train"), eight.stage("train")
+    assert t8.flops == pytest.approx(t1.flops, rel=0.02)  # the same work, 8 batches per step
+    assert t1.seconds / 8 < t8.seconds < t1.seconds / 6  # its validation is not shared
+    assert "shared by 8 processes" in t8.note and "x 8 processes" in t8.note
+    assert eight.stage("eval_dense").seconds == one.stage("eval_dense").seconds
+    assert eight.stage("load_model").device_gib == one.stage("load_model").device_gib  # a whole copy per card
+    assert eight.stage("load_model").host_gib == pytest.approx(8 * one.stage("load_model").host_gib)
+    sleb = [*args, "method=sleb_gpu"]
+    s1 = plan.make_plan(_on(plan.compose(sleb), processes=1)).stage("compress")
+    s8 = plan.make_plan(_on(plan.compose(sleb), processes=8)).stage("compress")
+    assert s8.seconds == pytest.approx(s1.seconds / 8)  # 128 windows, 16 batches of 8
+    s32 = plan.make_plan(_on(plan.compose(sleb), processes=32)).stage("compress")
+    assert s32.seconds == pytest.approx(s1.seconds / 16) and "shared by 16 processes" in s32.note
+    big = plan.make_plan(_on(plan.compose(["model=llama3.1-70b", "data=slimpajama", "eval=paper",
+                                           "model.device_map=null"]), devices=8, processes=8, host_ram_gib=2048.0))
+    assert big.stage("load_model").device_gib > 130 and any("per device" in p for p in plan.problems(big))
+    mapped = plan.make_plan(_on(plan.compose(["model=llama3.1-70b"]), devices=8, processes=2, host_ram_gib=2048.0))
+    assert any("model.device_map=auto with 2 processes" in p for p in plan.problems(mapped))

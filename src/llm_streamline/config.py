@@ -172,6 +172,7 @@ class PlanConfig:
     defaults per device kind and dtype (`plan.HARDWARE`)."""
     enforce: bool = True                   # refuse a run whose plan exceeds the free disk, device memory or RAM
     devices: Optional[int] = None          # accelerators (null: those present, else 1)
+    processes: Optional[int] = None        # torchrun data-parallel processes, a whole model each (null: WORLD_SIZE)
     device_memory_gib: Optional[float] = None  # per device (null: measured on CUDA, 80 when planning without one)
     host_ram_gib: Optional[float] = None   # null: this machine's
     disk_free_gib: Optional[float] = None  # null: free space where the stage cache and the run directory are

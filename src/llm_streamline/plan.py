@@ -22,6 +22,11 @@ How each figure is derived (one small function per stage below):
 - Memory: weights at the model's dtype (split over `plan.devices` with device_map; the pruned model shares them,
   `PRUNED_COPY`), trainable parameters at 16 B each (fp32 master, grad, AdamW's two moments) plus activations
   per stage (with `train.grad_checkpointing` only each layer's input, and a second forward in the backward).
+- Data parallel (`torchrun --nproc_per_node P`, `plan.processes`, null: WORLD_SIZE): every process holds a whole
+  copy on its own card (device memory per card as for one process; host RAM and the node's total x P); the
+  work the ranks share (`Stage.shared_flops`: SLEB's candidate scoring, a replacement's or LoRA's training steps)
+  takes 1/P of its time, a step being P batches; validation, the profile, evaluations and saving run as in one
+  process (on every rank, or on the main one while the others wait).
 """
 
 from __future__ import annotations
@@ -186,6 +191,7 @@ class Hardware:
     out_free_gib: float     # where the run directory is
     one_disk: bool = True   # the stage cache and the run directory share a filesystem (their needs add up)
     measured: str = ""      # what was measured on this machine rather than taken from HARDWARE
+    processes: int = 1      # torchrun data-parallel processes, one card and a whole model each
 
 
 def hardware(cfg: RunConfig, out_dir: Path | None = None) -> Hardware:
@@ -213,9 +219,10 @@ def hardware(cfg: RunConfig, out_dir: Path | None = None) -> Hardware:
     disk = p.disk_free_gib if p.disk_free_gib is not None else _free_gib(stages.stage_root())
     out = p.disk_free_gib if p.disk_free_gib is not None else _free_gib(out_dir or Path("."))
     one = p.disk_free_gib is not None or _device_of(stages.stage_root()) == _device_of(out_dir or Path("."))
+    processes = p.processes or int(os.environ.get("WORLD_SIZE", "1"))
     return Hardware(kind, max(1, devices), tflops or base["tflops"], p.bandwidth_gbs or base["bandwidth_gbs"],
                     p.disk_gbs or base["disk_gbs"], dev_mem, p.host_ram_gib or host, disk, out, one,
-                    ", ".join(measured))
+                    ", ".join(measured), max(1, processes))
 
 
 def _existing(path: Path) -> Path:
@@ -263,11 +270,18 @@ class Stage:
     disk_gib: float = 0.0      # left on disk
     note: str = ""
     seconds: float = 0.0
+    shared_flops: float = 0.0  # of `flops`, what data-parallel processes divide among them
+    shared_ways: int = 0       # how many pieces that work comes in (0: as many as there are processes)
 
     def price(self, hw: Hardware) -> "Stage":
-        # one device's throughput: with device_map the layers run card after card, one busy at a time
-        self.seconds = (self.flops / (hw.tflops * 1e12) + self.bytes_moved / (hw.bandwidth_gbs * 1e9)
+        # one device's throughput: with device_map the layers run card after card, one busy at a time; under
+        # torchrun the shared part runs on every process's card at once
+        ways = min(hw.processes, self.shared_ways or hw.processes)
+        flops = self.flops - self.shared_flops + self.shared_flops / ways
+        self.seconds = (flops / (hw.tflops * 1e12) + self.bytes_moved / (hw.bandwidth_gbs * 1e9)
                         + self.disk_io / (hw.disk_gbs * 1e9) + self.overhead_s)
+        if self.shared_flops and ways > 1:
+            self.note += f"; shared by {ways} processes"
         return self
 
 
@@ -305,8 +319,11 @@ class _Ctx:
         self.cfg, self.s, self.hw, self.n, self.teacher = cfg, s, hw, n, teacher
         self.seq = cfg.data.seq_len
         self.batch = cfg.train.batch_size
+        self.procs = hw.processes
+        self.step_batch = self.batch * self.procs   # blocks in one optimizer step (grad_accum aside)
         self.on_gpu = hw.kind == "cuda"
-        self.split = hw.devices if cfg.model.device_map else 1   # device_map spreads the weights
+        # device_map spreads the weights (one process only: under torchrun each holds a whole copy)
+        self.split = hw.devices if cfg.model.device_map and hw.processes == 1 else 1
         self.weights_gib = s.weight_bytes / GIB
         start = cfg.sparsity.start
         # the block's end: given, or the mean over the possible starts
@@ -321,9 +338,10 @@ class _Ctx:
         return w + extra_gib if self.on_gpu else 0.0
 
     def host(self, extra_gib: float, pruned: bool = False) -> float:
-        """Host RAM: the process, plus on CPU everything the device column would hold."""
+        """Host RAM: the process, plus on CPU everything the device column would hold; times the data-parallel
+        processes (`torchrun --nproc_per_node`: all of them on one node)."""
         on_host = 0.0 if self.on_gpu else self.weights_gib + (self.pruned_gib if pruned and PRUNED_COPY else 0.0)
-        return HOST_BASE_GIB + on_host + (0.0 if self.on_gpu else extra_gib)
+        return self.procs * (HOST_BASE_GIB + on_host + (0.0 if self.on_gpu else extra_gib))
 
 
 def _mean(xs: list[int]) -> float:
@@ -404,7 +422,9 @@ def teacher_mode(cfg: RunConfig, pairs_gib: float, free_gib: float, forced: str 
     """cached | online: `train.teacher` where the config has it (auto: cached when the pairs fit the disk)."""
     from llm_streamline.train import teacher_mode as run_teacher_mode  # the run's own rule
 
-    return forced or run_teacher_mode(cfg.train, int(pairs_gib * GIB), int(free_gib * GIB))[0]
+    processes = cfg.plan.processes or int(os.environ.get("WORLD_SIZE", "1"))
+    return forced or run_teacher_mode(cfg.train, int(pairs_gib * GIB), int(free_gib * GIB),
+                                      data_parallel=processes > 1)[0]
 
 
 def pairs_bytes(c: _Ctx) -> float:
@@ -438,24 +458,27 @@ def stage_train(c: _Ctx) -> Stage | None:
     if t.loss == "lora":
         return stage_lora(c, "train", t.epochs)
     tokens = d.train_samples * c.seq
-    steps = math.ceil(d.train_samples / c.batch) * t.epochs
+    steps = math.ceil(d.train_samples / c.step_batch) * t.epochs
     if t.max_steps:
         steps = min(steps, t.max_steps)
-        tokens = min(tokens * t.epochs, steps * c.batch * c.seq) / t.epochs
+        tokens = min(tokens * t.epochs, steps * c.step_batch * c.seq) / t.epochs
     val_tokens = d.val_samples * c.seq * (4 * t.epochs + 1)  # evals_per_epoch = 4, plus the initial one
     slot = 2.0 * s.replacement_matmul + 2.0 * s.attn_width[0] * (c.seq + 1) * (s.replacement_matmul
                                                                                >= s.layer_matmul[0])
     trainable = s.replacement_params * 16 / GIB   # fp32 master + grad + AdamW moments
     slot_acts = c.batch * c.seq * s.layer_activations * s.bytes_per_param / GIB
-    note = f"{steps} steps x {c.batch} x {c.seq} tokens, {s.replacement_params / 1e6:,.3g}M trainable"
+    note = (f"{steps} steps x {c.batch}{f' x {c.procs} processes' if c.procs > 1 else ''} x {c.seq} tokens, "
+            f"{s.replacement_params / 1e6:,.3g}M trainable")
     if t.loss == "mse":
         flops = t.epochs * tokens * 3 * slot + val_tokens * slot
+        shared = t.epochs * tokens * 3 * slot
         if cfg.replacement.type in ("layer", "layers"):  # a decoder layer's call arguments: layers [0, l*) once
             flops += c.batch * c.seq * s.layers_flops(0, c.block_end - c.n, c.seq)
         st = Stage("train", flops=flops, device_gib=c.device(trainable + slot_acts),
-                   host_gib=c.host(trainable + slot_acts), note=note)
+                   host_gib=c.host(trainable + slot_acts), note=note, shared_flops=shared)
         if teacher_mode(cfg, pairs_bytes(c) / GIB, c.hw.disk_free_gib, c.teacher) == "online":
             st.flops += (t.epochs * tokens + val_tokens) * s.layers_flops(0, c.block_end, c.seq)
+            st.shared_flops += t.epochs * tokens * s.layers_flops(0, c.block_end, c.seq)  # each rank its batches
             st.note += "; teacher online"
         else:
             st.disk_io = t.epochs * d.train_samples * c.seq * s.hidden * s.bytes_per_param * 2  # the pairs re-read
@@ -468,11 +491,14 @@ def stage_train(c: _Ctx) -> Stage | None:
     logits = c.batch * c.seq * s.vocab * 4 * 2 / GIB
     acts, extra = _kept_activations(c, after + 1)
     flops += t.epochs * tokens * extra * (after + 1) / max(1, s.layers - c.n)
+    shared = flops - val_tokens * fwd
     if t.loss == "distill":
         flops += (t.epochs * tokens + val_tokens) * s.model_flops(c.seq)
+        shared += t.epochs * tokens * s.model_flops(c.seq)
         logits *= 2
     return Stage("train", flops=flops, device_gib=c.device(trainable + acts + logits, True),
-                 host_gib=c.host(trainable + acts + logits, True), note=note + f"; {t.loss} loss through the model")
+                 host_gib=c.host(trainable + acts + logits, True), note=note + f"; {t.loss} loss through the model",
+                 shared_flops=shared)
 
 
 def _kept_activations(c: _Ctx, layers: float) -> tuple[float, float]:
@@ -500,6 +526,7 @@ def stage_lora(c: _Ctx, name: str, epochs: int) -> Stage:
     logits = c.batch * c.seq * s.vocab * 4 * 2 / GIB
     val = d.val_samples * c.seq * (4 * epochs + 1)
     return Stage(name, flops=epochs * tokens * (3 * fwd + extra) + val * fwd,
+                 shared_flops=epochs * tokens * (3 * fwd + extra),
                  device_gib=c.device(acts + logits, True),
                  host_gib=c.host(acts + logits, True),
                  note=f"LoRA r={c.cfg.method.lora_rank}, {epochs} epoch(s) x {tokens:,} tokens")
@@ -520,7 +547,8 @@ def stage_compress(c: _Ctx) -> Stage | None:
             alive = L - k
             flops += (alive - 2) * (alive / 2 * layer + 2.0 * s.head_matmul) + alive * layer
         return Stage("compress", flops=tokens * flops, device_gib=c.device(0), host_gib=c.host(0),
-                     note=f"SLEB: {c.n} greedy steps on {tokens:,} tokens")
+                     note=f"SLEB: {c.n} greedy steps on {tokens:,} tokens", shared_flops=tokens * flops,
+                     shared_ways=math.ceil((m.sleb_samples or cfg.data.calib_samples) / c.batch))  # batch k: rank k
     if m.name == "laco":
         from llm_streamline.baselines.laco import LACO_BLOCKS, LACO_LOWEST
 
@@ -614,6 +642,9 @@ def problems(plan: Plan) -> list[str]:
                       if any(s.name == "teacher_pairs" and s.disk_gib for s in plan.stages) else ""))
     if save > hw.out_free_gib:
         out.append(f"the saved model needs {_gib(save)}, {_gib(hw.out_free_gib)} free in the run directory")
+    if hw.processes > 1 and plan.cfg.model.device_map:  # as the run refuses it (recipes.common.check_data_parallel)
+        out.append(f"model.device_map={plan.cfg.model.device_map} with {hw.processes} processes: each holds a whole "
+                   "copy on its own card (set model.device_map=null)")
     if hw.kind == "cuda" and plan.device_gib > hw.device_memory_gib:
         worst = max(plan.stages, key=lambda s: s.device_gib)
         out.append(f"{worst.name} needs {_gib(plan.device_gib)} per device, {_gib(hw.device_memory_gib)} "
@@ -658,6 +689,8 @@ def table(plan: Plan) -> str:
     cfg, s, hw = plan.cfg, plan.shapes, plan.hw
     where = (f"{hw.devices} x {hw.kind} ({hw.device_memory_gib:.0f} GiB each)" if hw.kind == "cuda"
              else f"cpu ({hw.host_ram_gib:.0f} GiB RAM)")
+    if hw.processes > 1:
+        where += f", {hw.processes} torchrun processes (a whole model each)"
     lines = [
         f"plan: {cfg.model.name} ({s.total_params / 1e9:.3g}B params, {s.layers} layers, hidden {s.hidden}, "
         f"vocab {s.vocab}, {cfg.model.dtype}) method={cfg.method.name} replacement={cfg.replacement.type} "
@@ -679,7 +712,9 @@ def table(plan: Plan) -> str:
     bad = problems(plan)
     lines += ["", "does not fit: " + "; ".join(bad) if bad else "fits"]
     pairs = next((st for st in plan.stages if st.name == "teacher_pairs"), None)
-    if pairs is not None:  # the other way of getting the teacher pairs, for comparison
+    if pairs is not None and hw.processes > 1:
+        lines.append("train.teacher=cached: not with several processes (each computes its own batches' pairs)")
+    elif pairs is not None:  # the other way of getting the teacher pairs, for comparison
         other = "online" if pairs.disk_gib else "cached"
         alt = make_plan(cfg, model=plan.model, teacher=other)
         alt.hw = hw
@@ -699,7 +734,8 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("-h", "--help"):
         print("usage: llm-streamline-plan [key=value ...]   (the overrides of llm-streamline; plan.* sets the "
-              "hardware: plan.devices, plan.device_memory_gib, plan.tflops, plan.measure=true, plan.disk_free_gib)")
+              "hardware: plan.devices, plan.processes, plan.device_memory_gib, plan.tflops, plan.measure=true, "
+              "plan.disk_free_gib)")
         return
     try:
         cfg = compose(argv)

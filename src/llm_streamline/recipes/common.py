@@ -244,8 +244,8 @@ def check_data_parallel(cfg: RunConfig, world: int) -> None:
         return
     if cfg.model.device_map:
         raise ConfigError(f"model.device_map={cfg.model.device_map} with {world} processes: under torchrun each "
-                          "process holds a whole copy of the model on its own card (model.device=cuda); "
-                          "device_map runs in one process")
+                          "process holds a whole copy of the model on its own card; set model.device_map=null "
+                          "(device_map runs in one process)")
     t, m = cfg.train, cfg.method
     if m.name == "streamline":
         if t.loss == "mse" and t.teacher == "cached":
