@@ -166,15 +166,27 @@ def no_backward():
         torch.Tensor.backward, torch.autograd.grad = backward, grad
 
 
-def save_file_on_cpu(real_save_file):
-    """A `safetensors.torch.save_file` that refuses tensors not on the CPU and writes zeros for fake ones."""
+def save_file_on_cpu(real_save_file, strict: bool = True):
+    """A `safetensors.torch.save_file` that refuses tensors not on the CPU (`strict`; safetensors itself copies a
+    CUDA tensor to the host, as transformers' save_pretrained relies on) and writes zeros for fake ones."""
     def save_file(tensors, filename, metadata=None):
         for k, v in tensors.items():
-            assert v.device.type == "cpu", f"{k} written from {v.device}: move it to the CPU first"
+            assert not strict or v.device.type == "cpu", f"{k} written from {v.device}: move it to the CPU first"
         with torch._subclasses.fake_tensor.unset_fake_temporarily():
             out = {k: torch.zeros(v.shape, dtype=v.dtype) if is_fake(v) else v for k, v in tensors.items()}
             return real_save_file(out, filename, metadata)
     return save_file
+
+
+def storage_id(real_id_tensor_storage):
+    """transformers' `id_tensor_storage` (how save_pretrained finds tied weights) for fake tensors too: a fake tensor
+    has no data pointer (all read 0, so every weight would look tied to every other); its storage object tells
+    which tensors share one."""
+    def id_tensor_storage(tensor):
+        if is_fake(tensor):
+            return tensor.device, tensor.untyped_storage()._cdata
+        return real_id_tensor_storage(tensor)
+    return id_tensor_storage
 
 
 def load_file_real(real_load_file):
@@ -185,14 +197,23 @@ def load_file_real(real_load_file):
     return load_file
 
 
-def build(model_type: str, layout: str, **config) -> torch.nn.Module:
-    """A causal LM of `model_type` built on the meta device (no init), then given fake weights: all on GPU0
-    (`one`) or the embedding and the first half of the layers on GPU0, the rest, the final norm and the LM head on
-    GPU1 (`split`), each group wrapped in accelerate's AlignDevicesHook. Call inside `audit()`."""
-    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
-    from transformers import AutoConfig, AutoModelForCausalLM
+def build(model_type: str, layout: str, io_same_device: bool = False, **config) -> torch.nn.Module:
+    """A causal LM of `model_type` built on the meta device (no init), then given fake weights (`build_from`)."""
+    from transformers import AutoConfig
 
-    cfg = AutoConfig.for_model(model_type, **config)
+    return build_from(AutoConfig.for_model(model_type, **config), layout, io_same_device)
+
+
+def build_from(cfg, layout: str, io_same_device: bool = False) -> torch.nn.Module:
+    """The causal LM of config `cfg` built on the meta device (no init), then given fake weights: all on GPU0
+    (`one`) or the embedding and the first half of the layers on GPU0, the rest, the final norm and the LM head on
+    GPU1 (`split`), each group wrapped in accelerate's AlignDevicesHook. `io_same_device`: the whole model also
+    gets the hook accelerate's `dispatch_model` puts on it (what `device_map` loading gives), which brings the
+    outputs back to the input's card; without it the logits stay on the head's card, the stricter layout every
+    caller that reads logits directly must survive. Call inside `audit()`."""
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+    from transformers import AutoModelForCausalLM
+
     with torch._subclasses.fake_tensor.unset_fake_temporarily(), torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg)  # plain meta tensors: `to_empty` makes them fake
     model.eval()
@@ -210,6 +231,8 @@ def build(model_type: str, layout: str, **config) -> torch.nn.Module:
         dev = (GPU0, GPU1)[card]
         mod.to_empty(device=dev, recurse=id(mod) in layers)  # other groups: their own tensors only
         add_hook_to_module(mod, _Placed(execution_device=dev))
+    if io_same_device:  # as dispatch_model: outputs back on the input's device (appended after the group's hook)
+        add_hook_to_module(model, AlignDevicesHook(io_same_device=True), append=True)
     return model
 
 

@@ -11,7 +11,8 @@ AlignDevicesHook (hidden states move between cards with the layers, as in a devi
 skipped there (this build's Python device guard knows one device), the losses' forward runs across both cards.
 What a fake tensor cannot give (`.item()`, `.tolist()`) returns a placeholder: values are meaningless, only devices
 are tested. Each test asserts where the stage's outputs live, so a stage that silently moved everything to the CPU
-fails too.
+fails too. The stock lm-eval scorer (`eval.scorer=hflm`) and two whole recipes (streamline with MSE training, a
+baseline with LoRA healing) run on the split with accelerate's model-level hook too, as a device_map load gives it.
 
 Found on the main branch of 2026-12-06 before the fixes (each a test here): the similarity profile's float64 running
 sums on the CPU received GPU scalars; the block probe fed CPU token ids to the model (recipes/streamline.py,
@@ -69,9 +70,11 @@ def audit(layout: str, backward: bool = True):
     return fd.audit(backward=backward and layout == "one")
 
 
-def model_in(layout: str, family: str = "llama", **over):
+def model_in(layout: str, family: str = "llama", io_same_device: bool = False, **over):
+    """The tiny model on the layout's cards; `io_same_device`: the fake split also gets the model-level hook of
+    accelerate's dispatch_model (the real split always has it)."""
     if not real(layout):
-        return fd.build(family, layout, **{**CONFIG, **over})
+        return fd.build(family, layout, io_same_device, **{**CONFIG, **over})
     from accelerate import dispatch_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -417,3 +420,86 @@ def test_fault_diagnosis_probe(layout):
 
     with audit(layout):
         assert isinstance(faults.diagnose(model_in(layout), blocks()[:1]), str)
+
+
+def test_stock_hflm_scorer(layout, tok):
+    """eval.scorer=hflm: lm-eval's own HFLM, as `harness.make_lm` builds it around the model the recipes hand over
+    (RecordingHFLM: stock option scores, then each context's NLL for option_mean_nll). lm-eval puts the ids and
+    the continuation tokens it compares with the logits on `model.device`; under a device_map the logits come back
+    there through dispatch_model's model-level hook, which the fake split is given here as every device_map model
+    of this framework has it (loading, `checkpoints.place`)."""
+    from llm_streamline.evaluate.harness import make_lm
+
+    requests = [(("ctx", " a"), [5, 6, 7, 8], [9, 10]), (("ctx", " b"), [5, 6, 7, 8], [11]),
+                (("other", " c"), [12, 13], [14, 15, 16])]
+    with audit(layout):
+        model = model_in(layout, io_same_device=True)
+        lm = make_lm(model, tok, 2, scorer="hflm")
+        assert lm.device == card(layout, 0)
+        out = lm._loglikelihood_tokens(requests, disable_tqdm=True)
+    assert len(out) == 3 and all(isinstance(ll, float) and isinstance(greedy, bool) for ll, greedy in out)
+    assert set(lm.context_nll) == {(5, 6, 7, 8), (12, 13)}
+    assert lm.continuation_tokens[("other", " c")] == 3
+
+
+# -------------------------------------------------------------------------------------- whole recipes
+def _fake_loading(monkeypatch, layout: str, tmp_path):
+    """The recipes' model loading gives the preset's model on the fake cards of `layout` (with dispatch_model's
+    model-level hook, as device_map loading gives it); every safetensors write checks it is handed CPU tensors;
+    a private stage cache (the fake run's values are placeholders)."""
+    import safetensors.torch
+    import transformers.modeling_utils
+
+    from llm_streamline import train
+    from llm_streamline.models import checkpoints
+    from llm_streamline.recipes import common, streamline
+
+    real_load, loaded = common.load_model, []
+
+    def load_model(cfg, seed=0):
+        with torch._subclasses.fake_tensor.unset_fake_temporarily():
+            model, tok = real_load(cfg, seed)
+        loaded.append(fd.build_from(model.config, layout, io_same_device=True))
+        return loaded[-1], tok
+
+    monkeypatch.setattr(common, "load_model", load_model)
+    save = fd.save_file_on_cpu(safetensors.torch.save_file)
+    load = fd.load_file_real(safetensors.torch.load_file)
+    for mod in (train, streamline, common, checkpoints):
+        monkeypatch.setattr(mod, "save_file", save)
+        monkeypatch.setattr(mod, "load_file", load)
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file",
+                        fd.save_file_on_cpu(safetensors.torch.save_file, strict=False))
+    monkeypatch.setattr(transformers.modeling_utils, "id_tensor_storage",
+                        fd.storage_id(transformers.modeling_utils.id_tensor_storage))
+    monkeypatch.setenv("LLM_STREAMLINE_STAGES", str(tmp_path / "stages"))
+    return loaded
+
+
+@pytest.mark.parametrize("overrides", [("replacement=ffn", "eval.scorer=hflm"),
+                                       ("method=gromov", "method.heal=lora", "train.max_steps=2", "eval.scorer=hflm")],
+                         ids=["streamline-ffn-mse", "gromov-lora"])
+def test_whole_recipe(overrides, tmp_path, monkeypatch):
+    """A whole run of a recipe as the CLI runs it (the smoke preset: data, profile, dense evaluation of lm-eval's
+    tasks by the stock scorer, teacher pairs and MSE training / the baseline and LoRA healing, the pruned model's
+    evaluation, perplexity, saving, records; the speed stage is test_speed's, too slow under the fake mode) on the
+    split over two fake cards: every stage, and the glue between them, keeps its tensors on the devices of the
+    modules that consume them. About 10 s of CPU each."""
+    layout = "split"
+    import json
+
+    from hydra import compose, initialize_config_dir
+
+    from llm_streamline import recipes
+    from llm_streamline.cli import CONF_DIR, to_run_config
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = to_run_config(compose(config_name="config", overrides=[
+            "experiment=smoke", "eval.perplexity_blocks=8", *overrides]))
+    loaded = _fake_loading(monkeypatch, layout, tmp_path)
+    with audit(layout):
+        recipes.run(cfg, tmp_path / "run")
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["layers"]["n_removed"] == 2 and saved["eval_meta"]["scorer"] == cfg.eval.scorer
+    assert (tmp_path / "run" / "model").is_dir() and (tmp_path / "run" / "samples_pruned.jsonl").exists()
+    assert len(loaded) == 1 and fd.devices_of(loaded[0]) == {card(layout, 0), card(layout, 1)}
