@@ -96,6 +96,25 @@ def test_train_lora_selects_the_heal_option():
     assert compose_run("method=gromov").method.heal == "lora" and compose_run().method.heal == "none"
 
 
+@pytest.mark.parametrize("overrides,allowed", [
+    (["train.loss=kl"], "'kl', expected one of [mse, lm, distill, lora]"),
+    (["eval.scorer=slow"], "'slow', expected one of [fast, hflm]"),
+    (["method=llm_pruner", "method.attention_unit=channel"], "'channel', expected one of [head, kv-group]"),
+    (["sparsity.importance=magic"], "'magic', expected one of [cosine, angular, bi, perplexity]"),
+    (["objective=loss"], "'loss', expected one of [ppl, avg_acc, stability]"),
+])
+def test_a_choice_outside_its_enum_fails_at_composition_naming_the_allowed_values(overrides, allowed):
+    """Fixed choices are Enums in the schema: Hydra's compose itself refuses another value (no `validate`)."""
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException) as err:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            compose(config_name="config", overrides=overrides)
+    assert allowed in str(err.value.__cause__)
+    ok = compose_run("train.loss=lm", "replacement=ffn")  # a valid choice reads as its plain string
+    assert ok.train.loss == "lm" and f"{ok.replacement.type}" == "ffn"
+
+
 @pytest.mark.parametrize("overrides,needle", BAD)
 def test_bad_values_are_refused_with_one_line(overrides, needle):
     try:
@@ -302,3 +321,20 @@ def test_embedded_models_are_the_ones_the_loader_knows():
     assert set(EMBEDDED_MODELS) == set(EMBEDDED)
     with pytest.raises(ConfigError, match="the embedded models are"):
         validate(compose_run("model.name_or_path=gemma3-1b"))
+
+
+def test_a_config_recorded_before_an_option_existed_reads_as_a_new_run_of_the_same_experiment():
+    """The report groups replicates by their recorded .hydra/config.yaml: a run kept before model.infer_batch_size
+    existed reads as a new run with it at its default (null), and a different value still tells runs apart."""
+    import yaml
+    from omegaconf import OmegaConf
+
+    from llm_streamline.config import recorded_config
+
+    def kept(*overrides):
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            return yaml.safe_load(OmegaConf.to_yaml(compose(config_name="config", overrides=list(overrides))))
+
+    new, old = kept(), kept()
+    del old["model"]["infer_batch_size"]
+    assert recorded_config(old) == recorded_config(new) != recorded_config(kept("model.infer_batch_size=32"))

@@ -149,3 +149,18 @@ def test_torchrun_processes_share_the_data_parallel_stages(no_weights):
     assert big.stage("load_model").device_gib > 130 and any("per device" in p for p in plan.problems(big))
     mapped = plan.make_plan(_on(plan.compose(["model=llama3.1-70b"]), devices=8, processes=2, host_ram_gib=2048.0))
     assert any("model.device_map=auto with 2 processes" in p for p in plan.problems(mapped))
+
+
+def test_inference_stages_are_priced_at_model_infer_batch_size(no_weights):
+    """model.infer_batch_size sizes the forward-only stages (profile, perplexity, cached teacher pairs) in the plan
+    as in the run; null keeps train.batch_size, and the training stage stays at train.batch_size."""
+    base = plan.make_plan(_on(plan.compose(["train.teacher=cached"]), device_memory_gib=80.0))
+    same = plan.make_plan(_on(plan.compose(["train.teacher=cached", "model.infer_batch_size=8"]),
+                              device_memory_gib=80.0))
+    big = plan.make_plan(_on(plan.compose(["train.teacher=cached", "model.infer_batch_size=64"]),
+                             device_memory_gib=80.0))
+    for name in ("importance", "perplexity_dense", "teacher_pairs", "train"):
+        assert same.stage(name).host_gib == base.stage(name).host_gib, name
+    for name in ("importance", "perplexity_dense", "teacher_pairs"):
+        assert big.stage(name).host_gib > base.stage(name).host_gib, name
+    assert big.stage("train").host_gib == base.stage("train").host_gib

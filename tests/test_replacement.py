@@ -216,3 +216,16 @@ def test_k_decoder_layers_train_in_place_of_half_the_model(k, tmp_path):
     assert log.best_val_loss < 0.95 * log.initial_val_loss
     remove_block(pruned, 2, 4, slot)
     assert find_decoder_stack(pruned).num_layers == 8 - 4 + k
+
+
+def test_teacher_shards_are_training_batches_whatever_the_forward_batch(tmp_path):
+    """model.infer_batch_size sizes the forward passes that write cached pairs, not the shards: each shard stays
+    one training batch (the ragged last one too), with the pairs one batch at a time would give."""
+    model = make("llama")
+    blocks = ids(18, 16, seed=3)
+    one = write_teacher_shards(model, blocks, 2, 3, tmp_path / "one", 4)
+    many = write_teacher_shards(model, blocks, 2, 3, tmp_path / "many", 4, forward_batch=12)
+    assert many.index == one.index == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 15], [16, 17]]
+    for i in range(len(one)):
+        for a, b in zip(one.load(i)[:2], many.load(i)[:2]):
+            assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5)

@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from llm_streamline.composition import compose
-from llm_streamline.config import ConfigError, PlanConfig, RunConfig
+from llm_streamline.config import ConfigError, PlanConfig, RunConfig, infer_batch_size
 from llm_streamline.importance import PPL_IMPORTANCE_BLOCKS
 from llm_streamline.preflight import meta_model, model_config
 
@@ -321,6 +321,7 @@ class _Ctx:
         self.batch = cfg.train.batch_size
         self.procs = hw.processes
         self.step_batch = self.batch * self.procs   # blocks in one optimizer step (grad_accum aside)
+        self.infer_batch = infer_batch_size(cfg)  # the forward-only stages (model.infer_batch_size)
         self.on_gpu = hw.kind == "cuda"
         # device_map spreads the weights (one process only: under torchrun each holds a whole copy)
         self.split = hw.devices if cfg.model.device_map and hw.processes == 1 else 1
@@ -360,7 +361,7 @@ def stage_profile(c: _Ctx) -> Stage:
     s, d = c.s, c.cfg.data
     tokens = d.calib_samples * d.seq_len
     L = s.layers
-    states = (L + 1) * c.batch * c.seq * s.hidden * (s.bytes_per_param + 4) / GIB
+    states = (L + 1) * c.infer_batch * c.seq * s.hidden * (s.bytes_per_param + 4) / GIB
     moved = L * (L + 1) / 2 * tokens * s.hidden * 4 * 3
     st = Stage("importance", flops=tokens * s.layers_flops(0, L, c.seq), bytes_moved=moved,
                device_gib=c.device(states), host_gib=c.host(states), note=f"{tokens:,} tokens x {L} layers")
@@ -413,7 +414,7 @@ def stage_perplexity(c: _Ctx, which: str) -> Stage:
     tokens = blocks * seq
     pruned = which == "pruned"
     removed, added = (c.n, 2.0 * s.replacement_matmul) if pruned else (0, 0.0)
-    buf = c.batch * seq * (s.hidden * 4 + s.vocab * 4 / 8) / GIB  # the head in chunks of positions
+    buf = c.infer_batch * seq * (s.hidden * 4 + s.vocab * 4 / 8) / GIB  # the head in chunks of positions
     return Stage(f"perplexity_{which}", flops=tokens * s.model_flops(seq, removed=removed, added=added),
                  device_gib=c.device(buf, pruned), host_gib=c.host(buf, pruned), note=f"{tokens:,} tokens")
 
@@ -443,7 +444,8 @@ def stage_teacher(c: _Ctx) -> Stage | None:
     if mode == "online":
         return Stage("teacher_pairs", note="online: computed during training, nothing written")
     tokens = (d.train_samples + d.val_samples) * c.seq
-    batch = 3 * c.batch * c.seq * s.hidden * s.bytes_per_param / GIB
+    rows = max(1, c.infer_batch // c.batch) * c.batch  # whole training batches (shards) per forward
+    batch = 3 * rows * c.seq * s.hidden * s.bytes_per_param / GIB
     return Stage("teacher_pairs", flops=tokens * s.layers_flops(0, c.block_end, c.seq),
                  disk_io=size * (1 + c.hw.disk_gbs / HASH_GBS), device_gib=c.device(batch), host_gib=c.host(batch),
                  disk_gib=size / GIB, note=f"cached: {tokens:,} tokens x 2 states written ({_gib(size / GIB)})")
@@ -548,7 +550,7 @@ def stage_compress(c: _Ctx) -> Stage | None:
             flops += (alive - 2) * (alive / 2 * layer + 2.0 * s.head_matmul) + alive * layer
         return Stage("compress", flops=tokens * flops, device_gib=c.device(0), host_gib=c.host(0),
                      note=f"SLEB: {c.n} greedy steps on {tokens:,} tokens", shared_flops=tokens * flops,
-                     shared_ways=math.ceil((m.sleb_samples or cfg.data.calib_samples) / c.batch))  # batch k: rank k
+                     shared_ways=math.ceil((m.sleb_samples or cfg.data.calib_samples) / c.infer_batch))  # batch k: rank k
     if m.name == "laco":
         from llm_streamline.baselines.laco import LACO_BLOCKS, LACO_LOWEST
 

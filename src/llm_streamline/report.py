@@ -69,8 +69,10 @@ def _run_config(r: RunRecord) -> dict | None:
     """The run's composed Hydra config (`.hydra/config.yaml` beside its results.json), when it was kept."""
     import yaml
 
+    from llm_streamline.config import recorded_config
+
     f = Path(r.path or "") / ".hydra" / "config.yaml"
-    return yaml.safe_load(f.read_text()) if f.is_file() else None
+    return recorded_config(yaml.safe_load(f.read_text()) or {}) if f.is_file() else None
 
 
 # Keys of a run's config that do not make it a different experiment: repeated runs differ only in these.

@@ -111,25 +111,30 @@ class OnlineTeacher:
         return len(self.index)
 
     def load(self, i: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        return self.pairs(self.index[i])
+
+    def pairs(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         stack = find_decoder_stack(self.model)  # afresh: surgery may have swapped the layer list
         layers = stack.layers
         if any(j >= len(layers) or layers[j] is not m for j, m in enumerate(self.layers, self.start)):
             raise RuntimeError(f"online teacher: the dense model's layers [{self.start}, {self.start + self.n}) "
                                "were removed or replaced while the replacement trains on them")
-        rows = self.index[i]
         cap = run_layers(self.model, self.blocks[rows].to(self.device), inputs_at=(self.start,),
                          outputs_at=(self.start + self.n - 1,), stack=stack)  # grad=False: no graph
         return cap.inputs[self.start], cap.outputs[self.start + self.n - 1], rows
 
 
 def write_teacher_shards(model: PreTrainedModel, blocks: torch.Tensor, start: int, n: int, directory: Path,
-                         batch_size: int, desc: str = "teacher pairs") -> TeacherShards:
+                         batch_size: int, desc: str = "teacher pairs",
+                         forward_batch: int | None = None) -> TeacherShards:
     """Run layers 0..start+n-1 only (no LM head) and write x^(start), x^(start+n) per batch to `directory`.
 
     Written into a temporary directory renamed into place at the end: a killed run leaves nothing that a
     rerun would trust. Reuse checks the manifest, every shard's size and TEACHER_HASH_SAMPLE shards' sha256
     (drawn afresh each time): rehashing every shard would read the whole entry (a terabyte for the paper's
     data) on every reuse, while a truncated or missing shard, the usual damage, shows in its size.
+    A shard is one training batch (`batch_size` rows, as the online teacher's); one forward pass computes as
+    many whole shards as fit in `forward_batch` rows (`model.infer_batch_size`; at least one).
     """
     directory = Path(directory)
     key = f"{directory.parent.name}/{directory.name}"  # the manifest's key: <teacher stage key>/<split>
@@ -139,11 +144,15 @@ def write_teacher_shards(model: PreTrainedModel, blocks: torch.Tensor, start: in
     source = OnlineTeacher(model, blocks, start, n, batch_size)
     files = []
     with stages.atomic_dir(directory) as tmp:  # a full disk or an interrupt leaves nothing behind
-        for b in tqdm(range(len(source)), desc=desc, unit="batch"):
-            x_in, x_out, _ = source.load(b)
-            name = f"shard-{b:05d}.safetensors"
-            save_file({"x_in": x_in.contiguous().cpu(), "x_out": x_out.contiguous().cpu()}, str(tmp / name))
-            files.append(name)
+        per_forward = max(1, (forward_batch or batch_size) // batch_size)
+        for g in tqdm(range(0, len(source), per_forward), desc=desc, unit="forward"):
+            group = source.index[g:g + per_forward]
+            x_in, x_out, _ = source.pairs([r for rows in group for r in rows])
+            sizes = [len(rows) for rows in group]
+            for b, xi, xo in zip(range(g, g + len(group)), x_in.split(sizes), x_out.split(sizes)):
+                name = f"shard-{b:05d}.safetensors"
+                save_file({"x_in": xi.contiguous().cpu(), "x_out": xo.contiguous().cpu()}, str(tmp / name))
+                files.append(name)
         (tmp / "index.json").write_text(json.dumps({"files": files, "index": source.index}))
         stages.seal(tmp, key)  # written last: the marker
     return TeacherShards(directory, files, source.index)

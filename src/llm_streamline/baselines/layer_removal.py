@@ -32,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from llm_streamline.config import RunConfig
+from llm_streamline.config import RunConfig, infer_batch_size
 from llm_streamline.importance import SimilarityProfile, lowest_bi_layers
 from llm_streamline.losses import nll_sum
 from llm_streamline.models.devices import input_device
@@ -177,7 +177,7 @@ def apply(name: str, model: PreTrainedModel, calib: torch.Tensor, profile: Simil
         mc = cfg.method
         main = accelerator is None or accelerator.is_main_process
         order, steps = sleb(model, calib, n, blocks=mc.sleb_samples, seq_len=mc.sleb_seq_len,
-                            batch_size=cfg.train.batch_size, progress=main, accelerator=accelerator)
+                            batch_size=infer_batch_size(cfg), progress=main, accelerator=accelerator)
         removed = sorted(order)
         ids = sleb_tokens(calib, mc.sleb_samples, mc.sleb_seq_len)
         record = {"removal_order": order, "steps": steps, "calib_samples": int(ids.shape[0]),

@@ -17,7 +17,7 @@ import torch
 
 from llm_streamline import linear_map, stages
 from llm_streamline.baselines import BaselineResult, apply_method
-from llm_streamline.config import MethodConfig, ReplacementConfig, RunConfig
+from llm_streamline.config import MethodConfig, ReplacementConfig, RunConfig, infer_batch_size
 from llm_streamline.importance import SimilarityProfile
 from llm_streamline.models.checkpoints import save_checkpoint
 from llm_streamline.models.layers import share_weights
@@ -146,7 +146,7 @@ def fuse_linear_maps(ctx: Run, c: Compressed, r: ReplacementConfig) -> None:
     t0 = time.perf_counter()
     with ctx.timings.stage("fit"):
         maps = linear_map.replaceme_maps(ctx.model, ctx.blocks.calib, [(s, e - s) for s, e in runs], r,
-                                         ctx.cfg.train.batch_size, ctx.cfg.seed)
+                                         infer_batch_size(ctx.cfg), ctx.cfg.seed)
         for (start, end), (t, fit) in zip(runs, maps):
             linear_map.fuse_into_mlp_output(c.model, start - 1 - sum(i < start - 1 for i in removed), t)
             fits.append({"block": [start, end], **fit})

@@ -31,6 +31,7 @@ from llm_streamline.config import (
     RunConfig,
     TrainConfig,
     heal_train_config,
+    infer_batch_size,
     training_identity,
 )
 from llm_streamline.data import SPLIT_LAYOUT, TokenBlocks, load_blocks, perplexity_text
@@ -312,7 +313,7 @@ def similarity(ctx: Run) -> SimilarityProfile:
     key = stages.stage_key("profile", model=ctx.model_id, data=ctx.calib_key, scores="cos,angular,angular_last")
     prof_json, _ = stages.cached_json(key, lambda: similarity_profile(
         ctx.model, ctx.blocks.calib, ns=list(range(1, ctx.stack.num_layers + 1)),
-        batch_size=ctx.cfg.train.batch_size).as_dict(), log.info)
+        batch_size=infer_batch_size(ctx.cfg)).as_dict(), log.info)
     return SimilarityProfile.from_dict(prof_json)
 
 
@@ -355,7 +356,7 @@ def evaluate_dense(ctx: Run) -> DenseReference:
                                            cfg.eval.perplexity_seq_len or cfg.data.seq_len, cfg.eval.perplexity_blocks)
             key = stages.stage_key("ppl_dense", model=ctx.model_id, text=ref.ppl_text.describe())
             ref.perplexity, _ = stages.cached_json(
-                key, lambda: perplexity(ctx.model, ref.ppl_text.blocks, cfg.train.batch_size, "perplexity_dense"),
+                key, lambda: perplexity(ctx.model, ref.ppl_text.blocks, infer_batch_size(cfg), "perplexity_dense"),
                 log.info)
     return ref
 
@@ -396,7 +397,7 @@ def evaluate_compressed(ctx: Run, dense: DenseReference, c: Compressed) -> Evalu
         with ctx.timings.stage("perplexity_pruned"):
             ppl, _ = stages.cached_json(
                 stages.stage_key("ppl_pruned", train=c.key, text=dense.ppl_text.describe()),
-                lambda: perplexity(c.model, dense.ppl_text.blocks, cfg.train.batch_size, "perplexity_pruned"),
+                lambda: perplexity(c.model, dense.ppl_text.blocks, infer_batch_size(cfg), "perplexity_pruned"),
                 log.info)
     with ctx.timings.stage("stability"):
         stab = stability(dense.eval["samples"], pres["samples"])

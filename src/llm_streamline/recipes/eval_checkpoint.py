@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from llm_streamline import __version__, faults, preflight, record, report, stages
-from llm_streamline.config import RunConfig
+from llm_streamline.config import RunConfig, infer_batch_size
 from llm_streamline.evaluate.harness import run_lm_eval, save_samples_jsonl, write_lm_eval_files
 from llm_streamline.evaluate.tasks import check_fewshot, check_tasks, task_dir_line
 from llm_streamline.models.checkpoints import load_pruned, load_tokenizer
@@ -58,7 +58,7 @@ def run(cfg: RunConfig, out_dir: Path) -> dict:
         with timings.stage("perplexity"):
             text = perplexity_text(cfg.eval.perplexity_text, tok, cfg.eval.perplexity_seq_len or cfg.data.seq_len,
                                    cfg.eval.perplexity_blocks)
-            ppl, ppl_text = perplexity(model, text.blocks, cfg.eval.batch_size, "perplexity"), text.describe()
+            ppl, ppl_text = perplexity(model, text.blocks, infer_batch_size(cfg), "perplexity"), text.describe()
     speed = None
     if cfg.eval.speed:
         with timings.stage("speed"):

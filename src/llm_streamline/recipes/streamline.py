@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file
 
 from llm_streamline import linear_map, stages
-from llm_streamline.config import RunConfig
+from llm_streamline.config import RunConfig, infer_batch_size
 from llm_streamline.importance import PPL_IMPORTANCE_BLOCKS, SimilarityProfile, block_perplexities, choose_block
 from llm_streamline.models.anatomy import anatomy_of
 from llm_streamline.models.checkpoints import save_checkpoint
@@ -115,7 +115,7 @@ def choose(ctx: Run, profile: SimilarityProfile, n: int) -> tuple[int, list[floa
     if cfg.sparsity.importance == "perplexity" and cfg.sparsity.start is None:
         key = stages.stage_key("block_ppl", model=ctx.model_id, data=ctx.calib_key, n=n)
         block_ppl, _ = stages.cached_json(key, lambda: block_perplexities(
-            ctx.model, ctx.blocks.calib[:PPL_IMPORTANCE_BLOCKS], n, cfg.train.batch_size), log.info)
+            ctx.model, ctx.blocks.calib[:PPL_IMPORTANCE_BLOCKS], n, infer_batch_size(cfg)), log.info)
         start = min(range(len(block_ppl)), key=lambda i: block_ppl[i])
     else:
         # BI of a contiguous block is 1 - cos(x^l, x^(l+n)): it orders blocks as cosine does
@@ -183,7 +183,7 @@ def fit_linear(ctx: Run, pruned, slot: list, start: int, n: int) -> dict | None:
     """The training-free fits (`linear_map`), on the calibration blocks, in place on `pruned` / `slot`: ReplaceMe's
     map fused into layer start-1 of `pruned`, LinearPatch's matrix into its slot, or the linear initialisation of
     an ffn / layer. None when the replacement has none. The fit log carries its wall time."""
-    r, model, bs = ctx.cfg.replacement, ctx.model, ctx.cfg.train.batch_size
+    r, model, bs = ctx.cfg.replacement, ctx.model, infer_batch_size(ctx.cfg)
     calib = ctx.blocks.calib
     if not (r.type in ("linear", "linear_patch") or r.init == "linear"):
         return None
@@ -240,10 +240,12 @@ def load_or_train(ctx: Run, slot: list, train_key: str, pruned, start: int, n: i
                 val_sh = OnlineTeacher(dense_model, blocks.val, start, n, bs)
             else:
                 with stages.stage_lock(tkey):  # shared by the replacement types of one block
+                    # shards are training batches (train.batch_size); a forward pass may fill several
+                    fwd = infer_batch_size(cfg)
                     train_sh = write_teacher_shards(dense_model, blocks.train, start, n, tdir / "train", bs,
-                                                    "teacher pairs (train)")
+                                                    "teacher pairs (train)", forward_batch=fwd)
                     val_sh = write_teacher_shards(dense_model, blocks.val, start, n, tdir / "val", bs,
-                                                  "teacher pairs (val)")
+                                                  "teacher pairs (val)", forward_batch=fwd)
         with timings.stage("train"):
             tl = train_mse(dense_model, slot, start, blocks.train, train_sh, val_sh, cfg.train, cfg.seed,
                            on_step=on_step, accelerator=ctx.accelerator)
