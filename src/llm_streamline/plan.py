@@ -550,7 +550,8 @@ def stage_compress(c: _Ctx) -> Stage | None:
             flops += (alive - 2) * (alive / 2 * layer + 2.0 * s.head_matmul) + alive * layer
         return Stage("compress", flops=tokens * flops, device_gib=c.device(0), host_gib=c.host(0),
                      note=f"SLEB: {c.n} greedy steps on {tokens:,} tokens", shared_flops=tokens * flops,
-                     shared_ways=math.ceil((m.sleb_samples or cfg.data.calib_samples) / c.infer_batch))  # batch k: rank k
+                     # batch k of model.infer_batch_size windows: rank k
+                     shared_ways=math.ceil((m.sleb_samples or cfg.data.calib_samples) / c.infer_batch))
     if m.name == "laco":
         from llm_streamline.baselines.laco import LACO_BLOCKS, LACO_LOWEST
 
