@@ -89,21 +89,30 @@ def test_what_several_processes_cannot_share_is_refused_in_one_line():
     """Under torchrun, a run whose work would only be repeated on every rank is refused before the model loads."""
     from dataclasses import replace
 
-    from llm_streamline.config import ConfigError, MethodConfig, ModelConfig, RunConfig, TrainConfig
+    from llm_streamline.config import (
+        ConfigError,
+        MethodConfig,
+        ModelConfig,
+        ReplacementConfig,
+        RunConfig,
+        TrainConfig,
+    )
     from llm_streamline.recipes.common import check_data_parallel
 
     base = RunConfig(model=ModelConfig(name="m"))
     refused = {"train.teacher=cached": replace(base, train=TrainConfig(loss="mse", teacher="cached")),
                "method=shortgpt": replace(base, method=MethodConfig(name="shortgpt")),
                "model.device_map=auto": replace(base, model=ModelConfig(name="m", device_map="auto"),
-                                                train=TrainConfig(loss="lm"))}
+                                                train=TrainConfig(loss="lm")),
+               "replacement=linear": replace(base, replacement=ReplacementConfig(type="linear"))}
     for key, cfg in refused.items():
         check_data_parallel(cfg, 1)  # one process: anything goes
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as e:
             check_data_parallel(cfg, 2)
         assert "\n" not in str(e.value)
     for cfg in (replace(base, train=TrainConfig(loss="mse", teacher="auto")),
-                replace(base, train=TrainConfig(loss="lora"), method=MethodConfig(heal="lora")),
+                replace(base, train=TrainConfig(loss="lora"), method=MethodConfig(heal="lora"),
+                        replacement=ReplacementConfig(type="none")),
                 replace(base, method=MethodConfig(name="sleb")),
                 replace(base, method=MethodConfig(name="gromov", heal="lora"))):
         check_data_parallel(cfg, 2)

@@ -247,8 +247,13 @@ def check_data_parallel(cfg: RunConfig, world: int) -> None:
         raise ConfigError(f"model.device_map={cfg.model.device_map} with {world} processes: under torchrun each "
                           "process holds a whole copy of the model on its own card; set model.device_map=null "
                           "(device_map runs in one process)")
-    t, m = cfg.train, cfg.method
+    t, m, r = cfg.train, cfg.method, cfg.replacement
     if m.name == "streamline":
+        trains = m.heal == "lora" or r.type in ("ffn", "swiglu", "layer", "layers") or (
+            r.type == "linear_patch" and r.finetune)
+        if not trains:
+            raise ConfigError(f"replacement={r.type} with {world} processes: nothing is trained (several processes "
+                              "share only training, LoRA healing and SLEB's search); run it in one process")
         if t.loss == "mse" and t.teacher == "cached":
             raise ConfigError(f"train.teacher=cached with {world} processes: the cached shards are written by one "
                               "process; use train.teacher=online (each rank computes its own batches' pairs)")

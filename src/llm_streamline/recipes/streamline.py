@@ -168,6 +168,8 @@ def replace_block(ctx: Run, start: int, n: int) -> Compressed | None:
         pruned, train_log = heal(ctx, pruned, stages.stage_key("lora", train=train_key))
         if not ctx.is_main:  # a data-parallel rank: its share of the healing is done
             return None
+    if not ctx.is_main:  # a data-parallel rank evaluates nothing (check_data_parallel: it trained with the others)
+        return None
     if block is None:
         block = remove_block(pruned, start, n, slot)
     return Compressed(pruned, train_key, start, list(range(start, start + n)), block.as_dict(), slot, train_log)
