@@ -30,22 +30,23 @@ def _identical(a: dict, b: dict) -> None:
         assert (a[k] == b[k]).all(), k
 
 
-def test_sleb_search_shared_by_two_ranks_matches_one_process(tmp_path):
+def test_sleb_search_and_validation_shared_by_two_ranks_match_one_process(tmp_path):
     """Each rank scores half of the calibration batches; the float64 sums over ranks give the one-process
-    perplexities (to 1e-12) and the same layers."""
-    res = _torchrun(29521, [str(HERE / "dp_sleb.py"), str(tmp_path)])
+    perplexities (to 1e-12) and the same layers. The same for a training's validation loss."""
+    res = _torchrun(29521, [str(HERE / "dp_worker.py"), str(tmp_path)])
     assert res.returncode == 0, res.stderr[-3000:]
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     sys.path.insert(0, str(HERE))
-    import dp_sleb
+    import dp_worker
 
-    one = dp_sleb.search()
+    one = dp_worker.search()
     assert r0["removed"] == r1["removed"] == one["removed"]
     assert r0["scored"] == r1["scored"] == one["scored"] // 2 > 0  # the work was split, not repeated
     for s0, s1, s in zip(r0["steps"], r1["steps"], one["steps"]):
         assert s0 == s1  # the same reduced values on both ranks
         for layer, ppl in s["candidates_ppl"].items():
             assert s0["candidates_ppl"][layer] == pytest.approx(ppl, rel=1e-12)
+    assert r0["val_loss"] == r1["val_loss"] == pytest.approx(dp_worker.validation(), rel=1e-12)
 
 
 @pytest.mark.parametrize("train,port", [(["train=lm"], 29517), (["train.teacher=online"], 29519)],

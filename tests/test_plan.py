@@ -133,7 +133,7 @@ def test_torchrun_processes_share_the_data_parallel_stages(no_weights):
     assert plan.problems(one) == plan.problems(eight) == []
     t1, t8 = one.stage("train"), eight.stage("train")
     assert t8.flops == pytest.approx(t1.flops, rel=0.02)  # the same work, 8 batches per step
-    assert t1.seconds / 8 < t8.seconds < t1.seconds / 6  # its validation is not shared
+    assert t8.seconds == pytest.approx(t1.seconds / 8, rel=0.02)  # steps and validations shared
     assert "shared by 8 processes" in t8.note and "x 8 processes" in t8.note
     assert eight.stage("eval_dense").seconds == one.stage("eval_dense").seconds
     assert eight.stage("load_model").device_gib == one.stage("load_model").device_gib  # a whole copy per card

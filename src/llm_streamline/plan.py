@@ -24,9 +24,9 @@ How each figure is derived (one small function per stage below):
   per stage (with `train.grad_checkpointing` only each layer's input, and a second forward in the backward).
 - Data parallel (`torchrun --nproc_per_node P`, `plan.processes`, null: WORLD_SIZE): every process holds a whole
   copy on its own card (device memory per card as for one process; host RAM and the node's total x P); the
-  work the ranks share (`Stage.shared_flops`: SLEB's candidate scoring, a replacement's or LoRA's training steps)
-  takes 1/P of its time, a step being P batches; validation, the profile, evaluations and saving run as in one
-  process (on every rank, or on the main one while the others wait).
+  work the ranks share (`Stage.shared_flops`: SLEB's candidate scoring, a replacement's or LoRA's training steps
+  and validations) takes 1/P of its time, a step being P batches; the profile, evaluations and saving run as in
+  one process (on every rank, or on the main one while the others wait).
 """
 
 from __future__ import annotations
@@ -473,17 +473,16 @@ def stage_train(c: _Ctx) -> Stage | None:
             f"{s.replacement_params / 1e6:,.3g}M trainable")
     if t.loss == "mse":
         flops = t.epochs * tokens * 3 * slot + val_tokens * slot
-        shared = t.epochs * tokens * 3 * slot
         if cfg.replacement.type in ("layer", "layers"):  # a decoder layer's call arguments: layers [0, l*) once
             flops += c.batch * c.seq * s.layers_flops(0, c.block_end - c.n, c.seq)
         st = Stage("train", flops=flops, device_gib=c.device(trainable + slot_acts),
-                   host_gib=c.host(trainable + slot_acts), note=note, shared_flops=shared)
+                   host_gib=c.host(trainable + slot_acts), note=note)
         if teacher_mode(cfg, pairs_bytes(c) / GIB, c.hw.disk_free_gib, c.teacher) == "online":
             st.flops += (t.epochs * tokens + val_tokens) * s.layers_flops(0, c.block_end, c.seq)
-            st.shared_flops += t.epochs * tokens * s.layers_flops(0, c.block_end, c.seq)  # each rank its batches
             st.note += "; teacher online"
         else:
             st.disk_io = t.epochs * d.train_samples * c.seq * s.hidden * s.bytes_per_param * 2  # the pairs re-read
+        st.shared_flops = st.flops  # each rank its share of the steps' and the validations' batches (and pairs)
         return st
     # lm / distill: every token through the pruned model, backward from the slot to the head
     after = s.layers - c.block_end
@@ -493,14 +492,12 @@ def stage_train(c: _Ctx) -> Stage | None:
     logits = c.batch * c.seq * s.vocab * 4 * 2 / GIB
     acts, extra = _kept_activations(c, after + 1)
     flops += t.epochs * tokens * extra * (after + 1) / max(1, s.layers - c.n)
-    shared = flops - val_tokens * fwd
     if t.loss == "distill":
         flops += (t.epochs * tokens + val_tokens) * s.model_flops(c.seq)
-        shared += t.epochs * tokens * s.model_flops(c.seq)
         logits *= 2
     return Stage("train", flops=flops, device_gib=c.device(trainable + acts + logits, True),
                  host_gib=c.host(trainable + acts + logits, True), note=note + f"; {t.loss} loss through the model",
-                 shared_flops=shared)
+                 shared_flops=flops)
 
 
 def _kept_activations(c: _Ctx, layers: float) -> tuple[float, float]:
@@ -528,7 +525,7 @@ def stage_lora(c: _Ctx, name: str, epochs: int) -> Stage:
     logits = c.batch * c.seq * s.vocab * 4 * 2 / GIB
     val = d.val_samples * c.seq * (4 * epochs + 1)
     return Stage(name, flops=epochs * tokens * (3 * fwd + extra) + val * fwd,
-                 shared_flops=epochs * tokens * (3 * fwd + extra),
+                 shared_flops=epochs * tokens * (3 * fwd + extra) + val * fwd,
                  device_gib=c.device(acts + logits, True),
                  host_gib=c.host(acts + logits, True),
                  note=f"LoRA r={c.cfg.method.lora_rank}, {epochs} epoch(s) x {tokens:,} tokens")

@@ -266,6 +266,9 @@ class Job:
     keep: Callable[[], Any] | None = None      # the weights selection keeps (default: the modules' state dicts)
     restore: Callable[[Any], None] | None = None
     compute_dtype: torch.dtype = torch.float32  # the run's dtype: bf16/fp16 train mixed (`precision`)
+    # data parallel: each rank validates its share of the batches (`val_batches`) and this sums the float64
+    # (loss x rows, rows) over the ranks, so all get the same validation loss (`sum_over_ranks`)
+    val_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def amp(self):
         """Autocast to the run's dtype around a loss (forward and, through autograd, backward)."""
@@ -293,6 +296,8 @@ class Job:
                 loss = self.loss(b)
             tot += loss.item() * b.rows
             cnt += b.rows
+        if self.val_reduce is not None:
+            tot, cnt = self.val_reduce(torch.tensor([tot, cnt], dtype=torch.float64)).tolist()
         return tot / max(cnt, 1)
 
 
@@ -486,8 +491,8 @@ def train_mse(model: PreTrainedModel, slot: list[nn.Module], start: int, blocks:
 
     job = Job("mse", "the replacement", slot, [p for m in slot for p in m.parameters() if p.requires_grad],
               steps_per_epoch, order, lambda i: load(train_shards, i, world),
-              lambda: (load(val_shards, i) for i in range(len(val_shards))),
-              loss, evaluated=slot, compute_dtype=compute_dtype(model))
+              lambda: (load(val_shards, i) for i in range(rank, len(val_shards), world)),  # this rank's share
+              loss, evaluated=slot, compute_dtype=compute_dtype(model), val_reduce=sum_over_ranks(accelerator))
     return fit(job, cfg, seed, evals_per_epoch, on_step, desc=f"train {type(slot[0]).__name__} (mse)",
                **_data_parallel(accelerator))
 
@@ -516,12 +521,12 @@ def _block_job(stage: str, trains: str, modules: list[nn.Module], params: list[n
         return Batch((ids,), ids.shape[0], ids.numel() * world)
 
     def val_batches() -> Iterable[Batch]:
-        for i in range(0, val_blocks.shape[0], bs):
+        for i in range(rank * bs, val_blocks.shape[0], bs * world):  # this rank's share of the batches
             ids = val_blocks[i:i + bs].to(device)
             yield Batch((ids,), ids.shape[0], ids.numel())
 
     return Job(stage, trains, modules, params, steps_per_epoch, order, load, val_batches,
-               lambda b: batch_loss(b.inputs[0]), evaluated=[model])
+               lambda b: batch_loss(b.inputs[0]), evaluated=[model], val_reduce=sum_over_ranks(accelerator))
 
 
 @contextlib.contextmanager
@@ -569,6 +574,18 @@ def _all_reduce_mean(world: int):
     return all_reduce
 
 
+def sum_over_ranks(accelerator) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """A float64 tensor summed over the data-parallel ranks (on the rank's card for NCCL, back on the CPU); every
+    rank gets the same sums. None in one process."""
+    if _ranks(accelerator)[0] == 1:
+        return None
+
+    def reduce(x: torch.Tensor) -> torch.Tensor:
+        return accelerator.reduce(x.to(accelerator.device, torch.float64), "sum").cpu()
+
+    return reduce
+
+
 def _data_parallel(accelerator) -> dict:
     """`fit`'s arguments for a data-parallel job: a progress bar on the first rank only, gradients averaged
     over the ranks after each step's backward passes (the same update everywhere, as DDP's all-reduce; done
@@ -577,9 +594,10 @@ def _data_parallel(accelerator) -> dict:
     world, rank = _ranks(accelerator)
     if world == 1:
         return {"progress": True, "all_reduce": None, "mean_loss": None}
+    summed = sum_over_ranks(accelerator)
 
     def mean_loss(x: float) -> float:
-        return accelerator.reduce(torch.tensor([x], dtype=torch.float64, device=accelerator.device)).item() / world
+        return summed(torch.tensor([x])).item() / world
 
     return {"progress": rank == 0, "all_reduce": _all_reduce_mean(world), "mean_loss": mean_loss}
 

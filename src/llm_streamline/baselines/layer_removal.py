@@ -37,6 +37,7 @@ from llm_streamline.importance import SimilarityProfile, lowest_bi_layers
 from llm_streamline.losses import nll_sum
 from llm_streamline.models.devices import input_device
 from llm_streamline.models.layers import find_decoder_stack, layer_view, remove_layers, run_layers, skipping
+from llm_streamline.train import sum_over_ranks
 
 GROMOV_METRIC = "angular_last"   # Gromov et al. §3.2: the final token's representation
 SLEB_BLOCKS = 4   # calibration samples scored per SLEB candidate when none is given (cost: ~n * L^2 / 2 layer forwards)
@@ -98,9 +99,8 @@ def sleb_candidate_losses(model: PreTrainedModel, ids: torch.Tensor, candidates:
         part, t = _candidate_loss_sums(model, ids[b:b + step], candidates)
         sums = [a + p for a, p in zip(sums, part)]
         tokens += t
-    if world > 1:  # on the rank's own card: NCCL reduces CUDA tensors only
-        total = accelerator.reduce(torch.tensor([*sums, tokens], dtype=torch.float64, device=accelerator.device),
-                                   "sum").cpu()
+    if world > 1:
+        total = sum_over_ranks(accelerator)(torch.tensor([*sums, tokens], dtype=torch.float64))
         sums, tokens = total[:-1].tolist(), total[-1].item()
     return [v / tokens for v in sums]
 

@@ -1,5 +1,6 @@
 """Run by tests/test_distributed.py under torchrun (gloo, CPU): SLEB's greedy search with its calibration windows
-shared by the ranks. Each rank writes what it removed, every candidate's perplexity and how many batches it scored."""
+shared by the ranks (each rank writes what it removed, every candidate's perplexity and how many batches it
+scored), and a training's validation loss with the validation batches shared."""
 
 from __future__ import annotations
 
@@ -40,10 +41,23 @@ def search(accelerator=None) -> dict:
     return {"removed": removed, "steps": steps, "scored": len(scored)}
 
 
+def validation(accelerator=None) -> float:
+    """The validation loss before training (train.loss=lm through the model, layer 2 the slot): it does not depend
+    on how many processes share the validation batches."""
+    from llm_streamline.config import TrainConfig
+    from llm_streamline.models.layers import find_decoder_stack
+    from llm_streamline.train import train_lm
+
+    model, calib = problem()
+    cfg = TrainConfig(loss="lm", epochs=1, batch_size=BATCH, max_steps=1)
+    log = train_lm(model, [find_decoder_stack(model).layers[2]], calib, calib, cfg, seed=0, accelerator=accelerator)
+    return log.initial_val_loss
+
+
 if __name__ == "__main__":
     from accelerate import Accelerator
 
     acc = Accelerator(cpu=True)
     torch.set_num_threads(1)
-    out = search(acc)
+    out = {**search(acc), "val_loss": validation(acc)}
     (Path(sys.argv[1]) / f"rank{acc.process_index}.json").write_text(json.dumps(out))
