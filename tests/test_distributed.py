@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
 
 HERE = Path(__file__).parent
 
@@ -22,12 +21,6 @@ def _torchrun(port: int, args: list[str], stages: Path | None = None) -> subproc
         env["LLM_STREAMLINE_STAGES"] = str(stages)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), *args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-
-
-def _identical(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys() and a
-    for k in a:
-        assert (a[k] == b[k]).all(), k
 
 
 def test_sleb_search_and_validation_shared_by_two_ranks_match_one_process(tmp_path):
@@ -60,11 +53,11 @@ def test_two_process_training_keeps_ranks_identical(tmp_path, train, port):
     assert res.returncode == 0, res.stderr[-3000:]
     r0, r1 = (json.loads((out / f"rank{r}_slot.json").read_text()) for r in (0, 1))
     assert (r0["start"], r0["n"]) == (r1["start"], r1["n"])
+    assert r0["sha256"] == r1["sha256"] and r0["sha256"]  # the same trained weights, bit for bit
     assert r0["train"] == r1["train"] and r0["train"]["steps"] == 3
     assert r0["train"]["tokens"] == 3 * 2 * 2 * 32  # steps x batch x ranks x seq_len
     if "train.teacher=online" in train:
         assert r0["train"]["teacher"]["mode"] == "online"
-    _identical(*(load_file(str(out / f"rank{r}_slot.safetensors")) for r in (0, 1)))
     assert (out / "results.json").exists()
 
 
@@ -80,10 +73,9 @@ def test_two_process_sleb_with_lora_healing_keeps_ranks_identical(tmp_path):
     assert c0 == c1 and len(c0["removed"]) == 2
     a0, a1 = (json.loads((out / f"rank{r}_adapters.json").read_text()) for r in (0, 1))
     a0["train"].pop("seconds"), a1["train"].pop("seconds")  # wall time: the one thing the ranks may differ in
-    assert a0 == a1 and a0["train"]["steps"] == 2 and a0["train"]["processes"] == 2
-    _identical(*(load_file(str(out / f"rank{r}_adapters.safetensors")) for r in (0, 1)))
+    assert a0 == a1 and a0["train"]["steps"] == 2 and a0["train"]["processes"] == 2 and a0["sha256"]
     rec = json.loads((out / "results.json").read_text())
-    assert rec["layers"]["removed_indices"] == sorted(c0["removed"])
+    assert rec["layers"]["removed_indices"] == sorted(c0["removed"]) and rec["host"]["processes"] == 2
 
 
 def test_what_several_processes_cannot_share_is_refused_in_one_line():

@@ -273,14 +273,17 @@ def train_identity(t: TrainConfig) -> dict:
 
 
 def leave_rank_record(ctx: "Run", name: str, record: dict, weights: dict | None = None) -> None:
-    """Under torchrun, every rank leaves what it trained or chose in the run directory (`rank<r>.json`,
-    `rank<r>_<name>.json` and `.safetensors`): the data-parallel tests check that the ranks agree."""
+    """Under torchrun, every rank leaves `rank<r>_<name>.json` in the run directory: what it trained or chose and
+    the sha256 of each trained tensor's bytes (not the tensors: P copies of a 7B model's replacement would be
+    GBs), so that the data-parallel tests can check that the ranks agree bit for bit."""
     if ctx.accelerator is None:
         return
-    rank = ctx.accelerator.process_index
+    import hashlib
+
     if weights is not None:
-        save_file(weights, str(ctx.out_dir / f"rank{rank}_{name}.safetensors"))
-    stages.write_json_atomic(ctx.out_dir / f"rank{rank}_{name}.json", record)
+        record = {**record, "sha256": {k: hashlib.sha256(v.detach().cpu().contiguous().view(torch.uint8).numpy())
+                                       .hexdigest() for k, v in sorted(weights.items())}}
+    stages.write_json_atomic(ctx.out_dir / f"rank{ctx.accelerator.process_index}_{name}.json", record)
 
 
 def _accelerator(cfg: RunConfig):
@@ -604,7 +607,8 @@ def results_record(ctx: Run, profile: SimilarityProfile, block_ppl: list | None,
                         **({"stage_cuda_mib": ctx.timings.peak_cuda_mib} if ctx.timings.peak_cuda_mib else {})},
         "checkpoint": checkpoint,
         "cache": {"dense_eval_reused": dense.reused},
-        "host": {"python": platform.python_version(), "torch": torch.__version__},
+        "host": {"python": platform.python_version(), "torch": torch.__version__,
+                 "processes": world_size()},  # torchrun data-parallel processes (1: one process)
     }
 
 
