@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 from llm_streamline import __version__, assets
+from llm_streamline.errors import command_internal_error, usage_error
 from llm_streamline.stages import CORRUPT, MANIFEST, OWNER_MARKER, cache_dir, manifest_path, stage_root
 
 # the directories the framework writes at the cache root (assets, models, the data caches)
@@ -137,6 +138,13 @@ def cache_main(argv: list[str] | None = None) -> None:
     cache by kind; clean one kind (e.g. `teacher`, the largest: hidden states on disk), `leftovers` (what
     killed runs left), `stages`, an asset directory, or `all`. Only what the framework wrote is removed:
     names it makes, in a root holding its marker; anything else (a shared directory's files) is listed."""
+    try:
+        _cache_main(argv)
+    except Exception as e:  # bad input is a one-line SystemExit (exit 2); anything else exit 3, its traceback kept
+        command_internal_error("llm-streamline-cache", e)
+
+
+def _cache_main(argv: list[str] | None) -> None:
     ap = argparse.ArgumentParser(prog="llm-streamline-cache", description=cache_main.__doc__.splitlines()[0])
     ap.add_argument("--version", action="version", version=f"llm-streamline {__version__}")
     ap.add_argument("action", choices=["report", "clean"], nargs="?", default="report")
@@ -148,7 +156,7 @@ def cache_main(argv: list[str] | None = None) -> None:
         kinds, foreign = _stage_entries()
         assets, foreign_assets = _assets()
     except OSError as e:  # LLM_STREAMLINE_CACHE / _STAGES pointing at a file, an unreadable directory
-        raise SystemExit(f"llm-streamline-cache: error: {e.strerror or e}") from None
+        raise usage_error(f"llm-streamline-cache: error: {e.strerror or e}") from None
     foreign += foreign_assets
     if args.action == "report":
         total = 0
@@ -164,7 +172,7 @@ def cache_main(argv: list[str] | None = None) -> None:
         _list_foreign(foreign)
         return
     if args.what is None:
-        raise SystemExit("llm-streamline-cache: error: clean needs --what (e.g. --what teacher, leftovers, all)")
+        raise usage_error("llm-streamline-cache: error: clean needs --what (e.g. --what teacher, leftovers, all)")
     if args.what == "all":
         doomed = [p for paths in assets.values() for p in paths] + [p for paths in kinds.values() for p in paths]
     elif args.what == "stages":
@@ -173,7 +181,7 @@ def cache_main(argv: list[str] | None = None) -> None:
         doomed = kinds.get(args.what, []) + assets.get(args.what, [])
     else:
         known = sorted({*kinds, "leftovers", "stages", "all", *assets})
-        raise SystemExit(f"llm-streamline-cache: error: nothing named {args.what!r}; one of {', '.join(known)}")
+        raise usage_error(f"llm-streamline-cache: error: nothing named {args.what!r}; one of {', '.join(known)}")
     freed = sum(_remove(p) for p in doomed)
     print(f"removed {len(doomed)} entries, {freed / 2**20:.1f} MiB")
     _list_foreign(foreign)

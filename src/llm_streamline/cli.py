@@ -1,7 +1,8 @@
 """`llm-streamline`: the Hydra app. Composes conf/, validates it once, runs the recipe it names (see `recipes`).
 
-Every failure ends with one line on stderr and an exit code (2 bad input, 3 a fault while running, 130/143
-interrupted or terminated): see `errors`. In a sweep (-m) a failing job is reported and the next one runs.
+Every failure ends with one line on stderr and an exit code (2 bad input, 3 a fault while running or an internal
+error, its traceback in the run directory's traceback.log; 130/143 interrupted or terminated): see `errors`.
+In a sweep (-m) a failing job is reported and the next one runs.
 """
 
 from __future__ import annotations
@@ -151,11 +152,13 @@ def main() -> None:
     except KeyboardInterrupt as e:  # outside a job: during composition or between a sweep's jobs
         errors.fail("interrupted; finished stages are kept", errors.interrupt_code(e))
     except Exception as e:
-        line = None if full_error else errors.hydra_error_line(e)
-        if line is None and isinstance(e, OSError) and not full_error:  # Hydra creating the run dir, its config
-            errors.fail(_os_error_line(e), errors.BAD_INPUT if e.errno == errno.ENAMETOOLONG else errors.FAULT)
-        if line is None:
+        if full_error:  # the user asked for the traceback on the console
             raise
+        line = errors.hydra_error_line(e)
+        if line is None and isinstance(e, OSError):  # Hydra creating the run dir, its config
+            errors.fail(_os_error_line(e), errors.BAD_INPUT if e.errno == errno.ENAMETOOLONG else errors.FAULT)
+        if line is None:  # outside a job (composing, launching a sweep): no run directory to hold the traceback
+            errors.fail(errors.internal_error(e, None), errors.FAULT)
         errors.fail(line)
     if FAILED_JOBS:
         for job_dir, code, line in FAILED_JOBS:

@@ -316,7 +316,9 @@ PERPLEXITY_TEXTS = values(PerplexityText)  # data.perplexity_text reads them
 
 
 class ConfigError(ValueError):
-    """A config value that cannot work; the message names the key, the value and the fix."""
+    """Bad input: a config value (or a command's argument, a file the user named) that cannot work; the message
+    names the key, the value and the fix, in one line. The one exception a check of the user's input raises: it
+    exits 2, while any other error (a ValueError from a bug too) is internal and exits 3 (see `errors`)."""
 
 
 def _check(cond: bool, msg: str) -> None:

@@ -1,27 +1,32 @@
 """What the user sees when a run fails: one line on stderr (`llm-streamline: error: ...`) and an exit code.
 
-  2    bad input: a config value, an unknown key or preset, a wrong type (Hydra's own errors too), a model or
-       checkpoint that cannot be loaded, an output directory that cannot be written or holds a finished run;
-       before any model is loaded where possible
-  3    a fault while running: NaN/inf, a full or read-only disk, an internal error (its traceback is written
-       to `<run dir>/traceback.log`)
+  2    bad input, and only what a check recognised as such: a config value (`config.ConfigError`, the one
+       bad-input exception every check of the user's input raises: `validate`, `preflight`, the recipes' and
+       methods' checks of what the config asks for, the commands' arguments), an unknown key or preset or a
+       wrong type (Hydra's own errors), a model or checkpoint that cannot be loaded, a missing asset offline,
+       an output directory that cannot be written or holds a finished run; before any model is loaded where
+       possible
+  3    a fault while running: NaN/inf, a full or read-only disk, and every error no check foresaw (an
+       internal error: a ValueError from a bug is one too); its line names the stage and points to the full
+       traceback, written to `<run dir>/traceback.log` (a temporary file when there is no run directory yet)
   130  interrupted (SIGINT, Ctrl-C); 143: terminated (SIGTERM, e.g. a cluster's pre-emption notice); 129: hung
        up (SIGHUP, the terminal closed). A second signal during the cleanup exits at once with its own line
 In a sweep (-m) a failing job is reported and the next one runs; the sweep then exits with the worst code
 (2 or 3) after listing the failed jobs. Finished stages are kept in every case.
 
 The modules that detect a problem raise their own exception (ConfigError, NotWritableError, AssetError, ...);
-`job_failure` is the one place that turns an exception into its line and code.
+`job_failure` is the one place that turns an exception into its line and code, for the main command and the
+plan command (the Python API raises the exception itself: `ConfigError` for bad input).
 """
 
 from __future__ import annotations
 
 import difflib
-import json
 import logging
 import os
 import re
 import sys
+import tempfile
 import traceback
 from pathlib import Path
 from typing import NoReturn
@@ -147,6 +152,23 @@ def fail(msg: str, code: int = BAD_INPUT) -> NoReturn:
     raise exit_
 
 
+def usage_error(line: str) -> SystemExit:
+    """A command's bad input (`llm-streamline-report`, `llm-streamline-cache`): the line, already prefixed with
+    the command's name, printed here; exit code 2 (a SystemExit carrying the text would exit 1). The exception's
+    text stays the line, for callers in Python."""
+    print(line, file=sys.stderr)
+    e = SystemExit(line)
+    e.code = BAD_INPUT
+    return e
+
+
+def command_internal_error(prog: str, e: BaseException) -> NoReturn:
+    """A command other than a run (report, cache, export) met an error no check foresaw: one line naming the
+    temporary file that holds its traceback, exit 3 (not Python's traceback and exit 1)."""
+    print(f"{prog}: error: {internal_error(e, None)}", file=sys.stderr, flush=True)
+    raise SystemExit(FAULT)
+
+
 def _log_to_file(msg: str) -> None:
     """The error with its type goes to the run's log file only: the console shows it once, as `fail`'s line
     (Hydra's console handler would print it a second time)."""
@@ -201,20 +223,35 @@ def _disk_line(e: BaseException, err: int) -> str:
             else f"cannot write ({what})")
 
 
-def _unexpected_line(e: BaseException, out_dir: Path) -> str:
-    """An error no check foresaw: the stage and the error's first line; the traceback goes to a file."""
+def internal_error(e: BaseException, out_dir: Path | None) -> str:
+    """The line of an error no check foresaw (exit 3): the stage, the error's first line, and where its full
+    traceback went: `<out_dir>/traceback.log`, written atomically (a reader never sees half of it), or a
+    temporary file when there is no run directory yet (composing the config) or it cannot be written."""
+    from llm_streamline.stages import write_text_atomic
+
     stage = getattr(e, "stage", None)
-    where = out_dir / "traceback.log"
-    try:
-        where.write_text("".join(traceback.format_exception(e)))
-    except OSError:
-        where = None
-    return (f"{f'stage {stage}: ' if stage else ''}{type(e).__name__}: {first_line(e)}"
+    text = "".join(traceback.format_exception(e))
+    where = None
+    if out_dir is not None:
+        try:
+            where = write_text_atomic(Path(out_dir) / "traceback.log", text)
+        except OSError:
+            where = None
+    if where is None:
+        try:
+            fd, name = tempfile.mkstemp(prefix="llm-streamline-traceback-", suffix=".log")
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            where = Path(name)
+        except OSError:  # nowhere to write: the line still says what failed
+            where = None
+    return (f"{f'stage {stage}: ' if stage else ''}internal error: {type(e).__name__}: {first_line(e)}"
             f"{f' (traceback in {where})' if where else ''}")
 
 
-def job_failure(e: BaseException, cfg: RunConfig | None, out_dir: Path) -> tuple[str, int]:
-    """The one line and the exit code of an exception a job raised (`cfg`: None if composing it failed)."""
+def job_failure(e: BaseException, cfg: RunConfig | None, out_dir: Path | None) -> tuple[str, int]:
+    """The one line and the exit code of an exception a job raised (`cfg`: None if composing it failed;
+    `out_dir`: None before there is a run directory)."""
     if isinstance(e, KeyboardInterrupt):  # before the imports below: a signal landing inside `import torch`
         # leaves it half-initialised, and importing it again would raise instead of naming the interrupt
         stage = getattr(e, "stage", None)
@@ -231,10 +268,10 @@ def job_failure(e: BaseException, cfg: RunConfig | None, out_dir: Path) -> tuple
     if isinstance(e, (ConfigError, AssetError, HubUnavailable, NoDecoderLayersError, FileNotFoundError)):
         _log_to_file(f"{type(e).__name__}: {e}")
         return first_line(e), BAD_INPUT
-    if isinstance(e, ValueError):
+    composing = hydra_error_line(e)  # an unknown key or preset, a wrong type: Hydra's and OmegaConf's checks
+    if composing is not None:
         _log_to_file(f"{type(e).__name__}: {e}")
-        corrupt_json = isinstance(e, json.JSONDecodeError) and getattr(e, "stage", None) == "load_model"
-        return (_load_error_line(e, cfg) if corrupt_json else first_line(e)), BAD_INPUT  # a JSON error names no file
+        return composing, BAD_INPUT
     if isinstance(e, NumericalFault):
         _log_to_file(f"NumericalFault: {e}")
         return f"numerical fault: {e}", FAULT
@@ -242,6 +279,8 @@ def job_failure(e: BaseException, cfg: RunConfig | None, out_dir: Path) -> tuple
     if err is not None:
         _log_to_file(f"disk: {e}")
         return _disk_line(e, err), FAULT
-    if getattr(e, "stage", None) == "load_model":  # a damaged or foreign model or checkpoint
-        return _load_error_line(e, cfg), BAD_INPUT
-    return _unexpected_line(e, out_dir), FAULT
+    if getattr(e, "stage", None) == "load_model" and cfg is not None:  # a damaged or foreign model or checkpoint
+        return _load_error_line(e, cfg), BAD_INPUT  # (a truncated config.json: a JSON error, naming no file)
+    line = internal_error(e, out_dir)
+    _log_to_file(line)
+    return line, FAULT

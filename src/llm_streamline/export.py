@@ -30,7 +30,7 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from llm_streamline import stages
-from llm_streamline.config import WandbConfig
+from llm_streamline.config import ConfigError, WandbConfig
 from llm_streamline.gguf_export import GGUFExportError
 
 log = logging.getLogger("llm_streamline")
@@ -49,8 +49,8 @@ class ExportConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
-class ExportError(ValueError):
-    """An export that cannot work: one line naming what and why."""
+class ExportError(ConfigError):
+    """An export that cannot work: one line naming what and why (bad input: exit 2)."""
 
 
 def parse_args(argv: list[str]) -> ExportConfig:
@@ -94,7 +94,11 @@ def to_stock(saved: SavedRun, dtype: torch.dtype):
     from llm_streamline.models.layers import find_decoder_stack
     from llm_streamline.replace import export_stock
 
-    model = load_pruned(saved.model_dir, dtype=None)  # as saved: no float32 copy of a bf16 model unless asked
+    try:  # a damaged or foreign model directory is the user's input: one line, exit 2
+        model = load_pruned(saved.model_dir, dtype=None)  # as saved: no float32 copy of a bf16 model unless asked
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ExportError(f"run={saved.run_dir}: cannot load the saved model in {saved.model_dir} ({first})") from e
     fmt = saved.meta.get("format")
     if fmt == "stock":
         return model.to(dtype), True
@@ -371,6 +375,8 @@ def main(argv: list[str] | None = None) -> None:
         except (ExportError, GGUFExportError) as e:
             print(f"llm-streamline-export: error: {e}", file=sys.stderr)
             sys.exit(errors.BAD_INPUT)
+        except Exception as e:  # no check foresaw it: exit 3, its traceback in a file (the `out` holds only the export)
+            errors.command_internal_error("llm-streamline-export", e)
         print(out)
 
     saved_argv, full_error = sys.argv, os.environ.get("HYDRA_FULL_ERROR")
@@ -381,7 +387,7 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as e:
         line = errors.hydra_error_line(e)
         if line is None:
-            raise
+            errors.command_internal_error("llm-streamline-export", e)
         print(f"llm-streamline-export: error: {line}", file=sys.stderr)
         sys.exit(errors.BAD_INPUT)
     finally:

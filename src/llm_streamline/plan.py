@@ -740,9 +740,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cfg = compose(argv)
         plan = make_plan(cfg)
-    except Exception as e:
-        line = errors.hydra_error_line(e) if not isinstance(e, ConfigError) else None
-        errors.fail(line or errors.first_line(e))
+    except Exception as e:  # bad input: one line, exit 2; anything else: exit 3, its traceback in a file
+        errors.fail(*errors.job_failure(e, None, None))
     print(table(plan))
     bad = problems(plan)
     if bad and cfg.plan.enforce:

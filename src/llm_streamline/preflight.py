@@ -143,9 +143,9 @@ def resolve_block_size(cfg: RunConfig, model, stack) -> int:
     if s.layers is not None:
         n = s.layers + (int(extra / layer_params + 0.5) if s.count == "net" else 0)
         if n >= L:
-            raise ValueError(f"sparsity.layers={s.layers} ({n} removed): the model has only {L} layers")
+            raise ConfigError(f"sparsity.layers={s.layers} ({n} removed): the model has only {L} layers")
         if n < min_n:
-            raise ValueError(f"sparsity.layers={s.layers} is less than replacement.num_layers={min_n}")
+            raise ConfigError(f"sparsity.layers={s.layers} is less than replacement.num_layers={min_n}")
         if n * layer_params - extra <= 0:
             raise ConfigError(f"sparsity.layers={s.layers}: {n} layer(s) replaced by replacement={r.type} "
                               f"({extra:,} parameters) remove {n * layer_params - extra:,} parameters net; remove "

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache
 
-from llm_streamline.config import ReplacementConfig
+from llm_streamline.config import ConfigError, ReplacementConfig
 from llm_streamline.models.anatomy import Anatomy, anatomy_of
 from llm_streamline.models.checkpoints import NeedsWeights, register_builder
 from llm_streamline.models.devices import input_device
@@ -165,7 +165,7 @@ def build_replacement(cfg: ReplacementConfig, pruned_layers: list[nn.Module], co
     if cfg.type in ("layer", "layers"):
         k = 1 if cfg.type == "layer" else cfg.num_layers
         if k > len(pruned_layers):
-            raise ValueError(f"replacement.num_layers={k} is more than the {len(pruned_layers)} layers pruned")
+            raise ConfigError(f"replacement.num_layers={k} is more than the {len(pruned_layers)} layers pruned")
         mods = [copy.deepcopy(pruned_layers[j]) for j in range(k)]
         for m in mods:
             m.requires_grad_(True)

@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from llm_streamline import record, stages
+from llm_streamline.errors import command_internal_error, usage_error
 from llm_streamline.record import RecordError, RunRecord
 
 METRIC_NOTE = record.METRIC_RULE
@@ -296,7 +297,7 @@ def select(header: list[str], rows: list[list], columns: list[str] | None = None
         return header, rows
     unknown = [c for c in columns if c not in header]
     if unknown:
-        raise _error(f"llm-streamline-report: error: --columns {','.join(unknown)}: no such column "
+        raise usage_error(f"llm-streamline-report: error: --columns {','.join(unknown)}: no such column "
                          f"(available: {', '.join(header)})")
     keep = [header.index("run")] + [header.index(c) for c in columns if c != "run"]
     return [header[k] for k in keep], [[r[k] for k in keep] for r in rows]
@@ -561,20 +562,21 @@ def _samples_of(spec: str) -> tuple[str, list[dict], dict | None]:
     path, _, which = spec.partition(":")
     which = which or "pruned"
     if which not in ("pruned", "dense"):
-        raise _error(f"llm-streamline-report: error: {spec}: the suffix must be :dense or :pruned")
+        raise usage_error(f"llm-streamline-report: error: {spec}: the suffix must be :dense or :pruned")
     rec = None
     try:
         rec = record.read(path)
     except RecordError as e:
         if (Path(path) / "results.json").exists():  # there but damaged: say so rather than compare blindly
-            raise _error(f"llm-streamline-report: error: {e}") from None
+            raise usage_error(f"llm-streamline-report: error: {e}") from None
     f = Path(path) / f"samples_{which}.jsonl"
     if rec is not None and rec.kind == "eval":
         if which == "dense":
-            raise _error(f"llm-streamline-report: error: {spec}: an eval job's directory has one model (no :dense)")
+            raise usage_error(f"llm-streamline-report: error: {spec}: an eval job's directory has one model "
+                              "(no :dense)")
         f = Path(path) / "samples.jsonl"
     if not f.exists():
-        raise _error(f"llm-streamline-report: error: {f} does not exist (a run directory holds samples_*.jsonl, "
+        raise usage_error(f"llm-streamline-report: error: {f} does not exist (a run directory holds samples_*.jsonl, "
                          "an eval job's samples.jsonl)")
     name = "dense" if which == "dense" else Path(path).name
     if which == "pruned" and rec is not None:
@@ -583,7 +585,7 @@ def _samples_of(spec: str) -> tuple[str, list[dict], dict | None]:
     try:
         rows = load_samples_jsonl(f)
     except (OSError, ValueError) as e:  # a truncated last line: name the file, not a JSON traceback
-        raise _error(f"llm-streamline-report: error: {f} is unreadable ({type(e).__name__}: "
+        raise usage_error(f"llm-streamline-report: error: {f} is unreadable ({type(e).__name__}: "
                          f"{str(e).splitlines()[0]}); truncated? evaluate the run again") from None
     _check_row_counts(f, rows, rec)
     return name, rows, groups
@@ -600,7 +602,7 @@ def _check_row_counts(f: Path, rows: list[dict], rec) -> None:
     for task in (rec.eval_meta.get("n_samples") or {}):
         want = rec.items(task)
         if want is not None and have.get(task, 0) != want:
-            raise _error(f"llm-streamline-report: error: {f} holds {have.get(task, 0)} rows of {task}, "
+            raise usage_error(f"llm-streamline-report: error: {f} holds {have.get(task, 0)} rows of {task}, "
                              f"{want} were scored (results.json); truncated or edited? evaluate the run again")
 
 
@@ -661,23 +663,23 @@ def _labels(path: Path | None) -> dict[str, str] | None:
     try:
         labels = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as e:
-        raise _error(f"llm-streamline-report: error: --labels {path}: {e}".splitlines()[0]) from None
+        raise usage_error(f"llm-streamline-report: error: --labels {path}: {e}".splitlines()[0]) from None
     if not isinstance(labels, dict):
-        raise _error(f"llm-streamline-report: error: --labels {path}: expected a mapping of row name or path "
+        raise usage_error(f"llm-streamline-report: error: --labels {path}: expected a mapping of row name or path "
                          "to label")
     return {str(k): str(v) for k, v in labels.items()}
 
 
-def _error(line: str) -> SystemExit:
-    """The report's one-line error: printed here and exit code 2 as every other command's bad input (a
-    SystemExit carrying the text would exit 1); the exception's text stays the line, for callers in Python."""
-    print(line, file=sys.stderr)
-    e = SystemExit(line)
-    e.code = 2
-    return e
-
-
 def main(argv: list[str] | None = None) -> None:
+    """`llm-streamline-report`: bad input is one line and exit 2 (`usage_error`); any other error exit 3, its
+    traceback in a temporary file."""
+    try:
+        _main(argv)
+    except Exception as e:
+        command_internal_error("llm-streamline-report", e)
+
+
+def _main(argv: list[str] | None) -> None:
     from llm_streamline import __version__
 
     ap = argparse.ArgumentParser(prog="llm-streamline-report", description=__doc__.splitlines()[0])
@@ -700,7 +702,7 @@ def main(argv: list[str] | None = None) -> None:
     for path, why in skipped:
         print(f"llm-streamline-report: skipped {path}: {why}", file=sys.stderr)
     if not results:
-        raise _error(f"llm-streamline-report: error: no readable results.json under {args.runs}")
+        raise usage_error(f"llm-streamline-report: error: no readable results.json under {args.runs}")
     header, rows = rows_of(results, root=args.runs)
     header, rows = select(header, rows, args.columns.split(",") if args.columns else None, _labels(args.labels))
     write_tables(header, rows, args.out, skipped)

@@ -375,7 +375,7 @@ def fit(job: Job, cfg: TrainConfig, seed: int, evals_per_epoch: int = 4, on_step
     accum = cfg.grad_accum  # micro-batches per optimizer step; an epoch's leftover micro-batches are not used
     steps_per_epoch = job.steps_per_epoch // accum
     if steps_per_epoch < 1:
-        raise ValueError(f"train.grad_accum={accum} is more than the {job.steps_per_epoch} batches of an epoch")
+        raise ConfigError(f"train.grad_accum={accum} is more than the {job.steps_per_epoch} batches of an epoch")
     total = steps_per_epoch * cfg.epochs
     if cfg.max_steps is not None:
         total = min(cfg.max_steps, total)
@@ -474,8 +474,8 @@ def train_mse(model: PreTrainedModel, slot: list[nn.Module], start: int, blocks:
     world, rank = _ranks(accelerator)
     steps_per_epoch = len(train_shards) // world
     if steps_per_epoch < 1:
-        raise ValueError(f"train.loss=mse with {world} processes needs at least {world} training batches of "
-                         f"train.batch_size={cfg.batch_size}, got {len(train_shards)}")
+        raise ConfigError(f"train.loss=mse with {world} processes needs at least {world} training batches of "
+                          f"train.batch_size={cfg.batch_size}, got {len(train_shards)}")
 
     def order(gen: torch.Generator) -> list[int]:
         perm = torch.randperm(len(train_shards), generator=gen).tolist()  # same order on every rank (same seed)
@@ -508,8 +508,8 @@ def _block_job(stage: str, trains: str, modules: list[nn.Module], params: list[n
     world, rank = _ranks(accelerator)
     steps_per_epoch = train_blocks.shape[0] // (bs * world)
     if steps_per_epoch < 1:
-        raise ValueError(f"train.loss={cfg.loss} needs at least {bs * world} training blocks, "
-                         f"got {train_blocks.shape[0]}")
+        raise ConfigError(f"train.loss={cfg.loss} needs at least {bs * world} training blocks, "
+                          f"got {train_blocks.shape[0]}")
     device = input_device(model)
 
     def order(gen: torch.Generator) -> list[torch.Tensor]:
@@ -542,8 +542,8 @@ def activation_checkpointing(model: PreTrainedModel, on: bool | None):
         yield
         return
     if not getattr(model, "supports_gradient_checkpointing", False):
-        raise ValueError(f"train.grad_checkpointing=true: {type(model).__name__} does not support activation "
-                         "checkpointing; set train.grad_checkpointing=false")
+        raise ConfigError(f"train.grad_checkpointing=true: {type(model).__name__} does not support activation "
+                          "checkpointing; set train.grad_checkpointing=false")
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name; the old one warns
         model.activation_checkpointing_enable(kwargs)

@@ -88,6 +88,10 @@ CASES = [
     Case(["replacement=layers", "replacement.num_layers=2"], "sparsity.layers=2: 2 layer(s) replaced by "
          "replacement=layers (73,984 parameters) remove 0 parameters net"),
     Case(["sparsity.start=7"], "sparsity.start=7: a block of 2 layers must start in [0, 6]"),
+    # the block's size (preflight.resolve_block_size): refused as bad input (exit 2), not as an internal error
+    Case(["replacement=layers", "replacement.num_layers=3"], "sparsity.layers=2 is less than replacement.num_layers=3",
+         cli=True),
+    Case(["sparsity.layers=7", "sparsity.count=net"], "sparsity.layers=7 (8 removed): the model has only 8 layers"),
     Case(["sparsity.start=-1"], "sparsity.start=-1: must be >= 0"),
     Case(["model=hub", "model.source=local", "model.name_or_path={tmp}/model", "sparsity=layers4",
           "sparsity.start=6"], "sparsity.start=6: a block of 4 layers must start in [0, 4]", prepare=config_only_dir),

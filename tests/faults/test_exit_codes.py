@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -193,3 +194,61 @@ def test_an_interrupt_inside_an_import_is_named_without_importing_again(tmp_path
     with pytest.raises(SystemExit) as e:  # seen: a Ctrl-C inside `import asyncio`, then tqdm.auto imported it
         errors.fail(line, code)
     assert e.value.code == 129 and bar.disable
+
+
+# ------------------------------------------------------------------------------------- internal errors: exit 3
+INJECT = """
+import sys
+import llm_streamline.recipes.common as common
+
+def deep(*args, **kwargs):  # a bug in a helper deep inside the importance stage
+    raise ValueError("injected bug: index 9 is out of range")
+
+common.similarity_profile = deep
+from llm_streamline.cli import main
+sys.argv = ["llm-streamline", *sys.argv[1:]]
+main()
+"""
+
+
+def test_an_internal_value_error_in_a_stage_exits_3_with_its_traceback_in_the_run_dir(tmp_path):
+    """A ValueError from a bug is not bad input: exit 3, one line naming the stage and the traceback file, the
+    full traceback in <run dir>/traceback.log (before: exit 2 and the bug's message as if the user had erred)."""
+    run = tmp_path / "run"
+    env = dict(os.environ, WANDB_MODE="disabled", OMP_NUM_THREADS="1", LLM_STREAMLINE_STAGES=str(tmp_path / "st"))
+    env.pop("HYDRA_FULL_ERROR", None)
+    res = subprocess.run([sys.executable, "-c", INJECT, "experiment=smoke", f"hydra.run.dir={run}"], cwd=tmp_path,
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 3, res.stderr[-2000:]
+    assert res.stderr.strip().splitlines()[-1] == (
+        "llm-streamline: error: stage importance: internal error: ValueError: injected bug: index 9 is out of range "
+        f"(traceback in {run / 'traceback.log'})")
+    assert "Traceback" not in res.stderr + res.stdout
+    text = (run / "traceback.log").read_text()
+    assert text.startswith("Traceback (most recent call last):") and "in deep" in text, text[-2000:]
+    assert text.rstrip().endswith("ValueError: injected bug: index 9 is out of range")
+    assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")]  # written atomically
+
+
+def test_bad_input_is_exit_2_in_one_line_and_everything_else_exit_3_with_a_traceback_file(tmp_path):
+    from llm_streamline import errors
+    from llm_streamline.config import ConfigError
+
+    assert errors.job_failure(ConfigError("train.lr=-1.0: must be > 0"), None, tmp_path) == (
+        "train.lr=-1.0: must be > 0", errors.BAD_INPUT)
+    assert not (tmp_path / "traceback.log").exists()  # bad input: the line says it all
+    try:
+        {}["missing"]
+    except KeyError as e:
+        e.stage = "train"
+        line, code = errors.job_failure(e, None, tmp_path)
+    assert code == errors.FAULT and line == (f"stage train: internal error: KeyError: 'missing' "
+                                             f"(traceback in {tmp_path / 'traceback.log'})")
+    assert "{}[\"missing\"]" in (tmp_path / "traceback.log").read_text()
+    # no run directory yet (composing), or one that cannot be written: a temporary file holds the traceback
+    for out_dir in (None, tmp_path / "traceback.log" / "not-a-dir"):
+        line, code = errors.job_failure(ValueError("a bug"), None, out_dir)
+        where = Path(line.split("(traceback in ", 1)[1].rstrip(")"))
+        assert code == errors.FAULT and line.startswith("internal error: ValueError: a bug (traceback in ")
+        assert where.name.startswith("llm-streamline-traceback-") and "ValueError: a bug" in where.read_text()
+        where.unlink()

@@ -43,7 +43,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from llm_streamline.config import RunConfig
+from llm_streamline.config import ConfigError, RunConfig
 from llm_streamline.models.devices import input_device
 from llm_streamline.models.layers import find_decoder_stack, layer_view, remove_block
 
@@ -166,7 +166,7 @@ def _fallback_collapse(st: _Collapser) -> None:
     """One collapse at the best-scoring position of the current model (the pass ended short of n)."""
     positions = [lay for lay in range(LACO_LOWEST, st.layers - 1) if st.size_at(lay) >= 2]
     if not positions:
-        raise ValueError(f"laco: no collapse position left with {st.layers} layers")
+        raise ConfigError(f"laco: no collapse position left with {st.layers} layers")
     tried = [(lay, st.score(lay)) for lay in positions]
     lay, s = max(tried, key=lambda t: t[1])
     st.accept(lay, s, True, [(st.alive[p], round(v, 6)) for p, v in tried])
@@ -176,10 +176,10 @@ def _fallback_collapse(st: _Collapser) -> None:
 def laco(model: PreTrainedModel, calib: torch.Tensor, n: int, merge: int, progress: bool = True):
     """Collapse until exactly n layers are removed. Returns (removed original indices, per-merge records)."""
     if merge < 2:
-        raise ValueError(f"method.laco_merge={merge}: a collapse needs at least 2 layers")
+        raise ConfigError(f"method.laco_merge={merge}: a collapse needs at least 2 layers")
     L0 = find_decoder_stack(model).num_layers
     if not 1 <= n <= L0 - 1 - LACO_LOWEST:
-        raise ValueError(f"laco: cannot remove {n} of {L0} layers")
+        raise ConfigError(f"laco: cannot remove {n} of {L0} layers")
     ids = calib[:LACO_BLOCKS].to(input_device(model))
     was_training = model.training
     model.eval()

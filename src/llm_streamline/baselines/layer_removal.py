@@ -32,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from llm_streamline.config import RunConfig, infer_batch_size
+from llm_streamline.config import ConfigError, RunConfig, infer_batch_size
 from llm_streamline.importance import SimilarityProfile, lowest_bi_layers
 from llm_streamline.losses import nll_sum
 from llm_streamline.models.devices import input_device
@@ -114,8 +114,8 @@ def sleb_tokens(calib: torch.Tensor, samples: int | None, seq_len: int | None) -
     flat = calib.reshape(-1)
     count = flat.numel() // seq_len if samples is None else samples
     if count < 1 or count * seq_len > flat.numel():
-        raise ValueError(f"method.sleb_samples={samples} x method.sleb_seq_len={seq_len} needs {count * seq_len} "
-                         f"calibration tokens; the data gives {flat.numel()}")
+        raise ConfigError(f"method.sleb_samples={samples} x method.sleb_seq_len={seq_len} needs {count * seq_len} "
+                          f"calibration tokens; the data gives {flat.numel()}")
     return flat[:count * seq_len].view(count, seq_len)
 
 
@@ -131,8 +131,8 @@ def sleb(model: PreTrainedModel, calib: torch.Tensor, n: int, blocks: int | None
     model.eval()
     alive = list(range(find_decoder_stack(model).num_layers))   # original index of each current layer
     if len(alive) - sum(barriers) < n:
-        raise ValueError(f"sleb: cannot remove {n} of {len(alive)} layers with the first {barriers[0]} and last "
-                         f"{barriers[1]} kept")
+        raise ConfigError(f"sleb: cannot remove {n} of {len(alive)} layers with the first {barriers[0]} and last "
+                          f"{barriers[1]} kept")
     removed, steps = [], []
     bar = tqdm(range(n), desc="sleb", unit="layer", disable=not progress)
     for step in bar:
@@ -158,7 +158,7 @@ def apply(name: str, model: PreTrainedModel, calib: torch.Tensor, profile: Simil
 
     L = find_decoder_stack(model).num_layers
     if not 1 <= n < L:
-        raise ValueError(f"{name}: cannot remove {n} of {L} layers")
+        raise ConfigError(f"{name}: cannot remove {n} of {L} layers")
     if chosen is not None:
         remove_layers(model, chosen["removed"])
         return BaselineResult(model=model, removed_layers=list(chosen["removed"]), record=chosen)

@@ -76,6 +76,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from llm_streamline.config import ConfigError
 from llm_streamline.models.checkpoints import register_builder
 from llm_streamline.models.devices import input_device
 from llm_streamline.models.layers import count_params, find_decoder_stack
@@ -201,7 +202,7 @@ def find_structures(model: PreTrainedModel, layers: list[int], attention_unit: s
     """Per layer its attention and MLP structures; attention_unit "head" gives q heads inside KV groups under GQA
     (the same as "kv-group" without GQA, where a group is one head)."""
     if attention_unit not in ATTENTION_UNITS:
-        raise ValueError(f"method.attention_unit={attention_unit!r}: expected one of {ATTENTION_UNITS}")
+        raise ConfigError(f"method.attention_unit={attention_unit!r}: expected one of {ATTENTION_UNITS}")
     stack = find_decoder_stack(model)
     out = []
     for i in layers:
@@ -280,7 +281,7 @@ def _unit_terms(struct: Structure, g: dict, fisher: dict) -> dict[str, torch.Ten
 
 def structure_scores(struct: Structure, g: dict, fisher: dict, importance: str) -> torch.Tensor:
     if importance not in IMPORTANCE:
-        raise ValueError(f"method.importance={importance!r}: expected one of {IMPORTANCE}")
+        raise ConfigError(f"method.importance={importance!r}: expected one of {IMPORTANCE}")
     if importance in NEEDS_FISHER and not fisher:
         raise ValueError(f"{importance} needs the Fisher diagonal: taylor_gradients(..., with_fisher=True)")
     return _unit_terms(struct, g, fisher)[importance]
@@ -385,8 +386,8 @@ def apply(model: PreTrainedModel, calib: torch.Tensor, n: int, cfg, target: int 
     L = stack.num_layers
     layers = list(range(mc.first_layer, L - mc.last_layers_kept))
     if not layers:
-        raise ValueError(f"method.first_layer={mc.first_layer}, method.last_layers_kept={mc.last_layers_kept}: "
-                         f"no layer of {L} left to prune")
+        raise ConfigError(f"method.first_layer={mc.first_layer}, method.last_layers_kept={mc.last_layers_kept}: "
+                          f"no layer of {L} left to prune")
     structs = find_structures(model, layers, mc.attention_unit)
     dense_params = count_params(model)
     target = n * count_params(stack.layers[0]) if target is None else target

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from llm_streamline.config import PERPLEXITY_TEXTS, DataConfig, check_data
+from llm_streamline.config import PERPLEXITY_TEXTS, ConfigError, DataConfig, check_data
 from llm_streamline.data import corpus, hub
 from llm_streamline.data.corpus import offline_corpus
 from llm_streamline.data.hub import HUB_PRESETS, HubUnavailable
@@ -56,7 +56,7 @@ def load_blocks(cfg: DataConfig, tokenizer: Any) -> TokenBlocks:
     elif cfg.name in HUB_PRESETS:
         out = hub.hub_blocks(cfg, tokenizer)
     else:
-        raise ValueError(f"data.name={cfg.name!r}: expected offline or one of {tuple(HUB_PRESETS)}")
+        raise ConfigError(f"data.name={cfg.name!r}: expected offline or one of {tuple(HUB_PRESETS)}")
     bos = bos_prefix(tokenizer)
     if bos is not None:
         out.calib, out.train, out.val = (begin_with_bos(b, bos) for b in (out.calib, out.train, out.val))
@@ -95,10 +95,10 @@ def perplexity_text(name: str, tokenizer: Any, seq_len: int, max_blocks: int | N
     elif name in hub.PPL_HUB:
         ids, source = hub.hub_text_ids(name, tokenizer, seq_len, max_blocks)
     else:
-        raise ValueError(f"eval.perplexity_text={name!r}: expected one of {PERPLEXITY_TEXTS}")
+        raise ConfigError(f"eval.perplexity_text={name!r}: expected one of {PERPLEXITY_TEXTS}")
     blocks = as_blocks(np.asarray(ids), seq_len)
     if blocks.shape[0] == 0:
-        raise ValueError(f"eval.perplexity_text={name}: {ids.size} tokens, fewer than one block of {seq_len}")
+        raise ConfigError(f"eval.perplexity_text={name}: {ids.size} tokens, fewer than one block of {seq_len}")
     if max_blocks is not None:
         blocks = blocks[:max_blocks]
     bos = bos_prefix(tokenizer)

@@ -43,7 +43,7 @@ import torch
 from tqdm.auto import tqdm
 
 from llm_streamline import assets, stages
-from llm_streamline.config import DataConfig
+from llm_streamline.config import ConfigError, DataConfig
 from llm_streamline.data import tokens
 from llm_streamline.data.splits import TokenBlocks, as_blocks, permuted_blocks, permuted_split
 from llm_streamline.data.tokens import TOKENIZE_BATCH, batched, encode, separator, tokenizer_fingerprint
@@ -149,8 +149,8 @@ def open_stream(name: str, path: str, hub_name: str | None, split: str, text_fie
         except net_errors as e:
             raise HubUnavailable(_offline_msg(name, f"while streaming {path}: {type(e).__name__}: {e}")) from e
         if text_field not in row:
-            raise ValueError(f"data={name}: {path} ({hub_name}, {split}) has no column {text_field!r}; "
-                             f"columns: {sorted(row)}; set data.text_field")
+            raise ConfigError(f"data={name}: {path} ({hub_name}, {split}) has no column {text_field!r}; "
+                              f"columns: {sorted(row)}; set data.text_field")
         text = row[text_field]
         if isinstance(text, str) and text.strip():
             yield text
@@ -296,12 +296,12 @@ def _whole_blocks(src: _Source, tokenizer: Any) -> TokenBlocks:
         t_ids, t_docs = _whole_split_stream(src.stream(split, False), tokenizer, f"tokenising {split}")
         vb, tb = as_blocks(v_ids, L), as_blocks(t_ids, L)
         if vb.shape[0] < V:
-            raise ValueError(f"data={cfg.name}: {src.label} [{val_split}] gives {vb.shape[0]} blocks of "
-                             f"seq_len={L} but val_samples={V} were requested; lower val_samples or seq_len")
+            raise ConfigError(f"data={cfg.name}: {src.label} [{val_split}] gives {vb.shape[0]} blocks of "
+                              f"seq_len={L} but val_samples={V} were requested; lower val_samples or seq_len")
         if tb.shape[0] < C + T:
-            raise ValueError(f"data={cfg.name}: {src.label} [{split}] gives {tb.shape[0]} blocks of "
-                             f"seq_len={L} but calib_samples={C} + train_samples={T} = {C + T} were "
-                             f"requested; lower the sample counts or seq_len")
+            raise ConfigError(f"data={cfg.name}: {src.label} [{split}] gives {tb.shape[0]} blocks of "
+                              f"seq_len={L} but calib_samples={C} + train_samples={T} = {C + T} were "
+                              f"requested; lower the sample counts or seq_len")
         (val_idx,) = permuted_split(vb.shape[0], [V], cfg.seed)
         calib_i, train_i = permuted_split(tb.shape[0], [C, T], cfg.seed)
         val_b, calib_b, train_b = vb[val_idx], tb[calib_i], tb[train_i]
@@ -332,9 +332,9 @@ def _streamed_blocks(src: _Source, tokenizer: Any) -> TokenBlocks:
             split_label = split
     except ValueError as e:
         if str(e).startswith("stream ended"):
-            raise ValueError(f"data={cfg.name}: {src.label} [{split}] {e} of seq_len={L}; "
-                             f"val_samples={V} + calib_samples={C} + train_samples={T} = {V + C + T} "
-                             f"were requested; lower the sample counts or seq_len") from None
+            raise ConfigError(f"data={cfg.name}: {src.label} [{split}] {e} of seq_len={L}; "
+                              f"val_samples={V} + calib_samples={C} + train_samples={T} = {V + C + T} "
+                              f"were requested; lower the sample counts or seq_len") from None
         raise
     idx = (torch.arange(V), torch.arange(V, V + C), torch.arange(V + C, V + C + T))
     return _blocks(src, split_label, (val_b, calib_b, train_b), idx, v_tok + t_tok, v_docs + t_docs, V + C + T)

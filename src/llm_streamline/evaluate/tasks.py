@@ -47,6 +47,7 @@ from typing import Any
 import datasets
 
 from llm_streamline import assets
+from llm_streamline.config import ConfigError
 
 TEMPLATES = Path(__file__).parent / "lm_eval_tasks"
 
@@ -137,9 +138,9 @@ def check_include_path(include_path: str | None) -> None:
         return
     folder = Path(include_path).expanduser()
     if not folder.is_dir():
-        raise ValueError(f"eval.include_path={include_path}: not a directory (a folder of lm-eval task YAMLs)")
+        raise ConfigError(f"eval.include_path={include_path}: not a directory (a folder of lm-eval task YAMLs)")
     if not any(folder.rglob("*.yaml")):
-        raise ValueError(f"eval.include_path={include_path}: no *.yaml task file in it")
+        raise ConfigError(f"eval.include_path={include_path}: no *.yaml task file in it")
 
 
 def available_offline() -> tuple[str, ...]:
@@ -155,22 +156,22 @@ def _summary(names: Sequence[str]) -> str:
 
 
 def check_tasks(names: Sequence[str], offline: bool, include_path: str | None = None) -> None:
-    """Raise ValueError (one line) naming the first unknown task; call before loading any model."""
+    """Raise ConfigError (bad input, one line) naming the first unknown task; call before loading any model."""
     if isinstance(names, str) or not names:
-        raise ValueError(f"tasks must be a non-empty list of task names, got {names!r}")
+        raise ConfigError(f"tasks must be a non-empty list of task names, got {names!r}")
     check_include_path(include_path)
     known = set(task_manager(offline, include_path).all_tasks)
     for name in names:
         if name in known:
             continue
         if include_path:
-            raise ValueError(f"task {name!r} is neither in eval.include_path={include_path} nor "
-                             f"{'offline' if offline else 'registered in lm-eval'}")
+            raise ConfigError(f"task {name!r} is neither in eval.include_path={include_path} nor "
+                              f"{'offline' if offline else 'registered in lm-eval'}")
         if offline:  # only on this error path is lm-eval's whole index read, to say which case it is
             why = ("has no offline data" if name in task_manager(offline=False).all_tasks
                    else "is not a registered lm-eval task")
-            raise ValueError(f"task {name!r} {why}; offline tasks available: {_summary(available_offline())}")
-        raise ValueError(
+            raise ConfigError(f"task {name!r} {why}; offline tasks available: {_summary(available_offline())}")
+        raise ConfigError(
             f"task {name!r} is not a registered lm-eval task; e.g. piqa, hellaswag, winogrande, "
             f"arc_easy, arc_challenge, boolq, openbookqa, mmlu (see `lm_eval ls tasks`)"
         )
@@ -188,9 +189,9 @@ def check_fewshot(num_fewshot: dict, tasks: Sequence[str]) -> None:
     """`eval.num_fewshot`: counts >= 0 for tasks of the suite (one line otherwise, before any model loads)."""
     for name, shots in (num_fewshot or {}).items():
         if name not in tasks:
-            raise ValueError(f"eval.num_fewshot.{name}: {name!r} is not in eval.tasks {list(tasks)}")
+            raise ConfigError(f"eval.num_fewshot.{name}: {name!r} is not in eval.tasks {list(tasks)}")
         if not isinstance(shots, int) or shots < 0:
-            raise ValueError(f"eval.num_fewshot.{name}={shots!r}: a number of examples >= 0")
+            raise ConfigError(f"eval.num_fewshot.{name}={shots!r}: a number of examples >= 0")
 
 
 def build_tasks(names: Sequence[str], offline: bool = True, include_path: str | None = None) -> list[Any]:

@@ -17,7 +17,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from llm_streamline import assets, stages
-from llm_streamline.config import ModelConfig
+from llm_streamline.config import ConfigError, ModelConfig
 from llm_streamline.precision import DTYPES, torch_dtype  # noqa: F401  (DTYPES: its home is precision)
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ DEFAULT_EMBEDDED = "smollm2-135m"  # `model.source=embedded` without `model.name
 def embedded_spec(key: str | None) -> Embedded:
     key = key or DEFAULT_EMBEDDED
     if key not in EMBEDDED:
-        raise ValueError(f"model.name_or_path={key!r}: the embedded models are {sorted(EMBEDDED)}")
+        raise ConfigError(f"model.name_or_path={key!r}: the embedded models are {sorted(EMBEDDED)}")
     return EMBEDDED[key]
 
 

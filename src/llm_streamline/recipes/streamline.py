@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file
 
 from llm_streamline import linear_map, stages
-from llm_streamline.config import RunConfig, infer_batch_size
+from llm_streamline.config import ConfigError, RunConfig, infer_batch_size
 from llm_streamline.importance import PPL_IMPORTANCE_BLOCKS, SimilarityProfile, block_perplexities, choose_block
 from llm_streamline.models.anatomy import anatomy_of
 from llm_streamline.models.checkpoints import save_checkpoint
@@ -122,7 +122,7 @@ def choose(ctx: Run, profile: SimilarityProfile, n: int) -> tuple[int, list[floa
         metric = cfg.sparsity.importance if cfg.sparsity.importance != "bi" else "cosine"
         start = cfg.sparsity.start if cfg.sparsity.start is not None else choose_block(profile, n, metric)
     if not 0 <= start <= L - n:
-        raise ValueError(f"sparsity.start={start}: a block of {n} layers must start in [0, {L - n}]")
+        raise ConfigError(f"sparsity.start={start}: a block of {n} layers must start in [0, {L - n}]")
     log.info("removing layers [%d, %d) of %d; mean cos(x^%d, x^%d) = %.4f", start, start + n, L,
              start, start + n, profile.mean_cos[n][start])
     return start, block_ppl
