@@ -8,3 +8,17 @@ def load_pruned(path, **kwargs):
     from llm_streamline.models.checkpoints import load_pruned as _load
 
     return _load(path, **kwargs)
+
+
+def compose(overrides=()):
+    """The run's config (a validated `RunConfig`) from the command line's overrides. See `llm_streamline.api`."""
+    from llm_streamline.api import compose as _compose
+
+    return _compose(overrides)
+
+
+def run(cfg, out_dir=None):
+    """Run a composed config, as `llm-streamline` does; returns its record (`record.RunRecord`). See `api`."""
+    from llm_streamline.api import run as _run
+
+    return _run(cfg, out_dir)

@@ -60,7 +60,7 @@ def check_sweep_direction(cfg: DictConfig) -> None:
 
 
 def _job(cfg: DictConfig) -> float | None:
-    from llm_streamline import recipes
+    from llm_streamline.api import job
     from llm_streamline.tracking import sweep_objective
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -73,8 +73,7 @@ def _job(cfg: DictConfig) -> float | None:
         run_cfg = to_run_config(cfg)
         validate(run_cfg)
         check_overrides(run_cfg, list(HydraConfig.get().overrides.task))
-        rundir.prepare(out_dir, earlier, saves_model=run_cfg.mode == "run" and run_cfg.save)
-        results = recipes.run(run_cfg, out_dir)
+        results = job(run_cfg, out_dir, earlier)
     except (KeyboardInterrupt, Exception) as e:
         errors.fail(*errors.job_failure(e, run_cfg, out_dir))
     finally:
