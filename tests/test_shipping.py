@@ -358,7 +358,7 @@ def test_an_error_is_printed_once_and_kept_in_the_run_log(tmp_path):
     printed = [line for line in (res.stdout + res.stderr).splitlines() if "no_such_task" in line]
     assert len(printed) == 1 and printed[0].startswith("llm-streamline: error: task 'no_such_task'"), printed
     logged = "".join(p.read_text() for p in run_dir.glob("*.log"))
-    assert "ValueError: task 'no_such_task'" in logged
+    assert "ConfigError: task 'no_such_task'" in logged  # bad input (exit 2), with its type
 
 
 MODEL_PRESETS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "model").glob("*.yaml"))
