@@ -4,6 +4,10 @@ still need it (teacher, distillation, speed) and no method doubles the weights."
 
 from __future__ import annotations
 
+import gc
+import json
+import weakref
+
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -91,8 +95,7 @@ def test_streamline_pruned_model_shares_the_dense_weights(overrides, tmp_path):
     kept = [p for i, layer in enumerate(find_decoder_stack(ctx.model).layers) if i not in (2, 3)
             for name, p in layer.named_parameters() if not (i == fused and "down_proj" in name)]
     ptrs = {p.data_ptr() for p in c.model.parameters()}
-    if ctx.cfg.method.heal != "lora":  # LoRA's merge gives every adapted Linear a new tensor
-        assert all(p.data_ptr() in ptrs for p in kept)
+    assert all(p.data_ptr() in ptrs for p in kept)  # train=lora: healed by the recipe after the dense model's release
     assert find_decoder_stack(c.model).num_layers == 8 - 2 + len(c.slot)
 
 
@@ -121,3 +124,48 @@ def test_lora_checkpointing_and_accumulation_train_the_same_adapters():
     for other in (ckpt, accum):
         worst = max((other[k] - v).abs().max().item() for k, v in ref.items())
         assert worst < 1e-5, worst
+
+
+def _storages(model) -> dict[int, weakref.ref]:
+    """{storage id: weak reference} of every parameter and buffer (torch keeps one Python object per storage)."""
+    return {id(s): weakref.ref(s) for s in (t.untyped_storage() for t in (*model.parameters(), *model.buffers()))}
+
+
+@pytest.mark.parametrize("overrides", [("replacement=ffn", "eval.speed=true", "eval.speed_tokens=16"),
+                                       ("method=gromov", "method.heal=lora", "train.max_steps=2")],
+                         ids=["streamline-ffn-speed", "gromov-lora"])
+def test_the_dense_model_is_freed_before_the_pruned_evaluation(overrides, tmp_path, monkeypatch):
+    """After its last use (the speed side by side) the dense model is released: when the pruned model is evaluated
+    no dense tensor is alive that the pruned model does not use (the removed block is freed); a LoRA-healed model
+    was merged in place (its weights are the dense model's tensors, no second copy). Fails with the dense model
+    held to the end of the run, or with LoRA's copying merge."""
+    from llm_streamline import recipes
+
+    dense, seen = {}, {}
+    real_load, real_eval = common.load_model, common.evaluate_suite
+
+    def load_model(cfg, seed=0):
+        model, tok = real_load(cfg, seed)
+        dense["model"], dense["storages"] = weakref.ref(model), _storages(model)
+        return model, tok
+
+    def evaluate_suite(model, tok, cfg, stage, *a, **k):
+        gc.collect()
+        alive = {i for i, r in dense["storages"].items() if r() is not None}
+        seen[stage] = (dense["model"]() is not None, alive, set(_storages(model)))
+        return real_eval(model, tok, cfg, stage, *a, **k)
+
+    monkeypatch.setattr(common, "load_model", load_model)
+    monkeypatch.setattr(common, "evaluate_suite", evaluate_suite)
+    monkeypatch.setenv("LLM_STREAMLINE_STAGES", str(tmp_path / "stages"))  # every stage computed, none reused
+    res = recipes.run(compose_run("experiment=smoke", *overrides), tmp_path / "run")
+    assert seen["eval_dense"][0] and len(seen["eval_dense"][1]) == len(dense["storages"])
+    held, alive, pruned = seen["eval_pruned"]
+    assert not held, "the dense model is still referenced when the pruned model is evaluated"
+    assert alive <= pruned, f"{len(alive - pruned)} tensors only the dense model used are still alive"
+    assert len(dense["storages"]) - len(alive) >= 2 * 9  # at least the 2 removed layers' 9 tensors each were freed
+    if "method.heal=lora" in overrides:
+        assert pruned <= set(dense["storages"]), "LoRA's merge made new tensors: the adapted weights were held twice"
+    else:
+        assert res["speed"]["prefill_speedup"] > 0
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["params"]["removed_layer_params"] > 0

@@ -19,9 +19,11 @@ How each figure is derived (one small function per stage below):
   with a dense mask, the LM head only where read).
 - The removed block is unknown before the similarity profile: unless `sparsity.start` is set, stages that run
   the dense model up to the block's end take the mean over the possible starts (L + n) / 2 layers.
-- Memory: weights at the model's dtype (split over `plan.devices` with device_map; the pruned model shares them,
-  `PRUNED_COPY`), trainable parameters at 16 B each (fp32 master, grad, AdamW's two moments) plus activations
-  per stage (with `train.grad_checkpointing` only each layer's input, and a second forward in the backward).
+- Memory: weights at the model's dtype (split over `plan.devices` with device_map; the pruned model shares them;
+  from the speed comparison on, the dense model's last use, only the pruned model's are held: LoRA healing, the
+  pruned evaluation and saving), trainable parameters at 16 B each (fp32 master, grad, AdamW's two moments) plus
+  activations per stage (with `train.grad_checkpointing` only each layer's input, and a second forward in the
+  backward).
 - Data parallel (`torchrun --nproc_per_node P`, `plan.processes`, null: WORLD_SIZE): every process holds a whole
   copy on its own card (device memory per card as for one process; host RAM and the node's total x P); the
   work the ranks share (`Stage.shared_flops`: SLEB's candidate scoring, a replacement's or LoRA's training steps
@@ -44,7 +46,7 @@ import torch
 from torch import nn
 
 from llm_streamline.composition import compose
-from llm_streamline.config import ConfigError, PlanConfig, RunConfig, infer_batch_size
+from llm_streamline.config import ConfigError, PlanConfig, RunConfig, heal_train_config, infer_batch_size
 from llm_streamline.importance import PPL_IMPORTANCE_BLOCKS
 from llm_streamline.preflight import meta_model, model_config
 
@@ -71,7 +73,6 @@ HASH_GBS = 1.0                  # sha256 of sealed stage outputs (teacher shards
 DECODE_TOKENS = 32              # speed: tokens decoded after the prompt (evaluate.speed, recipes.common._speed)
 SPEED_RUNS = 5 * 2 + 9 * 2      # 5 interleaved throughput rounds x 2 models, 9 paired prefills x 2 models
 PACK_TOKENS = 1024              # the fast scorer's packed row length (evaluate.fast_hflm)
-PRUNED_COPY = False             # the pruned model shares the dense one's weights (models.layers.share_weights)
 
 # Per task, over its full offline split (SmolLM2 tokenizer): items, options per item, distinct contexts per item,
 # mean context tokens, mean continuation tokens per option. MMLU: the 57 subjects together (14042 items, mean
@@ -331,17 +332,21 @@ class _Ctx:
         self.block_end = start + n if start is not None else (s.layers - n) / 2 + n
         self.pruned_gib = self.weights_gib * (1 - n * _mean(s.layer_params) / s.total_params) \
             + s.replacement_params * s.bytes_per_param / GIB
-        self.dense_resident = self.weights_gib / self.split   # per device
 
-    def device(self, extra_gib: float, pruned: bool = False) -> float:
-        """Peak per device: the dense weights (and the pruned copy) plus a stage's own buffers on one device."""
-        w = self.dense_resident + (self.pruned_gib / self.split if pruned and PRUNED_COPY else 0.0)
-        return w + extra_gib if self.on_gpu else 0.0
+    def weights(self, released: bool) -> float:
+        """GiB of weights held: the dense model's, which the pruned model shares (`models.layers.share_weights`), or
+        once the dense model is released after its last use (`recipes.common.dense_speed_then_release`) the pruned
+        model's alone."""
+        return self.pruned_gib if released else self.weights_gib
 
-    def host(self, extra_gib: float, pruned: bool = False) -> float:
+    def device(self, extra_gib: float, released: bool = False) -> float:
+        """Peak per device: the weights held (`weights`) plus a stage's own buffers on one device."""
+        return self.weights(released) / self.split + extra_gib if self.on_gpu else 0.0
+
+    def host(self, extra_gib: float, released: bool = False) -> float:
         """Host RAM: the process, plus on CPU everything the device column would hold; times the data-parallel
         processes (`torchrun --nproc_per_node`: all of them on one node)."""
-        on_host = 0.0 if self.on_gpu else self.weights_gib + (self.pruned_gib if pruned and PRUNED_COPY else 0.0)
+        on_host = 0.0 if self.on_gpu else self.weights(released)
         return self.procs * (HOST_BASE_GIB + on_host + (0.0 if self.on_gpu else extra_gib))
 
 
@@ -495,8 +500,8 @@ def stage_train(c: _Ctx) -> Stage | None:
     if t.loss == "distill":
         flops += (t.epochs * tokens + val_tokens) * s.model_flops(c.seq)
         logits *= 2
-    return Stage("train", flops=flops, device_gib=c.device(trainable + acts + logits, True),
-                 host_gib=c.host(trainable + acts + logits, True), note=note + f"; {t.loss} loss through the model",
+    return Stage("train", flops=flops, device_gib=c.device(trainable + acts + logits),
+                 host_gib=c.host(trainable + acts + logits), note=note + f"; {t.loss} loss through the model",
                  shared_flops=flops)
 
 
@@ -576,7 +581,7 @@ def stage_speed(c: _Ctx) -> Stage | None:
     prefill = seq * s.model_flops(seq, head_positions=1.0 / seq)
     decode_bytes = DECODE_TOKENS * (s.weight_bytes + c.pruned_gib * GIB) / 2
     return Stage("speed", flops=SPEED_RUNS * prefill, bytes_moved=(SPEED_RUNS // 2 + 2) * decode_bytes,
-                 device_gib=c.device(0, True), host_gib=c.host(0, True),
+                 device_gib=c.device(0), host_gib=c.host(0),
                  note=f"prefill {seq} + decode {DECODE_TOKENS} tokens, {SPEED_RUNS} runs")
 
 
@@ -612,16 +617,19 @@ def make_plan(cfg: RunConfig, out_dir: Path | None = None, model: nn.Module | No
     steps = [stage_load(c), stage_profile(c), stage_eval(c, "dense")]
     if cfg.eval.perplexity:
         steps.append(stage_perplexity(c, "dense"))
+    # in the recipes' order: the speed comparison is the dense model's last use, then it is released (LoRA
+    # healing, the pruned evaluation and saving hold only the pruned model's weights)
     if cfg.method.name == "streamline":
-        steps += [stage_teacher(c), stage_train(c)]
+        steps += [stage_teacher(c), stage_train(c) if cfg.train.loss != "lora" else None]
     else:
         steps.append(stage_compress(c))
-        if cfg.method.heal == "lora":
-            steps.append(stage_lora(c, "train", cfg.method.lora_epochs))
+    steps.append(stage_speed(c))
+    if cfg.method.heal == "lora":  # train=lora or a method's own healing (its options: heal_train_config)
+        steps.append(stage_lora(c, "train", heal_train_config(cfg).epochs))
     steps.append(stage_eval(c, "pruned"))
     if cfg.eval.perplexity:
         steps.append(stage_perplexity(c, "pruned"))
-    steps += [stage_speed(c), stage_save(c)]
+    steps.append(stage_save(c))
     plan = Plan(cfg, s, hw, [st.price(hw) for st in steps if st is not None])
     plan.n, plan.model = c.n, model
     return plan

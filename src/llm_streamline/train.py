@@ -698,7 +698,7 @@ def _adapters(peft_model: nn.Module) -> dict[str, torch.Tensor]:
 def train_lora(model: PreTrainedModel, train_blocks: torch.Tensor, val_blocks: torch.Tensor, cfg: TrainConfig,
                rank: int, alpha: int, seed: int, progress: bool = True, on_step=None,
                cached: tuple[dict, dict] | None = None, on_trained=None,
-               accelerator=None) -> tuple[PreTrainedModel, dict]:
+               accelerator=None, merge_in_place: bool = False) -> tuple[PreTrainedModel, dict]:
     """LoRA healing of `model` with `cfg`'s budget (validated once per epoch). Returns (the merged plain model,
     the log). The input object is modified (peft injects adapters in place and merge_and_unload gives back the
     same base model object).
@@ -706,7 +706,10 @@ def train_lora(model: PreTrainedModel, train_blocks: torch.Tensor, val_blocks: t
     cached: (adapter weights, log) of an earlier identical run: loaded and merged, no training.
     on_trained(adapter weights, log): called after training (the pipeline keeps them in its stage cache).
     accelerator: an `accelerate.Accelerator` under torchrun: batches sharded over the ranks, the adapters'
-    gradients all-reduced, so every rank ends with the same adapters."""
+    gradients all-reduced, so every rank ends with the same adapters.
+    merge_in_place: each adapted weight is updated in place (no second copy of it, module by module); only when
+    nothing else holds the base weights (the recipes release the dense model first). Otherwise each merged weight
+    is a new tensor and the base weights stay as they were."""
     from peft import LoraConfig, get_peft_model
 
     t0 = time.perf_counter()
@@ -722,7 +725,7 @@ def train_lora(model: PreTrainedModel, train_blocks: torch.Tensor, val_blocks: t
         if missing:
             raise ValueError(f"cached LoRA adapters do not fit this model (e.g. {missing[0]})")
         peft_model.load_state_dict(adapters, strict=False)
-        return _merge(peft_model, cls), log
+        return _merge(peft_model, cls, merge_in_place), log
     params = [p for p in peft_model.parameters() if p.requires_grad]
     job = _block_job("lora", "the LoRA adapters", [peft_model], params, peft_model, train_blocks, val_blocks, cfg,
                      lambda ids: lm_loss(peft_model, ids),  # the head in chunks of positions, recomputed in backward
@@ -744,13 +747,19 @@ def train_lora(model: PreTrainedModel, train_blocks: torch.Tensor, val_blocks: t
            "val_ppl": {"initial": math.exp(tl.initial_val_loss), "best": math.exp(tl.best_val_loss)}}
     if on_trained is not None:
         on_trained({k: v.contiguous().cpu() for k, v in _adapters(peft_model).items()}, log)
-    return _merge(peft_model, cls), log
+    return _merge(peft_model, cls, merge_in_place), log
 
 
-def _merge(peft_model, cls) -> PreTrainedModel:
-    # safe_merge: each merged weight is a new tensor, not the base weight updated in place; the base weights of a
-    # pruned model are shared with the dense one (`models.layers.share_weights`), which must stay dense
-    merged = peft_model.merge_and_unload(safe_merge=True)
+def _merge(peft_model, cls, in_place: bool) -> PreTrainedModel:
+    """The adapters merged and removed. Not in place (peft's safe merge): each merged weight is a new tensor and the
+    base weight is left as it was, as it must while a dense model shares it (`models.layers.share_weights`); the
+    adapted weights are then held twice. In place: peft adds each adapter's product into its base weight, one
+    module at a time; its safe merge's check for non-finite values is made on the adapters first."""
+    if in_place:
+        bad = [k for k, v in peft_model.state_dict().items() if "lora_" in k and not torch.isfinite(v).all()]
+        if bad:
+            raise ValueError(f"LoRA adapters with non-finite values (e.g. {bad[0]}): not merged")
+    merged = peft_model.merge_and_unload(safe_merge=not in_place)
     merged.eval()
     if type(merged) is not cls:
         raise TypeError(f"LoRA merge returned {type(merged).__name__}, expected {cls.__name__}")

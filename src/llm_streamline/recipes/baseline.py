@@ -1,4 +1,5 @@
-"""A baseline in the same harness as LLM-Streamline: compress -> optional LoRA healing -> evaluate -> record.
+"""A baseline in the same harness as LLM-Streamline: compress -> speed, dense model freed -> optional LoRA healing
+-> evaluate -> record.
 
 Same model, data, similarity profile, evaluation, records and saving as the streamline recipe; the size is
 that of the LLM-Streamline row with `method.match_replacement` (null: plain removal of n layers). Baselines
@@ -27,6 +28,7 @@ from llm_streamline.recipes.common import (
     Run,
     check_before_loading,
     checkpoint_record,
+    dense_speed_then_release,
     draw_profile,
     equal_size_target,
     evaluate_compressed,
@@ -70,13 +72,16 @@ def run(cfg: RunConfig, out_dir: Path) -> dict:
             compressed, bres = compress(ctx, profile, n, size_target["target_net_removed"])
         if linear is not None:
             fuse_linear_maps(ctx, compressed, linear)
+        # the dense model's last use (speed side by side), then it is freed: what only it held (removed layers,
+        # replaced matrices) goes, and LoRA merges in place
+        speed = dense_speed_then_release(ctx, compressed.model)
         if cfg.method.heal == "lora":
             compressed.model, compressed.train_log = heal(ctx, compressed.model,
                                                           stages.stage_key("lora", baseline=compressed.key))
         if not ctx.is_main:  # a data-parallel rank: its share of SLEB's search and of the healing is done
             return {"rank": ctx.accelerator.process_index, "removed": compressed.removed}
         compressed.model.eval()
-        ev = evaluate_compressed(ctx, dense, compressed)
+        ev = evaluate_compressed(ctx, dense, compressed, speed)
 
         checkpoint = save_model(ctx, lambda dest: save(ctx, compressed, bres, dest))
         write_records(ctx, dense, ev)

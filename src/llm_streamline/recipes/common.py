@@ -176,7 +176,8 @@ def equal_size_target(replacement: ReplacementConfig, n: int, model) -> dict:
 @dataclass
 class Run:
     """What every step of a run reads. The dense model and tokenizer are set by `load_dense_model`, the token
-    blocks by `load_data`."""
+    blocks by `load_data`; the dense model and its stack are None once `release_dense` has run (what the record
+    needs of them is kept in `dense_params` and `layer_params`)."""
     cfg: RunConfig
     out_dir: Path
     timings: Timings
@@ -191,6 +192,7 @@ class Run:
     stack: DecoderStack | None = None
     blocks: TokenBlocks | None = None
     dense_params: int = 0
+    layer_params: list[int] = field(default_factory=list)  # the dense model's, per decoder layer
 
     @property
     def is_main(self) -> bool:
@@ -308,6 +310,41 @@ def load_dense_model(ctx: Run) -> None:
     ctx.model, ctx.tok = load_model(mcfg, seed=ctx.cfg.seed)
     ctx.stack = find_decoder_stack(ctx.model)
     ctx.dense_params = count_params(ctx.model)
+    ctx.layer_params = [count_params(layer) for layer in ctx.stack.layers]
+
+
+def dense_speed_then_release(ctx: Run, pruned: PreTrainedModel) -> dict | None:
+    """The dense model's last use, then its release. Its consumers are the profile, the dense evaluation, the
+    replacement's fit, teacher pairs and training (distillation's teacher) and a baseline's compression, all done
+    when the pruned model's structure is final; the last is the speed comparison side by side (`eval.speed`), run
+    here, on the main process, before healing and the pruned evaluation (LoRA changes weights, not the cost of a
+    forward). Stability and significance read the dense model's rows, not the model. Releasing frees what only the
+    dense model holds (the removed block; the tensors a method replaced: LLM-Pruner's cut matrices, a fused map,
+    LoRA's merged weights), so the pruned evaluation's peak is that much lower, and LoRA can merge in place."""
+    speed = None
+    if ctx.cfg.eval.speed and ctx.is_main:
+        with ctx.timings.stage("speed"):
+            speed = _speed(ctx.model, pruned, ctx.cfg)
+    release_dense(ctx, pruned)
+    return speed
+
+
+def release_dense(ctx: Run, pruned: nn.Module) -> None:
+    """Drop the run's references to the dense model (`ctx.model`, `ctx.stack`) and collect: the tensors it shares
+    with `pruned` stay, the rest is freed (on CUDA given back to the driver)."""
+    import gc
+
+    if ctx.model is None:
+        return
+    kept = {(t.device, t.untyped_storage().data_ptr()) for t in (*pruned.parameters(), *pruned.buffers())}
+    only_dense = {(t.device, t.untyped_storage().data_ptr()): t.untyped_storage().nbytes()
+                  for t in (*ctx.model.parameters(), *ctx.model.buffers())}
+    freed = sum(b for k, b in only_dense.items() if k not in kept)
+    ctx.model = ctx.stack = None
+    gc.collect()  # modules with hooks refer to themselves: reference counting alone leaves them
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    log.info("dense model released: %.1f MiB of weights only it held", freed / 2**20)
 
 
 def load_data(ctx: Run) -> None:
@@ -392,7 +429,9 @@ class Evaluation:
     speed: dict | None
 
 
-def evaluate_compressed(ctx: Run, dense: DenseReference, c: Compressed) -> Evaluation:
+def evaluate_compressed(ctx: Run, dense: DenseReference, c: Compressed, speed: dict | None) -> Evaluation:
+    """The pruned model's evaluation, perplexity and stability against the dense rows; `speed`: the side-by-side
+    speed measured before the dense model's release (`dense_speed_then_release`)."""
     cfg = ctx.cfg
     with ctx.timings.stage("eval_pruned"):
         key = stages.stage_key("eval_pruned", train=c.key, eval=ctx.eval_key)
@@ -414,10 +453,6 @@ def evaluate_compressed(ctx: Run, dense: DenseReference, c: Compressed) -> Evalu
         paper = record.paper_average(dense.eval["samples"], pres["samples"], groups=dense.eval.get("groups"))
         if paper is not None:
             significance["average"][record.PAPER] = paper
-    speed = None
-    if cfg.eval.speed:
-        with ctx.timings.stage("speed"):
-            speed = _speed(ctx.model, c.model, cfg)
     return Evaluation(pres, ppl, stab, significance, speed)
 
 
@@ -522,7 +557,9 @@ def heal(ctx: Run, model: PreTrainedModel, key: str) -> tuple[PreTrainedModel, d
     with ctx.timings.stage("train") if cached is None else contextlib.nullcontext():
         return train_lora(model, ctx.blocks.train, ctx.blocks.val, heal_train_config(cfg), cfg.method.lora_rank,
                           cfg.method.lora_alpha, cfg.seed, cached=cached, on_trained=on_trained,
-                          progress=ctx.is_main, accelerator=ctx.accelerator)
+                          progress=ctx.is_main, accelerator=ctx.accelerator,
+                          # no dense model left to share the base weights with: merged into them in place
+                          merge_in_place=ctx.model is None)
 
 
 # ------------------------------------------------------------------------------------- save and record
@@ -561,11 +598,11 @@ def checkpoint_record(ctx: Run, c: Compressed) -> dict:
 def results_record(ctx: Run, profile: SimilarityProfile, block_ppl: list | None, size_target: dict,
                    dense: DenseReference, c: Compressed, ev: Evaluation, checkpoint: str | None) -> dict:
     """results.json: what was removed and put in its place, sizes, training, evaluation side by side."""
-    cfg, L, removed = ctx.cfg, ctx.stack.num_layers, c.removed
+    cfg, L, removed = ctx.cfg, len(ctx.layer_params), c.removed
     contiguous = removed == list(range(c.start, c.start + len(removed)))
     pruned_params = count_params(c.model)
     slot_params = sum(count_params(m) for m in c.slot)
-    layers_total = sum(count_params(layer) for layer in ctx.stack.layers)
+    layers_total = sum(ctx.layer_params)
     return {
         "schema": record.SCHEMA,
         "kind": "run",
@@ -589,7 +626,7 @@ def results_record(ctx: Run, profile: SimilarityProfile, block_ppl: list | None,
                    "net_removed": ctx.dense_params - pruned_params,
                    "equal_size": {**size_target, "difference": ctx.dense_params - pruned_params
                                   - size_target["target_net_removed"]},
-                   "removed_layer_params": sum(count_params(ctx.stack.layers[i]) for i in removed),
+                   "removed_layer_params": sum(ctx.layer_params[i] for i in removed),
                    "replacement_params": slot_params},
         "data": {**asdict(cfg.data), "tokens": ctx.blocks.token_counts},
         "similarity_profile": profile.as_dict(),

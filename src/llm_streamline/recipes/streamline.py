@@ -5,8 +5,9 @@
   3. dense reference: lm-eval accuracy, per-sample log-likelihoods, perplexity (cached per model and suite)
   4. layer replacement: build the lightweight network and train it (MSE on teacher pairs, LM loss or
      distillation); `train=lora` instead heals the plainly pruned model with LoRA (the paper's comparison)
-  5. prune: the block out, the trained network in its slot
-  6. evaluate the pruned model: accuracy, stability against the dense model, perplexity, speed side by side
+  5. prune: the block out, the trained network in its slot; the speed of both side by side, the dense model's
+     last use: it is freed (the removed block with it) before LoRA healing and the pruned model's evaluation
+  6. evaluate the pruned model: accuracy, stability against the dense model's rows, perplexity
   7. save the model, results.json, per-sample files, plots; log to W&B
 
 Each expensive stage's output is stored under a key of the config that produced it (see `stages`), so a
@@ -36,6 +37,7 @@ from llm_streamline.recipes.common import (
     Run,
     check_before_loading,
     checkpoint_record,
+    dense_speed_then_release,
     draw_profile,
     equal_size_target,
     evaluate_compressed,
@@ -90,10 +92,17 @@ def run(cfg: RunConfig, out_dir: Path) -> dict:
         compressed = replace_block(ctx, start, n)
         if compressed is None:  # a data-parallel rank other than the main one: its part is done
             return {"rank": ctx.accelerator.process_index, "layers": {"removed": [start, start + n]}}
+        # the dense model's last use (speed side by side), then it is freed, the removed block with it
+        speed = dense_speed_then_release(ctx, compressed.model)
+        if cfg.method.heal == "lora":  # train=lora: plain pruning healed with LoRA (the paper's comparison)
+            compressed.model, compressed.train_log = heal(ctx, compressed.model,
+                                                          stages.stage_key("lora", train=compressed.key))
+            if not ctx.is_main:  # a data-parallel rank: its share of the healing is done
+                return {"rank": ctx.accelerator.process_index, "layers": {"removed": [start, start + n]}}
 
         # 6. evaluate the pruned model
         compressed.model.eval()
-        ev = evaluate_compressed(ctx, dense, compressed)
+        ev = evaluate_compressed(ctx, dense, compressed, speed)
 
         # 7. save and record
         checkpoint = save_model(ctx, lambda dest: save_checkpoint(
@@ -129,10 +138,11 @@ def choose(ctx: Run, profile: SimilarityProfile, n: int) -> tuple[int, list[floa
 
 
 def replace_block(ctx: Run, start: int, n: int) -> Compressed | None:
-    """The dense model with layers [start, start+n) replaced by the trained network (or removed and the model
-    healed with LoRA, `train=lora`), as a second model over the dense one's weights (`share_weights`: one copy of
-    the weights; the dense model, the removed block included, stays intact for the teacher, distillation and the
-    speed comparison). None on a data-parallel rank other than the main one."""
+    """The dense model with layers [start, start+n) replaced by the trained network (or only removed, `train=lora`:
+    healed by the caller), as a second model over the dense one's weights (`share_weights`: one copy of the
+    weights; the dense model, the removed block included, stays intact for the fit, the teacher, distillation and
+    the speed comparison). None on a data-parallel rank other than the main one once its training is done (with
+    `train=lora` every rank gets the pruned model: they heal it together)."""
     cfg, model = ctx.cfg, ctx.model
     probe = run_layers(model, ctx.blocks.calib[:1], outputs_at=(start,), stack=ctx.stack)
     anatomy = anatomy_of(model, start, ctx.blocks.calib[:1]) if needs_anatomy(cfg.replacement) else None
@@ -163,13 +173,10 @@ def replace_block(ctx: Run, start: int, n: int) -> Compressed | None:
                  train_log["initial_val_loss"], train_log["best_val_loss"], train_log["best_step"])
         if fit_log is not None:
             train_log = {**train_log, **fit_log}
-    if cfg.method.heal == "lora":  # train=lora: plain pruning healed with LoRA (the paper's comparison)
+    if cfg.method.heal == "lora":  # train=lora: plain pruning, healed after the dense model's release
         block = remove_block(pruned, start, n, [])
-        pruned, train_log = heal(ctx, pruned, stages.stage_key("lora", train=train_key))
-        if not ctx.is_main:  # a data-parallel rank: its share of the healing is done
-            return None
-    if not ctx.is_main:  # a data-parallel rank evaluates nothing (check_data_parallel: it trained with the others)
-        return None
+    if not ctx.is_main and cfg.method.heal != "lora":  # a data-parallel rank evaluates nothing (it trained with
+        return None                                     # the others; with LoRA it heals with them first)
     if block is None:
         block = remove_block(pruned, start, n, slot)
     return Compressed(pruned, train_key, start, list(range(start, start + n)), block.as_dict(), slot, train_log)
