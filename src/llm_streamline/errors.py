@@ -261,11 +261,12 @@ def job_failure(e: BaseException, cfg: RunConfig | None, out_dir: Path | None) -
     from llm_streamline.data import HubUnavailable
     from llm_streamline.faults import NumericalFault, disk_errno
     from llm_streamline.models.layers import NoDecoderLayersError
+    from llm_streamline.rundir import RunDirError
     from llm_streamline.stages import NotWritableError
 
     if isinstance(e, NotWritableError):
         return e.strerror, BAD_INPUT
-    if isinstance(e, (ConfigError, AssetError, HubUnavailable, NoDecoderLayersError, FileNotFoundError)):
+    if isinstance(e, (ConfigError, AssetError, HubUnavailable, NoDecoderLayersError, FileNotFoundError, RunDirError)):
         _log_to_file(f"{type(e).__name__}: {e}")
         return first_line(e), BAD_INPUT
     composing = hydra_error_line(e)  # an unknown key or preset, a wrong type: Hydra's and OmegaConf's checks

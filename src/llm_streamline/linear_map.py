@@ -55,14 +55,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from llm_streamline.config import ReplacementConfig
+from llm_streamline.config import ConfigError, ReplacementConfig
 from llm_streamline.models.anatomy import anatomy_of
 from llm_streamline.models.devices import module_device, to_device
 from llm_streamline.models.layers import find_decoder_stack, run_layers
 
 
-class LinearMapError(ValueError):
-    pass
+class LinearMapError(ConfigError):
+    """A linear map this model or block cannot take (ReplaceMe, LinearPatch): bad input (exit 2)."""
 
 
 # ------------------------------------------------------------------------------------------- least squares

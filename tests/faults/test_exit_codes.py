@@ -236,6 +236,13 @@ def test_bad_input_is_exit_2_in_one_line_and_everything_else_exit_3_with_a_trace
 
     assert errors.job_failure(ConfigError("train.lr=-1.0: must be > 0"), None, tmp_path) == (
         "train.lr=-1.0: must be > 0", errors.BAD_INPUT)
+    from llm_streamline.linear_map import LinearMapError
+    from llm_streamline.models.anatomy import AnatomyError
+    from llm_streamline.rundir import RunDirError
+
+    for refused in (RunDirError("output directory x holds a finished run"), AnatomyError("no MLP"),
+                    LinearMapError("the block starts at layer 0")):  # the checks' own types are bad input too
+        assert errors.job_failure(refused, None, tmp_path) == (str(refused), errors.BAD_INPUT)
     assert not (tmp_path / "traceback.log").exists()  # bad input: the line says it all
     try:
         {}["missing"]

@@ -90,8 +90,8 @@ ORIGINAL_NAME = {"vector": "vectorize", "element1": "param_first", "element2": "
 NEEDS_FISHER = ("element2", "mix")
 
 
-class UnsupportedLayerError(ValueError):
-    pass
+class UnsupportedLayerError(ConfigError):
+    """The model has a layer LLM-Pruner cannot prune exactly: bad input for method=llm_pruner (exit 2)."""
 
 
 # ------------------------------------------------------------------------------------------- structures

@@ -26,12 +26,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from llm_streamline.config import ConfigError
 from llm_streamline.models.devices import input_device
 from llm_streamline.models.layers import find_decoder_stack, run_layers
 
 
-class AnatomyError(ValueError):
-    pass
+class AnatomyError(ConfigError):
+    """The model's layers cannot be probed for what the replacement needs: bad input for it (exit 2)."""
 
 
 @dataclass(frozen=True)
