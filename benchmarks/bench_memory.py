@@ -158,7 +158,7 @@ def pruner_worker(args) -> dict:
     from transformers import AutoModelForCausalLM
 
     from llm_streamline.baselines import llm_pruner
-    from llm_streamline.config import MethodConfig, RunConfig
+    from llm_streamline.config import LLMPrunerConfig, RunConfig
     from llm_streamline.models.loading import embedded_smollm2_dir
 
     model = AutoModelForCausalLM.from_pretrained(str(embedded_smollm2_dir()), dtype=torch.float32).eval()
@@ -166,7 +166,7 @@ def pruner_worker(args) -> dict:
     rec = {"importance": args.importance, "rss_after_load_mib": round(_vm("VmRSS"), 1)}
     _reset_peak()
     t0 = time.perf_counter()
-    res = llm_pruner.apply(model, calib, args.layers, RunConfig(method=MethodConfig(name="llm_pruner",
+    res = llm_pruner.apply(model, calib, args.layers, RunConfig(method=LLMPrunerConfig(
                                                                                     importance=args.importance)))
     rec.update(seconds=round(time.perf_counter() - t0, 1), peak_in_apply_mib=round(_vm("VmHWM"), 1),
                ratio=res.record["ratio"], params_removed=res.record["params_removed"])

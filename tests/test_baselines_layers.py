@@ -336,12 +336,13 @@ def test_lora_adapters_kept_and_reapplied_give_the_same_model():
         assert torch.equal(v, want[k]), k
 
 
-def test_lora_healing_is_driven_by_the_train_config():
-    """train=lora: every value of the train group drives the healing (warm-up, min_lr, select); a method's own
-    healing (method.heal=lora alone) trains at method.lora_lr for method.lora_epochs with its fixed schedule."""
+def test_lora_healing_trains_with_the_methods_budget_whatever_the_train_group_says():
+    """method.heal=lora, the one LoRA switch (train=lora sets it for LLM-Streamline's plain pruning): healing trains
+    at method.lora_lr for method.lora_epochs with its fixed schedule (5% warm-up, cosine to a tenth, no weight
+    decay, best kept) and takes only batch_size, grad_clip, max_steps, grad_accum and grad_checkpointing of train."""
     from dataclasses import replace
 
-    from llm_streamline.config import TrainConfig, heal_train_config
+    from llm_streamline.config import MethodConfig, TrainConfig, heal_train_config
 
     cfg = RunConfig()
     own = heal_train_config(cfg)
@@ -351,17 +352,18 @@ def test_lora_healing_is_driven_by_the_train_config():
 
     g = torch.Generator().manual_seed(0)
     blocks = torch.randint(3, V, (24, 4), generator=g).repeat(1, 8)
-    cfg = replace(RunConfig(), train=TrainConfig(loss="lora", lr=5e-3, min_lr=1e-4, weight_decay=0.0,
-                                                 warmup_ratio=0.4, epochs=2, batch_size=4, select="final"))
-    assert heal_train_config(cfg) is cfg.train
+    cfg = replace(RunConfig(), method=MethodConfig(heal="lora", lora_lr=5e-3, lora_epochs=2),
+                  train=TrainConfig(lr=9.0, min_lr=1.0, weight_decay=0.5, warmup_ratio=0.9, epochs=7, select="final",
+                                    batch_size=4, grad_clip=2.0))
+    h = heal_train_config(cfg)
+    assert (h.lr, h.min_lr, h.weight_decay, h.warmup_ratio, h.epochs, h.select, h.batch_size, h.grad_clip) == \
+        (5e-3, pytest.approx(5e-4), 0.0, 0.05, 2, "best", 4, 2.0)
     lrs = []
-    _, log = _heal(_model("llama"), blocks[:20], blocks[20:], cfg)
-    _, again = train_lora(_model("llama"), blocks[:20], blocks[20:], cfg.train, 8, 16, cfg.seed, progress=False,
-                          on_step=lambda step, m: lrs.append(m["train/lr"]) if "train/lr" in m else None)
-    assert log["train_loss"] == again["train_loss"] and log["steps"] == 10
-    assert lrs[0] == pytest.approx(5e-3 / 4) and lrs[3] == pytest.approx(5e-3)  # 4 warm-up steps of 10
-    assert lrs[-1] == pytest.approx(1e-4)  # cosine down to train.min_lr
-    assert log["selected_step"] == 10 and [s for s, _ in log["val_loss"]] == [5, 10]  # select=final, once an epoch
+    _, log = _heal(_model("llama"), blocks[:20], blocks[20:], cfg,
+                   on_step=lambda step, m: lrs.append(m["train/lr"]) if "train/lr" in m else None)
+    assert log["steps"] == 10 and 0.95 * 5e-3 < max(lrs) <= 5e-3  # method.lora_lr, not train.lr
+    assert lrs[-1] == pytest.approx(5e-4)  # cosine down to a tenth of method.lora_lr
+    assert log["selected_step"] == log["best_step"]  # the lowest validation loss kept
 
 
 @pytest.mark.parametrize("method", ["shortgpt", "gromov", "laco", "sleb"])

@@ -14,7 +14,7 @@ import torch
 
 import llm_streamline
 from llm_streamline.baselines import llm_pruner
-from llm_streamline.config import MethodConfig, ReplacementConfig, RunConfig
+from llm_streamline.config import LLMPrunerConfig, ReplacementConfig, RunConfig
 from llm_streamline.models import checkpoints
 from llm_streamline.models.anatomy import anatomy_of
 from llm_streamline.models.layers import find_decoder_stack, remove_block
@@ -41,7 +41,7 @@ def _streamline(dest: Path) -> torch.Tensor:
 
 def _llm_pruner(dest: Path) -> torch.Tensor:
     model = tiny_model("llama", 512, seed=0, special_ids=SPECIAL).eval()
-    cfg = RunConfig(method=MethodConfig(name="llm_pruner", first_layer=1, last_layers_kept=1, grad_samples=2,
+    cfg = RunConfig(method=LLMPrunerConfig(first_layer=1, last_layers_kept=1, grad_samples=2,
                                         grad_seq_len=16, width_ratio=0.5))
     res = llm_pruner.apply(model, torch.randint(3, 512, (2, 16), generator=torch.Generator().manual_seed(0)), 2, cfg)
     assert checkpoints.save_checkpoint(res.model, None, dest, {"t": 2}, *res.checkpoint) == "llm_pruner"

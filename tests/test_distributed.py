@@ -84,17 +84,20 @@ def test_what_several_processes_cannot_share_is_refused_in_one_line():
 
     from llm_streamline.config import (
         ConfigError,
+        GromovConfig,
         MethodConfig,
         ModelConfig,
         ReplacementConfig,
         RunConfig,
+        ShortGPTConfig,
+        SLEBConfig,
         TrainConfig,
     )
     from llm_streamline.recipes.common import check_data_parallel
 
     base = RunConfig(model=ModelConfig(name="m"))
     refused = {"train.teacher=cached": replace(base, train=TrainConfig(loss="mse", teacher="cached")),
-               "method=shortgpt": replace(base, method=MethodConfig(name="shortgpt")),
+               "method=shortgpt": replace(base, method=ShortGPTConfig()),
                "model.device_map=auto": replace(base, model=ModelConfig(name="m", device_map="auto"),
                                                 train=TrainConfig(loss="lm")),
                "replacement=linear": replace(base, replacement=ReplacementConfig(type="linear"))}
@@ -104,8 +107,8 @@ def test_what_several_processes_cannot_share_is_refused_in_one_line():
             check_data_parallel(cfg, 2)
         assert "\n" not in str(e.value)
     for cfg in (replace(base, train=TrainConfig(loss="mse", teacher="auto")),
-                replace(base, train=TrainConfig(loss="lora"), method=MethodConfig(heal="lora"),
+                replace(base, train=TrainConfig(teacher="cached"), method=MethodConfig(heal="lora"),  # train=lora
                         replacement=ReplacementConfig(type="none")),
-                replace(base, method=MethodConfig(name="sleb")),
-                replace(base, method=MethodConfig(name="gromov", heal="lora"))):
+                replace(base, method=SLEBConfig()),
+                replace(base, method=GromovConfig())):
         check_data_parallel(cfg, 2)

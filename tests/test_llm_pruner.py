@@ -16,7 +16,7 @@ import llm_streamline
 from llm_streamline import recipes
 from llm_streamline.baselines import llm_pruner
 from llm_streamline.cli import CONF_DIR, to_run_config
-from llm_streamline.config import MethodConfig, RunConfig
+from llm_streamline.config import LLMPrunerConfig, RunConfig, ShortGPTConfig, SLEBConfig
 from llm_streamline.models.checkpoints import save_checkpoint
 from llm_streamline.models.layers import count_params, find_decoder_stack
 from llm_streamline.models.loading import tiny_model
@@ -37,8 +37,8 @@ def tokens(n: int = 4, length: int = 24, seed: int = 0) -> torch.Tensor:
 
 
 def run_cfg(**method) -> RunConfig:
-    kw = dict(name="llm_pruner", first_layer=1, last_layers_kept=1, grad_samples=3, grad_seq_len=16)
-    return RunConfig(method=MethodConfig(**{**kw, **method}))
+    kw = dict(first_layer=1, last_layers_kept=1, grad_samples=3, grad_seq_len=16)
+    return RunConfig(method=LLMPrunerConfig(**{**kw, **method}))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -286,21 +286,21 @@ def test_rows_are_labelled_by_their_attention_unit():
     assert (gqa_heads.record["attn_unit"], gqa_heads.record["label"]) == ("head", "llm_pruner")
     assert (mha.record["attn_unit"], mha.record["label"]) == ("head", "llm_pruner")   # a group is one head
     assert gqa_heads.record["importance_original"] == "param_first"
-    assert MethodConfig().attention_unit == "head"
+    assert LLMPrunerConfig().attention_unit == "head"
 
 
 def test_attention_unit_enters_the_stage_key_only_where_it_matters():
-    """Stage entries cached before the option existed (other methods; llm_pruner's KV groups) keep their keys."""
-    from dataclasses import asdict
-
+    """Stage entries cached before the option existed (other methods; llm_pruner's KV groups) keep their keys,
+    and so do those cached before each method had its own schema: the key holds every option the single schema
+    had, at its defaults where the method has no such option."""
+    from llm_streamline.config import LEGACY_METHOD_KEY
     from llm_streamline.recipes.baseline import method_key
 
-    def old(m):
-        return {k: v for k, v in asdict(m).items() if k != "attention_unit"}
-    for m in (MethodConfig(name="shortgpt"), MethodConfig(name="sleb", attention_unit="kv-group"),
-              MethodConfig(name="llm_pruner", attention_unit="kv-group")):
-        assert method_key(m) == old(m)
-    assert method_key(MethodConfig(name="llm_pruner"))["attention_unit"] == "head"
+    old = {k: v for k, v in LEGACY_METHOD_KEY.items() if k != "attention_unit"}
+    assert method_key(ShortGPTConfig()) == {**old, "name": "shortgpt"}
+    assert method_key(SLEBConfig(sleb_samples=8)) == {**old, "name": "sleb", "sleb_samples": 8}
+    assert method_key(LLMPrunerConfig(attention_unit="kv-group")) == {**old, "name": "llm_pruner"}
+    assert method_key(LLMPrunerConfig())["attention_unit"] == "head"
 
 
 def test_unsupported_attention_fails_with_one_line():

@@ -78,26 +78,65 @@ BAD = [
     (["mode=train"], "mode"),
     (["wandb.mode=loud"], "wandb.mode"),
     (["model.source=ftp"], "model.source"),
-    (["train.loss=lora", "replacement=none"], "select LoRA healing with train=lora"),  # one LoRA route
-    (["train=lora", "replacement=none", "method.heal=none"], "select LoRA healing with train=lora"),
-    (["method.heal=lora"], "LLM-Streamline heals plain pruning with train=lora"),
+    (["train.loss=lora", "replacement=none"], "train.loss"),  # LoRA is not a loss: method.heal=lora (train=lora)
+    (["train=lora", "replacement=ffn"], "method.heal=lora heals a plainly pruned model (train=lora): use "),
+    (["method.heal=lora"], "method.heal=lora heals a plainly pruned model (train=lora): use replacement=none"),
+    (["method=sleb", "method.name=streamline"], "select it with method=streamline"),
     (["train=lm", "data.train_samples=4"], "data.train_samples=4 < train.batch_size=8"),
     (["method=gromov", "train.batch_size=512"], "data.train_samples=256 < train.batch_size=512"),
     (["method=llm_pruner", "method.attention_unit=channel"], "method.attention_unit='channel': head | kv-group"),
 ]
 
 
-def test_train_lora_selects_the_heal_option():
-    """One LoRA route: train=lora is LoRA healing of the plainly pruned model, the heal option baselines use."""
+def test_train_lora_sets_the_one_lora_switch():
+    """LoRA healing has one switch, method.heal (what a baseline uses): train=lora sets it with replacement=none
+    and the MSE replacement's budget, the same healing train=lora ran before it was one switch."""
+    from llm_streamline.config import check_overrides, heal_train_config
+
     for extra in ([], ["method=shortgpt"], ["method=gromov"]):
-        cfg = compose_run("train=lora", "replacement=none", *extra)
+        cfg = compose_run("train=lora", *extra)
         validate(cfg)
-        assert (cfg.train.loss, cfg.method.heal, cfg.train.weight_decay) == ("lora", "lora", 0.0)
+        assert (cfg.method.heal, cfg.replacement.type, cfg.method.lora_lr, cfg.method.lora_epochs) == \
+            ("lora", "none", 2e-4, 4)
+    h = heal_train_config(compose_run("train=lora"))
+    assert (h.loss, h.epochs, h.lr, h.min_lr, h.weight_decay, h.warmup_ratio, h.select, h.batch_size) == \
+        ("lora", 4, 2e-4, 2e-5, 0.0, 0.05, "best", 8)
+    assert compose_run("train=lora").method == compose_run("replacement=none", "method.heal=lora",
+                                                           "method.lora_lr=2e-4", "method.lora_epochs=4").method
     assert compose_run("method=gromov").method.heal == "lora" and compose_run().method.heal == "none"
+    cfg = compose_run("train=lora")
+    check_overrides(cfg, ["train=lora", "train.max_steps=3", "train.batch_size=4"])  # what healing reads
+    with pytest.raises(ConfigError, match=r"train.lr=1e-3: LoRA healing .* set the method.lora_\* option instead"):
+        check_overrides(cfg, ["train=lora", "train.lr=1e-3"])  # not read: refused, not ignored
+
+
+@pytest.mark.parametrize("overrides,line", [
+    (["method=shortgpt", "method.sleb_samples=3"], "method.sleb_samples is an option of method=sleb, not of "
+                                                   "method=shortgpt (its options: heal, lora_rank,"),
+    (["method=sleb", "method.width_ratio=0.5"], "method.width_ratio is an option of method=llm_pruner, not of "
+                                                "method=sleb"),
+    (["method.laco_merge=3"], "method.laco_merge is an option of method=laco, not of method=streamline"),
+    (["method=gromov", "method.sleb_sample=3"], "unknown key method.sleb_sample: did you mean method.sleb_samples?"),
+])
+def test_another_methods_option_fails_at_composition(overrides, line):
+    """Each method has its own schema (conf/method/<name>.yaml extends it): Hydra's compose refuses another
+    method's option, and the one line names the method that has it."""
+    from hydra.errors import ConfigCompositionException
+
+    from llm_streamline.errors import hydra_error_line
+
+    with pytest.raises(ConfigCompositionException) as err:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            compose(config_name="config", overrides=overrides)
+    assert hydra_error_line(err.value).startswith(line), hydra_error_line(err.value)
+    from llm_streamline.config import LaCoConfig, SLEBConfig
+
+    assert compose_run("method=sleb", "method.sleb_samples=8").method == SLEBConfig(sleb_samples=8)
+    assert compose_run("method=laco", "method.laco_merge=3").method == LaCoConfig(laco_merge=3)
 
 
 @pytest.mark.parametrize("overrides,allowed", [
-    (["train.loss=kl"], "'kl', expected one of [mse, lm, distill, lora]"),
+    (["train.loss=kl"], "'kl', expected one of [mse, lm, distill]"),
     (["eval.scorer=slow"], "'slow', expected one of [fast, hflm]"),
     (["method=llm_pruner", "method.attention_unit=channel"], "'channel', expected one of [head, kv-group]"),
     (["sparsity.importance=magic"], "'magic', expected one of [cosine, angular, bi, perplexity]"),
@@ -338,3 +377,13 @@ def test_a_config_recorded_before_an_option_existed_reads_as_a_new_run_of_the_sa
     new, old = kept(), kept()
     del old["model"]["infer_batch_size"]
     assert recorded_config(old) == recorded_config(new) != recorded_config(kept("model.infer_batch_size=32"))
+    # one method schema (every method's options) and train=lora as train.loss=lora, as runs recorded them before
+    from llm_streamline.config import LEGACY_METHOD_KEY
+
+    old = kept("method=shortgpt")
+    old["method"] = {**LEGACY_METHOD_KEY, **old["method"]}
+    assert recorded_config(old) == recorded_config(kept("method=shortgpt"))
+    old = kept("replacement=none")
+    old["method"] = {**LEGACY_METHOD_KEY, "heal": "lora"}
+    old["train"].update(loss="lora", epochs=4, lr=2e-4, min_lr=2e-5, weight_decay=0.0)
+    assert recorded_config(old) == recorded_config(kept("train=lora"))

@@ -1,9 +1,10 @@
 """Typed schemas of every config group, registered in Hydra's ConfigStore.
 
-Each `conf/<group>/*.yaml` preset names its schema in its defaults list (`- /schema/<group>@_here_`... is
-avoided for readability: the top-level `RunConfig` types every group, so a misspelt key or a wrong type
-in any preset or override fails at composition time with OmegaConf's message).
-Value checks that types cannot express live in `validate()` and run before any model is loaded.
+The top-level `RunConfig` types every group, so a misspelt key, a wrong type or a choice outside its Enum in any
+preset or override fails at composition time with OmegaConf's message. The method group is typed per method: each
+`conf/method/<name>.yaml` extends its schema (`<name>_schema` in the group, `METHOD_SCHEMAS`), so one method's
+option given to another fails at composition too. Value checks that types cannot express live in `validate()`
+and run before any model is loaded.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from omegaconf import MISSING, OmegaConf
 
 
 # Choices among fixed strings are Enums: OmegaConf refuses any other value at composition, naming the allowed
-# ones ("Invalid value 'kl', expected one of [mse, lm, distill, lora]"), before any model is loaded. They are
+# ones ("Invalid value 'kl', expected one of [mse, lm, distill]"), before any model is loaded. They are
 # StrEnums whose names are their values, so `cfg.train.loss == "mse"`, f-strings, JSON (stage keys, results.json)
 # and Hydra's interpolations read them as the plain strings they were; a config built in code may still pass
 # the plain string.
@@ -38,7 +39,7 @@ Activation = _choices("Activation", "silu gelu relu gelu_new")
 FitObjective = _choices("FitObjective", "lstsq cosine")
 FirstToken = _choices("FirstToken", "include exclude")
 Init = _choices("Init", "none linear")
-Loss = _choices("Loss", "mse lm distill lora")
+Loss = _choices("Loss", "mse lm distill")  # LoRA healing is method.heal=lora (train=lora), not a loss
 MseTarget = _choices("MseTarget", "absolute relative")
 Select = _choices("Select", "best final")
 Teacher = _choices("Teacher", "online cached auto")
@@ -124,7 +125,7 @@ class ReplacementConfig:
 
 @dataclass
 class TrainConfig:
-    loss: Loss = Loss.mse                  # mse | lm | distill | lora (heal a plainly pruned model instead, peft)
+    loss: Loss = Loss.mse                  # mse | lm | distill: how the replacement trains (LoRA: method.heal)
     epochs: int = 4                        # the CPU budget's passes over its ~65k tokens (conf/train/mse.yaml)
     batch_size: int = 8
     lr: float = 5e-4                       # authors: 2e-4 over ~0.06B tokens; see conf/train/mse.yaml
@@ -175,13 +176,62 @@ class EvalConfig:
 
 @dataclass
 class MethodConfig:
-    name: MethodName = MethodName.streamline  # streamline | shortgpt | gromov | laco | sleb | llm_pruner
-    heal: Heal = Heal.none                 # none | lora: LoRA recovery after pruning (peft); train=lora sets it
+    """What every method has, and all that LLM-Streamline has (`method=streamline`). Each baseline's own options
+    live in its schema below, which its preset extends (`conf/method/<name>.yaml`): an option of another method
+    (`method=shortgpt method.sleb_samples=3`) fails at composition, naming the method's options."""
+    name: MethodName = MethodName.streamline  # set by the preset's schema (`method=<name>` chooses the method)
+    # LoRA healing after pruning (peft): the one switch. A baseline heals what it compressed (method=gromov sets
+    # it); LLM-Streamline heals plain pruning in place of a replacement (train=lora sets it with replacement=none,
+    # the paper's LoRA-vs-replacement comparison). AdamW at lora_lr for lora_epochs, 5% linear warm-up, cosine to
+    # a tenth of lora_lr, no weight decay, the lowest validation loss kept; batch size, clipping, max_steps,
+    # accumulation and checkpointing from `train` (`heal_train_config`).
+    heal: Heal = Heal.none
     lora_rank: int = 8
     lora_alpha: int = 16
-    lora_lr: float = 1e-4                  # lr and epochs of healing when train is not train=lora
-    lora_epochs: int = 1                   # (see heal_train_config)
-    # LLM-Pruner (width pruning); `width_ratio` null = matched to the layer-pruning size of `sparsity`
+    lora_lr: float = 1e-4
+    lora_epochs: int = 1
+
+
+@dataclass
+class BaselineConfig(MethodConfig):
+    # equal size: the replacement type of the LLM-Streamline row this baseline is sized against (null: plain
+    # removal of n layers). n (from sparsity) is chosen as for that row, and llm_pruner removes n layers' parameters
+    # minus the replacement's; results.json params.equal_size gives the target and the difference per row.
+    match_replacement: Optional[ReplacementType] = None
+
+
+@dataclass
+class ShortGPTConfig(BaselineConfig):
+    name: MethodName = MethodName.shortgpt
+
+
+@dataclass
+class GromovConfig(BaselineConfig):
+    name: MethodName = MethodName.gromov
+    heal: Heal = Heal.lora                 # Gromov et al. heal the pruned model with (Q)LoRA
+
+
+@dataclass
+class LaCoConfig(BaselineConfig):
+    name: MethodName = MethodName.laco
+    # layers per collapse (the paper's C = 4: one merge removes 3 layers). C = 2 degenerates: the RDSC merge
+    # theta_l + (theta_{l+1} - theta_l) is just layer l+1, i.e. plain removal of layer l.
+    laco_merge: int = 4
+
+
+@dataclass
+class SLEBConfig(BaselineConfig):
+    name: MethodName = MethodName.sleb
+    # calibration: windows x tokens cut from the calibration blocks (null seq_len: the blocks as they are).
+    # The paper / sleb.py use 128 x 2048 (method=sleb_gpu); the CPU preset method=sleb uses 4 x data.seq_len.
+    sleb_samples: Optional[int] = 4
+    sleb_seq_len: Optional[int] = None
+
+
+@dataclass
+class LLMPrunerConfig(BaselineConfig):
+    """LLM-Pruner (width pruning); `width_ratio` null = matched to the layer-pruning size of `sparsity`."""
+    name: MethodName = MethodName.llm_pruner
     # vector | element1 | element2 | mix = the original's vectorize | param_first | param_second | param_mix
     importance: PrunerImportance = PrunerImportance.element1
     # head: single attention heads (under GQA the q heads inside each KV group, the same number per group);
@@ -192,16 +242,12 @@ class MethodConfig:
     last_layers_kept: int = 2
     grad_samples: int = 10                 # calibration samples for the Taylor gradients
     grad_seq_len: int = 64
-    # equal size: the replacement type of the LLM-Streamline row this baseline is sized against (null: plain
-    # removal of n layers). n (from sparsity) is chosen as for that row, and llm_pruner removes n layers' parameters
-    # minus the replacement's; results.json params.equal_size gives the target and the difference per row.
-    match_replacement: Optional[ReplacementType] = None
-    # LaCo: how many following layers are merged into one at a time
-    laco_merge: int = 2
-    # SLEB calibration: windows x tokens cut from the calibration blocks (null seq_len: the blocks as they are).
-    # The paper / sleb.py use 128 x 2048 (method=sleb_gpu); the CPU preset method=sleb uses 4 x data.seq_len.
-    sleb_samples: Optional[int] = 4
-    sleb_seq_len: Optional[int] = None
+
+
+# method name -> its schema, registered as `method/<name>_schema` (the preset's first default)
+METHOD_SCHEMAS: dict[str, type[MethodConfig]] = {
+    "streamline": MethodConfig, "shortgpt": ShortGPTConfig, "gromov": GromovConfig, "laco": LaCoConfig,
+    "sleb": SLEBConfig, "llm_pruner": LLMPrunerConfig}
 
 
 @dataclass
@@ -263,14 +309,16 @@ def objective_direction(objective: str) -> str:
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="run_schema", node=RunConfig)
+    for name, schema in METHOD_SCHEMAS.items():
+        cs.store(group="method", name=f"{name}_schema", node=schema)
     OmegaConf.register_new_resolver("objective_direction", objective_direction, replace=True)
     from llm_streamline.rundir import run_tag
 
     OmegaConf.register_new_resolver("run_tag", run_tag, replace=True)  # default run dirs: unique per launch
 
 
-# A method's own healing (method.heal=lora without train=lora, e.g. method=gromov): method.lora_lr for
-# method.lora_epochs, 5% linear warm-up, cosine to a tenth of the lr, no weight decay, best validation loss kept.
+# LoRA healing (method.heal=lora): method.lora_lr for method.lora_epochs, 5% linear warm-up, cosine to a tenth
+# of the lr, no weight decay, the lowest validation loss kept.
 HEAL_WARMUP_RATIO = 0.05
 HEAL_MIN_LR_FRACTION = 0.1
 
@@ -278,6 +326,23 @@ HEAL_MIN_LR_FRACTION = 0.1
 TRAIN_KEY_DEFAULTS = {"grad_accum": 1}  # options added later: left out of stage keys at these values
 # options that do not change what training gives (online and cached teacher pairs are the same pairs)
 TRAIN_KEY_IGNORED = ("grad_checkpointing", "teacher", "teacher_disk_gb", "teacher_space_check")
+
+
+def trained_with(cfg: RunConfig) -> TrainConfig:
+    """The train options of what an LLM-Streamline run trains: LoRA healing's for plain pruning healed with LoRA
+    (train=lora), else the train group (a baseline records its train group, as it always has)."""
+    if cfg.method.name == "streamline" and cfg.method.heal == "lora":
+        return heal_train_config(cfg)
+    return cfg.train
+
+
+# Every option of the single method schema that preceded the per-method ones, at its defaults: a baseline's
+# stage key holds these (`recipes.baseline.method_key`), so its cached stages stay valid.
+LEGACY_METHOD_KEY = {
+    "name": "streamline", "heal": "none", "lora_rank": 8, "lora_alpha": 16, "lora_lr": 1e-4, "lora_epochs": 1,
+    "importance": "element1", "attention_unit": "head", "width_ratio": None, "first_layer": 4,
+    "last_layers_kept": 2, "grad_samples": 10, "grad_seq_len": 64, "match_replacement": None, "laco_merge": 2,
+    "sleb_samples": 4, "sleb_seq_len": None}
 
 
 def training_identity(t: TrainConfig) -> dict:
@@ -290,11 +355,14 @@ def training_identity(t: TrainConfig) -> dict:
     return key
 
 
+# What LoRA healing reads of the train group; its other options shape a replacement's training only.
+HEAL_READS_TRAIN = ("batch_size", "grad_clip", "max_steps", "grad_accum", "grad_checkpointing")
+
+
 def heal_train_config(cfg: RunConfig) -> TrainConfig:
-    """What LoRA healing trains with: with train=lora (train.loss=lora) the train group's values, every one of
-    them; otherwise the method's budget above, with train.batch_size, grad_clip and max_steps."""
-    if cfg.train.loss == "lora":
-        return cfg.train
+    """What LoRA healing (method.heal=lora) trains with: the method's budget above, with train.batch_size,
+    grad_clip, max_steps, grad_accum and grad_checkpointing. Recorded as the run's train_config with loss "lora"
+    (`train=lora` runs recorded the same values before healing had one switch)."""
     m = cfg.method
     return replace(cfg.train, loss="lora", lr=m.lora_lr, epochs=m.lora_epochs,
                    min_lr=HEAL_MIN_LR_FRACTION * m.lora_lr, weight_decay=0.0, warmup_ratio=HEAL_WARMUP_RATIO,
@@ -326,7 +394,7 @@ def _check(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
-def _check_sleb_calibration(mc: MethodConfig, d: DataConfig) -> None:
+def _check_sleb_calibration(mc: SLEBConfig, d: DataConfig) -> None:
     """SLEB's windows must fit in the calibration blocks (data.calib_samples x data.seq_len tokens)."""
     _check(mc.sleb_samples is None or mc.sleb_samples >= 1, f"method.sleb_samples={mc.sleb_samples}: null or >= 1")
     _check(mc.sleb_seq_len is None or mc.sleb_seq_len >= 2, f"method.sleb_seq_len={mc.sleb_seq_len}: null or >= 2")
@@ -386,23 +454,21 @@ def validate(cfg: RunConfig) -> None:
            f"train.lr={t.lr}, train.min_lr={t.min_lr}: need 0 <= min_lr <= lr")
     _check(t.epochs >= 1 and t.batch_size >= 1, "train.epochs and train.batch_size must be >= 1")
     _check(t.grad_accum >= 1, f"train.grad_accum={t.grad_accum}: must be >= 1 (micro-batches per optimizer step)")
-    if t.loss == "lora":
-        _check(r.type == "none", f"train.loss=lora heals a plainly pruned model: use replacement=none (got {r.type})")
-    if t.loss in ("lm", "distill", "lora") or cfg.method.heal == "lora":  # whole batches of token blocks
+    if cfg.method.name == "streamline" and cfg.method.heal == "lora":
+        _check(r.type == "none", f"method.heal=lora heals a plainly pruned model (train=lora): use replacement=none "
+                                 f"(got {r.type})")
+    if t.loss in ("lm", "distill") or cfg.method.heal == "lora":  # whole batches of token blocks
         _check(d.train_samples >= t.batch_size * t.grad_accum,
                f"data.train_samples={d.train_samples} < train.batch_size={t.batch_size} x train.grad_accum="
                f"{t.grad_accum}: training on token blocks takes whole batches; raise data.train_samples or lower "
                "train.batch_size")
-    # one LoRA route: healing is the heal option, and train=lora is how LLM-Streamline's plain pruning asks for it
-    _check(t.loss != "lora" or cfg.method.heal == "lora",
-           f"train.loss=lora with method.heal={cfg.method.heal}: select LoRA healing with train=lora (it sets "
-           "method.heal=lora)")
-    _check(cfg.method.name != "streamline" or cfg.method.heal != "lora" or t.loss == "lora",
-           f"method.heal=lora with train.loss={t.loss}: LLM-Streamline heals plain pruning with train=lora "
-           "replacement=none")
-    _check(cfg.method.width_ratio is None or 0 < cfg.method.width_ratio < 1,
-           f"method.width_ratio={cfg.method.width_ratio}: null or in (0, 1)")
-    if cfg.method.name == "sleb":
+    _check(type(cfg.method) is METHOD_SCHEMAS[cfg.method.name],
+           f"method.name={cfg.method.name} does not change the method (method={_method_name(type(cfg.method))}'s "
+           f"options were composed): select it with method={cfg.method.name}")
+    if isinstance(cfg.method, LLMPrunerConfig):
+        _check(cfg.method.width_ratio is None or 0 < cfg.method.width_ratio < 1,
+               f"method.width_ratio={cfg.method.width_ratio}: null or in (0, 1)")
+    if isinstance(cfg.method, SLEBConfig):
         _check_sleb_calibration(cfg.method, d)
 
     _check(e.limit is None or e.limit >= 1, f"eval.limit={e.limit}: null or >= 1")
@@ -444,14 +510,18 @@ EVAL_UNREAD = ("sparsity", "replacement", "train", "method", "save")  # mode=eva
 
 def check_overrides(cfg: RunConfig, overrides: list[str]) -> None:
     """Command-line overrides the job would not read are refused (the config's defaults fill every key, so
-    only what the user wrote can tell): an evaluation reads no compression or training settings."""
-    if cfg.mode != "eval":
-        return
+    only what the user wrote can tell): an evaluation reads no compression or training settings; LoRA healing
+    of plain pruning trains with the method's budget and reads only a few train options."""
     for o in overrides:
         key = o.lstrip("+~").split("=", 1)[0]
         top = key.split("@", 1)[0].split("/", 1)[0].split(".", 1)[0]
-        _check(top not in EVAL_UNREAD, f"{o}: llm-streamline-eval evaluates a model as it is and reads no {top} "
-                                       "settings; drop it")
+        if cfg.mode == "eval":
+            _check(top not in EVAL_UNREAD, f"{o}: llm-streamline-eval evaluates a model as it is and reads no {top} "
+                                           "settings; drop it")
+        elif cfg.method.heal == "lora" and cfg.replacement.type == "none" and key.startswith("train."):
+            _check(key.split(".", 2)[1] in HEAL_READS_TRAIN,
+                   f"{o}: LoRA healing (method.heal=lora) trains at method.lora_lr for method.lora_epochs and reads "
+                   f"only train.{{{','.join(HEAL_READS_TRAIN)}}}; set the method.lora_* option instead")
 
 
 def _check_ranges(cfg: RunConfig) -> None:
@@ -480,9 +550,27 @@ def _schema_keys(schema: type, prefix: str = "") -> dict[str, type | None]:
     for name, hint in get_type_hints(schema).items():
         sub = hint if is_dataclass(hint) else None
         out[prefix + name] = sub
-        if sub is not None:
-            out.update(_schema_keys(sub, f"{prefix}{name}."))
+        for s in METHOD_SCHEMAS.values() if sub is MethodConfig else [sub] if sub is not None else []:
+            out.update(_schema_keys(s, f"{prefix}{name}."))  # `method`: every method's options
     return out
+
+
+def _method_name(schema: type) -> str:
+    return next(n for n, s in METHOD_SCHEMAS.items() if s is schema)
+
+
+def unknown_key_line(key: str, schema: type | None = None) -> str:
+    """The one line for a key the composed config lacks (`schema`: the dataclass it was looked up in, when
+    known): another method's option names the methods that have it and this one's options; else the closest key."""
+    option = key.removeprefix("method.")
+    if option != key and schema in METHOD_SCHEMAS.values():
+        owners = [n for n, s in METHOD_SCHEMAS.items() if option in get_type_hints(s)]
+        if owners:
+            own = [f for f in get_type_hints(schema) if f != "name"]
+            return (f"{key} is an option of method={' | '.join(owners)}, not of method={_method_name(schema)} "
+                    f"(its options: {', '.join(own)})")
+    close = difflib.get_close_matches(key, list(_schema_keys(RunConfig)), n=1)
+    return f"unknown key {key}" + (f": did you mean {close[0]}?" if close else "")
 
 
 def mapping_keys(schema: type = None, prefix: str = "") -> set[str]:
@@ -503,16 +591,16 @@ def reject_unknown_keys(cfg: Any) -> None:
     silently (`+sparsity.layer=3` would run with the default n): refuse it, naming the closest valid key."""
     from omegaconf import DictConfig
 
-    known = _schema_keys(RunConfig)
-
     def walk(node: DictConfig, prefix: str) -> None:
+        schema = OmegaConf.get_type(node)  # the node's own dataclass: a method's schema under `method`
+        if not is_dataclass(schema):  # a free mapping (model.tiny, eval.task_limits)
+            return
+        known = get_type_hints(schema)
         for k in node.keys():
-            key = f"{prefix}{k}"
-            if key not in known:
-                close = difflib.get_close_matches(key, list(known), n=1)
-                raise ConfigError(f"unknown key {key}" + (f": did you mean {close[0]}?" if close else ""))
-            if known[key] is not None and isinstance(node[k], DictConfig):
-                walk(node[k], key + ".")
+            if k not in known:
+                raise ConfigError(unknown_key_line(f"{prefix}{k}", schema))
+            if isinstance(node[k], DictConfig):
+                walk(node[k], f"{prefix}{k}.")
 
     walk(cfg, "")
 
@@ -521,12 +609,22 @@ def recorded_config(recorded: dict) -> dict:
     """A run's composed config as kept in `.hydra/config.yaml` (a plain dict), in the current schema's shape, so
     that runs recorded before a change compare equal to new runs of the same experiment (the report groups
     replicates by equal configs): a key the schema added later gets its default (`model.infer_batch_size`: null,
-    what those runs did). Sections the schema does not know are kept as they were."""
+    what those runs did); another method's options recorded by the single method schema go; `train=lora`
+    (train.loss=lora) reads as method.heal=lora with its lr and epochs. Sections the schema does not know are
+    kept as they were."""
     out = dict(recorded)
+    train, method = dict(out.get("train") or {}), dict(out.get("method") or {})
+    if train.get("loss") == "lora":  # train=lora before LoRA healing had one switch (method.heal)
+        method.update(heal="lora", lora_lr=train.get("lr", 2e-4), lora_epochs=train.get("epochs", 4))
+        train = {k: v for k, v in train.items() if k in HEAL_READS_TRAIN}
+    # one schema for every method before each had its own: the options of other methods go
+    schema = METHOD_SCHEMAS.get(method.get("name", "streamline"), MethodConfig)
+    out["train"], out["method"] = train, {k: v for k, v in method.items() if k in get_type_hints(schema)}
     for name, hint in get_type_hints(RunConfig).items():
-        if is_dataclass(hint) and isinstance(recorded.get(name), dict):
+        hint = schema if hint is MethodConfig else hint
+        if is_dataclass(hint) and isinstance(out.get(name), dict):
             defaults = {k: _plain(v) for k, v in asdict(hint()).items() if v != MISSING}
-            out[name] = {**defaults, **recorded[name]}
+            out[name] = {**defaults, **out[name]}
     return out
 
 

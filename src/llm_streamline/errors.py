@@ -21,7 +21,6 @@ plan command (the Python API raises the exception itself: `ConfigError` for bad 
 
 from __future__ import annotations
 
-import difflib
 import logging
 import os
 import re
@@ -31,7 +30,7 @@ import traceback
 from pathlib import Path
 from typing import NoReturn
 
-from llm_streamline.config import ConfigError, RunConfig, _schema_keys, mapping_keys
+from llm_streamline.config import ConfigError, RunConfig, mapping_keys, unknown_key_line
 
 BAD_INPUT = 2
 FAULT = 3
@@ -200,8 +199,7 @@ def hydra_error_line(e: Exception) -> str | None:
             return (f"++{mapping}={value} replaces the mapping {mapping}" if key == mapping else
                     f"+{key}={value} adds an entry to the mapping {mapping}") + \
                 f": write it so ({key} cannot be overridden as given)"
-        close = difflib.get_close_matches(key, list(_schema_keys(RunConfig)), n=1)
-        return f"unknown key {key}" + (f": did you mean {close[0]}?" if close else "")
+        return unknown_key_line(key, getattr(e.__cause__, "object_type", None))
     line = first_line(e)
     if isinstance(e, MissingConfigException) and e.options:
         line += f"; available: {', '.join(e.options)}"

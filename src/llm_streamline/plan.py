@@ -460,10 +460,12 @@ def stage_train(c: _Ctx) -> Stage | None:
     """The replacement's training. mse: forward + backward of the slot on the pairs (online: plus the dense model
     up to the block's end per epoch); lm/distill: the whole pruned model (distill: + the dense teacher)."""
     cfg, s, d, t = c.cfg, c.s, c.cfg.data, c.cfg.train
-    if cfg.method.name != "streamline" or (cfg.replacement.type == "none" and t.loss != "lora"):
+    if cfg.method.name != "streamline":
         return None
-    if t.loss == "lora":
-        return stage_lora(c, "train", t.epochs)
+    if cfg.method.heal == "lora":  # plain pruning healed with LoRA (train=lora): no replacement to train
+        return stage_lora(c, "train", cfg.method.lora_epochs)
+    if cfg.replacement.type == "none":
+        return None
     tokens = d.train_samples * c.seq
     steps = math.ceil(d.train_samples / c.step_batch) * t.epochs
     if t.max_steps:
@@ -702,7 +704,8 @@ def table(plan: Plan) -> str:
     lines = [
         f"plan: {cfg.model.name} ({s.total_params / 1e9:.3g}B params, {s.layers} layers, hidden {s.hidden}, "
         f"vocab {s.vocab}, {cfg.model.dtype}) method={cfg.method.name} replacement={cfg.replacement.type} "
-        f"n={plan.n} data={cfg.data.name} eval={cfg.eval.name} train.loss={cfg.train.loss}",
+        f"n={plan.n} data={cfg.data.name} eval={cfg.eval.name} "
+        + ("method.heal=lora" if cfg.method.heal == "lora" else f"train.loss={cfg.train.loss}"),
         f"on {where}; {hw.tflops:g} TFLOP/s, {hw.bandwidth_gbs:g} GB/s memory, {hw.disk_gbs:g} GB/s disk"
         + (f" (measured: {hw.measured})" if hw.measured else " (plan.tflops / bandwidth_gbs / disk_gbs)")
         + f"; free disk {_gib(hw.disk_free_gib)}",

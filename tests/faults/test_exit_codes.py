@@ -29,7 +29,8 @@ def cli(*args: str, cwd) -> subprocess.CompletedProcess:
     ("sparsity.layer=3", "unknown key sparsity.layer: did you mean sparsity.layers?"),
     ("train.lr=abc", "Error merging override train.lr=abc: Value 'abc' of type 'str' could not be converted to Float"),
     ("model=nope", "In 'config': Could not find 'model/nope'; available: gemma3-270m, hub, "),
-    ("train.loss=kl", "Error merging override train.loss=kl: Invalid value 'kl', expected one of [mse, lm, distill, "),
+    ("train.loss=kl", "Error merging override train.loss=kl: Invalid value 'kl', expected one of [mse, lm, distill]"),
+    ("method.sleb_samples=3", "method.sleb_samples is an option of method=sleb, not of method=streamline (its "),
 ])
 def test_hydra_errors_exit_2_with_one_line(override, line, tmp_path):
     res = cli("experiment=smoke", override, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)

@@ -18,7 +18,14 @@ import torch
 
 from llm_streamline import linear_map, stages
 from llm_streamline.baselines import BaselineResult, apply_method
-from llm_streamline.config import MethodConfig, ReplacementConfig, RunConfig, infer_batch_size
+from llm_streamline.config import (
+    LEGACY_METHOD_KEY,
+    LLMPrunerConfig,
+    MethodConfig,
+    ReplacementConfig,
+    RunConfig,
+    infer_batch_size,
+)
 from llm_streamline.importance import SimilarityProfile
 from llm_streamline.models.checkpoints import save_checkpoint
 from llm_streamline.models.layers import share_weights
@@ -93,11 +100,12 @@ def run(cfg: RunConfig, out_dir: Path) -> dict:
 
 
 def method_key(method: MethodConfig) -> dict:
-    """The method options a baseline's stage key holds. attention_unit (added with per-head LLM-Pruner) is left
-    out where it changes nothing (other methods) and at kv-group, what llm_pruner did before it existed: stage
-    entries cached before it stay valid."""
-    key = asdict(method)
-    if method.name != "llm_pruner" or method.attention_unit == "kv-group":
+    """The method options a baseline's stage key holds: its own, over every option the single method schema had
+    (`config.LEGACY_METHOD_KEY`), so stage entries cached before each method had its own schema stay valid.
+    attention_unit (added with per-head LLM-Pruner) is left out where it changes nothing (other methods) and at
+    kv-group, what llm_pruner did before it existed."""
+    key = {**LEGACY_METHOD_KEY, **asdict(method)}
+    if not isinstance(method, LLMPrunerConfig) or method.attention_unit == "kv-group":
         del key["attention_unit"]
     return key
 

@@ -32,6 +32,7 @@ from llm_streamline.config import (
     TrainConfig,
     heal_train_config,
     infer_batch_size,
+    trained_with,
     training_identity,
 )
 from llm_streamline.data import SPLIT_LAYOUT, TokenBlocks, load_blocks, perplexity_text
@@ -256,7 +257,7 @@ def check_data_parallel(cfg: RunConfig, world: int) -> None:
         if not trains:
             raise ConfigError(f"replacement={r.type} with {world} processes: nothing is trained (several processes "
                               "share only training, LoRA healing and SLEB's search); run it in one process")
-        if t.loss == "mse" and t.teacher == "cached":
+        if m.heal != "lora" and t.loss == "mse" and t.teacher == "cached":  # healing has no teacher pairs
             raise ConfigError(f"train.teacher=cached with {world} processes: the cached shards are written by one "
                               "process; use train.teacher=online (each rank computes its own batches' pairs)")
     elif m.name != "sleb" and m.heal != "lora":
@@ -631,7 +632,7 @@ def results_record(ctx: Run, profile: SimilarityProfile, block_ppl: list | None,
         "data": {**asdict(cfg.data), "tokens": ctx.blocks.token_counts},
         "similarity_profile": profile.as_dict(),
         "train": c.train_log,
-        "train_config": asdict(cfg.train),
+        "train_config": asdict(trained_with(cfg)),
         "eval": eval_table(dense.eval["metrics"], ev.eval["metrics"], chance_levels(dense.eval["samples"])),
         "eval_meta": eval_meta(cfg, dense.eval),
         "significance": ev.significance,

@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file
 
 from llm_streamline import linear_map, stages
-from llm_streamline.config import ConfigError, RunConfig, infer_batch_size
+from llm_streamline.config import ConfigError, RunConfig, infer_batch_size, trained_with
 from llm_streamline.importance import PPL_IMPORTANCE_BLOCKS, SimilarityProfile, block_perplexities, choose_block
 from llm_streamline.models.anatomy import anatomy_of
 from llm_streamline.models.checkpoints import save_checkpoint
@@ -154,7 +154,7 @@ def replace_block(ctx: Run, start: int, n: int) -> Compressed | None:
                              probe.output_is_tuple, anatomy)
     train_log, block = None, None  # `block` is set once the block is out of `pruned`
     train_key = stages.stage_key("train", model=ctx.model_id, data=ctx.data_key, start=start, n=n,
-                                 replacement=asdict(cfg.replacement), train=train_identity(cfg.train),
+                                 replacement=asdict(cfg.replacement), train=train_identity(trained_with(cfg)),
                                  seed=cfg.seed)
     trained_before = trains_after_fit(cfg.replacement) and stages.sealed(stages.stage_dir(train_key), train_key,
                                                                              move_aside=False)
