@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 HERE = Path(__file__).parent
 
@@ -100,7 +101,11 @@ def test_what_several_processes_cannot_share_is_refused_in_one_line():
                "method=shortgpt": replace(base, method=ShortGPTConfig()),
                "model.device_map=auto": replace(base, model=ModelConfig(name="m", device_map="auto"),
                                                 train=TrainConfig(loss="lm")),
-               "replacement=linear": replace(base, replacement=ReplacementConfig(type="linear"))}
+               "replacement=linear": replace(base, replacement=ReplacementConfig(type="linear")),
+               "2 CUDA devices": replace(base, model=ModelConfig(name="m", device="cuda"),
+                                         train=TrainConfig(loss="lm"))}
+    if torch.cuda.device_count() >= 2:
+        del refused["2 CUDA devices"]
     for key, cfg in refused.items():
         check_data_parallel(cfg, 1)  # one process: anything goes
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as e:

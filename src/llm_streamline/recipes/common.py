@@ -250,6 +250,10 @@ def check_data_parallel(cfg: RunConfig, world: int) -> None:
         raise ConfigError(f"model.device_map={cfg.model.device_map} with {world} processes: under torchrun each "
                           "process holds a whole copy of the model on its own card; set model.device_map=null "
                           "(device_map runs in one process)")
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if cfg.model.device.startswith("cuda") and torch.cuda.device_count() < local:
+        raise ConfigError(f"{local} processes on this node need {local} CUDA devices (one each, cuda:LOCAL_RANK), "
+                          f"{torch.cuda.device_count()} present: lower torchrun's --nproc_per_node")
     t, m, r = cfg.train, cfg.method, cfg.replacement
     if m.name == "streamline":
         trains = m.heal == "lora" or r.type in ("ffn", "swiglu", "layer", "layers") or (
