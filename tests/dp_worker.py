@@ -1,6 +1,6 @@
 """Run by tests/test_distributed.py under torchrun (gloo, CPU): SLEB's greedy search with its calibration windows
 shared by the ranks (each rank writes what it removed, every candidate's perplexity and how many batches it
-scored), and a training's validation loss with the validation batches shared."""
+scored), the similarity profile and LM-loss training (its steps' and validation's batches) shared."""
 
 from __future__ import annotations
 
@@ -41,17 +41,28 @@ def search(accelerator=None) -> dict:
     return {"removed": removed, "steps": steps, "scored": len(scored)}
 
 
-def validation(accelerator=None) -> float:
-    """The validation loss before training (train.loss=lm through the model, layer 2 the slot): it does not depend
-    on how many processes share the validation batches."""
+def profile(accelerator=None) -> dict:
+    """The similarity profile of every block size, its calibration batches shared."""
+    from llm_streamline.importance import similarity_profile
+
+    model, calib = problem()
+    return similarity_profile(model, calib, ns=list(range(1, 7)), batch_size=BATCH, progress=False,
+                              accelerator=accelerator).as_dict()
+
+
+def lm_training(accelerator=None) -> dict:
+    """Two steps of train.loss=lm through the model, layer 2 the slot: the validation loss before training (it
+    does not depend on how many processes share the validation batches) and the trained slot's weights."""
     from llm_streamline.config import TrainConfig
     from llm_streamline.models.layers import find_decoder_stack
     from llm_streamline.train import train_lm
 
     model, calib = problem()
-    cfg = TrainConfig(loss="lm", epochs=1, batch_size=BATCH, max_steps=1)
-    log = train_lm(model, [find_decoder_stack(model).layers[2]], calib, calib, cfg, seed=0, accelerator=accelerator)
-    return log.initial_val_loss
+    cfg = TrainConfig(loss="lm", epochs=1, batch_size=BATCH, max_steps=2, lr=1e-2)
+    slot = find_decoder_stack(model).layers[2]
+    log = train_lm(model, [slot], calib, calib, cfg, seed=0, accelerator=accelerator)
+    return {"initial_val_loss": log.initial_val_loss, "train_loss": log.train_loss,
+            "slot": {k: v.tolist() for k, v in slot.state_dict().items()}}
 
 
 if __name__ == "__main__":
@@ -59,5 +70,5 @@ if __name__ == "__main__":
 
     acc = Accelerator(cpu=True)
     torch.set_num_threads(1)
-    out = {**search(acc), "val_loss": validation(acc)}
+    out = {**search(acc), "lm": lm_training(acc), "profile": profile(acc)}
     (Path(sys.argv[1]) / f"rank{acc.process_index}.json").write_text(json.dumps(out))

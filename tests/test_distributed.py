@@ -24,14 +24,17 @@ def _torchrun(port: int, args: list[str], stages: Path | None = None) -> subproc
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 
-def test_sleb_search_and_validation_shared_by_two_ranks_match_one_process(tmp_path):
+def test_sleb_search_profile_and_validation_shared_by_two_ranks_match_one_process(tmp_path):
     """Each rank scores half of the calibration batches; the float64 sums over ranks give the one-process
-    perplexities (to 1e-12) and the same layers. The same for a training's validation loss."""
+    perplexities (to 1e-12) and the same layers. The same for the similarity profile and a training's validation
+    loss."""
     res = _torchrun(29521, [str(HERE / "dp_worker.py"), str(tmp_path)])
     assert res.returncode == 0, res.stderr[-3000:]
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     sys.path.insert(0, str(HERE))
     import dp_worker
+
+    from llm_streamline.models.layers import find_decoder_stack
 
     one = dp_worker.search()
     assert r0["removed"] == r1["removed"] == one["removed"]
@@ -40,16 +43,25 @@ def test_sleb_search_and_validation_shared_by_two_ranks_match_one_process(tmp_pa
         assert s0 == s1  # the same reduced values on both ranks
         for layer, ppl in s["candidates_ppl"].items():
             assert s0["candidates_ppl"][layer] == pytest.approx(ppl, rel=1e-12)
-    assert r0["val_loss"] == r1["val_loss"] == pytest.approx(dp_worker.validation(), rel=1e-12)
+    lm = dp_worker.lm_training()
+    assert r0["lm"]["initial_val_loss"] == r1["lm"]["initial_val_loss"] == pytest.approx(lm["initial_val_loss"],
+                                                                                        rel=1e-12)
+    # each step: the two ranks' batches (mean loss logged), one update on both: the same weights, which moved
+    assert r0["lm"] == r1["lm"] and len(r0["lm"]["train_loss"]) == 2
+    initial = find_decoder_stack(dp_worker.problem()[0]).layers[2].state_dict()
+    assert r0["lm"]["slot"] != {k: v.tolist() for k, v in initial.items()}
+    p0, p1, p = r0["profile"], r1["profile"], json.loads(json.dumps(dp_worker.profile()))
+    assert p0 == p1 and p0["tokens"] == p["tokens"] == 6 * 16
+    for score in ("cosine", "angular", "angular_last"):
+        for n, values in p[score].items():
+            assert p0[score][n] == pytest.approx(values, rel=1e-12), (score, n)
 
 
-@pytest.mark.parametrize("train,port", [(["train=lm"], 29517), (["train.teacher=online"], 29519)],
-                         ids=["lm", "mse-online"])
-def test_two_process_training_keeps_ranks_identical(tmp_path, train, port):
-    """train.loss=lm, and the MSE with online teacher pairs (train=smoke's loss): each rank trains on its share
-    of every step's batches; the replacement is the same on both ranks and has moved."""
+def test_two_process_mse_training_with_online_pairs_keeps_ranks_identical(tmp_path):
+    """The MSE with online teacher pairs (train=smoke's loss; the LM loss is checked in the worker above): each rank
+    computes the pairs of its share of every step's batches; the replacement is the same on both ranks."""
     out = tmp_path / "run"
-    res = _torchrun(port, ["-m", "llm_streamline", "experiment=smoke", *train, "train.batch_size=2",
+    res = _torchrun(29519, ["-m", "llm_streamline", "experiment=smoke", "train.teacher=online", "train.batch_size=2",
                            "train.max_steps=3", "data.train_samples=16", f"hydra.run.dir={out}"])
     assert res.returncode == 0, res.stderr[-3000:]
     r0, r1 = (json.loads((out / f"rank{r}_slot.json").read_text()) for r in (0, 1))
@@ -57,8 +69,7 @@ def test_two_process_training_keeps_ranks_identical(tmp_path, train, port):
     assert r0["sha256"] == r1["sha256"] and r0["sha256"]  # the same trained weights, bit for bit
     assert r0["train"] == r1["train"] and r0["train"]["steps"] == 3
     assert r0["train"]["tokens"] == 3 * 2 * 2 * 32  # steps x batch x ranks x seq_len
-    if "train.teacher=online" in train:
-        assert r0["train"]["teacher"]["mode"] == "online"
+    assert r0["train"]["teacher"]["mode"] == "online"
     assert (out / "results.json").exists()
 
 

@@ -136,6 +136,7 @@ def test_torchrun_processes_share_the_data_parallel_stages(no_weights):
     assert t8.seconds == pytest.approx(t1.seconds / 8, rel=0.02)  # steps and validations shared
     assert "shared by 8 processes" in t8.note and "x 8 processes" in t8.note
     assert eight.stage("eval_dense").seconds == one.stage("eval_dense").seconds
+    assert eight.stage("importance").seconds == pytest.approx(one.stage("importance").seconds / 8)
     assert eight.stage("load_model").device_gib == one.stage("load_model").device_gib  # a whole copy per card
     assert eight.stage("load_model").host_gib == pytest.approx(8 * one.stage("load_model").host_gib)
     sleb = [*args, "method=sleb_gpu"]

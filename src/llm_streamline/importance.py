@@ -29,6 +29,7 @@ from transformers import PreTrainedModel
 from llm_streamline.losses import nll_batches
 from llm_streamline.models.devices import input_device
 from llm_streamline.models.layers import find_decoder_stack, run_layers, skipping
+from llm_streamline.parallel import mine, sum_over_ranks
 
 PPL_IMPORTANCE_BLOCKS = 8  # calibration blocks per candidate for sparsity.importance=perplexity (as SLEB's 8)
 
@@ -126,6 +127,17 @@ class _BlockSums:
         self.tokens += states[0].shape[0] * states[0].shape[1]
         self.samples += states[0].shape[0]
 
+    def reduce(self, summed) -> None:
+        """Every rank's sums added up (`parallel.sum_over_ranks`): the sums of all the ranks' batches."""
+        parts = [self.cos[n] for n in self.ns] + [self.ang[n] for n in self.ns] + [self.ang_last[n] for n in self.ns]
+        flat = summed(torch.cat([*parts, torch.tensor([self.tokens, self.samples], dtype=torch.float64)]))
+        i = 0
+        for d in (self.cos, self.ang, self.ang_last):
+            for n in self.ns:
+                d[n] = flat[i:i + d[n].numel()].clone()
+                i += d[n].numel()
+        self.tokens, self.samples = int(flat[i].item()), int(flat[i + 1].item())
+
     def profile(self, num_layers: int) -> SimilarityProfile:
         return SimilarityProfile(num_layers=num_layers, tokens=self.tokens,
                                  mean_cos={n: (v / self.tokens).tolist() for n, v in self.cos.items()},
@@ -144,11 +156,13 @@ def profile_from_states(batches: list[list[torch.Tensor]], ns: list[int]) -> Sim
 
 @torch.no_grad()
 def similarity_profile(model: PreTrainedModel, blocks: torch.Tensor, ns: list[int], batch_size: int = 8,
-                       max_layer: int | None = None, progress: bool = True) -> SimilarityProfile:
+                       max_layer: int | None = None, progress: bool = True, accelerator=None) -> SimilarityProfile:
     """Score every block of every size in `ns` on calibration `blocks` [N, T].
 
     Only layers 0..max_layer-1 run (default: all, needed to score blocks ending at the last layer).
     Hidden states are reduced to per-token cosines batch by batch, so memory does not grow with N.
+    With an `accelerate.Accelerator` (torchrun), batch k runs on rank k mod P only and the float64 sums are
+    added up over the ranks: every rank gets the one-process profile (up to the order of the additions).
     """
     stack = find_decoder_stack(model)
     L = stack.num_layers
@@ -158,12 +172,15 @@ def similarity_profile(model: PreTrainedModel, blocks: torch.Tensor, ns: list[in
         raise ValueError(f"no block size in {ns} fits a model with {L} layers")
     device = input_device(model)
     sums = _BlockSums(ns, max_layer)
-    it = range(0, blocks.shape[0], batch_size)
+    it = [i for k, i in enumerate(range(0, blocks.shape[0], batch_size)) if mine(k, accelerator)]
     for i in tqdm(it, desc="similarity profile", disable=not progress, unit="batch"):
         ids = blocks[i:i + batch_size].to(device)
         cap = run_layers(model, ids, inputs_at=(0,), outputs_at=tuple(range(max_layer)), stack=stack)
         sums.add([cap.inputs[0]] + [cap.outputs[j] for j in range(max_layer)])
         del cap
+    summed = sum_over_ranks(accelerator)
+    if summed is not None:
+        sums.reduce(summed)
     return sums.profile(L)
 
 

@@ -26,9 +26,9 @@ How each figure is derived (one small function per stage below):
   backward).
 - Data parallel (`torchrun --nproc_per_node P`, `plan.processes`, null: WORLD_SIZE): every process holds a whole
   copy on its own card (device memory per card as for one process; host RAM and the node's total x P); the
-  work the ranks share (`Stage.shared_flops`: SLEB's candidate scoring, a replacement's or LoRA's training steps
-  and validations) takes 1/P of its time, a step being P batches; the profile, evaluations and saving run as in
-  one process (on every rank, or on the main one while the others wait).
+  stages the ranks share (`Stage.shared`: the similarity profile, SLEB's candidate scoring, a replacement's or
+  LoRA's training steps and validations) take 1/P of their compute and memory-traffic time (at most one rank per
+  batch), a step being P batches; evaluations and saving run on the main rank while the others wait.
 """
 
 from __future__ import annotations
@@ -271,17 +271,16 @@ class Stage:
     disk_gib: float = 0.0      # left on disk
     note: str = ""
     seconds: float = 0.0
-    shared_flops: float = 0.0  # of `flops`, what data-parallel processes divide among them
+    shared: bool = False       # data-parallel processes divide its compute and memory traffic among them
     shared_ways: int = 0       # how many pieces that work comes in (0: as many as there are processes)
 
     def price(self, hw: Hardware) -> "Stage":
         # one device's throughput: with device_map the layers run card after card, one busy at a time; under
-        # torchrun the shared part runs on every process's card at once
-        ways = min(hw.processes, self.shared_ways or hw.processes)
-        flops = self.flops - self.shared_flops + self.shared_flops / ways
-        self.seconds = (flops / (hw.tflops * 1e12) + self.bytes_moved / (hw.bandwidth_gbs * 1e9)
+        # torchrun a shared stage runs on every process's card at once
+        ways = min(hw.processes, self.shared_ways or hw.processes) if self.shared else 1
+        self.seconds = ((self.flops / (hw.tflops * 1e12) + self.bytes_moved / (hw.bandwidth_gbs * 1e9)) / ways
                         + self.disk_io / (hw.disk_gbs * 1e9) + self.overhead_s)
-        if self.shared_flops and ways > 1:
+        if ways > 1:
             self.note += f"; shared by {ways} processes"
         return self
 
@@ -369,12 +368,14 @@ def stage_profile(c: _Ctx) -> Stage:
     states = (L + 1) * c.infer_batch * c.seq * s.hidden * (s.bytes_per_param + 4) / GIB
     moved = L * (L + 1) / 2 * tokens * s.hidden * 4 * 3
     st = Stage("importance", flops=tokens * s.layers_flops(0, L, c.seq), bytes_moved=moved,
-               device_gib=c.device(states), host_gib=c.host(states), note=f"{tokens:,} tokens x {L} layers")
+               device_gib=c.device(states), host_gib=c.host(states), note=f"{tokens:,} tokens x {L} layers",
+               shared=True, shared_ways=math.ceil(d.calib_samples / c.infer_batch))  # batch k: rank k mod P
     if c.cfg.sparsity.importance == "perplexity" and c.cfg.sparsity.start is None:
 
         ppl_tokens = min(PPL_IMPORTANCE_BLOCKS, d.calib_samples) * c.seq * (L - c.n + 1)
         st.flops += ppl_tokens * s.model_flops(c.seq, removed=c.n)
         st.note += f"; + block perplexity on {ppl_tokens:,} tokens"
+        st.shared = False  # the block perplexities run in one process (the others reuse them), and dominate
     return st
 
 
@@ -489,7 +490,7 @@ def stage_train(c: _Ctx) -> Stage | None:
             st.note += "; teacher online"
         else:
             st.disk_io = t.epochs * d.train_samples * c.seq * s.hidden * s.bytes_per_param * 2  # the pairs re-read
-        st.shared_flops = st.flops  # each rank its share of the steps' and the validations' batches (and pairs)
+        st.shared = True  # each rank its share of the steps' and the validations' batches (and pairs)
         return st
     # lm / distill: every token through the pruned model, backward from the slot to the head
     after = s.layers - c.block_end
@@ -504,7 +505,7 @@ def stage_train(c: _Ctx) -> Stage | None:
         logits *= 2
     return Stage("train", flops=flops, device_gib=c.device(trainable + acts + logits),
                  host_gib=c.host(trainable + acts + logits), note=note + f"; {t.loss} loss through the model",
-                 shared_flops=flops)
+                 shared=True)
 
 
 def _kept_activations(c: _Ctx, layers: float) -> tuple[float, float]:
@@ -532,7 +533,7 @@ def stage_lora(c: _Ctx, name: str, epochs: int) -> Stage:
     logits = c.batch * c.seq * s.vocab * 4 * 2 / GIB
     val = d.val_samples * c.seq * (4 * epochs + 1)
     return Stage(name, flops=epochs * tokens * (3 * fwd + extra) + val * fwd,
-                 shared_flops=epochs * tokens * (3 * fwd + extra) + val * fwd,
+                 shared=True,
                  device_gib=c.device(acts + logits, True),
                  host_gib=c.host(acts + logits, True),
                  note=f"LoRA r={c.cfg.method.lora_rank}, {epochs} epoch(s) x {tokens:,} tokens")
@@ -553,7 +554,7 @@ def stage_compress(c: _Ctx) -> Stage | None:
             alive = L - k
             flops += (alive - 2) * (alive / 2 * layer + 2.0 * s.head_matmul) + alive * layer
         return Stage("compress", flops=tokens * flops, device_gib=c.device(0), host_gib=c.host(0),
-                     note=f"SLEB: {c.n} greedy steps on {tokens:,} tokens", shared_flops=tokens * flops,
+                     note=f"SLEB: {c.n} greedy steps on {tokens:,} tokens", shared=True,
                      # batch k of model.infer_batch_size windows: rank k
                      shared_ways=math.ceil((m.sleb_samples or cfg.data.calib_samples) / c.infer_batch))
     if m.name == "laco":

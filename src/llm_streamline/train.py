@@ -53,6 +53,7 @@ from llm_streamline.config import ConfigError, TrainConfig
 from llm_streamline.losses import final_hidden, head_of, kl_sum, lm_loss
 from llm_streamline.models.devices import input_device, module_device, to_device
 from llm_streamline.models.layers import find_decoder_stack, run_layers
+from llm_streamline.parallel import ranks, sum_over_ranks
 from llm_streamline.precision import MasterWeights, autocast, compute_dtype
 
 
@@ -471,7 +472,7 @@ def train_mse(model: PreTrainedModel, slot: list[nn.Module], start: int, blocks:
             kwargs_by_shape[shape] = [to_device(cap.call_kwargs[i], device) for i in where]
         return kwargs_by_shape[shape]
 
-    world, rank = _ranks(accelerator)
+    world, rank = ranks(accelerator)
     steps_per_epoch = len(train_shards) // world
     if steps_per_epoch < 1:
         raise ConfigError(f"train.loss=mse with {world} processes needs at least {world} training batches of "
@@ -505,7 +506,7 @@ def _block_job(stage: str, trains: str, modules: list[nn.Module], params: list[n
     the same loss). With an `accelerate.Accelerator`, each step's blocks are sharded over processes (the same
     seeded order on every rank)."""
     bs = cfg.batch_size
-    world, rank = _ranks(accelerator)
+    world, rank = ranks(accelerator)
     steps_per_epoch = train_blocks.shape[0] // (bs * world)
     if steps_per_epoch < 1:
         raise ConfigError(f"train.loss={cfg.loss} needs at least {bs * world} training blocks, "
@@ -560,11 +561,6 @@ def activation_checkpointing(model: PreTrainedModel, on: bool | None):
         model.disable_input_require_grads()
 
 
-def _ranks(accelerator) -> tuple[int, int]:
-    """(processes, this process's index) of a data-parallel job; (1, 0) without an accelerator."""
-    return (accelerator.num_processes, accelerator.process_index) if accelerator is not None else (1, 0)
-
-
 def _all_reduce_mean(world: int):
     def all_reduce(params: list[nn.Parameter]) -> None:
         for p in params:  # the mean gradient: identical updates on every rank
@@ -574,24 +570,12 @@ def _all_reduce_mean(world: int):
     return all_reduce
 
 
-def sum_over_ranks(accelerator) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """A float64 tensor summed over the data-parallel ranks (on the rank's card for NCCL, back on the CPU); every
-    rank gets the same sums. None in one process."""
-    if _ranks(accelerator)[0] == 1:
-        return None
-
-    def reduce(x: torch.Tensor) -> torch.Tensor:
-        return accelerator.reduce(x.to(accelerator.device, torch.float64), "sum").cpu()
-
-    return reduce
-
-
 def _data_parallel(accelerator) -> dict:
     """`fit`'s arguments for a data-parallel job: a progress bar on the first rank only, gradients averaged
     over the ranks after each step's backward passes (the same update everywhere, as DDP's all-reduce; done
     here, in the one loop every loss shares, rather than by wrapping each trained module in DDP), and the
     logged loss averaged over the ranks' batches (the same log everywhere)."""
-    world, rank = _ranks(accelerator)
+    world, rank = ranks(accelerator)
     if world == 1:
         return {"progress": True, "all_reduce": None, "mean_loss": None}
     summed = sum_over_ranks(accelerator)
@@ -739,8 +723,8 @@ def train_lora(model: PreTrainedModel, train_blocks: torch.Tensor, val_blocks: t
     final = tl.val_loss[-1][1] if tl.val_loss else tl.initial_val_loss
     log = {"method": "lora", "rank": rank, "alpha": alpha, "lr": cfg.lr, "epochs": cfg.epochs,
            "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
-           "processes": _ranks(accelerator)[0],
-           "effective_batch_size": cfg.batch_size * cfg.grad_accum * _ranks(accelerator)[0], "targets": len(targets),
+           "processes": ranks(accelerator)[0],
+           "effective_batch_size": cfg.batch_size * cfg.grad_accum * ranks(accelerator)[0], "targets": len(targets),
            **tl.as_dict(),
            "final_val_loss": final,
            "seconds": round(time.perf_counter() - t0, 3),

@@ -37,7 +37,7 @@ from llm_streamline.importance import SimilarityProfile, lowest_bi_layers
 from llm_streamline.losses import nll_sum
 from llm_streamline.models.devices import input_device
 from llm_streamline.models.layers import find_decoder_stack, layer_view, remove_layers, run_layers, skipping
-from llm_streamline.train import sum_over_ranks
+from llm_streamline.parallel import mine, sum_over_ranks
 
 GROMOV_METRIC = "angular_last"   # Gromov et al. §3.2: the final token's representation
 SLEB_BLOCKS = 4   # calibration samples scored per SLEB candidate when none is given (cost: ~n * L^2 / 2 layer forwards)
@@ -90,17 +90,16 @@ def sleb_candidate_losses(model: PreTrainedModel, ids: torch.Tensor, candidates:
     L = find_decoder_stack(model).num_layers
     candidates = list(range(L)) if candidates is None else list(candidates)
     step = batch_size or ids.shape[0]
-    world = accelerator.num_processes if accelerator is not None else 1
-    rank = accelerator.process_index if accelerator is not None else 0
     sums, tokens = [0.0] * len(candidates), 0
     for k, b in enumerate(range(0, ids.shape[0], step)):
-        if k % world != rank:
+        if not mine(k, accelerator):
             continue
         part, t = _candidate_loss_sums(model, ids[b:b + step], candidates)
         sums = [a + p for a, p in zip(sums, part)]
         tokens += t
-    if world > 1:
-        total = sum_over_ranks(accelerator)(torch.tensor([*sums, tokens], dtype=torch.float64))
+    summed = sum_over_ranks(accelerator)
+    if summed is not None:
+        total = summed(torch.tensor([*sums, tokens], dtype=torch.float64))
         sums, tokens = total[:-1].tolist(), total[-1].item()
     return [v / tokens for v in sums]
 

@@ -361,10 +361,29 @@ def similarity(ctx: Run) -> SimilarityProfile:
     """mean cos(x^(l), x^(l+n)) for every block on the calibration blocks (cached per model and data)."""
     # `scores`: an entry cached before the last-token angular distance (Gromov) existed is not reused
     key = stages.stage_key("profile", model=ctx.model_id, data=ctx.calib_key, scores="cos,angular,angular_last")
-    prof_json, _ = stages.cached_json(key, lambda: similarity_profile(
+    prof_json, _ = shared_cached_json(ctx, key, lambda: similarity_profile(
         ctx.model, ctx.blocks.calib, ns=list(range(1, ctx.stack.num_layers + 1)),
-        batch_size=infer_batch_size(ctx.cfg)).as_dict(), log.info)
+        batch_size=infer_batch_size(ctx.cfg), progress=ctx.is_main, accelerator=ctx.accelerator).as_dict())
     return SimilarityProfile.from_dict(prof_json)
+
+
+def shared_cached_json(ctx: Run, key: str, compute) -> tuple[Any, bool]:
+    """`stages.cached_json` for a stage the data-parallel ranks compute together (collectives inside): the main
+    rank looks in the cache and tells the others (a rank that took the stage lock alone would wait for ranks
+    that wait for it); on a miss all compute and the main rank writes. One process: `stages.cached_json`."""
+    if ctx.accelerator is None:
+        return stages.cached_json(key, compute, log.info)
+    from accelerate.utils import broadcast_object_list
+
+    path = stages.stage_dir(key).with_suffix(".json")
+    hit = broadcast_object_list([stages.read_sealed_json(path, key) if ctx.is_main else None])[0]
+    if hit is not None:
+        log.info("stage %s: reused from %s", key, path)
+        return hit, True
+    value = compute()
+    if ctx.is_main:
+        stages.write_sealed_json(path, key, value)
+    return value, False
 
 
 # ------------------------------------------------------------------------------------- evaluation
