@@ -351,6 +351,15 @@ def test_schema_defaults_equal_the_default_presets():
             if key in names and getattr(default, key) != value:
                 differ.append(f"{group}.{key}: schema {getattr(default, key)!r}, preset {chosen[group]} {value!r}")
     assert not differ, differ
+    # each method preset extends its own schema and repeats only defaults (sleb_gpu: the original's calibration)
+    for preset in presets("method"):
+        text = yaml.safe_load((conf / "method" / f"{preset}.yaml").read_text())
+        schema_name = next(d for d in text["defaults"] if isinstance(d, str) and d.endswith("_schema"))
+        schema = C.METHOD_SCHEMAS[schema_name.removesuffix("_schema")]
+        assert type(compose_run(f"method={preset}").method) is schema, preset
+        for key, value in text.items():
+            if key != "defaults" and preset != "sleb_gpu":
+                assert getattr(schema(), key) == value, (preset, key)
 
 
 def test_embedded_models_are_the_ones_the_loader_knows():
