@@ -81,20 +81,50 @@ def _peak_rss_mib() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
+def _peak_cuda_mib() -> float | None:
+    return round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else None
+
+
 class Timings(dict):
-    """Wall time per stage (seconds) and, in `peak_rss_mib`, each stage's own peak resident memory."""
+    """Wall time per stage (seconds); in `peak_rss_mib` / `peak_cuda_mib` each stage's own peak resident / CUDA
+    memory; and the run's peak over everything since it began (`peak_memory`).
+
+    Each stage resets the process's high-water marks (the kernel's VmHWM, which `getrusage`'s ru_maxrss reads too,
+    and torch's CUDA peak), so its figure is its own. A mark is therefore read before every reset and at every
+    stage's end, and folded into the run's peak and the peak of every stage still open (a stage inside another):
+    read once at the end, it would give only the peak since the last stage began, below the largest stage's."""
 
     def __init__(self):
         super().__init__()
         self.peak_rss_mib: dict[str, float] = {}
         self.peak_cuda_mib: dict[str, float] = {}
+        self.run_peak_rss_mib = 0.0
+        self.run_peak_cuda_mib = 0.0
+        self._open: list[str] = []
+        self._per_stage = _reset_peak_rss()  # the run's peak from here: not an earlier multirun job's
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+
+    def _fold(self) -> None:
+        """The marks since the last reset into the run's peak and every open stage's."""
+        rss, cuda = _peak_rss_mib(), _peak_cuda_mib()
+        self.run_peak_rss_mib = max(self.run_peak_rss_mib, rss)
+        if cuda is not None:
+            self.run_peak_cuda_mib = max(self.run_peak_cuda_mib, cuda)
+        for name in self._open:
+            if self._per_stage:
+                self.peak_rss_mib[name] = max(self.peak_rss_mib.get(name, 0.0), rss)
+            if cuda is not None:
+                self.peak_cuda_mib[name] = max(self.peak_cuda_mib.get(name, 0.0), cuda)
 
     @contextmanager
     def stage(self, name: str):
         t0 = time.perf_counter()
-        per_stage = _reset_peak_rss()
+        self._fold()  # before the reset: what happened since the last one
+        self._per_stage = _reset_peak_rss()
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
+        self._open.append(name)
         log.info("== %s", name)
         failed = None
         try:
@@ -106,18 +136,18 @@ class Timings(dict):
             raise
         finally:
             self[name] = round(self.get(name, 0.0) + time.perf_counter() - t0, 3)
-            if per_stage:
-                self.peak_rss_mib[name] = max(self.peak_rss_mib.get(name, 0.0), _peak_rss_mib())
-            if torch.cuda.is_available():
-                self.peak_cuda_mib[name] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+            self._fold()
+            self._open.remove(name)
             # a stage that raised is never logged as done (the CLI's line says why it stopped)
             log.info("== %s %s after %.1f s" if failed else "== %s %sdone in %.1f s", name, failed or "", self[name])
 
 
-def peak_memory() -> dict:
-    out = {"rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+def peak_memory(timings: Timings) -> dict:
+    """The run's peak resident (and CUDA) memory since `timings` began: never below a stage's own peak."""
+    timings._fold()
+    out = {"rss_mib": timings.run_peak_rss_mib}
     if torch.cuda.is_available():
-        out["cuda_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        out["cuda_mib"] = timings.run_peak_cuda_mib
     return out
 
 
@@ -664,7 +694,7 @@ def results_record(ctx: Run, profile: SimilarityProfile, block_ppl: list | None,
         "stability": ev.stability,
         "speed": ev.speed,
         "timings": dict(ctx.timings),
-        "peak_memory": {**peak_memory(), "stage_rss_mib": ctx.timings.peak_rss_mib,
+        "peak_memory": {**peak_memory(ctx.timings), "stage_rss_mib": ctx.timings.peak_rss_mib,
                         **({"stage_cuda_mib": ctx.timings.peak_cuda_mib} if ctx.timings.peak_cuda_mib else {})},
         "checkpoint": checkpoint,
         "cache": {"dense_eval_reused": dense.reused},

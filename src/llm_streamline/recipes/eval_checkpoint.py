@@ -80,7 +80,7 @@ def run(cfg: RunConfig, out_dir: Path) -> dict:
                              "average": {record.PAPER: record.paper_average(res.samples, groups=res.groups)}},
                "perplexity": {"model": ppl, "text": ppl_text},
                "speed": speed,
-               "params": {"total": count_params(model)}, "timings": dict(timings), "peak_memory": peak_memory()}
+               "params": {"total": count_params(model)}, "timings": dict(timings), "peak_memory": peak_memory(timings)}
     rec = record.write(out_dir / "results.json", results)
     tracker = Tracker(cfg.wandb, out_dir, config=asdict(cfg), job_type="eval", name=run_name(cfg),
                       tags=[f"checkpoint={Path(name).name}"[:64], f"eval={cfg.eval.name}", f"seed={cfg.seed}"])
