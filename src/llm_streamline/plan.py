@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from llm_streamline.composition import compose
-from llm_streamline.config import ConfigError, PlanConfig, RunConfig, heal_train_config, infer_batch_size
+from llm_streamline.config import ConfigError, PlanConfig, RunConfig, infer_batch_size
 from llm_streamline.importance import PPL_IMPORTANCE_BLOCKS
 from llm_streamline.preflight import meta_model, model_config
 
@@ -463,9 +463,8 @@ def stage_train(c: _Ctx) -> Stage | None:
     cfg, s, d, t = c.cfg, c.s, c.cfg.data, c.cfg.train
     if cfg.method.name != "streamline":
         return None
-    if cfg.method.heal == "lora":  # plain pruning healed with LoRA (train=lora): no replacement to train
-        return stage_lora(c, "train", cfg.method.lora_epochs)
-    if cfg.replacement.type == "none":
+    # train=lora: plain pruning, no replacement to train (its healing: make_plan, after the dense model's release)
+    if cfg.method.heal == "lora" or cfg.replacement.type == "none":
         return None
     tokens = d.train_samples * c.seq
     steps = math.ceil(d.train_samples / c.step_batch) * t.epochs
@@ -623,12 +622,12 @@ def make_plan(cfg: RunConfig, out_dir: Path | None = None, model: nn.Module | No
     # in the recipes' order: the speed comparison is the dense model's last use, then it is released (LoRA
     # healing, the pruned evaluation and saving hold only the pruned model's weights)
     if cfg.method.name == "streamline":
-        steps += [stage_teacher(c), stage_train(c) if cfg.train.loss != "lora" else None]
+        steps += [stage_teacher(c), stage_train(c)]
     else:
         steps.append(stage_compress(c))
     steps.append(stage_speed(c))
-    if cfg.method.heal == "lora":  # train=lora or a method's own healing (its options: heal_train_config)
-        steps.append(stage_lora(c, "train", heal_train_config(cfg).epochs))
+    if cfg.method.heal == "lora":  # train=lora or a method's own healing
+        steps.append(stage_lora(c, "train", cfg.method.lora_epochs))
     steps.append(stage_eval(c, "pruned"))
     if cfg.eval.perplexity:
         steps.append(stage_perplexity(c, "pruned"))
