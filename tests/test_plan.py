@@ -165,3 +165,25 @@ def test_inference_stages_are_priced_at_model_infer_batch_size(no_weights):
     for name in ("importance", "perplexity_dense", "teacher_pairs"):
         assert big.stage(name).host_gib > base.stage(name).host_gib, name
     assert big.stage("train").host_gib == base.stage("train").host_gib
+
+
+def test_headline_names_host_ram_without_an_accelerator_and_the_card_peak_with_one(no_weights):
+    """The plan line of every run: on a CPU run the host RAM (it holds everything), not "peak 0 GiB per device"."""
+    cpu = plan.make_plan(_on(plan.compose([])))
+    line = plan.headline(cpu)
+    assert "per device" not in line and f"peak {plan._gib(cpu.host_gib)} host RAM" in line and cpu.host_gib > 0
+    gpu = plan.make_plan(_on(plan.compose(["model=llama2-7b", "data=slimpajama", "eval=paper"]), devices=1))
+    assert f"peak {plan._gib(gpu.device_gib)} per device" in plan.headline(gpu) and gpu.device_gib > 12
+
+
+def test_70b_profile_is_priced_per_card_of_its_device_map(no_weights):
+    """The similarity profile under device_map over 8 cards: each state stays on its layer's card, the first card
+    holds its own states and an fp32 copy of every later one (importance._BlockSums.add): (L+1) x (4 + 2/8) bytes
+    per token and hidden unit, not all 81 states in bf16 and fp32 on one card (4 + 2)."""
+    p = plan.make_plan(_on(plan.compose(["model=llama3.1-70b", "data=slimpajama", "eval=paper"]), devices=8))
+    s, cfg = p.shapes, p.cfg
+    unit = plan.infer_batch_size(cfg) * cfg.data.seq_len * s.hidden * (s.layers + 1) / 2**30
+    weights = s.weight_bytes / 2**30 / 8
+    assert p.stage("importance").device_gib == pytest.approx(weights + unit * (4 + 2 / 8))
+    one = plan.make_plan(_on(replace(cfg, model=replace(cfg.model, device_map=None)), devices=1))
+    assert one.stage("importance").device_gib == pytest.approx(s.weight_bytes / 2**30 + unit * (4 + 2))

@@ -361,11 +361,17 @@ def stage_load(c: _Ctx) -> Stage:
 
 def stage_profile(c: _Ctx) -> Stage:
     """Every block's cos(x^l, x^(l+n)) on the calibration blocks: all layers (no head), the L+1 states of a batch
-    held and normalised in fp32, L(L+1)/2 elementwise products per token (bandwidth-bound)."""
+    held and normalised in fp32, L(L+1)/2 elementwise products per token (bandwidth-bound).
+
+    Per card under a device_map over D cards (`importance._BlockSums.add`): each state x^j stays on the card of
+    the layer that made it, in the run's dtype and normalised in fp32 beside it; a pair on two cards is formed on
+    the earlier one's, which keeps an fp32 copy of the later state for the batch. The first card thus holds its
+    (L+1)/D states twice and an fp32 copy of every later one: (L+1) x (4 + bytes/D) per token and hidden unit, the
+    most of any card (one card: (L+1) x (4 + bytes), as on the CPU)."""
     s, d = c.s, c.cfg.data
     tokens = d.calib_samples * d.seq_len
     L = s.layers
-    states = (L + 1) * c.infer_batch * c.seq * s.hidden * (s.bytes_per_param + 4) / GIB
+    states = (L + 1) * c.infer_batch * c.seq * s.hidden * (4 + s.bytes_per_param / c.split) / GIB
     moved = L * (L + 1) / 2 * tokens * s.hidden * 4 * 3
     st = Stage("importance", flops=tokens * s.layers_flops(0, L, c.seq), bytes_moved=moved,
                device_gib=c.device(states), host_gib=c.host(states), note=f"{tokens:,} tokens x {L} layers",
@@ -672,12 +678,19 @@ def check(cfg: RunConfig, out_dir: Path | None = None) -> Plan | None:
         return None
     plan = make_plan(cfg, out_dir)
     bad = problems(plan)
-    log.info("plan: %s, peak %s per device, %s host RAM, %s on disk", _duration(plan.seconds),
-             _gib(plan.device_gib), _gib(plan.host_gib), _gib(plan.disk_gib))
+    log.info(headline(plan))
     if bad and cfg.plan.enforce:
         raise ConfigError("plan: " + "; ".join(bad) + " (llm-streamline-plan prints it; plan.enforce=false runs "
                           "anyway)")
     return plan
+
+
+def headline(plan: Plan) -> str:
+    """The plan in one line, logged at the start of every run: time, the peak per accelerator and host RAM (without
+    an accelerator the host RAM alone: it holds everything), disk."""
+    mem = (f"peak {_gib(plan.device_gib)} per device, {_gib(plan.host_gib)} host RAM" if plan.hw.kind == "cuda"
+           else f"peak {_gib(plan.host_gib)} host RAM (no accelerator)")
+    return f"plan: {_duration(plan.seconds)}, {mem}, {_gib(plan.disk_gib)} on disk"
 
 
 def _gib(x: float) -> str:
