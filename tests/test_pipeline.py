@@ -396,3 +396,38 @@ def test_a_config_recorded_before_an_option_existed_reads_as_a_new_run_of_the_sa
     old["method"] = {**LEGACY_METHOD_KEY, "heal": "lora"}
     old["train"].update(loss="lora", epochs=4, lr=2e-4, min_lr=2e-5, weight_decay=0.0)
     assert recorded_config(old) == recorded_config(kept("train=lora"))
+
+
+def test_forward_only_stages_run_at_model_infer_batch_size(tmp_path, monkeypatch):
+    """model.infer_batch_size, not train.batch_size, sizes the similarity profile's and SLEB's forward passes
+    (smoke: 4 calibration blocks, train.batch_size=4); the results do not depend on it."""
+    import torch
+
+    from llm_streamline.recipes import baseline, common
+
+    def run(*extra):
+        monkeypatch.setenv("LLM_STREAMLINE_STAGES", str(tmp_path / f"stages{len(extra)}"))  # nothing reused
+        ctx = common.start_run(compose_run("experiment=smoke", "method=sleb", *extra), tmp_path / f"run{len(extra)}")
+        common.load_dense_model(ctx)
+        common.load_data(ctx)
+        layer_type, batches = type(ctx.stack.layers[0]), []
+
+        def seen(module, args, output):  # every decoder layer call, the shared-weight copies' too
+            if isinstance(module, layer_type):
+                batches.append((output[0] if isinstance(output, tuple) else output).shape[0])
+        hook = torch.nn.modules.module.register_module_forward_hook(seen)
+        try:
+            profile = common.similarity(ctx)
+            in_profile = list(batches)
+            c, _ = baseline.compress(ctx, profile, 2, 0)
+        finally:
+            hook.remove()
+        return profile, c.removed, in_profile, batches[len(in_profile):]
+
+    profile, removed, in_profile, in_sleb = run()
+    assert max(in_profile) == max(in_sleb) == 4  # train.batch_size (null: as before the option existed)
+    profile3, removed3, in_profile3, in_sleb3 = run("model.infer_batch_size=3")
+    assert max(in_profile3) == max(in_sleb3) == 3 and 1 in in_profile3  # batches of 3 and 1
+    assert removed3 == removed
+    for n in profile.mean_cos:
+        assert profile3.mean_cos[n] == pytest.approx(profile.mean_cos[n], abs=1e-5)
