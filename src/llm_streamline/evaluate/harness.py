@@ -69,6 +69,17 @@ class _ExpectedHFLMWarnings(logging.Filter):
 logging.getLogger("lm_eval.models.huggingface").addFilter(_ExpectedHFLMWarnings())
 
 
+class _GeneratedTaskNotice(logging.Filter):
+    """Drops lm-eval's notice, on every task built from a `custom_dataset` (our generated `synthetic_cloze`), that
+    kwargs can be passed through `--metadata`: the generated task takes none, and every smoke run printed it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Custom kwargs can be passed to `--metadata`" not in str(record.msg)
+
+
+logging.getLogger("lm_eval.api.task").addFilter(_GeneratedTaskNotice())
+
+
 def git_hash_quietly() -> str | None:
     """lm-eval's ``git_hash`` field (``git describe --always`` in the working directory), without git's
     "fatal: not a git repository" on our stderr when the run starts outside a repository."""

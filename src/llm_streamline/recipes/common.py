@@ -161,7 +161,10 @@ def model_identity(cfg: RunConfig) -> dict:
 
         ident["asset"] = embedded_spec(m.name_or_path).asset
     elif m.source == "tiny":
-        ident.update(family=m.family, tiny=dict(m.tiny), seed=cfg.seed)
+        from llm_streamline.models.tiny_tokenizer import NAME
+
+        # the tokenizer sizes the embeddings and makes the token ids: tiny stages cached with SmolLM2's are stale
+        ident.update(family=m.family, tiny=dict(m.tiny), seed=cfg.seed, tokenizer=NAME)
     else:
         # blocks begin with BOS where the tokenizer prepends one (data.begin_with_bos, added with the Gemma 3
         # preset): stages cached for a hub model before then saw other blocks
@@ -452,7 +455,8 @@ def evaluate_dense(ctx: Run) -> DenseReference:
     if cfg.eval.perplexity and ctx.is_main:
         with ctx.timings.stage("perplexity_dense"):
             ref.ppl_text = perplexity_text(cfg.eval.perplexity_text, ctx.tok,
-                                           cfg.eval.perplexity_seq_len or cfg.data.seq_len, cfg.eval.perplexity_blocks)
+                                           cfg.eval.perplexity_seq_len or cfg.data.seq_len, cfg.eval.perplexity_blocks,
+                                           cfg.data.name)
             key = stages.stage_key("ppl_dense", model=ctx.model_id, text=ref.ppl_text.describe())
             ref.perplexity, _ = stages.cached_json(
                 key, lambda: perplexity(ctx.model, ref.ppl_text.blocks, infer_batch_size(cfg), "perplexity_dense"),

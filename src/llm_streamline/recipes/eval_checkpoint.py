@@ -57,7 +57,7 @@ def run(cfg: RunConfig, out_dir: Path) -> dict:
 
         with timings.stage("perplexity"):
             text = perplexity_text(cfg.eval.perplexity_text, tok, cfg.eval.perplexity_seq_len or cfg.data.seq_len,
-                                   cfg.eval.perplexity_blocks)
+                                   cfg.eval.perplexity_blocks, cfg.data.name)
             ppl, ppl_text = perplexity(model, text.blocks, infer_batch_size(cfg), "perplexity"), text.describe()
     speed = None
     if cfg.eval.speed:
