@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from llm_streamline import recipes
 from llm_streamline.baselines import laco, layer_removal
-from llm_streamline.config import RunConfig, heal_train_config
+from llm_streamline.config import METHOD_SCHEMAS, LaCoConfig, RunConfig, heal_train_config
 from llm_streamline.importance import similarity_profile
 from llm_streamline.models.layers import find_decoder_stack, layer_view, per_layer_config_keys, remove_layers, skipping
 from llm_streamline.models.loading import tiny_model
@@ -74,7 +74,7 @@ def test_layer_removal_equals_dense_with_layers_skipped(family, method, tmp_path
     dense = _model(family)
     calib = _blocks()
     prof = similarity_profile(dense, calib, ns=list(range(1, 9)), progress=False)
-    res = layer_removal.apply(method, copy.deepcopy(dense), calib, prof, 2, RunConfig())
+    res = layer_removal.apply(method, copy.deepcopy(dense), calib, prof, 2, RunConfig(method=METHOD_SCHEMAS[method]()))
     assert len(res.removed_layers) == 2 and res.record["removed"] == res.removed_layers
     _check_consistent(res.model, 6)
     ids = _blocks(2, 24, seed=3)
@@ -230,8 +230,7 @@ def _replay_rdsc(dense, merges) -> dict[int, dict]:
 @pytest.mark.parametrize("merge,n", [(2, 3), (3, 3), (4, 3)])
 def test_laco_removes_exactly_n_and_merges_by_rdsc(family, merge, n, tmp_path):
     dense = _model(family)
-    cfg = RunConfig()
-    cfg.method.laco_merge = merge
+    cfg = RunConfig(method=LaCoConfig(laco_merge=merge))
     res = laco.apply(copy.deepcopy(dense), _blocks(), n, cfg)
     assert len(res.removed_layers) == n == sum(len(m["merged"]) for m in res.record["merges"])
     assert res.record["fallbacks"] == sum(m["fallback"] for m in res.record["merges"])
@@ -286,7 +285,7 @@ def test_laco_merging_an_equal_layer_gives_it_back():
     layers = find_decoder_stack(model).layers
     layers[6].load_state_dict(layers[5].state_dict())
     want = {k: v.clone() for k, v in layers[5].state_dict().items()}
-    res = laco.apply(model, _blocks(), 1, RunConfig())
+    res = laco.apply(model, _blocks(), 1, RunConfig(method=LaCoConfig(laco_merge=2)))
     first = res.record["merges"][0]
     assert res.removed_layers == [6] and first["into"] == 5 and not first["fallback"]
     for k, v in find_decoder_stack(res.model).layers[5].state_dict().items():

@@ -267,11 +267,9 @@ def test_llm_pruner(layout, importance):
     layer's parameters and the surgery (unit indices from the CPU into each card's weights); the pruned model
     runs."""
     from llm_streamline.baselines import llm_pruner
-    from llm_streamline.config import RunConfig
+    from llm_streamline.config import LLMPrunerConfig, RunConfig
 
-    cfg = RunConfig()
-    cfg.method.first_layer, cfg.method.last_layers_kept, cfg.method.grad_samples = 0, 0, 2
-    cfg.method.importance = importance
+    cfg = RunConfig(method=LLMPrunerConfig(first_layer=0, last_layers_kept=0, grad_samples=2, importance=importance))
     with audit(layout):
         model = model_in(layout)
         res = llm_pruner.apply(model, blocks(), 1, cfg)
