@@ -274,9 +274,10 @@ def world_size() -> int:
 
 
 def check_data_parallel(cfg: RunConfig, world: int) -> None:
-    """Several processes share only the work that is data-parallel: SLEB's search (calibration windows sharded),
-    LoRA healing, and training a replacement with the LM, distillation or MSE loss (batches sharded, gradients
-    all-reduced). Anything else would run the same thing on every rank: refused in one line."""
+    """Several processes share only the work that is data-parallel: the similarity profile and SLEB's search
+    (calibration batches sharded), LoRA healing, and training a replacement with the LM, distillation or MSE loss
+    (batches sharded, gradients all-reduced). A run whose heavy part is none of these would repeat it on every
+    rank: refused in one line, as is what cannot be shared (cached teacher shards, device_map, too few cards)."""
     if world <= 1:
         return
     if cfg.model.device_map:
