@@ -31,15 +31,17 @@ def compose_run(*overrides: str):
         return to_run_config(compose(config_name="config", overrides=list(overrides)))
 
 
-def save_tiny(dest: Path, rtype: str) -> Path:
-    """The tiny Llama with layers [2, 5) replaced by an untrained `rtype` slot, saved as a run saves it."""
+def save_tiny(dest: Path, rtype: str, dtype: torch.dtype = torch.float32, terms_from: Path | None = None) -> Path:
+    """The tiny Llama with layers [2, 5) replaced by an untrained `rtype` slot, saved as a run saves it (in `dtype`,
+    with the terms files of `terms_from`)."""
     model, tok = load_model(ModelConfig(name="tiny-llama", source="tiny", family="llama"), seed=0)
+    model.to(dtype)
     stack = find_decoder_stack(model)
     rcfg = ReplacementConfig(type=rtype)
     slot = build_replacement(rcfg, list(stack.layers[START:START + N]), stack.config, anatomy=anatomy_of(model, START))
     remove_block(model, START, N, slot)
     record = {"method": "streamline", "replacement": rtype, "block": {"start": START, "end": START + N}}
-    save_checkpoint(model, tok, dest, record, *slot_checkpoint(rcfg, model, START))
+    save_checkpoint(model, tok, dest, record, *slot_checkpoint(rcfg, model, START), terms_from=terms_from)
     return dest
 
 
@@ -401,3 +403,48 @@ def test_too_many_layers_fail_before_the_model_loads():
     cfg = compose_run("model=tiny-llama", "sparsity.layers=8")
     with pytest.raises(ConfigError, match="sparsity.layers=8: model tiny-llama has only 8 layers"):
         preflight.check_run(cfg)
+
+
+# ------------------------------------------------------------------------------------------------ terms, dtype
+GEMMA_NOTICE = "Gemma is provided under and subject to the Gemma Terms of Use found at ai.google.dev/gemma/terms\n"
+
+
+def test_export_passes_on_the_source_checkpoints_notice(tmp_path):
+    """Gemma's terms require its NOTICE with every copy of a derived model: a run saves the source checkpoint's
+    terms files beside the pruned model, and the export passes them on (for a model saved before runs kept them,
+    from the source checkpoint the record names)."""
+    import json
+
+    from llm_streamline.export import export, parse_args
+
+    source = tmp_path / "source"
+    source.mkdir()
+    (source / "NOTICE").write_text(GEMMA_NOTICE)
+    (source / "GEMMA_TERMS.html").write_text("<html>terms</html>")
+    run = save_tiny(tmp_path / "run" / "model", "none", terms_from=source).parent
+    assert (run / "model" / "NOTICE").read_text() == GEMMA_NOTICE
+    out = export(parse_args([f"run={run}", f"out={tmp_path / 'exp'}"]))
+    assert (out / "NOTICE").read_text() == GEMMA_NOTICE and (out / "GEMMA_TERMS.html").exists()
+    # saved without them: from the local source checkpoint of the run's record
+    older = save_tiny(tmp_path / "older" / "model", "ffn").parent
+    (older / "results.json").write_text(json.dumps({"model": {"source": "local", "path": str(source)}}))
+    out = export(parse_args([f"run={older}", f"out={tmp_path / 'exp-older'}"]))
+    assert (out / "NOTICE").read_text() == GEMMA_NOTICE
+
+
+def test_export_keeps_the_saved_dtype_unless_told(tmp_path):
+    """A model saved in bfloat16 is exported in bfloat16 (the default was float32: twice the size); dtype= still
+    casts; GGUF, which holds float32 or float16, gets float32 (exact)."""
+    from safetensors import safe_open
+
+    from llm_streamline.export import export, parse_args
+
+    def dtypes(out: Path) -> set[str]:
+        with safe_open(str(out / "model.safetensors"), "pt") as f:
+            return {str(f.get_slice(k).get_dtype()) for k in f.keys()}
+
+    run = save_tiny(tmp_path / "run" / "model", "none", dtype=torch.bfloat16).parent
+    assert dtypes(export(parse_args([f"run={run}", f"out={tmp_path / 'as-saved'}"]))) == {"BF16"}
+    assert dtypes(export(parse_args([f"run={run}", f"out={tmp_path / 'f32'}", "dtype=float32"]))) == {"F32"}
+    out = export(parse_args([f"run={run}", f"out={tmp_path / 'gguf'}", "format=gguf"]))
+    assert [p.name for p in out.glob("*.gguf")] == ["run-float32.gguf"]

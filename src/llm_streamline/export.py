@@ -8,7 +8,11 @@
     command that made the run and the one that exported it;
   - optionally `push_to_hub=<repo id>` (off by default) and, when W&B is on, the checkpoint as an artifact
     of an export run of its own, linked to the run that made it (`log_artifact`);
-  - `format=gguf` (llama.cpp / Ollama) for stock layouts: see `gguf_export`.
+  - `format=gguf` (llama.cpp / Ollama) for stock layouts: see `gguf_export`;
+  - the source checkpoint's terms files (Gemma's NOTICE and Terms of Use, a LICENSE: `checkpoints.TERMS_FILES`),
+    from the saved model or the checkpoint it was pruned from, which its terms require to go with it;
+  - in the dtype the model was saved in unless `dtype=` says otherwise (GGUF holds float32 / float16: a bfloat16
+    model goes to float32, exactly).
 
 Arguments are `key=value` (as the other commands), typed by `ExportConfig`; the command is a Hydra app
 (`conf/export.yaml`): `--help`, `-m run=A,B`, shell completion, `--version`.
@@ -32,6 +36,8 @@ from omegaconf.errors import OmegaConfBaseException
 from llm_streamline import stages
 from llm_streamline.config import ConfigError, WandbConfig
 from llm_streamline.gguf_export import GGUFExportError
+from llm_streamline.models.checkpoints import copy_terms
+from llm_streamline.models.loading import source_dir
 
 log = logging.getLogger("llm_streamline")
 FORMATS = ("safetensors", "gguf")
@@ -43,7 +49,7 @@ class ExportConfig:
     run: str = MISSING                     # a run directory (holding model/ and results.json) or a model dir
     out: Optional[str] = None              # a new or empty directory; default: <run>/export (or export-gguf)
     format: str = "safetensors"            # safetensors | gguf (stock layouts only)
-    dtype: str = "float32"                 # float32 | float16 (| bfloat16 for safetensors)
+    dtype: Optional[str] = None            # null: as saved; float32 | float16 (| bfloat16 for safetensors)
     push_to_hub: Optional[str] = None      # a hub repo id; nothing is uploaded unless given
     hub_private: bool = True
     wandb: WandbConfig = field(default_factory=WandbConfig)
@@ -62,7 +68,7 @@ def parse_args(argv: list[str]) -> ExportConfig:
     if export_cfg.format not in FORMATS:
         raise ExportError(f"format={export_cfg.format!r}: one of {FORMATS}")
     allowed = ("float32", "float16") if export_cfg.format == "gguf" else tuple(EXPORT_DTYPES)
-    if export_cfg.dtype not in allowed:
+    if export_cfg.dtype is not None and export_cfg.dtype not in allowed:
         raise ExportError(f"dtype={export_cfg.dtype!r}: one of {allowed} for format={export_cfg.format}")
     return export_cfg
 
@@ -88,8 +94,9 @@ class SavedRun:
 
 
 # ------------------------------------------------------------------------------------------ stock model
-def to_stock(saved: SavedRun, dtype: torch.dtype):
-    """(model, True) in a layout stock transformers loads, or (model, False) when none holds it exactly."""
+def to_stock(saved: SavedRun, dtype: torch.dtype | None):
+    """(model, True) in a layout stock transformers loads, or (model, False) when none holds it exactly; in `dtype`
+    (None: as saved)."""
     from llm_streamline.models.checkpoints import STREAMLINE_CONFIG, load_pruned
     from llm_streamline.models.layers import find_decoder_stack
     from llm_streamline.replace import export_stock
@@ -99,6 +106,8 @@ def to_stock(saved: SavedRun, dtype: torch.dtype):
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ExportError(f"run={saved.run_dir}: cannot load the saved model in {saved.model_dir} ({first})") from e
+    saved_dtype = next(model.parameters()).dtype
+    dtype = dtype or saved_dtype
     fmt = saved.meta.get("format")
     if fmt == "stock":
         return model.to(dtype), True
@@ -114,11 +123,12 @@ def to_stock(saved: SavedRun, dtype: torch.dtype):
                 return export_stock(model, start, reference).to(dtype), True
             except ValueError as e:
                 log.info("no stock layer for this slot: %s", e)
-    return model.to(dtype), False
+                model = model.to(saved_dtype)  # back from float32: exact
+    return model, False  # copied as saved (`_write_model`)
 
 
-def _write_model(saved: SavedRun, dest: Path, dtype: torch.dtype) -> tuple[bool, int]:
-    """The checkpoint into `dest` (not yet the card). Returns (stock?, parameter count)."""
+def _write_model(saved: SavedRun, dest: Path, dtype: torch.dtype | None) -> tuple[bool, int, torch.dtype]:
+    """The checkpoint into `dest` (not yet the card). Returns (stock?, parameter count, dtype written)."""
     from llm_streamline.models.checkpoints import load_tokenizer
 
     model, stock = to_stock(saved, dtype)
@@ -126,11 +136,18 @@ def _write_model(saved: SavedRun, dest: Path, dtype: torch.dtype) -> tuple[bool,
         model.save_pretrained(dest, safe_serialization=True)
         load_tokenizer(saved.model_dir).save_pretrained(dest)
     else:  # this package's format, as saved (dtype as trained)
+        if dtype is not None and dtype != model.dtype:
+            log.info("dtype=%s not applied: this package's format is copied as saved (%s)", _dtype_name(dtype),
+                     _dtype_name(model.dtype))
         shutil.copytree(saved.model_dir, dest, dirs_exist_ok=True)
     stages.write_json_atomic(dest / "llm_streamline.json",
                             {**saved.meta, "format": "stock" if stock else saved.meta.get("format"),
                              "exported_from": str(saved.model_dir.resolve())})
-    return stock, sum(p.numel() for p in model.parameters())
+    return stock, sum(p.numel() for p in model.parameters()), model.dtype
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 # ------------------------------------------------------------------------------------------ model card
@@ -314,23 +331,28 @@ def export(cfg: ExportConfig, command: str = "") -> Path:
     saved = SavedRun.find(cfg.run)
     out = Path(cfg.out) if cfg.out else default_out(saved, cfg.format)
     check_new_out(out, saved)
-    dtype = EXPORT_DTYPES[cfg.dtype]
+    dtype = EXPORT_DTYPES[cfg.dtype] if cfg.dtype else None  # None: as saved
     with stages.atomic_dir(out, new_only=True) as tmp:  # files 0644 under the usual umask
         if cfg.format == "gguf":
             model, stock = to_stock(saved, dtype)
             if not stock:
                 raise ExportError(f"format=gguf needs a stock layout; {saved.model_dir} "
                                   f"({saved.meta.get('replacement')}) has none (export it as safetensors)")
+            if model.dtype not in (torch.float32, torch.float16):  # as saved in bfloat16: GGUF's float32 is exact
+                model = model.float()
             from llm_streamline.gguf_export import write_gguf
 
-            gguf_file = write_gguf(model, saved.model_dir, tmp / f"{saved.run_dir.name}-{cfg.dtype}.gguf").name
+            name = f"{saved.run_dir.name}-{_dtype_name(model.dtype)}.gguf"
+            gguf_file = write_gguf(model, saved.model_dir, tmp / name).name
             params = sum(p.numel() for p in model.parameters())
+            written = model.dtype
         else:
-            (stock, params), gguf_file = _write_model(saved, tmp, dtype), None
+            (stock, params, written), gguf_file = _write_model(saved, tmp, dtype), None
+        terms = copy_terms([saved.model_dir, source_dir((saved.results or {}).get("model") or {})], tmp)
         stages.write_text_atomic(tmp / "README.md", model_card(saved, stock, params, command, gguf_file))
-    log.info("exported %s (%s, %s) to %s", saved.model_dir, "stock" if stock else "llm-streamline format",
-             cfg.format, out)
-    record = {"format": cfg.format, "stock": stock, "dtype": cfg.dtype, "params": params}
+    log.info("exported %s (%s, %s, %s%s) to %s", saved.model_dir, "stock" if stock else "llm-streamline format",
+             cfg.format, _dtype_name(written), f"; with its {', '.join(terms)}" if terms else "", out)
+    record = {"format": cfg.format, "stock": stock, "dtype": _dtype_name(written), "params": params}
     if cfg.push_to_hub:
         log.info("pushed to the hub: %s", push(out, cfg.push_to_hub, cfg.hub_private))
     log_artifact(cfg, saved, out, record)

@@ -82,6 +82,27 @@ def _builder(fmt: str) -> Builder:
 
 
 # ------------------------------------------------------------------------------------------------ saving
+# Files that carry a checkpoint's terms of use: whoever passes the model (or a model derived from it) on must pass
+# them on too (Gemma's Terms of Use, section 3.1: a NOTICE file reading "Gemma is provided under and subject to
+# the Gemma Terms of Use ..."; Llama's license and use policy; an Apache-2.0 NOTICE).
+TERMS_FILES = ("NOTICE", "NOTICE.md", "NOTICE.txt", "LICENSE", "LICENSE.md", "LICENSE.txt", "GEMMA_TERMS.html",
+               "USE_POLICY.md")
+
+
+def copy_terms(sources: list[Path | None], dest: Path) -> list[str]:
+    """Copy the terms files (`TERMS_FILES`) of the first source directory holding each into `dest`, without
+    replacing one already there. Returns the names copied."""
+    import shutil
+
+    copied = []
+    for name in TERMS_FILES:
+        src = next((d / name for d in sources if d is not None and (d / name).is_file()), None)
+        if src is not None and not (dest / name).exists():
+            shutil.copyfile(src, dest / name)
+            copied.append(name)
+    return copied
+
+
 def save_weights(model: torch.nn.Module, directory: Path, max_shard_size: int | str = MAX_SHARD_SIZE) -> list[str]:
     """The model's weights (tied ones once, each in its own dtype) into `directory` as safetensors shards of at most
     `max_shard_size` (bytes, or "5GB"), split as transformers splits them (huggingface_hub), with the index when
@@ -105,10 +126,12 @@ def save_weights(model: torch.nn.Module, directory: Path, max_shard_size: int | 
 
 
 def save_checkpoint(model: PreTrainedModel, tokenizer, dest, record: dict, fmt: str = STOCK,
-                    fields: dict | None = None, max_shard_size: int | str = MAX_SHARD_SIZE) -> str:
+                    fields: dict | None = None, max_shard_size: int | str = MAX_SHARD_SIZE,
+                    terms_from: Path | None = None) -> str:
     """Write `model` (and `tokenizer`, if any) to `dest` atomically in format `fmt`, weights in their dtype in
     shards of at most `max_shard_size`; `fields` are what the format's builder needs to rebuild the model (saved in
-    its JSON file between the model config and the record). Returns `fmt`."""
+    its JSON file between the model config and the record); `terms_from`: the source checkpoint's directory, whose
+    terms files (NOTICE, license) go with the model (`copy_terms`). Returns `fmt`."""
     if fmt != STOCK and fmt not in FORMATS:
         raise ValueError(f"unknown checkpoint format {fmt!r}: stock or one of {sorted(FORMATS)}")
     with atomic_dir(dest) as tmp:
@@ -120,6 +143,7 @@ def save_checkpoint(model: PreTrainedModel, tokenizer, dest, record: dict, fmt: 
             (tmp / FORMATS[fmt].meta_file).write_text(json.dumps(meta, indent=2, default=str))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        copy_terms([terms_from], tmp)
         kill_point("save")  # a test kills the process here: the half-written `.tmp-model*` it leaves
         (tmp / RECORD_FILE).write_text(json.dumps({"format": fmt, **record}, indent=2, default=str))
     return fmt

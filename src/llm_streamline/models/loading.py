@@ -96,6 +96,17 @@ def embedded_dir(key: str | None = None) -> Path:
     return dest
 
 
+def source_dir(identity: dict) -> Path | None:
+    """The local directory of the checkpoint a model was loaded from, by its identity (`model_identity`, the
+    record's `model`): an embedded model's converted checkpoint, a local directory; None for a hub id (its files
+    beside the weights are not fetched) or a tiny random model."""
+    if identity.get("source") == "embedded":
+        spec = next((k for k, e in EMBEDDED.items() if e.asset == identity.get("asset")), None)
+        return embedded_path(spec) if spec is not None else None
+    path = identity.get("path")
+    return Path(path) if identity.get("source") == "local" and path and Path(path).is_dir() else None
+
+
 def embedded_smollm2_dir() -> Path:
     """The embedded SmolLM2-135M-Instruct checkpoint (`embedded_dir("smollm2-135m")`)."""
     return embedded_dir("smollm2-135m")

@@ -29,6 +29,7 @@ from llm_streamline.config import (
 from llm_streamline.importance import SimilarityProfile
 from llm_streamline.models.checkpoints import save_checkpoint
 from llm_streamline.models.layers import share_weights
+from llm_streamline.models.loading import source_dir
 from llm_streamline.preflight import resolve_block_size
 from llm_streamline.recipes.common import (
     Compressed,
@@ -175,4 +176,4 @@ def save(ctx: Run, c: Compressed, bres: BaselineResult, dest: Path) -> str:
     fmt, fields = bres.checkpoint
     record = checkpoint_record(ctx, c)
     return save_checkpoint(c.model, ctx.tok, dest, record if fmt == "stock" else {**record, **bres.record}, fmt, fields,
-                           max_shard_size=ctx.cfg.save_shard_size)
+                           max_shard_size=ctx.cfg.save_shard_size, terms_from=source_dir(ctx.model_id))

@@ -31,6 +31,7 @@ from llm_streamline.importance import PPL_IMPORTANCE_BLOCKS, SimilarityProfile, 
 from llm_streamline.models.anatomy import anatomy_of
 from llm_streamline.models.checkpoints import save_checkpoint
 from llm_streamline.models.layers import find_decoder_stack, remove_block, run_layers, share_weights
+from llm_streamline.models.loading import source_dir
 from llm_streamline.preflight import resolve_block_size
 from llm_streamline.recipes.common import (
     Compressed,
@@ -107,7 +108,8 @@ def run(cfg: RunConfig, out_dir: Path) -> dict:
         # 7. save and record
         checkpoint = save_model(ctx, lambda dest: save_checkpoint(
             compressed.model, ctx.tok, dest, checkpoint_record(ctx, compressed),
-            *slot_checkpoint(cfg.replacement, compressed.model, start), max_shard_size=cfg.save_shard_size))
+            *slot_checkpoint(cfg.replacement, compressed.model, start), max_shard_size=cfg.save_shard_size,
+            terms_from=source_dir(ctx.model_id)))
         write_records(ctx, dense, ev)
         results = results_record(ctx, profile, block_ppl, size_target, dense, compressed, ev, checkpoint)
         draw_profile(ctx, profile, chosen=(start, n))
