@@ -93,6 +93,8 @@ def diagnose(model: nn.Module, input_ids: torch.Tensor | None) -> str:
 def check_loglikelihoods(rows: list[dict], stage: str, model: nn.Module, probe_ids: torch.Tensor | None) -> None:
     """Stop with a NumericalFault if any per-option log-likelihood of an evaluation is NaN/inf."""
     for row in rows:
+        if "loglikelihoods" not in row:  # a generative item: no options scored
+            continue
         lls = torch.tensor(row["loglikelihoods"], dtype=torch.float64)
         if not torch.isfinite(lls).all():
             raise NumericalFault(stage, f"task {row['task']} doc {row['doc_id']}",

