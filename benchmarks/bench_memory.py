@@ -30,6 +30,13 @@ decoder layer in place of 8, MSE, speed measured) with a small budget: 32 traini
     OMP_NUM_THREADS=1 python benchmarks/bench_memory.py --recipe --src before=../main/src --src after=src \
         [--out benchmarks/results/bench_memory_recipe.json] [-- extra overrides]
 
+--release: the pruned model's perplexity stage (SmolLM2 fp32, layers [start, start+layers) removed, the pruned model
+over the dense one's weights, `share_weights`), in a fresh process each: with the dense model still held (`held`, the
+recipes until the dense model was released after its last use) and released first (`released`,
+`recipes.common.release_dense`); reported: RSS after the release and the stage's peak (VmHWM reset before it).
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_memory.py --release [--start 16] [--layers 8] [--ppl-blocks 16]
+
 --pruner: LLM-Pruner's Taylor importance and cut (`llm_pruner.apply`, n = --layers) on SmolLM2 fp32, once per
 --src tree and for importance element1 and mix, each in a fresh process; its peak RSS inside apply.
 
@@ -152,6 +159,64 @@ def worker(args) -> dict:
     return rec
 
 
+def release_worker(args) -> dict:
+    """One --release case (module docstring): the pruned model's perplexity with the dense model held or released."""
+    torch.set_num_threads(args.threads)
+    import gc
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llm_streamline.data import perplexity_text
+    from llm_streamline.evaluate.perplexity import perplexity
+    from llm_streamline.models.layers import find_decoder_stack, remove_block, share_weights
+    from llm_streamline.models.loading import embedded_smollm2_dir
+    from llm_streamline.recipes.common import release_dense
+
+    path = embedded_smollm2_dir()
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    text = perplexity_text("heldout", AutoTokenizer.from_pretrained(str(path)), args.seq_len, args.ppl_blocks)
+    pruned = share_weights(model)
+    remove_block(pruned, args.start, args.layers, [])  # the removed block object is dropped, as the recipe drops it
+    ctx = SimpleNamespace(model=model, stack=find_decoder_stack(model))
+    del model
+    gc.collect()
+    rec = {"mode": args.mode, "rss_before_mib": round(_vm("VmRSS"), 1)}
+    if args.mode == "released":
+        release_dense(ctx, pruned)
+    rec["rss_after_release_mib"] = round(_vm("VmRSS"), 1)
+    _reset_peak()
+    t0 = time.perf_counter()
+    ppl = perplexity(pruned, text.blocks, args.batch_size)
+    rec.update(peak_perplexity_mib=round(_vm("VmHWM"), 1), seconds=round(time.perf_counter() - t0, 1),
+               perplexity=ppl["ppl"], tokens=ppl["tokens"],
+               removed_mib=round(sum(p.numel() * 4 for layer in ctx.stack.layers[args.start:args.start + args.layers]
+                                     for p in layer.parameters()) / 2**20, 1) if ctx.stack is not None else None)
+    return rec
+
+
+def release(args) -> dict:
+    """release_worker for held and released, each in a fresh process."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TQDM_DISABLE": "1"}
+    runs = {}
+    for mode in ("held", "released"):
+        proc = subprocess.run([sys.executable, __file__, "--worker", "--release", "--mode", mode, "--start",
+                               str(args.start), "--layers", str(args.layers), "--seq-len", str(args.seq_len),
+                               "--ppl-blocks", str(args.ppl_blocks), "--batch-size", str(args.batch_size),
+                               "--threads", str(args.threads)], env=env, capture_output=True, text=True, check=False)
+        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+        if proc.returncode != 0 or line is None:
+            sys.stderr.write(proc.stderr[-4000:])
+            raise SystemExit(f"--release {mode} failed with exit code {proc.returncode}")
+        runs[mode] = json.loads(line[len("RESULT "):])
+        print(f"{mode:8s}: {runs[mode]}", flush=True)
+    drop = runs["held"]["peak_perplexity_mib"] - runs["released"]["peak_perplexity_mib"]
+    return {"what": f"SmolLM2-135M fp32, layers [{args.start}, {args.start + args.layers}) removed; the pruned model's "
+                    f"perplexity on {args.ppl_blocks} x {args.seq_len} tokens, batch {args.batch_size}",
+            "runs": runs, "peak_drop_mib": round(drop, 1), "removed_block_mib": runs["held"]["removed_mib"],
+            "cpu_count": os.cpu_count(), "loadavg_end": os.getloadavg()}
+
+
 def pruner_worker(args) -> dict:
     """LLM-Pruner's Taylor importance and cut on SmolLM2 (fp32), its own peak RSS (VmHWM reset after loading)."""
     torch.set_num_threads(args.threads)
@@ -222,8 +287,8 @@ def recipe(args) -> dict:
                 raise SystemExit(f"the run with {name}={src} failed with exit code {proc.returncode}")
             res = json.loads((Path(tmp) / "run" / "results.json").read_text())
         stage_rss = res["peak_memory"].get("stage_rss_mib") or {}
-        # the run resets the kernel's high-water mark per stage (which ru_maxrss reads too): its peak is the
-        # largest stage peak
+        # records before the run's peak was folded over its stages (Timings) held only the last stage's in
+        # rss_mib: the largest of both
         runs[name] = {"src": src, "commit": commit, "seconds": round(time.perf_counter() - t0, 1),
                       "peak_rss_mib": max([res["peak_memory"]["rss_mib"], *stage_rss.values()]),
                       "stage_rss_mib": stage_rss, "timings": res["timings"],
@@ -266,15 +331,22 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--recipe", action="store_true", help="peak RSS of a whole CLI run per --src tree")
     ap.add_argument("--src", action="append", default=[], help="NAME=PATH of a source tree (--recipe, --pruner)")
     ap.add_argument("--pruner", action="store_true", help="peak RSS of LLM-Pruner's importance + cut per --src tree")
+    ap.add_argument("--release", action="store_true", help="the pruned model's perplexity peak, dense held vs released")
+    ap.add_argument("--ppl-blocks", type=int, default=16, help="--release: perplexity blocks")
     ap.add_argument("--importance", default="element1", help=argparse.SUPPRESS)
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides of the --recipe run")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--mode", choices=("stream", "ram"), help=argparse.SUPPRESS)
+    ap.add_argument("--mode", choices=("stream", "ram", "held", "released"), help=argparse.SUPPRESS)
     ap.add_argument("--blocks", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        print("RESULT " + json.dumps(pruner_worker(args) if args.pruner else worker(args)))
+        work = pruner_worker if args.pruner else release_worker if args.release else worker
+        print("RESULT " + json.dumps(work(args)))
         return {}
+    if args.release:
+        out = release(args)
+        _write(Path(args.out or "benchmarks/results/bench_memory_release.json"), out)
+        return out
     if args.pruner:
         out = pruner(args)
         _write(Path(args.out or "benchmarks/results/bench_memory_llm_pruner.json"), out)

@@ -368,6 +368,18 @@ def dense_speed_then_release(ctx: Run, pruned: PreTrainedModel) -> dict | None:
     return speed
 
 
+def _return_freed_heap() -> None:
+    """Give the C heap's free pages back to the kernel (glibc's malloc_trim; elsewhere nothing): freed weights
+    that malloc served from its heap otherwise stay resident, and only allocations of the same sizes reuse them."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def release_dense(ctx: Run, pruned: nn.Module) -> None:
     """Drop the run's references to the dense model (`ctx.model`, `ctx.stack`) and collect: the tensors it shares
     with `pruned` stay, the rest is freed (on CUDA given back to the driver)."""
@@ -381,6 +393,7 @@ def release_dense(ctx: Run, pruned: nn.Module) -> None:
     freed = sum(b for k, b in only_dense.items() if k not in kept)
     ctx.model = ctx.stack = None
     gc.collect()  # modules with hooks refer to themselves: reference counting alone leaves them
+    _return_freed_heap()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     log.info("dense model released: %.1f MiB of weights only it held", freed / 2**20)
