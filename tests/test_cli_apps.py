@@ -32,6 +32,9 @@ def test_every_command_answers_version_and_help(name, monkeypatch, capsys):
     assert name in out and "powered by Hydra" not in out
     if name == "llm-streamline-eval":  # its own page: what an eval job reads, not the training groups' keys
         assert "checkpoint=<dir>" in out and "eval.perplexity=true" in out and "train:" not in out.split("==")[2]
+    if name == "llm-streamline":  # the method group lists its presets, not the typed schemas they extend
+        methods = next(line for line in out.splitlines() if line.startswith("method: "))
+        assert "sleb" in methods and "schema" not in methods, methods
 
 
 def test_eval_takes_hydra_flags_anywhere(monkeypatch):

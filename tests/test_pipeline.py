@@ -354,8 +354,8 @@ def test_schema_defaults_equal_the_default_presets():
     # each method preset extends its own schema and repeats only defaults (sleb_gpu: the original's calibration)
     for preset in presets("method"):
         text = yaml.safe_load((conf / "method" / f"{preset}.yaml").read_text())
-        schema_name = next(d for d in text["defaults"] if isinstance(d, str) and d.endswith("_schema"))
-        schema = C.METHOD_SCHEMAS[schema_name.removesuffix("_schema")]
+        schema_name = next(d for d in text["defaults"] if isinstance(d, str) and d.endswith("_schema@_here_"))
+        schema = C.METHOD_SCHEMAS[schema_name.removeprefix("/method_").removesuffix("_schema@_here_")]
         assert type(compose_run(f"method={preset}").method) is schema, preset
         for key, value in text.items():
             if key != "defaults" and preset != "sleb_gpu":

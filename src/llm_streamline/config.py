@@ -2,9 +2,9 @@
 
 The top-level `RunConfig` types every group, so a misspelt key, a wrong type or a choice outside its Enum in any
 preset or override fails at composition time with OmegaConf's message. The method group is typed per method: each
-`conf/method/<name>.yaml` extends its schema (`<name>_schema` in the group, `METHOD_SCHEMAS`), so one method's
-option given to another fails at composition too. Value checks that types cannot express live in `validate()`
-and run before any model is loaded.
+`conf/method/<name>.yaml` extends its schema (`method_<name>_schema`, `METHOD_SCHEMAS`; stored at the root, not in
+the group, so `--help` lists only presets), so one method's option given to another fails at composition too.
+Value checks that types cannot express live in `validate()` and run before any model is loaded.
 """
 
 from __future__ import annotations
@@ -244,7 +244,8 @@ class LLMPrunerConfig(BaselineConfig):
     grad_seq_len: int = 64
 
 
-# method name -> its schema, registered as `method/<name>_schema` (the preset's first default)
+# method name -> its schema, registered at the root as `method_<name>_schema`; each preset's first default is
+# `/method_<name>_schema@_here_` (outside the method group, so --help lists only the presets)
 METHOD_SCHEMAS: dict[str, type[MethodConfig]] = {
     "streamline": MethodConfig, "shortgpt": ShortGPTConfig, "gromov": GromovConfig, "laco": LaCoConfig,
     "sleb": SLEBConfig, "llm_pruner": LLMPrunerConfig}
@@ -310,7 +311,7 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="run_schema", node=RunConfig)
     for name, schema in METHOD_SCHEMAS.items():
-        cs.store(group="method", name=f"{name}_schema", node=schema)
+        cs.store(name=f"method_{name}_schema", node=schema)
     OmegaConf.register_new_resolver("objective_direction", objective_direction, replace=True)
     from llm_streamline.rundir import run_tag
 
