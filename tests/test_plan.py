@@ -29,7 +29,10 @@ def no_weights(monkeypatch):
         raise AssertionError("the plan loaded weights")
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
-    monkeypatch.setattr("llm_streamline.models.loading.load_model", refuse)
+    # the recipes' own names first (patching imports them, binding the real function; teardown restores both):
+    # a recipe module first imported while only `loading` is patched would keep the refusal for the session
+    for module in ("recipes.common", "recipes.eval_checkpoint", "models.loading"):
+        monkeypatch.setattr(f"llm_streamline.{module}.load_model", refuse)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
@@ -121,6 +124,19 @@ def test_baselines_and_losses_have_their_stages(no_weights, overrides, stage):
     p = plan.make_plan(_on(plan.compose(overrides)))
     assert p.stage(stage).flops > 0
     assert "teacher_pairs" not in [s.name for s in p.stages]
+
+
+def test_block_and_replacement_are_sized_as_the_run_sizes_them(no_weights):
+    """The plan's n and trainable parameters are the recipe's (preflight.run_block_size,
+    replace.replacement_param_count): LinearPatch at net8 was priced as n=9 with 2.65M trainable (an MLP's size)
+    while the run removes 8 layers and trains one 576 x 576 matrix."""
+    p = plan.make_plan(_on(plan.compose(["replacement=linear_patch", "replacement.finetune=true", "train=distill",
+                                          "sparsity=net8"])))
+    assert p.n == 8 and p.shapes.replacement_params == 576 * 576
+    for overrides, n in ((["replacement=layer", "sparsity=net8"], 9), (["replacement=ffn", "sparsity=net8"], 9),
+                         (["replacement=linear", "sparsity=net8"], 8), (["method=sleb"], 8)):
+        p = plan.make_plan(_on(plan.compose(overrides)))
+        assert p.n == n, overrides
 
 
 def test_torchrun_processes_share_the_data_parallel_stages(no_weights):

@@ -48,7 +48,8 @@ from torch import nn
 from llm_streamline.composition import compose
 from llm_streamline.config import ConfigError, PlanConfig, RunConfig, infer_batch_size
 from llm_streamline.importance import PPL_IMPORTANCE_BLOCKS
-from llm_streamline.preflight import meta_model, model_config
+from llm_streamline.preflight import meta_model, model_config, run_block_size
+from llm_streamline.replace import needs_anatomy, replacement_param_count
 
 log = logging.getLogger("llm_streamline")
 GIB = 2**30
@@ -157,19 +158,22 @@ def shapes_of(model: nn.Module, cfg: RunConfig) -> Shapes:
 
 
 def _replacement_size(cfg: RunConfig, model: nn.Module, s: Shapes, inter: int) -> tuple[int, int]:
-    """(parameters, matmul weights) of the replacement put in the slot."""
+    """(parameters, matmul weights) of the replacement put in the slot; the parameters as the run counts them
+    (`replace.replacement_param_count`, which also sizes the block)."""
     r = cfg.replacement
-    if cfg.method.name != "streamline" or r.type == "none":
+    if cfg.method.name != "streamline" or r.type in ("none", "linear"):  # linear: fused into a kept layer's map
         return 0, 0
+    if needs_anatomy(r):  # swiglu / pre-norm FFN: the run probes a layer's anatomy, which a meta model cannot run
+        mlp = [m for name, m in model.named_modules() if name.endswith("mlp")]  # the first layer's MLP
+        size = sum(p.numel() for p in mlp[0].parameters()) if mlp else 3 * s.hidden * inter
+        return size, size
+    params = replacement_param_count(r, model)
     if r.type in ("layer", "layers"):
-        k = 1 if r.type == "layer" else r.num_layers
-        return k * s.layer_params[0], k * s.layer_matmul[0]
+        return params, (1 if r.type == "layer" else r.num_layers) * s.layer_matmul[0]
     if r.type == "ffn":
         w = r.hidden_size or inter
-        return 2 * s.hidden * w + w + s.hidden, 2 * s.hidden * w
-    mlp = [m for name, m in model.named_modules() if name.endswith("mlp")]  # swiglu: the first layer's MLP
-    size = sum(p.numel() for p in mlp[0].parameters()) if mlp else 3 * s.hidden * inter
-    return size, size
+        return params, 2 * s.hidden * w
+    return params, params  # linear_patch: one d x d matrix
 
 
 def _dtype(cfg: RunConfig) -> torch.dtype:
@@ -604,16 +608,6 @@ def stage_save(c: _Ctx) -> Stage | None:
 
 
 # ------------------------------------------------------------------------------------------------ the plan
-def block_size(cfg: RunConfig, s: Shapes) -> int:
-    """n from `sparsity` without the weights: layers (net: plus the replacement's layers) or a parameter target."""
-    sp = cfg.sparsity
-    if sp.layers is not None:
-        extra = math.ceil(s.replacement_params / _mean(s.layer_params)) if sp.count == "net" else 0
-        return min(s.layers - 1, sp.layers + extra)
-    basis = s.total_params if sp.basis == "all" else sum(s.layer_params)
-    return min(s.layers - 1, math.ceil((sp.target * basis + s.replacement_params) / _mean(s.layer_params)))
-
-
 def make_plan(cfg: RunConfig, out_dir: Path | None = None, model: nn.Module | None = None,
               teacher: str | None = None) -> Plan:
     """Every stage of the composed run priced from the meta-device model; nothing is loaded. `teacher`: price the
@@ -621,7 +615,7 @@ def make_plan(cfg: RunConfig, out_dir: Path | None = None, model: nn.Module | No
     model = model if model is not None else meta_model(cfg)
     s = shapes_of(model, cfg)
     hw = hardware(cfg, out_dir)
-    c = _Ctx(cfg, s, hw, block_size(cfg, s), teacher)
+    c = _Ctx(cfg, s, hw, run_block_size(cfg, model, s.replacement_params), teacher)  # the n the recipe removes
     steps = [stage_load(c), stage_profile(c), stage_eval(c, "dense")]
     if cfg.eval.perplexity:
         steps.append(stage_perplexity(c, "dense"))

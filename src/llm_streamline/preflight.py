@@ -127,14 +127,15 @@ def skeleton(cfg: RunConfig, config: PretrainedConfig | None):
         return None
 
 
-def resolve_block_size(cfg: RunConfig, model, stack) -> int:
+def resolve_block_size(cfg: RunConfig, model, stack, extra: int | None = None) -> int:
     """n from `sparsity.layers` (plus the replacement's size in layers, rounded, with `sparsity.count=net`), or
-    the n whose net parameter reduction is closest to `sparsity.target`."""
+    the n whose net parameter reduction is closest to `sparsity.target`. `extra`: the replacement's parameters
+    when already known (the plan's estimate on a meta model, where a layer's anatomy cannot be probed)."""
     L = stack.num_layers
     s, r = cfg.sparsity, cfg.replacement
     min_n = r.num_layers if r.type == "layers" else 1
     layer_params = count_params(stack.layers[0])
-    extra = replacement_param_count(r, model)
+    extra = replacement_param_count(r, model) if extra is None else extra
     if s.layers is not None:
         n = s.layers + (int(extra / layer_params + 0.5) if s.count == "net" else 0)
         if n >= L:
@@ -164,18 +165,24 @@ def check_start(cfg: RunConfig, n: int, num_layers: int) -> None:
         raise ConfigError(f"sparsity.start={start}: a block of {n} layers must start in [0, {num_layers - n}]")
 
 
-def check_block(cfg: RunConfig, model) -> None:
-    """The block the run would remove, from the model's structure alone: its size n (`sparsity.layers` or
-    `target`; `resolve_block_size` refuses one that removes nothing net) and `sparsity.start` in [0, L - n]."""
+def run_block_size(cfg: RunConfig, model, extra: int | None = None) -> int:
+    """The n the run's recipe will remove, from the model's structure alone: a baseline is sized as the row it is
+    matched to (`method.match_replacement`), LLM-Streamline with its replacement (`extra` parameters if given)."""
     from dataclasses import replace
 
     from llm_streamline.config import ReplacementConfig
     from llm_streamline.models.layers import find_decoder_stack
-    if cfg.method.name != "streamline":  # a baseline is sized as the row it is matched to
-        cfg = replace(cfg, replacement=ReplacementConfig(type=cfg.method.match_replacement or "none"))
-    stack = find_decoder_stack(model)
-    n = resolve_block_size(cfg, model, stack)
-    check_start(cfg, n, stack.num_layers)
+    if cfg.method.name != "streamline":
+        cfg, extra = replace(cfg, replacement=ReplacementConfig(type=cfg.method.match_replacement or "none")), None
+    return resolve_block_size(cfg, model, find_decoder_stack(model), extra)
+
+
+def check_block(cfg: RunConfig, model) -> None:
+    """The block the run would remove: its size n (`sparsity.layers` or `target`; `resolve_block_size` refuses
+    one that removes nothing net) and `sparsity.start` in [0, L - n]."""
+    from llm_streamline.models.layers import find_decoder_stack
+
+    check_start(cfg, run_block_size(cfg, model), find_decoder_stack(model).num_layers)
 
 
 def check_hub_text(cfg: RunConfig) -> None:

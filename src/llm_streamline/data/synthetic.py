@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from llm_streamline.data import tokens
 from llm_streamline.config import DataConfig
+from llm_streamline.data import tokens
 from llm_streamline.data.splits import HELDOUT_EVERY, TokenBlocks, split_heldout, stream_blocks
 
 SYNTHETIC_VERSION = 1
