@@ -1,12 +1,26 @@
-"""Data parallel under torchrun: which rank this is and sums over the ranks. The one home of these for every
-stage the ranks share (the similarity profile, SLEB's search, training); an `accelerate.Accelerator` (made by
-`recipes.common` when WORLD_SIZE > 1) or None for one process."""
+"""Data parallel under torchrun: how many processes the launcher started, which rank this is and sums over the
+ranks. The one home of these for every stage the ranks share (the similarity profile, SLEB's search, training),
+for the run-directory claim and for the plan; an `accelerate.Accelerator` (made by `recipes.common` when
+WORLD_SIZE > 1) or None for one process. Imports no torch: the run-directory claim reads the launch before it."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
+
+
+def world_size() -> int:
+    """Processes of a data-parallel job (torchrun sets WORLD_SIZE); 1 when launched alone."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def launch_rank() -> int | None:
+    """This process's rank as the launcher set it (RANK) in a data-parallel job, else None."""
+    return int(os.environ.get("RANK", "0")) if world_size() > 1 else None
 
 
 def ranks(accelerator) -> tuple[int, int]:
@@ -27,6 +41,8 @@ def sum_over_ranks(accelerator) -> Callable[[torch.Tensor], torch.Tensor] | None
         return None
 
     def reduce(x: torch.Tensor) -> torch.Tensor:
+        import torch
+
         return accelerator.reduce(x.to(accelerator.device, torch.float64), "sum").cpu()
 
     return reduce

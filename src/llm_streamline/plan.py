@@ -48,6 +48,7 @@ from torch import nn
 from llm_streamline.composition import compose
 from llm_streamline.config import ConfigError, PlanConfig, RunConfig, infer_batch_size
 from llm_streamline.importance import PPL_IMPORTANCE_BLOCKS
+from llm_streamline.parallel import world_size
 from llm_streamline.preflight import meta_model, model_config, run_block_size
 from llm_streamline.replace import needs_anatomy, replacement_param_count
 
@@ -224,7 +225,7 @@ def hardware(cfg: RunConfig, out_dir: Path | None = None) -> Hardware:
     disk = p.disk_free_gib if p.disk_free_gib is not None else _free_gib(stages.stage_root())
     out = p.disk_free_gib if p.disk_free_gib is not None else _free_gib(out_dir or Path("."))
     one = p.disk_free_gib is not None or _device_of(stages.stage_root()) == _device_of(out_dir or Path("."))
-    processes = p.processes or int(os.environ.get("WORLD_SIZE", "1"))
+    processes = p.processes or world_size()
     return Hardware(kind, max(1, devices), tflops or base["tflops"], p.bandwidth_gbs or base["bandwidth_gbs"],
                     p.disk_gbs or base["disk_gbs"], dev_mem, p.host_ram_gib or host, disk, out, one,
                     ", ".join(measured), max(1, processes))
@@ -439,7 +440,7 @@ def teacher_mode(cfg: RunConfig, pairs_gib: float, free_gib: float, forced: str 
     """cached | online: `train.teacher` where the config has it (auto: cached when the pairs fit the disk)."""
     from llm_streamline.train import teacher_mode as run_teacher_mode  # the run's own rule
 
-    processes = cfg.plan.processes or int(os.environ.get("WORLD_SIZE", "1"))
+    processes = cfg.plan.processes or world_size()
     return forced or run_teacher_mode(cfg.train, int(pairs_gib * GIB), int(free_gib * GIB),
                                       data_parallel=processes > 1)[0]
 

@@ -25,6 +25,8 @@ import socket
 import time
 from pathlib import Path
 
+from llm_streamline.parallel import launch_rank
+
 CLAIM = ".llm-streamline-run"
 _HELD: dict[Path, tuple] = {}   # directory -> (its open, locked claim file, claimed before?), one per process
 _TAG: list[str] = []
@@ -37,19 +39,12 @@ class RunDirError(ValueError):
     """The run directory cannot be used by this run: one line (exit 2)."""
 
 
-def _worker_rank() -> int | None:
-    """This process's rank in a data-parallel job (torchrun sets WORLD_SIZE and RANK), else None."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return None
-    return int(os.environ.get("RANK", "0"))
-
-
 def run_tag() -> str:
     """`${run_tag:}`: six hex digits drawn once per process (a sweep's jobs share it). The ranks of one
     data-parallel job are one run in one directory: their tag comes from what their launcher gave them all
     (torchrun's rendezvous id, else the SLURM job, else the launching agent: master address, port, parent pid)."""
     if not _TAG:
-        if _worker_rank() is None:
+        if launch_rank() is None:
             _TAG.append(secrets.token_hex(3))
         else:
             rdzv = os.environ.get("TORCHELASTIC_RUN_ID", "none")
@@ -69,7 +64,7 @@ def claim(out_dir: Path) -> bool:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / CLAIM
     earlier = path.exists()
-    if (_worker_rank() or 0) > 0:  # rank 0 holds the claim for the whole data-parallel job
+    if (launch_rank() or 0) > 0:  # rank 0 holds the claim for the whole data-parallel job
         if (out_dir / "results.json").exists():
             raise RunDirError(f"output directory {out_dir} holds a finished run (results.json); give another "
                               "hydra.run.dir")
@@ -116,7 +111,7 @@ def prepare(out_dir: Path, earlier: bool, saves_model: bool) -> None:
             raise RunDirError(f"output directory {out_dir} already holds model/, not written there by an "
                               "llm-streamline run; it is never replaced: move it or give another hydra.run.dir "
                               "(or save=false)")
-    if earlier and not (_worker_rank() or 0) > 0:  # another rank's files are being written, not left over
+    if earlier and not (launch_rank() or 0) > 0:  # another rank's files are being written, not left over
         for p in out_dir.iterdir():
             if LEFTOVER.fullmatch(p.name) and not p.is_symlink():
                 shutil.rmtree(p) if p.is_dir() else p.unlink()

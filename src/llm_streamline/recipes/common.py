@@ -45,6 +45,7 @@ from llm_streamline.evaluate.tasks import check_fewshot, check_tasks, task_dir_l
 from llm_streamline.importance import SimilarityProfile, similarity_profile
 from llm_streamline.models.layers import DecoderStack, count_params, find_decoder_stack
 from llm_streamline.models.loading import load_model
+from llm_streamline.parallel import world_size
 from llm_streamline.plots import plot_profile
 from llm_streamline.precision import resolve_dtype
 from llm_streamline.replace import replacement_param_count
@@ -266,11 +267,6 @@ def start_run(cfg: RunConfig, out_dir: Path) -> Run:
 # How long a data-parallel rank may wait in a collective: the other ranks wait there while the main one
 # evaluates the dense model alone (an hour or more with a large suite on a big model); torch's default is 30 min.
 DATA_PARALLEL_TIMEOUT_S = 6 * 3600
-
-
-def world_size() -> int:
-    """Processes of a data-parallel job (torchrun sets WORLD_SIZE); 1 when launched alone."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def check_data_parallel(cfg: RunConfig, world: int) -> None:
