@@ -186,18 +186,26 @@ def similarity_profile(model: PreTrainedModel, blocks: torch.Tensor, ns: list[in
 
 @torch.no_grad()
 def block_perplexities(model: PreTrainedModel, blocks: torch.Tensor, n: int, batch_size: int = 8,
-                       progress: bool = True) -> list[float]:
+                       progress: bool = True, accelerator=None) -> list[float]:
     """Calibration perplexity of `model` with layers [l, l+n) skipped (each returns its input), for every
-    start l in [0, L-n]. Token-weighted over `blocks` [N, T] (no padding)."""
+    start l in [0, L-n]. Token-weighted over `blocks` [N, T] (no padding). Under torchrun (`accelerator`) the
+    candidates are shared, start l on rank l mod P (the calibration subset is a batch or two: its batches would
+    leave most ranks idle), each scored whole by its rank; the float64 (NLL, tokens) of every candidate, zero
+    where another rank scored it, are summed over the ranks, so every rank gets the one-process values exactly."""
     L = find_decoder_stack(model).num_layers
-    out = []
-    for start in tqdm(range(L - n + 1), desc=f"block perplexity (n={n})", disable=not progress, unit="block"):
+    starts = range(L - n + 1)
+    sums = torch.zeros(len(starts), 2, dtype=torch.float64)
+    mine_only = [start for start in starts if mine(start, accelerator)]
+    for start in tqdm(mine_only, desc=f"block perplexity (n={n})", disable=not progress, unit="block"):
         with skipping(model, range(start, start + n)):
             nll, count = 0.0, 0
             for _, _, s, c in nll_batches(model, blocks, batch_size):  # the head in chunks of positions
                 nll, count = nll + float(s), count + c
-        out.append(math.exp(nll / count))
-    return out
+        sums[start] = torch.tensor([nll, count], dtype=torch.float64)
+    summed = sum_over_ranks(accelerator)
+    if summed is not None:
+        sums = summed(sums)
+    return [math.exp(nll / count) for nll, count in sums.tolist()]
 
 
 def choose_block(profile: SimilarityProfile, n: int, metric: str) -> int:

@@ -275,7 +275,8 @@ def run_lm_eval(
     context_nll: bool = True,
     num_fewshot: dict[str, int] | None = None,
     include_path: str | None = None,
-) -> EvalResult:
+    accelerator: Any = None,
+) -> EvalResult | None:
     """Evaluate ``model`` on lm-eval ``tasks`` (zero-shot unless ``num_fewshot`` names a task's shots; few-shot
     examples come from the task's few-shot split, offline the scored split minus the item); rows: module docstring.
     Generative (``generate_until``) tasks go through the same wrapped model: the fast scorer shares contexts for
@@ -286,12 +287,20 @@ def run_lm_eval(
     tasks are scored in one call per distinct limit, on one wrapped model. Unknown task names raise
     ValueError before any model work. ``context_nll=False``: rows without ``option_mean_nll`` (only the
     dense model's enters stability; skipping it saves the LM head on every context position).
+
+    Under torchrun (``accelerator``, every rank calls this) the items are shared with lm-eval's own data parallel
+    (``RecordingHFLM.share_over``): each rank scores its documents, rank 0 gets every item and lm-eval's
+    metrics, the same as one process's (the samples in one process's order, the padding requests' responses
+    dropped) and returns the result; the other ranks return None. A call whose few-shot examples are drawn at
+    random is scored by rank 0 alone: lm-eval draws them per rank from one seed, so a document would get other
+    examples than in one process.
     """
     import lm_eval
 
     check_tasks(tasks, offline, include_path)
     start = time.perf_counter()
     lm = make_lm(model, tokenizer, batch_size, scorer, context_nll)
+    world, rank = (accelerator.num_processes, accelerator.process_index) if accelerator is not None else (1, 0)
     # lm-eval takes one limit and one few-shot count per call: one call per distinct (limit, shots)
     by_call: dict[tuple[int | None, int | None], list[str]] = {}
     for t in tasks:
@@ -299,6 +308,13 @@ def run_lm_eval(
     out = EvalResult(metrics={}, samples=[])
     for (lim, shots), names in by_call.items():
         built = build_tasks(names, offline=offline, include_path=include_path)
+        shared = world > 1 and _shardable(leaf_tasks(built), lim, shots, world)
+        if world > 1 and not shared and rank != 0:
+            continue
+        if shared:
+            lm.share_over(accelerator)
+        else:  # one process's scoring (rank 0 alone under torchrun)
+            lm._rank, lm._world_size = 0, 1
         with _quiet_git_lookup():
             results = lm_eval.simple_evaluate(
                 model=lm,
@@ -313,17 +329,60 @@ def run_lm_eval(
                 torch_random_seed=seed,
                 fewshot_random_seed=seed,
             )
-        if results is None:  # only non-zero ranks get None; we run single-process
+        recorded = (lm.__dict__.get("continuation_tokens", {}), lm.__dict__.get("request_contexts", {}),
+                    lm.context_nll)
+        if shared:  # what each rank's scorer recorded of its requests, for rank 0's rows
+            recorded = _merged(HFLM.gather_object(lm, recorded))
+        if rank != 0:
+            continue
+        if results is None:
             raise RuntimeError("lm-eval returned no results")
-        out.samples += sample_rows(results, leaf_tasks(built), lm.__dict__.get("continuation_tokens", {}),
-                                   lm.__dict__.get("request_contexts", {}), lm.context_nll if context_nll else None)
+        if shared:
+            _drop_padding_responses(results, leaf_tasks(built))
+        out.samples += sample_rows(results, leaf_tasks(built), recorded[0], recorded[1],
+                                   recorded[2] if context_nll else None)
         out.metrics.update(extract_metrics(results))
         out.groups.update(_group_leaves(built))
         out.versions.update(results.get("versions") or {})
         out.n_samples.update(results.get("n-samples") or {})
         _merge_lm_eval(out.lm_eval, results)
     out.seconds = time.perf_counter() - start
-    return out
+    return out if rank == 0 else None
+
+
+def _shardable(tasks: dict[str, Any], limit: int | None, shots: int | None, world: int) -> bool:
+    """Whether one `simple_evaluate` call can be shared by `world` ranks and give one process's items: every
+    task has a document for each rank (lm-eval refuses a rank with none), and no few-shot examples are drawn at
+    random (lm-eval's TODO "need to offset doc_id by rank": each rank draws from the seed for its own documents;
+    a first-n sampler, MMLU's, takes the same examples wherever the document is scored)."""
+    from lm_eval.api.samplers import FirstNSampler
+
+    for task in tasks.values():
+        docs = len(task.eval_docs) if limit is None else min(limit, len(task.eval_docs))
+        k = shots if shots is not None else (task.config.num_fewshot or 0)
+        if docs < world or (k > 0 and not isinstance(getattr(task, "sampler", None), FirstNSampler)):
+            return False
+    return True
+
+
+def _merged(per_rank: list | None) -> tuple[dict, dict, dict] | None:
+    """The ranks' (continuation tokens, request contexts, context NLL) records as one (None off rank 0)."""
+    if per_rank is None:
+        return None
+    merged: tuple[dict, dict, dict] = ({}, {}, {})
+    for part in per_rank:
+        for into, d in zip(merged, part):
+            into.update(d)
+    return merged
+
+
+def _drop_padding_responses(results: dict[str, Any], tasks: dict[str, Any]) -> None:
+    """lm-eval pads a rank's requests to the longest rank's count with copies of its last request, whose
+    responses are appended to that request: keep each request's own (`repeats`) responses, as one process has."""
+    for name, samples in (results.get("samples") or {}).items():
+        repeats = tasks[name].config.repeats or 1
+        for s in samples:
+            s["resps"] = [r[:repeats] for r in s["resps"]]
 
 
 def _merge_lm_eval(into: dict[str, Any], results: dict[str, Any]) -> None:

@@ -15,14 +15,19 @@ import torch
 from tqdm.auto import tqdm
 
 from llm_streamline.losses import nll_batches
+from llm_streamline.parallel import ranks, sum_over_ranks
 
 
 @torch.no_grad()
-def perplexity(model: Any, blocks: torch.Tensor, batch_size: int, desc: str = "perplexity") -> dict[str, float]:
+def perplexity(model: Any, blocks: torch.Tensor, batch_size: int, desc: str = "perplexity",
+               accelerator=None) -> dict[str, float]:
     """{"ppl", "nll" (mean per predicted token, nats), "tokens" (predicted tokens)} over ``blocks``.
 
     ``blocks`` is a LongTensor [N, T] of token ids (no padding). The model runs in eval mode on its
-    own device; each chunk's logits are upcast to fp32 for the log-softmax.
+    own device; each chunk's logits are upcast to fp32 for the log-softmax. Under torchrun (``accelerator``)
+    batch k runs on rank k mod P and the float64 sums of NLL and tokens are added up over the ranks
+    (`parallel.sum_over_ranks`): every rank gets the one-process value (up to the order of the additions).
+    A non-finite batch raises on the rank that ran it (torchrun then stops the others).
     """
     if blocks.dim() != 2 or blocks.shape[1] < 2:
         raise ValueError(f"blocks must be [N, T] with T >= 2, got {tuple(blocks.shape)}")
@@ -31,9 +36,11 @@ def perplexity(model: Any, blocks: torch.Tensor, batch_size: int, desc: str = "p
     was_training = model.training
     model.eval()
     total_nll, total_tokens = 0.0, 0
+    world, rank = ranks(accelerator)
+    mine = len(range(rank, math.ceil(blocks.shape[0] / batch_size), world))  # this rank's batches
     try:
-        for start, ids, nll, predicted in tqdm(nll_batches(model, blocks, batch_size), desc=desc, unit="batch",
-                                               total=math.ceil(blocks.shape[0] / batch_size)):
+        for start, ids, nll, predicted in tqdm(nll_batches(model, blocks, batch_size, accelerator), desc=desc,
+                                               unit="batch", total=mine, disable=rank != 0):
             if not torch.isfinite(nll):
                 from llm_streamline.faults import NumericalFault, diagnose
 
@@ -43,5 +50,8 @@ def perplexity(model: Any, blocks: torch.Tensor, batch_size: int, desc: str = "p
             total_tokens += predicted
     finally:
         model.train(was_training)
+    summed = sum_over_ranks(accelerator)
+    if summed is not None:
+        total_nll, total_tokens = summed(torch.tensor([total_nll, total_tokens], dtype=torch.float64)).tolist()
     mean = total_nll / total_tokens
     return {"ppl": math.exp(mean), "nll": mean, "tokens": float(total_tokens)}

@@ -4,6 +4,7 @@ The stock scorer of `harness`, and the base of the prefix-sharing `fast_hflm.Fas
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -20,6 +21,25 @@ class RecordingHFLM(HFLM):
     evaluation need not pay for it (its rows then have no ``option_mean_nll``)."""
 
     score_context_nll: bool = True
+
+    def share_over(self, accelerator) -> None:
+        """Score under torchrun with lm-eval's own data parallel: lm-eval shards each task's documents by rank
+        (document d on rank d mod P), pads the ranks' requests to equal counts, gathers the per-item metrics and
+        samples on rank 0 and aggregates there (`lm_eval.evaluator.evaluate`). HFLM sets this up only for a model
+        it loads itself from a name; for a model handed over as an object it assumes one process, so the ranks are
+        set here (the global rank: HFLM's own setup takes the node-local one, which would repeat documents across
+        nodes)."""
+        self._rank, self._world_size = accelerator.process_index, accelerator.num_processes
+        self.accelerator = accelerator
+
+    def gather_object(self, obj, dst=0):
+        """lm-eval's gather of the per-rank samples and per-item metrics, put back in one process's order:
+        lm-eval concatenates them rank after rank, and its stderr (a sum over the items, or a bootstrap that
+        draws by position) then differs from one process's in the last digits."""
+        gathered = super().gather_object(obj, dst)
+        if self.world_size <= 1 or self.rank != dst:
+            return gathered
+        return [one_process_order(gathered)]
 
     def record_continuation_lengths(self, requests: Iterable[Any]) -> None:
         lengths = self.__dict__.setdefault("continuation_tokens", {})
@@ -69,3 +89,24 @@ class RecordingHFLM(HFLM):
             token_nll = -logp.gather(2, ids[:, 1:, None])[..., 0] * mask[:, 1:]
             for r, (c, w) in enumerate(zip(chunk, windows)):
                 self.context_nll[c] = (float(token_nll[r].sum()), len(w) - 1)
+
+
+def _interleave(parts: list[list]) -> list:
+    """Rank r's items are documents r, r+P, r+2P, ... (lm-eval's `create_iterator`): round robin restores 0, 1, 2."""
+    return [p[i] for i in range(max(map(len, parts), default=0)) for p in parts if i < len(p)]
+
+
+def one_process_order(per_rank: list[dict]) -> dict:
+    """{task: ...} gathered from every rank, as one process lists it: per-item metrics ({(metric, filter): values
+    by document}) interleaved back into document order; logged samples (a list per task, filter after filter,
+    documents in order within each) sorted by (filter, document)."""
+    out: dict = {}
+    for task in per_rank[0]:
+        parts = [r.get(task) for r in per_rank]
+        if isinstance(parts[0], dict):
+            keys = dict.fromkeys(k for p in parts for k in p)
+            out[task] = {k: _interleave([p.get(k, []) for p in parts]) for k in keys}
+        else:
+            filters = list(dict.fromkeys(s["filter"] for p in parts for s in p))
+            out[task] = sorted(itertools.chain(*parts), key=lambda s: (filters.index(s["filter"]), s["doc_id"]))
+    return out

@@ -1,0 +1,77 @@
+"""Run by tests/test_sharded_stages.py under torchrun (two CPU processes, gloo): the stages that shard their work
+over the ranks (perplexity, block-by-perplexity scoring, lm-eval scoring, LaCo's and LLM-Pruner's scoring),
+each rank writing what it got and how much of the work it did. Called with no accelerator, the same functions
+give the one-process reference."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from llm_streamline.models.loading import tiny_model
+from llm_streamline.models.tiny_tokenizer import tiny_tokenizer
+
+TASKS, LIMIT = ["piqa", "arc_easy"], 5  # odd: the ranks score 3 and 2 documents (lm-eval pads the second)
+
+
+def problem() -> tuple[torch.nn.Module, object, torch.Tensor]:
+    """A tiny random Llama (6 layers), its tokenizer, 7 blocks of 16 tokens (4 batches of 2: 2 per rank)."""
+    tok = tiny_tokenizer()
+    model = tiny_model("llama", len(tok), {"num_hidden_layers": 6}, seed=0).eval()
+    blocks = torch.randint(0, len(tok), (7, 16), generator=torch.Generator().manual_seed(0))
+    return model, tok, blocks
+
+
+def counting(module, name: str, counter: list):
+    """`module.name` wrapped to count its calls on this rank (the work was split, not repeated)."""
+    inner = getattr(module, name)
+
+    def counted(*args, **kwargs):
+        counter.append(1)
+        return inner(*args, **kwargs)
+
+    setattr(module, name, counted)
+    return inner
+
+
+def perplexities(accelerator=None) -> dict:
+    from llm_streamline import losses
+    from llm_streamline.evaluate.perplexity import perplexity
+    from llm_streamline.importance import block_perplexities
+
+    model, _, blocks = problem()
+    calls: list = []
+    inner = counting(losses, "nll_sum", calls)
+    try:
+        ppl = perplexity(model, blocks, 2, accelerator=accelerator)
+        ppl_batches = len(calls)
+        block = block_perplexities(model, blocks, 2, 2, progress=False, accelerator=accelerator)
+    finally:
+        losses.nll_sum = inner
+    return {"ppl": ppl, "ppl_batches": ppl_batches, "block": block, "block_batches": len(calls) - ppl_batches}
+
+
+def lm_eval_scores(out: Path | None, accelerator=None) -> dict | None:
+    """Stock HFLM scoring of TASKS; rank 0 (or one process) also writes lm-eval's own files under `out`."""
+    from llm_streamline.evaluate import harness
+
+    model, tok, _ = problem()
+    res = harness.run_lm_eval(model, tok, TASKS, LIMIT, 4, accelerator=accelerator)
+    if res is None:
+        return None
+    if out is not None:
+        harness.write_lm_eval_files(res.lm_eval, out, "tiny")
+    return {"metrics": res.metrics, "samples": res.samples, "n_samples": res.n_samples}
+
+
+if __name__ == "__main__":
+    from accelerate import Accelerator
+
+    acc = Accelerator(cpu=True)
+    torch.set_num_threads(1)
+    where = Path(sys.argv[1])
+    out = {"ppl": perplexities(acc), "lm_eval": lm_eval_scores(where / "lm_eval", acc)}
+    (where / f"rank{acc.process_index}.json").write_text(json.dumps(out))

@@ -1,0 +1,73 @@
+"""The stages that shard their work over torchrun's ranks give one process's results (two CPU processes, gloo,
+one launch for the whole file): perplexity and block-by-perplexity scoring (float64 sums over the ranks),
+lm-eval's scoring (the items split over the ranks, gathered on rank 0: the same records and metrics)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+
+import sharded_worker  # noqa: E402
+from test_distributed import _torchrun  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> tuple[dict, dict, Path]:
+    """Both ranks' results of one two-process launch, and its directory."""
+    where = tmp_path_factory.mktemp("sharded")
+    res = _torchrun(29531, [str(HERE / "sharded_worker.py"), str(where)])
+    assert res.returncode == 0, res.stderr[-3000:]
+    return *(json.loads((where / f"rank{r}.json").read_text()) for r in (0, 1)), where
+
+
+def test_perplexity_and_block_perplexities_shared_by_two_ranks_match_one_process(ranks):
+    r0, r1, _ = ranks
+    one = sharded_worker.perplexities()
+    p0, p1 = r0["ppl"], r1["ppl"]
+    assert p0["ppl"] == p1["ppl"]  # the same reduced sums on both ranks
+    for key in ("ppl", "nll", "tokens"):
+        assert p0["ppl"][key] == pytest.approx(one["ppl"][key], rel=1e-12, abs=0)
+    assert p0["ppl"]["tokens"] == 7 * 15
+    assert p0["ppl_batches"] == p1["ppl_batches"] == one["ppl_batches"] // 2 == 2  # 4 batches, 2 each
+    # candidates shared (5 starts: 3 on rank 0, 2 on rank 1), each scored whole: exactly one process's values
+    assert p0["block"] == p1["block"] == one["block"] and len(one["block"]) == 5
+    assert (p0["block_batches"], p1["block_batches"], one["block_batches"]) == (3 * 4, 2 * 4, 5 * 4)
+
+
+def test_lm_eval_scoring_shared_by_two_ranks_matches_one_process(ranks, tmp_path):
+    r0, r1, where = ranks
+    assert r1["lm_eval"] is None  # rank 0 gathers and records
+    one = sharded_worker.lm_eval_scores(tmp_path)
+    shared = r0["lm_eval"]
+    assert shared["metrics"] == one["metrics"]  # every metric and stderr, to the digit
+    assert shared["n_samples"] == one["n_samples"]
+    assert len(shared["samples"]) == len(one["samples"]) == 2 * sharded_worker.LIMIT
+    for a, b in zip(shared["samples"], one["samples"]):  # one process's order
+        assert (a["task"], a["doc_id"], a["gold"], a["prediction"]) == (b["task"], b["doc_id"], b["gold"],
+                                                                        b["prediction"])
+        assert a["num_tokens"] == b["num_tokens"]
+        assert a["loglikelihoods"] == pytest.approx(b["loglikelihoods"], abs=1e-6)
+        assert a["option_mean_nll"] == pytest.approx(b["option_mean_nll"], abs=1e-6)
+    # lm-eval's own files: the same results (but for times and dates) and the same samples
+    (d_shared,), (d_one,) = (list((p / "lm_eval").glob("*")) if p == where else list(p.glob("*"))
+                             for p in (where, tmp_path))
+    res_shared, res_one = (json.loads(next(d.glob("results_*.json")).read_text()) for d in (d_shared, d_one))
+    for key in ("results", "groups", "configs", "versions", "n-shot", "higher_is_better", "n-samples"):
+        assert res_shared.get(key) == res_one.get(key), key
+    for task in sharded_worker.TASKS:
+        rows = [[json.loads(line) for line in next(d.glob(f"samples_{task}_*.jsonl")).read_text().splitlines()]
+                for d in (d_shared, d_one)]
+        assert [r["doc_id"] for r in rows[0]] == [r["doc_id"] for r in rows[1]] == list(range(sharded_worker.LIMIT))
+        for a, b in zip(*rows):
+            assert len(a["resps"]) == len(b["resps"]) and all(len(x) == len(y) for x, y in zip(a["resps"],
+                                                                                              b["resps"]))
+            assert {k: a[k] for k in ("doc_hash", "prompt_hash", "target", "arguments", "acc", "acc_norm")} == \
+                   {k: b[k] for k in ("doc_hash", "prompt_hash", "target", "arguments", "acc", "acc_norm")}
+            for x, y in zip(a["resps"], b["resps"]):
+                assert float(x[0][0]) == pytest.approx(float(y[0][0]), abs=1e-6)
