@@ -1,5 +1,6 @@
 """Data parallel under torchrun (two CPU processes, gloo): SLEB's search shared by the ranks chooses what one
-process chooses; LM-loss, MSE (online teacher pairs) and LoRA training end with identical weights on every rank."""
+process chooses; LM-loss, MSE (online teacher pairs) and LoRA training end with identical weights on every rank.
+Sharded weights (FSDP2, `model.shard=fsdp`): the profile, SLEB and LoRA healing give one process's results."""
 
 from __future__ import annotations
 
@@ -63,6 +64,52 @@ def test_sleb_search_profile_and_validation_shared_by_two_ranks_match_one_proces
     for score in ("cosine", "angular", "angular_last"):
         for n, values in p[score].items():
             assert p0[score][n] == pytest.approx(values, rel=rel), (score, n)
+
+
+FSDP_DEVICES = [pytest.param("cpu", 1e-12, 29527, id="gloo"),
+                pytest.param("cuda", 1e-5, 29529, id="nccl", marks=TWO_CARDS)]
+
+
+@pytest.mark.parametrize("device,rel,port", FSDP_DEVICES)
+def test_sharded_model_profile_sleb_and_lora_match_one_process(tmp_path, device, rel, port):
+    """model.shard=fsdp: a safetensors checkpoint loaded by two ranks, each reading only its rows (half the
+    parameter bytes resident); the similarity profile and SLEB's search over 5 calibration windows (3 + 2: the
+    second rank runs a filler forward, not counted) give one process's scores and choice; LoRA healing of the
+    pruned sharded model (activation checkpointing, adapters replicated, merged into each rank's rows) gives one
+    process's merged weights (same effective batch) and the same gathered weights on both ranks."""
+    sys.path.insert(0, str(HERE))
+    import fsdp_worker
+    from safetensors.torch import load_file
+
+    fsdp_worker.save_problem(tmp_path / "model")
+    res = _torchrun(port, [str(HERE / "fsdp_worker.py"), str(tmp_path / "model"), str(tmp_path)],
+                    DP_WORKER_DEVICE=device)
+    assert res.returncode == 0, res.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"fsdp_rank{r}.json").read_text()) for r in (0, 1))
+    one, weights = fsdp_worker.one_process()
+    one = json.loads(json.dumps(one))
+    for r in (r0, r1):  # each rank holds its half of every parameter (dims here are even), never the whole
+        assert r["local_bytes"] == r["model_bytes"] // 2
+    assert r0["removed"] == r1["removed"] == one["removed"]
+    assert r0["profile"] == r1["profile"] and r0["profile"]["tokens"] == one["profile"]["tokens"] == 5 * 16
+    for score in ("cosine", "angular", "angular_last"):
+        for n, values in one["profile"][score].items():
+            assert r0["profile"][score][n] == pytest.approx(values, rel=rel), (score, n)
+    for s0, s1, s in zip(r0["steps"], r1["steps"], one["steps"], strict=True):
+        assert s0 == s1
+        for layer, ppl in s["candidates_ppl"].items():
+            assert s0["candidates_ppl"][layer] == pytest.approx(ppl, rel=rel)
+    # LoRA: the same training on both ranks, one process's losses (float32 sums in another order: 1e-6)
+    assert r0["sha256"] == r1["sha256"] and r0["lora"] == r1["lora"]
+    lora = one["lora"]
+    assert r0["lora"]["steps"] == lora["steps"] == 2 and r0["lora"]["tokens"] == lora["tokens"]
+    assert r0["lora"]["best_val_loss"] < r0["lora"]["initial_val_loss"]  # the adapters learnt something
+    for key in ("initial_val_loss", "best_val_loss"):
+        assert r0["lora"][key] == pytest.approx(lora[key], rel=1e-6)
+    merged = load_file(str(tmp_path / "fsdp_merged.safetensors"))
+    assert sorted(merged) == sorted(weights)
+    for k, w in weights.items():  # Adam's normalised steps carry the gradients' rounding: 1e-5 of each tensor's size
+        assert (merged[k] - w).abs().max() <= 1e-5 * w.abs().max(), k
 
 
 def test_two_process_mse_training_with_online_pairs_keeps_ranks_identical(tmp_path):

@@ -29,7 +29,8 @@ from transformers import PreTrainedModel
 from llm_streamline.losses import nll_batches
 from llm_streamline.models.devices import input_device
 from llm_streamline.models.layers import find_decoder_stack, run_layers, skipping
-from llm_streamline.parallel import mine, sum_over_ranks
+from llm_streamline.models.sharded import is_sharded
+from llm_streamline.parallel import shares, sum_over_ranks
 
 PPL_IMPORTANCE_BLOCKS = 8  # calibration blocks per candidate for sparsity.importance=perplexity (as SLEB's 8)
 
@@ -162,7 +163,8 @@ def similarity_profile(model: PreTrainedModel, blocks: torch.Tensor, ns: list[in
     Only layers 0..max_layer-1 run (default: all, needed to score blocks ending at the last layer).
     Hidden states are reduced to per-token cosines batch by batch, so memory does not grow with N.
     With an `accelerate.Accelerator` (torchrun), batch k runs on rank k mod P only and the float64 sums are
-    added up over the ranks: every rank gets the one-process profile (up to the order of the additions).
+    added up over the ranks: every rank gets the one-process profile (up to the order of the additions). A sharded
+    model (`model.shard=fsdp`) runs as many forwards on every rank (`parallel.shares`).
     """
     stack = find_decoder_stack(model)
     L = stack.num_layers
@@ -172,11 +174,13 @@ def similarity_profile(model: PreTrainedModel, blocks: torch.Tensor, ns: list[in
         raise ValueError(f"no block size in {ns} fits a model with {L} layers")
     device = input_device(model)
     sums = _BlockSums(ns, max_layer)
-    it = [i for k, i in enumerate(range(0, blocks.shape[0], batch_size)) if mine(k, accelerator)]
-    for i in tqdm(it, desc="similarity profile", disable=not progress, unit="batch"):
-        ids = blocks[i:i + batch_size].to(device)
+    count = -(-blocks.shape[0] // batch_size)
+    for k, counted in tqdm(shares(count, accelerator, lockstep=is_sharded(model)), desc="similarity profile",
+                           disable=not progress, unit="batch"):
+        ids = blocks[k * batch_size:(k + 1) * batch_size].to(device)
         cap = run_layers(model, ids, inputs_at=(0,), outputs_at=tuple(range(max_layer)), stack=stack)
-        sums.add([cap.inputs[0]] + [cap.outputs[j] for j in range(max_layer)])
+        if counted:  # a sharded model's lockstep filler (a repeated batch) is run, not counted
+            sums.add([cap.inputs[0]] + [cap.outputs[j] for j in range(max_layer)])
         del cap
     summed = sum_over_ranks(accelerator)
     if summed is not None:

@@ -34,6 +34,17 @@ def mine(k: int, accelerator) -> bool:
     return k % world == rank
 
 
+def shares(count: int, accelerator, lockstep: bool = False) -> list[tuple[int, bool]]:
+    """This rank's batches of `count`, as (k, counted): batch k goes to rank k mod P. `lockstep` (a sharded model,
+    whose every forward is a collective: `models.sharded`): every rank runs as many forwards, a rank short of
+    batches running batch 0 again with its result dropped (counted False), so the ranks' all-gathers pair up."""
+    world, rank = ranks(accelerator)
+    out = [(k, True) for k in range(rank, count, world)]
+    if lockstep:
+        out += [(0, False)] * (-(-count // world) - len(out))
+    return out
+
+
 def sum_over_ranks(accelerator) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """A float64 tensor summed over the data-parallel ranks (on the rank's card for NCCL, back on the CPU); every
     rank gets the same sums. None in one process."""

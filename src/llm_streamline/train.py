@@ -734,16 +734,49 @@ def train_lora(model: PreTrainedModel, train_blocks: torch.Tensor, val_blocks: t
     return _merge(peft_model, cls, merge_in_place), log
 
 
+def _merge_sharded(peft_model) -> None:
+    """Each adapter's product B A x scale added into this rank's rows of its sharded base weight (`model.shard=fsdp`;
+    peft's merge would add a whole tensor to a DTensor shard). The adapters are replicated (identical on every rank:
+    their gradients are all-reduced), so each rank's product is the same and every rank's shard gets its own rows
+    of it: the gathered weights are what one process's merge gives."""
+    from peft.tuners.lora import LoraLayer
+    from torch.distributed.tensor import DTensor
+
+    from llm_streamline.models.sharded import shard_rows
+
+    for m in peft_model.modules():
+        if not isinstance(m, LoraLayer):
+            continue
+        w = m.get_base_layer().weight
+        for name in m.active_adapters:
+            delta = m.get_delta_weight(name)  # [out, in], every rank alike
+            if isinstance(w, DTensor):
+                a, b = shard_rows(w.shape[0], w.device_mesh.size(), w.device_mesh.get_local_rank())
+                local = w.to_local()
+                local.add_(delta[a:b].to(local.device, local.dtype))
+            else:
+                w.data.add_(delta.to(w.device, w.dtype))
+
+
 def _merge(peft_model, cls, in_place: bool) -> PreTrainedModel:
     """The adapters merged and removed. Not in place (peft's safe merge): each merged weight is a new tensor and the
     base weight is left as it was, as it must while a dense model shares it (`models.layers.share_weights`); the
     adapted weights are then held twice. In place: peft adds each adapter's product into its base weight, one
-    module at a time; its safe merge's check for non-finite values is made on the adapters first."""
-    if in_place:
+    module at a time; its safe merge's check for non-finite values is made on the adapters first. A sharded model
+    (FSDP2) is merged in place, each rank into its own rows (`_merge_sharded`)."""
+    from llm_streamline.models.sharded import is_sharded
+
+    sharded = is_sharded(peft_model)
+    if in_place or sharded:
         bad = [k for k, v in peft_model.state_dict().items() if "lora_" in k and not torch.isfinite(v).all()]
         if bad:
             raise ValueError(f"LoRA adapters with non-finite values (e.g. {bad[0]}): not merged")
-    merged = peft_model.merge_and_unload(safe_merge=not in_place)
+    if sharded:
+        with torch.no_grad():
+            _merge_sharded(peft_model)
+        merged = peft_model.unload()
+    else:
+        merged = peft_model.merge_and_unload(safe_merge=not in_place)
     merged.eval()
     if type(merged) is not cls:
         raise TypeError(f"LoRA merge returned {type(merged).__name__}, expected {cls.__name__}")

@@ -37,7 +37,8 @@ from llm_streamline.importance import SimilarityProfile, lowest_bi_layers
 from llm_streamline.losses import nll_sum
 from llm_streamline.models.devices import input_device
 from llm_streamline.models.layers import find_decoder_stack, layer_view, remove_layers, run_layers, skipping
-from llm_streamline.parallel import mine, sum_over_ranks
+from llm_streamline.models.sharded import is_sharded
+from llm_streamline.parallel import shares, sum_over_ranks
 
 GROMOV_METRIC = "angular_last"   # Gromov et al. §3.2: the final token's representation
 SLEB_BLOCKS = 4   # calibration samples scored per SLEB candidate when none is given (cost: ~n * L^2 / 2 layer forwards)
@@ -86,17 +87,18 @@ def sleb_candidate_losses(model: PreTrainedModel, ids: torch.Tensor, candidates:
     """Mean LM loss (nats/token) over `ids` of the model without layer i, for each candidate i (default: every
     current layer), `batch_size` samples at a time. With an `accelerate.Accelerator` (torchrun), batch k is scored
     by rank k mod world only and the float64 sums of NLL and tokens are summed over ranks (`accelerator.reduce`):
-    every rank gets the same losses, equal to one process's up to the order of the float64 additions."""
+    every rank gets the same losses, equal to one process's up to the order of the float64 additions. A sharded
+    model (`model.shard=fsdp`) runs the same candidates, layers and number of batches on every rank
+    (`parallel.shares`), so FSDP's all-gathers pair up."""
     L = find_decoder_stack(model).num_layers
     candidates = list(range(L)) if candidates is None else list(candidates)
     step = batch_size or ids.shape[0]
     sums, tokens = [0.0] * len(candidates), 0
-    for k, b in enumerate(range(0, ids.shape[0], step)):
-        if not mine(k, accelerator):
-            continue
-        part, t = _candidate_loss_sums(model, ids[b:b + step], candidates)
-        sums = [a + p for a, p in zip(sums, part)]
-        tokens += t
+    for k, counted in shares(-(-ids.shape[0] // step), accelerator, lockstep=is_sharded(model)):
+        part, t = _candidate_loss_sums(model, ids[k * step:(k + 1) * step], candidates)
+        if counted:  # a sharded model's lockstep filler (a repeated batch) is run, not counted
+            sums = [a + p for a, p in zip(sums, part)]
+            tokens += t
     summed = sum_over_ranks(accelerator)
     if summed is not None:
         total = summed(torch.tensor([*sums, tokens], dtype=torch.float64))

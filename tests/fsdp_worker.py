@@ -1,0 +1,87 @@
+"""Run by tests/test_distributed.py under torchrun (gloo on the CPU; `DP_WORKER_DEVICE=cuda`: NCCL, a card per rank)
+with `model.shard=fsdp`: dp_worker's tiny model, saved as safetensors, loaded sharded (each rank reading its rows
+only); the similarity profile and SLEB's search over calibration batches that do not divide evenly by the ranks
+(lockstep: the short rank runs a filler forward). Each rank writes its resident parameter bytes, the profile, what
+SLEB removed with every candidate's perplexity (a filler counted would show in the profile's token count)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).parent))
+import dp_worker  # noqa: E402
+
+from llm_streamline.baselines import layer_removal  # noqa: E402
+
+LORA_BATCH = 1  # blocks per rank per step under two ranks; one process takes both ranks' (2) in one batch
+CALIB = 5  # windows: 3 + 2 over two ranks, so the second runs one filler forward per pass
+
+
+def save_problem(directory: Path) -> None:
+    """dp_worker's model as a safetensors checkpoint (what a sharded load reads)."""
+    dp_worker.problem()[0].save_pretrained(directory)
+
+
+def run(model, calib, accelerator=None) -> dict:
+    """The profile of every block size, SLEB's greedy search, then LoRA healing of what is left (with activation
+    checkpointing; the same effective batch in one process, `LORA_BATCH` x ranks) on `model` (sharded or not)."""
+    from llm_streamline.importance import similarity_profile
+
+    prof = similarity_profile(model, calib, ns=list(range(1, 7)), batch_size=dp_worker.BATCH, progress=False,
+                              accelerator=accelerator).as_dict()
+    removed, steps = layer_removal.sleb(model, calib, dp_worker.REMOVE, blocks=None, batch_size=dp_worker.BATCH,
+                                        progress=False, accelerator=accelerator)
+    from llm_streamline.config import TrainConfig
+    from llm_streamline.train import train_lora
+
+    world = accelerator.num_processes if accelerator is not None else 1
+    cfg = TrainConfig(epochs=1, batch_size=LORA_BATCH * 2 // world, max_steps=2, lr=1e-2, grad_checkpointing=True)
+    blocks = dp_worker.problem()[1]
+    merged, log = train_lora(model, blocks, blocks, cfg, rank=4, alpha=8, seed=0, progress=False,
+                             accelerator=accelerator, merge_in_place=True)
+    log.pop("seconds")
+    return {"profile": prof, "removed": removed, "steps": steps, "lora": log}, merged
+
+
+def full_weights(model) -> dict[str, torch.Tensor]:
+    """Every parameter whole (a sharded one gathered: a collective, the same order on every rank)."""
+    from torch.distributed.tensor import DTensor
+
+    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone()
+            for k, v in model.named_parameters()}
+
+
+def one_process() -> dict:
+    model, calib = dp_worker.problem()
+    out, merged = run(model, calib[:CALIB])
+    return out, full_weights(merged)
+
+
+if __name__ == "__main__":
+    from accelerate import Accelerator
+
+    from llm_streamline.config import ModelConfig
+    from llm_streamline.models.layers import count_params
+    from llm_streamline.models.sharded import load_sharded, local_param_bytes
+
+    acc = Accelerator(cpu=os.environ.get("DP_WORKER_DEVICE", "cpu") == "cpu")
+    torch.set_num_threads(1)
+    directory, out = Path(sys.argv[1]), Path(sys.argv[2])
+    model = load_sharded(ModelConfig(name="tiny", source="local", name_or_path=str(directory)), torch.float32,
+                         acc.device, acc.num_processes, acc.process_index)
+    resident = {"local_bytes": local_param_bytes(model), "model_bytes": count_params(model) * 4}
+    calib = dp_worker.problem()[1][:CALIB]
+    rec, merged = run(model, calib, acc)
+    weights = full_weights(merged)
+    rec["sha256"] = {k: hashlib.sha256(v.contiguous().view(torch.uint8).numpy()).hexdigest()
+                     for k, v in weights.items()}
+    if acc.is_main_process:
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(out / "fsdp_merged.safetensors"))
+    (out / f"fsdp_rank{acc.process_index}.json").write_text(json.dumps({**resident, **rec}))
