@@ -146,7 +146,8 @@ def test_two_process_sleb_with_lora_healing_keeps_ranks_identical(tmp_path):
 
 
 def test_what_several_processes_cannot_share_is_refused_in_one_line():
-    """Under torchrun, a run whose work would only be repeated on every rank is refused before the model loads."""
+    """Under torchrun, what the ranks cannot share is refused before the model loads; every run shares at least its
+    evaluations (a training-free replacement, ShortGPT)."""
     from dataclasses import replace
 
     from llm_streamline.config import (
@@ -164,10 +165,8 @@ def test_what_several_processes_cannot_share_is_refused_in_one_line():
 
     base = RunConfig(model=ModelConfig(name="m"))
     refused = {"train.teacher=cached": replace(base, train=TrainConfig(loss="mse", teacher="cached")),
-               "method=shortgpt": replace(base, method=ShortGPTConfig()),
                "model.device_map=auto": replace(base, model=ModelConfig(name="m", device_map="auto"),
                                                 train=TrainConfig(loss="lm")),
-               "replacement=linear": replace(base, replacement=ReplacementConfig(type="linear")),
                "2 CUDA devices": replace(base, model=ModelConfig(name="m", device="cuda"),
                                          train=TrainConfig(loss="lm"))}
     if torch.cuda.device_count() >= 2:
@@ -181,5 +180,7 @@ def test_what_several_processes_cannot_share_is_refused_in_one_line():
                 replace(base, train=TrainConfig(teacher="cached"), method=MethodConfig(heal="lora"),  # train=lora
                         replacement=ReplacementConfig(type="none")),
                 replace(base, method=SLEBConfig()),
+                replace(base, method=ShortGPTConfig()),
+                replace(base, replacement=ReplacementConfig(type="linear")),
                 replace(base, method=GromovConfig())):
         check_data_parallel(cfg, 2)

@@ -86,10 +86,10 @@ def run(cfg: RunConfig, out_dir: Path) -> dict:
         if cfg.method.heal == "lora":
             compressed.model, compressed.train_log = heal(ctx, compressed.model,
                                                           stages.stage_key("lora", baseline=compressed.key))
-        if not ctx.is_main:  # a data-parallel rank: its share of SLEB's search and of the healing is done
-            return {"rank": ctx.accelerator.process_index, "removed": compressed.removed}
         compressed.model.eval()
         ev = evaluate_compressed(ctx, dense, compressed, speed)
+        if not ctx.is_main:  # a data-parallel rank: its share of the search, the healing and the evaluations is done
+            return {"rank": ctx.accelerator.process_index, "removed": compressed.removed}
 
         checkpoint = save_model(ctx, lambda dest: save(ctx, compressed, bres, dest))
         write_records(ctx, dense, ev)

@@ -270,10 +270,11 @@ DATA_PARALLEL_TIMEOUT_S = 6 * 3600
 
 
 def check_data_parallel(cfg: RunConfig, world: int) -> None:
-    """Several processes share only the work that is data-parallel: the similarity profile and SLEB's search
-    (calibration batches sharded), LoRA healing, and training a replacement with the LM, distillation or MSE loss
-    (batches sharded, gradients all-reduced). A run whose heavy part is none of these would repeat it on every
-    rank: refused in one line, as is what cannot be shared (cached teacher shards, device_map, too few cards)."""
+    """Several processes share the work that is data-parallel: the similarity profile, block-by-perplexity
+    scoring, SLEB's, LaCo's and LLM-Pruner's scoring (calibration batches or candidates sharded), LoRA healing,
+    training a replacement with the LM, distillation or MSE loss (batches sharded, gradients all-reduced) and the
+    dense and pruned evaluations (lm-eval's items and the perplexity's batches sharded), which every run has.
+    What cannot be shared is refused in one line (cached teacher shards, device_map, too few cards)."""
     if world <= 1:
         return
     if cfg.model.device_map:
@@ -285,18 +286,11 @@ def check_data_parallel(cfg: RunConfig, world: int) -> None:
         raise ConfigError(f"{local} processes on this node need {local} CUDA devices (one each, cuda:LOCAL_RANK), "
                           f"{torch.cuda.device_count()} present: lower torchrun's --nproc_per_node")
     t, m, r = cfg.train, cfg.method, cfg.replacement
-    if m.name == "streamline":
-        trains = m.heal == "lora" or r.type in ("ffn", "swiglu", "layer", "layers") or (
-            r.type == "linear_patch" and r.finetune)
-        if not trains:
-            raise ConfigError(f"replacement={r.type} with {world} processes: nothing is trained (several processes "
-                              "share only training, LoRA healing and SLEB's search); run it in one process")
-        if m.heal != "lora" and t.loss == "mse" and t.teacher == "cached":  # healing has no teacher pairs
-            raise ConfigError(f"train.teacher=cached with {world} processes: the cached shards are written by one "
-                              "process; use train.teacher=online (each rank computes its own batches' pairs)")
-    elif m.name != "sleb" and m.heal != "lora":
-        raise ConfigError(f"method={m.name} with {world} processes: several processes share only SLEB's search, "
-                          "LoRA healing and replacement training; run it in one process")
+    trains = r.type in ("ffn", "swiglu", "layer", "layers") or (r.type == "linear_patch" and r.finetune)
+    # healing has no teacher pairs
+    if m.name == "streamline" and trains and m.heal != "lora" and t.loss == "mse" and t.teacher == "cached":
+        raise ConfigError(f"train.teacher=cached with {world} processes: the cached shards are written by one "
+                          "process; use train.teacher=online (each rank computes its own batches' pairs)")
 
 
 def train_identity(t: TrainConfig) -> dict:
@@ -410,17 +404,21 @@ def similarity(ctx: Run) -> SimilarityProfile:
     return SimilarityProfile.from_dict(prof_json)
 
 
-def shared_cached_json(ctx: Run, key: str, compute) -> tuple[Any, bool]:
+def shared_cached_json(ctx: Run, key: str, compute, everyone: bool = True) -> tuple[Any, bool]:
     """`stages.cached_json` for a stage the data-parallel ranks compute together (collectives inside): the main
     rank looks in the cache and tells the others (a rank that took the stage lock alone would wait for ranks
-    that wait for it); on a miss all compute and the main rank writes. One process: `stages.cached_json`."""
+    that wait for it); on a miss all compute and the main rank writes. One process: `stages.cached_json`.
+    `everyone=False`: only the main rank gets a cached value (the others None; an evaluation's per-item rows,
+    which only the main rank records, are not sent to every rank)."""
     if ctx.accelerator is None:
         return stages.cached_json(key, compute, log.info)
     from accelerate.utils import broadcast_object_list
 
     path = stages.stage_dir(key).with_suffix(".json")
-    hit = broadcast_object_list([stages.read_sealed_json(path, key) if ctx.is_main else None])[0]
-    if hit is not None:
+    hit = stages.read_sealed_json(path, key) if ctx.is_main else None
+    if everyone:
+        hit = broadcast_object_list([hit])[0]
+    if (hit is not None if everyone else broadcast_object_list([hit is not None])[0]):
         log.info("stage %s: reused from %s", key, path)
         return hit, True
     value = compute()
@@ -431,12 +429,15 @@ def shared_cached_json(ctx: Run, key: str, compute) -> tuple[Any, bool]:
 
 # ------------------------------------------------------------------------------------- evaluation
 def evaluate_suite(model, tok, cfg: RunConfig, stage: str, probe_ids: torch.Tensor,
-                   context_nll: bool = True) -> dict:
-    """lm-eval on the suite; a NaN/inf log-likelihood stops the run here, before it is cached."""
+                   context_nll: bool = True, accelerator=None) -> dict | None:
+    """lm-eval on the suite; a NaN/inf log-likelihood stops the run here, before it is cached. Under torchrun
+    (`accelerator`) the items are shared by the ranks and the main rank gets them all; the others get None."""
     res = run_lm_eval(model, tok, list(cfg.eval.tasks), cfg.eval.limit, cfg.eval.batch_size,
                       offline=cfg.eval.offline, scorer=cfg.eval.scorer, task_limits=dict(cfg.eval.task_limits),
                       context_nll=context_nll, num_fewshot=dict(cfg.eval.num_fewshot),
-                      include_path=cfg.eval.include_path)
+                      include_path=cfg.eval.include_path, accelerator=accelerator)
+    if res is None:
+        return None
     faults.check_loglikelihoods(res.samples, stage, model, probe_ids)
     return {"metrics": res.metrics, "samples": res.samples, "versions": res.versions, "n_samples": res.n_samples,
             "groups": res.groups, "lm_eval": res.lm_eval}
@@ -444,7 +445,7 @@ def evaluate_suite(model, tok, cfg: RunConfig, stage: str, probe_ids: torch.Tens
 
 @dataclass
 class DenseReference:
-    """The dense model's evaluation and perplexity (None on data-parallel ranks other than the first)."""
+    """The dense model's evaluation (None on data-parallel ranks other than the first) and perplexity."""
     eval: dict | None = None
     reused: bool = False
     perplexity: dict | None = None
@@ -452,25 +453,26 @@ class DenseReference:
 
 
 def evaluate_dense(ctx: Run) -> DenseReference:
-    """lm-eval and perplexity of the dense model, cached per model and suite (a sweep computes them once)."""
+    """lm-eval and perplexity of the dense model, cached per model and suite (a sweep computes them once). Under
+    torchrun every rank scores its share of the items and of the perplexity's batches."""
     cfg, ref = ctx.cfg, DenseReference()
-    if ctx.is_main:  # other data-parallel ranks only help to train the replacement
+    if ctx.is_main:
         log.info(task_dir_line(cfg.eval.offline)[1])
-        with ctx.timings.stage("eval_dense"):
-            key = stages.stage_key("eval_dense", model=ctx.model_id, eval=ctx.eval_key)
-            ref.eval, ref.reused = stages.cached_json(
-                key, lambda: evaluate_suite(ctx.model, ctx.tok, cfg, "eval_dense", ctx.blocks.val[:1]), log.info)
-        if ref.reused:
-            log.info("dense evaluation reused (computed once per model and suite)")
-    if cfg.eval.perplexity and ctx.is_main:
+    with ctx.timings.stage("eval_dense"):
+        key = stages.stage_key("eval_dense", model=ctx.model_id, eval=ctx.eval_key)
+        ref.eval, ref.reused = shared_cached_json(
+            ctx, key, lambda: evaluate_suite(ctx.model, ctx.tok, cfg, "eval_dense", ctx.blocks.val[:1],
+                                             accelerator=ctx.accelerator), everyone=False)
+    if ref.reused:
+        log.info("dense evaluation reused (computed once per model and suite)")
+    if cfg.eval.perplexity:
         with ctx.timings.stage("perplexity_dense"):
             ref.ppl_text = perplexity_text(cfg.eval.perplexity_text, ctx.tok,
                                            cfg.eval.perplexity_seq_len or cfg.data.seq_len, cfg.eval.perplexity_blocks,
                                            cfg.data.name)
             key = stages.stage_key("ppl_dense", model=ctx.model_id, text=ref.ppl_text.describe())
-            ref.perplexity, _ = stages.cached_json(
-                key, lambda: perplexity(ctx.model, ref.ppl_text.blocks, infer_batch_size(cfg), "perplexity_dense"),
-                log.info)
+            ref.perplexity, _ = shared_cached_json(ctx, key, lambda: perplexity(
+                ctx.model, ref.ppl_text.blocks, infer_batch_size(cfg), "perplexity_dense", ctx.accelerator))
     return ref
 
 
@@ -497,23 +499,27 @@ class Evaluation:
     speed: dict | None
 
 
-def evaluate_compressed(ctx: Run, dense: DenseReference, c: Compressed, speed: dict | None) -> Evaluation:
+def evaluate_compressed(ctx: Run, dense: DenseReference, c: Compressed, speed: dict | None) -> Evaluation | None:
     """The pruned model's evaluation, perplexity and stability against the dense rows; `speed`: the side-by-side
-    speed measured before the dense model's release (`dense_speed_then_release`)."""
+    speed measured before the dense model's release (`dense_speed_then_release`). Under torchrun every rank
+    scores its share; the ranks other than the main one get None (the main one compares and records)."""
     cfg = ctx.cfg
     with ctx.timings.stage("eval_pruned"):
         key = stages.stage_key("eval_pruned", train=c.key, eval=ctx.eval_key)
         faults.kill_point("eval_pruned")
         # stability weighs items by the DENSE model's option_mean_nll only: the compressed model's is not computed
-        pres, _ = stages.cached_json(key, lambda: evaluate_suite(c.model, ctx.tok, cfg, "eval_pruned",
-                                                                 ctx.blocks.val[:1], context_nll=False), log.info)
+        pres, _ = shared_cached_json(ctx, key, lambda: evaluate_suite(
+            c.model, ctx.tok, cfg, "eval_pruned", ctx.blocks.val[:1], context_nll=False,
+            accelerator=ctx.accelerator), everyone=False)
     ppl = None
     if cfg.eval.perplexity:
         with ctx.timings.stage("perplexity_pruned"):
-            ppl, _ = stages.cached_json(
-                stages.stage_key("ppl_pruned", train=c.key, text=dense.ppl_text.describe()),
-                lambda: perplexity(c.model, dense.ppl_text.blocks, infer_batch_size(cfg), "perplexity_pruned"),
-                log.info)
+            ppl, _ = shared_cached_json(
+                ctx, stages.stage_key("ppl_pruned", train=c.key, text=dense.ppl_text.describe()),
+                lambda: perplexity(c.model, dense.ppl_text.blocks, infer_batch_size(cfg), "perplexity_pruned",
+                                   ctx.accelerator))
+    if not ctx.is_main:
+        return None
     with ctx.timings.stage("stability"):
         stab = stability(dense.eval["samples"], pres["samples"])
         significance = compare_rows(dense.eval["samples"], pres["samples"])  # a = dense, b = pruned
@@ -604,19 +610,19 @@ def save_weights_stage(ckpt: Path, weights_file: str, weights: dict, train_log: 
 def heal(ctx: Run, model: PreTrainedModel, key: str) -> tuple[PreTrainedModel, dict]:
     """LoRA on a compressed model, merged back (the options: `config.heal_train_config`); the adapters are
     kept in the stage cache under `key`, so a rerun applies them without training. Under torchrun the ranks
-    train the adapters together (`train_lora`); a rank other than the main one gets (model, None) back when the
-    adapters were cached (there is nothing for it to do)."""
+    train the adapters together (`train_lora`), or all merge the cached ones (they evaluate the healed model
+    together)."""
     cfg = ctx.cfg
     ckpt = stages.stage_dir(key)
-    cached = None
-    if ctx.is_main and stages.sealed(ckpt, key):
-        cached = (load_file(str(ckpt / "adapters.safetensors")), stages.read_json(ckpt / "train_log.json"))
-        log.info("LoRA adapters reused from %s", ckpt)
-    if ctx.accelerator is not None:  # the main rank's look decides for all: train together, or it merges alone
+    found = ctx.is_main and stages.sealed(ckpt, key)
+    if ctx.accelerator is not None:  # the main rank's look decides for all: train together, or all merge
         from accelerate.utils import broadcast_object_list
 
-        if broadcast_object_list([cached is not None])[0] and not ctx.is_main:
-            return model, None
+        found = broadcast_object_list([found])[0]
+    cached = None
+    if found:
+        cached = (load_file(str(ckpt / "adapters.safetensors")), stages.read_json(ckpt / "train_log.json"))
+        log.info("LoRA adapters reused from %s", ckpt)
 
     def on_trained(adapters, train_log):
         leave_rank_record(ctx, "adapters", {"train": train_log}, adapters)

@@ -51,6 +51,7 @@ from llm_streamline.recipes.common import (
     results_record,
     save_model,
     save_weights_stage,
+    shared_cached_json,
     similarity,
     start_run,
     train_identity,
@@ -91,19 +92,17 @@ def run(cfg: RunConfig, out_dir: Path) -> dict:
 
         # 4. layer replacement: build and train; 5. prune
         compressed = replace_block(ctx, start, n)
-        if compressed is None:  # a data-parallel rank other than the main one: its part is done
-            return {"rank": ctx.accelerator.process_index, "layers": {"removed": [start, start + n]}}
         # the dense model's last use (speed side by side), then it is freed, the removed block with it
         speed = dense_speed_then_release(ctx, compressed.model)
         if cfg.method.heal == "lora":  # train=lora: plain pruning healed with LoRA (the paper's comparison)
             compressed.model, compressed.train_log = heal(ctx, compressed.model,
                                                           stages.stage_key("lora", train=compressed.key))
-            if not ctx.is_main:  # a data-parallel rank: its share of the healing is done
-                return {"rank": ctx.accelerator.process_index, "layers": {"removed": [start, start + n]}}
 
         # 6. evaluate the pruned model
         compressed.model.eval()
         ev = evaluate_compressed(ctx, dense, compressed, speed)
+        if not ctx.is_main:  # a data-parallel rank: its share of the training and the evaluations is done
+            return {"rank": ctx.accelerator.process_index, "layers": {"removed": [start, start + n]}}
 
         # 7. save and record
         checkpoint = save_model(ctx, lambda dest: save_checkpoint(
@@ -125,8 +124,9 @@ def choose(ctx: Run, profile: SimilarityProfile, n: int) -> tuple[int, list[floa
     block_ppl = None
     if cfg.sparsity.importance == "perplexity" and cfg.sparsity.start is None:
         key = stages.stage_key("block_ppl", model=ctx.model_id, data=ctx.calib_key, n=n)
-        block_ppl, _ = stages.cached_json(key, lambda: block_perplexities(
-            ctx.model, ctx.blocks.calib[:PPL_IMPORTANCE_BLOCKS], n, infer_batch_size(cfg)), log.info)
+        block_ppl, _ = shared_cached_json(ctx, key, lambda: block_perplexities(
+            ctx.model, ctx.blocks.calib[:PPL_IMPORTANCE_BLOCKS], n, infer_batch_size(cfg), progress=ctx.is_main,
+            accelerator=ctx.accelerator))
         start = min(range(len(block_ppl)), key=lambda i: block_ppl[i])
     else:
         # BI of a contiguous block is 1 - cos(x^l, x^(l+n)): it orders blocks as cosine does
@@ -139,12 +139,12 @@ def choose(ctx: Run, profile: SimilarityProfile, n: int) -> tuple[int, list[floa
     return start, block_ppl
 
 
-def replace_block(ctx: Run, start: int, n: int) -> Compressed | None:
+def replace_block(ctx: Run, start: int, n: int) -> Compressed:
     """The dense model with layers [start, start+n) replaced by the trained network (or only removed, `train=lora`:
     healed by the caller), as a second model over the dense one's weights (`share_weights`: one copy of the
     weights; the dense model, the removed block included, stays intact for the fit, the teacher, distillation and
-    the speed comparison). None on a data-parallel rank other than the main one once its training is done (with
-    `train=lora` every rank gets the pruned model: they heal it together)."""
+    the speed comparison). Under torchrun every rank gets the pruned model: the ranks train, heal and evaluate it
+    together."""
     cfg, model = ctx.cfg, ctx.model
     probe = run_layers(model, ctx.blocks.calib[:1], outputs_at=(start,), stack=ctx.stack)
     anatomy = anatomy_of(model, start, ctx.blocks.calib[:1]) if needs_anatomy(cfg.replacement) else None
@@ -169,16 +169,12 @@ def replace_block(ctx: Run, start: int, n: int) -> Compressed | None:
         # parallel jobs of a sweep train one block once (data-parallel ranks train it together: no lock)
         with stages.stage_lock(train_key) if ctx.accelerator is None else contextlib.nullcontext():
             train_log, block = load_or_train(ctx, slot, train_key, pruned, start, n)
-        if train_log is None:
-            return None
         log.info("replacement %s: val loss %.5g -> %.5g (best at step %s)", cfg.replacement.type,
                  train_log["initial_val_loss"], train_log["best_val_loss"], train_log["best_step"])
         if fit_log is not None:
             train_log = {**train_log, **fit_log}
     if cfg.method.heal == "lora":  # train=lora: plain pruning, healed after the dense model's release
         block = remove_block(pruned, start, n, [])
-    if not ctx.is_main and cfg.method.heal != "lora":  # a data-parallel rank evaluates nothing (it trained with
-        return None                                     # the others; with LoRA it heals with them first)
     if block is None:
         block = remove_block(pruned, start, n, slot)
     return Compressed(pruned, train_key, start, list(range(start, start + n)), block.as_dict(), slot, train_log)
@@ -217,9 +213,8 @@ def fit_linear(ctx: Run, pruned, slot: list, start: int, n: int) -> dict | None:
 
 
 def load_or_train(ctx: Run, slot: list, train_key: str, pruned, start: int, n: int):
-    """The trained replacement from the stage cache, or trained now and stored there. Returns (train log,
-    the block if training already removed it from `pruned`); the train log is None on data-parallel ranks
-    other than the main one."""
+    """The trained replacement from the stage cache, or trained now and stored there (by the main rank under
+    torchrun). Returns (train log, the block if training already removed it from `pruned`)."""
     cfg, timings, dense_model, blocks = ctx.cfg, ctx.timings, ctx.model, ctx.blocks
     ckpt = stages.stage_dir(train_key)
     if stages.sealed(ckpt, train_key):  # a damaged entry is moved aside and trained again
@@ -275,7 +270,6 @@ def load_or_train(ctx: Run, slot: list, train_key: str, pruned, start: int, n: i
         train_log["teacher"] = teacher.as_dict()
     weights = {f"{j}.{k}": v.detach().contiguous().cpu() for j, m in enumerate(slot) for k, v in m.state_dict().items()}
     leave_rank_record(ctx, "slot", {"start": start, "n": n, "train": train_log}, weights)
-    if not ctx.is_main:
-        return None, block
-    save_weights_stage(ckpt, "slot.safetensors", weights, train_log)
+    if ctx.is_main:
+        save_weights_stage(ckpt, "slot.safetensors", weights, train_log)
     return train_log, block
