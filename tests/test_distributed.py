@@ -167,6 +167,7 @@ def test_what_several_processes_cannot_share_is_refused_in_one_line():
     refused = {"train.teacher=cached": replace(base, train=TrainConfig(loss="mse", teacher="cached")),
                "model.device_map=auto": replace(base, model=ModelConfig(name="m", device_map="auto"),
                                                 train=TrainConfig(loss="lm")),
+               "model.shard=fsdp": replace(base, model=ModelConfig(name="m", shard="fsdp"), method=SLEBConfig()),
                "2 CUDA devices": replace(base, model=ModelConfig(name="m", device="cuda"),
                                          train=TrainConfig(loss="lm"))}
     if torch.cuda.device_count() >= 2:

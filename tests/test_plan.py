@@ -162,10 +162,42 @@ def test_torchrun_processes_share_the_data_parallel_stages(no_weights):
     s32 = plan.make_plan(_on(plan.compose(sleb), processes=32)).stage("compress")
     assert s32.seconds == pytest.approx(s1.seconds / 16) and "shared by 16 processes" in s32.note
     big = plan.make_plan(_on(plan.compose(["model=llama3.1-70b", "data=slimpajama", "eval=paper",
-                                           "model.device_map=null"]), devices=8, processes=8, host_ram_gib=2048.0))
+                                           "model.device_map=null", "model.shard=none"]), devices=8, processes=8,
+                             host_ram_gib=2048.0))
     assert big.stage("load_model").device_gib > 130 and any("per device" in p for p in plan.problems(big))
     mapped = plan.make_plan(_on(plan.compose(["model=llama3.1-70b"]), devices=8, processes=2, host_ram_gib=2048.0))
     assert any("model.device_map=auto with 2 processes" in p for p in plan.problems(mapped))
+
+
+def test_sharded_weights_fit_70b_on_eight_cards_and_auto_chooses_them(no_weights):
+    """model.shard=auto under torchrun: a 70B replica (131 GiB) does not fit an 80 GB card, so the plan prices the
+    FSDP layout: per card 1/8 of the weights + one layer and the root gathered + the stage's buffers; the shared
+    stages at 1/8 of their compute plus the all-gathers at plan.interconnect_gbs; an 8B replica stays a replica."""
+    args = ["model=llama3.1-70b", "data=slimpajama", "eval=paper", "model.device_map=null", "method=sleb_gpu",
+            "model.infer_batch_size=4"]
+    hw = dict(devices=8, processes=8, host_ram_gib=2048.0)
+    auto = plan.make_plan(_on(plan.compose(args), **hw))
+    assert auto.layout == "fsdp" and auto.hw.sharded and plan.problems(auto) == []
+    s = auto.shapes
+    load = auto.stage("load_model").device_gib
+    assert load == pytest.approx((s.weight_bytes / 8 + s.gathered_bytes) / plan.GIB)
+    assert 16 < load < 22  # 131 GiB / 8 + a layer (1.6 GiB) + embeddings and head (3.9 GiB)
+    one = plan.make_plan(_on(plan.compose([*args[:3], "method=sleb_gpu", "model.infer_batch_size=4"]),
+                             devices=8, processes=1, host_ram_gib=2048.0))  # device_map=auto: one card at a time
+    assert one.layout == "none"
+    c1, c8 = one.stage("compress"), auto.stage("compress")
+    assert c8.flops == c1.flops and c8.gather_bytes > 0 and "all-gathered per card" in c8.note
+    compute = c1.seconds / 8
+    assert c8.seconds == pytest.approx(compute + c8.gather_bytes / (auto.hw.interconnect_gbs * 1e9) / 8)
+    # halving the interconnect lengthens only the gathers
+    slow = plan.make_plan(_on(plan.compose(args), interconnect_gbs=auto.hw.interconnect_gbs / 2, **hw))
+    assert slow.stage("compress").seconds - compute == pytest.approx(2 * (c8.seconds - compute))
+    assert plan.layout(_on(plan.compose(args), **hw)) == "fsdp"
+    assert plan.layout(_on(plan.compose([*args, "model.shard=none"]), **hw)) == "none"
+    small = ["model=llama3.1-8b", "data=slimpajama", "eval=paper", "model.device_map=null"]
+    assert plan.layout(_on(plan.compose(small), **hw)) == "none"
+    assert plan.layout(_on(plan.compose([*small, "model.shard=fsdp"]), **hw)) == "fsdp"
+    assert plan.layout(_on(plan.compose([*small, "model.shard=fsdp"]), processes=1)) == "none"
 
 
 def test_inference_stages_are_priced_at_model_infer_batch_size(no_weights):

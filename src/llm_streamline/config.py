@@ -52,6 +52,7 @@ AttentionUnit = _choices("AttentionUnit", "head kv-group")
 WandbMode = _choices("WandbMode", "auto online offline disabled")
 Mode = _choices("Mode", "run eval")
 Objective = _choices("Objective", "ppl avg_acc stability")
+Shard = _choices("Shard", "none fsdp auto")
 
 
 def values(choices: type[StrEnum]) -> tuple[str, ...]:
@@ -68,6 +69,9 @@ class ModelConfig:
                                            # bf16 matrix units: CUDA, AMX/AVX512-BF16 CPUs; else fp32; `precision`)
     device: str = "cpu"                    # cpu | cuda | cuda:0 ...
     device_map: Optional[str] = None       # e.g. "auto" for multi-GPU 7B-70B models
+    # under torchrun: none = a whole replica on every process's card; fsdp = the weights sharded over the processes
+    # (FSDP2, `models.sharded`: 70B on 8 x 80 GB); auto = fsdp when the plan says a replica does not fit one card
+    shard: Shard = Shard.auto
     revision: Optional[str] = None
     trust_remote_code: bool = False        # never on unless asked
     # blocks per forward pass where the model only runs (no gradients): the similarity profile, the block and
@@ -265,7 +269,8 @@ class PlanConfig:
     defaults per device kind and dtype (`plan.HARDWARE`)."""
     enforce: bool = True                   # refuse a run whose plan exceeds the free disk, device memory or RAM
     devices: Optional[int] = None          # accelerators (null: those present, else 1)
-    processes: Optional[int] = None        # torchrun data-parallel processes, a whole model each (null: WORLD_SIZE)
+    processes: Optional[int] = None        # torchrun data-parallel processes (null: WORLD_SIZE); model.shard says
+                                           # whether each holds a whole model or 1/P of it
     device_memory_gib: Optional[float] = None  # per device (null: measured on CUDA, 80 when planning without one)
     host_ram_gib: Optional[float] = None   # null: this machine's
     disk_free_gib: Optional[float] = None  # null: free space where the stage cache and the run directory are
@@ -273,6 +278,7 @@ class PlanConfig:
     measure: bool = False                  # time a GEMM here instead of the default throughput
     bandwidth_gbs: Optional[float] = None  # memory bandwidth (decode, elementwise work)
     disk_gbs: Optional[float] = None       # disk read/write speed
+    interconnect_gbs: Optional[float] = None  # GB/s one card all-gathers under model.shard=fsdp (null: per kind)
 
 
 @dataclass

@@ -29,6 +29,13 @@ How each figure is derived (one small function per stage below):
   stages the ranks share (`Stage.shared`: the similarity profile, SLEB's candidate scoring, a replacement's or
   LoRA's training steps and validations) take 1/P of their compute and memory-traffic time (at most one rank per
   batch), a step being P batches; evaluations and saving run on the main rank while the others wait.
+- Sharded weights (`model.shard=fsdp`, or `auto` when a replica's plan exceeds a card: `layout`): each card holds
+  1/P of the weights plus what FSDP2 gathers (one decoder layer at a time, and the root's embeddings, final norm and
+  head, which stay gathered between forwards) plus the stage's own buffers. Every forward all-gathers the weights
+  it runs: (P-1)/P of their bytes per card at `plan.interconnect_gbs` (an upper estimate: a stage's weights read
+  once per forward of `Stage.forward_tokens` tokens, FLOPs / (2 x those tokens) of them, backward counted like
+  forward; no overlap with compute assumed). Shared stages divide compute and gathers by P as above; the others
+  run on every rank in lockstep (as long as on one card, plus the gathers).
 """
 
 from __future__ import annotations
@@ -60,12 +67,14 @@ GIB = 2**30
 # (`environment.md`); 8 GB/s from the default run's decode (14.8 tokens/s x 538 MB of fp32 weights), 1 GB/s disk
 # (its save: 0.41 GiB in 0.45 s, page cache). CUDA: an
 # H100 80 GB at about 40% of its 989 dense bf16 TFLOP/s and 60% of its 3.35 TB/s, a local NVMe disk.
+# interconnect_gbs: what one card all-gathers per second under FSDP: CUDA, an 8-GPU NVLink node (H100 SXM: 450 GB/s
+# per direction; NCCL's all-gather reaches ~350, 200 assumed); CPU: gloo over loopback, a guess (1 GB/s).
 HARDWARE = {
-    ("cpu", "float32"): dict(tflops=0.13, bandwidth_gbs=8.0, disk_gbs=1.0),
-    ("cpu", "bfloat16"): dict(tflops=1.0, bandwidth_gbs=8.0, disk_gbs=1.0),
-    ("cuda", "bfloat16"): dict(tflops=400.0, bandwidth_gbs=2000.0, disk_gbs=2.0),
-    ("cuda", "float16"): dict(tflops=400.0, bandwidth_gbs=2000.0, disk_gbs=2.0),
-    ("cuda", "float32"): dict(tflops=40.0, bandwidth_gbs=2000.0, disk_gbs=2.0),
+    ("cpu", "float32"): dict(tflops=0.13, bandwidth_gbs=8.0, disk_gbs=1.0, interconnect_gbs=1.0),
+    ("cpu", "bfloat16"): dict(tflops=1.0, bandwidth_gbs=8.0, disk_gbs=1.0, interconnect_gbs=1.0),
+    ("cuda", "bfloat16"): dict(tflops=400.0, bandwidth_gbs=2000.0, disk_gbs=2.0, interconnect_gbs=200.0),
+    ("cuda", "float16"): dict(tflops=400.0, bandwidth_gbs=2000.0, disk_gbs=2.0, interconnect_gbs=200.0),
+    ("cuda", "float32"): dict(tflops=40.0, bandwidth_gbs=2000.0, disk_gbs=2.0, interconnect_gbs=200.0),
 }
 DEFAULT_GPU_MEMORY_GIB = 80.0   # per device, when planning for CUDA on a machine without one
 HOST_BASE_GIB = 0.35            # python + torch + transformers imported (default run: 785 MiB RSS with 538 MB loaded)
@@ -112,6 +121,12 @@ class Shapes:
     @property
     def weight_bytes(self) -> float:
         return self.total_params * self.bytes_per_param
+
+    @property
+    def gathered_bytes(self) -> float:
+        """What FSDP2 holds gathered at once beyond a card's shard: the largest decoder layer and the root's
+        parameters (embeddings, final norm, head: kept gathered between forwards)."""
+        return (max(self.layer_params) + self.total_params - sum(self.layer_params)) * self.bytes_per_param
 
     def layer_flops(self, i: int, seq: int) -> float:
         """Forward FLOPs per token of layer i in a causal sequence of `seq` tokens (speed.flops_per_token's rule)."""
@@ -197,7 +212,9 @@ class Hardware:
     out_free_gib: float     # where the run directory is
     one_disk: bool = True   # the stage cache and the run directory share a filesystem (their needs add up)
     measured: str = ""      # what was measured on this machine rather than taken from HARDWARE
-    processes: int = 1      # torchrun data-parallel processes, one card and a whole model each
+    processes: int = 1      # torchrun data-parallel processes, one card each
+    interconnect_gbs: float = 1.0  # what one card all-gathers per second (sharded weights)
+    sharded: bool = False   # the weights sharded over the processes (FSDP2, `layout`), else a whole model each
 
 
 def hardware(cfg: RunConfig, out_dir: Path | None = None) -> Hardware:
@@ -228,7 +245,7 @@ def hardware(cfg: RunConfig, out_dir: Path | None = None) -> Hardware:
     processes = p.processes or world_size()
     return Hardware(kind, max(1, devices), tflops or base["tflops"], p.bandwidth_gbs or base["bandwidth_gbs"],
                     p.disk_gbs or base["disk_gbs"], dev_mem, p.host_ram_gib or host, disk, out, one,
-                    ", ".join(measured), max(1, processes))
+                    ", ".join(measured), max(1, processes), p.interconnect_gbs or base["interconnect_gbs"])
 
 
 def _existing(path: Path) -> Path:
@@ -278,15 +295,23 @@ class Stage:
     seconds: float = 0.0
     shared: bool = False       # data-parallel processes divide its compute and memory traffic among them
     shared_ways: int = 0       # how many pieces that work comes in (0: as many as there are processes)
+    forward_tokens: float = 0.0  # tokens per forward (sharded weights: one all-gather of what runs per forward)
+    gather_bytes: float = 0.0  # sharded weights: bytes one card all-gathers over the stage (set by `price`)
 
-    def price(self, hw: Hardware) -> "Stage":
+    def price(self, hw: Hardware, bytes_per_param: int = 2) -> "Stage":
         # one device's throughput: with device_map the layers run card after card, one busy at a time; under
         # torchrun a shared stage runs on every process's card at once
         ways = min(hw.processes, self.shared_ways or hw.processes) if self.shared else 1
-        self.seconds = ((self.flops / (hw.tflops * 1e12) + self.bytes_moved / (hw.bandwidth_gbs * 1e9)) / ways
+        if hw.sharded and self.flops and self.forward_tokens:  # the weights each forward runs, gathered
+            run = self.flops / (2.0 * self.forward_tokens)      # parameters read per forward, summed over forwards
+            self.gather_bytes = run * bytes_per_param * (hw.processes - 1) / hw.processes
+        self.seconds = ((self.flops / (hw.tflops * 1e12) + self.bytes_moved / (hw.bandwidth_gbs * 1e9)
+                         + self.gather_bytes / (hw.interconnect_gbs * 1e9)) / ways
                         + self.disk_io / (hw.disk_gbs * 1e9) + self.overhead_s)
         if ways > 1:
             self.note += f"; shared by {ways} processes"
+        if self.gather_bytes:
+            self.note += f"; {_gib(self.gather_bytes / ways / GIB)} all-gathered per card"
         return self
 
 
@@ -296,6 +321,7 @@ class Plan:
     shapes: Shapes
     hw: Hardware
     stages: list[Stage] = field(default_factory=list)
+    layout: str = "none"    # torchrun: fsdp (weights sharded over the processes) | none (a whole model each)
 
     @property
     def seconds(self) -> float:
@@ -328,8 +354,9 @@ class _Ctx:
         self.step_batch = self.batch * self.procs   # blocks in one optimizer step (grad_accum aside)
         self.infer_batch = infer_batch_size(cfg)  # the forward-only stages (model.infer_batch_size)
         self.on_gpu = hw.kind == "cuda"
-        # device_map spreads the weights (one process only: under torchrun each holds a whole copy)
+        # device_map spreads the weights (one process only: under torchrun each holds a whole copy, or 1/P sharded)
         self.split = hw.devices if cfg.model.device_map and hw.processes == 1 else 1
+        self.sharded = hw.sharded
         self.weights_gib = s.weight_bytes / GIB
         start = cfg.sparsity.start
         # the block's end: given, or the mean over the possible starts
@@ -344,13 +371,18 @@ class _Ctx:
         return self.pruned_gib if released else self.weights_gib
 
     def device(self, extra_gib: float, released: bool = False) -> float:
-        """Peak per device: the weights held (`weights`) plus a stage's own buffers on one device."""
-        return self.weights(released) / self.split + extra_gib if self.on_gpu else 0.0
+        """Peak per device: the weights held (`weights`) plus a stage's own buffers on one device; sharded (FSDP2):
+        1/P of them plus what is gathered at once (`Shapes.gathered_bytes`)."""
+        if not self.on_gpu:
+            return 0.0
+        if self.sharded:
+            return self.weights(released) / self.procs + self.s.gathered_bytes / GIB + extra_gib
+        return self.weights(released) / self.split + extra_gib
 
     def host(self, extra_gib: float, released: bool = False) -> float:
         """Host RAM: the process, plus on CPU everything the device column would hold; times the data-parallel
         processes (`torchrun --nproc_per_node`: all of them on one node)."""
-        on_host = 0.0 if self.on_gpu else self.weights(released)
+        on_host = 0.0 if self.on_gpu else self.weights(released) / (self.procs if self.sharded else 1)
         return self.procs * (HOST_BASE_GIB + on_host + (0.0 if self.on_gpu else extra_gib))
 
 
@@ -380,6 +412,7 @@ def stage_profile(c: _Ctx) -> Stage:
     moved = L * (L + 1) / 2 * tokens * s.hidden * 4 * 3
     st = Stage("importance", flops=tokens * s.layers_flops(0, L, c.seq), bytes_moved=moved,
                device_gib=c.device(states), host_gib=c.host(states), note=f"{tokens:,} tokens x {L} layers",
+               forward_tokens=c.infer_batch * c.seq,
                shared=True, shared_ways=math.ceil(d.calib_samples / c.infer_batch))  # batch k: rank k mod P
     if c.cfg.sparsity.importance == "perplexity" and c.cfg.sparsity.start is None:
 
@@ -420,6 +453,7 @@ def stage_eval(c: _Ctx, which: str) -> Stage:
     logits = e.batch_size * 64 * s.vocab * 4 / GIB   # read positions' logits in fp32 (a pack's continuations)
     scores = max(1, s.attn_width[0] // 128) * pack * pack * 4 / GIB
     return Stage(f"eval_{which}", flops=flops, device_gib=c.device(logits + scores, pruned),
+                 forward_tokens=e.batch_size * pack,
                  host_gib=c.host(logits + scores, pruned) + EVAL_HOST_GIB,
                  note=f"{len(e.tasks)} tasks, {items:,} items, {tokens:,.0f} tokens")
 
@@ -433,6 +467,7 @@ def stage_perplexity(c: _Ctx, which: str) -> Stage:
     removed, added = (c.n, 2.0 * s.replacement_matmul) if pruned else (0, 0.0)
     buf = c.infer_batch * seq * (s.hidden * 4 + s.vocab * 4 / 8) / GIB  # the head in chunks of positions
     return Stage(f"perplexity_{which}", flops=tokens * s.model_flops(seq, removed=removed, added=added),
+                 forward_tokens=c.infer_batch * seq,
                  device_gib=c.device(buf, pruned), host_gib=c.host(buf, pruned), note=f"{tokens:,} tokens")
 
 
@@ -465,6 +500,7 @@ def stage_teacher(c: _Ctx) -> Stage | None:
     batch = 3 * rows * c.seq * s.hidden * s.bytes_per_param / GIB
     return Stage("teacher_pairs", flops=tokens * s.layers_flops(0, c.block_end, c.seq),
                  disk_io=size * (1 + c.hw.disk_gbs / HASH_GBS), device_gib=c.device(batch), host_gib=c.host(batch),
+                 forward_tokens=rows * c.seq,
                  disk_gib=size / GIB, note=f"cached: {tokens:,} tokens x 2 states written ({_gib(size / GIB)})")
 
 
@@ -494,7 +530,7 @@ def stage_train(c: _Ctx) -> Stage | None:
         if cfg.replacement.type in ("layer", "layers"):  # a decoder layer's call arguments: layers [0, l*) once
             flops += c.batch * c.seq * s.layers_flops(0, c.block_end - c.n, c.seq)
         st = Stage("train", flops=flops, device_gib=c.device(trainable + slot_acts),
-                   host_gib=c.host(trainable + slot_acts), note=note)
+                   host_gib=c.host(trainable + slot_acts), note=note, forward_tokens=c.batch * c.seq)
         if teacher_mode(cfg, pairs_bytes(c) / GIB, c.hw.disk_free_gib, c.teacher) == "online":
             st.flops += (t.epochs * tokens + val_tokens) * s.layers_flops(0, c.block_end, c.seq)
             st.note += "; teacher online"
@@ -515,7 +551,7 @@ def stage_train(c: _Ctx) -> Stage | None:
         logits *= 2
     return Stage("train", flops=flops, device_gib=c.device(trainable + acts + logits),
                  host_gib=c.host(trainable + acts + logits), note=note + f"; {t.loss} loss through the model",
-                 shared=True)
+                 shared=True, forward_tokens=c.batch * c.seq)
 
 
 def _kept_activations(c: _Ctx, layers: float) -> tuple[float, float]:
@@ -543,7 +579,7 @@ def stage_lora(c: _Ctx, name: str, epochs: int) -> Stage:
     logits = c.batch * c.seq * s.vocab * 4 * 2 / GIB
     val = d.val_samples * c.seq * (4 * epochs + 1)
     return Stage(name, flops=epochs * tokens * (3 * fwd + extra) + val * fwd,
-                 shared=True,
+                 shared=True, forward_tokens=c.batch * c.seq,
                  device_gib=c.device(acts + logits, True),
                  host_gib=c.host(acts + logits, True),
                  note=f"LoRA r={c.cfg.method.lora_rank}, {epochs} epoch(s) x {tokens:,} tokens")
@@ -565,6 +601,7 @@ def stage_compress(c: _Ctx) -> Stage | None:
             flops += (alive - 2) * (alive / 2 * layer + 2.0 * s.head_matmul) + alive * layer
         return Stage("compress", flops=tokens * flops, device_gib=c.device(0), host_gib=c.host(0),
                      note=f"SLEB: {c.n} greedy steps on {tokens:,} tokens", shared=True,
+                     forward_tokens=c.infer_batch * seq,
                      # batch k of model.infer_batch_size windows: rank k
                      shared_ways=math.ceil((m.sleb_samples or cfg.data.calib_samples) / c.infer_batch))
     if m.name == "laco":
@@ -575,12 +612,14 @@ def stage_compress(c: _Ctx) -> Stage | None:
         # position of the current model and may remove one layer (the committed SmolLM2 run: 8 fallbacks, 204 scores)
         scores = (L - LACO_LOWEST) + sum(L - k - 1 - LACO_LOWEST for k in range(c.n))
         return Stage("compress", flops=tokens * scores * s.model_flops(c.seq), device_gib=c.device(0),
+                     forward_tokens=c.infer_batch * c.seq,
                      host_gib=c.host(0), note=f"LaCo: up to {scores:.0f} merged-model forwards of {tokens:,} tokens")
     if m.name == "llm_pruner":
         tokens = m.grad_samples * m.grad_seq_len
         scored = sum(s.layer_params[m.first_layer:L - m.last_layers_kept])
         grads = scored * 4 / GIB
         return Stage("compress", flops=tokens * 3 * s.model_flops(m.grad_seq_len), device_gib=c.device(grads),
+                     forward_tokens=m.grad_seq_len,
                      host_gib=c.host(grads), note=f"Taylor gradients on {tokens:,} tokens, fp32 grads")
     return None
 
@@ -594,7 +633,7 @@ def stage_speed(c: _Ctx) -> Stage | None:
     prefill = seq * s.model_flops(seq, head_positions=1.0 / seq)
     decode_bytes = DECODE_TOKENS * (s.weight_bytes + c.pruned_gib * GIB) / 2
     return Stage("speed", flops=SPEED_RUNS * prefill, bytes_moved=(SPEED_RUNS // 2 + 2) * decode_bytes,
-                 device_gib=c.device(0), host_gib=c.host(0),
+                 device_gib=c.device(0), host_gib=c.host(0), forward_tokens=seq,
                  note=f"prefill {seq} + decode {DECODE_TOKENS} tokens, {SPEED_RUNS} runs")
 
 
@@ -616,7 +655,31 @@ def make_plan(cfg: RunConfig, out_dir: Path | None = None, model: nn.Module | No
     model = model if model is not None else meta_model(cfg)
     s = shapes_of(model, cfg)
     hw = hardware(cfg, out_dir)
-    c = _Ctx(cfg, s, hw, run_block_size(cfg, model, s.replacement_params), teacher)  # the n the recipe removes
+    n = run_block_size(cfg, model, s.replacement_params)  # the n the recipe removes
+    shard = cfg.model.shard if hw.processes > 1 else "none"
+    if shard == "auto":  # sharded when a whole replica per card does not fit (`layout`)
+        replica = _priced(cfg, s, replace(hw, sharded=False), n, teacher)
+        shard = "fsdp" if hw.kind == "cuda" and replica.device_gib > hw.device_memory_gib else "none"
+    plan = _priced(cfg, s, replace(hw, sharded=shard == "fsdp"), n, teacher)
+    plan.n, plan.model, plan.layout = n, model, shard
+    return plan
+
+
+def layout(cfg: RunConfig, out_dir: Path | None = None) -> str:
+    """How a torchrun job holds the weights: `fsdp` (sharded over the processes) or `none` (a whole replica on every
+    card; also for one process). `model.shard=auto`: fsdp when the plan of a replica per card exceeds a card's
+    memory, on CUDA (on a CPU every rank's replica is in the host RAM: sharding is asked for, never chosen)."""
+    if (cfg.plan.processes or world_size()) <= 1:
+        return "none"
+    if cfg.model.shard != "auto":
+        return str(cfg.model.shard)
+    if not cfg.model.device.startswith("cuda") or model_config(cfg.model) is None:
+        return "none"  # a CPU (auto never shards there), or the embedded model before its conversion (small)
+    return make_plan(cfg, out_dir).layout
+
+
+def _priced(cfg: RunConfig, s: Shapes, hw: Hardware, n: int, teacher: str | None) -> Plan:
+    c = _Ctx(cfg, s, hw, n, teacher)
     steps = [stage_load(c), stage_profile(c), stage_eval(c, "dense")]
     if cfg.eval.perplexity:
         steps.append(stage_perplexity(c, "dense"))
@@ -633,9 +696,7 @@ def make_plan(cfg: RunConfig, out_dir: Path | None = None, model: nn.Module | No
     if cfg.eval.perplexity:
         steps.append(stage_perplexity(c, "pruned"))
     steps.append(stage_save(c))
-    plan = Plan(cfg, s, hw, [st.price(hw) for st in steps if st is not None])
-    plan.n, plan.model = c.n, model
-    return plan
+    return Plan(cfg, s, hw, [st.price(hw, s.bytes_per_param) for st in steps if st is not None])
 
 
 # ------------------------------------------------------------------------------------------------ checks, table
@@ -708,7 +769,9 @@ def table(plan: Plan) -> str:
     where = (f"{hw.devices} x {hw.kind} ({hw.device_memory_gib:.0f} GiB each)" if hw.kind == "cuda"
              else f"cpu ({hw.host_ram_gib:.0f} GiB RAM)")
     if hw.processes > 1:
-        where += f", {hw.processes} torchrun processes (a whole model each)"
+        where += (f", {hw.processes} torchrun processes (weights sharded, FSDP2; all-gathers at "
+                  f"{hw.interconnect_gbs:g} GB/s per card)" if hw.sharded else
+                  f", {hw.processes} torchrun processes (a whole model each)")
     lines = [
         f"plan: {cfg.model.name} ({s.total_params / 1e9:.3g}B params, {s.layers} layers, hidden {s.hidden}, "
         f"vocab {s.vocab}, {cfg.model.dtype}) method={cfg.method.name} replacement={cfg.replacement.type} "

@@ -274,7 +274,8 @@ def check_data_parallel(cfg: RunConfig, world: int) -> None:
     scoring, SLEB's, LaCo's and LLM-Pruner's scoring (calibration batches or candidates sharded), LoRA healing,
     training a replacement with the LM, distillation or MSE loss (batches sharded, gradients all-reduced) and the
     dense and pruned evaluations (lm-eval's items and the perplexity's batches sharded), which every run has.
-    What cannot be shared is refused in one line (cached teacher shards, device_map, too few cards)."""
+    What cannot be shared is refused in one line (cached teacher shards, device_map, too few cards), and so is a
+    sharded layout (`model.shard`, `plan.layout`): the recipes do not run sharded yet."""
     if world <= 1:
         return
     if cfg.model.device_map:
@@ -285,6 +286,13 @@ def check_data_parallel(cfg: RunConfig, world: int) -> None:
     if cfg.model.device.startswith("cuda") and torch.cuda.device_count() < local:
         raise ConfigError(f"{local} processes on this node need {local} CUDA devices (one each, cuda:LOCAL_RANK), "
                           f"{torch.cuda.device_count()} present: lower torchrun's --nproc_per_node")
+    layout = plan.layout(replace(cfg, plan=replace(cfg.plan, processes=world)))
+    if layout == "fsdp":
+        why = " (auto: a whole replica does not fit one card)" if cfg.model.shard == "auto" else ""
+        raise ConfigError(f"model.shard={cfg.model.shard}{why} with {world} processes: sharded weights (FSDP2, "
+                          "models.sharded) run the similarity profile, SLEB's search and LoRA healing, but the "
+                          "evaluations, the speed comparison, saving and replacement training do not run sharded "
+                          "yet; run it in one process with model.device_map=auto")
     t, m, r = cfg.train, cfg.method, cfg.replacement
     trains = r.type in ("ffn", "swiglu", "layer", "layers") or (r.type == "linear_patch" and r.finetune)
     # healing has no teacher pairs
