@@ -67,11 +67,37 @@ def lm_eval_scores(out: Path | None, accelerator=None) -> dict | None:
     return {"metrics": res.metrics, "samples": res.samples, "n_samples": res.n_samples}
 
 
+def baselines(accelerator=None) -> dict:
+    """LaCo (its 4 calibration blocks shared: 2 per rank) and LLM-Pruner (3 gradient sequences: 2 and 1) on the
+    tiny model: what they chose, and a digest of the pruned weights (the same choices give the same bytes)."""
+    import hashlib
+
+    from llm_streamline.baselines import laco, llm_pruner
+    from llm_streamline.config import LaCoConfig, LLMPrunerConfig, RunConfig
+
+    def digest(model) -> str:
+        h = hashlib.sha256()
+        for k, v in sorted(model.state_dict().items()):
+            h.update(k.encode() + v.detach().contiguous().view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
+
+    out = {}
+    model, _, blocks = problem()
+    res = laco.apply(model, blocks, 2, RunConfig(method=LaCoConfig(laco_merge=2)), accelerator=accelerator)
+    out["laco"] = {"removed": res.removed_layers, "merges": res.record["merges"], "sha256": digest(res.model)}
+    model, _, blocks = problem()
+    cfg = RunConfig(method=LLMPrunerConfig(first_layer=1, last_layers_kept=1, grad_samples=3, grad_seq_len=16,
+                                           width_ratio=0.25))
+    res = llm_pruner.apply(model, blocks, 1, cfg, accelerator=accelerator)
+    out["llm_pruner"] = {"layer_sizes": res.record["layer_sizes"], "sha256": digest(res.model)}
+    return out
+
+
 if __name__ == "__main__":
     from accelerate import Accelerator
 
     acc = Accelerator(cpu=True)
     torch.set_num_threads(1)
     where = Path(sys.argv[1])
-    out = {"ppl": perplexities(acc), "lm_eval": lm_eval_scores(where / "lm_eval", acc)}
+    out = {"ppl": perplexities(acc), "lm_eval": lm_eval_scores(where / "lm_eval", acc), "baselines": baselines(acc)}
     (where / f"rank{acc.process_index}.json").write_text(json.dumps(out))

@@ -1,6 +1,7 @@
 """The stages that shard their work over torchrun's ranks give one process's results (two CPU processes, gloo,
 one launch for the whole file): perplexity and block-by-perplexity scoring (float64 sums over the ranks),
-lm-eval's scoring (the items split over the ranks, gathered on rank 0: the same records and metrics)."""
+lm-eval's scoring (the items split over the ranks, gathered on rank 0: the same records and metrics), LaCo's
+similarities and LLM-Pruner's gradients (the same choices)."""
 
 from __future__ import annotations
 
@@ -71,3 +72,18 @@ def test_lm_eval_scoring_shared_by_two_ranks_matches_one_process(ranks, tmp_path
                    {k: b[k] for k in ("doc_hash", "prompt_hash", "target", "arguments", "acc", "acc_norm")}
             for x, y in zip(a["resps"], b["resps"]):
                 assert float(x[0][0]) == pytest.approx(float(y[0][0]), abs=1e-6)
+
+
+def test_laco_and_llm_pruner_shared_by_two_ranks_choose_what_one_process_chooses(ranks):
+    r0, r1, _ = ranks
+    one = sharded_worker.baselines()
+    b0, b1 = r0["baselines"], r1["baselines"]
+    assert b0 == b1  # the same reduced similarities and gradients, the same collapses and cuts on both ranks
+    assert b0["laco"]["removed"] == one["laco"]["removed"] and len(one["laco"]["removed"]) == 2
+    for m0, m in zip(b0["laco"]["merges"], one["laco"]["merges"], strict=True):
+        assert (m0["into"], m0["merged"], m0["fallback"]) == (m["into"], m["merged"], m["fallback"])
+        assert m0["similarity"] == pytest.approx(m["similarity"], abs=1e-6)
+        assert [c[0] for c in m0["candidates"]] == [c[0] for c in m["candidates"]]
+    assert b0["laco"]["sha256"] == one["laco"]["sha256"]  # the same merged weights
+    # the gradients summed over the ranks rank the units as one process: the same units cut, the same weights
+    assert b0["llm_pruner"] == one["llm_pruner"]

@@ -195,15 +195,19 @@ def block_perplexities(model: PreTrainedModel, blocks: torch.Tensor, n: int, bat
     start l in [0, L-n]. Token-weighted over `blocks` [N, T] (no padding). Under torchrun (`accelerator`) the
     candidates are shared, start l on rank l mod P (the calibration subset is a batch or two: its batches would
     leave most ranks idle), each scored whole by its rank; the float64 (NLL, tokens) of every candidate, zero
-    where another rank scored it, are summed over the ranks, so every rank gets the one-process values exactly."""
+    where another rank scored it, are summed over the ranks, so every rank gets the one-process values exactly.
+    A sharded model (every forward a collective: all ranks must skip the same layers) shares each candidate's
+    batches instead."""
     L = find_decoder_stack(model).num_layers
     starts = range(L - n + 1)
     sums = torch.zeros(len(starts), 2, dtype=torch.float64)
-    mine_only = [start for start in starts if mine(start, accelerator)]
-    for start in tqdm(mine_only, desc=f"block perplexity (n={n})", disable=not progress, unit="block"):
+    sharded = is_sharded(model)
+    here = list(starts) if sharded else [start for start in starts if mine(start, accelerator)]
+    for start in tqdm(here, desc=f"block perplexity (n={n})", disable=not progress, unit="block"):
         with skipping(model, range(start, start + n)):
             nll, count = 0.0, 0
-            for _, _, s, c in nll_batches(model, blocks, batch_size):  # the head in chunks of positions
+            # the head in chunks of positions
+            for _, _, s, c in nll_batches(model, blocks, batch_size, accelerator if sharded else None):
                 nll, count = nll + float(s), count + c
         sums[start] = torch.tensor([nll, count], dtype=torch.float64)
     summed = sum_over_ranks(accelerator)

@@ -26,7 +26,8 @@ from torch.utils.checkpoint import checkpoint
 
 from llm_streamline.models.devices import input_device
 from llm_streamline.models.layers import text_config
-from llm_streamline.parallel import mine
+from llm_streamline.models.sharded import is_sharded
+from llm_streamline.parallel import shares
 
 DEFAULT_CHUNK = 1024  # positions per head call: 1024 x 49k fp32 logits = 200 MB (SmolLM2)
 # the fp32 logits one head call may form: the chunk shrinks as the vocabulary grows (SmolLM2's 49k: 1024
@@ -126,15 +127,15 @@ def nll_batches(model: nn.Module, blocks: torch.Tensor, batch_size: int, acceler
                 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, int]]:
     """(first block's index, the batch's ids on the model's device, summed NLL, predicted tokens) for each batch of
     `batch_size` blocks of `blocks` [N, T], in order: the loop every token-weighted perplexity sums. Under torchrun
-    (`accelerator`) only this rank's batches (batch k on rank k mod P, `parallel.mine`): the caller sums them over
-    the ranks."""
+    (`accelerator`) only this rank's batches (batch k on rank k mod P, `parallel.shares`): the caller sums them over
+    the ranks. A sharded model runs as many forwards on every rank (a filler batch is run and not yielded)."""
     device = input_device(model)
-    for k, start in enumerate(range(0, blocks.shape[0], batch_size)):
-        if not mine(k, accelerator):
-            continue
+    for k, counted in shares(-(-blocks.shape[0] // batch_size), accelerator, lockstep=is_sharded(model)):
+        start = k * batch_size
         ids = blocks[start:start + batch_size].to(device)
         nll, count = nll_sum(model, ids)
-        yield start, ids, nll, count
+        if counted:
+            yield start, ids, nll, count
 
 
 def lm_loss(model: nn.Module, ids: torch.Tensor, chunk: int | None = None) -> torch.Tensor:

@@ -37,7 +37,8 @@ def apply_method(cfg: RunConfig, model: PreTrainedModel, calib: torch.Tensor, pr
     chosen: the record of an earlier identical layer-removal run (SLEB's search is long): its layers are removed
     without searching again. target_removed: the net parameter count to remove (default: n layers); width
     pruning (llm_pruner) matches it, layer removal removes n whole layers (the record shows the difference).
-    accelerator: an `accelerate.Accelerator` under torchrun: SLEB's search is shared by the ranks."""
+    accelerator: an `accelerate.Accelerator` under torchrun: SLEB's search, LaCo's similarities and LLM-Pruner's
+    gradients are shared by the ranks."""
     name = cfg.method.name
     if name in ("shortgpt", "gromov", "sleb"):
         from llm_streamline.baselines import layer_removal
@@ -46,11 +47,11 @@ def apply_method(cfg: RunConfig, model: PreTrainedModel, calib: torch.Tensor, pr
     elif name == "laco":
         from llm_streamline.baselines import laco
 
-        result = laco.apply(model, calib, n, cfg)
+        result = laco.apply(model, calib, n, cfg, accelerator=accelerator)
     elif name == "llm_pruner":
         from llm_streamline.baselines import llm_pruner
 
-        result = llm_pruner.apply(model, calib, n, cfg, target=target_removed)
+        result = llm_pruner.apply(model, calib, n, cfg, target=target_removed, accelerator=accelerator)
     else:
         raise ValueError(f"method={name!r} is not a baseline")
     return result

@@ -28,7 +28,10 @@ Additions to remove exactly n layers (the notebooks remove however many the pass
     pass stops once n layers are gone;
   * if the pass ends short, each further collapse is the best-scoring candidate among all positions of the
     current model (recorded with "fallback": true) until n are removed.
-Calibration: the first LACO_BLOCKS calibration blocks (the notebooks: 2-5 short Wikipedia sentences).
+Calibration: the first LACO_BLOCKS calibration blocks (the notebooks: 2-5 short Wikipedia sentences). Under
+torchrun block j is run by rank j mod P and the float64 sums of the per-block cosines are added up over the ranks:
+every rank gets the same similarities (one process's up to the order of the additions) and collapses the same
+layers.
 T, I: the values the paper reports for Llama2-7B (C=4, I=2, T=0.65; the notebooks use C=7, I=1, T=0.45 for
 Llama-13B and C=3, I=1, T=0.6 for Baichuan-13B).
 Removed indices are the original indices of the layers merged away (l+1..l+C-1 of each collapse).
@@ -46,6 +49,7 @@ from transformers import PreTrainedModel
 from llm_streamline.config import ConfigError, RunConfig
 from llm_streamline.models.devices import input_device
 from llm_streamline.models.layers import find_decoder_stack, layer_view, remove_block
+from llm_streamline.parallel import mine, sum_over_ranks
 
 LACO_THRESHOLD = 0.65   # the paper's T
 LACO_INTERVAL = 2       # the paper's I: how far lay moves down after an accepted collapse
@@ -76,24 +80,36 @@ def rdsc_merge(layers: list[nn.Module]) -> nn.Module:
     return base
 
 
-def _final_hidden(model, ids: torch.Tensor) -> torch.Tensor:
-    """[N, T*H] final hidden states (after the final norm), one flattened row per calibration sample."""
+def _final_hidden(model, ids: torch.Tensor) -> torch.Tensor | None:
+    """[N, T*H] final hidden states (after the final norm), one flattened row per calibration sample (None for
+    no sample: a rank with none of the calibration blocks)."""
+    if ids.shape[0] == 0:
+        return None
     out = model(input_ids=ids, output_hidden_states=True, use_cache=False)
     return out.hidden_states[-1].float().flatten(1)
 
 
-def _mean_cos(h: torch.Tensor, ref: torch.Tensor) -> float:
-    return float(torch.nn.functional.cosine_similarity(h, ref.to(h.device), dim=-1).mean())
+def _mean_cos(h: torch.Tensor | None, ref: torch.Tensor | None, summed=None) -> float:
+    """The mean over samples of cos(h, ref), summed in float64 (over the ranks' samples with `summed`)."""
+    total = torch.zeros(2, dtype=torch.float64)
+    if h is not None:
+        cos = torch.nn.functional.cosine_similarity(h, ref.to(h.device), dim=-1)
+        total = torch.stack([cos.double().sum().cpu(), torch.tensor(float(cos.numel()), dtype=torch.float64)])
+    if summed is not None:
+        total = summed(total)
+    return float(total[0] / total[1])
 
 
 @torch.no_grad()
-def _similarity(model, ids, ref: torch.Tensor, start: int, c: int) -> float:
+def _similarity(model, ids, ref: torch.Tensor | None, start: int, c: int, summed=None) -> float:
     """Similarity to the dense model of the current model with layers start..start+c-1 collapsed."""
+    if ids.shape[0] == 0:  # no calibration block on this rank: its zero sums still join the others'
+        return _mean_cos(None, None, summed)
     layers = list(find_decoder_stack(model).layers)
     merged = rdsc_merge(layers[start:start + c])
     rows = list(range(start + 1)) + list(range(start + c, len(layers)))
     with layer_view(model, layers[:start] + [merged] + layers[start + c:], rows):
-        return _mean_cos(_final_hidden(model, ids), ref)
+        return _mean_cos(_final_hidden(model, ids), ref, summed)
 
 
 def collapse(model: PreTrainedModel, start: int, c: int) -> None:
@@ -108,8 +124,9 @@ def collapse(model: PreTrainedModel, start: int, c: int) -> None:
 class _Collapser:
     """The state of one LaCo run: the model being collapsed, original indices of its layers, the records."""
 
-    def __init__(self, model, ids, ref, n: int, merge: int, bar):
+    def __init__(self, model, ids, ref, n: int, merge: int, bar, summed=None):
         self.model, self.ids, self.ref, self.n, self.merge, self.bar = model, ids, ref, n, merge, bar
+        self.summed = summed  # `parallel.sum_over_ranks` under torchrun
         self.alive = list(range(find_decoder_stack(model).num_layers))
         self.removed: list[int] = []
         self.merges: list[dict] = []
@@ -123,7 +140,7 @@ class _Collapser:
         return min(self.merge, self.layers - lay, self.n - len(self.removed) + 1)
 
     def score(self, lay: int) -> float:
-        return _similarity(self.model, self.ids, self.ref, lay, self.size_at(lay))
+        return _similarity(self.model, self.ids, self.ref, lay, self.size_at(lay), self.summed)
 
     def accept(self, lay: int, s: float, fallback: bool, candidates: list) -> None:
         c = self.size_at(lay)
@@ -173,19 +190,21 @@ def _fallback_collapse(st: _Collapser) -> None:
 
 
 @torch.no_grad()
-def laco(model: PreTrainedModel, calib: torch.Tensor, n: int, merge: int, progress: bool = True):
-    """Collapse until exactly n layers are removed. Returns (removed original indices, per-merge records)."""
+def laco(model: PreTrainedModel, calib: torch.Tensor, n: int, merge: int, progress: bool = True, accelerator=None):
+    """Collapse until exactly n layers are removed. Returns (removed original indices, per-merge records).
+    accelerator: under torchrun the calibration blocks are shared by the ranks (module docstring)."""
     if merge < 2:
         raise ConfigError(f"method.laco_merge={merge}: a collapse needs at least 2 layers")
     L0 = find_decoder_stack(model).num_layers
     if not 1 <= n <= L0 - 1 - LACO_LOWEST:
         raise ConfigError(f"laco: cannot remove {n} of {L0} layers")
-    ids = calib[:LACO_BLOCKS].to(input_device(model))
+    ids = calib[:LACO_BLOCKS]
+    ids = ids[[j for j in range(ids.shape[0]) if mine(j, accelerator)]].to(input_device(model))
     was_training = model.training
     model.eval()
     ref = _final_hidden(model, ids)
     with tqdm(total=n, desc="laco", unit="layer", disable=not progress) as bar:
-        st = _Collapser(model, ids, ref, n, merge, bar)
+        st = _Collapser(model, ids, ref, n, merge, bar, sum_over_ranks(accelerator))
         _notebook_pass(st)
         while not st.done:
             _fallback_collapse(st)
@@ -193,10 +212,11 @@ def laco(model: PreTrainedModel, calib: torch.Tensor, n: int, merge: int, progre
     return sorted(st.removed), st.merges
 
 
-def apply(model: PreTrainedModel, calib: torch.Tensor, n: int, cfg: RunConfig):
+def apply(model: PreTrainedModel, calib: torch.Tensor, n: int, cfg: RunConfig, accelerator=None):
     from llm_streamline.baselines import BaselineResult
 
-    removed, merges = laco(model, calib, n, cfg.method.laco_merge)
+    main = accelerator is None or accelerator.is_main_process
+    removed, merges = laco(model, calib, n, cfg.method.laco_merge, progress=main, accelerator=accelerator)
     record = {"merge": cfg.method.laco_merge, "threshold": LACO_THRESHOLD, "interval": LACO_INTERVAL,
               "lowest": LACO_LOWEST, "calib_blocks": min(LACO_BLOCKS, calib.shape[0]), "merge_rule": MERGE_RULE,
               "fallbacks": sum(m["fallback"] for m in merges), "merges": merges, "removed": removed}

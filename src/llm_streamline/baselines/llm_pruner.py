@@ -80,6 +80,7 @@ from llm_streamline.config import ConfigError
 from llm_streamline.models.checkpoints import register_builder
 from llm_streamline.models.devices import input_device
 from llm_streamline.models.layers import count_params, find_decoder_stack
+from llm_streamline.parallel import mine, ranks
 
 log = logging.getLogger(__name__)
 
@@ -213,12 +214,15 @@ def find_structures(model: PreTrainedModel, layers: list[int], attention_unit: s
 
 # ------------------------------------------------------------------------------------------- importance
 def taylor_gradients(model: PreTrainedModel, tokens: torch.Tensor, params: list[nn.Parameter],
-                     with_fisher: bool = True):
+                     with_fisher: bool = True, accelerator=None):
     """(g, F) per parameter (keyed by id): g = the mean per-sequence gradient of the LM loss, accumulated by
     autograd into each parameter's own `.grad` (g[id(p)] IS p.grad, in p's dtype: no second copy of the scored
     weights); F = the mean squared per-sequence gradient, summed in float32 by a hook on each parameter as the
     backward pass reaches its layer (empty unless `with_fisher`: only element2 and mix need it, and it is one
-    more copy of the scored weights). The caller frees the gradients (`p.grad = None`) once a layer is scored."""
+    more copy of the scored weights). The caller frees the gradients (`p.grad = None`) once a layer is scored.
+    Under torchrun (`accelerator`) sequence j runs on rank j mod P and g and F are summed over the ranks in place
+    (an all-reduce of each scored weight's gradient, on its card, in its dtype: no float64 copy of a 7B model's
+    gradients), so every rank ranks the units as one process does (up to the order of the additions)."""
     was_training = model.training
     model.eval()
     saved = {p: p.requires_grad for p in model.parameters()}
@@ -239,6 +243,8 @@ def taylor_gradients(model: PreTrainedModel, tokens: torch.Tensor, params: list[
     device = input_device(model)
     try:
         for j in range(n):
+            if not mine(j, accelerator):
+                continue
             ids = tokens[j:j + 1].to(device)
             loss = model(input_ids=ids, labels=ids, use_cache=False).loss
             (loss / n).backward()   # .grad accumulates the mean over sequences
@@ -248,6 +254,15 @@ def taylor_gradients(model: PreTrainedModel, tokens: torch.Tensor, params: list[
         for p, r in saved.items():
             p.requires_grad_(r)
         model.train(was_training)
+    if ranks(accelerator)[0] > 1:
+        import torch.distributed as dist
+
+        for p in params:  # a rank with no sequence has no .grad yet: zeros join the sum
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            if with_fisher:
+                dist.all_reduce(fisher[id(p)], op=dist.ReduceOp.SUM)
     return {id(p): p.grad for p in params}, fisher
 
 
@@ -377,8 +392,9 @@ def attention_unit(structs: list[Structure]) -> str:
 
 
 # ------------------------------------------------------------------------------------------- entry points
-def apply(model: PreTrainedModel, calib: torch.Tensor, n: int, cfg, target: int | None = None):
-    """target: parameters to remove (default: those of n decoder layers), when method.width_ratio is null."""
+def apply(model: PreTrainedModel, calib: torch.Tensor, n: int, cfg, target: int | None = None, accelerator=None):
+    """target: parameters to remove (default: those of n decoder layers), when method.width_ratio is null.
+    accelerator: under torchrun the gradient sequences are shared by the ranks (`taylor_gradients`)."""
     from llm_streamline.baselines import BaselineResult
 
     mc = cfg.method
@@ -395,8 +411,8 @@ def apply(model: PreTrainedModel, calib: torch.Tensor, n: int, cfg, target: int 
 
     tokens = calib[:mc.grad_samples, :mc.grad_seq_len]
     params = [m.linear.weight for s in structs for m in s.members]   # TaylorImportance scores weights only
-    g, fisher = taylor_gradients(model, tokens, params, with_fisher=mc.importance in NEEDS_FISHER) \
-        if ratio > 0 else ({}, {})
+    g, fisher = taylor_gradients(model, tokens, params, with_fisher=mc.importance in NEEDS_FISHER,
+                                 accelerator=accelerator) if ratio > 0 else ({}, {})
     del params  # the dense weights of a pruned structure are freed once it is cut, not held to the end
 
     per_layer: dict[int, dict] = {}

@@ -298,6 +298,11 @@ def run_lm_eval(
     import lm_eval
 
     check_tasks(tasks, offline, include_path)
+    from llm_streamline.models.sharded import is_sharded
+
+    if accelerator is not None and is_sharded(model):  # every forward a collective: the ranks' batches differ
+        raise ValueError("lm-eval scoring of a sharded (FSDP) model is not supported: its ranks would run "
+                         "different numbers of forwards; evaluate an unsharded copy")
     start = time.perf_counter()
     lm = make_lm(model, tokenizer, batch_size, scorer, context_nll)
     world, rank = (accelerator.num_processes, accelerator.process_index) if accelerator is not None else (1, 0)
