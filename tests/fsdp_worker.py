@@ -2,10 +2,13 @@
 with `model.shard=fsdp`: dp_worker's tiny model, saved as safetensors, loaded sharded (each rank reading its rows
 only); the similarity profile and SLEB's search over calibration batches that do not divide evenly by the ranks
 (lockstep: the short rank runs a filler forward). Each rank writes its resident parameter bytes, the profile, what
-SLEB removed with every candidate's perplexity (a filler counted would show in the profile's token count)."""
+SLEB removed with every candidate's perplexity (a filler counted would show in the profile's token count), LoRA
+healing's log and merged weights, and the MSE with online teacher pairs from the sharded dense model against the
+same ranks with a replicated one."""
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -21,6 +24,7 @@ import dp_worker  # noqa: E402
 from llm_streamline.baselines import layer_removal  # noqa: E402
 
 LORA_BATCH = 1  # blocks per rank per step under two ranks; one process takes both ranks' (2) in one batch
+START, N = 2, 2  # the MSE's block
 CALIB = 5  # windows: 3 + 2 over two ranks, so the second runs one filler forward per pass
 
 
@@ -58,6 +62,22 @@ def full_weights(model) -> dict[str, torch.Tensor]:
             for k, v in model.named_parameters()}
 
 
+def mse_online(model, slot, accelerator) -> tuple[dict, dict]:
+    """Two steps of the MSE with online teacher pairs from `model` (the dense one, sharded or not), slot = layers
+    [START, START + N), 6 training blocks, 5 validation blocks (3 + 2 batches over two ranks: a filler)."""
+    from llm_streamline.config import TrainConfig
+    from llm_streamline.train import OnlineTeacher, train_mse
+
+    blocks = dp_worker.problem()[1]
+    cfg = TrainConfig(loss="mse", epochs=1, batch_size=1, max_steps=2, lr=1e-3, teacher="online")
+    torch.manual_seed(0)
+    for m in slot:
+        m.requires_grad_(True)
+    log = train_mse(model, slot, START, blocks, OnlineTeacher(model, blocks, START, N, 1),
+                    OnlineTeacher(model, blocks[:5], START, N, 1), cfg, seed=0, accelerator=accelerator)
+    return log.as_dict(), {k: v.detach().clone() for k, v in slot[0].state_dict().items()}
+
+
 def one_process() -> dict:
     model, calib = dp_worker.problem()
     out, merged = run(model, calib[:CALIB])
@@ -68,15 +88,30 @@ if __name__ == "__main__":
     from accelerate import Accelerator
 
     from llm_streamline.config import ModelConfig
-    from llm_streamline.models.layers import count_params
+    from llm_streamline.models.layers import count_params, find_decoder_stack
     from llm_streamline.models.sharded import load_sharded, local_param_bytes
 
     acc = Accelerator(cpu=os.environ.get("DP_WORKER_DEVICE", "cpu") == "cpu")
     torch.set_num_threads(1)
     directory, out = Path(sys.argv[1]), Path(sys.argv[2])
-    model = load_sharded(ModelConfig(name="tiny", source="local", name_or_path=str(directory)), torch.float32,
-                         acc.device, acc.num_processes, acc.process_index)
+    cfg = ModelConfig(name="tiny", source="local", name_or_path=str(directory))
+    model = load_sharded(cfg, torch.float32, acc.device, acc.num_processes, acc.process_index)
     resident = {"local_bytes": local_param_bytes(model), "model_bytes": count_params(model) * 4}
+    # the MSE with online pairs: the sharded dense model and a replicated slot read whole from the checkpoint, against
+    # the same two ranks with a replicated dense model (the same batches: equal weights)
+    from llm_streamline.models.sharded import load_layers
+
+    slot = load_layers(cfg, torch.float32, acc.device, [START])
+    sharded_log, sharded_slot = mse_online(model, slot, acc)
+    plain = dp_worker.problem(acc.device)[0]
+    plain_log, plain_slot = mse_online(plain, [copy.deepcopy(find_decoder_stack(plain).layers[START])], acc)
+    del plain
+    mse = {"sharded": sharded_log, "replicated": plain_log,
+           "max_diff": max((sharded_slot[k] - v).abs().max().item() for k, v in plain_slot.items()),
+           "moved": max((sharded_slot[k] - v).abs().max().item()
+                        for k, v in find_decoder_stack(dp_worker.problem()[0]).layers[START].state_dict().items()),
+           "sha256": {k: hashlib.sha256(v.contiguous().view(torch.uint8).numpy()).hexdigest()
+                      for k, v in sharded_slot.items()}}
     calib = dp_worker.problem()[1][:CALIB]
     rec, merged = run(model, calib, acc)
     weights = full_weights(merged)
@@ -84,4 +119,4 @@ if __name__ == "__main__":
                      for k, v in weights.items()}
     if acc.is_main_process:
         save_file({k: v.contiguous() for k, v in weights.items()}, str(out / "fsdp_merged.safetensors"))
-    (out / f"fsdp_rank{acc.process_index}.json").write_text(json.dumps({**resident, **rec}))
+    (out / f"fsdp_rank{acc.process_index}.json").write_text(json.dumps({**resident, **rec, "mse": mse}))

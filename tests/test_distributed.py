@@ -76,7 +76,8 @@ def test_sharded_model_profile_sleb_and_lora_match_one_process(tmp_path, device,
     parameter bytes resident); the similarity profile and SLEB's search over 5 calibration windows (3 + 2: the
     second rank runs a filler forward, not counted) give one process's scores and choice; LoRA healing of the
     pruned sharded model (activation checkpointing, adapters replicated, merged into each rank's rows) gives one
-    process's merged weights (same effective batch) and the same gathered weights on both ranks."""
+    process's merged weights (same effective batch) and the same gathered weights on both ranks; the MSE with online
+    teacher pairs from the sharded dense model trains what a replicated dense model trains on the same ranks."""
     sys.path.insert(0, str(HERE))
     import fsdp_worker
     from safetensors.torch import load_file
@@ -110,6 +111,14 @@ def test_sharded_model_profile_sleb_and_lora_match_one_process(tmp_path, device,
     assert sorted(merged) == sorted(weights)
     for k, w in weights.items():  # Adam's normalised steps carry the gradients' rounding: 1e-5 of each tensor's size
         assert (merged[k] - w).abs().max() <= 1e-5 * w.abs().max(), k
+    # MSE with online pairs from the sharded dense model (a replicated layer replacement read from the checkpoint;
+    # 5 validation blocks: a filler): what the same two ranks train with a replicated dense model, which moved
+    m0, m1 = r0["mse"], r1["mse"]
+    assert m0["sha256"] == m1["sha256"] and m0["sharded"] == m1["sharded"]
+    assert m0["sharded"]["steps"] == 2 and m0["moved"] > 1e-4
+    assert m0["max_diff"] <= (1e-6 if device == "cpu" else 1e-3)
+    for key in ("initial_val_loss", "best_val_loss"):
+        assert m0["sharded"][key] == pytest.approx(m0["replicated"][key], rel=rel)
 
 
 def test_two_process_mse_training_with_online_pairs_keeps_ranks_identical(tmp_path):

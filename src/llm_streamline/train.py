@@ -53,7 +53,8 @@ from llm_streamline.config import ConfigError, TrainConfig
 from llm_streamline.losses import final_hidden, head_of, kl_sum, lm_loss
 from llm_streamline.models.devices import input_device, module_device, to_device
 from llm_streamline.models.layers import find_decoder_stack, run_layers
-from llm_streamline.parallel import ranks, sum_over_ranks
+from llm_streamline.models.sharded import is_sharded
+from llm_streamline.parallel import ranks, shares, sum_over_ranks
 from llm_streamline.precision import MasterWeights, autocast, compute_dtype
 
 
@@ -452,7 +453,9 @@ def train_mse(model: PreTrainedModel, slot: list[nn.Module], start: int, blocks:
     """Fit the slot modules to the teacher pairs (cached shards or an online teacher: the same batches). `model`
     is the DENSE model (used to capture the call arguments of layer `start`, once per batch shape). With an
     `accelerate.Accelerator` (torchrun, online pairs), each step's batches are sharded over the ranks, each rank
-    computing its own batches' pairs, and gradients all-reduced: every rank ends with the same weights."""
+    computing its own batches' pairs, and gradients all-reduced: every rank ends with the same weights. A sharded
+    dense model (`model.shard=fsdp`; the slot replicated) runs in lockstep: the layer arguments of every batch shape
+    captured up front by all ranks, the validation batches padded with a filler that weighs nothing."""
     torch.manual_seed(seed)
     need_kwargs = _needs_layer_kwargs(slot)
     stack = find_decoder_stack(model)
@@ -473,6 +476,10 @@ def train_mse(model: PreTrainedModel, slot: list[nn.Module], start: int, blocks:
         return kwargs_by_shape[shape]
 
     world, rank = ranks(accelerator)
+    sharded = is_sharded(model)
+    if sharded:  # every capture is a forward of the sharded dense model: all ranks capture every shape, in one order
+        for n in sorted({len(rows) for rows in [*train_shards.index, *val_shards.index]}):
+            layer_kwargs(list(range(n)))
     steps_per_epoch = len(train_shards) // world
     if steps_per_epoch < 1:
         raise ConfigError(f"train.loss=mse with {world} processes needs at least {world} training batches of "
@@ -482,9 +489,11 @@ def train_mse(model: PreTrainedModel, slot: list[nn.Module], start: int, blocks:
         perm = torch.randperm(len(train_shards), generator=gen).tolist()  # same order on every rank (same seed)
         return [perm[s * world + rank] for s in range(steps_per_epoch)]
 
-    def load(shards: TeacherShards, i: int, ranks: int = 1) -> Batch:
+    def load(shards: TeacherShards, i: int, ranks: int = 1, counted: bool = True) -> Batch:
         x, y, rows = shards.load(i)
-        return Batch((x.to(device), y.to(device)), x.shape[0], x.shape[0] * x.shape[1] * ranks, rows)
+        # a lockstep filler (sharded dense model) weighs nothing in the validation mean: rows 0
+        return Batch((x.to(device), y.to(device)), x.shape[0] if counted else 0, x.shape[0] * x.shape[1] * ranks,
+                     rows)
 
     def loss(b: Batch) -> torch.Tensor:
         x, y = b.inputs
@@ -492,7 +501,8 @@ def train_mse(model: PreTrainedModel, slot: list[nn.Module], start: int, blocks:
 
     job = Job("mse", "the replacement", slot, [p for m in slot for p in m.parameters() if p.requires_grad],
               steps_per_epoch, order, lambda i: load(train_shards, i, world),
-              lambda: (load(val_shards, i) for i in range(rank, len(val_shards), world)),  # this rank's share
+              lambda: (load(val_shards, i, counted=counted)  # this rank's share
+                       for i, counted in shares(len(val_shards), accelerator, lockstep=sharded)),
               loss, evaluated=slot, compute_dtype=compute_dtype(model), val_reduce=sum_over_ranks(accelerator))
     return fit(job, cfg, seed, evals_per_epoch, on_step, desc=f"train {type(slot[0]).__name__} (mse)",
                **_data_parallel(accelerator))
@@ -522,9 +532,10 @@ def _block_job(stage: str, trains: str, modules: list[nn.Module], params: list[n
         return Batch((ids,), ids.shape[0], ids.numel() * world)
 
     def val_batches() -> Iterable[Batch]:
-        for i in range(rank * bs, val_blocks.shape[0], bs * world):  # this rank's share of the batches
-            ids = val_blocks[i:i + bs].to(device)
-            yield Batch((ids,), ids.shape[0], ids.numel())
+        # this rank's share of the batches; a sharded model's lockstep filler weighs nothing (rows 0)
+        for k, counted in shares(-(-val_blocks.shape[0] // bs), accelerator, lockstep=is_sharded(model)):
+            ids = val_blocks[k * bs:(k + 1) * bs].to(device)
+            yield Batch((ids,), ids.shape[0] if counted else 0, ids.numel())
 
     return Job(stage, trains, modules, params, steps_per_epoch, order, load, val_batches,
                lambda b: batch_loss(b.inputs[0]), evaluated=[model], val_reduce=sum_over_ranks(accelerator))

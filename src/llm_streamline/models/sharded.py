@@ -142,22 +142,59 @@ def shard_model(model: nn.Module, mesh=None) -> nn.Module:
     return model
 
 
+def _meta_model(cfg: ModelConfig, directory: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, dict]:
+    """The model of `directory`'s config with its parameters on the meta device, and its buffers (rotary
+    frequencies: small, in no checkpoint) computed for real, by name."""
+    from accelerate import init_empty_weights
+
+    config = AutoConfig.from_pretrained(str(directory), trust_remote_code=cfg.trust_remote_code)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+    return model, {name: b.clone() for name, b in model.named_buffers()}
+
+
+@torch.no_grad()
+def load_layers(cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str,
+                indices: list[int]) -> list[nn.Module]:
+    """Decoder layers `indices` of the checkpoint `cfg` names as plain modules (not sharded), read whole on this rank:
+    a replicated copy of the block a `layer` replacement starts from, where the sharded model's own layers cannot be
+    deep-copied (their parameters are shards)."""
+    from safetensors import safe_open
+
+    from llm_streamline.models.layers import find_decoder_stack
+
+    directory = checkpoint_dir(cfg)
+    model, buffers = _meta_model(cfg, directory, dtype)
+    layers = find_decoder_stack(model).layers
+    prefix = next(name for name, m in model.named_modules() if m is layers)
+    files = _tensor_files(directory)
+    out = []
+    for i in indices:
+        layer = layers[i].to_empty(device=device)
+        for name, b in layer.named_buffers():
+            b.copy_(buffers[f"{prefix}.{i}.{name}"])
+        for name, p in layer.named_parameters():
+            key = f"{prefix}.{i}.{name}"
+            if key not in files:
+                raise ConfigError(f"model.shard=fsdp: {key} is not in {directory}'s safetensors files")
+            with safe_open(str(files[key]), "pt", device="cpu") as h:
+                p.copy_(h.get_tensor(key).to(dtype))
+        out.append(layer.eval())
+    return out
+
+
 @torch.no_grad()
 def load_sharded(cfg: ModelConfig, dtype: torch.dtype, device: torch.device | str, world: int,
                  rank: int) -> PreTrainedModel:
     """The model `cfg` names, sharded over the `world` ranks of the default process group, each rank reading only
     its rows of each parameter (see the module's docstring)."""
-    from accelerate import init_empty_weights
     from safetensors import safe_open
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor
 
     directory = checkpoint_dir(cfg)
     device = torch.device(device)
-    config = AutoConfig.from_pretrained(str(directory), trust_remote_code=cfg.trust_remote_code)
-    with init_empty_weights(include_buffers=False):  # parameters on meta; buffers (rotary frequencies) computed
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
-    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    model, buffers = _meta_model(cfg, directory, dtype)
     mesh = init_device_mesh(device.type, (world,))
     shard_model(model, mesh)
     model.to_empty(device=device)  # this rank's shards only, uninitialised: every row is read below
