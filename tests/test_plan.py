@@ -140,8 +140,9 @@ def test_block_and_replacement_are_sized_as_the_run_sizes_them(no_weights):
 
 
 def test_torchrun_processes_share_the_data_parallel_stages(no_weights):
-    """plan.processes=P (torchrun): the shared work (training steps, SLEB's scoring) takes about 1/P of its time,
-    the rest (evaluations) as long as in one process; each process holds a whole copy on its card, host RAM x P;
+    """plan.processes=P (torchrun): the shared work (training steps, SLEB's, LaCo's and LLM-Pruner's scoring, block
+    perplexities, evaluations and perplexities) takes about 1/P of its time (at most one rank per batch, candidate,
+    item); the rest (saving) as long as in one process; each process holds a whole copy on its card, host RAM x P;
     a 70B copy does not fit an 80 GB card, and device_map with several processes is refused as the run refuses it."""
     args = ["model=llama3.1-8b", "data=slimpajama", "eval=paper", "model.device_map=null"]
     one = plan.make_plan(_on(plan.compose(args), devices=1, processes=1, host_ram_gib=2048.0))
@@ -151,7 +152,14 @@ def test_torchrun_processes_share_the_data_parallel_stages(no_weights):
     assert t8.flops == pytest.approx(t1.flops, rel=0.02)  # the same work, 8 batches per step
     assert t8.seconds == pytest.approx(t1.seconds / 8, rel=0.02)  # steps and validations shared
     assert "shared by 8 processes" in t8.note and "x 8 processes" in t8.note
-    assert eight.stage("eval_dense").seconds == one.stage("eval_dense").seconds
+    for name in ("eval_dense", "perplexity_dense", "eval_pruned", "perplexity_pruned"):
+        assert eight.stage(name).seconds == pytest.approx(one.stage(name).seconds / 8), name
+        assert "shared by 8 processes" in eight.stage(name).note
+    assert eight.stage("save").seconds == one.stage("save").seconds
+    for extra, ways in (("method=laco", 4), ("method=llm_pruner", 8), ("sparsity.importance=perplexity", 8)):
+        name = "importance" if extra.startswith("sparsity") else "compress"
+        c1, c8 = (plan.make_plan(_on(plan.compose([*args, extra]), processes=p)).stage(name) for p in (1, 8))
+        assert c8.seconds == pytest.approx(c1.seconds / ways), extra  # LaCo: 4 calibration blocks, 4 ranks
     assert eight.stage("importance").seconds == pytest.approx(one.stage("importance").seconds / 8)
     assert eight.stage("load_model").device_gib == one.stage("load_model").device_gib  # a whole copy per card
     assert eight.stage("load_model").host_gib == pytest.approx(8 * one.stage("load_model").host_gib)

@@ -26,9 +26,10 @@ How each figure is derived (one small function per stage below):
   backward).
 - Data parallel (`torchrun --nproc_per_node P`, `plan.processes`, null: WORLD_SIZE): every process holds a whole
   copy on its own card (device memory per card as for one process; host RAM and the node's total x P); the
-  stages the ranks share (`Stage.shared`: the similarity profile, SLEB's candidate scoring, a replacement's or
-  LoRA's training steps and validations) take 1/P of their compute and memory-traffic time (at most one rank per
-  batch), a step being P batches; evaluations and saving run on the main rank while the others wait.
+  stages the ranks share (`Stage.shared`: the similarity profile, block-by-perplexity scoring, SLEB's, LaCo's and
+  LLM-Pruner's scoring, a replacement's or LoRA's training steps and validations, the evaluations' items and the
+  perplexities' batches) take 1/P of their compute and memory-traffic time (at most one rank per batch, candidate
+  or item), a step being P batches; saving runs on the main rank while the others wait.
 - Sharded weights (`model.shard=fsdp`, or `auto` when a replica's plan exceeds a card: `layout`): each card holds
   1/P of the weights plus what FSDP2 gathers (one decoder layer at a time, and the root's embeddings, final norm and
   head, which stay gathered between forwards) plus the stage's own buffers. Every forward all-gathers the weights
@@ -294,7 +295,7 @@ class Stage:
     note: str = ""
     seconds: float = 0.0
     shared: bool = False       # data-parallel processes divide its compute and memory traffic among them
-    shared_ways: int = 0       # how many pieces that work comes in (0: as many as there are processes)
+    shared_ways: float = 0     # how many pieces that work comes in (0: as many as there are processes)
     forward_tokens: float = 0.0  # tokens per forward (sharded weights: one all-gather of what runs per forward)
     gather_bytes: float = 0.0  # sharded weights: bytes one card all-gathers over the stage (set by `price`)
 
@@ -415,11 +416,16 @@ def stage_profile(c: _Ctx) -> Stage:
                forward_tokens=c.infer_batch * c.seq,
                shared=True, shared_ways=math.ceil(d.calib_samples / c.infer_batch))  # batch k: rank k mod P
     if c.cfg.sparsity.importance == "perplexity" and c.cfg.sparsity.start is None:
-
-        ppl_tokens = min(PPL_IMPORTANCE_BLOCKS, d.calib_samples) * c.seq * (L - c.n + 1)
-        st.flops += ppl_tokens * s.model_flops(c.seq, removed=c.n)
+        blocks = min(PPL_IMPORTANCE_BLOCKS, d.calib_samples)
+        ppl_tokens = blocks * c.seq * (L - c.n + 1)
+        ppl_flops = ppl_tokens * s.model_flops(c.seq, removed=c.n)
         st.note += f"; + block perplexity on {ppl_tokens:,} tokens"
-        st.shared = False  # the block perplexities run in one process (the others reuse them), and dominate
+        # the profile's batches and the candidates (start l: rank l mod P; sharded weights: each candidate's
+        # batches) are shared: the one stage's ways weighted by the two parts' FLOPs
+        ways = (min(c.procs, st.shared_ways),
+                min(c.procs, math.ceil(blocks / c.infer_batch) if c.sharded else L - c.n + 1))
+        st.shared_ways = (st.flops + ppl_flops) / (st.flops / ways[0] + ppl_flops / ways[1])
+        st.flops += ppl_flops
     return st
 
 
@@ -452,8 +458,10 @@ def stage_eval(c: _Ctx, which: str) -> Stage:
         flops += fwd * per_token + (head if pruned else head_ctx) * 2.0 * s.head_matmul
     logits = e.batch_size * 64 * s.vocab * 4 / GIB   # read positions' logits in fp32 (a pack's continuations)
     scores = max(1, s.attn_width[0] // 128) * pack * pack * 4 / GIB
+    # lm-eval's data parallel: each task's documents shared by the ranks (not with sharded weights: refused)
+    fewest = min(eval_tokens(c.cfg, task)[0] for task in e.tasks) if e.tasks else 0
     return Stage(f"eval_{which}", flops=flops, device_gib=c.device(logits + scores, pruned),
-                 forward_tokens=e.batch_size * pack,
+                 forward_tokens=e.batch_size * pack, shared=not c.sharded, shared_ways=fewest,
                  host_gib=c.host(logits + scores, pruned) + EVAL_HOST_GIB,
                  note=f"{len(e.tasks)} tasks, {items:,} items, {tokens:,.0f} tokens")
 
@@ -467,7 +475,7 @@ def stage_perplexity(c: _Ctx, which: str) -> Stage:
     removed, added = (c.n, 2.0 * s.replacement_matmul) if pruned else (0, 0.0)
     buf = c.infer_batch * seq * (s.hidden * 4 + s.vocab * 4 / 8) / GIB  # the head in chunks of positions
     return Stage(f"perplexity_{which}", flops=tokens * s.model_flops(seq, removed=removed, added=added),
-                 forward_tokens=c.infer_batch * seq,
+                 forward_tokens=c.infer_batch * seq, shared=True, shared_ways=math.ceil(blocks / c.infer_batch),
                  device_gib=c.device(buf, pruned), host_gib=c.host(buf, pruned), note=f"{tokens:,} tokens")
 
 
@@ -612,14 +620,14 @@ def stage_compress(c: _Ctx) -> Stage | None:
         # position of the current model and may remove one layer (the committed SmolLM2 run: 8 fallbacks, 204 scores)
         scores = (L - LACO_LOWEST) + sum(L - k - 1 - LACO_LOWEST for k in range(c.n))
         return Stage("compress", flops=tokens * scores * s.model_flops(c.seq), device_gib=c.device(0),
-                     forward_tokens=c.infer_batch * c.seq,
+                     forward_tokens=c.infer_batch * c.seq, shared=True, shared_ways=LACO_BLOCKS,  # block j: rank j
                      host_gib=c.host(0), note=f"LaCo: up to {scores:.0f} merged-model forwards of {tokens:,} tokens")
     if m.name == "llm_pruner":
         tokens = m.grad_samples * m.grad_seq_len
         scored = sum(s.layer_params[m.first_layer:L - m.last_layers_kept])
         grads = scored * 4 / GIB
         return Stage("compress", flops=tokens * 3 * s.model_flops(m.grad_seq_len), device_gib=c.device(grads),
-                     forward_tokens=m.grad_seq_len,
+                     forward_tokens=m.grad_seq_len, shared=True, shared_ways=m.grad_samples,  # sequence j: rank j
                      host_gib=c.host(grads), note=f"Taylor gradients on {tokens:,} tokens, fp32 grads")
     return None
 
