@@ -93,11 +93,21 @@ def baselines(accelerator=None) -> dict:
     return out
 
 
+def eval_mode(out: Path) -> dict:
+    """`mode=eval` on the smoke preset's tiny model into `out` (under torchrun: its items and perplexity batches
+    shared, the first rank records); what the recipe returned."""
+    from llm_streamline import compose, recipes
+
+    out.mkdir(parents=True, exist_ok=True)
+    return recipes.run(compose(["experiment=smoke", "mode=eval", "eval.speed=false"]), out)
+
+
 if __name__ == "__main__":
     from accelerate import Accelerator
 
     acc = Accelerator(cpu=True)
     torch.set_num_threads(1)
     where = Path(sys.argv[1])
-    out = {"ppl": perplexities(acc), "lm_eval": lm_eval_scores(where / "lm_eval", acc), "baselines": baselines(acc)}
+    out = {"ppl": perplexities(acc), "lm_eval": lm_eval_scores(where / "lm_eval", acc), "baselines": baselines(acc),
+           "eval_mode": eval_mode(where / "eval_mode")}
     (where / f"rank{acc.process_index}.json").write_text(json.dumps(out))

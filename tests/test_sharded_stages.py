@@ -1,7 +1,7 @@
 """The stages that shard their work over torchrun's ranks give one process's results (two CPU processes, gloo,
 one launch for the whole file): perplexity and block-by-perplexity scoring (float64 sums over the ranks),
 lm-eval's scoring (the items split over the ranks, gathered on rank 0: the same records and metrics), LaCo's
-similarities and LLM-Pruner's gradients (the same choices)."""
+similarities and LLM-Pruner's gradients (the same choices), and `mode=eval` through its recipe."""
 
 from __future__ import annotations
 
@@ -87,3 +87,17 @@ def test_laco_and_llm_pruner_shared_by_two_ranks_choose_what_one_process_chooses
     assert b0["laco"]["sha256"] == one["laco"]["sha256"]  # the same merged weights
     # the gradients summed over the ranks rank the units as one process: the same units cut, the same weights
     assert b0["llm_pruner"] == one["llm_pruner"]
+
+
+def test_eval_mode_shared_by_two_ranks_records_what_one_process_records(ranks, tmp_path):
+    r0, r1, where = ranks
+    assert r1["eval_mode"] == {"rank": 1} and not (where / "eval_mode" / "rank1").exists()
+    sharded_worker.eval_mode(tmp_path / "one")
+    one, two = (json.loads((d / "results.json").read_text()) for d in (tmp_path / "one", where / "eval_mode"))
+    assert two["eval"] == one["eval"] and two["intervals"] == one["intervals"]
+    assert two["perplexity"]["model"]["nll"] == pytest.approx(one["perplexity"]["model"]["nll"], rel=1e-12)
+    assert two["perplexity"]["model"]["tokens"] == one["perplexity"]["model"]["tokens"]
+    rows = [[json.loads(line) for line in (d / "samples.jsonl").read_text().splitlines()]
+            for d in (where / "eval_mode", tmp_path / "one")]
+    assert [(r["task"], r["doc_id"], r["correct"]) for r in rows[0]] == \
+           [(r["task"], r["doc_id"], r["correct"]) for r in rows[1]] and rows[1]

@@ -255,7 +255,7 @@ def start_run(cfg: RunConfig, out_dir: Path) -> Run:
     # validation blocks are drawn first, calibration next, training last (see data/splits.py): a stage keyed
     # on the earlier splits stays valid when only the later sizes change
     calib_key = {k: v for k, v in data_key.items() if k != "train_samples"}
-    accelerator = _accelerator(cfg)
+    accelerator = data_parallel_accelerator(cfg)
     is_main = accelerator is None or accelerator.is_main_process
     wandb_cfg = cfg.wandb if is_main else replace(cfg.wandb, mode="disabled")
     tracker = Tracker(wandb_cfg, out_dir, config=asdict(cfg), job_type="run", tags=run_tags(cfg),
@@ -295,8 +295,9 @@ def check_data_parallel(cfg: RunConfig, world: int) -> None:
                           "yet; run it in one process with model.device_map=auto")
     t, m, r = cfg.train, cfg.method, cfg.replacement
     trains = r.type in ("ffn", "swiglu", "layer", "layers") or (r.type == "linear_patch" and r.finetune)
-    # healing has no teacher pairs
-    if m.name == "streamline" and trains and m.heal != "lora" and t.loss == "mse" and t.teacher == "cached":
+    # teacher pairs: only a run (mode=eval trains nothing) that trains a replacement (healing has none)
+    if (cfg.mode == "run" and m.name == "streamline" and trains and m.heal != "lora" and t.loss == "mse"
+            and t.teacher == "cached"):
         raise ConfigError(f"train.teacher=cached with {world} processes: the cached shards are written by one "
                           "process; use train.teacher=online (each rank computes its own batches' pairs)")
 
@@ -325,7 +326,7 @@ def leave_rank_record(ctx: "Run", name: str, record: dict, weights: dict | None 
     stages.write_json_atomic(ctx.out_dir / f"rank{ctx.accelerator.process_index}_{name}.json", record)
 
 
-def _accelerator(cfg: RunConfig):
+def data_parallel_accelerator(cfg: RunConfig):
     """An accelerate.Accelerator when launched with several processes (torchrun / accelerate launch)."""
     world = world_size()
     if world <= 1:

@@ -1,11 +1,13 @@
 """mode=eval (`llm-streamline-eval`): any saved model (dense, pruned, a baseline's) on the same suites, with the
-same record (`record`, kind "eval"), summary, perplexity, speed and W&B summary keys as a main run."""
+same record (`record`, kind "eval"), summary, perplexity, speed and W&B summary keys as a main run. Under torchrun
+each rank holds the model on its own card and scores its share of the items and of the perplexity's batches; the
+first rank measures the speed and writes the records."""
 
 from __future__ import annotations
 
 import logging
 import statistics
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -18,7 +20,7 @@ from llm_streamline.models.checkpoints import load_pruned, load_tokenizer
 from llm_streamline.models.layers import count_params
 from llm_streamline.models.loading import load_model
 from llm_streamline.precision import torch_dtype
-from llm_streamline.recipes.common import Timings, eval_meta, log_record, peak_memory
+from llm_streamline.recipes.common import Timings, data_parallel_accelerator, eval_meta, log_record, peak_memory
 from llm_streamline.tracking import Tracker, run_name
 
 log = logging.getLogger("llm_streamline")
@@ -32,24 +34,30 @@ def run(cfg: RunConfig, out_dir: Path) -> dict:
     log.info(task_dir_line(cfg.eval.offline)[1])
     stages.check_writable(out_dir, "the output directory")
     timings = Timings()
+    acc = data_parallel_accelerator(cfg)  # None in one process
+    m = cfg.model
+    if acc is not None and m.device != "cpu":  # each data-parallel rank on its own card
+        m = replace(m, device=str(acc.device))
     if cfg.checkpoint:
         if not Path(cfg.checkpoint).exists():
             raise FileNotFoundError(f"checkpoint={cfg.checkpoint}: no such directory")
         with timings.stage("load_model"):
-            m = cfg.model  # the model preset's dtype and placement apply to a checkpoint too
+            # the model preset's dtype and placement apply to a checkpoint too
             model = load_pruned(cfg.checkpoint, dtype=torch_dtype(m.dtype, m.device), device=m.device,
                                 device_map=m.device_map)
             tok = load_tokenizer(cfg.checkpoint)
         name = cfg.checkpoint
     else:
         with timings.stage("load_model"):
-            model, tok = load_model(cfg.model, seed=cfg.seed)
+            model, tok = load_model(m, seed=cfg.seed)
         name = cfg.model.name
     with timings.stage("eval"):
         res = run_lm_eval(model, tok, list(cfg.eval.tasks), cfg.eval.limit, cfg.eval.batch_size,
                           offline=cfg.eval.offline, scorer=cfg.eval.scorer, task_limits=dict(cfg.eval.task_limits),
-                          num_fewshot=dict(cfg.eval.num_fewshot), include_path=cfg.eval.include_path)
-    faults.check_loglikelihoods(res.samples, "eval", model, None)
+                          num_fewshot=dict(cfg.eval.num_fewshot), include_path=cfg.eval.include_path,
+                          accelerator=acc)
+    if res is not None:  # the first rank (or one process): every item
+        faults.check_loglikelihoods(res.samples, "eval", model, None)
     ppl, ppl_text = None, None
     if cfg.eval.perplexity:
         from llm_streamline.data import perplexity_text
@@ -58,7 +66,10 @@ def run(cfg: RunConfig, out_dir: Path) -> dict:
         with timings.stage("perplexity"):
             text = perplexity_text(cfg.eval.perplexity_text, tok, cfg.eval.perplexity_seq_len or cfg.data.seq_len,
                                    cfg.eval.perplexity_blocks, cfg.data.name)
-            ppl, ppl_text = perplexity(model, text.blocks, infer_batch_size(cfg), "perplexity"), text.describe()
+            ppl = perplexity(model, text.blocks, infer_batch_size(cfg), "perplexity", accelerator=acc)
+            ppl_text = text.describe()
+    if res is None:  # another data-parallel rank: its share is scored, the first rank records
+        return {"rank": acc.process_index}
     speed = None
     if cfg.eval.speed:
         with timings.stage("speed"):
