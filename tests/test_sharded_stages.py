@@ -21,8 +21,13 @@ from test_distributed import _torchrun  # noqa: E402
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> tuple[dict, dict, Path]:
     """Both ranks' results of one two-process launch, and its directory."""
+    import socket
+
     where = tmp_path_factory.mktemp("sharded")
-    res = _torchrun(29531, [str(HERE / "sharded_worker.py"), str(where)])
+    with socket.socket() as s:  # a free port: a fixed one collides with the same test run elsewhere on the machine
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    res = _torchrun(port, [str(HERE / "sharded_worker.py"), str(where)])
     assert res.returncode == 0, res.stderr[-3000:]
     return *(json.loads((where / f"rank{r}.json").read_text()) for r in (0, 1)), where
 
