@@ -15,6 +15,7 @@ from llm_streamline.models.loading import tiny_model
 from llm_streamline.models.tiny_tokenizer import tiny_tokenizer
 
 TASKS, LIMIT = ["piqa", "arc_easy"], 5  # odd: the ranks score 3 and 2 documents (lm-eval pads the second)
+SHOTS = {"piqa": 1}  # examples drawn at random: that call is rank 0's alone; ARC-Easy's (zero-shot) is shared
 
 
 def problem() -> tuple[torch.nn.Module, object, torch.Tensor]:
@@ -55,16 +56,24 @@ def perplexities(accelerator=None) -> dict:
 
 
 def lm_eval_scores(out: Path | None, accelerator=None) -> dict | None:
-    """Stock HFLM scoring of TASKS; rank 0 (or one process) also writes lm-eval's own files under `out`."""
+    """Stock HFLM scoring of TASKS; rank 0 (or one process) also writes lm-eval's own files under `out`. Every
+    rank says how many lm-eval calls it took part in."""
+    import lm_eval
+
     from llm_streamline.evaluate import harness
 
     model, tok, _ = problem()
-    res = harness.run_lm_eval(model, tok, TASKS, LIMIT, 4, accelerator=accelerator)
+    calls: list = []
+    inner = counting(lm_eval, "simple_evaluate", calls)
+    try:
+        res = harness.run_lm_eval(model, tok, TASKS, LIMIT, 4, num_fewshot=SHOTS, accelerator=accelerator)
+    finally:
+        lm_eval.simple_evaluate = inner
     if res is None:
-        return None
+        return {"calls": len(calls)}
     if out is not None:
         harness.write_lm_eval_files(res.lm_eval, out, "tiny")
-    return {"metrics": res.metrics, "samples": res.samples, "n_samples": res.n_samples}
+    return {"metrics": res.metrics, "samples": res.samples, "n_samples": res.n_samples, "calls": len(calls)}
 
 
 def baselines(accelerator=None) -> dict:

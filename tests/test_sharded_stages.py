@@ -48,9 +48,10 @@ def test_perplexity_and_block_perplexities_shared_by_two_ranks_match_one_process
 
 def test_lm_eval_scoring_shared_by_two_ranks_matches_one_process(ranks, tmp_path):
     r0, r1, where = ranks
-    assert r1["lm_eval"] is None  # rank 0 gathers and records
+    assert r1["lm_eval"] == {"calls": 1}  # rank 0 gathers and records; the few-shot call is rank 0's alone
     one = sharded_worker.lm_eval_scores(tmp_path)
     shared = r0["lm_eval"]
+    assert shared.pop("calls") == one.pop("calls") == 2
     assert shared["metrics"] == one["metrics"]  # every metric and stderr, to the digit
     assert shared["n_samples"] == one["n_samples"]
     assert len(shared["samples"]) == len(one["samples"]) == 2 * sharded_worker.LIMIT
@@ -106,3 +107,18 @@ def test_eval_mode_shared_by_two_ranks_records_what_one_process_records(ranks, t
             for d in (where / "eval_mode", tmp_path / "one")]
     assert [(r["task"], r["doc_id"], r["correct"]) for r in rows[0]] == \
            [(r["task"], r["doc_id"], r["correct"]) for r in rows[1]] and rows[1]
+
+
+def test_a_call_is_shared_only_where_each_rank_gets_one_process_items():
+    """lm-eval draws a task's few-shot examples per rank from one seed (a document would get other examples than in
+    one process) and refuses a rank without documents: such calls are scored by rank 0 alone; a first-n sampler
+    (MMLU's) takes the same examples wherever the document is scored."""
+    from llm_streamline.evaluate.harness import _shardable
+    from llm_streamline.evaluate.tasks import build_tasks, leaf_tasks
+
+    built = leaf_tasks(build_tasks(["piqa", "mmlu_anatomy"], offline=True))
+    piqa, mmlu = {"piqa": built["piqa"]}, {"mmlu_anatomy": built["mmlu_anatomy"]}
+    assert _shardable(piqa, 5, None, 2) and _shardable(piqa, None, 0, 8)
+    assert not _shardable(piqa, 5, 1, 2)  # random few-shot examples
+    assert _shardable(mmlu, 5, 5, 2)  # first-n few-shot examples
+    assert not _shardable(piqa, 1, None, 2)  # one document, two ranks
