@@ -149,8 +149,10 @@ def main() -> None:
     try:
         _app()
     except KeyboardInterrupt as e:  # outside a job: during composition or between a sweep's jobs
-        errors.fail("interrupted; finished stages are kept", errors.interrupt_code(e))
+        errors.fail(*errors.job_failure(e, None, None))
     except Exception as e:
+        if errors.interrupting_signal() is not None:  # an error the interrupt caused: see `job_failure`
+            errors.fail(*errors.job_failure(e, None, None))
         if full_error:  # the user asked for the traceback on the console
             raise
         line = errors.hydra_error_line(e)

@@ -51,25 +51,35 @@ class HungUp(KeyboardInterrupt):
 
 
 def raise_terminated(signum, frame) -> None:
-    _interrupted_once()
+    _interrupted_once(signum)
     raise Terminated()
 
 
 def raise_hung_up(signum, frame) -> None:
-    _interrupted_once()
+    _interrupted_once(signum)
     raise HungUp()
 
 
 def raise_interrupted(signum, frame) -> None:
-    _interrupted_once()
+    _interrupted_once(signum)
     raise KeyboardInterrupt()
 
 
-def _interrupted_once() -> None:
+_received: list[int] = []  # the signal that interrupted this process (at most one: see `_interrupted_once`)
+
+
+def interrupting_signal() -> int | None:
+    """The SIGINT/SIGTERM/SIGHUP that interrupted this run, or None."""
+    return _received[0] if _received else None
+
+
+def _interrupted_once(signum: int) -> None:
     """After the first SIGINT/SIGTERM/SIGHUP the cleanup runs (temporary files removed, W&B finished); a second
     one (Ctrl-C twice) must not land inside it as a traceback: it ends the process at once, with one line.
     What the cleanup had left to remove is named like every killed run's leftovers (see `stages`)."""
     import signal
+
+    _received.append(signum)
 
     def again(signum, frame):
         os.write(2, b"llm-streamline: error: interrupted again; exiting now without cleanup (finished stages are "
@@ -84,11 +94,20 @@ def ignore_signals_at_exit() -> None:
     """Registered by `llm-streamline` before anything else, so it runs last of the exit handlers (after W&B's,
     which a second Ctrl-C may still cut short): the interpreter's teardown then resets Python-level handlers to
     the default, under which a late second Ctrl-C killed the process by SIGINT (exit -2) instead of letting it
-    end with its code (130); an ignored signal stays ignored through the teardown."""
+    end with its code (130); an ignored signal stays ignored through the teardown.
+
+    It also keeps the exit code ours after an interrupt. CPython marks a KeyboardInterrupt that propagates out
+    of code run from a *string* (`exec(str)`, which dataclasses and namedtuple use to build their methods: an
+    interrupt while a module defines one) as unhandled at top level, although we catch it and exit with 130;
+    under `python -m` the interpreter then ends by killing itself with SIGINT (exit -2, CPython 3.10-3.13's
+    `exit_sigint`), 1 run in ~7 of `Ctrl-C twice` under load. Running a string resets that mark first thing,
+    so an empty one clears it (the exit code is already decided: every interrupt ends in `fail`)."""
     import signal
 
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
+    if _received:
+        exec("")  # clears CPython's unhandled-KeyboardInterrupt mark, see above
 
 
 def interrupt_code(e: KeyboardInterrupt) -> int:
@@ -250,10 +269,15 @@ def internal_error(e: BaseException, out_dir: Path | None) -> str:
 def job_failure(e: BaseException, cfg: RunConfig | None, out_dir: Path | None) -> tuple[str, int]:
     """The one line and the exit code of an exception a job raised (`cfg`: None if composing it failed;
     `out_dir`: None before there is a run directory)."""
-    if isinstance(e, KeyboardInterrupt):  # before the imports below: a signal landing inside `import torch`
-        # leaves it half-initialised, and importing it again would raise instead of naming the interrupt
+    signum = interrupting_signal()
+    if isinstance(e, KeyboardInterrupt) or signum is not None:  # before the imports below: a signal landing
+        # inside `import torch` leaves it half-initialised, and importing it again would raise instead of naming
+        # the interrupt. Any error after an interrupt is its consequence: a library's cleanup that fails on its
+        # half-built state as the KeyboardInterrupt unwinds it replaces it (omegaconf's flag_override raised an
+        # AttributeError: exit 3, an internal error, for a Ctrl-C during composition)
         stage = getattr(e, "stage", None)
-        return f"interrupted{f' during stage {stage}' if stage else ''}; finished stages are kept", interrupt_code(e)
+        code = interrupt_code(e) if isinstance(e, KeyboardInterrupt) else 128 + signum
+        return f"interrupted{f' during stage {stage}' if stage else ''}; finished stages are kept", code
     # imported here, when a job has failed: `--help` and Hydra's composition errors need no torch
     from llm_streamline.assets import AssetError
     from llm_streamline.data import HubUnavailable

@@ -197,6 +197,44 @@ def test_an_interrupt_inside_an_import_is_named_without_importing_again(tmp_path
     assert e.value.code == 129 and bar.disable
 
 
+
+INTERRUPT_INSIDE = """
+import os, signal, sys
+import llm_streamline.cli as cli
+
+what, where = sys.argv[1:3]
+
+def interrupted(*args):  # Ctrl-C lands in code run from a string, as in a dataclass's generated __init__
+    try:
+        exec("os.kill(os.getpid(), signal.SIGINT)\\nfor _ in range(10 ** 8): pass")
+    finally:
+        if what == "a cleanup that fails":  # a library's cleanup on its half-built state (omegaconf)
+            None.invalidate_flags_cache()
+    return wrapped(*args)
+
+name = {"composing": "_app", "in the job": "to_run_config"}[where]
+wrapped = getattr(cli, name)
+setattr(cli, name, interrupted)
+sys.argv = ["llm-streamline", *sys.argv[3:]]
+cli.main()
+"""
+
+
+@pytest.mark.parametrize("where", ["composing", "in the job"])
+@pytest.mark.parametrize("what", ["exec'd code", "a cleanup that fails"])
+def test_an_interrupt_inside_code_run_from_a_string_or_a_failing_cleanup_exits_130(what, where, tmp_path):
+    """The flaky `Ctrl-C twice` (1 in ~7 under load): under `python -m`, a KeyboardInterrupt that left code run
+    from a string made CPython kill the process by SIGINT at exit (-2) after our line and SystemExit(130); an
+    error raised by a cleanup as the interrupt unwound (omegaconf) was reported as an internal error (3)."""
+    (tmp_path / "interrupt_inside.py").write_text(INTERRUPT_INSIDE)
+    env = dict(os.environ, WANDB_MODE="disabled", OMP_NUM_THREADS="1", LLM_STREAMLINE_STAGES=str(tmp_path / "st"))
+    env.pop("HYDRA_FULL_ERROR", None)
+    res = subprocess.run([sys.executable, "-m", "interrupt_inside", what, where, "experiment=smoke",
+                          f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 130, res.stderr[-2000:]
+    assert res.stderr.strip().splitlines() == ["llm-streamline: error: interrupted; finished stages are kept"]
+
 # ------------------------------------------------------------------------------------- internal errors: exit 3
 INJECT = """
 import sys
