@@ -137,14 +137,24 @@ def test_two_process_mse_training_with_online_pairs_keeps_ranks_identical(tmp_pa
     assert (out / "results.json").exists()
 
 
-def test_two_process_sleb_with_lora_healing_keeps_ranks_identical(tmp_path):
+SLEB_LORA = ["-m", "llm_streamline", "experiment=smoke", "method=sleb", "method.heal=lora", "train.batch_size=2",
+             "train.max_steps=2", "data.train_samples=8"]
+
+
+@pytest.fixture(scope="module")
+def sleb_lora_run(tmp_path_factory) -> Path:
+    """The run directory of SLEB with LoRA healing by two ranks, each a whole replica (shared by two tests)."""
+    tmp = tmp_path_factory.mktemp("sleb_lora")
+    out = tmp / "run"
+    res = _torchrun(29523, [*SLEB_LORA, f"hydra.run.dir={out}"], stages=tmp / "stages")
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out
+
+
+def test_two_process_sleb_with_lora_healing_keeps_ranks_identical(sleb_lora_run):
     """method=sleb method.heal=lora: the ranks share SLEB's search and the LoRA healing; both remove the same
     layers and end with the same adapters; the main rank evaluates and records."""
-    out = tmp_path / "run"
-    res = _torchrun(29523, ["-m", "llm_streamline", "experiment=smoke", "method=sleb", "method.heal=lora",
-                            "train.batch_size=2", "train.max_steps=2", "data.train_samples=8",
-                            f"hydra.run.dir={out}"], stages=tmp_path / "stages")
-    assert res.returncode == 0, res.stderr[-3000:]
+    out = sleb_lora_run
     c0, c1 = (json.loads((out / f"rank{r}_choice.json").read_text()) for r in (0, 1))
     assert c0 == c1 and len(c0["removed"]) == 2
     a0, a1 = (json.loads((out / f"rank{r}_adapters.json").read_text()) for r in (0, 1))
@@ -154,6 +164,34 @@ def test_two_process_sleb_with_lora_healing_keeps_ranks_identical(tmp_path):
     assert rec["layers"]["removed_indices"] == sorted(c0["removed"]) and rec["host"]["processes"] == 2
 
 
+def test_sharded_sleb_with_lora_healing_run_matches_the_replicas_run(tmp_path, sleb_lora_run):
+    """The same run with model.shard=fsdp over the same tiny model saved as safetensors (with its tokenizer): each
+    rank loads its rows; the profile, SLEB's search, LoRA healing, the evaluations and perplexities run on the
+    sharded model (every rank scoring every evaluation item in lockstep); the record is the replicas' run's."""
+    from llm_streamline.config import ModelConfig
+    from llm_streamline.models.loading import tiny_preset
+
+    model, tok = tiny_preset(ModelConfig(name="tiny", source="tiny", family="llama"), seed=0)  # experiment=smoke's
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    out = tmp_path / "run"
+    res = _torchrun(29531, [*SLEB_LORA, "model.source=local", f"model.name_or_path={tmp_path / 'model'}",
+                            "model.shard=fsdp", "eval.speed=false", "save=false", f"hydra.run.dir={out}"],
+                    stages=tmp_path / "stages")
+    assert res.returncode == 0, res.stderr[-3000:]
+    rec, ref = (json.loads((d / "results.json").read_text()) for d in (out, sleb_lora_run))
+    assert rec["host"]["sharded"] is True and ref["host"]["sharded"] is False
+    assert rec["layers"] == ref["layers"] and rec["similarity_profile"] == ref["similarity_profile"]
+    for side in ("dense", "pruned"):
+        assert rec["perplexity"][side] == pytest.approx(ref["perplexity"][side], rel=1e-9)
+    assert rec["eval"] == ref["eval"]
+    for task, row in ref["stability"]["tasks"].items():
+        assert rec["stability"]["tasks"][task] == pytest.approx(row)
+    a0, a1, a = (json.loads((d / f"rank{r}_adapters.json").read_text())
+                 for d, r in ((out, 0), (out, 1), (sleb_lora_run, 0)))
+    assert a0["sha256"] == a1["sha256"] == a["sha256"]  # the same adapters, bit for bit, as the replicas trained
+
+
 def test_what_several_processes_cannot_share_is_refused_in_one_line():
     """Under torchrun, what the ranks cannot share is refused before the model loads; every run shares at least its
     evaluations (a training-free replacement, ShortGPT)."""
@@ -161,7 +199,9 @@ def test_what_several_processes_cannot_share_is_refused_in_one_line():
 
     from llm_streamline.config import (
         ConfigError,
+        EvalConfig,
         GromovConfig,
+        LaCoConfig,
         MethodConfig,
         ModelConfig,
         ReplacementConfig,
@@ -176,7 +216,8 @@ def test_what_several_processes_cannot_share_is_refused_in_one_line():
     refused = {"train.teacher=cached": replace(base, train=TrainConfig(loss="mse", teacher="cached")),
                "model.device_map=auto": replace(base, model=ModelConfig(name="m", device_map="auto"),
                                                 train=TrainConfig(loss="lm")),
-               "model.shard=fsdp": replace(base, model=ModelConfig(name="m", shard="fsdp"), method=SLEBConfig()),
+               "model.shard=fsdp": replace(base, model=ModelConfig(name="m", shard="fsdp"), method=LaCoConfig()),
+               "eval.speed=true": replace(base, model=ModelConfig(name="m", shard="fsdp"), method=SLEBConfig()),
                "2 CUDA devices": replace(base, model=ModelConfig(name="m", device="cuda"),
                                          train=TrainConfig(loss="lm"))}
     if torch.cuda.device_count() >= 2:
@@ -190,6 +231,8 @@ def test_what_several_processes_cannot_share_is_refused_in_one_line():
                 replace(base, train=TrainConfig(teacher="cached"), method=MethodConfig(heal="lora"),  # train=lora
                         replacement=ReplacementConfig(type="none")),
                 replace(base, method=SLEBConfig()),
+                replace(base, model=ModelConfig(name="m", shard="fsdp"), method=GromovConfig(),
+                        eval=EvalConfig(speed=False), save=False),
                 replace(base, method=ShortGPTConfig()),
                 replace(base, replacement=ReplacementConfig(type="linear")),
                 replace(base, method=GromovConfig())):

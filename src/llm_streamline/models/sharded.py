@@ -122,6 +122,16 @@ def _tensor_files(directory: Path) -> dict[str, Path]:
     return out
 
 
+def load_tokenizer(cfg: ModelConfig):
+    """The tokenizer beside the checkpoint `cfg` names (a pad token set where it has none, as `load_model` does)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(checkpoint_dir(cfg)), trust_remote_code=cfg.trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
 def shard_rows(rows: int, world: int, rank: int) -> tuple[int, int]:
     """[a, b): the rows of a dim-0 length `rows` that FSDP2 gives `rank` of `world` (torch.chunk's split: ceil(rows
     / world) each, the last ranks fewer or none)."""

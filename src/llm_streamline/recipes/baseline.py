@@ -129,7 +129,10 @@ def compress(ctx: Run, profile: SimilarityProfile, n: int, target_removed: int) 
 
         chosen = broadcast_object_list([chosen])[0]
     torch.manual_seed(cfg.seed)
-    bres = apply_method(cfg, share_weights(ctx.model), ctx.blocks.calib, profile, n, chosen=chosen,
+    # sharded weights: the dense model itself (a shard cannot be shared by a copy; nothing reads the dense model
+    # after this: check_sharded refuses the speed comparison)
+    model = ctx.model if ctx.sharded else share_weights(ctx.model)
+    bres = apply_method(cfg, model, ctx.blocks.calib, profile, n, chosen=chosen,
                         target_removed=target_removed, accelerator=ctx.accelerator)
     if chooser and chosen is None and ctx.is_main:
         stages.write_sealed_json(choice_path, choice_key, bres.record)

@@ -47,7 +47,7 @@ from llm_streamline.models.layers import DecoderStack, count_params, find_decode
 from llm_streamline.models.loading import load_model
 from llm_streamline.parallel import world_size
 from llm_streamline.plots import plot_profile
-from llm_streamline.precision import resolve_dtype
+from llm_streamline.precision import resolve_dtype, torch_dtype
 from llm_streamline.replace import replacement_param_count
 from llm_streamline.tracking import Tracker, run_name, run_tags
 from llm_streamline.train import train_lora
@@ -228,6 +228,7 @@ class Run:
     blocks: TokenBlocks | None = None
     dense_params: int = 0
     layer_params: list[int] = field(default_factory=list)  # the dense model's, per decoder layer
+    sharded: bool = False           # torchrun with model.shard resolved to fsdp (`plan.layout`): FSDP2 weights
 
     @property
     def is_main(self) -> bool:
@@ -239,6 +240,7 @@ def check_before_loading(cfg: RunConfig, out_dir: Path) -> None:
     """What can be refused without the model's weights: the device, lengths against the model's positions
     (its config only), the tasks, and that the run directory and the stage cache can be written."""
     preflight.check_run(cfg)
+    check_sharded(cfg, world_size())  # before a baseline's recipe sets replacement=linear aside
     plan.check(cfg, out_dir)  # the run's cost from its config on the meta device: refused if it cannot fit
     check_tasks(list(cfg.eval.tasks), cfg.eval.offline, cfg.eval.include_path)
     check_fewshot(dict(cfg.eval.num_fewshot), list(cfg.eval.tasks))
@@ -256,12 +258,13 @@ def start_run(cfg: RunConfig, out_dir: Path) -> Run:
     # on the earlier splits stays valid when only the later sizes change
     calib_key = {k: v for k, v in data_key.items() if k != "train_samples"}
     accelerator = data_parallel_accelerator(cfg)
+    sharded = accelerator is not None and cfg.mode == "run" and plan.layout(cfg) == "fsdp"
     is_main = accelerator is None or accelerator.is_main_process
     wandb_cfg = cfg.wandb if is_main else replace(cfg.wandb, mode="disabled")
     tracker = Tracker(wandb_cfg, out_dir, config=asdict(cfg), job_type="run", tags=run_tags(cfg),
                       name=run_name(cfg))
     return Run(cfg, out_dir, timings, tracker, accelerator, model_identity(cfg), data_key, calib_key,
-               eval_identity(cfg))
+               eval_identity(cfg), sharded=sharded)
 
 
 # How long a data-parallel rank may wait in a collective: the other ranks wait there while the main one
@@ -274,8 +277,8 @@ def check_data_parallel(cfg: RunConfig, world: int) -> None:
     scoring, SLEB's, LaCo's and LLM-Pruner's scoring (calibration batches or candidates sharded), LoRA healing,
     training a replacement with the LM, distillation or MSE loss (batches sharded, gradients all-reduced) and the
     dense and pruned evaluations (lm-eval's items and the perplexity's batches sharded), which every run has.
-    What cannot be shared is refused in one line (cached teacher shards, device_map, too few cards), and so is a
-    sharded layout (`model.shard`, `plan.layout`): the recipes do not run sharded yet."""
+    What cannot be shared is refused in one line (cached teacher shards, device_map, too few cards), and so is what
+    does not run on sharded weights yet (`check_sharded`)."""
     if world <= 1:
         return
     if cfg.model.device_map:
@@ -286,13 +289,7 @@ def check_data_parallel(cfg: RunConfig, world: int) -> None:
     if cfg.model.device.startswith("cuda") and torch.cuda.device_count() < local:
         raise ConfigError(f"{local} processes on this node need {local} CUDA devices (one each, cuda:LOCAL_RANK), "
                           f"{torch.cuda.device_count()} present: lower torchrun's --nproc_per_node")
-    layout = plan.layout(replace(cfg, plan=replace(cfg.plan, processes=world)))
-    if layout == "fsdp":
-        why = " (auto: a whole replica does not fit one card)" if cfg.model.shard == "auto" else ""
-        raise ConfigError(f"model.shard={cfg.model.shard}{why} with {world} processes: sharded weights (FSDP2, "
-                          "models.sharded) run the similarity profile, SLEB's search and LoRA healing, but the "
-                          "evaluations, the speed comparison, saving and replacement training do not run sharded "
-                          "yet; run it in one process with model.device_map=auto")
+    check_sharded(cfg, world)
     t, m, r = cfg.train, cfg.method, cfg.replacement
     trains = r.type in ("ffn", "swiglu", "layer", "layers") or (r.type == "linear_patch" and r.finetune)
     # teacher pairs: only a run (mode=eval trains nothing) that trains a replacement (healing has none)
@@ -300,6 +297,35 @@ def check_data_parallel(cfg: RunConfig, world: int) -> None:
             and t.teacher == "cached"):
         raise ConfigError(f"train.teacher=cached with {world} processes: the cached shards are written by one "
                           "process; use train.teacher=online (each rank computes its own batches' pairs)")
+
+
+SHARDED_METHODS = ("sleb", "gromov", "shortgpt")  # what the recipes run with sharded weights (model.shard=fsdp)
+
+
+def check_sharded(cfg: RunConfig, world: int) -> None:
+    """A run whose layout resolves to fsdp (`plan.layout`) runs the baselines that remove whole layers, with or
+    without LoRA healing: the profile, SLEB's search, LoRA, the evaluations and perplexities on the sharded model
+    (`models.sharded`). What does not run sharded yet is refused in one line: LLM-Streamline's replacement (the
+    recipe copies the model for the pruned one and builds the slot from its layers), LaCo and LLM-Pruner (they
+    rewrite weights of a copy), a linear map, the speed comparison and saving (no sharded writer)."""
+    if cfg.mode != "run":  # llm-streamline-eval loads a whole checkpoint on every rank
+        if world > 1 and cfg.model.shard == "fsdp":
+            raise ConfigError(f"model.shard=fsdp with {world} processes: mode=eval loads a whole copy of the "
+                              "checkpoint on every rank (not sharded); set model.shard=none")
+        return
+    if plan.layout(replace(cfg, plan=replace(cfg.plan, processes=world))) != "fsdp":
+        return
+    why = " (auto: a whole replica does not fit one card)" if cfg.model.shard == "auto" else ""
+    head = f"model.shard={cfg.model.shard}{why} with {world} processes"
+    if cfg.method.name not in SHARDED_METHODS:
+        raise ConfigError(f"{head}: method={cfg.method.name} does not run on sharded weights yet (only "
+                          f"{', '.join(SHARDED_METHODS)}, with or without method.heal=lora); run it in one process "
+                          "with model.device_map=auto")
+    for bad, fix in ((cfg.replacement.type == "linear", "replacement=linear: set replacement=none"),
+                     (cfg.eval.speed, "eval.speed=true: set eval.speed=false"),
+                     (cfg.save, "save=true: the sharded model has no writer yet; set save=false")):
+        if bad:
+            raise ConfigError(f"{head}: {fix}")
 
 
 def train_identity(t: TrainConfig) -> dict:
@@ -345,7 +371,14 @@ def load_dense_model(ctx: Run) -> None:
     mcfg = ctx.cfg.model
     if ctx.accelerator is not None and mcfg.device != "cpu":  # each data-parallel rank on its own card
         mcfg = replace(mcfg, device=str(ctx.accelerator.device))
-    ctx.model, ctx.tok = load_model(mcfg, seed=ctx.cfg.seed)
+    if ctx.sharded:  # each rank reads its rows of every parameter, never a whole copy
+        from llm_streamline.models.sharded import load_sharded, load_tokenizer
+
+        ctx.model = load_sharded(mcfg, torch_dtype(mcfg.dtype, mcfg.device), ctx.accelerator.device,
+                                 ctx.accelerator.num_processes, ctx.accelerator.process_index)
+        ctx.tok = load_tokenizer(mcfg)
+    else:
+        ctx.model, ctx.tok = load_model(mcfg, seed=ctx.cfg.seed)
     ctx.stack = find_decoder_stack(ctx.model)
     ctx.dense_params = count_params(ctx.model)
     ctx.layer_params = [count_params(layer) for layer in ctx.stack.layers]
@@ -385,6 +418,9 @@ def release_dense(ctx: Run, pruned: nn.Module) -> None:
     import gc
 
     if ctx.model is None:
+        return
+    if ctx.model is pruned:  # sharded weights: the baseline compressed the dense model in place (no copy)
+        ctx.model = ctx.stack = None
         return
     kept = {(t.device, t.untyped_storage().data_ptr()) for t in (*pruned.parameters(), *pruned.buffers())}
     only_dense = {(t.device, t.untyped_storage().data_ptr()): t.untyped_storage().nbytes()
@@ -440,11 +476,21 @@ def shared_cached_json(ctx: Run, key: str, compute, everyone: bool = True) -> tu
 def evaluate_suite(model, tok, cfg: RunConfig, stage: str, probe_ids: torch.Tensor,
                    context_nll: bool = True, accelerator=None) -> dict | None:
     """lm-eval on the suite; a NaN/inf log-likelihood stops the run here, before it is cached. Under torchrun
-    (`accelerator`) the items are shared by the ranks and the main rank gets them all; the others get None."""
-    res = run_lm_eval(model, tok, list(cfg.eval.tasks), cfg.eval.limit, cfg.eval.batch_size,
-                      offline=cfg.eval.offline, scorer=cfg.eval.scorer, task_limits=dict(cfg.eval.task_limits),
-                      context_nll=context_nll, num_fewshot=dict(cfg.eval.num_fewshot),
-                      include_path=cfg.eval.include_path, accelerator=accelerator)
+    (`accelerator`) the items are shared by the ranks and the main rank gets them all; the others get None. A
+    sharded model's ranks each score every item instead (identical forwards in lockstep, which FSDP needs; no
+    speed-up: one card's time)."""
+    from unittest import mock
+
+    from llm_streamline.models.sharded import is_sharded
+
+    sharded = is_sharded(model)
+    # lm-eval returns its results only where LOCAL_RANK is 0 (its rule for tensor-parallel torchrun jobs): every
+    # rank of a sharded model is a whole scorer here
+    with mock.patch.dict(os.environ, {"LOCAL_RANK": "0"}) if sharded else contextlib.nullcontext():
+        res = run_lm_eval(model, tok, list(cfg.eval.tasks), cfg.eval.limit, cfg.eval.batch_size,
+                          offline=cfg.eval.offline, scorer=cfg.eval.scorer, task_limits=dict(cfg.eval.task_limits),
+                          context_nll=context_nll, num_fewshot=dict(cfg.eval.num_fewshot),
+                          include_path=cfg.eval.include_path, accelerator=None if sharded else accelerator)
     if res is None:
         return None
     faults.check_loglikelihoods(res.samples, stage, model, probe_ids)
@@ -729,7 +775,8 @@ def results_record(ctx: Run, profile: SimilarityProfile, block_ppl: list | None,
         "checkpoint": checkpoint,
         "cache": {"dense_eval_reused": dense.reused},
         "host": {"python": platform.python_version(), "torch": torch.__version__,
-                 "processes": world_size()},  # torchrun data-parallel processes (1: one process)
+                 "processes": world_size(),  # torchrun data-parallel processes (1: one process)
+                 "sharded": ctx.sharded},  # the weights sharded over them (model.shard: FSDP2)
     }
 
 
