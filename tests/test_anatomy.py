@@ -91,3 +91,48 @@ def test_swiglu_slot_computes_the_layers_own_mlp_path(family):
         got = layer(x, **kw)
         got = got[0] if isinstance(got, tuple) else got
         torch.testing.assert_close(slot(x, **kw), got, rtol=0, atol=1e-6)
+
+
+def seven_b_without_weights(family: str):
+    """`family` at a 7B-like shape, built from its config on the meta device as the plan and the checks before
+    loading build a hub preset (`preflight.meta_model`): shapes only, no weights."""
+    model_type, kwargs = TINY_CONFIGS[family]
+    shape = {"opt": dict(ffn_dim=16384, word_embed_proj_dim=4096), "gptneox": dict(intermediate_size=16384)}.get(
+        family, dict(intermediate_size=11008, num_key_value_heads=8, head_dim=128))
+    config = AutoConfig.for_model(model_type, **{**kwargs, **SPECIAL, **shape, "vocab_size": 32000,
+                                                 "hidden_size": 4096, "num_attention_heads": 32,
+                                                 "num_hidden_layers": 32})
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+
+
+@pytest.fixture(scope="module")
+def mlp_replacement_runs():
+    """Runs that remove 8 layers net from layer 20 with an MLP replacement: swiglu and a pre-norm FFN."""
+    from test_pipeline import compose_run
+
+    return [compose_run("experiment=smoke", f"replacement={preset}", "sparsity.count=net", "sparsity.layers=8",
+                        "sparsity.start=20") for preset in ("swiglu", "ffn_prenorm")]
+
+
+@pytest.mark.parametrize("family", list(TINY_CONFIGS))
+def test_a_model_without_weights_is_probed_and_its_mlp_replacements_sized_from_its_shapes(family,
+                                                                                          mlp_replacement_runs):
+    """On the meta device transformers' mask code asked the data `.item()`: the probe failed for every family but
+    OPT, and with it `check_block` for replacement=swiglu or a pre-norm FFN with sparsity.count=net on a hub
+    preset. The anatomy is the one found with weights, the model's attention implementation is left as it was,
+    and the block is sized with the parameters of the replacement the run builds."""
+    from llm_streamline import preflight
+    from llm_streamline.models.layers import count_params
+
+    model = seven_b_without_weights(family)
+    implementation = model.config._attn_implementation
+    anatomy = anatomy_of(model, 3)
+    assert vars(anatomy) == EXPECTED[family] and model.config._attn_implementation == implementation
+    stack = find_decoder_stack(model)
+    for cfg in mlp_replacement_runs:
+        [slot] = build_replacement(cfg.replacement, [stack.layers[0]], stack.config, anatomy=anatomy)
+        params = replacement_param_count(cfg.replacement, model)
+        assert params == count_params(slot) > 90e6  # an MLP of a 7B model, in both forms
+        preflight.check_block(cfg, model)
+        assert preflight.run_block_size(cfg, model) == 8 + round(params / count_params(stack.layers[0]))

@@ -133,6 +133,8 @@ def test_block_and_replacement_are_sized_as_the_run_sizes_them(no_weights):
     p = plan.make_plan(_on(plan.compose(["replacement=linear_patch", "replacement.finetune=true", "train=distill",
                                           "sparsity=net8"])))
     assert p.n == 8 and p.shapes.replacement_params == 576 * 576
+    p = plan.make_plan(_on(plan.compose(["replacement=swiglu", "sparsity=net8"])))  # the anatomy probed on meta
+    assert p.n == 9 and p.shapes.replacement_params == 3 * 576 * 1536 + 576  # the MLP and its norm (was: no norm)
     for overrides, n in ((["replacement=layer", "sparsity=net8"], 9), (["replacement=ffn", "sparsity=net8"], 9),
                          (["replacement=linear", "sparsity=net8"], 8), (["method=sleb"], 8)):
         p = plan.make_plan(_on(plan.compose(overrides)))

@@ -58,7 +58,7 @@ from llm_streamline.config import ConfigError, PlanConfig, RunConfig, infer_batc
 from llm_streamline.importance import PPL_IMPORTANCE_BLOCKS
 from llm_streamline.parallel import world_size
 from llm_streamline.preflight import meta_model, model_config, run_block_size
-from llm_streamline.replace import needs_anatomy, replacement_param_count
+from llm_streamline.replace import replacement_param_count
 
 log = logging.getLogger("llm_streamline")
 GIB = 2**30
@@ -180,17 +180,13 @@ def _replacement_size(cfg: RunConfig, model: nn.Module, s: Shapes, inter: int) -
     r = cfg.replacement
     if cfg.method.name != "streamline" or r.type in ("none", "linear"):  # linear: fused into a kept layer's map
         return 0, 0
-    if needs_anatomy(r):  # swiglu / pre-norm FFN: the run probes a layer's anatomy, which a meta model cannot run
-        mlp = [m for name, m in model.named_modules() if name.endswith("mlp")]  # the first layer's MLP
-        size = sum(p.numel() for p in mlp[0].parameters()) if mlp else 3 * s.hidden * inter
-        return size, size
-    params = replacement_param_count(r, model)
+    params = replacement_param_count(r, model)  # swiglu / pre-norm FFN: the anatomy is probed on the meta model
     if r.type in ("layer", "layers"):
         return params, (1 if r.type == "layer" else r.num_layers) * s.layer_matmul[0]
     if r.type == "ffn":
         w = r.hidden_size or inter
         return params, 2 * s.hidden * w
-    return params, params  # linear_patch: one d x d matrix
+    return params, params  # linear_patch: one d x d matrix; swiglu: the MLP's maps (and a norm or two: d each)
 
 
 def _dtype(cfg: RunConfig) -> torch.dtype:

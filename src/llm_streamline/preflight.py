@@ -130,7 +130,7 @@ def skeleton(cfg: RunConfig, config: PretrainedConfig | None):
 def resolve_block_size(cfg: RunConfig, model, stack, extra: int | None = None) -> int:
     """n from `sparsity.layers` (plus the replacement's size in layers, rounded, with `sparsity.count=net`), or
     the n whose net parameter reduction is closest to `sparsity.target`. `extra`: the replacement's parameters
-    when already known (the plan's estimate on a meta model, where a layer's anatomy cannot be probed)."""
+    when already counted (`replace.replacement_param_count`: the plan has them)."""
     L = stack.num_layers
     s, r = cfg.sparsity, cfg.replacement
     min_n = r.num_layers if r.type == "layers" else 1

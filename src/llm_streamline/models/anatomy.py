@@ -21,6 +21,7 @@ class, so the anatomy of one is that of all.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -162,10 +163,33 @@ def probe_layer(layer: nn.Module, hidden: torch.Tensor, call_kwargs: dict) -> An
 
 def anatomy_of(model: nn.Module, index: int = 0, input_ids: torch.Tensor | None = None) -> Anatomy:
     """`probe_layer` for decoder layer `index` of `model`, called as the model calls it on `input_ids` (by default
-    a few token ids: which module feeds which does not depend on the tokens)."""
+    a few token ids: which module feeds which does not depend on the tokens). A model without weights (the meta
+    device: the plan, the checks before loading) is probed on shapes alone (`_shapes_only`)."""
     stack = find_decoder_stack(model)
     if input_ids is None:
         device = input_device(model)
         input_ids = (torch.arange(8, device=device) % stack.config.vocab_size).unsqueeze(0)
-    cap = run_layers(model, input_ids, inputs_at=(index,), kwargs_at=(index,), stack=stack)
+    with _shapes_only(model, input_ids) as mask:
+        cap = run_layers(model, input_ids, mask, inputs_at=(index,), kwargs_at=(index,), stack=stack)
     return probe_layer(stack.layers[index], cap.inputs[index], cap.call_kwargs[index])
+
+
+@contextmanager
+def _shapes_only(model: nn.Module, input_ids: torch.Tensor):
+    """The attention mask to probe `model` with: None for a model with weights. On the meta device the forward
+    runs on shapes, but transformers' mask code asks the data two questions with `.item()`, which a meta tensor
+    cannot answer: whether the batch packs several sequences (asked when no mask is given) and whether SDPA may
+    skip the causal mask. An explicit all-ones mask and eager attention ask neither (seen on all nine families:
+    'Tensor.item() cannot be called on meta tensors'); the modules called, and so the anatomy, are the same under
+    any attention implementation. The model's own implementation is restored afterwards."""
+    first = next(model.parameters(), None)
+    switch = getattr(model, "set_attn_implementation", None)
+    if first is None or not first.is_meta or switch is None:
+        yield None
+        return
+    before = model.config._attn_implementation
+    switch("eager")
+    try:
+        yield torch.ones_like(input_ids)
+    finally:
+        switch(before)
