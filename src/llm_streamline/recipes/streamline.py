@@ -32,6 +32,7 @@ from llm_streamline.models.anatomy import anatomy_of
 from llm_streamline.models.checkpoints import save_checkpoint
 from llm_streamline.models.layers import find_decoder_stack, remove_block, run_layers, share_weights
 from llm_streamline.models.loading import source_dir
+from llm_streamline.precision import compute_dtype
 from llm_streamline.preflight import resolve_block_size
 from llm_streamline.recipes.common import (
     Compressed,
@@ -148,12 +149,20 @@ def replace_block(ctx: Run, start: int, n: int) -> Compressed:
     cfg, model = ctx.cfg, ctx.model
     probe = run_layers(model, ctx.blocks.calib[:1], outputs_at=(start,), stack=ctx.stack)
     anatomy = anatomy_of(model, start, ctx.blocks.calib[:1]) if needs_anatomy(cfg.replacement) else None
-    pruned = share_weights(model)
+    # sharded weights: the dense model itself, its block removed once the replacement is trained (the MSE's online
+    # teacher reads it until then; check_sharded refuses what needs both models at once); the slot is replicated,
+    # built from the block's layers read whole from the checkpoint (a shard cannot be deep-copied)
+    pruned = model if ctx.sharded else share_weights(model)
     pstack = find_decoder_stack(pruned)
+    block_layers = list(pstack.layers[start:start + n])
+    if ctx.sharded and cfg.replacement.type != "none":
+        from llm_streamline.models.sharded import load_layers
+
+        block_layers = load_layers(ctx.cfg.model, compute_dtype(model), ctx.accelerator.device,
+                                   list(range(start, start + n)))
     # seeded here, not earlier: a cached or skipped stage before this point must not change the init
     torch.manual_seed(cfg.seed)
-    slot = build_replacement(cfg.replacement, list(pstack.layers[start:start + n]), pstack.config,
-                             probe.output_is_tuple, anatomy)
+    slot = build_replacement(cfg.replacement, block_layers, pstack.config, probe.output_is_tuple, anatomy)
     train_log, block = None, None  # `block` is set once the block is out of `pruned`
     train_key = stages.stage_key("train", model=ctx.model_id, data=ctx.data_key, start=start, n=n,
                                  replacement=asdict(cfg.replacement), train=train_identity(trained_with(cfg)),
