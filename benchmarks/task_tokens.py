@@ -2,7 +2,8 @@
 split, the items, options per item, distinct contexts per item, and the mean context / continuation tokens (the
 embedded SmolLM2 tokenizer), from lm-eval's own requests (no model runs).
 
-    python benchmarks/task_tokens.py piqa hellaswag winogrande arc_easy arc_challenge boolq openbookqa mmlu
+    python benchmarks/task_tokens.py piqa hellaswag winogrande arc_easy arc_challenge boolq openbookqa mmlu \
+        synthetic_cloze
 """
 
 from __future__ import annotations

