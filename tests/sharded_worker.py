@@ -102,6 +102,31 @@ def baselines(accelerator=None) -> dict:
     return out
 
 
+def fits(accelerator=None) -> dict:
+    """The training-free fits on layers [2, 4) of the tiny model (4 calibration batches of 2: 2 per rank):
+    ReplaceMe's least-squares map, LinearPatch's matrix, an ffn's and a layer's linear init (their weights)."""
+    import copy
+
+    from llm_streamline import linear_map
+    from llm_streamline.config import ReplacementConfig
+    from llm_streamline.models.layers import find_decoder_stack
+    from llm_streamline.replace import build_replacement
+
+    model, _, blocks = problem()
+    stack = find_decoder_stack(model)
+    t, log = linear_map.replaceme_map(model, blocks, 2, 2, ReplacementConfig(type="linear"), 2,
+                                      accelerator=accelerator)
+    p, plog = linear_map.linear_patch_matrix(model, blocks, 2, 2, 2, accelerator=accelerator)
+    out = {"replaceme": t.tolist(), "replaceme_log": log, "linear_patch": p.tolist(), "linear_patch_log": plog}
+    for kind, init in (("ffn", linear_map.init_ffn_linear), ("layer", linear_map.init_layer_linear)):
+        slot = build_replacement(ReplacementConfig(type=kind, init="linear"), list(copy.deepcopy(stack.layers[2:4])),
+                                 stack.config, True)[0]
+        # a ridge: 112 calibration tokens underdetermine the layer's 128-wide MLP output map (no unique solution)
+        out[f"{kind}_log"] = init(slot, model, blocks, 2, 2, 2, ridge=0.1, accelerator=accelerator)
+        out[kind] = {k: v.tolist() for k, v in slot.state_dict().items()}
+    return out
+
+
 def eval_mode(out: Path) -> dict:
     """`mode=eval` on the smoke preset's tiny model into `out` (under torchrun: its items and perplexity batches
     shared, the first rank records); what the recipe returned."""
@@ -118,5 +143,5 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     where = Path(sys.argv[1])
     out = {"ppl": perplexities(acc), "lm_eval": lm_eval_scores(where / "lm_eval", acc), "baselines": baselines(acc),
-           "eval_mode": eval_mode(where / "eval_mode")}
+           "fits": fits(acc), "eval_mode": eval_mode(where / "eval_mode")}
     (where / f"rank{acc.process_index}.json").write_text(json.dumps(out))

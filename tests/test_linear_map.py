@@ -311,7 +311,7 @@ def test_baseline_gets_one_fused_map_per_removed_run_each_equal_to_its_unfused_m
     model = make()
     calib = ids()
     r = ReplacementConfig(type="linear")
-    ctx = SimpleNamespace(model=model, blocks=SimpleNamespace(calib=calib), timings=Timings(),
+    ctx = SimpleNamespace(model=model, blocks=SimpleNamespace(calib=calib), timings=Timings(), accelerator=None,
                           cfg=SimpleNamespace(train=SimpleNamespace(batch_size=4), seed=0, mode="run",
                                               model=SimpleNamespace(infer_batch_size=None),
                                               method=SimpleNamespace(name="shortgpt")))

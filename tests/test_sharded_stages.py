@@ -1,7 +1,8 @@
 """The stages that shard their work over torchrun's ranks give one process's results (two CPU processes, gloo,
 one launch for the whole file): perplexity and block-by-perplexity scoring (float64 sums over the ranks),
 lm-eval's scoring (the items split over the ranks, gathered on rank 0: the same records and metrics), LaCo's
-similarities and LLM-Pruner's gradients (the same choices), and `mode=eval` through its recipe."""
+similarities and LLM-Pruner's gradients (the same choices), the training-free fits (float64 sums), and `mode=eval`
+through its recipe."""
 
 from __future__ import annotations
 
@@ -93,6 +94,26 @@ def test_laco_and_llm_pruner_shared_by_two_ranks_choose_what_one_process_chooses
     assert b0["laco"]["sha256"] == one["laco"]["sha256"]  # the same merged weights
     # the gradients summed over the ranks rank the units as one process: the same units cut, the same weights
     assert b0["llm_pruner"] == one["llm_pruner"]
+
+
+def test_linear_fits_shared_by_two_ranks_match_one_process(ranks):
+    """ReplaceMe's and the linear inits' normal equations and LinearPatch's scales: each rank sums its batches, the
+    float64 sums are added up over the ranks; every rank fits what one process fits."""
+    import numpy as np
+
+    r0, r1, _ = ranks
+    one = json.loads(json.dumps(sharded_worker.fits()))  # as the ranks wrote it
+    f0, f1 = r0["fits"], r1["fits"]
+    assert f0 == f1  # the same reduced sums, the same solutions on both ranks
+    for key in ("replaceme_log", "linear_patch_log", "ffn_log", "layer_log"):
+        for name, value in one[key].items():
+            assert f0[key][name] == (pytest.approx(value, rel=1e-9) if isinstance(value, float) else value), name
+    assert f0["replaceme_log"]["calibration_tokens"] == 7 * 16  # every rank's tokens counted once
+    for key in ("replaceme", "linear_patch"):
+        np.testing.assert_allclose(f0[key], one[key], rtol=0, atol=1e-9)
+    for kind in ("ffn", "layer"):
+        for name, value in one[kind].items():
+            np.testing.assert_allclose(f0[kind][name], value, rtol=0, atol=1e-5, err_msg=f"{kind}.{name}")
 
 
 def test_eval_mode_shared_by_two_ranks_records_what_one_process_records(ranks, tmp_path):

@@ -59,6 +59,8 @@ from llm_streamline.config import ConfigError, ReplacementConfig
 from llm_streamline.models.anatomy import anatomy_of
 from llm_streamline.models.devices import module_device, to_device
 from llm_streamline.models.layers import find_decoder_stack, run_layers
+from llm_streamline.models.sharded import is_sharded
+from llm_streamline.parallel import ranks, shares, sum_over_ranks
 
 
 class LinearMapError(ConfigError):
@@ -95,6 +97,25 @@ class Gram:
         self.xty += x.T @ y
         self.yty += (y * y).sum()
         self.rows += x.shape[0]
+
+    def reduce(self, accelerator) -> None:
+        """Under torchrun: every rank's sums added up (each rank added its own batches), in float64 on the sums'
+        device, so every rank solves the one-process system (up to the order of the additions). A rank with no
+        batch joins with zeros."""
+        if ranks(accelerator)[0] == 1:
+            return
+        import torch.distributed as dist
+
+        if self.xtx is None:
+            k, d_out = self.shape
+            dev = accelerator.device
+            self.xtx = torch.zeros(k, k, dtype=torch.float64, device=dev)
+            self.xty = torch.zeros(k, d_out, dtype=torch.float64, device=dev)
+            self.yty = torch.zeros((), dtype=torch.float64, device=dev)
+        rows = torch.tensor(float(self.rows), dtype=torch.float64, device=self.xtx.device)
+        for t in (self.xtx, self.xty, self.yty, rows):
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)  # in place: no second d x d copy
+        self.rows = int(rows.item())
 
     def _sums(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.xtx is None:
@@ -157,9 +178,15 @@ def through_rms_norm(r: torch.Tensor, s: torch.Tensor, steps: int = 60) -> torch
     return w / w.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-30)  # exactly rms 1 (a zero r: zero)
 
 
-def _batches(blocks: torch.Tensor, batch_size: int, desc: str) -> Iterator[torch.Tensor]:
-    for i in tqdm(range(0, len(blocks), batch_size), desc=desc, unit="batch", leave=False):
-        yield blocks[i:i + batch_size]
+def _batches(blocks: torch.Tensor, batch_size: int, desc: str, accelerator=None, model: nn.Module | None = None
+             ) -> Iterator[tuple[torch.Tensor, bool]]:
+    """(batch, counted) of the calibration blocks; under torchrun only this rank's (batch k on rank k mod P,
+    `parallel.shares`; a sharded `model` runs as many batches on every rank, a filler not counted)."""
+    count = -(-len(blocks) // batch_size)
+    lockstep = model is not None and is_sharded(model)
+    for k, counted in tqdm(shares(count, accelerator, lockstep), desc=desc, unit="batch", leave=False,
+                           disable=ranks(accelerator)[1] != 0):
+        yield blocks[k * batch_size:(k + 1) * batch_size], counted
 
 
 # ------------------------------------------------------------------------------------------------ ReplaceMe
@@ -221,25 +248,28 @@ def _boundary_rows(boundaries: list[_Boundary], ids: torch.Tensor) -> list[tuple
 
 
 def replaceme_map(model: nn.Module, blocks: torch.Tensor, start: int, n: int, cfg: ReplacementConfig,
-                  batch_size: int, seed: int = 0) -> tuple[torch.Tensor, dict]:
+                  batch_size: int, seed: int = 0, accelerator=None) -> tuple[torch.Tensor, dict]:
     """T (d x d, float64) for removing layers [start, start+n) of `model`, by `cfg.objective`, and a fit log
     (the calibration MSE / cosine distance of plain pruning and of the map)."""
-    return replaceme_maps(model, blocks, [(start, n)], cfg, batch_size, seed)[0]
+    return replaceme_maps(model, blocks, [(start, n)], cfg, batch_size, seed, accelerator)[0]
 
 
 def replaceme_maps(model: nn.Module, blocks: torch.Tensor, runs: list[tuple[int, int]], cfg: ReplacementConfig,
-                   batch_size: int, seed: int = 0) -> list[tuple[torch.Tensor, dict]]:
+                   batch_size: int, seed: int = 0, accelerator=None) -> list[tuple[torch.Tensor, dict]]:
     """`replaceme_map` for each removed run (start, n), every map estimated on the dense model's activations.
-    Least squares: one pass of the calibration blocks for all runs (`_boundary_rows`); the cosine objective
-    optimises each map over its own passes."""
+    Least squares: one pass of the calibration blocks for all runs (`_boundary_rows`), shared by torchrun's ranks
+    (`accelerator`: the sums added up over them, `Gram.reduce`); the cosine objective optimises each map over its
+    own passes, a sequence of Adam steps that every rank runs whole (the same seeded steps, the same map)."""
     boundaries = [_Boundary(model, start, n, cfg.first_token) for start, n in runs]
     if cfg.objective == "lstsq":
         grams = [Gram(b.out_map.out_features, b.out_map.out_features) for b in boundaries]
-        for ids in _batches(blocks, batch_size, "ReplaceMe: X^T X, X^T Y"):
+        for ids, counted in _batches(blocks, batch_size, "ReplaceMe: X^T X, X^T Y", accelerator, model):
             for gram, (m, z, y) in zip(grams, _boundary_rows(boundaries, ids)):
-                gram.add(m, y - z)
+                if counted:
+                    gram.add(m, y - z)
         maps = []
         for gram in grams:
+            gram.reduce(accelerator)
             t = gram.solve(cfg.ridge)
             eye = torch.eye(t.shape[0], dtype=torch.float64)
             # one pass only: the calibration error before (T = I: plain pruning) and after, from the statistics
@@ -270,7 +300,7 @@ def _cosine_map(boundary: _Boundary, blocks: torch.Tensor, d: int, cfg: Replacem
     rows = 0
     for epoch in range(cfg.fit_epochs):
         last, rows = 0.0, 0
-        for ids in _batches(blocks, batch_size, f"ReplaceMe cosine, pass {epoch + 1}/{cfg.fit_epochs}"):
+        for ids, _ in _batches(blocks, batch_size, f"ReplaceMe cosine, pass {epoch + 1}/{cfg.fit_epochs}"):
             m, z, y = boundary(ids)
             if epoch == 0:
                 first += float(_cosine_distance(z + m, y).sum())
@@ -351,20 +381,27 @@ def hadamard(d: int) -> torch.Tensor:
 
 @torch.no_grad()
 def linear_patch_matrix(model: nn.Module, blocks: torch.Tensor, start: int, n: int,
-                        batch_size: int) -> tuple[torch.Tensor, dict]:
-    """P = H diag(c) H^T (float64) for the slot of layers [start, start+n), and a fit log."""
+                        batch_size: int, accelerator=None) -> tuple[torch.Tensor, dict]:
+    """P = H diag(c) H^T (float64) for the slot of layers [start, start+n), and a fit log. Under torchrun
+    (`accelerator`) the batches' scales are shared by the ranks and summed over them in float64."""
     stack = find_decoder_stack(model)
     d = stack.config.hidden_size
     h = hadamard(d)
     dev = module_device(stack.layers[start])  # the slot's card: x_in and x_out are brought there
     hf = h.float().to(dev)
     scale, batches = torch.zeros(d, dtype=torch.float64), 0
-    for ids in _batches(blocks, batch_size, "LinearPatch: channel scales"):
+    for ids, counted in _batches(blocks, batch_size, "LinearPatch: channel scales", accelerator, model):
         cap = run_layers(model, ids, inputs_at=(start,), outputs_at=(start + n - 1,), stack=stack)
+        if not counted:
+            continue
         x_in = cap.inputs[start].reshape(-1, d).float().to(dev) @ hf
         x_out = cap.outputs[start + n - 1].reshape(-1, d).float().to(dev) @ hf
         scale += (x_out.abs().mean(0) / x_in.abs().mean(0).clamp_min(1e-12)).double().cpu()
         batches += 1
+    summed = sum_over_ranks(accelerator)
+    if summed is not None:
+        total = summed(torch.cat([scale, torch.tensor([batches], dtype=torch.float64)]))
+        scale, batches = total[:-1], total[-1].item()
     c = scale / batches
     p = h @ torch.diag(c) @ h.T
     return p, {"scale_min": float(c.min()), "scale_max": float(c.max()), "scale_mean": float(c.mean())}
@@ -394,18 +431,19 @@ def _call(module: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
 
 @torch.no_grad()
 def init_ffn_linear(ffn: nn.Module, model: nn.Module, blocks: torch.Tensor, start: int, n: int,
-                    batch_size: int, ridge: float = 0.0) -> dict:
+                    batch_size: int, ridge: float = 0.0, accelerator=None) -> dict:
     """In place: the FFN replacement equals, at step 0, the least-squares linear map from what it reads to its
-    target (module docstring). Returns a fit log."""
+    target (module docstring). Returns a fit log. Under torchrun the batches are shared (`Gram.reduce`)."""
     d, width = ffn.fc_in.in_features, ffn.fc_in.out_features
     if width < 2 * d:
         raise LinearMapError(f"replacement.init=linear needs an FFN width >= 2 x hidden ({2 * d}), got {width}")
     targets = _SlotTargets(model, start, n)
     gram = Gram(d, d, bias=True)
-    for ids in _batches(blocks, batch_size, "linear init: X^T X, X^T Y"):
+    for ids, counted in _batches(blocks, batch_size, "linear init: X^T X, X^T Y", accelerator, model):
         x, _, y = targets(ids, module_device(ffn))
-        f_in = ffn.norm(x)
-        gram.add(f_in, y - x if ffn.residual else y)
+        if counted:
+            gram.add(ffn.norm(x), y - x if ffn.residual else y)
+    gram.reduce(accelerator)
     sol = gram.solve(ridge)
     a, b = sol[:d], sol[d]
     w_in, b_in = ffn.fc_in.weight, ffn.fc_in.bias
@@ -421,10 +459,10 @@ def init_ffn_linear(ffn: nn.Module, model: nn.Module, blocks: torch.Tensor, star
 
 @torch.no_grad()
 def init_layer_linear(layer: nn.Module, model: nn.Module, blocks: torch.Tensor, start: int, n: int,
-                      batch_size: int, ridge: float = 0.0) -> dict:
+                      batch_size: int, ridge: float = 0.0, accelerator=None) -> dict:
     """In place: the replacement layer's MLP output map refit by least squares so that the layer's output best
     matches x_(s+n) on the calibration tokens, everything else as copied; through a post-MLP RMS norm, its
-    direction (module docstring)."""
+    direction (module docstring). Under torchrun the batches are shared (`Gram.reduce`)."""
     out_map = mlp_output_map(model, start, post_norm_ok=True)
     path = next(name for name, m in find_decoder_stack(model).layers[start].named_modules() if m is out_map)
     target_map = layer.get_submodule(path)
@@ -435,8 +473,10 @@ def init_layer_linear(layer: nn.Module, model: nn.Module, blocks: torch.Tensor, 
     targets = _SlotTargets(model, start, n)
     gram = Gram(target_map.in_features, target_map.out_features, bias=target_map.bias is not None)
     copied_sq = 0.0  # sum over tokens of ||W h||^2 of the copied map: the scale the refit is brought back to
-    for ids in _batches(blocks, batch_size, "linear init: X^T X, X^T Y"):
+    for ids, counted in _batches(blocks, batch_size, "linear init: X^T X, X^T Y", accelerator, model):
         x, kwargs, y = targets(ids, module_device(layer))
+        if not counted:
+            continue
         caught = {}
         hooks = [target_map.register_forward_hook(lambda m, a, out, caught=caught: caught.update(h=a[0], v=out)),
                  branch_end.register_forward_hook(lambda m, a, out, caught=caught: caught.update(o=out))]
@@ -450,6 +490,10 @@ def init_layer_linear(layer: nn.Module, model: nn.Module, blocks: torch.Tensor, 
             r = through_rms_norm(r, scale.to(r.device))
             copied_sq += float(caught["v"].float().pow(2).sum())
         gram.add(caught["h"], r)
+    gram.reduce(accelerator)
+    summed = sum_over_ranks(accelerator)
+    if summed is not None:
+        copied_sq = summed(torch.tensor([copied_sq], dtype=torch.float64)).item()
     sol = gram.solve(ridge)
     if scale is not None:  # the norm ignores a common factor: the copied map's mean output norm, for the optimiser
         sol = sol * math.sqrt(copied_sq / max(gram.mean_sq(sol) * gram.rows, 1e-30))

@@ -163,7 +163,7 @@ def fuse_linear_maps(ctx: Run, c: Compressed, r: ReplacementConfig) -> None:
     t0 = time.perf_counter()
     with ctx.timings.stage("fit"):
         maps = linear_map.replaceme_maps(ctx.model, ctx.blocks.calib, [(s, e - s) for s, e in runs], r,
-                                         infer_batch_size(ctx.cfg), ctx.cfg.seed)
+                                         infer_batch_size(ctx.cfg), ctx.cfg.seed, ctx.accelerator)
         for (start, end), (t, fit) in zip(runs, maps):
             linear_map.fuse_into_mlp_output(c.model, start - 1 - sum(i < start - 1 for i in removed), t)
             fits.append({"block": [start, end], **fit})

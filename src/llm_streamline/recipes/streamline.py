@@ -198,24 +198,25 @@ def trains_after_fit(r) -> bool:
 def fit_linear(ctx: Run, pruned, slot: list, start: int, n: int) -> dict | None:
     """The training-free fits (`linear_map`), on the calibration blocks, in place on `pruned` / `slot`: ReplaceMe's
     map fused into layer start-1 of `pruned`, LinearPatch's matrix into its slot, or the linear initialisation of
-    an ffn / layer. None when the replacement has none. The fit log carries its wall time."""
-    r, model, bs = ctx.cfg.replacement, ctx.model, infer_batch_size(ctx.cfg)
+    an ffn / layer. None when the replacement has none. The fit log carries its wall time. Under torchrun the
+    ranks share the calibration batches of the least-squares fits and of LinearPatch's scales."""
+    r, model, bs, acc = ctx.cfg.replacement, ctx.model, infer_batch_size(ctx.cfg), ctx.accelerator
     calib = ctx.blocks.calib
     if not (r.type in ("linear", "linear_patch") or r.init == "linear"):
         return None
     t0 = time.perf_counter()
     with ctx.timings.stage("fit"):
         if r.type == "linear":
-            t, fit_log = linear_map.replaceme_map(model, calib, start, n, r, bs, ctx.cfg.seed)
+            t, fit_log = linear_map.replaceme_map(model, calib, start, n, r, bs, ctx.cfg.seed, acc)
             linear_map.fuse_into_mlp_output(pruned, start - 1, t)
         elif r.type == "linear_patch":
-            p, fit_log = linear_map.linear_patch_matrix(model, calib, start, n, bs)
+            p, fit_log = linear_map.linear_patch_matrix(model, calib, start, n, bs, acc)
             with torch.no_grad():
                 slot[0].weight.copy_(p.to(slot[0].weight.dtype))
         elif r.type == "ffn":
-            fit_log = linear_map.init_ffn_linear(slot[0], model, calib, start, n, bs, r.ridge)
+            fit_log = linear_map.init_ffn_linear(slot[0], model, calib, start, n, bs, r.ridge, acc)
         else:
-            fit_log = linear_map.init_layer_linear(slot[0], model, calib, start, n, bs, r.ridge)
+            fit_log = linear_map.init_layer_linear(slot[0], model, calib, start, n, bs, r.ridge, acc)
     fit_log = {"fit": fit_log, "fit_seconds": round(time.perf_counter() - t0, 2)}
     log.info("%s fit on %d calibration blocks: %s", r.type, len(calib), fit_log)
     return fit_log
