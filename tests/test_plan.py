@@ -184,16 +184,19 @@ def test_sharded_weights_fit_70b_on_eight_cards_and_auto_chooses_them(no_weights
     FSDP layout: per card 1/8 of the weights + one layer and the root gathered + the stage's buffers; the shared
     stages at 1/8 of their compute plus the all-gathers at plan.interconnect_gbs; an 8B replica stays a replica."""
     args = ["model=llama3.1-70b", "data=slimpajama", "eval=paper", "model.device_map=null", "method=sleb_gpu",
-            "model.infer_batch_size=4"]
+            "model.infer_batch_size=4", "eval.speed=false", "save=false"]
     hw = dict(devices=8, processes=8, host_ram_gib=2048.0)
     auto = plan.make_plan(_on(plan.compose(args), **hw))
     assert auto.layout == "fsdp" and auto.hw.sharded and plan.problems(auto) == []
+    saving = plan.make_plan(_on(plan.compose([*args, "save=true"]), **hw))  # what the run refuses sharded
+    assert plan.problems(saving) == ["model.shard=auto (auto: a whole replica does not fit one card) with 8 "
+                                     "processes: save=true: the sharded model has no writer yet; set save=false"]
     s = auto.shapes
     load = auto.stage("load_model").device_gib
     assert load == pytest.approx((s.weight_bytes / 8 + s.gathered_bytes) / plan.GIB)
     assert 16 < load < 22  # 131 GiB / 8 + a layer (1.6 GiB) + embeddings and head (3.9 GiB)
-    one = plan.make_plan(_on(plan.compose([*args[:3], "method=sleb_gpu", "model.infer_batch_size=4"]),
-                             devices=8, processes=1, host_ram_gib=2048.0))  # device_map=auto: one card at a time
+    one = plan.make_plan(_on(plan.compose([*args[:3], *args[4:]]), devices=8, processes=1,
+                             host_ram_gib=2048.0))  # device_map=auto: one card at a time
     assert one.layout == "none"
     c1, c8 = one.stage("compress"), auto.stage("compress")
     assert c8.flops == c1.flops and c8.gather_bytes > 0 and "all-gathered per card" in c8.note

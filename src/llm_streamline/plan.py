@@ -684,6 +684,49 @@ def layout(cfg: RunConfig, out_dir: Path | None = None) -> str:
     return make_plan(cfg, out_dir).layout
 
 
+SHARDED_METHODS = ("streamline", "sleb", "gromov", "shortgpt")  # what the recipes run on sharded weights
+
+
+def sharded_refusal(cfg: RunConfig, world: int, resolved: str | None = None) -> str | None:
+    """What of a run does not run on sharded weights yet, in one line (None: all of it does, or the layout is not
+    sharded; `resolved`: the layout when already known). A run whose layout resolves to fsdp (`layout`) runs the
+    baselines that remove whole layers and LLM-Streamline with a trained ffn / layer(s) (the MSE, teacher pairs
+    online from the sharded dense model, the replacement replicated) or plain removal, each with or without LoRA
+    healing: the profile, SLEB's search, the training, LoRA, the evaluations and perplexities on the sharded model
+    (`models.sharded`); the block is removed from the dense model itself once trained (no second model over shards).
+    Not yet: LaCo and LLM-Pruner (they rewrite weights of a copy), the LM / distillation losses (they need the dense
+    and the pruned model at once), the linear fits and replacements that copy parts of a layer (swiglu, a pre-norm
+    ffn), the speed comparison and saving (no sharded writer); `recipes.common.check_sharded` refuses them, the plan
+    lists them among its problems."""
+    if cfg.mode != "run":  # llm-streamline-eval loads a whole checkpoint on every rank
+        if world > 1 and cfg.model.shard == "fsdp":
+            return (f"model.shard=fsdp with {world} processes: mode=eval loads a whole copy of the checkpoint on "
+                    "every rank (not sharded); set model.shard=none")
+        return None
+    if (resolved or layout(replace(cfg, plan=replace(cfg.plan, processes=world)))) != "fsdp":
+        return None
+    why = " (auto: a whole replica does not fit one card)" if cfg.model.shard == "auto" else ""
+    head = f"model.shard={cfg.model.shard}{why} with {world} processes"
+    if cfg.method.name not in SHARDED_METHODS:
+        return (f"{head}: method={cfg.method.name} does not run on sharded weights yet (only "
+                f"{', '.join(SHARDED_METHODS)}, with or without method.heal=lora); run it in one process with "
+                "model.device_map=auto")
+    r, streamline = cfg.replacement, cfg.method.name == "streamline"
+    trains = streamline and r.type != "none" and cfg.method.heal != "lora"
+    for bad, fix in ((r.type in ("linear", "linear_patch", "swiglu"), f"replacement={r.type}: not on sharded weights "
+                      "yet (ffn, layer, layers or none)"),
+                     (streamline and r.type == "ffn" and r.pre_norm, "replacement.pre_norm=true: not on sharded "
+                      "weights yet"),
+                     (streamline and r.init == "linear", "replacement.init=linear: not on sharded weights yet"),
+                     (trains and cfg.train.loss != "mse", f"train.loss={cfg.train.loss}: only the MSE trains on "
+                      "sharded weights yet"),
+                     (cfg.eval.speed, "eval.speed=true: set eval.speed=false"),
+                     (cfg.save, "save=true: the sharded model has no writer yet; set save=false")):
+        if bad:
+            return f"{head}: {fix}"
+    return None
+
+
 def _priced(cfg: RunConfig, s: Shapes, hw: Hardware, n: int, teacher: str | None) -> Plan:
     c = _Ctx(cfg, s, hw, n, teacher)
     steps = [stage_load(c), stage_profile(c), stage_eval(c, "dense")]
@@ -723,6 +766,9 @@ def problems(plan: Plan) -> list[str]:
     if hw.processes > 1 and plan.cfg.model.device_map:  # as the run refuses it (recipes.common.check_data_parallel)
         out.append(f"model.device_map={plan.cfg.model.device_map} with {hw.processes} processes: each holds a whole "
                    "copy on its own card (set model.device_map=null)")
+    sharded = sharded_refusal(plan.cfg, hw.processes, plan.layout) if plan.layout == "fsdp" else None
+    if sharded:  # as the run refuses it (recipes.common.check_sharded)
+        out.append(sharded)
     if hw.kind == "cuda" and plan.device_gib > hw.device_memory_gib:
         worst = max(plan.stages, key=lambda s: s.device_gib)
         out.append(f"{worst.name} needs {_gib(plan.device_gib)} per device, {_gib(hw.device_memory_gib)} "

@@ -299,44 +299,11 @@ def check_data_parallel(cfg: RunConfig, world: int) -> None:
                           "process; use train.teacher=online (each rank computes its own batches' pairs)")
 
 
-SHARDED_METHODS = ("streamline", "sleb", "gromov", "shortgpt")  # what the recipes run on sharded weights
-
-
 def check_sharded(cfg: RunConfig, world: int) -> None:
-    """A run whose layout resolves to fsdp (`plan.layout`) runs the baselines that remove whole layers and
-    LLM-Streamline with a trained ffn / layer(s) (the MSE, teacher pairs online from the sharded dense model, the
-    replacement replicated) or plain removal, each with or without LoRA healing: the profile, SLEB's search, the
-    training, LoRA, the evaluations and perplexities on the sharded model (`models.sharded`); the block is removed
-    from the dense model itself once trained (no second model over shards). What does not run sharded yet is
-    refused in one line: LaCo and LLM-Pruner (they rewrite weights of a copy), the LM / distillation losses (they
-    need the dense and the pruned model at once), the linear fits and replacements that copy parts of a layer
-    (swiglu, a pre-norm ffn), the speed comparison and saving (no sharded writer)."""
-    if cfg.mode != "run":  # llm-streamline-eval loads a whole checkpoint on every rank
-        if world > 1 and cfg.model.shard == "fsdp":
-            raise ConfigError(f"model.shard=fsdp with {world} processes: mode=eval loads a whole copy of the "
-                              "checkpoint on every rank (not sharded); set model.shard=none")
-        return
-    if plan.layout(replace(cfg, plan=replace(cfg.plan, processes=world))) != "fsdp":
-        return
-    why = " (auto: a whole replica does not fit one card)" if cfg.model.shard == "auto" else ""
-    head = f"model.shard={cfg.model.shard}{why} with {world} processes"
-    if cfg.method.name not in SHARDED_METHODS:
-        raise ConfigError(f"{head}: method={cfg.method.name} does not run on sharded weights yet (only "
-                          f"{', '.join(SHARDED_METHODS)}, with or without method.heal=lora); run it in one process "
-                          "with model.device_map=auto")
-    r, streamline = cfg.replacement, cfg.method.name == "streamline"
-    trains = streamline and r.type != "none" and cfg.method.heal != "lora"
-    for bad, fix in ((r.type in ("linear", "linear_patch", "swiglu"), f"replacement={r.type}: not on sharded weights "
-                      "yet (ffn, layer, layers or none)"),
-                     (streamline and r.type == "ffn" and r.pre_norm, "replacement.pre_norm=true: not on sharded "
-                      "weights yet"),
-                     (streamline and r.init == "linear", "replacement.init=linear: not on sharded weights yet"),
-                     (trains and cfg.train.loss != "mse", f"train.loss={cfg.train.loss}: only the MSE trains on "
-                      "sharded weights yet"),
-                     (cfg.eval.speed, "eval.speed=true: set eval.speed=false"),
-                     (cfg.save, "save=true: the sharded model has no writer yet; set save=false")):
-        if bad:
-            raise ConfigError(f"{head}: {fix}")
+    """What does not run on sharded weights yet (`plan.sharded_refusal`), refused in one line before loading."""
+    why = plan.sharded_refusal(cfg, world)
+    if why:
+        raise ConfigError(why)
 
 
 def train_identity(t: TrainConfig) -> dict:
