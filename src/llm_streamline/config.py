@@ -426,8 +426,19 @@ def check_data(d: DataConfig) -> None:
 
 
 def validate(cfg: RunConfig) -> None:
-    """Value checks that need no model. Raises ConfigError with one line."""
-    m, d, s, r, t, e = cfg.model, cfg.data, cfg.sparsity, cfg.replacement, cfg.train, cfg.eval
+    """Value checks that need no model. Raises ConfigError with one line (the first failing check, in this order)."""
+    _check_model_source(cfg.model)
+    check_data(cfg.data)
+    _check_sparsity(cfg.sparsity)
+    _check_replacement(cfg)
+    _check_training(cfg)
+    _check_method(cfg)
+    _check_eval(cfg)
+    _check_unused(cfg)
+    _check_ranges(cfg)
+
+
+def _check_model_source(m: ModelConfig) -> None:
     if m.source in ("hub", "local"):
         _check(bool(m.name_or_path), f"model.source={m.source} needs model.name_or_path (a hub id or a directory)")
     if m.source == "embedded" and m.name_or_path is not None:
@@ -435,13 +446,19 @@ def validate(cfg: RunConfig) -> None:
                f"model.name_or_path={m.name_or_path!r}: the embedded models are {EMBEDDED_MODELS}")
     if m.source == "tiny":
         _check(m.family is not None, f"model.source=tiny needs model.family, one of {TINY_FAMILIES}")
-    check_data(d)
+
+
+def _check_sparsity(s: SparsityConfig) -> None:
     _check((s.layers is None) != (s.target is None),
            "give exactly one of sparsity.layers (layers removed) or sparsity.target (fraction of parameters)")
     if s.layers is not None:
         _check(s.layers >= 1, f"sparsity.layers={s.layers}: must be >= 1")
     if s.target is not None:
         _check(0.0 < s.target < 1.0, f"sparsity.target={s.target}: must be in (0, 1)")
+
+
+def _check_replacement(cfg: RunConfig) -> None:
+    r = cfg.replacement
     _check(r.num_layers >= 1, f"replacement.num_layers={r.num_layers}: must be >= 1")
     _check(r.ridge >= 0 and r.fit_epochs >= 1 and r.fit_lr > 0 and r.fit_batch_tokens >= 1,
            f"replacement.ridge={r.ridge} must be >= 0, fit_epochs={r.fit_epochs} and fit_batch_tokens="
@@ -453,6 +470,10 @@ def validate(cfg: RunConfig) -> None:
            f"replacement.init=linear initialises an ffn or a layer replacement, not {r.type}")
     _check(not r.finetune or r.type == "linear_patch",
            f"replacement.finetune=true trains a linear_patch afterwards; {r.type} is trained (or fused) anyway")
+
+
+def _check_training(cfg: RunConfig) -> None:
+    t, d, r = cfg.train, cfg.data, cfg.replacement
     _check(t.teacher_disk_gb is None or t.teacher_disk_gb >= 0,
            f"train.teacher_disk_gb={t.teacher_disk_gb}: null (half the free space) or >= 0")
     _check(t.distill_temperature > 0 and t.distill_alpha >= 0,
@@ -469,6 +490,9 @@ def validate(cfg: RunConfig) -> None:
                f"data.train_samples={d.train_samples} < train.batch_size={t.batch_size} x train.grad_accum="
                f"{t.grad_accum}: training on token blocks takes whole batches; raise data.train_samples or lower "
                "train.batch_size")
+
+
+def _check_method(cfg: RunConfig) -> None:
     _check(type(cfg.method) is METHOD_SCHEMAS[cfg.method.name],
            f"method.name={cfg.method.name} does not change the method (method={_method_name(type(cfg.method))}'s "
            f"options were composed): select it with method={cfg.method.name}")
@@ -476,21 +500,22 @@ def validate(cfg: RunConfig) -> None:
         _check(cfg.method.width_ratio is None or 0 < cfg.method.width_ratio < 1,
                f"method.width_ratio={cfg.method.width_ratio}: null or in (0, 1)")
     if isinstance(cfg.method, SLEBConfig):
-        _check_sleb_calibration(cfg.method, d)
+        _check_sleb_calibration(cfg.method, cfg.data)
 
+
+def _check_eval(cfg: RunConfig) -> None:
+    e = cfg.eval
     _check(e.limit is None or e.limit >= 1, f"eval.limit={e.limit}: null or >= 1")
     for task, lim in e.task_limits.items():
         _check(task in e.tasks, f"eval.task_limits.{task}: {task} is not in eval.tasks {list(e.tasks)}")
         _check(lim is None or lim >= 1, f"eval.task_limits.{task}={lim}: null or >= 1")
-    _check(not (e.perplexity_text == "c4" and d.name == "c4"),
+    _check(not (e.perplexity_text == "c4" and cfg.data.name == "c4"),
            "eval.perplexity_text=c4 with data=c4: the c4 preset selects checkpoints on C4 validation, the text "
            "this perplexity would report on; use eval.perplexity_text=wikitext2 or heldout")
     _check(e.perplexity_seq_len is None or e.perplexity_seq_len >= 8,
            f"eval.perplexity_seq_len={e.perplexity_seq_len}: null (data.seq_len) or >= 8")
     _check(e.perplexity_blocks is None or e.perplexity_blocks >= 1,
            f"eval.perplexity_blocks={e.perplexity_blocks}: null (all) or >= 1")
-    _check_unused(cfg)
-    _check_ranges(cfg)
 
 
 def _check_unused(cfg: RunConfig) -> None:
