@@ -31,24 +31,21 @@ from llm_streamline.config import ConfigError, ModelConfig
 log = logging.getLogger(__name__)
 
 
-def is_sharded(model: nn.Module) -> bool:
-    """Whether `model` (or the model inside a peft wrapper) is held by FSDP2."""
+def _root(model: nn.Module):
+    """The FSDP2 root of `model` (itself, or the model inside a peft wrapper); None when it is not sharded."""
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:  # a torch built without distributed
-        return False
-    base = getattr(model, "base_model", None)
-    inner = getattr(base, "model", None) if base is not None else None
-    return isinstance(model, FSDPModule) or isinstance(inner, FSDPModule)
-
-
-def _root(model: nn.Module):
-    from torch.distributed.fsdp import FSDPModule
-
+        return None
     if isinstance(model, FSDPModule):
         return model
     inner = getattr(getattr(model, "base_model", None), "model", None)
     return inner if isinstance(inner, FSDPModule) else None
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether `model` (or the model inside a peft wrapper) is held by FSDP2."""
+    return _root(model) is not None
 
 
 def after_stopped_forward(model: nn.Module) -> None:
@@ -60,18 +57,6 @@ def after_stopped_forward(model: nn.Module) -> None:
         return
     if hasattr(root, "reset_iter_state"):
         root.reset_iter_state()
-        return
-    from torch.distributed.fsdp import FSDPModule
-
-    for m in root.modules():
-        if isinstance(m, FSDPModule):
-            m.reshard()
-
-
-def reshard(model: nn.Module) -> None:
-    """Every FSDP module of `model` back to its shard (the root stays gathered after a forward by default)."""
-    root = _root(model)
-    if root is None:
         return
     from torch.distributed.fsdp import FSDPModule
 
