@@ -35,6 +35,38 @@ def run(cfg: RunConfig, out_dir: Path) -> dict:
     stages.check_writable(out_dir, "the output directory")
     timings = Timings()
     acc = data_parallel_accelerator(cfg)  # None in one process
+    model, tok, name = _load(cfg, acc, timings)
+    with timings.stage("eval"):
+        res = run_lm_eval(model, tok, list(cfg.eval.tasks), cfg.eval.limit, cfg.eval.batch_size,
+                          offline=cfg.eval.offline, scorer=cfg.eval.scorer, task_limits=dict(cfg.eval.task_limits),
+                          num_fewshot=dict(cfg.eval.num_fewshot), include_path=cfg.eval.include_path,
+                          accelerator=acc)
+    if res is not None:  # the first rank (or one process): every item
+        faults.check_loglikelihoods(res.samples, "eval", model, None)
+    ppl, ppl_text = _perplexity(cfg, model, tok, acc, timings)
+    if res is None:  # another data-parallel rank: its share is scored, the first rank records
+        return {"rank": acc.process_index}
+    speed = None
+    if cfg.eval.speed:
+        with timings.stage("speed"):
+            speed = {"model": _speed(model, cfg.eval.speed_tokens)}
+    save_samples_jsonl(res.samples, out_dir / "samples.jsonl")
+    write_lm_eval_files(res.lm_eval, out_dir / "lm_eval", Path(name).name)
+    results = _results(cfg, model, name, res, (ppl, ppl_text), speed, timings)
+    rec = record.write(out_dir / "results.json", results)
+    tracker = Tracker(cfg.wandb, out_dir, config=asdict(cfg), job_type="eval", name=run_name(cfg),
+                      tags=[f"checkpoint={Path(name).name}"[:64], f"eval={cfg.eval.name}", f"seed={cfg.seed}"])
+    try:
+        log_record(tracker, rec, cfg.objective)
+    finally:
+        tracker.finish()
+    log.info("results: %s", out_dir / "results.json")
+    log.info("summary\n%s", report.summary(rec))
+    return results
+
+
+def _load(cfg: RunConfig, acc, timings: Timings):
+    """(model, tokenizer, the name it is recorded under): the checkpoint if one is given, else the model preset."""
     m = cfg.model
     if acc is not None and m.device != "cpu":  # each data-parallel rank on its own card
         m = replace(m, device=str(acc.device))
@@ -46,62 +78,44 @@ def run(cfg: RunConfig, out_dir: Path) -> dict:
             model = load_pruned(cfg.checkpoint, dtype=torch_dtype(m.dtype, m.device), device=m.device,
                                 device_map=m.device_map)
             tok = load_tokenizer(cfg.checkpoint)
-        name = cfg.checkpoint
-    else:
-        with timings.stage("load_model"):
-            model, tok = load_model(m, seed=cfg.seed)
-        name = cfg.model.name
-    with timings.stage("eval"):
-        res = run_lm_eval(model, tok, list(cfg.eval.tasks), cfg.eval.limit, cfg.eval.batch_size,
-                          offline=cfg.eval.offline, scorer=cfg.eval.scorer, task_limits=dict(cfg.eval.task_limits),
-                          num_fewshot=dict(cfg.eval.num_fewshot), include_path=cfg.eval.include_path,
-                          accelerator=acc)
-    if res is not None:  # the first rank (or one process): every item
-        faults.check_loglikelihoods(res.samples, "eval", model, None)
-    ppl, ppl_text = None, None
-    if cfg.eval.perplexity:
-        from llm_streamline.data import perplexity_text
-        from llm_streamline.evaluate.perplexity import perplexity
+        return model, tok, cfg.checkpoint
+    with timings.stage("load_model"):
+        model, tok = load_model(m, seed=cfg.seed)
+    return model, tok, cfg.model.name
 
-        with timings.stage("perplexity"):
-            text = perplexity_text(cfg.eval.perplexity_text, tok, cfg.eval.perplexity_seq_len or cfg.data.seq_len,
-                                   cfg.eval.perplexity_blocks, cfg.data.name)
-            ppl = perplexity(model, text.blocks, infer_batch_size(cfg), "perplexity", accelerator=acc)
-            ppl_text = text.describe()
-    if res is None:  # another data-parallel rank: its share is scored, the first rank records
-        return {"rank": acc.process_index}
-    speed = None
-    if cfg.eval.speed:
-        with timings.stage("speed"):
-            speed = {"model": _speed(model, cfg.eval.speed_tokens)}
-    save_samples_jsonl(res.samples, out_dir / "samples.jsonl")
-    write_lm_eval_files(res.lm_eval, out_dir / "lm_eval", Path(name).name)
+
+def _perplexity(cfg: RunConfig, model, tok, acc, timings: Timings) -> tuple[float | None, str | None]:
+    """(perplexity, the text it is on), or (None, None) without eval.perplexity."""
+    if not cfg.eval.perplexity:
+        return None, None
+    from llm_streamline.data import perplexity_text
+    from llm_streamline.evaluate.perplexity import perplexity
+
+    with timings.stage("perplexity"):
+        text = perplexity_text(cfg.eval.perplexity_text, tok, cfg.eval.perplexity_seq_len or cfg.data.seq_len,
+                               cfg.eval.perplexity_blocks, cfg.data.name)
+        return perplexity(model, text.blocks, infer_batch_size(cfg), "perplexity", accelerator=acc), text.describe()
+
+
+def _results(cfg: RunConfig, model, name: str, res, perplexity: tuple, speed: dict | None, timings: Timings) -> dict:
+    """The eval command's results.json (`record.SCHEMA`, kind eval)."""
+    ppl, ppl_text = perplexity
     first = next(model.parameters())
     dense_like = {"versions": res.versions, "n_samples": res.n_samples, "groups": res.groups}
-    results = {"schema": record.SCHEMA, "kind": "eval", "version": __version__, "seed": cfg.seed,
-               "model": {"name": name, "dtype": str(first.dtype).removeprefix("torch."),
-                         "device": str(first.device), "device_map": cfg.model.device_map},
-               "method": "eval", "checkpoint": cfg.checkpoint,
-               "eval": {t: {"model": m} for t, m in res.metrics.items()},
-               "eval_meta": eval_meta(cfg, dense_like),
-               "eval_settings": {"tasks": list(cfg.eval.tasks), "limit": cfg.eval.limit,
-                                 "batch_size": cfg.eval.batch_size, "scorer": cfg.eval.scorer},
-               # the intervals a run records for its dense model (same bootstrap, same seed)
-               "intervals": {"tasks": record.task_intervals(res.samples, res.groups),
-                             "average": {record.PAPER: record.paper_average(res.samples, groups=res.groups)}},
-               "perplexity": {"model": ppl, "text": ppl_text},
-               "speed": speed,
-               "params": {"total": count_params(model)}, "timings": dict(timings), "peak_memory": peak_memory(timings)}
-    rec = record.write(out_dir / "results.json", results)
-    tracker = Tracker(cfg.wandb, out_dir, config=asdict(cfg), job_type="eval", name=run_name(cfg),
-                      tags=[f"checkpoint={Path(name).name}"[:64], f"eval={cfg.eval.name}", f"seed={cfg.seed}"])
-    try:
-        log_record(tracker, rec, cfg.objective)
-    finally:
-        tracker.finish()
-    log.info("results: %s", out_dir / "results.json")
-    log.info("summary\n%s", report.summary(rec))
-    return results
+    return {"schema": record.SCHEMA, "kind": "eval", "version": __version__, "seed": cfg.seed,
+            "model": {"name": name, "dtype": str(first.dtype).removeprefix("torch."),
+                      "device": str(first.device), "device_map": cfg.model.device_map},
+            "method": "eval", "checkpoint": cfg.checkpoint,
+            "eval": {t: {"model": m} for t, m in res.metrics.items()},
+            "eval_meta": eval_meta(cfg, dense_like),
+            "eval_settings": {"tasks": list(cfg.eval.tasks), "limit": cfg.eval.limit,
+                              "batch_size": cfg.eval.batch_size, "scorer": cfg.eval.scorer},
+            # the intervals a run records for its dense model (same bootstrap, same seed)
+            "intervals": {"tasks": record.task_intervals(res.samples, res.groups),
+                          "average": {record.PAPER: record.paper_average(res.samples, groups=res.groups)}},
+            "perplexity": {"model": ppl, "text": ppl_text},
+            "speed": speed,
+            "params": {"total": count_params(model)}, "timings": dict(timings), "peak_memory": peak_memory(timings)}
 
 
 def _speed(model, seq: int) -> dict:
