@@ -222,6 +222,35 @@ def fit_linear(ctx: Run, pruned, slot: list, start: int, n: int) -> dict | None:
     return fit_log
 
 
+def _teacher_pairs(ctx: Run, start: int, n: int):
+    """The MSE's targets, the block's (input, output) pairs: (the teacher chosen, train pairs, validation pairs),
+    computed batch by batch while training (online) or written once as shards (cached)."""
+    cfg, dense_model, blocks = ctx.cfg, ctx.model, ctx.blocks
+    tkey = stages.stage_key("teacher", model=ctx.model_id, data=ctx.data_key, start=start, n=n,
+                            batch=cfg.train.batch_size)
+    tdir = stages.stage_dir(tkey)
+    rows = blocks.train.shape[0] + blocks.val.shape[0]
+    # online or cached (train.teacher), decided before anything is written; cached pairs that do not
+    # fit the free disk are refused here in one line
+    teacher = choose_teacher(cfg.train, teacher_bytes(dense_model, rows, blocks.train.shape[1]), tdir,
+                             data_parallel=ctx.accelerator is not None)
+    log.info("teacher pairs: %s (%s; %.2f GB on disk if cached, %.1f GB free)", teacher.mode, teacher.why,
+             teacher.bytes / 1e9, teacher.free / 1e9)
+    bs = cfg.train.batch_size
+    if teacher.mode == "online":  # computed batch by batch while training: nothing written
+        train_sh = OnlineTeacher(dense_model, blocks.train, start, n, bs)
+        val_sh = OnlineTeacher(dense_model, blocks.val, start, n, bs)
+    else:
+        with stages.stage_lock(tkey):  # shared by the replacement types of one block
+            # shards are training batches (train.batch_size); a forward pass may fill several
+            fwd = infer_batch_size(cfg)
+            train_sh = write_teacher_shards(dense_model, blocks.train, start, n, tdir / "train", bs,
+                                            "teacher pairs (train)", forward_batch=fwd)
+            val_sh = write_teacher_shards(dense_model, blocks.val, start, n, tdir / "val", bs,
+                                          "teacher pairs (val)", forward_batch=fwd)
+    return teacher, train_sh, val_sh
+
+
 def load_or_train(ctx: Run, slot: list, train_key: str, pruned, start: int, n: int):
     """The trained replacement from the stage cache, or trained now and stored there (by the main rank under
     torchrun). Returns (train log, the block if training already removed it from `pruned`)."""
@@ -240,28 +269,7 @@ def load_or_train(ctx: Run, slot: list, train_key: str, pruned, start: int, n: i
     block = None
     if cfg.train.loss == "mse":
         with timings.stage("teacher_pairs"):
-            tkey = stages.stage_key("teacher", model=ctx.model_id, data=ctx.data_key, start=start, n=n,
-                                    batch=cfg.train.batch_size)
-            tdir = stages.stage_dir(tkey)
-            rows = blocks.train.shape[0] + blocks.val.shape[0]
-            # online or cached (train.teacher), decided before anything is written; cached pairs that do not
-            # fit the free disk are refused here in one line
-            teacher = choose_teacher(cfg.train, teacher_bytes(dense_model, rows, blocks.train.shape[1]), tdir,
-                                     data_parallel=ctx.accelerator is not None)
-            log.info("teacher pairs: %s (%s; %.2f GB on disk if cached, %.1f GB free)", teacher.mode, teacher.why,
-                     teacher.bytes / 1e9, teacher.free / 1e9)
-            bs = cfg.train.batch_size
-            if teacher.mode == "online":  # computed batch by batch while training: nothing written
-                train_sh = OnlineTeacher(dense_model, blocks.train, start, n, bs)
-                val_sh = OnlineTeacher(dense_model, blocks.val, start, n, bs)
-            else:
-                with stages.stage_lock(tkey):  # shared by the replacement types of one block
-                    # shards are training batches (train.batch_size); a forward pass may fill several
-                    fwd = infer_batch_size(cfg)
-                    train_sh = write_teacher_shards(dense_model, blocks.train, start, n, tdir / "train", bs,
-                                                    "teacher pairs (train)", forward_batch=fwd)
-                    val_sh = write_teacher_shards(dense_model, blocks.val, start, n, tdir / "val", bs,
-                                                  "teacher pairs (val)", forward_batch=fwd)
+            teacher, train_sh, val_sh = _teacher_pairs(ctx, start, n)
         with timings.stage("train"):
             tl = train_mse(dense_model, slot, start, blocks.train, train_sh, val_sh, cfg.train, cfg.seed,
                            on_step=on_step, accelerator=ctx.accelerator)
