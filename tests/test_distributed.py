@@ -181,11 +181,11 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 def _sharded_run_matches(tmp_path: Path, port: int, args: list[str], checkpoint: Path, replicas: Path,
                          weights: str) -> None:
     """`args` run with model.shard=fsdp over `checkpoint` (two ranks, each loading its rows) give the record of the
-    same run by two whole replicas (`replicas`): layers, profile, perplexities, task metrics, stability, and the
-    trained weights (`rank<r>_<weights>.json`) with the same sha256."""
+    same run by two whole replicas (`replicas`): layers, profile, perplexities, task metrics, stability, the
+    trained weights (`rank<r>_<weights>.json`) with the same sha256, and the same saved model."""
     out = tmp_path / "run"
     res = _torchrun(port, [*args, "model.source=local", f"model.name_or_path={checkpoint}", "model.shard=fsdp",
-                           "eval.speed=false", "save=false", f"hydra.run.dir={out}"], stages=tmp_path / "stages")
+                           "eval.speed=false", f"hydra.run.dir={out}"], stages=tmp_path / "stages")
     assert res.returncode == 0, res.stderr[-3000:]
     rec, ref = (json.loads((d / "results.json").read_text()) for d in (out, replicas))
     assert rec["host"]["sharded"] is True and ref["host"]["sharded"] is False
@@ -199,6 +199,13 @@ def _sharded_run_matches(tmp_path: Path, port: int, args: list[str], checkpoint:
     w0, w1, w = (json.loads((d / f"rank{r}_{weights}.json").read_text())
                  for d, r in ((out, 0), (out, 1), (replicas, 0)))
     assert w0["sha256"] == w1["sha256"] == w["sha256"]  # bit for bit what the replicas trained
+    # saved: each tensor gathered in turn, written by rank 0: the replicas' saved model, tensor for tensor
+    from safetensors.torch import load_file
+
+    saved, ref_saved = ({k: v for f in sorted((d / "model").glob("*.safetensors")) for k, v in load_file(f).items()}
+                        for d in (out, replicas))
+    assert sorted(saved) == sorted(ref_saved) and all(torch.equal(saved[k], ref_saved[k]) for k in saved)
+    assert (out / "model" / "config.json").exists() and (out / "model" / "tokenizer.json").exists()
 
 
 def test_sharded_default_run_matches_the_replicas_run(tmp_path, mse_online_run, tiny_checkpoint):

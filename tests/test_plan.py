@@ -188,9 +188,9 @@ def test_sharded_weights_fit_70b_on_eight_cards_and_auto_chooses_them(no_weights
     hw = dict(devices=8, processes=8, host_ram_gib=2048.0)
     auto = plan.make_plan(_on(plan.compose(args), **hw))
     assert auto.layout == "fsdp" and auto.hw.sharded and plan.problems(auto) == []
-    saving = plan.make_plan(_on(plan.compose([*args, "save=true"]), **hw))  # what the run refuses sharded
-    assert plan.problems(saving) == ["model.shard=auto (auto: a whole replica does not fit one card) with 8 "
-                                     "processes: save=true: the sharded model has no writer yet; set save=false"]
+    timing = plan.make_plan(_on(plan.compose([*args, "eval.speed=true"]), **hw))  # what the run refuses sharded
+    assert plan.problems(timing) == ["model.shard=auto (auto: a whole replica does not fit one card) with 8 "
+                                     "processes: eval.speed=true: set eval.speed=false"]
     s = auto.shapes
     load = auto.stage("load_model").device_gib
     assert load == pytest.approx((s.weight_bytes / 8 + s.gathered_bytes) / plan.GIB)

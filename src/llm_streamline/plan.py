@@ -696,8 +696,8 @@ def sharded_refusal(cfg: RunConfig, world: int, resolved: str | None = None) -> 
     (`models.sharded`); the block is removed from the dense model itself once trained (no second model over shards).
     Not yet: LaCo and LLM-Pruner (they rewrite weights of a copy), the LM / distillation losses (they need the dense
     and the pruned model at once), the linear fits and replacements that copy parts of a layer (swiglu, a pre-norm
-    ffn), the speed comparison and saving (no sharded writer); `recipes.common.check_sharded` refuses them, the plan
-    lists them among its problems."""
+    ffn) and the speed comparison; `recipes.common.check_sharded` refuses them, the plan lists them among its
+    problems. Saving gathers each tensor in turn (`models.sharded.save_sharded_weights`)."""
     if cfg.mode != "run":  # llm-streamline-eval loads a whole checkpoint on every rank
         if world > 1 and cfg.model.shard == "fsdp":
             return (f"model.shard=fsdp with {world} processes: mode=eval loads a whole copy of the checkpoint on "
@@ -720,8 +720,7 @@ def sharded_refusal(cfg: RunConfig, world: int, resolved: str | None = None) -> 
                      (streamline and r.init == "linear", "replacement.init=linear: not on sharded weights yet"),
                      (trains and cfg.train.loss != "mse", f"train.loss={cfg.train.loss}: only the MSE trains on "
                       "sharded weights yet"),
-                     (cfg.eval.speed, "eval.speed=true: set eval.speed=false"),
-                     (cfg.save, "save=true: the sharded model has no writer yet; set save=false")):
+                     (cfg.eval.speed, "eval.speed=true: set eval.speed=false")):
         if bad:
             return f"{head}: {fix}"
     return None

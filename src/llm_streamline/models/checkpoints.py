@@ -131,14 +131,29 @@ def save_checkpoint(model: PreTrainedModel, tokenizer, dest, record: dict, fmt: 
     """Write `model` (and `tokenizer`, if any) to `dest` atomically in format `fmt`, weights in their dtype in
     shards of at most `max_shard_size`; `fields` are what the format's builder needs to rebuild the model (saved in
     its JSON file between the model config and the record); `terms_from`: the source checkpoint's directory, whose
-    terms files (NOTICE, license) go with the model (`copy_terms`). Returns `fmt`."""
+    terms files (NOTICE, license) go with the model (`copy_terms`). Returns `fmt`. A sharded model
+    (`model.shard=fsdp`): every rank calls it, the first writes (`models.sharded.save_sharded_weights`)."""
+    from llm_streamline.models.sharded import is_sharded, save_sharded_weights
+
     if fmt != STOCK and fmt not in FORMATS:
         raise ValueError(f"unknown checkpoint format {fmt!r}: stock or one of {sorted(FORMATS)}")
+    sharded = is_sharded(model)  # every rank calls: each tensor gathered in turn, the first rank writes
+    if sharded and torch.distributed.get_rank() != 0:
+        save_sharded_weights(model, None, max_shard_size)
+        return fmt
     with atomic_dir(dest) as tmp:
+        if sharded:
+            save_sharded_weights(model, tmp, max_shard_size)
         if fmt == STOCK:
-            model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
+            if sharded:  # the weights are written: the config files save_pretrained puts beside them
+                model.config.save_pretrained(tmp)
+                if getattr(model, "generation_config", None) is not None:
+                    model.generation_config.save_pretrained(tmp)
+            else:
+                model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
         else:
-            save_weights(model, tmp, max_shard_size)
+            if not sharded:
+                save_weights(model, tmp, max_shard_size)
             meta = {"model_config": model.config.to_dict(), **(fields or {}), "record": record}
             (tmp / FORMATS[fmt].meta_file).write_text(json.dumps(meta, indent=2, default=str))
         if tokenizer is not None:

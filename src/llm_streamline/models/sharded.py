@@ -107,6 +107,50 @@ def _tensor_files(directory: Path) -> dict[str, Path]:
     return out
 
 
+def save_sharded_weights(model: nn.Module, directory: Path | None, max_shard_size: int | str) -> list[str]:
+    """A sharded model's weights (tied ones once) as safetensors files of at most `max_shard_size` with their index,
+    named as transformers names them. Every rank calls it: each sharded tensor is gathered whole in turn (a
+    collective; one tensor on the card at a time), and the rank given a `directory` (the main one) brings one
+    file's tensors to the host at a time and writes them; the others pass None. Returns the files."""
+    from huggingface_hub import constants
+    from huggingface_hub.serialization._base import parse_size_to_int
+    from safetensors.torch import save_file
+    from torch.distributed.tensor import DTensor
+
+    limit = parse_size_to_int(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
+    seen, state = set(), {}
+    for k, v in model.state_dict().items():  # the same order on every rank
+        if id(v) not in seen:
+            seen.add(id(v))
+            state[k] = v
+    groups, size = [[]], 0  # consecutive tensors up to the limit (a larger one alone), as the files will hold them
+    for k, v in state.items():
+        nbytes = v.numel() * v.element_size()
+        if groups[-1] and size + nbytes > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(k)
+        size += nbytes
+    names = (["model.safetensors"] if len(groups) == 1 else
+             [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))])
+    for name, keys in zip(names, groups):
+        tensors = {}
+        for k in keys:
+            v = state[k].detach()
+            whole = v.full_tensor() if isinstance(v, DTensor) else v
+            if directory is not None:
+                tensors[k] = whole.contiguous().cpu()
+            del whole
+        if directory is not None:
+            save_file(tensors, str(directory / name), metadata={"format": "pt"})
+    if directory is not None and len(groups) > 1:
+        total = sum(v.numel() * v.element_size() for v in state.values())
+        index = {"metadata": {"total_size": total},
+                 "weight_map": {k: name for name, keys in zip(names, groups) for k in keys}}
+        (directory / constants.SAFETENSORS_INDEX_FILE).write_text(json.dumps(index, indent=2))
+    return names
+
+
 def load_tokenizer(cfg: ModelConfig):
     """The tokenizer beside the checkpoint `cfg` names (a pad token set where it has none, as `load_model` does)."""
     from transformers import AutoTokenizer

@@ -88,10 +88,12 @@ def run(cfg: RunConfig, out_dir: Path) -> dict:
                                                           stages.stage_key("lora", baseline=compressed.key))
         compressed.model.eval()
         ev = evaluate_compressed(ctx, dense, compressed, speed)
+        # sharded weights: every rank gathers each tensor in turn, the main one writes
+        checkpoint = save_model(ctx, lambda dest: save(ctx, compressed, bres, dest)) \
+            if ctx.is_main or ctx.sharded else None
         if not ctx.is_main:  # a data-parallel rank: its share of the search, the healing and the evaluations is done
             return {"rank": ctx.accelerator.process_index, "removed": compressed.removed}
 
-        checkpoint = save_model(ctx, lambda dest: save(ctx, compressed, bres, dest))
         write_records(ctx, dense, ev)
         results = results_record(ctx, profile, None, size_target, dense, compressed, ev, checkpoint)
         draw_profile(ctx, profile, chosen=[(i, 1) for i in compressed.removed])

@@ -102,14 +102,14 @@ def run(cfg: RunConfig, out_dir: Path) -> dict:
         # 6. evaluate the pruned model
         compressed.model.eval()
         ev = evaluate_compressed(ctx, dense, compressed, speed)
-        if not ctx.is_main:  # a data-parallel rank: its share of the training and the evaluations is done
-            return {"rank": ctx.accelerator.process_index, "layers": {"removed": [start, start + n]}}
-
-        # 7. save and record
+        # 7. save (sharded weights: every rank gathers each tensor in turn, the main one writes) and record
         checkpoint = save_model(ctx, lambda dest: save_checkpoint(
             compressed.model, ctx.tok, dest, checkpoint_record(ctx, compressed),
             *slot_checkpoint(cfg.replacement, compressed.model, start), max_shard_size=cfg.save_shard_size,
-            terms_from=source_dir(ctx.model_id)))
+            terms_from=source_dir(ctx.model_id))) if ctx.is_main or ctx.sharded else None
+        if not ctx.is_main:  # a data-parallel rank: its share of the training and the evaluations is done
+            return {"rank": ctx.accelerator.process_index, "layers": {"removed": [start, start + n]}}
+
         write_records(ctx, dense, ev)
         results = results_record(ctx, profile, block_ppl, size_target, dense, compressed, ev, checkpoint)
         draw_profile(ctx, profile, chosen=(start, n))
