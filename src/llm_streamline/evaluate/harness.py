@@ -295,8 +295,6 @@ def run_lm_eval(
     random is scored by rank 0 alone: lm-eval draws them per rank from one seed, so a document would get other
     examples than in one process.
     """
-    import lm_eval
-
     check_tasks(tasks, offline, include_path)
     from llm_streamline.models.sharded import is_sharded
 
@@ -320,20 +318,7 @@ def run_lm_eval(
             lm.share_over(accelerator)
         else:  # one process's scoring (rank 0 alone under torchrun)
             lm._rank, lm._world_size = 0, 1
-        with _quiet_git_lookup():
-            results = lm_eval.simple_evaluate(
-                model=lm,
-                tasks=built,
-                task_manager=task_manager(offline, include_path),  # the one that built the tasks (cached)
-                limit=lim,
-                num_fewshot=shots,  # None: each task's own default (0 for ours)
-                log_samples=True,
-                bootstrap_iters=bootstrap_iters,
-                random_seed=seed,
-                numpy_random_seed=seed,
-                torch_random_seed=seed,
-                fewshot_random_seed=seed,
-            )
+        results = _simple_evaluate(lm, built, lim, shots, offline, include_path, bootstrap_iters, seed)
         recorded = (lm.__dict__.get("continuation_tokens", {}), lm.__dict__.get("request_contexts", {}),
                     lm.context_nll)
         if shared:  # what each rank's scorer recorded of its requests, for rank 0's rows
@@ -344,15 +329,41 @@ def run_lm_eval(
             raise RuntimeError("lm-eval returned no results")
         if shared:
             _drop_padding_responses(results, leaf_tasks(built))
-        out.samples += sample_rows(results, leaf_tasks(built), recorded[0], recorded[1],
-                                   recorded[2] if context_nll else None)
-        out.metrics.update(extract_metrics(results))
-        out.groups.update(_group_leaves(built))
-        out.versions.update(results.get("versions") or {})
-        out.n_samples.update(results.get("n-samples") or {})
-        _merge_lm_eval(out.lm_eval, results)
+        _add_call(out, results, built, recorded if context_nll else (*recorded[:2], None))
     out.seconds = time.perf_counter() - start
     return out if rank == 0 else None
+
+
+def _simple_evaluate(lm, built: dict, limit: int | None, shots: int | None, offline: bool, include_path: str | None,
+                     bootstrap_iters: int, seed: int) -> dict | None:
+    """One lm-eval call on the built tasks (one limit and one few-shot count), every seed set from ours."""
+    import lm_eval
+
+    with _quiet_git_lookup():
+        return lm_eval.simple_evaluate(
+            model=lm,
+            tasks=built,
+            task_manager=task_manager(offline, include_path),  # the one that built the tasks (cached)
+            limit=limit,
+            num_fewshot=shots,  # None: each task's own default (0 for ours)
+            log_samples=True,
+            bootstrap_iters=bootstrap_iters,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+        )
+
+
+def _add_call(out: EvalResult, results: dict, built: dict, recorded: tuple) -> None:
+    """One call's rows, metrics, groups, versions and lm-eval output into `out` (`recorded`: the scorer's
+    continuation tokens, request contexts and context NLLs, or None for the last without `context_nll`)."""
+    out.samples += sample_rows(results, leaf_tasks(built), *recorded)
+    out.metrics.update(extract_metrics(results))
+    out.groups.update(_group_leaves(built))
+    out.versions.update(results.get("versions") or {})
+    out.n_samples.update(results.get("n-samples") or {})
+    _merge_lm_eval(out.lm_eval, results)
 
 
 def _shardable(tasks: dict[str, Any], limit: int | None, shots: int | None, world: int) -> bool:
