@@ -61,8 +61,9 @@ SCORERS = ("hflm", "fast")
 
 
 class _ExpectedHFLMWarnings(logging.Filter):
-    """Drops lm-eval's two warnings about a model handed over as an object: we do that on purpose (one process,
-    no accelerate launch), and every evaluation printed them."""
+    """Drops lm-eval's two warnings about a model handed over as an object: we do that on purpose (under torchrun
+    the ranks are set up by `RecordingHFLM.share_over`, not by an accelerate launch of HFLM's own), and every
+    evaluation printed them."""
 
     EXPECTED = ("`pretrained` model kwarg is not of type `str`", "Passed an already-initialized model")
 
