@@ -16,12 +16,14 @@ import torch
 HERE = Path(__file__).parent
 
 
-def _torchrun(port: int, args: list[str], stages: Path | None = None, **env_extra) -> subprocess.CompletedProcess:
+def _torchrun(port: int, args: list[str], stages: Path | None = None, nproc: int = 2,
+              **env_extra) -> subprocess.CompletedProcess:
     pytest.importorskip("accelerate")
     env = dict(os.environ, WANDB_MODE="disabled", OMP_NUM_THREADS="1", **env_extra)
     if stages is not None:  # its own stage cache: nothing another test computed is reused
         env["LLM_STREAMLINE_STAGES"] = str(stages)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port),
+           *args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -66,12 +68,15 @@ def test_sleb_search_profile_and_validation_shared_by_two_ranks_match_one_proces
             assert p0[score][n] == pytest.approx(values, rel=rel), (score, n)
 
 
-FSDP_DEVICES = [pytest.param("cpu", 1e-12, 29527, id="gloo"),
-                pytest.param("cuda", 1e-5, 29529, id="nccl", marks=TWO_CARDS)]
+# and FSDP's CUDA path (loading onto the card, NCCL, torch's own reset after a stopped forward) on one card
+ONE_CARD = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]
+FSDP_DEVICES = [pytest.param("cpu", 2, 1e-12, 29527, id="gloo"),
+                pytest.param("cuda", 2, 1e-5, 29529, id="nccl", marks=TWO_CARDS),
+                pytest.param("cuda", 1, 1e-5, 29535, id="nccl-1card", marks=ONE_CARD)]
 
 
-@pytest.mark.parametrize("device,rel,port", FSDP_DEVICES)
-def test_sharded_model_profile_sleb_and_lora_match_one_process(tmp_path, device, rel, port):
+@pytest.mark.parametrize("device,nproc,rel,port", FSDP_DEVICES)
+def test_sharded_model_profile_sleb_and_lora_match_one_process(tmp_path, device, nproc, rel, port):
     """model.shard=fsdp: a safetensors checkpoint loaded by two ranks, each reading only its rows (half the
     parameter bytes resident); the similarity profile and SLEB's search over 5 calibration windows (3 + 2: the
     second rank runs a filler forward, not counted) give one process's scores and choice; LoRA healing of the
@@ -83,14 +88,14 @@ def test_sharded_model_profile_sleb_and_lora_match_one_process(tmp_path, device,
     from safetensors.torch import load_file
 
     fsdp_worker.save_problem(tmp_path / "model")
-    res = _torchrun(port, [str(HERE / "fsdp_worker.py"), str(tmp_path / "model"), str(tmp_path)],
+    res = _torchrun(port, [str(HERE / "fsdp_worker.py"), str(tmp_path / "model"), str(tmp_path)], nproc=nproc,
                     DP_WORKER_DEVICE=device)
     assert res.returncode == 0, res.stderr[-3000:]
-    r0, r1 = (json.loads((tmp_path / f"fsdp_rank{r}.json").read_text()) for r in (0, 1))
+    r0, r1 = (json.loads((tmp_path / f"fsdp_rank{r}.json").read_text()) for r in (0, nproc - 1))
     one, weights = fsdp_worker.one_process()
     one = json.loads(json.dumps(one))
-    for r in (r0, r1):  # each rank holds its half of every parameter (dims here are even), never the whole
-        assert r["local_bytes"] == r["model_bytes"] // 2
+    for r in (r0, r1):  # each rank holds its 1/nproc of every parameter (dims here are even), never the whole
+        assert r["local_bytes"] == r["model_bytes"] // nproc
     assert r0["removed"] == r1["removed"] == one["removed"]
     assert r0["profile"] == r1["profile"] and r0["profile"]["tokens"] == one["profile"]["tokens"] == 5 * 16
     for score in ("cosine", "angular", "angular_last"):
@@ -105,12 +110,13 @@ def test_sharded_model_profile_sleb_and_lora_match_one_process(tmp_path, device,
     lora = one["lora"]
     assert r0["lora"]["steps"] == lora["steps"] == 2 and r0["lora"]["tokens"] == lora["tokens"]
     assert r0["lora"]["best_val_loss"] < r0["lora"]["initial_val_loss"]  # the adapters learnt something
-    for key in ("initial_val_loss", "best_val_loss"):
-        assert r0["lora"][key] == pytest.approx(lora[key], rel=1e-6)
+    for key in ("initial_val_loss", "best_val_loss"):  # on CUDA against the CPU's one process: its kernels' sums
+        assert r0["lora"][key] == pytest.approx(lora[key], rel=1e-6 if device == "cpu" else 1e-4)
     merged = load_file(str(tmp_path / "fsdp_merged.safetensors"))
     assert sorted(merged) == sorted(weights)
+    tol = 1e-5 if device == "cpu" else 1e-3
     for k, w in weights.items():  # Adam's normalised steps carry the gradients' rounding: 1e-5 of each tensor's size
-        assert (merged[k] - w).abs().max() <= 1e-5 * w.abs().max(), k
+        assert (merged[k] - w).abs().max() <= tol * w.abs().max(), k
     # MSE with online pairs from the sharded dense model (a replicated layer replacement read from the checkpoint;
     # 5 validation blocks: a filler): what the same two ranks train with a replicated dense model, which moved
     m0, m1 = r0["mse"], r1["mse"]
