@@ -248,8 +248,8 @@ def test_what_several_processes_cannot_share_is_refused_in_one_line():
                "model.device_map=auto": replace(base, model=ModelConfig(name="m", device_map="auto"),
                                                 train=TrainConfig(loss="lm")),
                "model.shard=fsdp": replace(base, model=ModelConfig(name="m", shard="fsdp"), method=LaCoConfig()),
-               "train.loss=lm": replace(base, model=ModelConfig(name="m", shard="fsdp"), train=TrainConfig(loss="lm"),
-                                        eval=EvalConfig(speed=False), save=False),
+               "train.loss=distill": replace(base, model=ModelConfig(name="m", shard="fsdp"),
+                                             train=TrainConfig(loss="distill"), eval=EvalConfig(speed=False)),
                "eval.speed=true": replace(base, model=ModelConfig(name="m", shard="fsdp"), method=SLEBConfig()),
                "2 CUDA devices": replace(base, model=ModelConfig(name="m", device="cuda"),
                                          train=TrainConfig(loss="lm"))}
@@ -266,7 +266,9 @@ def test_what_several_processes_cannot_share_is_refused_in_one_line():
                 replace(base, method=SLEBConfig()),
                 replace(base, model=ModelConfig(name="m", shard="fsdp"), method=GromovConfig(),
                         eval=EvalConfig(speed=False), save=False),
-                replace(base, model=ModelConfig(name="m", shard="fsdp"), eval=EvalConfig(speed=False), save=False),
+                replace(base, model=ModelConfig(name="m", shard="fsdp"), eval=EvalConfig(speed=False)),
+                replace(base, model=ModelConfig(name="m", shard="fsdp"), train=TrainConfig(loss="lm"),
+                        eval=EvalConfig(speed=False)),
                 replace(base, method=ShortGPTConfig()),
                 replace(base, replacement=ReplacementConfig(type="linear")),
                 replace(base, method=GromovConfig())):

@@ -691,13 +691,13 @@ def sharded_refusal(cfg: RunConfig, world: int, resolved: str | None = None) -> 
     """What of a run does not run on sharded weights yet, in one line (None: all of it does, or the layout is not
     sharded; `resolved`: the layout when already known). A run whose layout resolves to fsdp (`layout`) runs the
     baselines that remove whole layers and LLM-Streamline with a trained ffn / layer(s) (the MSE, teacher pairs
-    online from the sharded dense model, the replacement replicated) or plain removal, each with or without LoRA
-    healing: the profile, SLEB's search, the training, LoRA, the evaluations and perplexities on the sharded model
-    (`models.sharded`); the block is removed from the dense model itself once trained (no second model over shards).
-    Not yet: LaCo and LLM-Pruner (they rewrite weights of a copy), the LM / distillation losses (they need the dense
-    and the pruned model at once), the linear fits and replacements that copy parts of a layer (swiglu, a pre-norm
-    ffn) and the speed comparison; `recipes.common.check_sharded` refuses them, the plan lists them among its
-    problems. Saving gathers each tensor in turn (`models.sharded.save_sharded_weights`)."""
+    online from the sharded dense model, or the LM loss through the pruned one; the replacement replicated) or plain
+    removal, each with or without LoRA healing: the profile, SLEB's search, the training, LoRA, the evaluations and
+    perplexities on the sharded model (`models.sharded`); the block is removed from the dense model itself once
+    trained (no second model over shards). Not yet: LaCo and LLM-Pruner (they rewrite weights of a copy),
+    distillation (it needs the dense and the pruned model at once), the linear fits and replacements that copy parts
+    of a layer (swiglu, a pre-norm ffn) and the speed comparison; `recipes.common.check_sharded` refuses them, the
+    plan lists them among its problems. Saving gathers each tensor in turn (`models.sharded.save_sharded_weights`)."""
     if cfg.mode != "run":  # llm-streamline-eval loads a whole checkpoint on every rank
         if world > 1 and cfg.model.shard == "fsdp":
             return (f"model.shard=fsdp with {world} processes: mode=eval loads a whole copy of the checkpoint on "
@@ -718,8 +718,8 @@ def sharded_refusal(cfg: RunConfig, world: int, resolved: str | None = None) -> 
                      (streamline and r.type == "ffn" and r.pre_norm, "replacement.pre_norm=true: not on sharded "
                       "weights yet"),
                      (streamline and r.init == "linear", "replacement.init=linear: not on sharded weights yet"),
-                     (trains and cfg.train.loss != "mse", f"train.loss={cfg.train.loss}: only the MSE trains on "
-                      "sharded weights yet"),
+                     (trains and cfg.train.loss == "distill", "train.loss=distill: not on sharded weights yet (the "
+                      "dense teacher and the pruned student at once)"),
                      (cfg.eval.speed, "eval.speed=true: set eval.speed=false")):
         if bad:
             return f"{head}: {fix}"
