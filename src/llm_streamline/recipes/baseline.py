@@ -46,6 +46,7 @@ from llm_streamline.recipes.common import (
     leave_rank_record,
     load_data,
     load_dense_model,
+    main_rank_looks,
     results_record,
     save_model,
     similarity,
@@ -125,11 +126,8 @@ def compress(ctx: Run, profile: SimilarityProfile, n: int, target_removed: int) 
                                   method=cfg.method.name)
     choice_path = stages.stage_dir(choice_key).with_suffix(".json")
     chooser = cfg.method.name in LAYER_CHOOSERS
-    chosen = stages.read_sealed_json(choice_path, choice_key) if chooser and ctx.is_main else None
-    if ctx.accelerator is not None:  # the main rank's look decides for all: search together, or remove its layers
-        from accelerate.utils import broadcast_object_list
-
-        chosen = broadcast_object_list([chosen])[0]
+    # the main rank's look decides for all: search together, or remove its layers
+    _, chosen = main_rank_looks(ctx, lambda: stages.read_sealed_json(choice_path, choice_key) if chooser else None)
     torch.manual_seed(cfg.seed)
     # sharded weights: the dense model itself (a shard cannot be shared by a copy; nothing reads the dense model
     # after this: check_sharded refuses the speed comparison)

@@ -427,23 +427,35 @@ def similarity(ctx: Run) -> SimilarityProfile:
     return SimilarityProfile.from_dict(prof_json)
 
 
-def shared_cached_json(ctx: Run, key: str, compute, everyone: bool = True) -> tuple[Any, bool]:
-    """`stages.cached_json` for a stage the data-parallel ranks compute together (collectives inside): the main
-    rank looks in the cache and tells the others (a rank that took the stage lock alone would wait for ranks
-    that wait for it); on a miss all compute and the main rank writes. One process: `stages.cached_json`.
-    `everyone=False`: only the main rank gets a cached value (the others None; an evaluation's per-item rows,
-    which only the main rank records, are not sent to every rank)."""
+def main_rank_looks(ctx: Run, look: Callable[[], Any], send: bool = True) -> tuple[bool, Any]:
+    """(hit, value): what `look` (a stage-cache lookup: the entry's value, None for a miss) finds on the main rank,
+    the same decision on every rank under torchrun. The one home of every cached stage's lookup there: a rank that
+    looked for itself could decide otherwise (an entry written or moved aside between the looks, a node with a
+    cache of its own) and wait in a collective the others never join (`DATA_PARALLEL_TIMEOUT_S`). `send`: the
+    value itself goes to the others too (a trained slot or adapters: pickled, one block's weights at most), so no
+    other rank reads the cache; False: the others get the decision and None. One process: `look()`."""
+    value = look() if ctx.is_main else None
     if ctx.accelerator is None:
-        return stages.cached_json(key, compute, log.info)
+        return value is not None, value
     from accelerate.utils import broadcast_object_list
 
+    hit, sent = broadcast_object_list([(value is not None, value if send else None)])[0]
+    return hit, value if ctx.is_main else sent
+
+
+def shared_cached_json(ctx: Run, key: str, compute, everyone: bool = True) -> tuple[Any, bool]:
+    """`stages.cached_json` for a stage the data-parallel ranks compute together (collectives inside): the main
+    rank looks in the cache and tells the others (`main_rank_looks`; a rank that took the stage lock alone would
+    wait for ranks that wait for it); on a miss all compute and the main rank writes. One process:
+    `stages.cached_json`. `everyone=False`: only the main rank gets a cached value (the others None; an
+    evaluation's per-item rows, which only the main rank records, are not sent to every rank)."""
+    if ctx.accelerator is None:
+        return stages.cached_json(key, compute, log.info)
     path = stages.stage_dir(key).with_suffix(".json")
-    hit = stages.read_sealed_json(path, key) if ctx.is_main else None
-    if everyone:
-        hit = broadcast_object_list([hit])[0]
-    if (hit is not None if everyone else broadcast_object_list([hit is not None])[0]):
+    hit, value = main_rank_looks(ctx, lambda: stages.read_sealed_json(path, key), send=everyone)
+    if hit:
         log.info("stage %s: reused from %s", key, path)
-        return hit, True
+        return value, True
     value = compute()
     if ctx.is_main:
         stages.write_sealed_json(path, key, value)
@@ -640,6 +652,13 @@ def save_weights_stage(ckpt: Path, weights_file: str, weights: dict, train_log: 
         stages.seal(tmp, ckpt.name)
 
 
+def load_weights_stage(ckpt: Path, weights_file: str) -> tuple[dict, dict] | None:
+    """(weights, train log) that `save_weights_stage` stored, or None when absent or damaged (moved aside)."""
+    if not stages.sealed(ckpt, ckpt.name):
+        return None
+    return load_file(str(ckpt / weights_file)), stages.read_json(ckpt / "train_log.json")
+
+
 def heal(ctx: Run, model: PreTrainedModel, key: str) -> tuple[PreTrainedModel, dict]:
     """LoRA on a compressed model, merged back (the options: `config.heal_train_config`); the adapters are
     kept in the stage cache under `key`, so a rerun applies them without training. Under torchrun the ranks
@@ -647,14 +666,9 @@ def heal(ctx: Run, model: PreTrainedModel, key: str) -> tuple[PreTrainedModel, d
     together)."""
     cfg = ctx.cfg
     ckpt = stages.stage_dir(key)
-    found = ctx.is_main and stages.sealed(ckpt, key)
-    if ctx.accelerator is not None:  # the main rank's look decides for all: train together, or all merge
-        from accelerate.utils import broadcast_object_list
-
-        found = broadcast_object_list([found])[0]
-    cached = None
-    if found:
-        cached = (load_file(str(ckpt / "adapters.safetensors")), stages.read_json(ckpt / "train_log.json"))
+    # the main rank's look decides for all and sends its adapters: train together, or all merge them
+    _, cached = main_rank_looks(ctx, lambda: load_weights_stage(ckpt, "adapters.safetensors"))
+    if cached is not None:
         log.info("LoRA adapters reused from %s", ckpt)
 
     def on_trained(adapters, train_log):

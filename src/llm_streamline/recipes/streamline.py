@@ -23,7 +23,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from llm_streamline import linear_map, stages
 from llm_streamline.config import ConfigError, RunConfig, infer_batch_size, trained_with
@@ -49,6 +48,8 @@ from llm_streamline.recipes.common import (
     leave_rank_record,
     load_data,
     load_dense_model,
+    load_weights_stage,
+    main_rank_looks,
     results_record,
     save_model,
     save_weights_stage,
@@ -167,8 +168,9 @@ def replace_block(ctx: Run, start: int, n: int) -> Compressed:
     train_key = stages.stage_key("train", model=ctx.model_id, data=ctx.data_key, start=start, n=n,
                                  replacement=asdict(cfg.replacement), train=train_identity(trained_with(cfg)),
                                  seed=cfg.seed)
-    trained_before = trains_after_fit(cfg.replacement) and stages.sealed(stages.stage_dir(train_key), train_key,
-                                                                             move_aside=False)
+    # (the main rank's look under torchrun: the fit's sums over the ranks run on all or none)
+    trained_before = trains_after_fit(cfg.replacement) and main_rank_looks(ctx, lambda: stages.sealed(
+        stages.stage_dir(train_key), train_key, move_aside=False) or None)[0]
     fit_log = None if trained_before else fit_linear(ctx, pruned, slot, start, n)
     if fit_log is not None and not trains_after_fit(cfg.replacement):  # training-free: the fit is the result
         train_log, slot_trained = fit_log, False
@@ -256,12 +258,15 @@ def load_or_train(ctx: Run, slot: list, train_key: str, pruned, start: int, n: i
     torchrun). Returns (train log, the block if training already removed it from `pruned`)."""
     cfg, timings, dense_model, blocks = ctx.cfg, ctx.timings, ctx.model, ctx.blocks
     ckpt = stages.stage_dir(train_key)
-    if stages.sealed(ckpt, train_key):  # a damaged entry is moved aside and trained again
-        state = load_file(str(ckpt / "slot.safetensors"))
+    # a damaged entry is moved aside and trained again; under torchrun the main rank's look decides for all and
+    # sends the weights (`main_rank_looks`): all train together, or all load the same
+    _, cached = main_rank_looks(ctx, lambda: load_weights_stage(ckpt, "slot.safetensors"))
+    if cached is not None:
+        state, train_log = cached
         for j, m in enumerate(slot):
             m.load_state_dict({k.split(".", 1)[1]: v for k, v in state.items() if k.startswith(f"{j}.")})
         log.info("trained replacement reused from %s", ckpt)
-        return stages.read_json(ckpt / "train_log.json"), None
+        return train_log, None
 
     def on_step(step, metrics):
         ctx.tracker.log(metrics, step=step)
