@@ -190,9 +190,13 @@ def test_pipeline_records_the_teacher_and_dtype_choice(tmp_path, monkeypatch):
     from test_pipeline import compose_run
 
     from llm_streamline import recipes
+    from llm_streamline.recipes import streamline
 
-    # online must not touch the shard writer; max_steps=3: a train stage no other test has cached
-    monkeypatch.setattr(T, "write_teacher_shards", lambda *a, **k: pytest.fail("online wrote teacher shards"))
+    # online must not touch the shard writer; max_steps=3: a train stage no other test has cached. Patched where the
+    # recipe looks it up (its own `from ..train import` name): patching train's attribute did nothing once the
+    # recipe was imported, and when this test imported it first, the recipe bound the failing stand-in for good
+    monkeypatch.setattr(streamline, "write_teacher_shards",
+                        lambda *a, **k: pytest.fail("online wrote teacher shards"))
     cfg = compose_run("experiment=smoke", "replacement=ffn", "train.teacher=online", "train.max_steps=3")
     recipes.run(cfg, tmp_path)
     saved = json.loads((tmp_path / "results.json").read_text())
