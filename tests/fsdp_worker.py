@@ -3,8 +3,8 @@ with `model.shard=fsdp`: dp_worker's tiny model, saved as safetensors, loaded sh
 only); the similarity profile and SLEB's search over calibration batches that do not divide evenly by the ranks
 (lockstep: the short rank runs a filler forward). Each rank writes its resident parameter bytes, the profile, what
 SLEB removed with every candidate's perplexity (a filler counted would show in the profile's token count), LoRA
-healing's log and merged weights, and the MSE with online teacher pairs from the sharded dense model against the
-same ranks with a replicated one."""
+healing's log and merged weights, and the MSE with online teacher pairs from the sharded dense model and
+distillation from it (the student through the same sharded layers) against the same ranks with a replicated one."""
 
 from __future__ import annotations
 
@@ -78,6 +78,19 @@ def mse_online(model, slot, accelerator) -> tuple[dict, dict]:
     return log.as_dict(), {k: v.detach().clone() for k, v in slot[0].state_dict().items()}
 
 
+def distill(dense, pruned, slot, accelerator) -> tuple[dict, dict]:
+    """Two steps of distillation (KL + 0.5 x the hidden-state MSE at the slot's output: both teacher paths) from
+    `dense`, slot = layers [START, START + N), through `pruned` (`dense` itself when sharded: the slot put in for
+    the student's forwards only); 6 training blocks, 5 validation blocks (a filler on the second rank)."""
+    from llm_streamline.config import TrainConfig
+    from llm_streamline.train import train_distill
+
+    blocks = dp_worker.problem()[1]
+    cfg = TrainConfig(loss="distill", epochs=1, batch_size=1, max_steps=2, lr=1e-3, distill_alpha=0.5)
+    log = train_distill(dense, pruned, slot, START, N, blocks, blocks[:5], cfg, seed=0, accelerator=accelerator)
+    return log.as_dict(), {k: v.detach().clone() for k, v in slot[0].state_dict().items()}
+
+
 def one_process() -> dict:
     model, calib = dp_worker.problem()
     out, merged = run(model, calib[:CALIB])
@@ -88,7 +101,7 @@ if __name__ == "__main__":
     from accelerate import Accelerator
 
     from llm_streamline.config import ModelConfig
-    from llm_streamline.models.layers import count_params, find_decoder_stack
+    from llm_streamline.models.layers import count_params, find_decoder_stack, remove_block, share_weights
     from llm_streamline.models.sharded import load_sharded, local_param_bytes
 
     acc = Accelerator(cpu=os.environ.get("DP_WORKER_DEVICE", "cpu") == "cpu")
@@ -105,13 +118,27 @@ if __name__ == "__main__":
     sharded_log, sharded_slot = mse_online(model, slot, acc)
     plain = dp_worker.problem(acc.device)[0]
     plain_log, plain_slot = mse_online(plain, [copy.deepcopy(find_decoder_stack(plain).layers[START])], acc)
-    del plain
-    mse = {"sharded": sharded_log, "replicated": plain_log,
-           "max_diff": max((sharded_slot[k] - v).abs().max().item() for k, v in plain_slot.items()),
-           "moved": max((sharded_slot[k] - v).abs().max().item()
-                        for k, v in find_decoder_stack(dp_worker.problem()[0]).layers[START].state_dict().items()),
-           "sha256": {k: hashlib.sha256(v.contiguous().view(torch.uint8).numpy()).hexdigest()
-                      for k, v in sharded_slot.items()}}
+    # distillation: the teacher's logits from the sharded dense model, the student through the same sharded layers
+    # with the replicated slot, against a whole dense model and a pruned one over its weights on each rank
+    slot = load_layers(cfg, torch.float32, acc.device, [START])
+    distill_sharded = distill(model, model, slot, acc)
+    pruned = share_weights(plain)
+    slot = [copy.deepcopy(find_decoder_stack(plain).layers[START])]
+    remove_block(pruned, START, N, slot)
+    distill_plain = distill(plain, pruned, slot, acc)
+    del plain, pruned
+    initial = find_decoder_stack(dp_worker.problem()[0]).layers[START].state_dict()
+
+    def compared(sharded, replicated) -> dict:
+        (s_log, s_slot), (r_log, r_slot) = sharded, replicated
+        return {"sharded": s_log, "replicated": r_log,
+                "max_diff": max((s_slot[k] - v).abs().max().item() for k, v in r_slot.items()),
+                "moved": max((s_slot[k] - v).abs().max().item() for k, v in initial.items()),
+                "sha256": {k: hashlib.sha256(v.contiguous().view(torch.uint8).numpy()).hexdigest()
+                           for k, v in s_slot.items()}}
+
+    mse = compared((sharded_log, sharded_slot), (plain_log, plain_slot))
+    resident["distill"] = {**compared(distill_sharded, distill_plain), "layers": find_decoder_stack(model).num_layers}
     calib = dp_worker.problem()[1][:CALIB]
     rec, merged = run(model, calib, acc)
     weights = full_weights(merged)

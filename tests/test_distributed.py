@@ -1,6 +1,7 @@
 """Data parallel under torchrun (two CPU processes, gloo): SLEB's search shared by the ranks chooses what one
 process chooses; LM-loss, MSE (online teacher pairs) and LoRA training end with identical weights on every rank.
-Sharded weights (FSDP2, `model.shard=fsdp`): the profile, SLEB and LoRA healing give one process's results."""
+Sharded weights (FSDP2, `model.shard=fsdp`): the profile, SLEB and LoRA healing give one process's results; the MSE
+and distillation train what replicated dense models train."""
 
 from __future__ import annotations
 
@@ -82,7 +83,8 @@ def test_sharded_model_profile_sleb_and_lora_match_one_process(tmp_path, device,
     second rank runs a filler forward, not counted) give one process's scores and choice; LoRA healing of the
     pruned sharded model (activation checkpointing, adapters replicated, merged into each rank's rows) gives one
     process's merged weights (same effective batch) and the same gathered weights on both ranks; the MSE with online
-    teacher pairs from the sharded dense model trains what a replicated dense model trains on the same ranks."""
+    teacher pairs from the sharded dense model, and distillation from it through the same sharded layers, train
+    what a replicated dense model trains on the same ranks."""
     sys.path.insert(0, str(HERE))
     import fsdp_worker
     from safetensors.torch import load_file
@@ -125,6 +127,16 @@ def test_sharded_model_profile_sleb_and_lora_match_one_process(tmp_path, device,
     assert m0["max_diff"] <= (1e-6 if device == "cpu" else 1e-3)
     for key in ("initial_val_loss", "best_val_loss"):
         assert m0["sharded"][key] == pytest.approx(m0["replicated"][key], rel=rel)
+    # distillation: the teacher from the sharded dense model, the student through the same sharded layers with the
+    # replicated slot (put in for its forwards only: the dense stack is whole afterwards), against a whole dense
+    # model and a pruned one over its weights on each rank: the same slot (float32 sums in another order)
+    d0, d1 = r0["distill"], r1["distill"]
+    assert d0["sha256"] == d1["sha256"] and d0["sharded"] == d1["sharded"] and d0["layers"] == 6
+    assert d0["sharded"]["steps"] == 2 and d0["moved"] > 1e-4
+    assert d0["max_diff"] <= (1e-6 if device == "cpu" else 1e-3)
+    for key in ("initial_val_loss", "best_val_loss"):  # a KL of ~3e-3 from near-equal log-probabilities: absolute
+        assert d0["sharded"][key] == pytest.approx(d0["replicated"][key], abs=1e-7 if device == "cpu" else 1e-5)
+    assert d0["sharded"]["best_val_loss"] < d0["sharded"]["initial_val_loss"]
 
 
 MSE_ONLINE = ["-m", "llm_streamline", "experiment=smoke", "train.teacher=online", "train.batch_size=2",
@@ -248,8 +260,9 @@ def test_what_several_processes_cannot_share_is_refused_in_one_line():
                "model.device_map=auto": replace(base, model=ModelConfig(name="m", device_map="auto"),
                                                 train=TrainConfig(loss="lm")),
                "model.shard=fsdp": replace(base, model=ModelConfig(name="m", shard="fsdp"), method=LaCoConfig()),
-               "train.loss=distill": replace(base, model=ModelConfig(name="m", shard="fsdp"),
-                                             train=TrainConfig(loss="distill"), eval=EvalConfig(speed=False)),
+               "replacement.init=linear": replace(base, model=ModelConfig(name="m", shard="fsdp"),
+                                                  replacement=ReplacementConfig(type="ffn", init="linear"),
+                                                  eval=EvalConfig(speed=False)),
                "eval.speed=true": replace(base, model=ModelConfig(name="m", shard="fsdp"), method=SLEBConfig()),
                "2 CUDA devices": replace(base, model=ModelConfig(name="m", device="cuda"),
                                          train=TrainConfig(loss="lm"))}
@@ -268,6 +281,8 @@ def test_what_several_processes_cannot_share_is_refused_in_one_line():
                         eval=EvalConfig(speed=False), save=False),
                 replace(base, model=ModelConfig(name="m", shard="fsdp"), eval=EvalConfig(speed=False)),
                 replace(base, model=ModelConfig(name="m", shard="fsdp"), train=TrainConfig(loss="lm"),
+                        eval=EvalConfig(speed=False)),
+                replace(base, model=ModelConfig(name="m", shard="fsdp"), train=TrainConfig(loss="distill"),
                         eval=EvalConfig(speed=False)),
                 replace(base, method=ShortGPTConfig()),
                 replace(base, replacement=ReplacementConfig(type="linear")),

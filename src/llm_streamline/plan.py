@@ -691,12 +691,13 @@ def sharded_refusal(cfg: RunConfig, world: int, resolved: str | None = None) -> 
     """What of a run does not run on sharded weights yet, in one line (None: all of it does, or the layout is not
     sharded; `resolved`: the layout when already known). A run whose layout resolves to fsdp (`layout`) runs the
     baselines that remove whole layers and LLM-Streamline with a trained ffn / layer(s) (the MSE, teacher pairs
-    online from the sharded dense model, or the LM loss through the pruned one; the replacement replicated) or plain
-    removal, each with or without LoRA healing: the profile, SLEB's search, the training, LoRA, the evaluations and
-    perplexities on the sharded model (`models.sharded`); the block is removed from the dense model itself once
-    trained (no second model over shards). Not yet: LaCo and LLM-Pruner (they rewrite weights of a copy),
-    distillation (it needs the dense and the pruned model at once), the linear fits and replacements that copy parts
-    of a layer (swiglu, a pre-norm ffn) and the speed comparison; `recipes.common.check_sharded` refuses them, the
+    online from the sharded dense model, the LM loss through the pruned one, or distillation: the teacher's logits
+    from the dense layers, the student's through the same model with the slot put in for its forward; the
+    replacement replicated) or plain removal, each with or without LoRA healing: the profile, SLEB's search, the
+    training, LoRA, the evaluations and perplexities on the sharded model (`models.sharded`); the block is removed
+    from the dense model itself once trained (no second model over shards). Not yet: LaCo and LLM-Pruner (they
+    rewrite weights of a copy), the linear fits and replacements that copy parts of a layer (swiglu, a pre-norm ffn)
+    and the speed comparison; `recipes.common.check_sharded` refuses them, the
     plan lists them among its problems. Saving gathers each tensor in turn (`models.sharded.save_sharded_weights`)."""
     if cfg.mode != "run":  # llm-streamline-eval loads a whole checkpoint on every rank
         if world > 1 and cfg.model.shard == "fsdp":
@@ -712,14 +713,11 @@ def sharded_refusal(cfg: RunConfig, world: int, resolved: str | None = None) -> 
                 f"{', '.join(SHARDED_METHODS)}, with or without method.heal=lora); run it in one process with "
                 "model.device_map=auto")
     r, streamline = cfg.replacement, cfg.method.name == "streamline"
-    trains = streamline and r.type != "none" and cfg.method.heal != "lora"
     for bad, fix in ((r.type in ("linear", "linear_patch", "swiglu"), f"replacement={r.type}: not on sharded weights "
                       "yet (ffn, layer, layers or none)"),
                      (streamline and r.type == "ffn" and r.pre_norm, "replacement.pre_norm=true: not on sharded "
                       "weights yet"),
                      (streamline and r.init == "linear", "replacement.init=linear: not on sharded weights yet"),
-                     (trains and cfg.train.loss == "distill", "train.loss=distill: not on sharded weights yet (the "
-                      "dense teacher and the pruned student at once)"),
                      (cfg.eval.speed, "eval.speed=true: set eval.speed=false")):
         if bad:
             return f"{head}: {fix}"

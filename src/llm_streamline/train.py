@@ -52,7 +52,7 @@ from llm_streamline import faults, stages
 from llm_streamline.config import ConfigError, TrainConfig
 from llm_streamline.losses import final_hidden, head_of, kl_sum, lm_loss
 from llm_streamline.models.devices import input_device, module_device, to_device
-from llm_streamline.models.layers import find_decoder_stack, run_layers
+from llm_streamline.models.layers import find_decoder_stack, layer_view, run_layers
 from llm_streamline.models.sharded import is_sharded
 from llm_streamline.parallel import ranks, shares, sum_over_ranks
 from llm_streamline.precision import MasterWeights, autocast, compute_dtype
@@ -630,11 +630,20 @@ class DistillLoss:
 
     The teacher's final hidden states come from the dense model per batch, without gradients; its logits are
     formed chunk by chunk inside `kl_sum`, never for the whole batch. For the MSE term, forward hooks catch
-    the dense model's x^(start+n) and the slot's output in the same forward passes."""
+    the dense model's x^(start+n) and the slot's output in the same forward passes.
+
+    `pruned` may be `dense` itself (sharded weights, `model.shard=fsdp`: no second model over the shards): the
+    teacher runs the dense layers, the student the same model with `slot` in place of [start, start+n) for its
+    forward only (`layer_view`); every rank runs both forwards in lockstep, the FSDP layers gathered in turn."""
 
     def __init__(self, dense: PreTrainedModel, pruned: PreTrainedModel, slot: list[nn.Module], start: int, n: int,
                  cfg: TrainConfig):
         self.dense, self.pruned, self.cfg = dense, pruned, cfg
+        self.student_view = contextlib.nullcontext
+        if pruned is dense:
+            layers, total = list(find_decoder_stack(dense).layers), find_decoder_stack(dense).num_layers
+            rows = [*range(start), *range(start, start + len(slot)), *range(start + n, total)]
+            self.student_view = lambda: layer_view(dense, [*layers[:start], *slot, *layers[start + n:]], rows)
         self.teacher_head, self.student_head = head_of(dense), head_of(pruned)
         self.caught: dict[str, torch.Tensor] = {}
         self.hooks = []
@@ -650,7 +659,8 @@ class DistillLoss:
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             teacher = final_hidden(self.dense, ids)
-        student = final_hidden(self.pruned, ids)
+        with self.student_view():  # the backward needs no view: autograd kept the student's graph
+            student = final_hidden(self.pruned, ids)
         kl, positions = kl_sum(student, teacher, self.student_head, self.teacher_head, self.cfg.distill_temperature)
         loss = kl / positions
         if self.cfg.distill_alpha > 0:
@@ -668,7 +678,8 @@ def train_distill(dense: PreTrainedModel, pruned: PreTrainedModel, slot: list[nn
                   train_blocks: torch.Tensor, val_blocks: torch.Tensor, cfg: TrainConfig, seed: int,
                   evals_per_epoch: int = 4, on_step=None, accelerator=None) -> TrainLog:
     """Knowledge distillation from the dense model through the frozen pruned model; only `slot` trains.
-    `pruned` already holds `slot` in place of the dense model's layers [start, start+n)."""
+    `pruned` already holds `slot` in place of the dense model's layers [start, start+n), or is `dense` itself
+    (sharded weights: the slot is put in for the student's forwards only, `DistillLoss`)."""
     dense.eval().requires_grad_(False)
     loss = DistillLoss(dense, pruned, slot, start, n, cfg)
     try:

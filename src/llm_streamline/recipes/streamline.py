@@ -151,7 +151,7 @@ def replace_block(ctx: Run, start: int, n: int) -> Compressed:
     probe = run_layers(model, ctx.blocks.calib[:1], outputs_at=(start,), stack=ctx.stack)
     anatomy = anatomy_of(model, start, ctx.blocks.calib[:1]) if needs_anatomy(cfg.replacement) else None
     # sharded weights: the dense model itself, its block removed once the replacement is trained (the MSE's online
-    # teacher reads it until then; check_sharded refuses what needs both models at once); the slot is replicated,
+    # teacher and distillation's teacher read it until then); the slot is replicated,
     # built from the block's layers read whole from the checkpoint (a shard cannot be deep-copied)
     pruned = model if ctx.sharded else share_weights(model)
     pstack = find_decoder_stack(pruned)
@@ -280,7 +280,9 @@ def load_or_train(ctx: Run, slot: list, train_key: str, pruned, start: int, n: i
                            on_step=on_step, accelerator=ctx.accelerator)
     elif cfg.train.loss == "distill":  # the dense model is the teacher, batch by batch
         with timings.stage("train"):
-            block = remove_block(pruned, start, n, slot)
+            # sharded weights: `pruned` is the dense model, the slot put in for the student's forwards only; the
+            # block comes out once trained (replace_block)
+            block = None if pruned is dense_model else remove_block(pruned, start, n, slot)
             tl = train_distill(dense_model, pruned, slot, start, n, blocks.train, blocks.val, cfg.train, cfg.seed,
                                on_step=on_step, accelerator=ctx.accelerator)
     else:
