@@ -78,15 +78,15 @@ def mse_online(model, slot, accelerator) -> tuple[dict, dict]:
     return log.as_dict(), {k: v.detach().clone() for k, v in slot[0].state_dict().items()}
 
 
-def distill(dense, pruned, slot, accelerator) -> tuple[dict, dict]:
-    """Two steps of distillation (KL + 0.5 x the hidden-state MSE at the slot's output: both teacher paths) from
-    `dense`, slot = layers [START, START + N), through `pruned` (`dense` itself when sharded: the slot put in for
-    the student's forwards only); 6 training blocks, 5 validation blocks (a filler on the second rank)."""
+def distill(dense, pruned, slot, accelerator, alpha: float) -> tuple[dict, dict]:
+    """Two steps of distillation (KL, + alpha x the hidden-state MSE at the slot's output) from `dense`, slot =
+    layers [START, START + N), through `pruned` (`dense` itself when sharded: the slot put in for the student's
+    forwards only); 6 training blocks, 5 validation blocks (a filler on the second rank)."""
     from llm_streamline.config import TrainConfig
     from llm_streamline.train import train_distill
 
     blocks = dp_worker.problem()[1]
-    cfg = TrainConfig(loss="distill", epochs=1, batch_size=1, max_steps=2, lr=1e-3, distill_alpha=0.5)
+    cfg = TrainConfig(loss="distill", epochs=1, batch_size=1, max_steps=2, lr=1e-3, distill_alpha=alpha)
     log = train_distill(dense, pruned, slot, START, N, blocks, blocks[:5], cfg, seed=0, accelerator=accelerator)
     return log.as_dict(), {k: v.detach().clone() for k, v in slot[0].state_dict().items()}
 
@@ -120,12 +120,15 @@ if __name__ == "__main__":
     plain_log, plain_slot = mse_online(plain, [copy.deepcopy(find_decoder_stack(plain).layers[START])], acc)
     # distillation: the teacher's logits from the sharded dense model, the student through the same sharded layers
     # with the replicated slot, against a whole dense model and a pruned one over its weights on each rank
-    slot = load_layers(cfg, torch.float32, acc.device, [START])
-    distill_sharded = distill(model, model, slot, acc)
-    pruned = share_weights(plain)
-    slot = [copy.deepcopy(find_decoder_stack(plain).layers[START])]
-    remove_block(pruned, START, N, slot)
-    distill_plain = distill(plain, pruned, slot, acc)
+    # (the KL alone, and + 0.5 x the hidden-state MSE: the teacher's hooked layer output too)
+    distilled = {}
+    for alpha in (0.0, 0.5):
+        slot = load_layers(cfg, torch.float32, acc.device, [START])
+        sharded = distill(model, model, slot, acc, alpha)
+        pruned = share_weights(plain)
+        slot = [copy.deepcopy(find_decoder_stack(plain).layers[START])]
+        remove_block(pruned, START, N, slot)
+        distilled[alpha] = sharded, distill(plain, pruned, slot, acc, alpha)
     del plain, pruned
     initial = find_decoder_stack(dp_worker.problem()[0]).layers[START].state_dict()
 
@@ -138,7 +141,8 @@ if __name__ == "__main__":
                            for k, v in s_slot.items()}}
 
     mse = compared((sharded_log, sharded_slot), (plain_log, plain_slot))
-    resident["distill"] = {**compared(distill_sharded, distill_plain), "layers": find_decoder_stack(model).num_layers}
+    resident["distill"] = {"kl": compared(*distilled[0.0]), "kl_mse": compared(*distilled[0.5]),
+                           "layers": find_decoder_stack(model).num_layers}
     calib = dp_worker.problem()[1][:CALIB]
     rec, merged = run(model, calib, acc)
     weights = full_weights(merged)
