@@ -27,9 +27,8 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from llm_streamline.losses import nll_batches
-from llm_streamline.models.devices import input_device
+from llm_streamline.models.devices import input_device, is_sharded
 from llm_streamline.models.layers import find_decoder_stack, run_layers, skipping
-from llm_streamline.models.sharded import is_sharded
 from llm_streamline.parallel import mine, shares, sum_over_ranks
 
 PPL_IMPORTANCE_BLOCKS = 8  # calibration blocks per candidate for sparsity.importance=perplexity (as SLEB's 8)

@@ -57,9 +57,8 @@ from tqdm.auto import tqdm
 
 from llm_streamline.config import ConfigError, ReplacementConfig
 from llm_streamline.models.anatomy import anatomy_of
-from llm_streamline.models.devices import module_device, to_device
+from llm_streamline.models.devices import is_sharded, module_device, to_device
 from llm_streamline.models.layers import find_decoder_stack, run_layers
-from llm_streamline.models.sharded import is_sharded
 from llm_streamline.parallel import ranks, shares, sum_over_ranks
 
 

@@ -24,9 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from llm_streamline.models.devices import input_device
+from llm_streamline.models.devices import input_device, is_sharded
 from llm_streamline.models.layers import text_config
-from llm_streamline.models.sharded import is_sharded
 from llm_streamline.parallel import shares
 
 DEFAULT_CHUNK = 1024  # positions per head call: 1024 x 49k fp32 logits = 200 MB (SmolLM2)

@@ -51,9 +51,8 @@ from transformers import PreTrainedModel, get_cosine_with_min_lr_schedule_with_w
 from llm_streamline import faults, stages
 from llm_streamline.config import ConfigError, TrainConfig
 from llm_streamline.losses import final_hidden, head_of, kl_sum, lm_loss
-from llm_streamline.models.devices import input_device, module_device, to_device
+from llm_streamline.models.devices import input_device, is_sharded, module_device, to_device
 from llm_streamline.models.layers import find_decoder_stack, layer_view, run_layers
-from llm_streamline.models.sharded import is_sharded
 from llm_streamline.parallel import ranks, shares, sum_over_ranks
 from llm_streamline.precision import MasterWeights, autocast, compute_dtype
 
@@ -786,7 +785,7 @@ def _merge(peft_model, cls, in_place: bool) -> PreTrainedModel:
     adapted weights are then held twice. In place: peft adds each adapter's product into its base weight, one
     module at a time; its safe merge's check for non-finite values is made on the adapters first. A sharded model
     (FSDP2) is merged in place, each rank into its own rows (`_merge_sharded`)."""
-    from llm_streamline.models.sharded import is_sharded
+    from llm_streamline.models.devices import is_sharded
 
     sharded = is_sharded(peft_model)
     if in_place or sharded:

@@ -35,9 +35,8 @@ from transformers import PreTrainedModel
 from llm_streamline.config import ConfigError, RunConfig, infer_batch_size
 from llm_streamline.importance import SimilarityProfile, lowest_bi_layers
 from llm_streamline.losses import nll_sum
-from llm_streamline.models.devices import input_device
+from llm_streamline.models.devices import input_device, is_sharded
 from llm_streamline.models.layers import find_decoder_stack, layer_view, remove_layers, run_layers, skipping
-from llm_streamline.models.sharded import is_sharded
 from llm_streamline.parallel import shares, sum_over_ranks
 
 GROMOV_METRIC = "angular_last"   # Gromov et al. §3.2: the final token's representation

@@ -297,7 +297,7 @@ def run_lm_eval(
     examples than in one process.
     """
     check_tasks(tasks, offline, include_path)
-    from llm_streamline.models.sharded import is_sharded
+    from llm_streamline.models.devices import is_sharded
 
     if accelerator is not None and is_sharded(model):  # every forward a collective: the ranks' batches differ
         raise ValueError("lm-eval scoring of a sharded (FSDP) model is not supported: its ranks would run "

@@ -133,7 +133,8 @@ def save_checkpoint(model: PreTrainedModel, tokenizer, dest, record: dict, fmt: 
     its JSON file between the model config and the record); `terms_from`: the source checkpoint's directory, whose
     terms files (NOTICE, license) go with the model (`copy_terms`). Returns `fmt`. A sharded model
     (`model.shard=fsdp`): every rank calls it, the first writes (`models.sharded.save_sharded_weights`)."""
-    from llm_streamline.models.sharded import is_sharded, save_sharded_weights
+    from llm_streamline.models.devices import is_sharded
+    from llm_streamline.models.sharded import save_sharded_weights
 
     if fmt != STOCK and fmt not in FORMATS:
         raise ValueError(f"unknown checkpoint format {fmt!r}: stock or one of {sorted(FORMATS)}")

@@ -5,6 +5,10 @@ group's inputs to its device as the forward passes through it). Token ids go to 
 first card of a split: not `next(model.parameters()).device`, which is whatever parameter a module registered first.
 Tensors fed to one module directly (a replacement trained on its own, a loss against another tensor) go to that
 module's (or that tensor's) device.
+
+A model may also be sharded over a torchrun job's ranks (FSDP2, `models.sharded`): whether it is and how its
+gathered layers go back to their shards after a stopped forward live here, below `models.layers` (which stops
+forwards) and `models.sharded` (which builds the sharded model), so neither imports the other back.
 """
 
 from __future__ import annotations
@@ -43,3 +47,37 @@ def to_device(obj: Any, device: torch.device) -> Any:
     if isinstance(obj, dict):
         return {k: to_device(v, device) for k, v in obj.items()}
     return obj
+
+
+def _root(model: nn.Module):
+    """The FSDP2 root of `model` (itself, or the model inside a peft wrapper); None when it is not sharded."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch built without distributed
+        return None
+    if isinstance(model, FSDPModule):
+        return model
+    inner = getattr(getattr(model, "base_model", None), "model", None)
+    return inner if isinstance(inner, FSDPModule) else None
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether `model` (or the model inside a peft wrapper) is held by FSDP2."""
+    return _root(model) is not None
+
+
+def after_stopped_forward(model: nn.Module) -> None:
+    """A forward of a sharded model stopped by an exception (on every rank alike) left its root and the layer it
+    stopped in gathered and FSDP mid-iteration: put everything back to sharded and idle (torch >= 2.13's
+    `reset_iter_state`; before it, each module's `reshard`)."""
+    root = _root(model)
+    if root is None:
+        return
+    if hasattr(root, "reset_iter_state"):
+        root.reset_iter_state()
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in root.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()

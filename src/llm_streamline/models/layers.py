@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from llm_streamline.models.devices import input_device
+from llm_streamline.models.devices import after_stopped_forward, input_device
 
 
 class NoDecoderLayersError(ValueError):
@@ -152,8 +152,6 @@ def run_layers(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: 
         if stop_before is not None or stop_after is not None:
             raise RuntimeError("the model's forward did not reach the requested layers")
     except _StopForward:
-        from llm_streamline.models.sharded import after_stopped_forward
-
         after_stopped_forward(model)  # a sharded model: its gathered layers back to shards, FSDP idle again
     finally:
         for h in handles:

@@ -13,7 +13,7 @@ was the other way: it needs the full state dict on rank 0 (131 GiB for 70B in bf
 What must hold while a model is sharded: every forward is a collective, so every rank runs the same layers in the
 same order the same number of times (`parallel.shares(..., lockstep=True)`: a rank short of batches runs a
 repeated one and drops its result); a forward stopped early by an exception (`layers.run_layers`) resets
-FSDP's iteration state on every rank alike (`after_stopped_forward`).
+FSDP's iteration state on every rank alike (`models.devices.after_stopped_forward`).
 """
 
 from __future__ import annotations
@@ -29,40 +29,6 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from llm_streamline.config import ConfigError, ModelConfig
 
 log = logging.getLogger(__name__)
-
-
-def _root(model: nn.Module):
-    """The FSDP2 root of `model` (itself, or the model inside a peft wrapper); None when it is not sharded."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # a torch built without distributed
-        return None
-    if isinstance(model, FSDPModule):
-        return model
-    inner = getattr(getattr(model, "base_model", None), "model", None)
-    return inner if isinstance(inner, FSDPModule) else None
-
-
-def is_sharded(model: nn.Module) -> bool:
-    """Whether `model` (or the model inside a peft wrapper) is held by FSDP2."""
-    return _root(model) is not None
-
-
-def after_stopped_forward(model: nn.Module) -> None:
-    """A forward of a sharded model stopped by an exception (on every rank alike) left its root and the layer it
-    stopped in gathered and FSDP mid-iteration: put everything back to sharded and idle (torch >= 2.13's
-    `reset_iter_state`; before it, each module's `reshard`)."""
-    root = _root(model)
-    if root is None:
-        return
-    if hasattr(root, "reset_iter_state"):
-        root.reset_iter_state()
-        return
-    from torch.distributed.fsdp import FSDPModule
-
-    for m in root.modules():
-        if isinstance(m, FSDPModule):
-            m.reshard()
 
 
 def local_param_bytes(model: nn.Module) -> int:

@@ -471,7 +471,7 @@ def evaluate_suite(model, tok, cfg: RunConfig, stage: str, probe_ids: torch.Tens
     speed-up: one card's time)."""
     from unittest import mock
 
-    from llm_streamline.models.sharded import is_sharded
+    from llm_streamline.models.devices import is_sharded
 
     sharded = is_sharded(model)
     # lm-eval returns its results only where LOCAL_RANK is 0 (its rule for tensor-parallel torchrun jobs): every
