@@ -161,6 +161,18 @@ def test_offline_task_dir_is_a_plain_lm_eval_include_path(tmp_path, monkeypatch)
     assert tasks.offline_task_dir() == first
 
 
+def test_a_process_that_moves_its_asset_cache_gets_task_files_naming_the_new_data(tmp_path, monkeypatch):
+    """The rendered YAMLs name the benchmark data's folder under the asset cache: with the same stage cache and
+    the asset cache moved (LLM_STREAMLINE_CACHE, as tests and a user's second job in one process may do), the
+    folder must name the new data, not the one rendered before (it was cached per stage root alone)."""
+    before = tasks.offline_task_dir()
+    monkeypatch.setenv("LLM_STREAMLINE_CACHE", str(tmp_path / "assets"))
+    after = tasks.offline_task_dir()
+    assert after != before and str(tmp_path / "assets") in (after / "piqa.yaml").read_text()
+    monkeypatch.undo()
+    assert tasks.offline_task_dir() == before
+
+
 def test_an_unwritable_stage_cache_renders_the_tasks_into_a_temporary_folder(tmp_path, monkeypatch):
     """The run's own stage-cache check reports the cache in one line later; the task check must not crash first."""
     blocker = tmp_path / "a-file"

@@ -202,13 +202,14 @@ def test_a_damaged_rendered_task_folder_is_moved_aside_named_and_rendered_again(
     from llm_streamline.evaluate import tasks
 
     root = tmp_path / "stages"
-    folder = tasks.rendered_task_dir(root)
+    values = tuple(sorted(tasks.template_values().items()))
+    folder = tasks.rendered_task_dir(root, values)
     piqa = folder / "piqa.yaml"
     original = piqa.read_text()
     truncate(piqa)
     tasks.rendered_task_dir.cache_clear()  # the next process
     with caplog.at_level(logging.WARNING, logger="llm_streamline"):
-        assert tasks.rendered_task_dir(root) == folder and piqa.read_text() == original
+        assert tasks.rendered_task_dir(root, values) == folder and piqa.read_text() == original
     [warning] = [r.getMessage() for r in caplog.records if f"{folder} failed verification" in r.getMessage()]
     assert "piqa.yaml" in warning, warning
     assert list(root.glob(f"{folder.name}{stages.CORRUPT}*"))

@@ -86,16 +86,17 @@ def offline_task_dir() -> Path:
     cache then reports it in one line."""
     from llm_streamline.stages import stage_root
 
-    # cached per stage root: a process that points the stage cache elsewhere must not get the old folder
-    return rendered_task_dir(stage_root())
+    # cached per stage root and per rendered values: a process that points the stage cache or the asset cache
+    # elsewhere (LLM_STREAMLINE_STAGES, LLM_STREAMLINE_CACHE, HOME) must not get a folder naming the old paths
+    return rendered_task_dir(stage_root(), tuple(sorted(template_values().items())))
 
 
 @functools.lru_cache(maxsize=4)
-def rendered_task_dir(root: Path) -> Path:
-    """``offline_task_dir`` for the stage cache at ``root``."""
+def rendered_task_dir(root: Path, values: tuple[tuple[str, str], ...]) -> Path:
+    """``offline_task_dir`` for the stage cache at ``root`` and the placeholders' ``values``."""
     from llm_streamline.stages import MANIFEST, atomic_dir, seal, sealed
 
-    files = _render(template_values())
+    files = _render(dict(values))
     digest = hashlib.sha256(repr(sorted(files.items())).encode()).hexdigest()[:16]
     target = root / f"lm_eval_tasks-{digest}"
     # sealed like every stage entry: a truncated or edited YAML (or a folder of an older version without its
