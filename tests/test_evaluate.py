@@ -173,6 +173,18 @@ def test_a_process_that_moves_its_asset_cache_gets_task_files_naming_the_new_dat
     assert tasks.offline_task_dir() == before
 
 
+def test_the_task_manager_follows_a_moved_stage_cache(tmp_path, monkeypatch):
+    """lm-eval records each task's YAML path (`config_source`) in its results: after the stage cache moves (as a
+    test or a second job in one process may do), the cached TaskManager must index the folder rendered there,
+    not the first one (two in-process evaluations then wrote different `configs`)."""
+    first = tasks.task_manager().task_index["piqa"].yaml_path
+    monkeypatch.setenv("LLM_STREAMLINE_STAGES", str(tmp_path / "stages"))
+    moved = tasks.task_manager().task_index["piqa"].yaml_path
+    assert moved != first and moved.is_relative_to(tmp_path / "stages")
+    monkeypatch.undo()
+    assert tasks.task_manager().task_index["piqa"].yaml_path == first
+
+
 def test_an_unwritable_stage_cache_renders_the_tasks_into_a_temporary_folder(tmp_path, monkeypatch):
     """The run's own stage-cache check reports the cache in one line later; the task check must not crash first."""
     blocker = tmp_path / "a-file"

@@ -123,16 +123,22 @@ def _write_files(folder: Path, files: dict[str, str]) -> None:
         (folder / rel).write_text(text)
 
 
-@functools.lru_cache(maxsize=4)
 def task_manager(offline: bool = True, include_path: str | None = None):
     """lm-eval's TaskManager: offline, our include path alone; online, lm-eval's registered tasks (indexing
     every YAML takes ~10 s, so one per process). `include_path` (`eval.include_path`): a folder of the user's
-    own task YAMLs, indexed beside them (lm-eval's `--include_path`)."""
+    own task YAMLs, indexed beside them (lm-eval's `--include_path`). Cached per rendered folder: a process
+    that moves its stage or asset cache gets a manager over the folder it now renders (lm-eval records each
+    task's `config_source` path in its results)."""
+    return _task_manager(str(offline_task_dir()) if offline else None, include_path)
+
+
+@functools.lru_cache(maxsize=4)
+def _task_manager(rendered: str | None, include_path: str | None):
     from lm_eval.tasks import TaskManager
 
     extra = [str(Path(include_path).expanduser().resolve())] if include_path else []
-    if offline:
-        return TaskManager(include_path=[str(offline_task_dir()), *extra], include_defaults=False)
+    if rendered is not None:
+        return TaskManager(include_path=[rendered, *extra], include_defaults=False)
     return TaskManager(include_path=extra or None)
 
 
