@@ -171,6 +171,11 @@ def test_the_dense_model_is_freed_before_the_pruned_evaluation(overrides, tmp_pa
     assert json.loads((tmp_path / "run" / "results.json").read_text())["params"]["removed_layer_params"] > 0
 
 
+def _current_rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
+
+
 def _resident(mib: int) -> float:
     """Make `mib` MiB resident for a moment (torch.ones writes every page), then free them."""
     x = torch.ones(mib * 2**18)
@@ -187,12 +192,14 @@ def test_the_run_peak_is_the_largest_of_every_stage_and_between_them():
     base = common._peak_rss_mib()
     with t.stage("big"):
         _resident(300)
+    resident_before_small = _current_rss_mib()  # the allocator may keep big's freed pages (seen in the full suite)
     with t.stage("small"):
         _resident(1)
     with t.stage("outer"):
         with t.stage("inner"):
             _resident(200)
-    assert t.peak_rss_mib["big"] >= base + 250 and t.peak_rss_mib["small"] < t.peak_rss_mib["big"] - 250
+    # small's peak is its own (the mark reset at its start), not big's: at most what was resident when it began
+    assert t.peak_rss_mib["big"] >= base + 250 and t.peak_rss_mib["small"] <= resident_before_small + 50
     assert t.peak_rss_mib["outer"] >= t.peak_rss_mib["inner"] >= base + 150
     assert common.peak_memory(t)["rss_mib"] >= max(t.peak_rss_mib.values())
     _resident(400)  # after the last stage, before the record is written
